@@ -1,0 +1,39 @@
+"""The error hierarchy shared by every Replikant package.
+
+Every error carries an operator-facing message that names the thing at fault and, where there
+is one, the fix. Packages derive their own hierarchy from :class:`ReplikantError` so that the CLI
+can print any of them the same way without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class ReplikantError(Exception):
+    """Base of every error Replikant raises on purpose.
+
+    ``message`` says what went wrong and names the thing; ``fix`` says what the operator can do.
+    """
+
+    def __init__(self, message: str, *, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fix = fix
+
+    def __str__(self) -> str:
+        if self.fix:
+            return f"{self.message} (fix: {self.fix})"
+        return self.message
+
+
+class ConfigError(ReplikantError):
+    """A configuration file is missing, unreadable or fails validation."""
+
+    def __init__(self, message: str, *, problems: list[str] | None = None, fix: str | None = None):
+        super().__init__(message, fix=fix)
+        self.problems = problems or []
+
+    def __str__(self) -> str:
+        lines = [self.message, *(f"  - {p}" for p in self.problems)]
+        if self.fix:
+            lines.append(f"fix: {self.fix}")
+        return "\n".join(lines)

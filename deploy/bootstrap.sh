@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One entry point for a fresh Debian machine:
+#   deploy/bootstrap.sh lab [lab args...]   install what is missing, then bring up the one-command lab
+#   deploy/bootstrap.sh test [pytest args...] install what is missing, then lint, type-check and test
+# Everything it installs is idempotent, so running it twice costs seconds.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+venv="$repo/.venv"
+
+# Debian packages: the real peers our tests and lab talk to.
+need_pkgs=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_pkgs+=(mosquitto)
+command -v qemu-io >/dev/null 2>&1 || need_pkgs+=(qemu-utils)
+command -v nbdcopy >/dev/null 2>&1 || need_pkgs+=(libnbd-bin)
+command -v fio >/dev/null 2>&1 || need_pkgs+=(fio)
+command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
+command -v rsync >/dev/null 2>&1 || need_pkgs+=(rsync)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
+if [ "${#need_pkgs[@]}" -gt 0 ]; then
+    sudo_cmd=""
+    [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+    echo "bootstrap: installing Debian packages: ${need_pkgs[*]}" >&2
+    $sudo_cmd apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+# Python: one virtualenv inside the checkout, reinstalled only when pyproject.toml changes.
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+fi
+stamp="$venv/.replikant-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+    "$venv/bin/python" -m pip install -q -e ".[dev]"
+    touch "$stamp"
+fi
+export PATH="$venv/bin:$PATH"
+
+what="${1:-}"
+[ $# -gt 0 ] && shift
+case "$what" in
+    lab)
+        exec replikant lab up --dir "${REPLIKANT_LAB_DIR:-$repo/lab}" "$@"
+        ;;
+    test)
+        ruff format --check agents broker common certs tests bench
+        ruff check agents broker common certs tests bench
+        mypy
+        exec pytest "$@"
+        ;;
+    *)
+        echo "usage: deploy/bootstrap.sh lab|test [args...]" >&2
+        exit 2
+        ;;
+esac
