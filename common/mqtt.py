@@ -1,0 +1,153 @@
+"""One adapter over aiomqtt: connect, keep reconnecting, publish retained state.
+
+aiomqtt leaves reconnection to the application; doing it once here keeps every publisher from
+growing its own loop. State that must survive a reconnect (retained records) is re-published on
+every connect, because Mosquitto may have been restarted without persistence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import aiomqtt
+from pydantic import BaseModel
+
+from common.errors import ConfigError
+from common.logs import get_logger
+
+log = get_logger("replikant.mqtt")
+
+
+@dataclass(frozen=True)
+class MQTTAddress:
+    """Where the MQTT broker listens, parsed from `mqtt://host:port` or `mqtts://host:port`."""
+
+    host: str
+    port: int
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> MQTTAddress:
+        """Parse an MQTT URL, refusing anything we would not know how to reach."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ConfigError(
+                f"MQTT URL {url!r} is not of the form mqtt://HOST:PORT or mqtts://HOST:PORT",
+                fix="set mqtt.url in the config, e.g. mqtt://127.0.0.1:1883",
+            )
+        default = 8883 if parts.scheme == "mqtts" else 1883
+        return cls(parts.hostname, parts.port or default, parts.scheme == "mqtts")
+
+
+class MQTTLink:
+    """A long-lived MQTT connection that publishes retained records and survives outages.
+
+    ``retained`` is re-published on every (re)connect; ``will`` is what the broker publishes for
+    us if we vanish (membership going offline).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        client_id: str,
+        tls_context: ssl.SSLContext | None = None,
+        will: tuple[str, BaseModel] | None = None,
+        reconnect_max_seconds: float = 10.0,
+    ) -> None:
+        self.address = MQTTAddress.parse(url)
+        self.client_id = client_id
+        self._tls = tls_context
+        self._will = will
+        self._retained: dict[str, bytes] = {}
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self._reconnect_max = reconnect_max_seconds
+        self.on_connect: list[Callable[[], None]] = []
+
+    @property
+    def connected(self) -> bool:
+        """Whether the link is up right now."""
+        return self._connected.is_set()
+
+    async def wait_connected(self) -> None:
+        """Wait until the link is connected (wrap in `asyncio.timeout`)."""
+        await self._connected.wait()
+
+    async def publish_retained(self, topic: str, record: BaseModel | None) -> None:
+        """Publish (or with ``None`` clear) a retained record; remembered across reconnects."""
+        payload = b"" if record is None else record.model_dump_json().encode()
+        if record is None:
+            self._retained.pop(topic, None)
+        else:
+            self._retained[topic] = payload
+        await self._send(topic, payload, retain=True)
+
+    async def publish(self, topic: str, record: BaseModel) -> None:
+        """Publish a non-retained message; dropped with a log event when disconnected."""
+        await self._send(topic, record.model_dump_json().encode(), retain=False)
+
+    async def _send(self, topic: str, payload: bytes, *, retain: bool) -> None:
+        client = self._client
+        if client is None or not self._connected.is_set():
+            log.debug("mqtt_publish_deferred", topic=topic)
+            return
+        try:
+            await client.publish(topic, payload, qos=1, retain=retain)
+        except aiomqtt.MqttError as exc:
+            log.warning("mqtt_publish_failed", topic=topic, error=str(exc))
+
+    async def run(self) -> None:
+        """Connect and stay connected until cancelled, backing off between attempts."""
+        delay = 0.2
+        will = None
+        if self._will is not None:
+            topic, record = self._will
+            will = aiomqtt.Will(topic, record.model_dump_json().encode(), qos=1, retain=True)
+        while True:
+            client = aiomqtt.Client(
+                self.address.host,
+                self.address.port,
+                identifier=self.client_id,
+                will=will,
+                tls_context=self._tls,
+                keepalive=10,
+                timeout=5,
+            )
+            try:
+                async with client:
+                    self._client = client
+                    self._connected.set()
+                    delay = 0.2
+                    log.info("mqtt_connected", host=self.address.host, port=self.address.port)
+                    for topic, payload in list(self._retained.items()):
+                        await client.publish(topic, payload, qos=1, retain=True)
+                    for callback in self.on_connect:
+                        callback()
+                    # Reading messages is how aiomqtt notices a dead connection.
+                    async for _ in client.messages:
+                        pass
+            except aiomqtt.MqttError as exc:
+                log.warning(
+                    "mqtt_disconnected",
+                    host=self.address.host,
+                    port=self.address.port,
+                    error=str(exc),
+                    retry_in=delay,
+                )
+            finally:
+                self._connected.clear()
+                self._client = None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._reconnect_max)
+
+    async def close(self, *, clear: list[str] | None = None) -> None:
+        """Clear the given retained topics (a clean leave) before the caller cancels ``run``."""
+        for topic in clear or []:
+            with contextlib.suppress(Exception):
+                await self._send(topic, b"", retain=True)
