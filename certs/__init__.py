@@ -1,0 +1,11 @@
+"""The certificate helper: a CA, broker/agent/admin certificates, checks and rotation.
+
+The command line is `replikant certs` (:mod:`certs.cli`); the Python API for tests and the lab
+launcher is :class:`certs.store.CertStore`. Identities and TLS contexts live in
+:mod:`common.tls`, which processes use without importing this package.
+"""
+
+from certs.errors import CertsError
+from certs.store import CertInfo, CertStore, IssuedCert, Rotation
+
+__all__ = ["CertInfo", "CertStore", "CertsError", "IssuedCert", "Rotation"]
