@@ -1,0 +1,176 @@
+"""Our NBD server against qemu-nbd, same file, same fio jobs: ``python bench/nbd_fio.py``.
+
+Both servers export one fully written raw image over a unix socket (on /dev/shm by default, so the
+numbers are the servers' and not the disk's); fio's nbd engine (libnbd) runs
+4 KiB random writes at queue depth 32 and 1 MiB sequential writes at queue depth 8 against each,
+alternating servers so neither always runs on a cooler page cache. Prints IOPS and MiB/s of both
+and our/qemu-nbd ratios, and saves the numbers as JSON under ``bench/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+NBD_IHAVEOPT = 0x49484156454F5054
+NBD_OPT_ABORT = 2
+
+JOBS = {
+    "randwrite-4k-qd32": ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
+    "write-1m-qd8": ["--rw=write", "--bs=1M", "--iodepth=8"],
+}
+
+
+def make_image(path: Path, size: int) -> None:
+    """Write the whole image once, so neither server pays for first-touch block allocation."""
+    chunk = bytes(8 * 1024 * 1024)
+    with path.open("wb") as f:
+        left = size
+        while left:
+            n = min(left, len(chunk))
+            f.write(chunk[:n])
+            left -= n
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Wait until something accepts connections on ``path`` (the server is listening)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early with {proc.returncode}")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(os.fspath(path))
+                # A polite probe: read the greeting, then end negotiation with NBD_OPT_ABORT, so
+                # neither server logs a failed negotiation.
+                s.recv(18, socket.MSG_WAITALL)
+                s.sendall(struct.pack(">IQII", 3, NBD_IHAVEOPT, NBD_OPT_ABORT, 0))
+                s.recv(20, socket.MSG_WAITALL)
+                return
+            except OSError:
+                time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {path} after {timeout}s")
+
+
+@contextmanager
+def server(kind: str, image: Path, sock: Path) -> Iterator[str]:
+    """Run one server on ``image``; yields the NBD URI of its export."""
+    if sock.exists():
+        sock.unlink()
+    if kind == "ours":
+        cmd = [
+            sys.executable, "-m", "common.nbd.serve", os.fspath(image),
+            "--socket", os.fspath(sock), "--name", "disk", "--log-level", "warning",
+        ]  # fmt: skip
+    else:
+        cmd = [
+            "qemu-nbd", "-f", "raw", "-t", "-x", "disk", "-k", os.fspath(sock),
+            "--cache=writeback", "--aio=threads", os.fspath(image),
+        ]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO)
+    try:
+        wait_for_socket(sock, proc)
+        yield f"nbd+unix:///disk?socket={sock}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_fio(uri: str, job: str, size: int, runtime: float) -> dict[str, float]:
+    """Run one fio job; returns write IOPS and MiB/s."""
+    cmd = [
+        "fio", f"--name={job}", "--ioengine=nbd", f"--uri={uri}", f"--size={size}",
+        f"--runtime={runtime}", "--time_based", "--output-format=json", *JOBS[job],
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    # The nbd engine prints "fio: connected to NBD server" before the JSON document.
+    doc = json.loads(result.stdout[result.stdout.index("{") :])
+    write = doc["jobs"][0]["write"]
+    return {"iops": float(write["iops"]), "mib_s": float(write["bw"]) / 1024}
+
+
+def main() -> int:
+    """Run the comparison and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", type=int, default=1024, help="image size in MiB")
+    parser.add_argument("--runtime", type=float, default=10, help="seconds per fio run")
+    parser.add_argument("--rounds", type=int, default=1, help="runs per server and job (median)")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("/dev/shm") if Path("/dev/shm").is_dir() else None,
+        help="where to put the image (default /dev/shm, which measures the servers rather than "
+        "the disk's writeback; pass e.g. /var/tmp for a disk-backed file)",
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args()
+    for tool in ("fio", "qemu-nbd"):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} is not installed (Debian: fio, qemu-utils)")
+
+    size = args.size * 1024 * 1024
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        image = Path(tmp) / "bench.img"
+        sock = Path(tmp) / "nbd.sock"
+        print(f"preparing a {args.size} MiB image in {tmp} ...", flush=True)
+        make_image(image, size)
+        samples: dict[str, dict[str, list[dict[str, float]]]] = {
+            job: {"ours": [], "qemu-nbd": []} for job in JOBS
+        }
+        for job in JOBS:
+            for round_no in range(args.rounds):
+                # Alternate which server goes first, so page-cache state favours neither.
+                order = ["qemu-nbd", "ours"] if round_no % 2 == 0 else ["ours", "qemu-nbd"]
+                for kind in order:
+                    os.sync()  # start each run with no dirty pages from the previous one
+                    with server(kind, image, sock) as uri:
+                        sample = run_fio(uri, job, size, args.runtime)
+                    samples[job][kind].append(sample)
+                    print(
+                        f"  {job:<20} {kind:<9} {sample['iops']:>10.0f} IOPS"
+                        f" {sample['mib_s']:>9.1f} MiB/s",
+                        flush=True,
+                    )
+
+    report: dict[str, Any] = {"size_mib": args.size, "runtime_s": args.runtime, "jobs": {}}
+    print()
+    print(f"{'job':<20} {'ours IOPS':>10} {'qemu IOPS':>10} {'ours MiB/s':>11} "
+          f"{'qemu MiB/s':>11} {'ratio':>6}")  # fmt: skip
+    for job, by_kind in samples.items():
+        ours = {k: statistics.median(s[k] for s in by_kind["ours"]) for k in ("iops", "mib_s")}
+        peer = {k: statistics.median(s[k] for s in by_kind["qemu-nbd"]) for k in ("iops", "mib_s")}
+        ratio = ours["iops"] / peer["iops"] if peer["iops"] else float("inf")
+        report["jobs"][job] = {"ours": ours, "qemu-nbd": peer, "ratio": ratio}
+        print(
+            f"{job:<20} {ours['iops']:>10.0f} {peer['iops']:>10.0f} {ours['mib_s']:>11.1f} "
+            f"{peer['mib_s']:>11.1f} {ratio:>6.2f}"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"nbd_fio-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nsaved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,722 @@
+"""The NBD server: asyncio transports around :class:`~common.nbd.protocol.ServerConnection`.
+
+One :class:`asyncio.BufferedProtocol` per client reads straight into the protocol's buffer, runs
+every request that arrived in that read inline (see the threading contract in
+:mod:`common.nbd.backend`), and sends all the replies with one ``writelines``. Only flushes leave
+the loop: they run in a small thread pool, and each connection group-commits them, so a flush and
+every FUA request that arrived while one was running share the next ``fdatasync``.
+
+Ordering guarantees, per the spec: a flush starts only after every request that arrived before it
+was executed (inline, so before the flush is even queued), and a FUA request is answered only after
+a flush that started after its own write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import socket
+import ssl
+import struct
+from collections.abc import Collection, Coroutine, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+from typing import Any, Final, cast
+
+import structlog
+
+from common.logs import get_logger
+from common.nbd.backend import Export, ExportError
+from common.nbd.protocol import (
+    NEED_DATA,
+    Aborted,
+    CmdFlag,
+    Disconnect,
+    Errno,
+    RemoteProtocolError,
+    Request,
+    ServerConnection,
+    StartTLS,
+    State,
+    TLSMode,
+    TransmissionStarted,
+)
+from common.tls import (
+    Role,
+    TLSIdentityError,
+    describe_tls_error,
+    format_peer,
+    identity_from_cert,
+    require_role,
+)
+
+_READ: Final = 0
+_WRITE: Final = 1
+_FLUSH: Final = 3
+_TRIM: Final = 4
+_CACHE: Final = 5
+_WRITE_ZEROES: Final = 6
+_BLOCK_STATUS: Final = 7
+_FUA: Final = int(CmdFlag.FUA)
+_NO_HOLE: Final = int(CmdFlag.NO_HOLE)
+_REQ_ONE: Final = int(CmdFlag.REQ_ONE)
+
+# READ data collected in one batch before it is handed to the transport (see _process).
+_MAX_UNSENT: Final = 4 * 1024 * 1024
+
+# Backend error storms must not flood the log: the first few per connection are logged, the rest
+# are counted and reported when the client disconnects.
+_MAX_LOGGED_ERRORS: Final = 20
+
+_ERRNO_MAP: Final = {
+    errno.EPERM: Errno.EPERM,
+    errno.EACCES: Errno.EPERM,
+    errno.EROFS: Errno.EPERM,
+    errno.EIO: Errno.EIO,
+    errno.ENOMEM: Errno.ENOMEM,
+    errno.EINVAL: Errno.EINVAL,
+    errno.ENOSPC: Errno.ENOSPC,
+    errno.EDQUOT: Errno.ENOSPC,
+    errno.EFBIG: Errno.ENOSPC,
+    errno.EOVERFLOW: Errno.EOVERFLOW,
+    errno.ENOTSUP: Errno.ENOTSUP,
+    errno.EOPNOTSUPP: Errno.ENOTSUP,
+    errno.ESHUTDOWN: Errno.ESHUTDOWN,
+}
+
+
+def nbd_error_for(exc: BaseException) -> Errno:
+    """The NBD error value to send for a backend exception (EIO when nothing fits better)."""
+    if isinstance(exc, ExportError):
+        return exc.error
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return _ERRNO_MAP.get(exc.errno, Errno.EIO)
+    return Errno.EIO
+
+
+_log = get_logger(__name__)
+
+
+class NBDServer:
+    """Serves :class:`~common.nbd.backend.Export` objects over unix sockets and TCP.
+
+    ``exports`` may be a mapping of name to export or an iterable of exports (keyed by their
+    ``name``). ``default_export`` names the export a client gets when it asks for the empty name.
+    With a ``tls_context`` (normally :func:`common.tls.server_context`), TCP listeners require TLS
+    (``NBD_OPT_STARTTLS``) before anything else; unix sockets do not unless asked (their file
+    permissions are the access control). A TLS client must present a certificate carrying a
+    Replikant identity, and with ``allowed_roles`` one of those roles; refusals are logged as
+    ``tls_handshake_rejected`` like everywhere else.
+    """
+
+    def __init__(
+        self,
+        exports: Mapping[str, Export] | Iterable[Export] = (),
+        *,
+        tls_context: ssl.SSLContext | None = None,
+        max_connections: int = 100,
+        handshake_timeout: float = 10.0,
+        default_export: str | None = None,
+        flush_threads: int = 4,
+        allowed_roles: Collection[Role] | None = None,
+    ) -> None:
+        self._exports: dict[str, Export] = {}
+        items: Iterable[tuple[str, Export]] = (
+            exports.items() if isinstance(exports, Mapping) else ((e.name, e) for e in exports)
+        )
+        for name, export in items:
+            if name != export.name:
+                raise ValueError(f"export {export.name!r} registered under the name {name!r}")
+            self._add(export)
+        self.tls_context = tls_context
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.default_export = default_export
+        self.allowed_roles = allowed_roles
+        self._executor = ThreadPoolExecutor(
+            max_workers=flush_threads, thread_name_prefix="nbd-flush"
+        )
+        self._listeners: list[asyncio.Server] = []
+        self._unix_paths: list[Path] = []
+        self._connections: set[_Connection] = set()
+        self._by_export: dict[str, set[_Connection]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    # --- exports ----------------------------------------------------------------------------------
+
+    @property
+    def exports(self) -> Mapping[str, Export]:
+        """The exports being served (a read-only live view)."""
+        return MappingProxyType(self._exports)
+
+    def _add(self, export: Export) -> None:
+        name = export.name
+        if name in self._exports:
+            raise ValueError(f"an export named {name!r} is already served")
+        if len(name.encode()) > 4096 or "\0" in name:
+            raise ValueError(f"export name {name!r} is not a valid NBD string")
+        self._exports[name] = export
+
+    def add_export(self, export: Export) -> None:
+        """Start serving ``export``; clients negotiating right now can already pick it."""
+        self._add(export)
+        _log.info("nbd_export_added", export=export.name, size=export.size, ro=export.read_only)
+
+    async def remove_export(self, name: str, *, grace: float = 10.0) -> Export:
+        """Stop serving ``name`` and disconnect its clients.
+
+        New clients cannot open it from the moment this is called. Each connected client gets the
+        replies to everything it sent before (flushes in flight are waited for), then its
+        connection is closed; a client that has not gone within ``grace`` seconds is aborted.
+        When this returns no backend method of the export runs any more (short of a flush still
+        stuck in the kernel past ``grace``), so the caller may close or delete it. Raises
+        :class:`KeyError` for an unknown name.
+        """
+        export = self._exports.pop(name)
+        clients = list(self._by_export.get(name, ()))
+        await asyncio.gather(*(c.shutdown(grace) for c in clients))
+        _log.info("nbd_export_removed", export=name, disconnected=len(clients))
+        return export
+
+    @property
+    def connection_count(self) -> int:
+        """Connected clients, negotiating or transmitting."""
+        return len(self._connections)
+
+    def clients_of(self, name: str) -> int:
+        """How many clients are in transmission on export ``name``."""
+        return len(self._by_export.get(name, ()))
+
+    # --- listeners --------------------------------------------------------------------------------
+
+    async def serve_unix(
+        self, path: str | os.PathLike[str], *, mode: int | None = None, tls: bool = False
+    ) -> None:
+        """Listen on a unix socket at ``path``; returns once listening.
+
+        A stale socket file is replaced; a socket some other server still listens on is not.
+
+        ``mode`` sets the socket file's permissions (who may connect). ``tls=True`` requires TLS
+        here too, which needs ``tls_context``.
+        """
+        tls_mode = self._tls_mode(tls)
+        sock_path = Path(path)
+        _clear_stale_socket(sock_path)
+        loop = asyncio.get_running_loop()
+        listener = await loop.create_unix_server(
+            lambda: _Connection(self, tls_mode, "unix"), path=os.fspath(sock_path)
+        )
+        if mode is not None:
+            os.chmod(sock_path, mode)
+        self._listeners.append(listener)
+        self._unix_paths.append(sock_path)
+        _log.info("nbd_listening", socket=str(sock_path), tls=tls_mode is TLSMode.REQUIRED)
+
+    async def serve_tcp(
+        self, host: str, port: int, *, allow_plaintext: bool = False
+    ) -> tuple[str, int]:
+        """Listen on TCP; returns the bound (host, port), useful with port 0.
+
+        TLS is required when the server has a ``tls_context``. Without one, plaintext TCP must be
+        asked for explicitly with ``allow_plaintext`` so that no disk is exposed by accident.
+        """
+        if self.tls_context is None and not allow_plaintext:
+            raise ValueError("refusing plaintext NBD over TCP: pass tls_context or allow_plaintext")
+        tls_mode = TLSMode.REQUIRED if self.tls_context is not None else TLSMode.NONE
+        loop = asyncio.get_running_loop()
+        listener = await loop.create_server(
+            lambda: _Connection(self, tls_mode, "tcp"), host=host, port=port, reuse_address=True
+        )
+        self._listeners.append(listener)
+        bound = listener.sockets[0].getsockname()
+        _log.info("nbd_listening", host=bound[0], port=bound[1], tls=tls_mode is TLSMode.REQUIRED)
+        return str(bound[0]), int(bound[1])
+
+    def _tls_mode(self, tls: bool) -> TLSMode:
+        if not tls:
+            return TLSMode.NONE
+        if self.tls_context is None:
+            raise ValueError("tls=True needs the server to have a tls_context")
+        return TLSMode.REQUIRED
+
+    async def close(self, *, grace: float = 10.0) -> None:
+        """Stop listening, let every client's in-flight requests finish, and disconnect them.
+
+        Clients still connected after ``grace`` seconds are aborted.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for listener in self._listeners:
+            listener.close()
+        await asyncio.gather(*(c.shutdown(grace) for c in list(self._connections)))
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for path in self._unix_paths:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        # Every flush was awaited by its connection's shutdown, so this does not block.
+        self._executor.shutdown(wait=True)
+        _log.info("nbd_server_closed")
+
+    async def __aenter__(self) -> NBDServer:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # --- bookkeeping used by connections ----------------------------------------------------------
+
+    def _admit(self, conn: _Connection) -> bool:
+        if self._closed or len(self._connections) >= self.max_connections:
+            return False
+        self._connections.add(conn)
+        return True
+
+    def _opened(self, conn: _Connection, export: Export) -> bool:
+        name = export.name
+        if self._exports.get(name) is not export:
+            return False
+        self._by_export.setdefault(name, set()).add(conn)
+        return True
+
+    def _forget(self, conn: _Connection, name: str | None) -> None:
+        self._connections.discard(conn)
+        if name is not None:
+            clients = self._by_export.get(name)
+            if clients is not None:
+                clients.discard(conn)
+                if not clients:
+                    del self._by_export[name]
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _clear_stale_socket(path: Path) -> None:
+    """Remove a socket file nobody listens on; raise if a server still accepts connections there."""
+    if not path.is_socket():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(os.fspath(path))
+    except OSError:
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"another server is listening on {path}")
+
+
+def _peer_name(transport: asyncio.BaseTransport, kind: str) -> str:
+    if kind == "tcp":
+        peer = transport.get_extra_info("peername")
+        return f"{peer[0]}:{peer[1]}" if peer else "tcp:?"
+    sock = transport.get_extra_info("socket")
+    if sock is not None and hasattr(socket, "SO_PEERCRED"):
+        with contextlib.suppress(OSError, AttributeError, struct.error):
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, _gid = struct.unpack("3i", creds)
+            return f"pid:{pid},uid:{uid}"
+    return "unix:?"
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One client: feeds the sans-I/O connection and executes what it returns."""
+
+    def __init__(self, server: NBDServer, tls_mode: TLSMode, kind: str) -> None:
+        self._server = server
+        self._kind = kind
+        self._conn = ServerConnection(
+            server._exports, tls=tls_mode, default_export=server.default_export
+        )
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._log: structlog.stdlib.BoundLogger = _log
+        self.peer = "?"
+        self._export: Export | None = None
+        self._export_name: str | None = None
+        self._admitted = False
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        # Group commit: requests waiting for the next flush, and the flush in progress.
+        self._waiters: list[tuple[int, int]] = []
+        self._flush: asyncio.Future[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._lost = self._loop.create_future()
+        self._disconnecting = False  # DISC received: close once flushes are answered
+        self._shutting_down = False
+        self._write_paused = False
+        self._processing = False
+        self._unsent = 0  # READ payload bytes collected in this batch but not yet written
+        self._errors = 0
+        self.requests = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
+
+    # --- asyncio callbacks ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, so no isinstance check here.
+        transport = cast(asyncio.Transport, transport)
+        self._transport = transport
+        self.peer = _peer_name(transport, self._kind)
+        self._log = _log.bind(peer=self.peer)
+        if not self._server._admit(self):
+            self._log.warning(
+                "nbd_connection_refused",
+                reason="too_many_connections",
+                limit=self._server.max_connections,
+            )
+            transport.abort()
+            return
+        self._admitted = True
+        self._log.info("nbd_client_connected")
+        self._handshake_timer = self._loop.call_later(
+            self._server.handshake_timeout, self._handshake_timed_out
+        )
+        transport.writelines(self._conn.data_to_send())
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._conn.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._conn.buffer_updated(nbytes)
+        if not self._shutting_down:
+            self._process()
+
+    def eof_received(self) -> bool:
+        if self._flush is None and not self._waiters:
+            return False  # a half-closed client is done: close our side too
+        # It may still read the answers to flushes in flight: send them, then close (as DISC).
+        self._disconnecting = True
+        return True
+
+    def pause_writing(self) -> None:
+        # The client is not reading its replies: stop reading its requests until it catches up.
+        self._write_paused = True
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        transport = self._transport
+        if (
+            transport is not None
+            and not transport.is_closing()
+            and not self._shutting_down
+            and self._conn.state in (State.OPTIONS, State.TRANSMISSION)
+        ):
+            transport.resume_reading()
+            if not self._processing:
+                self._process()  # requests left in the buffer when we paused
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        if not self._lost.done():
+            self._lost.set_result(None)
+        if not self._admitted:
+            return
+        self._admitted = False
+        self._server._forget(self, self._export_name)
+        if self._export is not None:
+            try:
+                self._export.client_closed(self.peer)
+            except Exception:
+                self._log.exception("nbd_export_hook_failed", hook="client_closed")
+        fields: dict[str, Any] = {}
+        if self._export_name is not None:
+            fields.update(
+                requests=self.requests, bytes_read=self.bytes_read, bytes_written=self.bytes_written
+            )
+        if self._errors > _MAX_LOGGED_ERRORS:
+            fields["errors_not_logged"] = self._errors - _MAX_LOGGED_ERRORS
+        if exc is not None:
+            fields["error"] = str(exc)
+        self._log.info("nbd_client_disconnected", **fields)
+
+    # --- the request loop -------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Run every complete request in the buffer, replying with as few writes as possible."""
+        self._processing = True
+        try:
+            self._process_events()
+        finally:
+            self._processing = False
+
+    def _process_events(self) -> None:
+        conn = self._conn
+        out: list[Any] = []
+        execute = self._execute
+        while not self._write_paused:
+            try:
+                event = conn.next_event()
+            except RemoteProtocolError as exc:
+                self._log.warning("nbd_protocol_error", reason=exc.reason, detail=str(exc))
+                out += conn.data_to_send()
+                self._send(out)
+                self._close()
+                return
+            if event is NEED_DATA:
+                break
+            if type(event) is Request:
+                execute(event, out)
+                if self._unsent >= _MAX_UNSENT:
+                    # Many READs in one buffer: hand their data to the transport now, so that
+                    # pause_writing can stop us before the replies outgrow the client's reading.
+                    self._send(out)
+                    out = []
+            elif isinstance(event, TransmissionStarted):
+                out += conn.data_to_send()  # the GO reply must precede any request's reply
+                if not self._start_transmission(event):
+                    self._send(out)
+                    self._close()
+                    return
+            elif isinstance(event, StartTLS):
+                out += conn.data_to_send()
+                self._send(out)
+                self._start_tls()
+                return
+            elif isinstance(event, Aborted):
+                out += conn.data_to_send()
+                self._send(out)
+                self._log.info("nbd_client_aborted")
+                self._close()
+                return
+            elif isinstance(event, Disconnect):
+                self._disconnecting = True
+                break
+        out += conn.data_to_send()
+        self._send(out)
+        if self._waiters and self._flush is None:
+            self._start_flush()
+        if self._disconnecting and self._flush is None:
+            self._close()
+
+    def _execute(self, request: Request, out: list[Any]) -> None:
+        cmd, flags, handle, offset, length, data = request
+        export = self._export
+        assert export is not None
+        self.requests += 1
+        try:
+            if cmd == _WRITE:
+                assert data is not None
+                export.write(offset, data, flags & _FUA != 0)
+                self.bytes_written += length
+            elif cmd == _READ:
+                buf = export.read(offset, length)
+                if len(buf) != length:
+                    raise ExportError(Errno.EIO, f"backend returned {len(buf)} of {length} bytes")
+                self.bytes_read += length
+                self._unsent += length
+                out += self._conn.reply_read(handle, offset, buf)
+                return
+            elif cmd == _FLUSH:
+                self._waiters.append((handle, cmd))
+                return
+            elif cmd == _TRIM:
+                if length:
+                    export.trim(offset, length, flags & _FUA != 0)
+            elif cmd == _WRITE_ZEROES:
+                if length:
+                    export.write_zeroes(offset, length, not flags & _NO_HOLE, flags & _FUA != 0)
+            elif cmd == _BLOCK_STATUS:
+                extents = export.block_status(offset, length)
+                out.append(
+                    self._conn.reply_block_status(
+                        handle, length, extents, req_one=bool(flags & _REQ_ONE)
+                    )
+                )
+                return
+            elif cmd == _CACHE:
+                export.cache(offset, length)
+                out.append(self._conn.reply_ok(handle))
+                return
+        except Exception as exc:
+            out.append(self._backend_error(exc, request))
+            return
+        if flags & _FUA:
+            self._waiters.append((handle, cmd))
+        else:
+            out.append(self._conn.reply_ok(handle))
+
+    def _backend_error(self, exc: Exception, request: Request) -> bytes:
+        error = nbd_error_for(exc)
+        self._errors += 1
+        if self._errors <= _MAX_LOGGED_ERRORS:
+            unexpected = not isinstance(exc, OSError | ExportError)
+            self._log.warning(
+                "nbd_backend_error",
+                cmd=request.cmd,
+                offset=request.offset,
+                length=request.length,
+                error=error.name,
+                detail=str(exc),
+                exc_info=unexpected,  # a non-I/O exception is a bug in the backend: keep the trace
+            )
+        return self._conn.reply_error(request.handle, request.cmd, error, str(exc))
+
+    def _send(self, out: list[Any]) -> None:
+        self._unsent = 0
+        transport = self._transport
+        if out and transport is not None and not transport.is_closing():
+            transport.writelines(out)
+
+    def _close(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()  # sends what is buffered first
+
+    # --- flushes ----------------------------------------------------------------------------------
+
+    def _start_flush(self) -> None:
+        export = self._export
+        assert export is not None
+        waiters, self._waiters = self._waiters, []
+        self._idle.clear()
+        try:
+            fut = self._loop.run_in_executor(self._server._executor, export.flush)
+        except RuntimeError as exc:  # the executor is shut down: the server is closing
+            self._answer(waiters, exc)
+            self._idle.set()
+            return
+        self._flush = fut
+        fut.add_done_callback(partial(self._flush_done, waiters))
+
+    def _flush_done(self, waiters: list[tuple[int, int]], fut: asyncio.Future[None]) -> None:
+        self._flush = None
+        exc = fut.exception() if not fut.cancelled() else ExportError(Errno.ESHUTDOWN)
+        self._answer(waiters, exc)
+        if self._waiters and not self._transport_closing():
+            self._start_flush()
+            return
+        self._idle.set()
+        if self._disconnecting:
+            self._close()
+
+    def _answer(self, waiters: list[tuple[int, int]], exc: BaseException | None) -> None:
+        conn = self._conn
+        if exc is None:
+            out = [conn.reply_ok(handle) for handle, _cmd in waiters]
+        else:
+            error = nbd_error_for(exc)
+            self._log.warning("nbd_flush_failed", error=error.name, detail=str(exc))
+            out = [conn.reply_error(handle, cmd, error, str(exc)) for handle, cmd in waiters]
+        self._send(out)
+
+    def _transport_closing(self) -> bool:
+        return self._transport is None or self._transport.is_closing()
+
+    # --- negotiation ------------------------------------------------------------------------------
+
+    def _start_transmission(self, event: TransmissionStarted) -> bool:
+        export = event.export
+        name = export.name
+        if not self._server._opened(self, export):
+            # The lookup and this check run in one callback, so this cannot race with
+            # remove_export; refuse anyway rather than serve an export that is not registered.
+            self._log.warning("nbd_export_vanished", export=name)
+            return False
+        self._export, self._export_name = export, name
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        self._log = self._log.bind(export=name)
+        try:
+            export.client_opened(self.peer)
+        except Exception:
+            self._log.exception("nbd_export_hook_failed", hook="client_opened")
+        self._log.info(
+            "nbd_export_opened",
+            flags=f"0x{event.transmission_flags:04x}",
+            structured=event.structured_replies,
+            base_allocation=event.base_allocation,
+            tls=self._conn.tls_active,
+        )
+        return True
+
+    def _start_tls(self) -> None:
+        transport = self._transport
+        assert transport is not None
+        # Nothing may be read as plaintext any more; start_tls takes over the transport.
+        transport.pause_reading()
+        self._server._spawn(self._upgrade(transport))
+
+    async def _upgrade(self, transport: asyncio.Transport) -> None:
+        context = self._server.tls_context
+        assert context is not None
+        peer = format_peer(transport.get_extra_info("peername")) or self.peer
+        try:
+            async with asyncio.timeout(self._server.handshake_timeout):
+                new = await self._loop.start_tls(transport, self, context, server_side=True)
+            if new is None:  # pragma: no cover - only transports without TLS support
+                raise ConnectionResetError("the transport cannot be upgraded to TLS")
+            # The transport's ssl_object, not common.tls.peer_identity: uvloop's TLS transports
+            # are not asyncio.BaseTransport instances, which peer_identity() insists on.
+            ssl_object = new.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            if not der:
+                raise TLSIdentityError(
+                    "the client presented no certificate",
+                    reason="no_peer_certificate",
+                    fix="configure the NBD client with a certificate from `replikant certs`",
+                )
+            identity = identity_from_cert(der)
+            if self._server.allowed_roles is not None:
+                require_role(identity, self._server.allowed_roles)
+        except (OSError, TimeoutError, EOFError, TLSIdentityError) as exc:
+            # One tls_handshake_rejected event, in the same words as every other TLS endpoint.
+            describe_tls_error(exc, side="server", peer=peer).log()
+            transport.abort()
+            if self._transport is not transport and self._transport is not None:
+                self._transport.abort()
+            return
+        self._transport = new
+        self._conn.tls_established()
+        self._log = self._log.bind(client=str(identity))
+        self._log.info("nbd_tls_established")
+        if self._conn.buffered:
+            # Options sent right behind the client's Finished arrived before this point.
+            self._process()
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_timer = None
+        if self._conn.state is not State.TRANSMISSION and self._transport is not None:
+            self._log.warning("nbd_handshake_timeout", timeout=self._server.handshake_timeout)
+            self._transport.abort()
+
+    # --- shutdown ---------------------------------------------------------------------------------
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop reading, answer what is in flight, close; abort if that takes over ``grace``."""
+        self._shutting_down = True
+        transport = self._transport
+        if transport is None:
+            return
+        if not transport.is_closing():
+            transport.pause_reading()
+        try:
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
+                self._close()
+                await self._lost
+        except TimeoutError:
+            self._log.warning("nbd_shutdown_timeout", grace=grace)
+            transport.abort()
+            if self._transport is not None and self._transport is not transport:
+                self._transport.abort()
