@@ -83,6 +83,11 @@ class AgentSection(_Strict):
     site: Name = "primary"
     state_dir: Path
     status_listen: str = "127.0.0.1:8741"
+    sync_marks: bool = Field(
+        default=False,
+        description="fdatasync the dirty map on every newly dirtied 4 MiB region, so tracking "
+        "survives host crashes without a hash compare (costs a sync on the write path)",
+    )
 
 
 class NBDSection(_Strict):

@@ -1,0 +1,218 @@
+"""Crash-consistent cuts: a frozen block map plus copy-on-write of the blocks it still needs.
+
+A cut happens in one synchronous step of the event loop that also runs the NBD server's request
+handlers, so it falls between two guest requests: every write acknowledged before it is in the
+frozen map, none after. The active map is swapped out (:meth:`agents.dirtymap.DirtyMap.swap`)
+and becomes the cut's *frozen* map. From then on:
+
+- before a guest write, trim or write-zeroes modifies a block that is frozen as DATA and not yet
+  read for the batch, :meth:`Cut.preserve` copies the block's current (= cut-time) contents
+  aside: into memory up to a bound, then into a spill file; the block becomes COWED;
+- the batch reads frozen blocks with :meth:`Cut.read`, which takes COWED blocks from the copy
+  and the rest from the image, in one synchronous step (so no guest write can slip between the
+  read and the bookkeeping), marks them SENT and releases their copies.
+
+ZERO and TRIM blocks need neither a read nor a copy: their extent carries no payload. The cost
+of a guest write is thus one ``mmap.find`` on the frozen map, plus the copy when it really
+overwrites unread cut-time data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from agents.dirtymap import COWED, DATA, SENT, TRIM, ZERO, BlockMap, _fill, file_extents
+from agents.errors import TrackingError
+
+_DATA_BYTE = bytes([DATA])
+_COWED_BYTE = bytes([COWED])
+MAX_NODATA_EXTENT = 1 << 31  # well inside the format's 2^32 - 1, and block aligned
+
+Reader = Callable[[int, int], bytes | bytearray]
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedExtent:
+    """One extent of a batch, as planned from the frozen map (kind DATA, ZERO or TRIM)."""
+
+    offset: int
+    length: int
+    kind: int
+
+
+class CowStore:
+    """Cut-time copies of blocks, in memory up to ``memory_limit`` bytes, then in a spill file."""
+
+    def __init__(self, block_size: int, memory_limit: int, spill_path: Path | None) -> None:
+        self.block_size = block_size
+        self.memory_limit = memory_limit
+        self.spill_path = spill_path
+        self._mem: dict[int, bytes] = {}
+        self._spilled: dict[int, tuple[int, int]] = {}
+        self._fd = -1
+        self._spill_end = 0
+        self.memory_bytes = 0
+        self.peak_memory_bytes = 0
+        self.copied_blocks = 0
+        self.spilled_blocks = 0
+
+    def put(self, block: int, data: bytes) -> None:
+        """Keep ``data`` (the cut-time contents of ``block``)."""
+        self.copied_blocks += 1
+        if self.memory_bytes + len(data) <= self.memory_limit or self.spill_path is None:
+            self._mem[block] = data
+            self.memory_bytes += len(data)
+            self.peak_memory_bytes = max(self.peak_memory_bytes, self.memory_bytes)
+            return
+        if self._fd < 0:
+            self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(
+                self.spill_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
+            )
+        written = os.pwrite(self._fd, data, self._spill_end)
+        if written != len(data):
+            raise TrackingError(f"short write to copy-on-write spill file {self.spill_path}")
+        self._spilled[block] = (self._spill_end, len(data))
+        self._spill_end += len(data)
+        self.spilled_blocks += 1
+
+    def take(self, block: int) -> bytes:
+        """Return and forget the copy of ``block``."""
+        data = self._mem.pop(block, None)
+        if data is not None:
+            self.memory_bytes -= len(data)
+            return data
+        offset, length = self._spilled.pop(block)
+        return os.pread(self._fd, length, offset)
+
+    def __len__(self) -> int:
+        return len(self._mem) + len(self._spilled)
+
+    def close(self) -> None:
+        """Drop every copy and remove the spill file."""
+        self._mem.clear()
+        self._spilled.clear()
+        self.memory_bytes = 0
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            if self.spill_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.spill_path.unlink()
+
+
+class Cut:
+    """One frozen point in time of one disk, being read into a batch."""
+
+    def __init__(
+        self,
+        frozen: BlockMap,
+        *,
+        size: int,
+        block_size: int,
+        reader: Reader,
+        cow: CowStore,
+        cut_time_ns: int,
+    ) -> None:
+        self.frozen = frozen
+        self.size = size
+        self.block_size = block_size
+        self.shift = block_size.bit_length() - 1
+        self.reader = reader
+        self.cow = cow
+        self.cut_time_ns = cut_time_ns
+        self.closed = False
+
+    # -- called by the export before a guest modification --------------------------------
+
+    def preserve(self, b0: int, b1: int) -> None:
+        """Copy aside the unread DATA blocks of ``[b0, b1)`` before a guest request changes them."""
+        mm = self.frozen.mm
+        first = mm.find(_DATA_BYTE, b0, b1)
+        if first < 0:
+            return
+        last = mm.rfind(_DATA_BYTE, first, b1)
+        shift = self.shift
+        start = first << shift
+        # One read for the whole span (bounded by the request size), sliced per block.
+        view = memoryview(self.reader(start, min((last + 1) << shift, self.size) - start))
+        q = first
+        while q >= 0:
+            rel = (q - first) << shift
+            self.cow.put(q, bytes(view[rel : rel + self.block_size]))
+            mm[q : q + 1] = _COWED_BYTE
+            q = mm.find(_DATA_BYTE, q + 1, last + 1)
+
+    # -- planning --------------------------------------------------------------------------
+
+    def add_full_range(self, start: int, stop: int, fd: int | None) -> int:
+        """Add bytes ``[start, stop)`` to the batch as DATA (initial copy), skipping holes.
+
+        Only blocks not already frozen change; returns the number of blocks added. Called in
+        the same loop step as the cut, before any guest request can run.
+        """
+        added = 0
+        ranges = [(start, stop)] if fd is None else file_extents(fd, start, stop)
+        for lo, hi in ranges:
+            b0 = lo >> self.shift
+            b1 = (hi + self.block_size - 1) >> self.shift
+            added += self.frozen.fill_clean(b0, b1, DATA)
+        return added
+
+    def plan(self, max_data_extent: int) -> Iterator[PlannedExtent]:
+        """Yield the batch's extents in offset order; deterministic, so callable twice."""
+        shift = self.shift
+        data_blocks = max(max_data_extent >> shift, 1)
+        nodata_blocks = MAX_NODATA_EXTENT >> shift
+        for b0, b1, kind in self.frozen.runs():
+            step = data_blocks if kind == DATA else nodata_blocks
+            for s in range(b0, b1, step):
+                e = min(s + step, b1)
+                offset = s << shift
+                yield PlannedExtent(offset, min(e << shift, self.size) - offset, kind)
+
+    def totals(self, max_data_extent: int) -> tuple[int, int]:
+        """``(extent_count, data_bytes)`` of :meth:`plan`, for the batch header."""
+        count = 0
+        total = 0
+        for ext in self.plan(max_data_extent):
+            count += 1
+            total += ext.length
+        return count, total
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def read(self, ext: PlannedExtent) -> bytes | bytearray:
+        """Return the cut-time contents of a DATA extent; its blocks become SENT.
+
+        Synchronous on purpose: the image read, the copy-on-write overlay and the state change
+        happen with no guest request in between.
+        """
+        shift = self.shift
+        b0 = ext.offset >> shift
+        b1 = (ext.offset + ext.length + self.block_size - 1) >> shift
+        mm = self.frozen.mm
+        data: bytes | bytearray = self.reader(ext.offset, ext.length)
+        p = mm.find(_COWED_BYTE, b0, b1)
+        if p >= 0:
+            buf = bytearray(data)
+            while p >= 0:
+                saved = self.cow.take(p)
+                start = (p - b0) << shift
+                buf[start : start + len(saved)] = saved
+                p = mm.find(_COWED_BYTE, p + 1, b1)
+            data = buf
+        mm[b0:b1] = _fill(SENT, b1 - b0)
+        return data
+
+    def close(self) -> None:
+        """Release the copies (the frozen map stays with its owner until merged or settled)."""
+        self.closed = True
+        self.cow.close()
+
+
+__all__ = ["MAX_NODATA_EXTENT", "TRIM", "ZERO", "CowStore", "Cut", "PlannedExtent"]

@@ -1,0 +1,507 @@
+"""Per-disk change tracking: a fine in-memory block map and a crash-safe coarse map on disk.
+
+The **fine map** holds one byte per block (64 KiB by default) in an anonymous ``mmap``: pages are
+zero until touched, so an idle 100 GiB disk with a few hot areas costs kilobytes, and marking a
+range is one slice assignment (C speed, no per-block Python loop). The byte says what the last
+operation on the block was: ``DATA`` (read it at the cut), ``ZERO`` or ``TRIM`` (ship a payload-free
+extent, no read and no copy-on-write). Frozen maps (see :mod:`agents.cut`) use two more states,
+``COWED`` and ``SENT``.
+
+The **persisted map** is DRBD's activity log reduced to what we need: one byte per 4 MiB region in
+``<state_dir>/<vm>/<disk>.map``. Before a write that dirties a region not yet marked there reaches
+the image, the region's byte is ``pwrite``-n (one small extra write per region newly dirtied per
+cycle; counted in :attr:`DirtyMap.map_writes`). Page-cache ordering makes that safe against the
+agent being killed at any instant (the kernel keeps both writes); ``fdatasync`` of the map before
+the data on FLUSH/FUA makes every *flushed* write safe against host crashes too. A region is
+cleared only after the broker durably acked a batch that covered it, and only when no newer dirty
+block remains in it. After an unclean stop every marked region is treated as dirty: pessimistic
+by at most 4 MiB per region, never a full copy.
+
+What tracking cannot vouch for is reported as *tracking lost* (then the service compares block
+hashes with the broker and ships only differing blocks): a map from another disk geometry, an
+unclean stop across a host reboot (an unflushed write may have reached the image before its mark),
+or an image that changed while the agent was stopped cleanly.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+import zstandard
+
+from agents.errors import TrackingError
+
+CLEAN = 0
+DATA = 1
+ZERO = 2
+TRIM = 3
+COWED = 4  # frozen maps only: the block's old contents were copied aside before a guest write
+SENT = 5  # frozen maps only: the block was read into the batch (no copy needed any more)
+
+REGION_SIZE = 4 * 1024 * 1024
+HEADER_SIZE = 4096
+
+_MAGIC = b"RKDIRTY1"
+_FINE_MAGIC = b"RKFINE01"
+_VERSION = 1
+_HEADER = struct.Struct(">8sHHQII36sQQQQ")  # ... then the xxh3 of those bytes
+_FINE_HEADER = struct.Struct(">8sQIQQ")
+_FLAG_CLEAN = 1
+_FLAG_SYNC_MARKS = 2
+
+_FILL = 65536  # prebuilt fill buffers cover the common case without allocating per write
+_FILLS = {kind: bytes([kind]) * _FILL for kind in range(6)}
+
+# Frozen-map states that mean "this block's data goes in the batch".
+_AS_DATA = bytes.maketrans(bytes([COWED, SENT]), bytes([DATA, DATA]))
+_RUNS = re.compile(rb"\x01+|\x02+|\x03+")
+_CLEAN_RUNS = re.compile(rb"\x00+")
+_SCAN = 1 << 22  # blocks examined per scan window (4 MiB of map)
+
+
+def _fill(kind: int, n: int) -> bytes | memoryview:
+    if n <= _FILL:
+        return memoryview(_FILLS[kind])[:n]
+    return bytes([kind]) * n
+
+
+def boot_id() -> str:
+    """This host's boot id (changes on every reboot), or "" where the kernel does not say."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+class BlockMap:
+    """One byte per block in an anonymous mmap; untouched pages cost no memory."""
+
+    __slots__ = ("dirty", "mm", "nblocks")
+
+    def __init__(self, nblocks: int) -> None:
+        self.nblocks = nblocks
+        self.mm = mmap.mmap(-1, max(nblocks, 1))
+        self.dirty = 0  # blocks not CLEAN; kept exact by the mutators below
+
+    def set_range(self, b0: int, b1: int, kind: int) -> int:
+        """Set blocks ``[b0, b1)`` to ``kind`` (not CLEAN); return how many were clean before."""
+        n = b1 - b0
+        if n <= 0:
+            return 0
+        newly = self.mm[b0:b1].count(0)
+        self.mm[b0:b1] = _fill(kind, n)
+        self.dirty += newly
+        return newly
+
+    def fill_clean(self, b0: int, b1: int, kind: int) -> int:
+        """Set only the CLEAN blocks of ``[b0, b1)`` to ``kind``; return how many changed."""
+        changed = 0
+        for lo in range(b0, b1, _SCAN):
+            hi = min(lo + _SCAN, b1)
+            window = self.mm[lo:hi]
+            if window.count(0) == hi - lo:
+                self.mm[lo:hi] = _fill(kind, hi - lo)
+                changed += hi - lo
+                continue
+            for m in _CLEAN_RUNS.finditer(window):
+                self.mm[lo + m.start() : lo + m.end()] = _fill(kind, m.end() - m.start())
+                changed += m.end() - m.start()
+        self.dirty += changed
+        return changed
+
+    def any_dirty(self, b0: int, b1: int) -> bool:
+        """Whether any block of ``[b0, b1)`` is not CLEAN."""
+        return self.mm[b0:b1].count(0) != b1 - b0
+
+    def runs(self, b0: int = 0, b1: int | None = None) -> Iterator[tuple[int, int, int]]:
+        """Yield ``(start, end, kind)`` for each maximal run of DATA, ZERO or TRIM blocks.
+
+        COWED and SENT count as DATA. Runs are split at scan-window borders (4 Mi blocks), which
+        only costs an extra extent record on huge dirty areas.
+        """
+        end = self.nblocks if b1 is None else b1
+        for lo in range(b0, end, _SCAN):
+            hi = min(lo + _SCAN, end)
+            window = self.mm[lo:hi]
+            if window.count(0) == hi - lo:
+                continue
+            kinds = window.translate(_AS_DATA)
+            for m in _RUNS.finditer(kinds):
+                yield lo + m.start(), lo + m.end(), kinds[m.start()]
+
+    def close(self) -> None:
+        """Release the map's memory."""
+        self.mm.close()
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What :meth:`DirtyMap.open` found on disk."""
+
+    fresh: bool  # no map existed: the disk was never tracked here
+    clean: bool  # the last stop was clean (the fine map was restored exactly)
+    recovered_blocks: int  # blocks marked dirty from what was persisted
+    tracking_lost: str | None  # why tracking cannot vouch for every change, if it cannot
+
+
+@dataclass(frozen=True)
+class ImageStamp:
+    """Identity and last-modification stamp of the image, recorded at a clean stop."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> ImageStamp:
+        """Stamp of ``path`` as it is now."""
+        st = path.stat()
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class DirtyMap:
+    """The active fine map of one disk plus its crash-safe persisted region map.
+
+    Every mutator is synchronous and constant-time in the number of blocks it touches divided by
+    the slice-assignment speed; it is called inline from the NBD server's event loop, *before*
+    the data write it describes reaches the image (the persist-before-data rule).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        block_size: int,
+        path: Path | None = None,
+        *,
+        image: Path | None = None,
+        region_size: int = REGION_SIZE,
+        sync_marks: bool = False,
+    ) -> None:
+        if size <= 0:
+            raise TrackingError(f"cannot track a disk of size {size}")
+        if block_size <= 0 or block_size & (block_size - 1) or block_size > region_size:
+            raise TrackingError(
+                f"block size {block_size} must be a power of two no larger than {region_size}"
+            )
+        self.size = size
+        self.block_size = block_size
+        self.shift = block_size.bit_length() - 1
+        self.nblocks = (size + block_size - 1) >> self.shift
+        self.region_size = region_size
+        self.blocks_per_region = region_size // block_size
+        self.nregions = (size + region_size - 1) // region_size
+        self.path = path
+        self.image = image
+        self.sync_marks = sync_marks
+        self.active = BlockMap(self.nblocks)
+        self._regions = bytearray(self.nregions)  # mirror of the persisted region bytes
+        self._fd = -1
+        self._mark_gen = 0  # bumped on every persisted mark; compared by sync()
+        self._synced_gen = 0
+        self.guest_ops = 0  # write / trim / write-zeroes requests tracked
+        self.map_writes = 0  # extra small writes to the persisted map
+        self.map_syncs = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def open(self) -> Recovery:
+        """Open (or create) the persisted map and load what it says into the active map.
+
+        Marks the file *unclean* durably before returning, so a later crash is recognised.
+        """
+        if self.path is None:
+            return Recovery(fresh=True, clean=True, recovered_blocks=0, tracking_lost=None)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            raw = os.pread(self._fd, HEADER_SIZE + self.nregions, 0)
+        except OSError as exc:
+            raise TrackingError(
+                f"cannot open dirty map {self.path}: {exc.strerror}",
+                fix="check that agent.state_dir is writable by the agent",
+            ) from None
+        recovery = self._load(raw)
+        self._write_header(clean=False, stamp=None)
+        os.fdatasync(self._fd)
+        return recovery
+
+    def _load(self, raw: bytes) -> Recovery:
+        if len(raw) < _HEADER.size + 8:
+            # A new map, or one whose header never reached the disk: nothing was tracked yet
+            # (the header is written and synced before the first mark).
+            os.ftruncate(self._fd, HEADER_SIZE + self.nregions)
+            return Recovery(fresh=True, clean=True, recovered_blocks=0, tracking_lost=None)
+        fields = _HEADER.unpack_from(raw)
+        (stored_xxh,) = struct.unpack_from(">Q", raw, _HEADER.size)
+        magic, version, flags, size, block_size, region_size, boot, dev, ino, isize, mtime = fields
+        if magic != _MAGIC or version != _VERSION:
+            raise TrackingError(
+                f"{self.path} is not a Replikant dirty map (bad magic or version)",
+                fix="move the file away; the agent will then compare hashes with the broker",
+            )
+        if xxhash.xxh3_64_intdigest(raw[: _HEADER.size]) != stored_xxh:
+            return self._lost("the dirty map header is corrupt")
+        if size != self.size or region_size != self.region_size:
+            return self._lost(
+                f"the dirty map was kept for size {size} / region {region_size}, "
+                f"the disk now has size {self.size} / region {self.region_size}"
+            )
+        regions = raw[HEADER_SIZE : HEADER_SIZE + self.nregions].ljust(self.nregions, b"\0")
+        self._regions[:] = regions
+        clean = bool(flags & _FLAG_CLEAN)
+        lost: str | None = None
+        if clean:
+            if self.image is not None:
+                stamp = ImageStamp.of(self.image)
+                if stamp != ImageStamp(dev, ino, isize, mtime):
+                    lost = "the image changed while the agent was stopped"
+            if lost is None and block_size == self.block_size and self._load_fine():
+                return Recovery(
+                    fresh=False, clean=True, recovered_blocks=self.active.dirty, tracking_lost=None
+                )
+        elif boot.rstrip(b"\0").decode("ascii", "replace") != boot_id() and not (
+            flags & _FLAG_SYNC_MARKS
+        ):
+            lost = "the host restarted while the agent was running (unflushed marks may be lost)"
+        # Unclean stop (or no usable fine map): every persisted region is dirty.
+        recovered = 0
+        bpr = self.blocks_per_region
+        for r, marked in enumerate(self._regions):
+            if marked:
+                recovered += self.active.set_range(r * bpr, min((r + 1) * bpr, self.nblocks), DATA)
+        return Recovery(fresh=False, clean=clean, recovered_blocks=recovered, tracking_lost=lost)
+
+    def _lost(self, why: str) -> Recovery:
+        os.ftruncate(self._fd, HEADER_SIZE)
+        os.ftruncate(self._fd, HEADER_SIZE + self.nregions)
+        return Recovery(fresh=False, clean=False, recovered_blocks=0, tracking_lost=why)
+
+    @property
+    def _fine_path(self) -> Path:
+        assert self.path is not None
+        return self.path.with_name(self.path.name + ".fine")
+
+    def _load_fine(self) -> bool:
+        try:
+            blob = self._fine_path.read_bytes()
+        except OSError:
+            return False
+        if len(blob) < _FINE_HEADER.size:
+            return False
+        magic, size, block_size, length, digest = _FINE_HEADER.unpack_from(blob)
+        if (magic, size, block_size, length) != (
+            _FINE_MAGIC,
+            self.size,
+            self.block_size,
+            self.nblocks,
+        ):
+            return False
+        try:
+            data = zstandard.ZstdDecompressor().decompress(
+                blob[_FINE_HEADER.size :], max_output_size=length
+            )
+        except zstandard.ZstdError:
+            return False
+        if len(data) != length or xxhash.xxh3_64_intdigest(data) != digest:
+            return False
+        self.active.mm[:length] = data
+        self.active.dirty = length - data.count(0)
+        return True
+
+    def _write_header(self, *, clean: bool, stamp: ImageStamp | None) -> None:
+        flags = (_FLAG_CLEAN if clean else 0) | (_FLAG_SYNC_MARKS if self.sync_marks else 0)
+        st = stamp or ImageStamp(0, 0, 0, 0)
+        head = _HEADER.pack(
+            _MAGIC,
+            _VERSION,
+            flags,
+            self.size,
+            self.block_size,
+            self.region_size,
+            boot_id().encode("ascii")[:36],
+            st.dev,
+            st.ino,
+            st.size,
+            st.mtime_ns,
+        )
+        head += struct.pack(">Q", xxhash.xxh3_64_intdigest(head))
+        os.pwrite(self._fd, head, 0)
+
+    def close(self, *, clean: bool = True) -> None:
+        """Persist the exact fine map and a clean stamp (``clean``), then release everything.
+
+        The caller has flushed the image first, so the stamp is the image's final one.
+        """
+        if self._fd >= 0:
+            if clean:
+                self._save_fine()
+                os.fdatasync(self._fd)
+                stamp = ImageStamp.of(self.image) if self.image is not None else None
+                self._write_header(clean=True, stamp=stamp)
+                os.fdatasync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+        self.active.close()
+
+    def _save_fine(self) -> None:
+        data = self.active.mm[: self.nblocks]
+        blob = _FINE_HEADER.pack(
+            _FINE_MAGIC, self.size, self.block_size, self.nblocks, xxhash.xxh3_64_intdigest(data)
+        ) + zstandard.ZstdCompressor(level=3).compress(data)
+        tmp = self._fine_path.with_name(self._fine_path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, blob)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        tmp.replace(self._fine_path)
+
+    # -- the write path --------------------------------------------------------------------
+
+    def blocks(self, offset: int, length: int) -> tuple[int, int]:
+        """The blocks ``[b0, b1)`` that bytes ``[offset, offset + length)`` touch."""
+        return offset >> self.shift, (offset + length + self.block_size - 1) >> self.shift
+
+    def mark(self, offset: int, length: int, kind: int = DATA) -> None:
+        """Record that bytes ``[offset, offset + length)`` are about to change.
+
+        For ZERO and TRIM only the blocks the range covers completely take that kind; partly
+        covered edge blocks become DATA (their other bytes still hold data).
+        """
+        if length <= 0:
+            return
+        if offset < 0 or offset + length > self.size:
+            raise TrackingError(f"range {offset}+{length} lies outside the disk ({self.size})")
+        self.guest_ops += 1
+        b0, b1 = self.blocks(offset, length)
+        self._persist(b0, b1)
+        if kind == DATA:
+            self.active.set_range(b0, b1, DATA)
+            return
+        end = offset + length
+        f0 = (offset + self.block_size - 1) >> self.shift
+        # The disk's last block may be short: covering it to the end of the disk covers it.
+        f1 = self.nblocks if end == self.size else end >> self.shift
+        if f0 >= f1:
+            self.active.set_range(b0, b1, DATA)
+            return
+        self.active.set_range(b0, f0, DATA)
+        self.active.set_range(f0, f1, kind)
+        self.active.set_range(f1, b1, DATA)
+
+    def _persist(self, b0: int, b1: int) -> None:
+        r0 = b0 // self.blocks_per_region
+        r1 = (b1 - 1) // self.blocks_per_region + 1
+        if self._regions.find(0, r0, r1) == -1:
+            return
+        n = r1 - r0
+        self._regions[r0:r1] = b"\x01" * n
+        if self._fd < 0:
+            return
+        # One small write per newly dirtied area; it reaches the page cache before the data
+        # write it protects, so a killed agent never leaves data without its mark.
+        os.pwrite(self._fd, b"\x01" * n, HEADER_SIZE + r0)
+        self.map_writes += 1
+        self._mark_gen += 1
+        if self.sync_marks:
+            self.sync()
+
+    def mark_all(self, kind: int = DATA) -> None:
+        """Mark the whole disk (used when a checksum comparison cannot be done)."""
+        self.mark(0, self.size, kind)
+
+    def sync(self) -> None:
+        """Make every persisted mark durable (called before the data is fsynced on FLUSH/FUA).
+
+        Safe to call from the NBD server's flush thread while the loop keeps marking: only the
+        marks issued before the call are promised.
+        """
+        gen = self._mark_gen
+        if gen == self._synced_gen or self._fd < 0:
+            return
+        os.fdatasync(self._fd)
+        self.map_syncs += 1
+        self._synced_gen = max(self._synced_gen, gen)
+
+    # -- cuts ------------------------------------------------------------------------------
+
+    def swap(self) -> BlockMap:
+        """Freeze the active map (returned) and start a new, empty one. Atomic in the loop."""
+        frozen = self.active
+        self.active = BlockMap(self.nblocks)
+        return frozen
+
+    def merge_back(self, frozen: BlockMap) -> None:
+        """Return a failed batch's blocks to the active map; newer marks keep their kind."""
+        active = self.active
+        for b0, b1, kind in frozen.runs():
+            active.fill_clean(b0, b1, kind)
+
+    def settle(self, frozen: BlockMap) -> int:
+        """After a durable ack of ``frozen``'s batch, clear its regions that hold no newer change.
+
+        Returns how many regions were cleared. The clears need no sync: losing one only makes
+        a later recovery more pessimistic.
+        """
+        bpr = self.blocks_per_region
+        cleared = 0
+        last = -1
+        for b0, b1, _kind in frozen.runs():
+            for r in range(max(b0 // bpr, last + 1), (b1 - 1) // bpr + 1):
+                last = r
+                if not self._regions[r]:
+                    continue
+                if self.active.any_dirty(r * bpr, min((r + 1) * bpr, self.nblocks)):
+                    continue
+                self._regions[r] = 0
+                if self._fd >= 0:
+                    os.pwrite(self._fd, b"\0", HEADER_SIZE + r)
+                cleared += 1
+        return cleared
+
+    # -- introspection ---------------------------------------------------------------------
+
+    @property
+    def dirty_bytes(self) -> int:
+        """Bytes pending in the active map (block granularity)."""
+        return min(self.active.dirty << self.shift, self.size)
+
+    @property
+    def persisted_regions(self) -> int:
+        """Regions currently marked in the persisted map."""
+        return self.nregions - self._regions.count(0)
+
+    def persisted_region_flags(self) -> bytes:
+        """A copy of the persisted region bytes (for tests and diagnostics)."""
+        return bytes(self._regions)
+
+
+def file_extents(fd: int, offset: int, end: int) -> Iterator[tuple[int, int]]:
+    """Yield the ``(start, stop)`` byte ranges of ``[offset, end)`` that hold data (not holes).
+
+    Uses SEEK_DATA / SEEK_HOLE; on file systems without them the whole range counts as data.
+    """
+    pos = offset
+    while pos < end:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after pos
+                return
+            yield pos, end  # the file system cannot tell holes: all of it is data
+            return
+        if start >= end:
+            return
+        stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+        yield start, stop
+        pos = stop

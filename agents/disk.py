@@ -1,0 +1,219 @@
+"""A protected disk: the image served as an NBD export, with change tracking and cuts.
+
+:class:`TrackedExport` is a :class:`common.nbd.backend.Export` that wraps a
+:class:`~common.nbd.backend.FileExport`. Each mutating request, on the event-loop thread:
+
+1. if a cut is being read, copies aside the cut-time contents of the frozen blocks it is about to
+   change (:meth:`agents.cut.Cut.preserve`);
+2. marks its blocks in the dirty map, which persists a newly dirtied region's mark *before*
+3. the data reaches the image.
+
+``flush`` (in the server's worker thread) makes the map durable before the image, so a flushed
+write is never durable without its mark.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from agents.cut import CowStore, Cut
+from agents.dirtymap import DATA, TRIM, ZERO, BlockMap, DirtyMap, Recovery
+from agents.errors import TrackingError
+from common.nbd.backend import ExportBase, FileExport, fallocate
+
+_PUNCH_HOLE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV})
+
+
+class TrackedExport(ExportBase):
+    """An NBD export of a disk image whose every change is tracked for replication."""
+
+    read_only = False
+    can_flush = True
+    can_trim = True
+    can_write_zeroes = True
+    can_fast_zero = False
+    can_multi_conn = True  # one descriptor, one map: a flush covers every connection
+    can_cache = True
+
+    def __init__(
+        self,
+        image: Path,
+        name: str,
+        *,
+        block_size: int = 65536,
+        map_path: Path | None = None,
+        cow_memory_limit: int = 64 * 1024 * 1024,
+        spill_path: Path | None = None,
+        description: str = "",
+        sync_marks: bool = False,
+    ) -> None:
+        self.inner = FileExport(image, name, description=description)
+        self.name = name
+        self.size = self.inner.size
+        self.description = description
+        self.image = image
+        self.block_size = block_size
+        try:
+            self.map = DirtyMap(self.size, block_size, map_path, image=image, sync_marks=sync_marks)
+        except TrackingError:
+            self.inner.close()
+            raise
+        self.cow_memory_limit = cow_memory_limit
+        self.spill_path = spill_path
+        self.cut: Cut | None = None
+        self.snapshots: list[Cut] = []  # whole-disk point-in-time views (verify)
+        self.clients = 0
+        self.guest_bytes_written = 0
+        self._trim_punches = True
+
+    def open(self) -> Recovery:
+        """Open the persisted map and load what it recorded (call before serving)."""
+        return self.map.open()
+
+    def close(self, *, clean: bool = True) -> None:
+        """Flush the image, persist the map (exactly, when ``clean``) and close both."""
+        if self.cut is not None:
+            self.end_cut(acked=False)
+        for snap in list(self.snapshots):
+            self.end_snapshot(snap)
+        if clean:
+            self.inner.flush()
+        self.map.close(clean=clean)
+        self.inner.close()
+
+    # -- the Export interface --------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Read through to the image."""
+        return self.inner.read(offset, length)
+
+    def _before(self, offset: int, length: int, kind: int) -> None:
+        if self.cut is not None or self.snapshots:
+            b0, b1 = self.map.blocks(offset, length)
+            if self.cut is not None:
+                self.cut.preserve(b0, b1)
+            for snap in self.snapshots:
+                snap.preserve(b0, b1)
+        self.map.mark(offset, length, kind)
+
+    def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        """Copy-on-write, mark, then write through."""
+        self._before(offset, len(data), DATA)
+        self.inner.write(offset, data, fua)
+        self.guest_bytes_written += len(data)
+
+    def trim(self, offset: int, length: int, fua: bool) -> None:
+        """Punch a hole; the blocks ship as TRIM only if the hole really was punched."""
+        if not length:
+            return
+        if not self._trim_punches:
+            return  # trim is a hint and the contents stay as they were: nothing changed
+        self._before(offset, length, TRIM)
+        try:
+            fallocate(self.inner.fd, _PUNCH_HOLE, offset, length)
+        except OSError as exc:
+            # The old data may still be there: it must ship as data, not as a trim.
+            self.map.mark(offset, length, DATA)
+            if exc.errno not in _UNSUPPORTED:
+                raise
+            self._trim_punches = False
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
+        """Mark the covered blocks ZERO (shipped without payload), then zero through."""
+        self._before(offset, length, ZERO)
+        self.inner.write_zeroes(offset, length, may_trim, fua)
+
+    def flush(self) -> None:
+        """Make the map durable, then the image (worker thread)."""
+        self.map.sync()
+        self.inner.flush()
+
+    def block_status(self, offset: int, length: int) -> Sequence[tuple[int, int]]:
+        """Allocation as the image's file system reports it."""
+        return self.inner.block_status(offset, length)
+
+    def cache(self, offset: int, length: int) -> None:
+        """Read-ahead hint."""
+        self.inner.cache(offset, length)
+
+    def client_opened(self, peer: str) -> None:
+        """Count connected clients (for status)."""
+        self.clients += 1
+
+    def client_closed(self, peer: str) -> None:
+        """Count connected clients (for status)."""
+        self.clients = max(self.clients - 1, 0)
+
+    # -- cuts --------------------------------------------------------------------------------
+
+    def begin_cut(self, cut_time_ns: int | None = None) -> Cut:
+        """Freeze the changes so far into a new cut. Synchronous: call it between requests."""
+        if self.cut is not None:
+            raise TrackingError(f"export {self.name} already has a cut being shipped")
+        frozen = self.map.swap()
+        self.cut = Cut(
+            frozen,
+            size=self.size,
+            block_size=self.block_size,
+            reader=self.inner.read,
+            cow=CowStore(self.block_size, self.cow_memory_limit, self.spill_path),
+            cut_time_ns=time.time_ns() if cut_time_ns is None else cut_time_ns,
+        )
+        return self.cut
+
+    def end_cut(self, *, acked: bool) -> int:
+        """Finish the current cut: settle its regions after an ack, or merge it back.
+
+        Returns the regions cleared from the persisted map (0 when merged back).
+        """
+        cut = self.cut
+        if cut is None:
+            return 0
+        self.cut = None
+        cut.close()
+        cleared = 0
+        if acked:
+            cleared = self.map.settle(cut.frozen)
+        else:
+            self.map.merge_back(cut.frozen)
+        cut.frozen.close()
+        return cleared
+
+    def begin_snapshot(self, cut_time_ns: int) -> Cut:
+        """A point-in-time view of the whole disk (every block frozen, copy-on-write kept).
+
+        Synchronous: call it in the same loop step as the cut it must match. Reading it with
+        :meth:`agents.cut.Cut.read` releases the copies as it goes.
+        """
+        frozen = BlockMap(self.map.nblocks)
+        frozen.set_range(0, self.map.nblocks, DATA)
+        snap = Cut(
+            frozen,
+            size=self.size,
+            block_size=self.block_size,
+            reader=self.inner.read,
+            cow=CowStore(
+                self.block_size,
+                self.cow_memory_limit,
+                None if self.spill_path is None else self.spill_path.with_suffix(".snapcow"),
+            ),
+            cut_time_ns=cut_time_ns,
+        )
+        self.snapshots.append(snap)
+        return snap
+
+    def end_snapshot(self, snap: Cut) -> None:
+        """Release a snapshot and its copies."""
+        if snap in self.snapshots:
+            self.snapshots.remove(snap)
+        snap.close()
+        snap.frozen.close()
+
+    @property
+    def fd(self) -> int:
+        """The image's descriptor (for SEEK_DATA planning)."""
+        return self.inner.fd

@@ -1,0 +1,410 @@
+"""Replication of one disk: sequencing, the initial copy, hash-compare resync, and status.
+
+Sequencing (so that resends are harmless, see ``docs/agent.md``):
+
+- the broker's ``durable_seq`` is the truth. Before the first batch and after *any* failed
+  upload, the replicator asks the broker for the replica's state and numbers the next batch
+  ``durable_seq + 1``;
+- a batch that was not acked is merged back into the active map (its copies dropped) and goes
+  again, with whatever changed since, in the next batch. If it was in fact durable (the ack was
+  lost), the re-sent blocks simply apply again on top: same contents or newer;
+- persisted state changes only after a durable ack.
+
+Modes: ``initial`` ships the whole disk as FULL batches of at most ``full_batch_bytes`` of
+allocated data each (holes skipped, zero blocks sent as ZERO extents), resumable from the last
+acked chunk; ``verify`` compares block hashes with the replica and marks only the differing
+blocks (when tracking cannot vouch for every change, or to seed from an existing copy);
+``delta`` ships what the dirty map says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agents.cut import Cut
+from agents.dirtymap import DATA, Recovery, file_extents
+from agents.disk import TrackedExport
+from agents.errors import FencedError, ShipError
+from agents.ship import (
+    MAX_EXTENT,
+    BatchStats,
+    BrokerClient,
+    ReplicaState,
+    TokenBucket,
+    batch_body,
+    make_header,
+)
+from agents.state import DiskState
+from common.config import DiskConfig, Policy, VMConfig
+from common.hrl import Compression, Consistency, xxh64_of
+from common.logs import get_logger
+
+FULL_BATCH_BYTES = 256 * 1024 * 1024
+VERIFY_CHUNK = 64 * 1024 * 1024
+_HASH = struct.Struct(">Q")
+
+
+@dataclass
+class DiskStatus:
+    """Counters for the status endpoint."""
+
+    last_cut_ns: int = 0
+    last_acked_seq: int = 0
+    last_acked_cut_ns: int = 0
+    batches: int = 0
+    bytes_shipped: int = 0  # encoded bytes acked
+    throughput_bps: float = 0.0  # of the last batch, encoded bytes per second
+    errors: int = 0
+    last_error: str | None = None
+    last_error_ns: int = 0
+    full_batches: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class DiskReplicator:
+    """Replicates one tracked disk of one VM to the broker."""
+
+    def __init__(
+        self,
+        *,
+        vm: VMConfig,
+        disk: DiskConfig,
+        export: TrackedExport,
+        policy: Policy,
+        client: BrokerClient,
+        state_path: Path,
+        recovery: Recovery,
+        site: str,
+        host: str,
+        bucket: TokenBucket | None = None,
+        full_batch_bytes: int = FULL_BATCH_BYTES,
+        max_extent: int = MAX_EXTENT,
+    ) -> None:
+        self.vm = vm
+        self.disk = disk
+        self.export = export
+        self.policy = policy
+        self.client = client
+        self.state_path = state_path
+        self.recovery = recovery
+        self.site = site
+        self.host = host
+        self.bucket = bucket
+        self.full_batch_bytes = full_batch_bytes
+        self.max_extent = max_extent
+        self.log = get_logger("agents.replicate", vm=vm.name, disk=disk.id)
+        self.state = DiskState.load(state_path)
+        self.ready = False
+        self.fenced: str | None = None
+        self.mode = "delta"
+        self.next_seq = 0
+        self._chunk_end = 0
+        self.status = DiskStatus()
+        self.on_progress: Callable[[DiskReplicator, int, int], None] | None = None
+        if self.state is not None:
+            self.status.last_acked_seq = self.state.acked_seq
+            self.status.last_acked_cut_ns = self.state.last_cut_ns
+
+    # -- talking to the broker -------------------------------------------------------------
+
+    def _enable_body(self) -> dict[str, Any]:
+        return {
+            "vm_name": self.vm.name,
+            "disk_size": self.export.size,
+            "block_size": self.export.block_size,
+            "generation": self.state.generation if self.state else 1,
+            "site": self.site,
+            "host": self.host,
+            "labels": dict(self.vm.labels),
+            "rpo_seconds": self.policy.rpo_seconds,
+        }
+
+    async def prepare(self) -> None:
+        """Announce the disk (PUT), learn the replica's state and choose the mode.
+
+        Called before the first batch and again after every failure; raises :class:`ShipError`.
+        """
+        rs = await self.client.enable(self.vm.uuid, self.disk.id, self._enable_body())
+        await self._adopt(rs)
+        self.ready = True
+
+    async def _adopt(self, rs: ReplicaState) -> None:
+        local = self.state
+        if rs.disk_size and rs.disk_size != self.export.size:
+            raise FencedError(
+                f"replica of {self.vm.name}/{self.disk.id} has size {rs.disk_size}, the disk "
+                f"has {self.export.size}",
+                fix="resize the replica at the recovery site or re-enable replication",
+                code="identity_conflict",
+            )
+        if local is not None and rs.generation > local.generation:
+            self.fenced = (
+                f"the replica is at generation {rs.generation}, this disk at {local.generation}: "
+                "the VM was failed over"
+            )
+            raise FencedError(self.fenced, fix="reverse replication", code="stale_generation")
+        previous_mode = self.mode
+        seeded = rs.initial_sync == "seeded" and rs.durable_seq == 0
+        if rs.durable_seq == 0 and not seeded:
+            # Nothing durable at the broker: (re)start the initial copy from the beginning.
+            if local is None or local.acked_seq or local.initial_done:
+                local = DiskState(str(self.vm.uuid), self.disk.id, self.export.size, rs.generation)
+            self.mode = "initial"
+        elif (
+            seeded
+            or local is None
+            or self.recovery.tracking_lost
+            or local.verify_pending
+            or local.acked_seq > rs.durable_seq
+        ):
+            if seeded:
+                why = "the replica was seeded from an existing copy"
+            elif local is None:
+                why = "no local replication state for a replica that has data"
+            elif local.verify_pending:
+                why = "a hash comparison was interrupted"
+            else:
+                why = self.recovery.tracking_lost or "the replica is behind what it acked"
+            local = DiskState(
+                str(self.vm.uuid),
+                self.disk.id,
+                self.export.size,
+                rs.generation,
+                acked_seq=rs.durable_seq,
+                initial_done=True,
+                initial_cursor=self.export.size,
+                verify_pending=True,
+            )
+            # Recorded before comparing: a crash in the middle must compare again, since the
+            # dirty map alone does not know the differences not found yet.
+            local.save(self.state_path)
+            self.mode = "verify"
+            self.log.warning("resync_by_hashes", reason=why, durable_seq=rs.durable_seq)
+        else:
+            self.mode = "delta" if local.initial_done else "initial"
+        self.state = local
+        self.next_seq = rs.durable_seq + 1
+        if self.mode == "verify":
+            await self._verify()
+            self.mode = "delta"
+            self.recovery = Recovery(
+                fresh=False, clean=True, recovered_blocks=0, tracking_lost=None
+            )
+            local.acked_seq = rs.durable_seq
+            local.verify_pending = False
+            local.save(self.state_path)
+        elif self.mode != previous_mode or not self.ready:
+            self.log.info(
+                "replica_state_adopted",
+                mode=self.mode,
+                durable_seq=rs.durable_seq,
+                generation=rs.generation,
+                initial_cursor=local.initial_cursor,
+            )
+
+    async def _verify(self) -> None:
+        """Mark every block whose contents differ from the replica's (hash compare)."""
+        for _ in range(120):  # the hashes must reflect everything durable
+            rs = await self.client.state(self.vm.uuid, self.disk.id)
+            if rs.applied_seq >= rs.durable_seq:
+                break
+            await asyncio.sleep(0.5)
+        bs = self.export.block_size
+        size = self.export.size
+        marked = 0
+        for offset in range(0, size, VERIFY_CHUNK):
+            length = min(VERIFY_CHUNK, size - offset)
+            try:
+                remote, _seq = await self.client.hashes(
+                    self.vm.uuid, self.disk.id, bs, offset, length
+                )
+            except ShipError as exc:
+                if exc.status in (404, 405, 501) and exc.code != "unknown_vm":
+                    self.log.warning("hashes_unsupported_marking_all", error=str(exc))
+                    self.export.map.mark(offset, size - offset, DATA)
+                    return
+                raise
+            local = await asyncio.to_thread(self._local_hashes, offset, length)
+            for i in range(0, len(local), 8):
+                if remote[i : i + 8] != local[i : i + 8]:
+                    start = offset + (i // 8) * bs
+                    self.export.map.mark(start, min(bs, size - start), DATA)
+                    marked += 1
+        self.log.info("resync_compared", differing_blocks=marked, block_size=bs)
+
+    def _local_hashes(self, offset: int, length: int) -> bytes:
+        bs = self.export.block_size
+        fd = self.export.fd
+        out = bytearray()
+        end = offset + length
+        for pos in range(offset, end, bs):
+            out += _HASH.pack(xxh64_of(os.pread(fd, min(bs, end - pos), pos)))
+        return bytes(out)
+
+    # -- cutting and shipping --------------------------------------------------------------
+
+    def begin_cut(self, cut_time_ns: int) -> Cut:
+        """Freeze this disk's changes (synchronous; the VM cuts all its disks in one step)."""
+        cut = self.export.begin_cut(cut_time_ns)
+        self.status.last_cut_ns = cut_time_ns
+        if self.mode == "initial":
+            assert self.state is not None
+            start = self.state.initial_cursor
+            self._chunk_end = self._next_chunk_end(start)
+            cut.add_full_range(start, self._chunk_end, self.export.fd)
+        return cut
+
+    def _next_chunk_end(self, start: int) -> int:
+        """Where the next FULL batch ends: after ``full_batch_bytes`` of allocated data."""
+        size = self.export.size
+        bs = self.export.block_size
+        budget = self.full_batch_bytes
+        for lo, hi in file_extents(self.export.fd, start, size):
+            if hi - lo >= budget:
+                end = lo + budget
+                return min(size, (end + bs - 1) // bs * bs)
+            budget -= hi - lo
+        return size
+
+    async def ship(self, cut: Cut, consistency: Consistency) -> bool:
+        """Send ``cut`` as the next batch; True once durably acked, False after a failure."""
+        assert self.state is not None
+        seq = self.next_seq
+        full = self.mode == "initial"
+        log = self.log.bind(seq=seq, generation=self.state.generation)
+        compression = Compression.ZSTD if self.policy.compression == "zstd" else Compression.NONE
+        stats = BatchStats()
+        started = time.monotonic()
+        try:
+            header = make_header(
+                vm_uuid=self.vm.uuid,
+                disk_id=self.disk.id,
+                generation=self.state.generation,
+                seq=seq,
+                cut=cut,
+                consistency=consistency,
+                compression=compression,
+                full=full,
+                max_extent=self.max_extent,
+            )
+            body = batch_body(
+                cut,
+                header,
+                level=self.policy.compression_level,
+                bucket=self.bucket,
+                stats=stats,
+                max_extent=self.max_extent,
+            )
+            ack = await self.client.upload(self.vm.uuid, self.disk.id, body)
+            if ack.duplicate or ack.seq != seq:
+                raise ShipError(
+                    f"the broker acked seq {ack.seq} (duplicate={ack.duplicate}) for batch {seq}:"
+                    " our numbering was stale",
+                    code="sequence_mismatch",
+                )
+        except ShipError as exc:
+            self.export.end_cut(acked=False)
+            self.ready = False  # ask the broker where it stands before the next attempt
+            self.status.errors += 1
+            self.status.last_error = str(exc)
+            self.status.last_error_ns = time.time_ns()
+            if isinstance(exc, FencedError):
+                self.fenced = str(exc)
+            log.warning("batch_failed", error=exc.message, code=exc.code, status=exc.status)
+            return False
+        except BaseException:
+            self.export.end_cut(acked=False)
+            self.ready = False
+            raise
+        cleared = self.export.end_cut(acked=True)
+        elapsed = max(time.monotonic() - started, 1e-6)
+        self.next_seq = seq + 1
+        st = self.state
+        st.acked_seq = seq
+        st.last_cut_ns = cut.cut_time_ns
+        if full:
+            st.initial_cursor = self._chunk_end
+            if self._chunk_end >= self.export.size:
+                st.initial_done = True
+                self.mode = "delta"
+        st.save(self.state_path)
+        s = self.status
+        s.last_acked_seq = seq
+        s.last_acked_cut_ns = cut.cut_time_ns
+        s.batches += 1
+        s.full_batches += int(full)
+        s.bytes_shipped += stats.wire_bytes
+        if stats.wire_bytes >= 64 * 1024:  # empty batches say nothing about the link
+            s.throughput_bps = stats.wire_bytes / elapsed
+        log.info(
+            "batch_acked",
+            full=full,
+            consistency=consistency.name.lower(),
+            extents=stats.extents,
+            data_bytes=stats.data_bytes,
+            payload_bytes=stats.payload_bytes,
+            wire_bytes=stats.wire_bytes,
+            zero_extents=stats.zero_extents,
+            regions_cleared=cleared,
+            seconds=round(elapsed, 4),
+        )
+        if full:
+            if self.on_progress is not None:
+                self.on_progress(self, st.initial_cursor, self.export.size)
+            log.info(
+                "initial_sync_progress",
+                done_bytes=st.initial_cursor,
+                total_bytes=self.export.size,
+                percent=round(100 * st.initial_cursor / self.export.size, 1),
+                complete=st.initial_done,
+            )
+        return True
+
+    @property
+    def backlog(self) -> bool:
+        """More work is waiting that should not wait for the next interval (initial copy)."""
+        return self.ready and self.mode == "initial"
+
+    def snapshot(self) -> dict[str, Any]:
+        """The status endpoint's view of this disk."""
+        s = self.status
+        now = time.time_ns()
+        st = self.state
+        return {
+            "vm": self.vm.name,
+            "vm_uuid": str(self.vm.uuid),
+            "disk": self.disk.id,
+            "export": self.export.name,
+            "size": self.export.size,
+            "mode": self.mode,
+            "ready": self.ready,
+            "fenced": self.fenced,
+            "dirty_bytes": self.export.map.dirty_bytes,
+            "persisted_regions": self.export.map.persisted_regions,
+            "last_cut_time": s.last_cut_ns / 1e9 if s.last_cut_ns else None,
+            "last_acked_seq": s.last_acked_seq,
+            "lag_seconds": (now - s.last_acked_cut_ns) / 1e9 if s.last_acked_cut_ns else None,
+            "throughput_bytes_per_second": round(s.throughput_bps, 1),
+            "bytes_shipped": s.bytes_shipped,
+            "batches": s.batches,
+            "full_batches": s.full_batches,
+            "errors": s.errors,
+            "last_error": s.last_error,
+            "initial_sync": {
+                "done": bool(st and st.initial_done),
+                "cursor": st.initial_cursor if st else 0,
+            },
+            "tracking": {
+                "guest_ops": self.export.map.guest_ops,
+                "map_writes": self.export.map.map_writes,
+                "map_syncs": self.export.map.map_syncs,
+            },
+            "clients": self.export.clients,
+        }

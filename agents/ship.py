@@ -1,0 +1,362 @@
+"""Shipping batches to the broker: the HTTPS client, the streamed body, pacing and backoff.
+
+The body of a batch upload is an async generator: it reads one planned extent of the cut at a
+time (:meth:`agents.cut.Cut.read`, synchronous so no guest write slips in), checksums it right
+after the read, compresses it (in a worker thread for large extents, so the NBD clients keep
+being served), and yields the encoded record. A batch is never held whole in memory: at most one
+extent plus aiohttp's send buffer.
+
+See ``docs/protocol/http.md`` for the endpoints and ``docs/agent.md`` for the sequencing rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import ssl
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import aiohttp
+
+from agents.cut import Cut, PlannedExtent
+from agents.dirtymap import DATA, ZERO
+from agents.errors import FencedError, ShipError
+from common.hrl import (
+    BATCH_CONTENT_TYPE,
+    BatchEncoder,
+    BatchHeader,
+    Compression,
+    Consistency,
+    xxh64_of,
+)
+from common.logs import get_logger
+
+log = get_logger("agents.ship")
+
+MAX_EXTENT = 1024 * 1024  # extents are read (atomically, in the loop) one at a time: keep short
+_ZEROS = bytes(MAX_EXTENT)
+_THREAD_MIN = 256 * 1024  # compress bigger extents in a worker thread
+_FLUSH_AT = 256 * 1024  # coalesce small records into chunks of about this size
+
+# Errors whose cause will not go away by retrying the same thing: the operator must act.
+_FENCED = frozenset({"stale_generation", "identity_conflict", "wrong_identity"})
+
+
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
+    """Whether ``data`` is all zero bytes (``bytes.startswith`` is a memcmp)."""
+    n = len(data)
+    if n <= MAX_EXTENT:
+        return _ZEROS.startswith(data)
+    view = memoryview(data)
+    return all(_ZEROS.startswith(view[i : i + MAX_EXTENT]) for i in range(0, n, MAX_EXTENT))
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    """The broker's view of one replica (``GET /v1/replicas/{vm}/{disk}``)."""
+
+    generation: int
+    durable_seq: int
+    applied_seq: int
+    initial_sync: str
+    disk_size: int
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> ReplicaState:
+        """Parse the broker's JSON, tolerating extra fields."""
+        try:
+            return cls(
+                generation=int(body.get("generation", 1)),
+                durable_seq=int(body["durable_seq"]),
+                applied_seq=int(body.get("applied_seq", body["durable_seq"])),
+                initial_sync=str(body.get("initial_sync", "pending")),
+                disk_size=int(body.get("disk_size", 0)),
+                raw=body,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ShipError(f"the broker answered a replica state without {exc}") from None
+
+
+@dataclass(frozen=True)
+class Ack:
+    """A durable ack of one batch."""
+
+    seq: int
+    duplicate: bool
+
+
+class TokenBucket:
+    """Paces bytes to ``rate`` per second with bursts of up to ``burst`` bytes (0 = unlimited)."""
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate = rate
+        self.burst = burst if burst is not None else max(rate / 4, 256 * 1024)
+        self._tokens = self.burst
+        self._stamp = time.monotonic()
+
+    async def take(self, n: int) -> None:
+        """Wait until ``n`` bytes may go (a chunk larger than the burst goes on credit)."""
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        self._tokens -= n
+        if self._tokens < 0:
+            await asyncio.sleep(-self._tokens / self.rate)
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter (AWS architecture blog's "full jitter")."""
+
+    def __init__(self, base: float = 0.5, cap: float = 30.0) -> None:
+        self.base = base
+        self.cap = cap
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        """Record a failure and return how long to wait before the next attempt."""
+        self.failures += 1
+        ceiling = min(self.cap, self.base * (2 ** min(self.failures - 1, 30)))
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        """Record a success."""
+        self.failures = 0
+
+
+class BrokerClient:
+    """The agent side of ``docs/protocol/http.md``, over HTTPS with mutual TLS.
+
+    ``urls`` are the brokers of the target cluster; a refused connection or a ``not_owner``
+    answer moves on to the next one for the following request.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        ssl_context: ssl.SSLContext | None,
+        *,
+        connect_timeout: float = 10.0,
+        ack_timeout: float = 300.0,
+    ) -> None:
+        self.urls = [u.rstrip("/") for u in urls]
+        self._current = 0
+        self._ssl = ssl_context
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout, sock_read=ack_timeout
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def url(self) -> str:
+        """The broker currently used."""
+        return self.urls[self._current]
+
+    def _rotate(self) -> None:
+        self._current = (self._current + 1) % len(self.urls)
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else False)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self._timeout, raise_for_status=False
+            )
+        return self._session
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @staticmethod
+    def _path(vm_uuid: UUID, disk_id: str) -> str:
+        return f"/v1/replicas/{vm_uuid}/{disk_id}"
+
+    async def _request(
+        self, method: str, path: str, *, expect: str = "json", **kwargs: Any
+    ) -> tuple[Any, dict[str, str]]:
+        url = self.url + path
+        try:
+            async with self._get_session().request(method, url, **kwargs) as resp:
+                if resp.status >= 400:
+                    await self._refusal(resp, url)
+                if expect == "json":
+                    return await resp.json(content_type=None), dict(resp.headers)
+                return await resp.read(), dict(resp.headers)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            self._rotate()
+            raise ShipError(
+                f"broker {url} unreachable or broke off: {type(exc).__name__}: {exc}",
+                code="unreachable",
+            ) from None
+
+    async def _refusal(self, resp: aiohttp.ClientResponse, url: str) -> None:
+        text = await resp.text()
+        try:
+            body = json.loads(text)
+        except ValueError:
+            body = {}
+        if not isinstance(body, dict):
+            body = {}
+        code = str(body.get("error", f"http_{resp.status}"))
+        message = str(body.get("message") or body.get("detail") or text[:200] or resp.reason)
+        fix = body.get("fix")
+        if resp.status in (502, 503, 504):
+            self._rotate()  # not the owner (or a proxy in trouble): try another broker next
+        if code in _FENCED:
+            raise FencedError(f"broker {url} refused: {message}", fix=fix, code=code)
+        raise ShipError(
+            f"broker {url} refused ({resp.status} {code}): {message}",
+            fix=fix,
+            code=code,
+            status=resp.status,
+        )
+
+    async def enable(self, vm_uuid: UUID, disk_id: str, body: dict[str, Any]) -> ReplicaState:
+        """``PUT`` the replica (idempotent) and return its state."""
+        data, _ = await self._request("PUT", self._path(vm_uuid, disk_id), json=body)
+        return ReplicaState.from_json(data)
+
+    async def state(self, vm_uuid: UUID, disk_id: str) -> ReplicaState:
+        """``GET`` the replica's state."""
+        data, _ = await self._request("GET", self._path(vm_uuid, disk_id))
+        return ReplicaState.from_json(data)
+
+    async def upload(self, vm_uuid: UUID, disk_id: str, body: AsyncIterator[bytes]) -> Ack:
+        """``POST`` one streamed batch; return only once the broker acked it durably."""
+        data, _ = await self._request(
+            "POST",
+            self._path(vm_uuid, disk_id) + "/batches",
+            data=body,
+            headers={"Content-Type": BATCH_CONTENT_TYPE},
+        )
+        try:
+            return Ack(seq=int(data["acked_seq"]), duplicate=bool(data.get("duplicate", False)))
+        except (KeyError, TypeError, ValueError):
+            raise ShipError(f"the broker's answer to a batch is not an ack: {data!r}") from None
+
+    async def hashes(
+        self, vm_uuid: UUID, disk_id: str, block_size: int, offset: int, length: int
+    ) -> tuple[bytes, int]:
+        """Block hashes of the replica (8 bytes each, big-endian) and the seq they reflect."""
+        raw, headers = await self._request(
+            "GET",
+            self._path(vm_uuid, disk_id) + "/hashes",
+            params={"block_size": block_size, "offset": offset, "length": length},
+            expect="bytes",
+        )
+        seq = int(headers.get("X-Replikant-Applied-Seq", "-1"))
+        return bytes(raw), seq
+
+
+@dataclass
+class BatchStats:
+    """What one batch carried."""
+
+    extents: int = 0
+    data_bytes: int = 0  # logical bytes (all extents)
+    payload_bytes: int = 0  # DATA bytes read from the disk
+    zero_extents: int = 0
+    wire_bytes: int = 0  # bytes of the encoded stream
+
+
+async def batch_body(
+    cut: Cut,
+    header: BatchHeader,
+    *,
+    level: int,
+    bucket: TokenBucket | None,
+    stats: BatchStats,
+    max_extent: int = MAX_EXTENT,
+    on_extent: Callable[[PlannedExtent], None] | None = None,
+) -> AsyncGenerator[bytes, None]:
+    """Yield the encoded batch for ``cut`` (whose plan produced ``header``'s totals)."""
+    encoder = BatchEncoder(header, level=level)
+    pending: list[bytes] = [encoder.header_bytes()]
+    size = len(pending[0])
+    compress = header.compression is Compression.ZSTD
+    for ext in cut.plan(max_extent):
+        if cut.closed:
+            # The upload was abandoned (its blocks merged back) while aiohttp's writer task
+            # still held this generator: stop without touching the released frozen map.
+            return
+        if ext.kind == DATA:
+            data = cut.read(ext)  # atomic w.r.t. guest requests
+            stats.payload_bytes += ext.length
+            if is_zero(data):
+                chunk = encoder.zero(ext.offset, ext.length)
+                stats.zero_extents += 1
+            else:
+                checksum = xxh64_of(data)
+                if compress and ext.length >= _THREAD_MIN:
+                    chunk = await asyncio.to_thread(
+                        encoder.data, ext.offset, data, checksum=checksum
+                    )
+                else:
+                    chunk = encoder.data(ext.offset, data, checksum=checksum)
+        elif ext.kind == ZERO:
+            chunk = encoder.zero(ext.offset, ext.length)
+        else:
+            chunk = encoder.trim(ext.offset, ext.length)
+        stats.extents += 1
+        stats.data_bytes += ext.length
+        if on_extent is not None:
+            on_extent(ext)
+        pending.append(chunk)
+        size += len(chunk)
+        if size >= _FLUSH_AT:
+            out = b"".join(pending)
+            pending.clear()
+            size = 0
+            stats.wire_bytes += len(out)
+            if bucket is not None:
+                await bucket.take(len(out))
+            yield out
+        else:
+            # Give the NBD clients a turn between extents even when nothing is sent yet.
+            await asyncio.sleep(0)
+    pending.append(encoder.end())
+    out = b"".join(pending)
+    stats.wire_bytes += len(out)
+    if bucket is not None:
+        await bucket.take(len(out))
+    yield out
+
+
+def make_header(
+    *,
+    vm_uuid: UUID,
+    disk_id: str,
+    generation: int,
+    seq: int,
+    cut: Cut,
+    consistency: Consistency,
+    compression: Compression,
+    full: bool,
+    max_extent: int = MAX_EXTENT,
+) -> BatchHeader:
+    """The header for ``cut`` as seq ``seq`` (the extent totals come from planning the cut)."""
+    count, total = cut.totals(max_extent)
+    return BatchHeader(
+        vm_uuid=vm_uuid,
+        disk_id=disk_id,
+        generation=generation,
+        seq=seq,
+        base_seq=seq - 1,
+        cut_time_ns=cut.cut_time_ns,
+        disk_size=cut.size,
+        block_size=cut.block_size,
+        consistency=consistency,
+        compression=compression,
+        full=full,
+        extent_count=count,
+        data_bytes=total,
+    )

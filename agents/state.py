@@ -1,0 +1,67 @@
+"""The agent's small persistent state per disk: replication progress that must survive restarts.
+
+Kept in ``<state_dir>/<vm_uuid>/<disk_id>.json`` next to the dirty map, written atomically
+(temporary file, fsync, rename, fsync of the folder) after each durable ack that changes it.
+The sequence number itself is *not* trusted from here: the broker's ``durable_seq`` is the truth
+(see ``docs/agent.md``); this file records what only the agent knows, such as how far the
+initial copy got.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from agents.errors import TrackingError
+
+
+@dataclass
+class DiskState:
+    """Replication progress of one disk, as last made durable."""
+
+    vm_uuid: str
+    disk_id: str
+    disk_size: int
+    generation: int = 1
+    acked_seq: int = 0  # the highest seq the broker acked to us
+    initial_cursor: int = 0  # the initial copy has been acked up to this byte offset
+    initial_done: bool = False
+    last_cut_ns: int = 0  # cut time of the last acked batch
+    verify_pending: bool = False  # a hash comparison began and has not finished
+
+    @classmethod
+    def load(cls, path: Path) -> DiskState | None:
+        """Read the state, or None when there is none (or it is unreadable: start afresh)."""
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise TrackingError(
+                f"cannot read agent state {path}: {exc}",
+                fix="remove the file; the agent then compares hashes with the broker",
+            ) from None
+        fields = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+        return cls(**fields)
+
+    def save(self, path: Path) -> None:
+        """Write atomically and durably."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        data = json.dumps(asdict(self), indent=1, sort_keys=True).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        tmp.replace(path)
+        with contextlib.suppress(OSError):
+            dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)

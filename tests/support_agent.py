@@ -1,0 +1,498 @@
+"""Helpers for the agent's tests: a stand-in broker, a tiny NBD client, config files, hashing.
+
+:class:`Receiver` stands in for the broker (``docs/protocol/http.md``) where a test needs to see
+or break individual batches: it serves HTTPS with mutual TLS, decodes every batch with
+:mod:`common.hrl`, applies it to a replica image, fsyncs, and only then acks. It can lose acks
+after a durable apply, refuse with 503, or be down, on request. End-to-end tests that do not need
+that control use the real broker when ``broker/`` has a runnable service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import socket
+import struct
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import xxhash
+from aiohttp import web
+
+from common.hrl import NEED_DATA, BatchDecoder, BatchEnd, BatchHeader, Extent, ExtentKind
+from common.hrl.errors import BatchFormatError
+from common.tls import MutualTLSSite, server_context
+from tests.fixtures_pki import Pki
+
+MiB = 1024 * 1024
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's contents."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(4 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_image(path: Path, size: int, *, fill: Callable[[int], bytes] | None = None) -> Path:
+    """A sparse image of ``size`` bytes; ``fill(i)`` may give the contents of MiB number ``i``."""
+    with path.open("wb") as fh:
+        fh.truncate(size)
+        if fill is not None:
+            for i in range(size // MiB):
+                data = fill(i)
+                if data:
+                    fh.seek(i * MiB)
+                    fh.write(data)
+    return path
+
+
+# -- the stand-in broker -------------------------------------------------------------------
+
+
+@dataclass
+class BatchRecord:
+    """What the receiver saw of one accepted batch."""
+
+    header: BatchHeader
+    extents: list[tuple[int, int, ExtentKind]]
+    wire_bytes: int
+
+
+@dataclass
+class ReplicaRecord:
+    """One replica kept by the receiver."""
+
+    vm_uuid: str
+    disk_id: str
+    vm_name: str
+    disk_size: int
+    block_size: int
+    image: Path
+    generation: int = 1
+    durable_seq: int = 0
+    initial_sync: str = "pending"
+    batches: list[BatchRecord] = field(default_factory=list)
+    images: dict[int, bytes] = field(default_factory=dict)  # seq -> image (keep_images)
+
+    def state(self) -> dict[str, Any]:
+        """The JSON replica state of the HTTP spec."""
+        return {
+            "vm_uuid": self.vm_uuid,
+            "disk_id": self.disk_id,
+            "vm_name": self.vm_name,
+            "disk_size": self.disk_size,
+            "generation": self.generation,
+            "applied_seq": self.durable_seq,
+            "durable_seq": self.durable_seq,
+            "epoch": 1,
+            "initial_sync": self.initial_sync,
+            "site": "recovery",
+        }
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message, "fix": ""}, status=status)
+
+
+class Receiver:
+    """A stand-in broker that journals batches by decoding them with :mod:`common.hrl`."""
+
+    def __init__(self, root: Path, pki: Pki) -> None:
+        self.root = root
+        self.pki = pki
+        self.replicas: dict[tuple[str, str], ReplicaRecord] = {}
+        self.lose_acks = 0  # apply durably, then drop the connection instead of answering
+        self.refuse = False  # answer every request 503 not_owner
+        self.reject_batches = 0  # answer the next N batches 503 before reading them
+        self.lose_only_nonempty = False  # lose_acks spares batches that carry no extents
+        self.accept_limit: int | None = None  # refuse (503) batches beyond this many per replica
+        self.seed_from: Path | None = None  # next new replica starts as a copy of this image
+        self.fail_hashes = 0  # answer the next N hash requests 503
+        self.keep_images = False  # remember the replica image after every batch (small disks)
+        self.requests: list[tuple[str, str]] = []
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        """The base URL agents ship to."""
+        return f"https://127.0.0.1:{self.port}"
+
+    async def start(self, port: int = 0) -> str:
+        """Serve on 127.0.0.1 (``port`` 0 picks one); return the URL."""
+        app = web.Application(client_max_size=1024**3)
+        base = "/v1/replicas/{vm}/{disk}"
+        app.router.add_put(base, self._put)
+        app.router.add_get(base, self._get)
+        app.router.add_post(base + "/batches", self._post)
+        app.router.add_get(base + "/hashes", self._hashes)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = MutualTLSSite(self._runner, "127.0.0.1", port, server_context(self.pki.broker.tls))
+        await site.start()
+        self.port = site.port
+        return self.url
+
+    async def stop(self) -> None:
+        """Stop serving (connections in flight are cut)."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def replica(self, vm_uuid: uuid.UUID | str, disk_id: str) -> ReplicaRecord:
+        """The replica of ``(vm_uuid, disk_id)``."""
+        return self.replicas[(str(vm_uuid), disk_id)]
+
+    def _find(self, request: web.Request) -> ReplicaRecord | None:
+        return self.replicas.get((request.match_info["vm"], request.match_info["disk"]))
+
+    async def _put(self, request: web.Request) -> web.Response:
+        self.requests.append(("PUT", request.path))
+        if self.refuse:
+            return _error(503, "not_owner", "refusing on purpose")
+        body = await request.json()
+        key = (request.match_info["vm"], request.match_info["disk"])
+        rec = self.replicas.get(key)
+        if rec is None:
+            folder = self.root / key[0]
+            folder.mkdir(parents=True, exist_ok=True)
+            image = folder / f"{key[1]}.img"
+            with image.open("wb") as fh:
+                fh.truncate(int(body["disk_size"]))
+            rec = ReplicaRecord(
+                key[0],
+                key[1],
+                body["vm_name"],
+                int(body["disk_size"]),
+                int(body["block_size"]),
+                image,
+                generation=int(body.get("generation", 1)),
+            )
+            if self.seed_from is not None:
+                image.write_bytes(self.seed_from.read_bytes())
+                rec.initial_sync = "seeded"
+                self.seed_from = None
+            self.replicas[key] = rec
+        elif rec.disk_size != int(body["disk_size"]) or rec.vm_name != body["vm_name"]:
+            return _error(409, "identity_conflict", "size or name differs")
+        return web.json_response(rec.state())
+
+    async def _get(self, request: web.Request) -> web.Response:
+        self.requests.append(("GET", request.path))
+        if self.refuse:
+            return _error(503, "not_owner", "refusing on purpose")
+        rec = self._find(request)
+        if rec is None:
+            return _error(404, "unknown_vm", "not enabled")
+        return web.json_response(rec.state())
+
+    async def _hashes(self, request: web.Request) -> web.Response:
+        if self.fail_hashes > 0:
+            self.fail_hashes -= 1
+            return _error(503, "not_owner", "failing hashes on purpose")
+        rec = self._find(request)
+        if rec is None:
+            return _error(404, "unknown_vm", "not enabled")
+        bs = int(request.query["block_size"])
+        offset = int(request.query["offset"])
+        length = int(request.query["length"])
+        out = bytearray()
+        with rec.image.open("rb") as fh:
+            fh.seek(offset)
+            remaining = length
+            while remaining > 0:
+                block = fh.read(min(bs, remaining))
+                out += struct.pack(">Q", xxhash.xxh3_64_intdigest(block))
+                remaining -= bs
+        return web.Response(
+            body=bytes(out),
+            content_type="application/octet-stream",
+            headers={"X-Replikant-Applied-Seq": str(rec.durable_seq)},
+        )
+
+    async def _post(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(("POST", request.path))
+        if self.refuse:
+            return _error(503, "not_owner", "refusing on purpose")
+        if self.reject_batches > 0:
+            self.reject_batches -= 1
+            return _error(503, "not_owner", "rejecting this batch on purpose")
+        rec = self._find(request)
+        if rec is None:
+            return _error(404, "unknown_vm", "not enabled")
+        if self.accept_limit is not None and len(rec.batches) >= self.accept_limit:
+            return _error(503, "not_owner", "accept limit reached")
+        decoder = BatchDecoder()
+        header: BatchHeader | None = None
+        extents: list[Extent] = []
+        wire = 0
+        try:
+            async for chunk in request.content.iter_any():
+                wire += len(chunk)
+                decoder.receive_data(chunk)
+                header = self._drain(decoder, extents) or header
+            decoder.receive_data(b"")
+            header = self._drain(decoder, extents) or header
+        except BatchFormatError as exc:
+            return _error(400, "malformed_batch", str(exc))
+        if header is None or not decoder.done:
+            return _error(400, "malformed_batch", "incomplete")
+        if header.vm_uuid != uuid.UUID(rec.vm_uuid) or header.disk_id != rec.disk_id:
+            return _error(403, "wrong_identity", "header names another disk")
+        if header.generation != rec.generation:
+            return _error(409, "stale_generation", "generation differs")
+        if header.seq <= rec.durable_seq:
+            return web.json_response({"acked_seq": rec.durable_seq, "duplicate": True})
+        if header.seq != rec.durable_seq + 1 or header.base_seq != header.seq - 1:
+            return _error(409, "sequence_gap", f"expected {rec.durable_seq + 1}")
+        await asyncio.to_thread(self._apply, rec, extents)
+        rec.durable_seq = header.seq
+        if header.full:
+            rec.initial_sync = "in_progress"
+        elif rec.initial_sync != "complete":
+            rec.initial_sync = "complete"
+        rec.batches.append(
+            BatchRecord(header, [(e.offset, e.length, e.kind) for e in extents], wire)
+        )
+        if self.keep_images:
+            rec.images[header.seq] = rec.image.read_bytes()
+        if self.lose_acks > 0 and (header.extent_count or not self.lose_only_nonempty):
+            self.lose_acks -= 1
+            if request.transport is not None:
+                request.transport.abort()
+            raise asyncio.CancelledError  # aiohttp drops the request without a response
+        return web.json_response({"acked_seq": header.seq, "duplicate": False})
+
+    @staticmethod
+    def _drain(decoder: BatchDecoder, extents: list[Extent]) -> BatchHeader | None:
+        header = None
+        while (event := decoder.next_event()) is not NEED_DATA:
+            if isinstance(event, BatchHeader):
+                header = event
+            elif isinstance(event, Extent):
+                extents.append(event)
+            else:
+                assert isinstance(event, BatchEnd)
+        return header
+
+    @staticmethod
+    def _apply(rec: ReplicaRecord, extents: list[Extent]) -> None:
+        fd = os.open(rec.image, os.O_WRONLY)
+        try:
+            for ext in extents:
+                data = ext.data if ext.kind is ExtentKind.DATA else bytes(ext.length)
+                assert data is not None
+                os.pwrite(fd, data, ext.offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# -- a tiny synchronous NBD client (fixed newstyle, OPT_GO, simple replies) ----------------
+
+_NBDMAGIC = 0x4E42444D41474943
+_IHAVEOPT = 0x49484156454F5054
+_REPLY_MAGIC = 0x3E889045565A9
+_REQ = struct.Struct(">IHHQQI")
+_SIMPLE = struct.Struct(">IIQ")
+
+
+class NBDClientError(Exception):
+    """The NBD server refused a request or broke the protocol."""
+
+
+class MiniNBD:
+    """Blocking NBD client for tests: one request at a time, no structured replies."""
+
+    def __init__(self, sock_path: Path, export: str, *, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._handle = 0
+        self.size = -1
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.connect(str(sock_path))
+            self._handshake(export)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _handshake(self, export: str) -> None:
+        magic, opt, _flags = struct.unpack(">QQH", self._recv(18))
+        if magic != _NBDMAGIC or opt != _IHAVEOPT:
+            raise NBDClientError("not a fixed-newstyle NBD server")
+        self.sock.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
+        name = export.encode()
+        data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+        self.sock.sendall(struct.pack(">QII", _IHAVEOPT, 7, len(data)) + data)
+        while True:
+            magic, _opt, rtype, length = struct.unpack(">QIII", self._recv(20))
+            payload = self._recv(length)
+            if magic != _REPLY_MAGIC:
+                raise NBDClientError("bad option reply magic")
+            if rtype & 0x80000000:
+                raise NBDClientError(f"export {export!r} refused: {rtype:#x} {payload!r}")
+            if rtype == 3 and struct.unpack(">H", payload[:2])[0] == 0:
+                self.size = struct.unpack(">Q", payload[2:10])[0]
+            if rtype == 1:
+                break
+
+    def _recv(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("NBD server closed the connection")
+            buf += chunk
+        return bytes(buf)
+
+    def _request(
+        self, cmd: int, offset: int, length: int, data: bytes = b"", flags: int = 0
+    ) -> bytes:
+        self._handle += 1
+        self.sock.sendall(_REQ.pack(0x25609513, flags, cmd, self._handle, offset, length) + data)
+        magic, error, handle = _SIMPLE.unpack(self._recv(16))
+        if magic != 0x67446698 or handle != self._handle:
+            raise NBDClientError("bad reply")
+        if error:
+            raise NBDClientError(f"NBD error {error} for command {cmd}")
+        return self._recv(length) if cmd == 0 else b""
+
+    def read(self, offset: int, length: int) -> bytes:
+        """NBD_CMD_READ."""
+        return self._request(0, offset, length)
+
+    def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
+        """NBD_CMD_WRITE (optionally FUA)."""
+        self._request(1, offset, len(data), data, flags=1 if fua else 0)
+
+    def flush(self) -> None:
+        """NBD_CMD_FLUSH."""
+        self._request(3, 0, 0)
+
+    def trim(self, offset: int, length: int) -> None:
+        """NBD_CMD_TRIM."""
+        self._request(4, offset, length)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """NBD_CMD_WRITE_ZEROES."""
+        self._request(6, offset, length)
+
+    def close(self) -> None:
+        """NBD_CMD_DISC, then close."""
+        with contextlib.suppress(OSError):
+            self.sock.sendall(_REQ.pack(0x25609513, 0, 2, 0, 0, 0))
+        self.sock.close()
+
+
+# -- agent configuration -------------------------------------------------------------------
+
+
+@dataclass
+class DiskSpec:
+    """One disk for :func:`write_agent_config`."""
+
+    id: str
+    image: Path
+    export: str | None = None
+    exclude: bool = False
+
+
+@dataclass
+class VMSpec:
+    """One VM for :func:`write_agent_config`."""
+
+    name: str
+    disks: list[DiskSpec]
+    uuid: uuid.UUID = field(default_factory=uuid.uuid4)
+    policy: str | None = None
+
+
+def write_agent_config(
+    path: Path,
+    *,
+    pki: Pki,
+    broker_urls: list[str],
+    vms: list[VMSpec],
+    state_dir: Path,
+    socket_dir: Path,
+    status_port: int,
+    interval: float = 1.0,
+    policy_extra: str = "",
+    extra_policies: str = "",
+    tcp_listen: str | None = None,
+) -> Path:
+    """Write an agent.toml that protects ``vms`` and ships to ``broker_urls``."""
+    agent_tls = pki.agent.tls
+    lines = [
+        "[agent]",
+        'host = "h1"',
+        f'state_dir = "{state_dir}"',
+        f'status_listen = "127.0.0.1:{status_port}"',
+        "",
+        "[tls]",
+        f'ca = "{agent_tls.ca}"',
+        f'cert = "{agent_tls.cert}"',
+        f'key = "{agent_tls.key}"',
+        "",
+        "[nbd]",
+        f'socket_dir = "{socket_dir}"',
+    ]
+    if tcp_listen:
+        lines.append(f'tcp_listen = "{tcp_listen}"')
+    lines += [
+        "",
+        "[broker]",
+        "urls = [" + ", ".join(f'"{u}"' for u in broker_urls) + "]",
+        'cluster = "c1"',
+        "",
+        "[policies.default]",
+        f"interval_seconds = {interval}",
+        policy_extra,
+        extra_policies,
+    ]
+    for vm in vms:
+        lines += ["", "[[vms]]", f'name = "{vm.name}"', f'uuid = "{vm.uuid}"']
+        if vm.policy:
+            lines.append(f'policy = "{vm.policy}"')
+        for d in vm.disks:
+            lines += ["[[vms.disks]]", f'id = "{d.id}"', f'image = "{d.image}"']
+            if d.export:
+                lines.append(f'export = "{d.export}"')
+            if d.exclude:
+                lines.append("exclude = true")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def replikant_exe() -> str:
+    """The ``replikant`` console script of the running interpreter's environment."""
+    return str(Path(sys.executable).with_name("replikant"))
+
+
+async def wait_until(
+    predicate: Callable[[], bool], *, within: float = 10.0, interval: float = 0.02
+) -> None:
+    """Poll ``predicate`` until it is true; raise TimeoutError after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(interval)

@@ -1,0 +1,192 @@
+"""A misconfigured agent refuses to start, with one clear message per problem."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from agents.service import check_config, policy_for, validate
+from common.config import AgentConfig, load_config
+from common.errors import ConfigError
+from tests.fixtures_pki import Pki, make_pki
+from tests.support_agent import (
+    DiskSpec,
+    MiB,
+    VMSpec,
+    free_port,
+    make_image,
+    replikant_exe,
+    write_agent_config,
+)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    """A fresh PKI."""
+    return make_pki(tmp_path / "pki")
+
+
+def _config(tmp_path: Path, pki: Pki, vms: list[VMSpec], **kw: object) -> Path:
+    return write_agent_config(
+        tmp_path / "agent.toml",
+        pki=pki,
+        broker_urls=["https://127.0.0.1:1"],
+        vms=vms,
+        state_dir=tmp_path / "state",
+        socket_dir=tmp_path / "s",
+        status_port=free_port(),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def _problems(path: Path) -> list[str]:
+    return check_config(load_config(path, AgentConfig))
+
+
+def test_good_config_has_no_problems(tmp_path: Path, pki: Pki) -> None:
+    """The baseline: a correct config validates."""
+    img = make_image(tmp_path / "a.img", MiB)
+    path = _config(tmp_path, pki, [VMSpec("vm1", [DiskSpec("d0", img)])])
+    assert _problems(path) == []
+    validate(load_config(path, AgentConfig))
+
+
+def test_missing_image(tmp_path: Path, pki: Pki) -> None:
+    """A missing image is named, with the VM and disk it belongs to."""
+    path = _config(tmp_path, pki, [VMSpec("vm1", [DiskSpec("d0", tmp_path / "nope.img")])])
+    (problem,) = _problems(path)
+    assert "vm1/d0" in problem
+    assert "nope.img does not exist" in problem
+
+
+def test_duplicate_export_name(tmp_path: Path, pki: Pki) -> None:
+    """Two disks may not share an export name, even across VMs."""
+    a = make_image(tmp_path / "a.img", MiB)
+    b = make_image(tmp_path / "b.img", MiB)
+    path = _config(
+        tmp_path,
+        pki,
+        [
+            VMSpec("vm1", [DiskSpec("d0", a, export="shared")]),
+            VMSpec("vm2", [DiskSpec("d0", b, export="shared")]),
+        ],
+    )
+    (problem,) = _problems(path)
+    assert "export name 'shared' is already used by vm1/d0" in problem
+    assert "vm2/d0" in problem
+
+
+def test_unknown_policy(tmp_path: Path, pki: Pki) -> None:
+    """A VM naming a policy that does not exist is refused, listing the defined ones."""
+    img = make_image(tmp_path / "a.img", MiB)
+    path = _config(tmp_path, pki, [VMSpec("vm1", [DiskSpec("d0", img)], policy="gold")])
+    (problem,) = _problems(path)
+    assert "unknown policy 'gold' (defined: default)" in problem
+
+
+def test_unreadable_certificate(tmp_path: Path, pki: Pki) -> None:
+    """A certificate that cannot be read is named (here: removed)."""
+    img = make_image(tmp_path / "a.img", MiB)
+    path = _config(tmp_path, pki, [VMSpec("vm1", [DiskSpec("d0", img)])])
+    pki.agent.tls.cert.unlink()
+    (problem,) = _problems(path)
+    assert problem.startswith("tls: certificate")
+    assert "unreadable" in problem
+
+
+def test_garbage_certificate(tmp_path: Path, pki: Pki) -> None:
+    """A certificate file that is not PEM is refused with the TLS loader's explanation."""
+    img = make_image(tmp_path / "a.img", MiB)
+    path = _config(tmp_path, pki, [VMSpec("vm1", [DiskSpec("d0", img)])])
+    pki.agent.tls.cert.write_text("not a certificate")
+    (problem,) = _problems(path)
+    assert problem.startswith("tls:")
+    assert str(pki.agent.tls.cert) in problem
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path, pki: Pki) -> None:
+    """Four different mistakes give four messages, not one per restart."""
+    a = make_image(tmp_path / "a.img", MiB)
+    path = _config(
+        tmp_path,
+        pki,
+        [
+            VMSpec("vm1", [DiskSpec("d0", a, export="x"), DiskSpec("d1", tmp_path / "gone.img")]),
+            VMSpec("vm2", [DiskSpec("d0", a, export="x")], policy="silver"),
+        ],
+    )
+    pki.agent.tls.key.unlink()
+    problems = _problems(path)
+    assert len(problems) == 4, problems
+    with pytest.raises(ConfigError) as info:
+        validate(load_config(path, AgentConfig))
+    assert info.value.problems == problems
+    assert "4 problem(s)" in info.value.message
+
+
+def test_hook_and_url_problems(tmp_path: Path, pki: Pki) -> None:
+    """Half-configured freeze hooks and a plain-HTTP broker URL are refused."""
+    img = make_image(tmp_path / "a.img", MiB)
+    path = _config(
+        tmp_path,
+        pki,
+        [VMSpec("vm1", [DiskSpec("d0", img)])],
+        policy_extra='app_consistent_every = 2\nfreeze_command = ["true"]',
+    )
+    text = path.read_text().replace("https://127.0.0.1:1", "http://127.0.0.1:1")
+    path.write_text(text)
+    problems = _problems(path)
+    assert any("must be an https:// URL" in p for p in problems)
+    assert any("freeze_command and thaw_command must be given together" in p for p in problems)
+
+
+def test_policy_selection_by_label(tmp_path: Path, pki: Pki) -> None:
+    """A VM without a policy name gets the first policy whose selector matches its labels."""
+    img = make_image(tmp_path / "a.img", MiB)
+    path = _config(
+        tmp_path,
+        pki,
+        [VMSpec("vm1", [DiskSpec("d0", img)])],
+        extra_policies='[policies.gold]\ninterval_seconds = 2\nselector = { tier = "gold" }',
+    )
+    text = path.read_text().replace('name = "vm1"', 'name = "vm1"\nlabels = { tier = "gold" }')
+    path.write_text(text)
+    config = load_config(path, AgentConfig)
+    policy = policy_for(config, config.vms[0])
+    assert policy is not None
+    assert policy.interval_seconds == 2
+
+
+def test_cli_refuses_with_one_line_per_problem(tmp_path: Path, pki: Pki) -> None:
+    """`replikant agent run` prints every problem on its own line and exits 1 without a trace."""
+    path = _config(
+        tmp_path,
+        pki,
+        [VMSpec("vm1", [DiskSpec("d0", tmp_path / "gone.img")], uuid=uuid.uuid4(), policy="p")],
+    )
+    proc = subprocess.run(
+        [replikant_exe(), "agent", "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 1
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("  - ")]
+    assert len(lines) == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert any("gone.img does not exist" in ln for ln in lines)
+    assert any("unknown policy 'p'" in ln for ln in lines)
+
+
+def test_example_config_is_a_valid_agent_config() -> None:
+    """deploy/agent.example.toml parses as an AgentConfig (its paths exist only on a real host)."""
+    example = Path(__file__).resolve().parent.parent / "deploy" / "agent.example.toml"
+    config = load_config(example, AgentConfig)
+    assert [vm.name for vm in config.vms] == ["web1", "db1"]
+    policy = policy_for(config, config.vms[1])
+    assert policy is not None
+    assert policy.app_consistent_every == 10

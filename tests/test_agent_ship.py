@@ -1,0 +1,433 @@
+"""Shipping: durable acks, retries, resends, zero/trim extents, initial copy, seeding, status.
+
+The agent runs in-process (its NBD exports, replication loops and status endpoint) against the
+stand-in broker of :mod:`tests.support_agent`, which lets each test break the link on purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import struct
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+import xxhash
+from click.testing import CliRunner
+
+from agents.cli import agent as agent_cli
+from agents.replicate import DiskReplicator
+from agents.service import Agent
+from agents.ship import TokenBucket
+from common.config import AgentConfig, load_config
+from common.hrl import ExtentKind
+from tests.fixtures_pki import Pki, make_pki
+from tests.support_agent import (
+    DiskSpec,
+    MiB,
+    MiniNBD,
+    Receiver,
+    ReplicaRecord,
+    VMSpec,
+    free_port,
+    make_image,
+    wait_until,
+    write_agent_config,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@dataclass
+class Rig:
+    """An in-process agent protecting one disk, shipping to a stand-in broker."""
+
+    tmp: Path
+    pki: Pki
+    rx: Receiver
+    image: Path
+    vm: VMSpec
+    config: Path
+    agent: Agent | None = None
+    stop: asyncio.Event | None = None
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def rep(self) -> DiskReplicator:
+        """The disk's replicator."""
+        assert self.agent is not None
+        return self.agent.replicators[0]
+
+    @property
+    def replica(self) -> ReplicaRecord:
+        """The stand-in broker's replica."""
+        return self.rx.replica(self.vm.uuid, "disk0")
+
+    @property
+    def sock(self) -> Path:
+        """The export's unix socket."""
+        return self.tmp / "s" / "vm1-disk0.sock"
+
+    async def start(self, *, run: bool = True, full_batch_bytes: int | None = None) -> Agent:
+        """Start the agent (and its loops unless ``run`` is false)."""
+        self.agent = Agent(load_config(self.config, AgentConfig))
+        await self.agent.start()
+        if full_batch_bytes is not None:
+            self.rep.full_batch_bytes = full_batch_bytes
+        if run:
+            self.stop = asyncio.Event()
+            self.task = asyncio.create_task(self.agent.run(self.stop))
+        return self.agent
+
+    async def halt(self, *, clean: bool = True) -> None:
+        """Stop the loops and the agent."""
+        if self.stop is not None and self.task is not None:
+            self.stop.set()
+            await asyncio.wait_for(self.task, 20)
+        if self.agent is not None:
+            await self.agent.stop(clean=clean)
+        self.agent = self.stop = self.task = None
+
+    def converged(self) -> bool:
+        """Replica and image are byte-identical."""
+        key = (str(self.vm.uuid), "disk0")
+        return key in self.rx.replicas and (
+            self.replica.image.read_bytes() == self.image.read_bytes()
+        )
+
+    def settled(self) -> bool:
+        """Converged, and the agent has processed the ack of everything the broker holds."""
+        if not self.converged():
+            return False
+        seq = self.replica.durable_seq
+        return seq > 0 and self.rep.status.last_acked_seq == seq == len(self.replica.batches)
+
+    async def write(self, *ops: tuple[str, int, bytes | int]) -> None:
+        """Run NBD requests against the export in a thread."""
+
+        def run() -> None:
+            nbd = MiniNBD(self.sock, "vm1-disk0")
+            try:
+                for op, offset, arg in ops:
+                    if op == "write":
+                        assert isinstance(arg, bytes)
+                        nbd.write(offset, arg)
+                    elif op == "zero":
+                        assert isinstance(arg, int)
+                        nbd.write_zeroes(offset, arg)
+                    else:
+                        assert isinstance(arg, int)
+                        nbd.trim(offset, arg)
+                nbd.flush()
+            finally:
+                nbd.close()
+
+        await asyncio.to_thread(run)
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    """A 16 MiB image with 4 MiB of data, protected with a 1 s interval."""
+    pki = make_pki(tmp_path / "pki")
+    rx = Receiver(tmp_path / "rx", pki)
+    url = await rx.start()
+    image = make_image(
+        tmp_path / "d.img", 16 * MiB, fill=lambda i: os.urandom(MiB) if i in (0, 5, 6, 9) else b""
+    )
+    vm = VMSpec("vm1", [DiskSpec("disk0", image)])
+    config = write_agent_config(
+        tmp_path / "agent.toml",
+        pki=pki,
+        broker_urls=[url],
+        vms=[vm],
+        state_dir=tmp_path / "state",
+        socket_dir=tmp_path / "s",
+        status_port=free_port(),
+        interval=1.0,
+    )
+    r = Rig(tmp_path, pki, rx, image, vm, config)
+    try:
+        yield r
+    finally:
+        await r.halt()
+        await rx.stop()
+
+
+async def test_initial_copy_skips_holes_and_is_resumable(rig: Rig) -> None:
+    """The initial copy goes as bounded FULL batches of allocated data and resumes after a stop."""
+    rig.rx.accept_limit = 2
+    await rig.start(full_batch_bytes=1 * MiB)
+    await wait_until(lambda: len(rig.rx.replicas) == 1 and len(rig.replica.batches) >= 2)
+    await rig.halt(clean=False)  # as if stopped between two chunks of the initial copy
+    rig.rx.accept_limit = None
+    done = len(rig.replica.batches)
+    cursor_end = max(e[0] + e[1] for b in rig.replica.batches for e in b.extents)
+    await rig.start(full_batch_bytes=1 * MiB)
+    await wait_until(
+        lambda: rig.converged() and rig.rep.state is not None and rig.rep.state.initial_done,
+        within=20,
+    )
+    batches = rig.replica.batches
+    full = [b for b in batches if b.header.full]
+    assert len(full) >= 4  # 4 MiB of data in chunks of 1 MiB
+    # Holes are never read or sent: only the allocated MiBs appear in the FULL batches.
+    assert sum(b.header.data_bytes for b in full) <= 5 * MiB
+    # The restart resumed where the acked chunks ended (no chunk sent twice).
+    resumed = batches[done]
+    assert resumed.header.full
+    assert resumed.extents[0][0] >= cursor_end - MiB
+    assert rig.rep.state is not None
+    assert rig.rep.state.initial_done
+
+
+async def test_zero_writes_and_trims_travel_without_payload(rig: Rig) -> None:
+    """A written block of zeroes becomes a ZERO extent; WRITE_ZEROES and TRIM need no read."""
+    await rig.start()
+    await wait_until(rig.settled, within=20)
+    n = len(rig.replica.batches)
+    await rig.write(
+        ("write", 0, bytes(256 * 1024)),
+        ("zero", 5 * MiB, MiB),
+        ("trim", 9 * MiB, MiB),
+        ("write", 12 * MiB, b"x" * 4096),
+    )
+    await wait_until(lambda: rig.converged() and len(rig.replica.batches) > n, within=10)
+    kinds: dict[ExtentKind, int] = {}
+    for b in rig.replica.batches[n:]:
+        for _off, length, kind in b.extents:
+            kinds[kind] = kinds.get(kind, 0) + length
+    assert kinds[ExtentKind.ZERO] == 256 * 1024 + MiB
+    assert kinds[ExtentKind.TRIM] == MiB
+    assert kinds[ExtentKind.DATA] == 64 * 1024
+    wire = sum(b.wire_bytes for b in rig.replica.batches[n:])
+    assert wire < 64 * 1024, "zero and trim extents must not carry payload"
+
+
+async def test_broker_outage_keeps_tracking_and_catches_up(rig: Rig) -> None:
+    """While the broker is down writes keep being tracked; afterwards one delta catches up."""
+    await rig.start()
+    await wait_until(rig.settled, within=20)
+    port = rig.rx.port
+    await rig.rx.stop()
+    for i in range(20):
+        await rig.write(("write", (i % 16) * MiB + 4096, os.urandom(8192)))
+        await asyncio.sleep(0.1)
+    await wait_until(lambda: rig.rep.status.errors >= 1, within=10)
+    assert rig.agent is not None
+    assert rig.rep.export.map.dirty_bytes <= 16 * 64 * 1024  # only the map grows, bounded
+    await rig.rx.start(port)
+    await wait_until(rig.settled, within=40)
+    seqs = [b.header.seq for b in rig.replica.batches]
+    assert seqs == list(range(1, len(seqs) + 1))
+
+
+async def test_lost_ack_resends_harmlessly(rig: Rig) -> None:
+    """A batch that became durable but whose ack was lost goes again in the next seq."""
+    await rig.start()
+    await wait_until(rig.settled, within=20)
+    rig.rx.lose_acks = 1
+    rig.rx.lose_only_nonempty = True
+    await rig.write(("write", 3 * MiB, os.urandom(65536)))
+    await wait_until(lambda: rig.rep.status.errors >= 1, within=10)
+    await rig.write(("write", 3 * MiB + 4096, os.urandom(4096)))
+    await wait_until(rig.settled, within=20)
+    batches = rig.replica.batches
+    seqs = [b.header.seq for b in batches]
+    assert seqs == list(range(1, len(seqs) + 1))
+    # The block of the lost-ack batch was shipped again after the failure.
+    with_block = [b.header.seq for b in batches if any(e[0] == 3 * MiB for e in b.extents)]
+    assert len(with_block) >= 2
+
+
+async def test_refused_batches_back_off_and_retry(rig: Rig) -> None:
+    """503 answers are retried with backoff, then the data arrives."""
+    await rig.start()
+    await wait_until(rig.settled, within=20)
+    rig.rx.reject_batches = 3
+    await rig.write(("write", MiB, os.urandom(4096)))
+    await wait_until(rig.settled, within=30)
+    assert rig.rep.status.errors >= 3
+
+
+async def test_bandwidth_limit_paces_the_upload() -> None:
+    """The token bucket holds a stream to its rate (after the initial burst)."""
+    bucket = TokenBucket(rate=4 * MiB, burst=256 * 1024)
+    started = time.monotonic()
+    for _ in range(8):
+        await bucket.take(256 * 1024)
+    elapsed = time.monotonic() - started
+    assert 0.35 < elapsed < 1.0  # 2 MiB at 4 MiB/s, less the burst
+
+
+async def test_seeding_ships_only_differing_blocks(rig: Rig) -> None:
+    """A replica seeded from an older copy is compared by hashes: only differences cross."""
+    seed = rig.tmp / "seed.img"
+    shutil.copyfile(rig.image, seed)
+    with rig.image.open("r+b") as fh:  # the source moved on since the copy was taken
+        fh.seek(5 * MiB + 100)
+        fh.write(b"changed since the seed")
+        fh.seek(11 * MiB)
+        fh.write(os.urandom(70000))
+    rig.rx.seed_from = seed
+    await rig.start()
+    await wait_until(rig.settled, within=20)
+    shipped = sum(
+        length
+        for b in rig.replica.batches
+        for _o, length, kind in b.extents
+        if kind is ExtentKind.DATA
+    )
+    assert not any(b.header.full for b in rig.replica.batches)
+    assert shipped == 3 * 64 * 1024  # one block at 5 MiB, two at 11 MiB
+
+
+async def test_interrupted_hash_compare_starts_over(rig: Rig) -> None:
+    """A hash comparison cut short (here: the broker fails, then the agent stops) is redone."""
+    seed = rig.tmp / "seed.img"
+    shutil.copyfile(rig.image, seed)
+    with rig.image.open("r+b") as fh:
+        fh.seek(13 * MiB)
+        fh.write(b"newer than the seed")
+    rig.rx.seed_from = seed
+    rig.rx.fail_hashes = 1000
+    await rig.start()
+    await wait_until(lambda: rig.rep.status.errors >= 1, within=10)
+    await rig.halt(clean=True)  # a clean stop: the dirty map alone would trust itself
+    rig.rx.fail_hashes = 0
+    await rig.start()
+    await wait_until(rig.settled, within=20)
+    data = [e for b in rig.replica.batches for e in b.extents if e[2] is ExtentKind.DATA]
+    assert [(o, length) for o, length, _k in data] == [(13 * MiB, 64 * 1024)]
+
+
+async def test_image_changed_while_stopped_resyncs_by_hashes(rig: Rig) -> None:
+    """After a clean stop, a change made behind the agent's back is found by hash compare."""
+    await rig.start()
+    await wait_until(rig.settled, within=20)
+    await rig.halt(clean=True)
+    with rig.image.open("r+b") as fh:
+        fh.seek(7 * MiB)
+        fh.write(b"offline edit")
+    n = len(rig.replica.batches)
+    await rig.start()
+    await wait_until(rig.settled, within=20)
+    data = [e for b in rig.replica.batches[n:] for e in b.extents if e[2] is ExtentKind.DATA]
+    assert [(o, length) for o, length, _k in data] == [(7 * MiB, 64 * 1024)]
+
+
+async def test_fenced_when_replica_has_a_newer_generation(rig: Rig) -> None:
+    """A failed-over replica (higher generation) stops this disk's shipping, visibly."""
+    await rig.start()
+    await wait_until(rig.settled, within=20)
+    rig.replica.generation = 2
+    await rig.write(("write", 0, os.urandom(4096)))
+    await wait_until(lambda: rig.rep.fenced is not None, within=20)
+    assert "generation" in (rig.rep.fenced or "")
+    assert rig.agent is not None
+    assert rig.agent.status()["disks"][0]["fenced"]
+
+
+async def test_status_endpoint_and_cli(rig: Rig) -> None:
+    """GET /v1/status reports per disk; `replikant agent status` renders it."""
+    agent = await rig.start()
+    await wait_until(rig.settled, within=20)
+    await rig.write(("write", 0, os.urandom(4096)))
+    async with aiohttp.ClientSession() as session, session.get(agent.status_url) as resp:
+        doc = await resp.json()
+    (disk,) = doc["disks"]
+    for key in (
+        "dirty_bytes",
+        "last_cut_time",
+        "last_acked_seq",
+        "lag_seconds",
+        "throughput_bytes_per_second",
+        "errors",
+    ):
+        assert key in disk
+    assert disk["last_acked_seq"] >= 1
+    assert disk["errors"] == 0
+    runner = CliRunner()
+    result = await asyncio.to_thread(
+        runner.invoke, agent_cli, ["status", "--config", str(rig.config), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["disks"][0]["disk"] == "disk0"
+    table = await asyncio.to_thread(
+        runner.invoke, agent_cli, ["status", "--config", str(rig.config)]
+    )
+    assert table.exit_code == 0
+    assert "disk0" in table.output
+
+
+async def test_clean_restart_ships_nothing_extra(rig: Rig) -> None:
+    """After SIGTERM-style clean stop, a restart restores the exact map: no pessimistic delta."""
+    await rig.start()
+    await wait_until(rig.settled, within=20)
+    assert rig.agent is not None
+    rig.agent.workers[0].policy = rig.agent.workers[0].policy.model_copy(
+        update={"interval_seconds": 60.0}
+    )
+    await rig.halt(clean=True)
+    n = len(rig.replica.batches)
+    await rig.start()
+    await wait_until(lambda: len(rig.replica.batches) > n, within=10)
+    assert sum(b.header.data_bytes for b in rig.replica.batches[n:]) == 0
+
+
+async def test_verify_endpoint_hashes_the_shipped_cut(rig: Rig) -> None:
+    """POST /v1/vms/VM/verify ships a cut and returns hashes equal to the replica's at that seq.
+
+    A guest keeps writing during the hashing: the snapshot's copy-on-write keeps the hashes at
+    the cut.
+    """
+    rig.rx.keep_images = True
+    agent = await rig.start()
+    await wait_until(rig.settled, within=20)
+    base = agent.status_url.removesuffix("/v1/status")
+    stop = asyncio.Event()
+
+    async def guest() -> None:
+        while not stop.is_set():
+            await rig.write(("write", int.from_bytes(os.urandom(2)) * 128, os.urandom(8192)))
+
+    writer = asyncio.create_task(guest())
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{base}/v1/vms/vm1/verify") as resp:
+                assert resp.status == 200
+                doc = await resp.json()
+            (disk,) = doc["disks"]
+            replica_hashes = await asyncio.to_thread(
+                _replica_hashes_at, rig, int(disk["seq"]), int(disk["block_size"])
+            )
+            async with session.post(f"{base}/v1/vms/nope/verify") as resp:
+                assert resp.status == 404
+            async with session.post(
+                f"{base}/v1/vms/vm1/repair",
+                json={"disks": [{"disk_id": "disk0", "ranges": [[2 * MiB, 4096]]}]},
+            ) as resp:
+                assert resp.status == 200
+                assert (await resp.json())["marked_bytes"] == 4096
+    finally:
+        stop.set()
+        await writer
+    assert base64.b64decode(disk["hashes"]) == replica_hashes
+    await wait_until(
+        lambda: any(e[0] == 2 * MiB for b in rig.replica.batches for e in b.extents), within=10
+    )
+
+
+def _replica_hashes_at(rig: Rig, seq: int, block_size: int) -> bytes:
+    """The replica's block hashes as of ``seq`` (the receiver kept the image of each seq)."""
+    data = rig.replica.images[seq]
+    return b"".join(
+        struct.pack(">Q", xxhash.xxh3_64_intdigest(data[i : i + block_size]))
+        for i in range(0, len(data), block_size)
+    )
