@@ -1,0 +1,421 @@
+"""Shared pieces of the broker benchmarks: PKI, a broker subprocess, a shipper that builds and
+uploads batches the way the agent does (zstd level 1, zero blocks as ZERO extents, holes
+skipped), and image generators."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from common.config import TLSFiles
+from common.hrl import (
+    BATCH_CONTENT_TYPE,
+    BatchEncoder,
+    BatchHeader,
+    Compression,
+    Consistency,
+    ExtentKind,
+)
+from common.tls import client_context
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+EXTENT = 1 * MiB
+
+
+def free_port() -> int:
+    """A free TCP port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Pki:
+    """Our certificates for the bench."""
+
+    broker: TLSFiles
+    agent: TLSFiles
+    admin: TLSFiles
+
+
+def make_pki(root: Path) -> Pki:
+    """A CA, a broker (IP SAN 127.0.0.1), an agent and an admin."""
+    from certs.store import CertStore
+
+    store = CertStore.init(root, force=True)
+    return Pki(
+        broker=store.issue_broker("c1", "b1", ips=["127.0.0.1"], overwrite=True).tls,
+        agent=store.issue_agent("h1", overwrite=True).tls,
+        admin=store.issue_admin("bench", overwrite=True).tls,
+    )
+
+
+class Broker:
+    """``replikant broker run`` as a subprocess."""
+
+    def __init__(self, workdir: Path, pki: Pki, store: Path) -> None:
+        self.store = store
+        self.port = free_port()
+        self.config = workdir / "broker.toml"
+        self.config.write_text(
+            f"""
+[broker]
+node = "b1"
+cluster = "c1"
+listen = "127.0.0.1:{self.port}"
+store = "{store}"
+min_free_bytes = 0
+[tls]
+ca = "{pki.broker.ca}"
+cert = "{pki.broker.cert}"
+key = "{pki.broker.key}"
+[retention]
+any_point_minutes = 600
+"""
+        )
+        self.log = workdir / "broker.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self, *extra: str) -> str:
+        """Start and wait for the run file."""
+        run = self.store / ".run" / "broker.json"
+        run.unlink(missing_ok=True)
+        exe = str(Path(sys.executable).parent / "replikant")
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [
+                    exe,
+                    "--log-json",
+                    "--log-level",
+                    os.environ.get("BENCH_BROKER_LOG", "warning"),
+                    "broker",
+                    "run",
+                    "--config",
+                    str(self.config),
+                    *extra,
+                ],
+                stdout=out,
+                stderr=out,
+            )
+        for _ in range(600):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"broker died, see {self.log}")
+            if run.exists():
+                info = json.loads(run.read_text())
+                if info.get("pid") == self.proc.pid:
+                    self.url = str(info["url"])
+                    return self.url
+            time.sleep(0.05)
+        raise TimeoutError("broker did not start")
+
+    def stop(self) -> None:
+        """SIGTERM and wait."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+
+
+def proc_cpu(pid: int | str = "self") -> float:
+    """User + system CPU seconds a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def proc_wchar(pid: int | str = "self") -> int:
+    """Bytes the process has written through write(2)-like calls (sockets included)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    return 0
+
+
+class Shipper:
+    """Builds batches from a source file and uploads them like an agent would."""
+
+    def __init__(
+        self,
+        url: str,
+        tls: TLSFiles,
+        *,
+        vm_uuid: uuid.UUID,
+        disk_id: str,
+        disk_size: int,
+        block_size: int,
+        level: int = 1,
+        threads: int = 2,
+    ) -> None:
+        self.url = url
+        self.ctx = client_context(tls)
+        self.vm_uuid = vm_uuid
+        self.disk_id = disk_id
+        self.disk_size = disk_size
+        self.block_size = block_size
+        self.level = level
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads)
+        self.session: aiohttp.ClientSession | None = None
+        self.body_bytes = 0
+
+    async def __aenter__(self) -> Shipper:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=self.ctx),
+            timeout=aiohttp.ClientTimeout(total=3600),
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.session is not None
+        await self.session.close()
+        self.pool.shutdown()
+
+    @property
+    def base(self) -> str:
+        """The replica's URL."""
+        return f"{self.url}/v1/replicas/{self.vm_uuid}/{self.disk_id}"
+
+    async def enable(self, name: str = "bench") -> dict[str, Any]:
+        """PUT the replica."""
+        assert self.session is not None
+        body = {
+            "vm_name": name,
+            "disk_size": self.disk_size,
+            "block_size": self.block_size,
+            "generation": 1,
+            "site": "primary",
+            "host": "h1",
+        }
+        async with self.session.put(self.base, json=body) as resp:
+            data: dict[str, Any] = await resp.json()
+            assert resp.status == 200, data
+            return data
+
+    async def state(self) -> dict[str, Any]:
+        """GET the replica's state."""
+        assert self.session is not None
+        async with self.session.get(self.base) as resp:
+            data: dict[str, Any] = await resp.json()
+            return data
+
+    async def hashes(self, block_size: int) -> bytes:
+        """GET the replica's block hashes."""
+        assert self.session is not None
+        async with self.session.get(
+            self.base + "/hashes", params={"block_size": block_size}
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            return await resp.read()
+
+    async def wait_applied(self, seq: int) -> None:
+        """Poll until ``seq`` is applied (the broker has no push; 10 ms granularity)."""
+        state = await self.state()
+        while state["applied_seq"] < seq:
+            await asyncio.sleep(0.01)
+            state = await self.state()
+
+    def plan(self, fd: int, ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Split ranges into extents of at most EXTENT bytes."""
+        out = []
+        for start, length in ranges:
+            pos, end = start, start + length
+            while pos < end:
+                n = min(EXTENT, end - pos)
+                out.append((pos, n))
+                pos += n
+        return out
+
+    async def ship(self, fd: int, extents: list[tuple[int, int]], seq: int, *, full: bool) -> int:
+        """Encode ``extents`` of ``fd`` as batch ``seq`` and upload it; returns acked seq."""
+        loop = asyncio.get_running_loop()
+
+        def read_and_compress(ext: tuple[int, int]) -> tuple[int, int, bytes | None]:
+            off, n = ext
+            data = os.pread(fd, n, off)
+            if data == bytes(n):
+                return off, n, None
+            return off, n, data
+
+        # Read (and detect zeroes) ahead in the pool; the encoder compresses per extent.
+        items = list(extents)
+        header = BatchHeader(
+            vm_uuid=self.vm_uuid,
+            disk_id=self.disk_id,
+            generation=1,
+            seq=seq,
+            base_seq=seq - 1,
+            cut_time_ns=time.time_ns(),
+            disk_size=self.disk_size,
+            block_size=self.block_size,
+            consistency=Consistency.CRASH,
+            compression=Compression.ZSTD if self.level else Compression.NONE,
+            full=full,
+            extent_count=len(items),
+            data_bytes=sum(n for _, n in items),
+        )
+        encoder = BatchEncoder(header, level=self.level)
+        import zstandard
+
+        cctxs: dict[int, zstandard.ZstdCompressor] = {}
+
+        def encode_one(ext: tuple[int, int]) -> tuple[int, int, bytes | None, int]:
+            import threading
+
+            import xxhash
+
+            off, n, data = read_and_compress(ext)
+            if data is None:
+                return off, n, None, 0
+            tid = threading.get_ident()
+            cctx = cctxs.get(tid)
+            if cctx is None:
+                cctx = cctxs[tid] = zstandard.ZstdCompressor(level=self.level)
+            xxh = xxhash.xxh3_64_intdigest(data)
+            payload = cctx.compress(data) if self.level else data
+            return off, n, payload, xxh
+
+        async def body() -> AsyncIterator[bytes]:
+            yield encoder.header_bytes()
+            window = 8
+            futs: list[asyncio.Future[tuple[int, int, bytes | None, int]]] = []
+            i = 0
+            pending: list[bytes] = []
+            size = 0
+            while i < len(items) or futs:
+                while i < len(items) and len(futs) < window:
+                    futs.append(loop.run_in_executor(self.pool, encode_one, items[i]))
+                    i += 1
+                off, n, payload, xxh = await futs.pop(0)
+                if payload is None:
+                    chunk = encoder.zero(off, n)
+                else:
+                    chunk = encode_precompressed(encoder, off, n, payload, xxh)
+                pending.append(chunk)
+                size += len(chunk)
+                if size >= 4 * MiB:
+                    out = b"".join(pending)
+                    pending.clear()
+                    size = 0
+                    self.body_bytes += len(out)
+                    yield out
+            pending.append(encoder.end())
+            out = b"".join(pending)
+            self.body_bytes += len(out)
+            yield out
+
+        assert self.session is not None
+        async with self.session.post(
+            self.base + "/batches", data=body(), headers={"Content-Type": BATCH_CONTENT_TYPE}
+        ) as resp:
+            data = await resp.json()
+            if resp.status != 200:
+                raise RuntimeError(f"upload refused: {data}")
+            return int(data["acked_seq"])
+
+
+def encode_precompressed(
+    self: BatchEncoder, offset: int, length: int, payload: bytes, xxh: int
+) -> bytes:
+    """A DATA record whose payload the caller compressed and hashed (in a thread pool): the
+    encoder's own ``data()`` compresses inline, and records must still be emitted in order."""
+    self._check(offset, length, ExtentKind.DATA)
+    record = self._record(offset, length, ExtentKind.DATA, len(payload), xxh)
+    self._position += len(payload)
+    return record + payload
+
+
+def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+    """Allocated ranges of a file (holes skipped), via SEEK_DATA/SEEK_HOLE."""
+    out = []
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        out.append((data, min(hole, size) - data))
+        pos = hole
+    return out
+
+
+def fast_random_file(path: Path, size: int) -> None:
+    """``size`` bytes of AES-CTR keystream (incompressible, fast) via openssl."""
+    with path.open("wb") as out:
+        gen = subprocess.Popen(
+            [
+                "openssl",
+                "enc",
+                "-aes-128-ctr",
+                "-pass",
+                "pass:replikant",
+                "-nosalt",
+                "-pbkdf2",
+                "-in",
+                "/dev/zero",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert gen.stdout is not None
+        left = size
+        while left:
+            chunk = gen.stdout.read(min(left, 16 * MiB))
+            out.write(chunk)
+            left -= len(chunk)
+        gen.kill()
+        gen.wait()
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy keeping holes (cp --sparse=always)."""
+    subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True)
+
+
+def timed(label: str) -> Any:
+    """Context manager printing nothing; use .seconds after."""
+
+    class _T:
+        def __enter__(self) -> _T:
+            self.start = time.perf_counter()
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.seconds = time.perf_counter() - self.start
+
+    return _T()
+
+
+def human(n: float) -> str:
+    """Bytes as MiB/GiB."""
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
+
+
+def save_result(name: str, doc: dict[str, Any]) -> Path:
+    """Write ``bench/results/<name>-<UTC time>.json`` (like the other benches)."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    out = Path(__file__).resolve().parent / "results" / f"{name}-{stamp}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    return out
+
+
+def cleanup(path: Path) -> None:
+    """Remove a work directory."""
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,490 @@
+"""Apply: turn durable journal files into replica data, exactly once, in order, crash-safely.
+
+Per batch ``S`` (one worker thread per replica, in sequence order):
+
+1. fence: the caller's owner epoch must not be older than the store's (invariant 7);
+2. undo: save the image's current contents of every range ``S`` writes into an undo segment and
+   fsync it, unless a complete segment for ``S`` exists already (a crash after this step: the
+   image may be half written, so recapturing would save the wrong bytes);
+3. publish the segment to open point views, *then* write the data: DATA by ``pwrite`` and read
+   back against the batch's checksum, ZERO and TRIM by punching holes;
+4. fdatasync the image, append ``S`` to ``applied.log`` (the commit), save meta, delete the
+   journal file.
+
+A crash anywhere before 4 replays ``S`` from its journal file at the next start; steps 2-3 are
+idempotent given the "capture once" rule, and the commit line is written exactly once, so the
+audit proves every acked batch applied once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import mmap
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+import xxhash
+
+from broker.errors import ApplyVerifyError, BrokerError, FencedError, StoreCorrupt
+from broker.fsutil import punch_hole, pwrite_all, start_writeback
+from broker.journal import JournalEntry, clean_partials, read_journal
+from broker.points import PointsIndex, PointView, StateInfo
+from broker.store import AppliedRecord, Replica, Store, journal_name
+from common.hrl import DEFAULT_LIMITS, BatchHeader, DecodeLimits, Extent, ExtentKind
+from common.logs import get_logger
+
+_log = get_logger("broker.apply")
+
+Health = Literal["ok", "warning", "critical"]
+_RETRY_MIN: Final = 0.2
+_RETRY_MAX: Final = 10.0
+
+
+@dataclass
+class Condition:
+    """One reason a replica is not healthy, as status shows it."""
+
+    code: str
+    level: Health
+    message: str
+    since_ns: int = field(default_factory=time.time_ns)
+
+
+AlertHook = Callable[[str, dict[str, Any]], None]
+"""Called with (event, fields) when a condition is raised or cleared (for MQTT alerts)."""
+
+
+class DirectApply:
+    """Apply a FULL batch straight into the image as it streams in (decision 013).
+
+    Only while the replica has no recovery point to protect (initial sync, nothing listed) and
+    nothing is waiting in the journal: then no undo is needed, and an interrupted batch is simply
+    sent again by the agent (it was never acked) and overwrites what it left. Saves writing the
+    batch to the journal and decoding it twice. The commit is the same audit line as for a
+    journaled batch, followed by one meta write making it durable and applied together.
+    """
+
+    def __init__(self, engine: ReplicaEngine) -> None:
+        self.engine = engine
+        self._held = False
+        self._epoch = 0
+
+    def begin(self, header: BatchHeader) -> bool:
+        """Take the batch if the replica is in initial sync with no listed point."""
+        e = self.engine
+        if e.backlog() or e.state().listed or e.points.points(e.state()):
+            return False
+        if not e.apply_lock.acquire(blocking=False):
+            return False
+        try:
+            self._epoch = e.epoch()
+            e.store.check_epoch(self._epoch, e.replica)
+            e.points.drop_all()  # only hidden (mid-copy) states: nothing listed to keep
+        except BaseException:
+            e.apply_lock.release()
+            raise
+        self._held = True
+        return True
+
+    def extent(self, ext: Extent) -> None:
+        """Write one extent (DATA read back against its checksum)."""
+        self.engine.write_extent(ext, ext_seq=None)
+
+    def commit(self, header: BatchHeader) -> None:
+        """fdatasync, audit line, then durable and applied in one meta write."""
+        e = self.engine
+        r = e.replica
+        try:
+            os.fdatasync(e.image_fd)
+            e.store.check_epoch(self._epoch)
+            r.append_applied(
+                AppliedRecord(
+                    generation=header.generation,
+                    seq=header.seq,
+                    cut_ns=header.cut_time_ns,
+                    consistency=int(header.consistency),
+                    full=True,
+                    epoch=self._epoch,
+                    applied_ns=time.time_ns(),
+                )
+            )
+            r.update_meta(
+                durable_seq=header.seq,
+                durable_cut_ns=header.cut_time_ns,
+                applied_generation=header.generation,
+                applied_seq=header.seq,
+                applied_cut_ns=header.cut_time_ns,
+                applied_consistency=int(header.consistency),
+                applied_full=True,
+                initial_sync="in_progress",
+            )
+            e.applied_total += 1
+            _log.info(
+                "batch_applied",
+                vm=r.meta.vm_name,
+                disk=r.meta.disk_id,
+                seq=header.seq,
+                generation=header.generation,
+                epoch=self._epoch,
+                direct=True,
+            )
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Let the applier run again."""
+        if self._held:
+            self._held = False
+            self.engine.apply_lock.release()
+
+
+def applied_state(replica: Replica) -> StateInfo:
+    """The replica's committed state as a point description."""
+    m = replica.meta
+    return StateInfo(
+        generation=m.applied_generation,
+        seq=m.applied_seq,
+        cut_ns=m.applied_cut_ns,
+        consistency=m.applied_consistency,
+        full=m.applied_full,
+    )
+
+
+class ReplicaEngine:
+    """Everything live about one replica: its points index, image descriptor, applier and health.
+
+    ``epoch`` is read on every apply (a callable, so an ownership change takes effect at once).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        replica: Replica,
+        *,
+        epoch: Callable[[], int],
+        limits: DecodeLimits = DEFAULT_LIMITS,
+        alert: AlertHook | None = None,
+    ) -> None:
+        self.store = store
+        self.replica = replica
+        self.epoch = epoch
+        self.limits = limits
+        self.alert = alert
+        self.points = PointsIndex(replica.points_dir)
+        self.conditions: dict[str, Condition] = {}
+        self._cond_lock = threading.Lock()
+        self.ingest_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._progress = asyncio.Condition()
+        self._fd = os.open(replica.image, os.O_RDWR | os.O_CLOEXEC)
+        size = replica.meta.disk_size
+        self._mmap = mmap.mmap(self._fd, size, prot=mmap.PROT_READ) if size else None
+        self._image_view = memoryview(self._mmap) if self._mmap is not None else memoryview(b"")
+        self.apply_lock = threading.Lock()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self.applied_total = 0
+        removed = clean_partials(replica)
+        if removed:
+            _log.info("journal_partials_removed", replica=replica.label, count=removed)
+        self.points.load(applied_state(replica))
+
+    @property
+    def image_fd(self) -> int:
+        """The replica image's descriptor (read-write; readers only pread)."""
+        return self._fd
+
+    # -- health
+    def raise_condition(self, code: str, level: Health, message: str, **fields: Any) -> None:
+        """Mark the replica unhealthy for ``code`` (idempotent) and fire the alert hook once."""
+        with self._cond_lock:
+            fresh = code not in self.conditions
+            self.conditions[code] = Condition(code, level, message)
+        if fresh:
+            _log.error(
+                "replica_alert",
+                vm=self.replica.meta.vm_name,
+                disk=self.replica.meta.disk_id,
+                condition=code,
+                level=level,
+                detail=message,
+                **fields,
+            )
+            if self.alert is not None:
+                self.alert(
+                    "alert_raised",
+                    {
+                        "replica": self.replica.label,
+                        "condition": code,
+                        "level": level,
+                        "message": message,
+                        **fields,
+                    },
+                )
+
+    def clear_condition(self, code: str) -> None:
+        """The condition is over (e.g. space came back)."""
+        with self._cond_lock:
+            gone = self.conditions.pop(code, None)
+        if gone is not None:
+            _log.info(
+                "replica_alert_cleared",
+                vm=self.replica.meta.vm_name,
+                disk=self.replica.meta.disk_id,
+                condition=code,
+            )
+            if self.alert is not None:
+                self.alert("alert_cleared", {"replica": self.replica.label, "condition": code})
+
+    def health(self) -> Health:
+        """The worst current condition, or ``"ok"``."""
+        with self._cond_lock:
+            levels = {c.level for c in self.conditions.values()}
+        if "critical" in levels:
+            return "critical"
+        return "warning" if levels else "ok"
+
+    # -- state
+    def state(self) -> StateInfo:
+        """The committed state."""
+        return applied_state(self.replica)
+
+    def next_key(self) -> tuple[int, int]:
+        """The batch the applier needs next."""
+        m = self.replica.meta
+        if m.applied_generation == m.generation:
+            return m.generation, m.applied_seq + 1
+        return m.generation, 1
+
+    def backlog(self) -> int:
+        """Durable batches not yet applied."""
+        m = self.replica.meta
+        applied = m.applied_seq if m.applied_generation == m.generation else 0
+        return max(0, m.durable_seq - applied)
+
+    # -- applying
+    def apply_pending(self) -> int:
+        """Apply every durable batch that is next in order; returns how many (blocking)."""
+        n = 0
+        while not self._stopping and self.apply_next():
+            n += 1
+        return n
+
+    def apply_next(self) -> bool:
+        """Apply the next batch if its journal file is there (blocking); False if none."""
+        gen, seq = self.next_key()
+        path = self.replica.journal_dir / journal_name(gen, seq)
+        if not path.exists():
+            self._drop_stale_journal()
+            return False
+        self.apply_one(read_journal(path, self.limits))
+        return True
+
+    def _drop_stale_journal(self) -> None:
+        """Remove journal files already applied (a crash between commit and unlink)."""
+        m = self.replica.meta
+        for path in self.replica.journal_dir.glob("*.hrl"):
+            name = path.name.removesuffix(".hrl")
+            gen, _, seq = name.partition("-")
+            if (
+                gen.isdigit()
+                and seq.isdigit()
+                and (int(gen), int(seq))
+                <= (
+                    m.applied_generation,
+                    m.applied_seq,
+                )
+            ):
+                path.unlink(missing_ok=True)
+
+    def apply_one(self, entry: JournalEntry) -> None:
+        """Apply one durable batch (steps 1-4 of the module docstring)."""
+        with self.apply_lock:
+            self._apply_locked(entry)
+
+    def _apply_locked(self, entry: JournalEntry) -> None:
+        r = self.replica
+        h = entry.header
+        if entry.key != self.next_key():
+            if entry.key <= (r.meta.applied_generation, r.meta.applied_seq):
+                entry.path.unlink(missing_ok=True)
+                return
+            raise StoreCorrupt(
+                f"journal of {r.label} holds batch {entry.key} but the next to apply is "
+                f"{self.next_key()}"
+            )
+        epoch = self.epoch()
+        self.store.check_epoch(epoch, r)  # 1. fence (adopts a higher epoch before writing)
+        base = self.state()
+        top = StateInfo(h.generation, h.seq, h.cut_time_ns, int(h.consistency), h.full)
+        seg = self.points.segment_for(top.key)
+        if seg is None:  # 2. undo, exactly once per batch
+            seg = self.points.capture(self._fd, entry.ranges(), base, top)
+        else:
+            # A crash came after the capture: the image may hold part of this batch already.
+            _log.info("undo_reused", vm=r.meta.vm_name, disk=r.meta.disk_id, seq=h.seq)
+        self.points.publish(seg)  # 3. views switch to the undo before the image changes
+        for ext in entry.iter_extents(self.limits):
+            self.write_extent(ext, ext_seq=h.seq)
+        os.fdatasync(self._fd)
+        self.store.check_epoch(epoch)  # a takeover during the writes must not be committed over
+        # 4. commit: the audit line is the single point where the batch becomes applied.
+        r.append_applied(
+            AppliedRecord(
+                generation=h.generation,
+                seq=h.seq,
+                cut_ns=h.cut_time_ns,
+                consistency=int(h.consistency),
+                full=h.full,
+                epoch=epoch,
+                applied_ns=time.time_ns(),
+            )
+        )
+        sync = r.meta.initial_sync
+        if h.full:
+            sync = "in_progress"
+        elif sync != "complete":
+            sync = "complete"
+        r.update_meta(
+            applied_generation=h.generation,
+            applied_seq=h.seq,
+            applied_cut_ns=h.cut_time_ns,
+            applied_consistency=int(h.consistency),
+            applied_full=h.full,
+            initial_sync=sync,
+        )
+        entry.path.unlink(missing_ok=True)
+        self.applied_total += 1
+        _log.info(
+            "batch_applied",
+            vm=r.meta.vm_name,
+            disk=r.meta.disk_id,
+            seq=h.seq,
+            generation=h.generation,
+            epoch=epoch,
+            extents=len(entry.extents),
+            undo_bytes=seg.size_bytes,
+        )
+
+    def write_extent(self, ext: Extent, *, ext_seq: int | None) -> None:
+        """Write one verified extent to the image; DATA is read back against its checksum."""
+        fd = self._fd
+        if ext.kind is not ExtentKind.DATA:
+            punch_hole(fd, ext.offset, ext.length)
+            return
+        assert ext.data is not None
+        pwrite_all(fd, ext.data, ext.offset)
+        start_writeback(fd, ext.offset, ext.length)
+        # Read back through the mmap: the page cache's bytes, hashed without a copy.
+        if xxhash.xxh3_64_intdigest(self._image_view[ext.offset : ext.end]) != ext.checksum:
+            r = self.replica
+            raise ApplyVerifyError(
+                f"replica {r.label}: data read back at offset {ext.offset} ({ext.length} bytes) "
+                f"after applying batch {ext_seq} does not match the batch's checksum",
+                fix="the store's disk or memory corrupts writes; check it, then "
+                "`replikant verify --repair`",
+                details={"offset": ext.offset, "length": ext.length, "seq": ext_seq},
+            )
+
+    # -- direct apply of initial-copy batches
+    def direct_sink(self) -> DirectApply:
+        """A sink that applies FULL batches while they stream in, when nothing needs undo."""
+        return DirectApply(self)
+
+    # -- the async loop
+    def wake(self) -> None:
+        """A new batch is durable: apply it soon."""
+        self._wake.set()
+
+    def start(self) -> None:
+        """Start the background apply loop (replays the journal first)."""
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"apply-{self.replica.label}"
+        )
+        self._wake.set()
+
+    async def _run(self) -> None:
+        delay = _RETRY_MIN
+        while not self._stopping:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                # One batch per thread hop, so that waiters see progress batch by batch.
+                while not self._stopping and await asyncio.to_thread(self.apply_next):
+                    async with self._progress:
+                        self._progress.notify_all()
+                async with self._progress:
+                    self._progress.notify_all()  # batches applied while streaming in, too
+            except FencedError as exc:
+                self.raise_condition("fenced", "critical", exc.message)
+                return  # a deposed owner stops applying for good
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    self.raise_condition(
+                        "storage_full",
+                        "critical",
+                        f"store {self.store.root} is full: applying to {self.replica.label} "
+                        "waits for space",
+                    )
+                else:
+                    self.raise_condition("apply_failed", "critical", f"apply failed: {exc}")
+                await self._retry_later(delay)
+                delay = min(delay * 2, _RETRY_MAX)
+                continue
+            except BrokerError as exc:
+                self.raise_condition("apply_failed", "critical", exc.message)
+                await self._retry_later(delay)
+                delay = min(delay * 2, _RETRY_MAX)
+                continue
+            delay = _RETRY_MIN
+            for code in ("storage_full", "apply_failed"):
+                self.clear_condition(code)
+
+    async def _retry_later(self, delay: float) -> None:
+        try:
+            async with asyncio.timeout(delay):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Finish the batch being applied, then stop (graceful shutdown)."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def wait_for_state(self, key: tuple[int, int]) -> None:
+        """Wait until the applied state reaches ``key`` (wrap in ``asyncio.timeout``)."""
+        async with self._progress:
+            await self._progress.wait_for(lambda: self.state().key >= key)
+
+    # -- reading points
+    def open_view(self, key: tuple[int, int] | None = None) -> PointView:
+        """A copy-free reader of the disk as of point ``key`` (default: newest applied state)."""
+        # No lock against the applier needed: a batch's undo is published before the state
+        # moves past it, so a view of a state read a moment ago still gets every later undo.
+        state = self.state()
+        view = self.points.open_view(key if key is not None else state.key, state)
+        view.attach_image(self._fd)
+        return view
+
+    def close(self) -> None:
+        """Release descriptors (after :meth:`stop`)."""
+        self.points.close()
+        self._image_view.release()
+        if self._mmap is not None:
+            self._mmap.close()
+            self._mmap = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,149 @@
+"""Block hashes of a replica (or of a recovery point): the broker side of seeding and verify.
+
+``xxh3_64`` of every ``block_size`` block from ``offset``, 8 bytes big-endian each, the last block
+possibly short. Known-zero ranges (holes in the image that no undo data covers, and zero undo
+entries) are not read: their hash is computed once per block length. Blocks no undo data covers
+are hashed straight from a read-only mmap of the image (no copy); only blocks that differ at the
+point go through :meth:`~broker.points.PointView.read`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from typing import Final
+
+import xxhash
+
+from broker.fsutil import data_segments
+from broker.points import KIND_ZERO, PointView
+
+_CHUNK: Final = 8 * 1024 * 1024
+_Q = struct.Struct(">Q")
+_h = xxhash.xxh3_64_intdigest
+
+
+@cache
+def zero_hash(length: int) -> int:
+    """xxh3_64 of ``length`` zero bytes."""
+    return _h(bytes(length))
+
+
+def known_zero_ranges(
+    view: PointView, image_fd: int, offset: int, length: int
+) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges of the view that certainly read as zero, sorted and merged."""
+    end = offset + length
+    # Holes first, overlay second: a batch that punches a hole after the walk was published to
+    # the view before it punched, so the overlay taken afterwards covers it.
+    holes = [
+        (s, s + n) for s, n, allocated in data_segments(image_fd, offset, length) if not allocated
+    ]
+    overlay = view.overlay_in(offset, end)
+    zeros: list[tuple[int, int]] = []
+    for start, stop, _src, _off, kind in overlay:
+        if kind == KIND_ZERO:
+            zeros.append((max(start, offset), min(stop, end)))
+    covered = [(max(e[0], offset), min(e[1], end)) for e in overlay]
+    j = 0  # both lists are sorted: one pass
+    for start, stop in holes:
+        pos = start
+        while j < len(covered) and covered[j][1] <= pos:
+            j += 1
+        k = j
+        while k < len(covered) and covered[k][0] < stop:
+            c_start, c_end = covered[k]
+            if c_start > pos:
+                zeros.append((pos, c_start))
+            pos = max(pos, c_end)
+            k += 1
+        if pos < stop:
+            zeros.append((pos, stop))
+    zeros.sort()
+    merged: list[tuple[int, int]] = []
+    for s, e in zeros:
+        if merged and s <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+        else:
+            merged.append((s, e))
+    return merged
+
+
+def block_hashes(
+    view: PointView,
+    image_fd: int,
+    *,
+    offset: int,
+    length: int,
+    block_size: int,
+    threads: int = 2,
+) -> bytes:
+    """The hashes of every block of ``[offset, offset+length)`` as of ``view``'s point."""
+    if length <= 0:
+        return b""
+    zeros = known_zero_ranges(view, image_fd, offset, length)
+    end = offset + length
+    chunk = max(block_size, _CHUNK // block_size * block_size)
+    size = os.fstat(image_fd).st_size
+    mm = mmap.mmap(image_fd, size, prot=mmap.PROT_READ) if size else None
+    image = memoryview(mm) if mm is not None else memoryview(b"")
+
+    def one(chunk_start: int) -> bytes:
+        chunk_end = min(end, chunk_start + chunk)
+        out = bytearray()
+        with view.reading():
+            overlay = view.overlay_in(chunk_start, chunk_end)
+            o = 0
+            pos = chunk_start
+            while pos < chunk_end:
+                b_end = min(pos + block_size, chunk_end)
+                while o < len(overlay) and overlay[o][1] <= pos:
+                    o += 1
+                if _inside(zeros, pos, b_end):
+                    h = zero_hash(b_end - pos)
+                elif o < len(overlay) and overlay[o][0] < b_end:
+                    h = _h(view.read(pos, b_end - pos))  # some of it differs at the point
+                else:
+                    h = _h(image[pos:b_end])
+                out += _Q.pack(h)
+                pos = b_end
+        return bytes(out)
+
+    try:
+        starts = range(offset, end, chunk)
+        if len(starts) == 1 or threads <= 1:
+            return b"".join(one(s) for s in starts)
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hashes") as pool:
+            return b"".join(pool.map(one, starts))
+    finally:
+        image.release()
+        if mm is not None:
+            mm.close()
+
+
+def _inside(zeros: list[tuple[int, int]], start: int, end: int) -> bool:
+    i = bisect.bisect_right(zeros, (start, float("inf"))) - 1
+    return i >= 0 and zeros[i][0] <= start and zeros[i][1] >= end
+
+
+def file_block_hashes(path: str, *, block_size: int) -> bytes:
+    """Block hashes of a plain image file (the CLI's local side of ``verify --source-image``)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if not size:
+            return b""
+        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mm:
+            mv = memoryview(mm)
+            try:
+                return b"".join(
+                    _Q.pack(_h(mv[i : i + block_size])) for i in range(0, size, block_size)
+                )
+            finally:
+                mv.release()
+    finally:
+        os.close(fd)

@@ -1,0 +1,664 @@
+"""The broker's HTTPS API (docs/protocol/http.md): batch ingest for agents, status for admins.
+
+Every request arrives over mutual TLS (:class:`common.tls.MutualTLSSite`); who the peer is comes
+from its certificate (:func:`common.tls.peer_identity`), never from its address. Handlers raise
+:class:`~broker.errors.BrokerError`; the error middleware turns each one into the JSON refusal
+body of http.md with its status code, and logs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid as uuid_mod
+from typing import TYPE_CHECKING, Any, Final
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from broker.errors import (
+    BadRequest,
+    BatchTooLarge,
+    BrokerError,
+    IdentityConflict,
+    NotAuthorised,
+    StorageFullError,
+    UnknownVM,
+    UploadInProgress,
+)
+from broker.journal import BatchReceiver
+from broker.points import PointInfo, parse_key
+from broker.store import Replica
+from common.config import NAME_PATTERN
+from common.hrl import BATCH_CONTENT_TYPE
+from common.logs import get_logger
+from common.tls import Identity, TLSIdentityError, peer_identity
+
+if TYPE_CHECKING:
+    from broker.apply import ReplicaEngine
+    from broker.service import BrokerService
+
+_log = get_logger("broker.ingest")
+
+SERVICE_KEY: web.AppKey[BrokerService] = web.AppKey("service")
+_FEED_BYTES: Final = 1 << 20
+IDLE_TIMEOUT: Final = 60.0
+"""Seconds an upload may stall before it is dropped (it holds the disk's ingest lock)."""
+LOCK_TIMEOUT: Final = 75.0
+
+
+class EnableRequest(BaseModel):
+    """Body of ``PUT /v1/replicas/{vm_uuid}/{disk_id}``."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    vm_name: str = Field(pattern=NAME_PATTERN)
+    disk_size: int = Field(gt=0)
+    block_size: int = Field(ge=4096, le=4 * 1024 * 1024)
+    generation: int = Field(default=1, ge=0)
+    site: str = ""
+    host: str = ""
+    labels: dict[str, str] = Field(default_factory=dict)
+    rpo_seconds: float | None = Field(default=None, gt=0)
+
+    @field_validator("disk_size")
+    @classmethod
+    def _sector_multiple(cls, value: int) -> int:
+        if value % 512:
+            raise ValueError("must be a multiple of 512")
+        return value
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError("must be a power of two")
+        return value
+
+
+def build_app(service: BrokerService) -> web.Application:
+    """The aiohttp application of one broker."""
+    app = web.Application(middlewares=[_errors], client_max_size=1 << 20)
+    app[SERVICE_KEY] = service
+    app.add_routes(
+        [
+            web.put("/v1/replicas/{vm_uuid}/{disk_id}", enable_replica),
+            web.get("/v1/replicas/{vm_uuid}/{disk_id}", replica_state),
+            web.post("/v1/replicas/{vm_uuid}/{disk_id}/batches", upload_batch),
+            web.get("/v1/replicas/{vm_uuid}/{disk_id}/hashes", replica_hashes),
+            web.get("/v1/status", status),
+            web.get("/v1/vms/{vm}/points", vm_points),
+            web.get("/v1/vms/{vm}/hashes", vm_hashes),
+            web.post("/v1/vms/{vm}/exports", create_exports),
+            web.get("/v1/exports", list_exports),
+            web.delete("/v1/exports/{name}", delete_export),
+            web.post("/v1/seed/import", seed_import),
+        ]
+    )
+    return app
+
+
+# --------------------------------------------------------------------------------------------
+# Errors and identities
+
+
+def _json_error(exc: BrokerError) -> web.Response:
+    return web.json_response(exc.body(), status=exc.status)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        response: web.StreamResponse = await handler(request)
+    except BrokerError as exc:
+        _log.warning(
+            "request_refused",
+            method=request.method,
+            path=request.path,
+            error=exc.code,
+            status=exc.status,
+            detail=exc.message,
+            peer=_peer_text(request),
+        )
+        return _json_error(exc)
+    return response
+
+
+def _peer_text(request: web.Request) -> str | None:
+    try:
+        return str(peer_identity(request))
+    except (TLSIdentityError, TypeError):
+        return None
+
+
+def _identity(request: web.Request) -> Identity:
+    try:
+        return peer_identity(request)
+    except TLSIdentityError as exc:
+        raise NotAuthorised(
+            f"the client certificate carries no usable identity: {exc.message}",
+            fix=exc.fix,
+            details={"reason": exc.reason},
+        ) from None
+
+
+def require_admin(request: web.Request) -> Identity:
+    """Admin endpoints: only ``replikant://admin/...`` certificates."""
+    ident = _identity(request)
+    if ident.role != "admin":
+        raise NotAuthorised(
+            f"{ident} may not use {request.path}: admin endpoints need an admin certificate",
+            fix="run the CLI with an admin certificate (`replikant certs issue admin`)",
+            details={"identity": ident.uri, "rule": "role admin"},
+        )
+    return ident
+
+
+def authorise_agent(service: BrokerService, ident: Identity, vm_uuid: str) -> None:
+    """Replication endpoints: an agent allowed for this VM by the broker's configuration.
+
+    The most specific rule wins: a ``[[vms]]`` entry with ``allowed_agents`` for this VM, else
+    ``[authorization]`` (``mode = "any"``: every agent of our CA; ``"listed"``: ``agents``).
+    """
+    if ident.role != "agent":
+        raise NotAuthorised(
+            f"{ident} may not replicate: replication endpoints need an agent certificate",
+            fix="only agents upload batches; admins use the admin endpoints",
+            details={"identity": ident.uri, "rule": "role agent"},
+        )
+    cfg = service.config
+    for vm in cfg.vms:
+        if str(vm.uuid) == vm_uuid and vm.allowed_agents:
+            if ident.name not in vm.allowed_agents:
+                raise NotAuthorised(
+                    f"agent {ident.name} may not replicate vm {vm_uuid}: the broker allows only "
+                    f"{', '.join(vm.allowed_agents)} for it",
+                    fix=f"add {ident.name!r} to allowed_agents of this VM in broker.toml",
+                    details={
+                        "identity": ident.uri,
+                        "rule": "vms.allowed_agents",
+                        "allowed": list(vm.allowed_agents),
+                    },
+                )
+            return
+    auth = cfg.authorization
+    if auth.mode == "listed" and ident.name not in auth.agents:
+        raise NotAuthorised(
+            f"agent {ident.name} is not in this broker's list of agents allowed to replicate",
+            fix=f"add {ident.name!r} to [authorization] agents in broker.toml",
+            details={"identity": ident.uri, "rule": "authorization.listed"},
+        )
+
+
+def _vm_uuid(request: web.Request) -> str:
+    raw = request.match_info["vm_uuid"]
+    try:
+        return str(uuid_mod.UUID(raw))
+    except ValueError:
+        raise BadRequest(f"{raw!r} is not a VM UUID") from None
+
+
+def _replica(service: BrokerService, vm_uuid: str, disk_id: str) -> Replica:
+    replica = service.store.get(vm_uuid, disk_id)
+    if replica is None:
+        raise UnknownVM(
+            f"vm {vm_uuid} disk {disk_id} is not enabled for replication on broker "
+            f"{service.config.broker.node}",
+            fix="enable it first (PUT /v1/replicas/{vm_uuid}/{disk_id}; the agent does this)",
+            details={"vm_uuid": vm_uuid, "disk_id": disk_id},
+        )
+    return replica
+
+
+def _check_source(replica: Replica, ident: Identity) -> None:
+    src = replica.meta.source_host
+    if src and src != ident.name:
+        raise NotAuthorised(
+            f"agent {ident.name} may not write to the replica of {replica.identity_text()}: "
+            f"it replicates from host {src}",
+            fix="if the VM moved to this host, re-announce it (PUT) from here first",
+            details={"identity": ident.uri, "rule": "replica.source_host", "source_host": src},
+        )
+
+
+def state_json(service: BrokerService, replica: Replica) -> dict[str, Any]:
+    """The replica state document of http.md."""
+    m = replica.meta
+    applied = m.applied_seq if m.applied_generation == m.generation else 0
+    engine = service.engines.get(replica.key)
+    return {
+        "vm_uuid": m.vm_uuid,
+        "disk_id": m.disk_id,
+        "vm_name": m.vm_name,
+        "disk_size": m.disk_size,
+        "block_size": m.block_size,
+        "generation": m.generation,
+        "applied_seq": applied,
+        "durable_seq": m.durable_seq,
+        "epoch": service.epoch,
+        "initial_sync": m.initial_sync,
+        "site": service.config.broker.site,
+        "source_host": m.source_host,
+        "health": engine.health() if engine is not None else "ok",
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Replication endpoints
+
+
+async def enable_replica(request: web.Request) -> web.Response:
+    """PUT: create (or re-announce) the replica of one disk; answers its state."""
+    service = request.app[SERVICE_KEY]
+    ident = _identity(request)
+    vm_uuid = _vm_uuid(request)
+    disk_id = request.match_info["disk_id"]
+    authorise_agent(service, ident, vm_uuid)
+    try:
+        body = EnableRequest.model_validate(await request.json())
+    except (ValueError, ValidationError) as exc:
+        raise BadRequest(f"PUT body for vm {vm_uuid} disk {disk_id} is invalid: {exc}") from None
+    service.check_owner()
+    replica = service.store.get(vm_uuid, disk_id)
+    if replica is not None:
+        m = replica.meta
+        if body.vm_name != m.vm_name or body.disk_size != m.disk_size:
+            raise IdentityConflict(
+                f"replica {vm_uuid}/{disk_id} exists for vm {m.vm_name!r} with {m.disk_size} "
+                f"bytes; the request names vm {body.vm_name!r} with {body.disk_size} bytes",
+                fix="a VM keeps its UUID, name and disk size; remove the old replica if this is "
+                "another disk",
+                details={
+                    "replica": {"vm_name": m.vm_name, "disk_size": m.disk_size},
+                    "request": {"vm_name": body.vm_name, "disk_size": body.disk_size},
+                },
+            )
+        await service.reannounce(replica, ident, body.generation, body.model_dump())
+    else:
+        service.check_space(needed=0)
+        created, _ = await asyncio.to_thread(
+            service.store.create_replica,
+            vm_uuid=vm_uuid,
+            disk_id=disk_id,
+            vm_name=body.vm_name,
+            disk_size=body.disk_size,
+            block_size=body.block_size,
+            generation=body.generation,
+            source_host=ident.name,
+            source_site=body.site,
+            labels=body.labels,
+            rpo_seconds=body.rpo_seconds,
+        )
+        service.engine_for(created)
+        replica = created
+    return web.json_response(state_json(service, replica))
+
+
+async def replica_state(request: web.Request) -> web.Response:
+    """GET: the replica's state (agents resume from ``durable_seq + 1``)."""
+    service = request.app[SERVICE_KEY]
+    ident = _identity(request)
+    vm_uuid = _vm_uuid(request)
+    if ident.role != "admin":
+        authorise_agent(service, ident, vm_uuid)
+    replica = _replica(service, vm_uuid, request.match_info["disk_id"])
+    return web.json_response(state_json(service, replica))
+
+
+async def upload_batch(request: web.Request) -> web.Response:
+    """POST: stream, verify and journal one batch; ack only once it is durable."""
+    service = request.app[SERVICE_KEY]
+    ident = _identity(request)
+    vm_uuid = _vm_uuid(request)
+    disk_id = request.match_info["disk_id"]
+    started = time.monotonic()
+    log = _log.bind(vm_uuid=vm_uuid, disk=disk_id, peer=ident.uri, epoch=service.epoch)
+    try:
+        authorise_agent(service, ident, vm_uuid)
+        replica = _replica(service, vm_uuid, disk_id)
+        log = log.bind(vm=replica.meta.vm_name, generation=replica.meta.generation)
+        _check_source(replica, ident)
+        if request.content_type != BATCH_CONTENT_TYPE:
+            raise BadRequest(
+                f"batch uploads must be {BATCH_CONTENT_TYPE}, not {request.content_type!r}"
+            )
+        limit = max_batch_bytes(replica)
+        if request.content_length is not None and request.content_length > limit:
+            raise BatchTooLarge(
+                f"batch of {request.content_length} bytes for {replica.label} exceeds this "
+                f"broker's limit of {limit} bytes",
+                fix="split the change into smaller batches",
+                details={"limit": limit, "content_length": request.content_length},
+            )
+        service.check_space(needed=request.content_length or 0, replica=replica)
+        service.check_owner()
+        engine = service.engine_for(replica)
+        receipt = await _journal(service, engine, request, limit)
+    except BrokerError as exc:
+        log.warning(
+            "batch_refused",
+            error=exc.code,
+            status=exc.status,
+            detail=exc.message,
+            **{k: v for k, v in exc.details.items() if isinstance(v, int | str)},
+        )
+        if isinstance(exc, StorageFullError):
+            service.storage_full(exc)
+        return _json_error(exc)
+    if receipt.duplicate:
+        log.info("batch_acked_duplicate", seq=receipt.acked_seq)
+    else:
+        log.info(
+            "batch_journaled",
+            seq=receipt.acked_seq,
+            bytes=receipt.journal_bytes,
+            direct=receipt.direct,
+            ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        service.storage_ok()
+        engine.wake()
+    return web.json_response({"acked_seq": receipt.acked_seq, "duplicate": receipt.duplicate})
+
+
+def max_batch_bytes(replica: Replica) -> int:
+    """The largest upload a replica accepts: a whole disk's worth, plus per-extent overhead."""
+    size = replica.meta.disk_size
+    return size + size // 128 + 32 * (size // 512 + 1) + (1 << 20)
+
+
+async def _journal(
+    service: BrokerService, engine: ReplicaEngine, request: web.Request, limit: int
+) -> Any:
+    replica = engine.replica
+    try:
+        async with asyncio.timeout(LOCK_TIMEOUT):
+            await engine.ingest_lock.acquire()
+    except TimeoutError:
+        raise UploadInProgress(
+            f"another upload for {replica.label} is still in progress",
+            fix="retry shortly; a stalled upload is dropped after "
+            f"{IDLE_TIMEOUT:.0f} s without data",
+        ) from None
+    rx = BatchReceiver(
+        service.store,
+        replica,
+        url_identity=replica.key,
+        limits=service.limits,
+        min_free_bytes=service.config.broker.min_free_bytes,
+        max_batch_bytes=limit,
+        direct=engine.direct_sink(),
+    )
+    try:
+        chunks: list[bytes] = []
+        pending = 0
+        while True:
+            try:
+                async with asyncio.timeout(IDLE_TIMEOUT):
+                    chunk = await request.content.readany()
+            except TimeoutError:
+                raise BadRequest(
+                    f"upload for {replica.label} stalled for {IDLE_TIMEOUT:.0f} s",
+                    fix="the agent retries",
+                ) from None
+            if chunk:
+                # Hand the network's chunks over as they are: no joining copy.
+                chunks.append(chunk)
+                pending += len(chunk)
+                if pending < _FEED_BYTES:
+                    continue
+            if chunks:
+                batch, chunks, pending = chunks, [], 0
+                await asyncio.to_thread(rx.feed_many, batch)
+                if rx.duplicate:
+                    break
+            if not chunk:
+                break
+        receipt = await asyncio.to_thread(rx.finish)
+    except BaseException:
+        await asyncio.to_thread(rx.abort)
+        raise
+    finally:
+        engine.ingest_lock.release()
+    return receipt
+
+
+async def replica_hashes(request: web.Request) -> web.Response:
+    """GET hashes: block hashes of the replica as of its applied state (or ``point=G-S``)."""
+    service = request.app[SERVICE_KEY]
+    ident = _identity(request)
+    vm_uuid = _vm_uuid(request)
+    if ident.role != "admin":
+        authorise_agent(service, ident, vm_uuid)
+    replica = _replica(service, vm_uuid, request.match_info["disk_id"])
+    return await _hashes_response(service, replica, request)
+
+
+async def _hashes_response(
+    service: BrokerService, replica: Replica, request: web.Request
+) -> web.Response:
+    q = request.query
+    try:
+        block_size = int(q.get("block_size", replica.meta.block_size))
+        offset = int(q.get("offset", 0))
+        length = int(q.get("length", replica.meta.disk_size - offset))
+    except ValueError:
+        raise BadRequest("block_size, offset and length must be integers") from None
+    if block_size < 512 or block_size & (block_size - 1) or block_size > 64 << 20:
+        raise BadRequest(f"block_size {block_size} must be a power of two 512 .. 64 MiB")
+    if offset < 0 or length < 0 or offset + length > replica.meta.disk_size or offset % 512:
+        raise BadRequest(
+            f"offset {offset} / length {length} are outside the disk ({replica.meta.disk_size} "
+            "bytes) or not sector aligned"
+        )
+    if length // block_size > 1 << 24:
+        raise BadRequest("too many blocks in one request; ask for a smaller range")
+    key = parse_key(q["point"]) if "point" in q else None
+    wait = float(q.get("wait", 0))
+    engine = service.engine_for(replica)
+    if key is not None and wait > 0:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(wait, 300.0)):
+                await engine.wait_for_state(key)
+    data, at = await asyncio.to_thread(service.hashes, engine, key, offset, length, block_size)
+    return web.Response(
+        body=data,
+        content_type="application/octet-stream",
+        headers={
+            "X-Replikant-Applied-Seq": str(at[1]),
+            "X-Replikant-Generation": str(at[0]),
+            "X-Replikant-Block-Size": str(block_size),
+        },
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Admin endpoints
+
+
+def _disk_json(service: BrokerService, replica: Replica) -> dict[str, Any]:
+    engine = service.engine_for(replica)
+    m = replica.meta
+    state = engine.state()
+    return {
+        **state_json(service, replica),
+        "backlog": engine.backlog(),
+        "undo_bytes": engine.points.undo_bytes(),
+        "replica_image": str(replica.image),
+        "last_cut": state.cut_ns / 1e9 if state.cut_ns else None,
+        "conditions": [
+            {"code": c.code, "level": c.level, "message": c.message}
+            for c in engine.conditions.values()
+        ],
+        "rpo_seconds": m.rpo_seconds,
+        "labels": m.labels,
+    }
+
+
+def vm_status(service: BrokerService, replicas: list[Replica], now: float) -> dict[str, Any]:
+    """One VM's entry of ``GET /v1/status``."""
+    first = replicas[0].meta
+    disks = [_disk_json(service, r) for r in replicas]
+    levels = [d["health"] for d in disks]
+    health = "critical" if "critical" in levels else "warning" if "warning" in levels else "ok"
+    if service.conditions and health != "critical":
+        health = max(
+            (c.level for c in service.conditions.values()),
+            key=["ok", "warning", "critical"].index,
+        )
+    cuts = [d["last_cut"] for d in disks]
+    lag = None if any(c is None for c in cuts) else max(0.0, now - min(c for c in cuts if c))
+    rpo = min((r.meta.rpo_seconds or 60.0) for r in replicas)
+    if health == "ok" and (lag is None or lag > rpo):
+        health = "warning"
+    if health == "ok" and any(d["initial_sync"] != "complete" for d in disks):
+        health = "warning"
+    roles: dict[str, str] = {}
+    if first.source_site:
+        roles[first.source_site] = "PRIMARY"
+    roles[service.config.broker.site] = "REPLICA"
+    last = _vm_latest_point(service, replicas)
+    return {
+        "name": first.vm_name,
+        "uuid": first.vm_uuid,
+        "roles": roles,
+        "generation": first.generation,
+        "health": health,
+        "lag_seconds": None if lag is None else round(lag, 3),
+        "rpo_seconds": rpo,
+        "last_point": last,
+        "source_host": first.source_host,
+        "disks": disks,
+    }
+
+
+def _vm_latest_point(service: BrokerService, replicas: list[Replica]) -> dict[str, Any] | None:
+    points = vm_point_list(service, replicas)
+    return points[0] if points else None
+
+
+def vm_point_list(service: BrokerService, replicas: list[Replica]) -> list[dict[str, Any]]:
+    """A VM's points, newest first: the ``(generation, seq)`` every disk of it has."""
+    per_disk: list[dict[tuple[int, int], PointInfo]] = []
+    for replica in replicas:
+        engine = service.engine_for(replica)
+        per_disk.append({p.state.key: p for p in engine.points.points(engine.state())})
+    common = set(per_disk[0])
+    for d in per_disk[1:]:
+        common &= set(d)
+    out = []
+    for key in sorted(common, reverse=True):
+        infos = [d[key] for d in per_disk]
+        doc = infos[0].to_json()
+        doc["time"] = max(i.state.cut_ns for i in infos) / 1e9
+        doc["size_bytes"] = sum(i.size_bytes for i in infos)
+        doc["kind"] = "app" if all(i.kind == "app" for i in infos) else "crash"
+        doc["disks"] = {r.meta.disk_id: i.state.seq for r, i in zip(replicas, infos, strict=True)}
+        out.append(doc)
+    return out
+
+
+async def status(request: web.Request) -> web.Response:
+    """GET /v1/status: every VM with its roles, health, lag and last point."""
+    service = request.app[SERVICE_KEY]
+    require_admin(request)
+    now = time.time()
+    by_vm: dict[str, list[Replica]] = {}
+    for replica in service.store.replicas():
+        by_vm.setdefault(replica.meta.vm_uuid, []).append(replica)
+    vms = [vm_status(service, reps, now) for reps in by_vm.values()]
+    vms.sort(key=lambda v: v["name"])
+    return web.json_response(
+        {
+            "vms": vms,
+            "broker": service.broker_json(),
+        }
+    )
+
+
+def _vm_replicas(service: BrokerService, vm: str) -> list[Replica]:
+    found = service.store.find_vm(vm)
+    if not found:
+        raise UnknownVM(
+            f"no VM named or with UUID {vm!r} is replicated to broker {service.config.broker.node}",
+            fix="`replikant status` lists the VMs",
+            details={"vm": vm},
+        )
+    return found
+
+
+async def vm_points(request: web.Request) -> web.Response:
+    """GET /v1/vms/{vm}/points: recovery points, newest first."""
+    service = request.app[SERVICE_KEY]
+    require_admin(request)
+    replicas = _vm_replicas(service, request.match_info["vm"])
+    return web.json_response(
+        {
+            "vm": replicas[0].meta.vm_name,
+            "uuid": replicas[0].meta.vm_uuid,
+            "points": vm_point_list(service, replicas),
+        }
+    )
+
+
+async def vm_hashes(request: web.Request) -> web.Response:
+    """GET /v1/vms/{vm}/hashes?disk=D: per-disk block hashes (admin, for verify)."""
+    service = request.app[SERVICE_KEY]
+    require_admin(request)
+    replicas = _vm_replicas(service, request.match_info["vm"])
+    disk = request.query.get("disk", replicas[0].meta.disk_id)
+    for replica in replicas:
+        if replica.meta.disk_id == disk:
+            return await _hashes_response(service, replica, request)
+    raise UnknownVM(f"vm {request.match_info['vm']} has no disk {disk!r} here")
+
+
+async def create_exports(request: web.Request) -> web.Response:
+    """POST /v1/vms/{vm}/exports {"point": "G-S"|"latest", "read_only": false}: PIT exports."""
+    service = request.app[SERVICE_KEY]
+    require_admin(request)
+    replicas = _vm_replicas(service, request.match_info["vm"])
+    try:
+        body = await request.json() if request.can_read_body else {}
+    except json.JSONDecodeError:
+        raise BadRequest("body must be JSON") from None
+    point = str(body.get("point", "latest"))
+    key = None if point == "latest" else parse_key(point)
+    exports = await service.create_exports(replicas, key, read_only=bool(body.get("read_only")))
+    return web.json_response({"exports": exports}, status=201)
+
+
+async def list_exports(request: web.Request) -> web.Response:
+    """GET /v1/exports: the point-in-time exports being served."""
+    service = request.app[SERVICE_KEY]
+    require_admin(request)
+    return web.json_response({"exports": service.list_exports()})
+
+
+async def delete_export(request: web.Request) -> web.Response:
+    """DELETE /v1/exports/{name}: stop serving, delete the overlay."""
+    service = request.app[SERVICE_KEY]
+    require_admin(request)
+    await service.remove_export(request.match_info["name"])
+    return web.json_response({"removed": request.match_info["name"]})
+
+
+async def seed_import(request: web.Request) -> web.Response:
+    """POST /v1/seed/import {"dir": PATH, "vm": optional}: load an offline-media export."""
+    service = request.app[SERVICE_KEY]
+    require_admin(request)
+    try:
+        body = await request.json()
+        image = body.get("image")
+        directory = str(body.get("dir") or "")
+        if not directory and not image:
+            raise KeyError("dir")
+        raw = (str(image), str(body["vm"]), str(body.get("disk", "disk0"))) if image else None
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise BadRequest(
+            'body must be {"dir": "/media/on/broker/host"} or {"image": PATH, "vm": VM, '
+            '"disk": DISK}'
+        ) from None
+    result = await service.seed_import(directory, expect_vm=body.get("vm"), image=raw)
+    return web.json_response(result)

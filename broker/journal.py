@@ -1,0 +1,492 @@
+"""The durable journal: receive a batch stream, verify it, make it durable, only then ack.
+
+:class:`BatchReceiver` is sans-network: the HTTP handler feeds it the request body chunk by chunk
+(``feed``), then calls ``finish`` at end of body. Every chunk goes through
+:class:`common.hrl.BatchDecoder` *before* its bytes are written to
+``journal/<generation>-<seq>.hrl.part``, so the first bad byte refuses the upload and the
+partial file is deleted. At the trailer: our own index is appended (the extent list, so the
+applier can save undo data without a second decode), the file is fsynced, renamed to ``.hrl``,
+the directory fsynced, ``durable_seq`` saved in meta; then the caller acks.
+
+A journal file is the batch's bytes exactly as received, followed by::
+
+    index    count x (offset u64, length u64, kind u8, 7 zero bytes)
+    footer   magic "RKJIDXv1", batch length u64, count u64, xxh3_64(index) u64
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Protocol
+
+import xxhash
+
+from broker.errors import (
+    BatchTooLarge,
+    BrokerError,
+    CorruptExtent,
+    IdentityConflict,
+    IdentityMismatch,
+    MalformedBatch,
+    SequenceGap,
+    StaleGeneration,
+    StorageFullError,
+    StoreCorrupt,
+)
+from broker.fsutil import free_bytes, fsync_dir, start_writeback, write_all
+from broker.store import Replica, Store, journal_name
+from common.hrl import (
+    NEED_DATA,
+    BatchDecoder,
+    BatchEnd,
+    BatchFormatError,
+    BatchHeader,
+    DecodeLimits,
+    Extent,
+    ExtentChecksumMismatch,
+    ExtentKind,
+)
+from common.logs import get_logger
+
+_log = get_logger("broker.journal")
+
+_IDX_ENTRY = struct.Struct(">QQB7x")
+_IDX_FOOTER = struct.Struct(">8sQQQ")
+_IDX_MAGIC: Final = b"RKJIDXv1"
+_READ_CHUNK: Final = 1 << 20
+
+
+class DirectSink(Protocol):
+    """Applies a FULL batch straight into the image while it streams in (see ReplicaEngine)."""
+
+    def begin(self, header: BatchHeader) -> bool:
+        """Take the batch (True) or let it go through the journal (False)."""
+
+    def extent(self, ext: Extent) -> None:
+        """Write one verified extent."""
+
+    def commit(self, header: BatchHeader) -> None:
+        """Make it durable and applied (fdatasync, audit line, meta)."""
+
+    def release(self) -> None:
+        """Give up (refused or interrupted upload)."""
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The outcome of one upload: what to answer the agent."""
+
+    acked_seq: int
+    duplicate: bool
+    generation: int
+    journal_bytes: int = 0
+    direct: bool = False
+
+
+def refuse_format_error(exc: BatchFormatError, replica: Replica) -> BrokerError:
+    """Map a codec refusal to the HTTP error of http.md (corrupt extents name the disk offset)."""
+    details = {"class": type(exc).__name__, "field": exc.field, "position": exc.position}
+    if isinstance(exc, ExtentChecksumMismatch):
+        return CorruptExtent(
+            f"batch for {replica.label}: {exc.message}", fix=exc.fix, details=details
+        )
+    return MalformedBatch(f"batch for {replica.label}: {exc.message}", fix=exc.fix, details=details)
+
+
+class BatchReceiver:
+    """Journal one uploaded batch for ``replica``: feed chunks, then finish (or abort).
+
+    ``min_free_bytes`` is the reserve the store keeps: a chunk that would eat into it refuses
+    the upload with :class:`StorageFullError` (as does ENOSPC itself).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        replica: Replica,
+        *,
+        url_identity: tuple[str, str],
+        limits: DecodeLimits,
+        min_free_bytes: int,
+        max_batch_bytes: int,
+        direct: DirectSink | None = None,
+    ) -> None:
+        self.store = store
+        self.direct = direct
+        self._direct = False
+        self.replica = replica
+        self.url_identity = url_identity
+        self.min_free_bytes = min_free_bytes
+        self.max_batch_bytes = max_batch_bytes
+        self._decoder = BatchDecoder(limits)
+        self._pending: list[bytes] = []
+        self._fd: int | None = None
+        self._part: Path | None = None
+        self.header: BatchHeader | None = None
+        self.duplicate = False
+        self.received = 0
+        self._index = bytearray()
+        self._written = 0
+        self._count = 0
+        self._finished = False
+
+    # -- feeding
+    def feed_many(self, chunks: list[bytes]) -> None:
+        """:meth:`feed` each chunk (one worker-thread hop for many network reads)."""
+        for chunk in chunks:
+            self.feed(chunk)
+            if self.duplicate:
+                return
+
+    def feed(self, chunk: bytes) -> None:
+        """Verify and journal the next bytes of the body; raises a :class:`BrokerError`."""
+        if self.duplicate or not chunk:
+            return
+        self.received += len(chunk)
+        if self.received > self.max_batch_bytes:
+            raise BatchTooLarge(
+                f"batch for {self.replica.label} exceeds this broker's limit of "
+                f"{self.max_batch_bytes} bytes",
+                fix="split the change into smaller batches (the agent cuts more often)",
+                details={"limit": self.max_batch_bytes, "received": self.received},
+            )
+        if self._direct:
+            self._check_space(len(chunk))  # the image grows instead of the journal
+        self._decoder.receive_data(chunk)
+        self._drain()
+        if self._is_duplicate() or self._direct:
+            return
+        if self._fd is None:
+            self._pending.append(chunk)
+            if self.header is not None:
+                self._open()
+        else:
+            self._write(chunk)
+
+    def _is_duplicate(self) -> bool:
+        # A method, not the attribute: _drain() may have just set it.
+        return self.duplicate
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                event = self._decoder.next_event()
+            except BatchFormatError as exc:
+                raise refuse_format_error(exc, self.replica) from None
+            if event is NEED_DATA:
+                return
+            if isinstance(event, BatchHeader):
+                self._check_header(event)
+                if self.duplicate:
+                    return
+                if event.full and self.direct is not None and self.direct.begin(event):
+                    # Initial copy with no recovery point to protect: no journal, no undo.
+                    self._direct = True
+                    self._pending = []
+            elif isinstance(event, Extent):
+                if self._direct:
+                    assert self.direct is not None
+                    try:
+                        self.direct.extent(event)
+                    except OSError as exc:
+                        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                            raise self._full(free_bytes(self.store.root), event.length) from None
+                        raise
+                    continue
+                self._index += _IDX_ENTRY.pack(event.offset, event.length, int(event.kind))
+                self._count += 1
+            elif isinstance(event, BatchEnd):
+                return
+
+    def _check_header(self, h: BatchHeader) -> None:
+        r = self.replica
+        m = r.meta
+        url_uuid, url_disk = self.url_identity
+        got = (str(h.vm_uuid), h.disk_id)
+        if got != (url_uuid, url_disk):
+            raise IdentityMismatch(
+                f"batch names vm {got[0]} disk {got[1]} but was sent to the replica of "
+                f"vm {url_uuid} disk {url_disk}",
+                fix="the agent posted a batch to another disk's URL: check its configuration",
+                details={
+                    "batch": {"vm_uuid": got[0], "disk_id": got[1]},
+                    "replica": {"vm_uuid": url_uuid, "disk_id": url_disk},
+                },
+            )
+        if h.disk_size != m.disk_size:
+            raise IdentityConflict(
+                f"batch for {r.identity_text()} says the disk is {h.disk_size} bytes; the "
+                f"replica is {m.disk_size} bytes",
+                fix="resizing a protected disk needs the replica re-enabled at the new size",
+                details={"batch_disk_size": h.disk_size, "replica_disk_size": m.disk_size},
+            )
+        if h.generation != m.generation:
+            older = h.generation < m.generation
+            raise StaleGeneration(
+                f"batch for {r.identity_text()} has generation {h.generation} but the replica "
+                f"is at generation {m.generation}",
+                fix=(
+                    "the source was failed over; reverse replication or re-enable it"
+                    if older
+                    else "announce the new generation with PUT on the replica first"
+                ),
+                details={"batch_generation": h.generation, "replica_generation": m.generation},
+            )
+        applied_here = m.applied_seq if m.applied_generation == m.generation else 0
+        if h.seq <= max(m.durable_seq, applied_here):
+            self.duplicate = True
+            self.header = h
+            _log.info(
+                "batch_duplicate",
+                vm=m.vm_name,
+                disk=m.disk_id,
+                seq=h.seq,
+                generation=h.generation,
+                durable_seq=m.durable_seq,
+            )
+            return
+        expected = m.durable_seq + 1
+        if h.seq != expected:
+            raise SequenceGap(
+                f"batch for {r.identity_text()} has seq {h.seq} but the replica expects "
+                f"seq {expected} (durable_seq {m.durable_seq})",
+                fix=f"resume from durable_seq + 1 = {expected} (GET the replica's state)",
+                details={"expected_seq": expected, "received_seq": h.seq},
+            )
+        self.header = h
+
+    # -- writing
+    def _check_space(self, incoming: int) -> None:
+        free = free_bytes(self.store.root)
+        if free - incoming < self.min_free_bytes:
+            raise self._full(free, incoming)
+
+    def _full(self, free: int, incoming: int) -> StorageFullError:
+        needed = self.min_free_bytes + incoming
+        return StorageFullError(
+            f"store {self.store.root} has {free} bytes free; journaling batch "
+            f"{self._seq_text()} of {self.replica.label} needs {needed} (reserve "
+            f"{self.min_free_bytes} + {incoming})",
+            fix="free space on the store's file system or move the store; the broker resumes "
+            "by itself",
+            details={
+                "store": str(self.store.root),
+                "free_bytes": free,
+                "needed_bytes": needed,
+                "min_free_bytes": self.min_free_bytes,
+            },
+        )
+
+    def _seq_text(self) -> str:
+        return str(self.header.seq) if self.header is not None else "?"
+
+    def _open(self) -> None:
+        h = self.header
+        assert h is not None
+        self.replica.journal_dir.mkdir(exist_ok=True)
+        self._part = self.replica.journal_dir / (journal_name(h.generation, h.seq) + ".part")
+        self._fd = os.open(self._part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        pending, self._pending = self._pending, []
+        for chunk in pending:
+            self._write(chunk)
+
+    def _write(self, chunk: bytes | bytearray) -> None:
+        assert self._fd is not None
+        self._check_space(len(chunk))
+        try:
+            write_all(self._fd, chunk)
+            start_writeback(self._fd, self._written, len(chunk))
+            self._written += len(chunk)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self._full(free_bytes(self.store.root), len(chunk)) from None
+            raise
+
+    # -- completion
+    def finish(self) -> Receipt:
+        """End of body: verify the trailer, make the batch durable, record durable_seq.
+
+        Blocking (fsyncs): call it in a worker thread.
+        """
+        h = self.header
+        if self.duplicate:
+            # The rest of the body was not even decoded: the batch is durable already.
+            assert h is not None
+            m = self.replica.meta
+            return Receipt(
+                acked_seq=max(m.durable_seq, h.seq), duplicate=True, generation=m.generation
+            )
+        self._decoder.receive_data(b"")
+        self._drain()
+        h = self.header
+        if self._direct and self._decoder.done and h is not None:
+            assert self.direct is not None
+            try:
+                self.direct.commit(h)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise self._full(free_bytes(self.store.root), 4096) from None
+                raise
+            self._direct = False
+            return Receipt(
+                acked_seq=h.seq,
+                duplicate=False,
+                generation=h.generation,
+                journal_bytes=self.received,
+                direct=True,
+            )
+        if not self._decoder.done or h is None or self._fd is None or self._part is None:
+            # The decoder refuses truncation itself; this is for an empty body.
+            raise MalformedBatch(
+                f"upload for {self.replica.label} ended before a batch header",
+                fix="send a batch body (Content-Type application/x-replikant-batch)",
+                details={"class": "Truncated", "field": "header", "position": self.received},
+            )
+        index = bytes(self._index)
+        footer = _IDX_FOOTER.pack(
+            _IDX_MAGIC, self.received, self._count, xxhash.xxh3_64_intdigest(index)
+        )
+        try:
+            self._write(index + footer)
+            os.fsync(self._fd)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self._full(free_bytes(self.store.root), len(index)) from None
+            raise
+        os.close(self._fd)
+        self._fd = None
+        final = self._part.with_name(journal_name(h.generation, h.seq))
+        os.rename(self._part, final)
+        self._part = None
+        fsync_dir(final.parent)
+        self._finished = True
+        try:
+            self.replica.update_meta(durable_seq=h.seq, durable_cut_ns=h.cut_time_ns)
+        except OSError as exc:
+            # The batch is durable (its journal file proves it after a restart, and in memory
+            # durable_seq is already set): the agent's retry will be answered as a duplicate.
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self._full(free_bytes(self.store.root), 4096) from None
+            raise
+        return Receipt(
+            acked_seq=h.seq, duplicate=False, generation=h.generation, journal_bytes=self.received
+        )
+
+    def abort(self) -> None:
+        """Forget a refused or interrupted upload: close and delete the partial file."""
+        if self._direct and self.direct is not None:
+            self._direct = False
+            self.direct.release()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._part is not None:
+            self._part.unlink(missing_ok=True)
+            self._part = None
+
+
+# --------------------------------------------------------------------------------------------
+# Reading journal files back (the applier)
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """A durable journal file: its header, its extent list, and how to decode its data."""
+
+    path: Path
+    header: BatchHeader
+    batch_len: int
+    extents: list[tuple[int, int, int]]  # (offset, length, kind)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """``(generation, seq)``."""
+        return self.header.generation, self.header.seq
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """``(offset, length)`` of every extent: what the apply will overwrite."""
+        return [(o, n) for o, n, _k in self.extents]
+
+    def iter_extents(self, limits: DecodeLimits) -> Iterator[Extent]:
+        """Decode the batch again (re-verifying every checksum) and yield its extents."""
+        decoder = BatchDecoder(limits)
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            pos = 0
+            while True:
+                n = min(_READ_CHUNK, self.batch_len - pos)
+                if n > 0:
+                    chunk = os.pread(fd, n, pos)
+                    if not chunk:
+                        n = 0
+                    pos += len(chunk)
+                    decoder.receive_data(chunk)
+                if n <= 0:
+                    decoder.receive_data(b"")
+                while True:
+                    try:
+                        event = decoder.next_event()
+                    except BatchFormatError as exc:
+                        raise StoreCorrupt(
+                            f"journal file {self.path} no longer decodes: {exc.message}",
+                            fix="the store's disk corrupted an acked batch; run `replikant "
+                            "verify` and repair",
+                        ) from None
+                    if event is NEED_DATA:
+                        break
+                    if isinstance(event, Extent):
+                        yield event
+                    elif isinstance(event, BatchEnd):
+                        return
+                if n <= 0:
+                    raise StoreCorrupt(f"journal file {self.path} ended early")
+        finally:
+            os.close(fd)
+
+
+def read_journal(path: Path, limits: DecodeLimits) -> JournalEntry:
+    """Open a durable journal file: its footer and index, and its header (decoded and checked)."""
+    with path.open("rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size < _IDX_FOOTER.size:
+            raise StoreCorrupt(f"journal file {path} is too short ({size} bytes)")
+        fh.seek(size - _IDX_FOOTER.size)
+        magic, batch_len, count, checksum = _IDX_FOOTER.unpack(fh.read(_IDX_FOOTER.size))
+        if magic != _IDX_MAGIC or batch_len + count * _IDX_ENTRY.size + _IDX_FOOTER.size != size:
+            raise StoreCorrupt(f"journal file {path} has no valid index footer")
+        fh.seek(batch_len)
+        index = fh.read(count * _IDX_ENTRY.size)
+        if xxhash.xxh3_64_intdigest(index) != checksum:
+            raise StoreCorrupt(f"journal file {path} has a corrupt extent index")
+        fh.seek(0)
+        head = fh.read(min(batch_len, 4096))
+    decoder = BatchDecoder(limits)
+    decoder.receive_data(head)
+    try:
+        event = decoder.next_event()
+    except BatchFormatError as exc:
+        raise StoreCorrupt(f"journal file {path} has a bad header: {exc.message}") from None
+    if not isinstance(event, BatchHeader):
+        raise StoreCorrupt(f"journal file {path} has no batch header")
+    extents = [
+        (o, n, k)
+        for o, n, k in (_IDX_ENTRY.unpack_from(index, i * _IDX_ENTRY.size) for i in range(count))
+    ]
+    return JournalEntry(path=path, header=event, batch_len=batch_len, extents=extents)
+
+
+def clean_partials(replica: Replica) -> int:
+    """Delete ``.part`` files left by uploads a crash interrupted (never acked). Returns count."""
+    n = 0
+    for part in replica.journal_dir.glob("*.part"):
+        part.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+KIND_DATA = int(ExtentKind.DATA)

@@ -1,0 +1,487 @@
+"""One broker process: store + HTTPS ingest + appliers + retention + point-in-time NBD exports.
+
+``replikant broker run --config broker.toml`` builds a :class:`BrokerService` and runs it until
+SIGTERM/SIGINT, then stops gracefully: no new connections, uploads in flight finish or are
+dropped (never acked), each applier finishes the batch it is applying, exports are removed.
+
+The owner epoch (invariant 7): a single broker claims ``max(stored) + 1`` at startup. The
+cluster election (MQTT, later) sets :attr:`BrokerService.epoch` through :meth:`set_epoch`; every
+journal and apply is checked against the store's fence with it.
+
+Alerts: :meth:`add_alert_hook` registers a callback ``(event, fields)`` fired when a condition
+is raised or cleared (storage full, apply failure, fenced); the MQTT layer publishes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Final
+
+from aiohttp import web
+
+from broker.apply import AlertHook, Condition, ReplicaEngine
+from broker.errors import (
+    BrokerError,
+    IdentityConflict,
+    NotOwner,
+    StaleGeneration,
+    StorageFullError,
+    UnknownPoint,
+)
+from broker.fsutil import atomic_write_json, free_bytes
+from broker.hashes import block_hashes
+from broker.ingest import build_app
+from broker.pitexport import PointInTimeExport
+from broker.points import Key, RetentionPolicy, key_text, plan_retention
+from broker.store import Replica, Store
+from common.config import BrokerConfig
+from common.hrl import DEFAULT_LIMITS, DecodeLimits
+from common.logs import get_logger
+from common.nbd.server import NBDServer
+from common.tls import Identity, MutualTLSSite, server_context
+
+_log = get_logger("broker.service")
+
+RETENTION_INTERVAL: Final = 30.0
+READ_BUFSIZE: Final = 4 * 1024 * 1024
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``) to a tuple."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class BrokerService:
+    """The broker's live state, shared by the HTTP handlers, the appliers and the CLI."""
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        *,
+        limits: DecodeLimits = DEFAULT_LIMITS,
+        retention_interval: float = RETENTION_INTERVAL,
+    ) -> None:
+        self.config = config
+        self.limits = limits
+        self.retention_interval = retention_interval
+        self.store = Store(config.broker.store)
+        self.epoch = 0
+        self.engines: dict[tuple[str, str], ReplicaEngine] = {}
+        self.conditions: dict[str, Condition] = {}
+        self._hooks: list[AlertHook] = []
+        self.exports: dict[str, PointInTimeExport] = {}
+        self._export_meta: dict[str, dict[str, Any]] = {}
+        self.nbd = NBDServer(max_connections=100)
+        self.nbd_socket = _socket_path(
+            (config.nbd_socket_dir or config.broker.store / ".nbd") / "pit.sock"
+        )
+        self._runner: web.AppRunner | None = None
+        self._site: MutualTLSSite | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.url = ""
+        self.started_ns = time.time_ns()
+
+    # -- lifecycle
+    async def start(self) -> None:
+        """Claim the epoch, replay journals, listen for HTTPS and NBD."""
+        self.epoch = await asyncio.to_thread(self.store.claim_next_epoch, self.config.broker.node)
+        for replica in self.store.replicas():
+            self.engine_for(replica)
+        self.nbd_socket.parent.mkdir(parents=True, exist_ok=True)
+        await self.nbd.serve_unix(self.nbd_socket, mode=0o660)
+        app = build_app(self)
+        # A deep read buffer (aiohttp pauses the socket at 2x read_bufsize): the network keeps
+        # receiving while a worker thread decodes and writes the previous megabytes.
+        self._runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, read_bufsize=READ_BUFSIZE
+        )
+        await self._runner.setup()
+        host, port = parse_listen(self.config.broker.listen)
+        self._site = MutualTLSSite(self._runner, host, port, server_context(self.config.tls))
+        await self._site.start()
+        self.url = f"https://{host}:{self._site.port}"
+        self._tasks.append(asyncio.get_running_loop().create_task(self._retention_loop()))
+        self._write_run_file()
+        _log.info(
+            "broker_started",
+            url=self.url,
+            node=self.config.broker.node,
+            cluster=self.config.broker.cluster,
+            epoch=self.epoch,
+            store=str(self.store.root),
+            replicas=len(self.engines),
+            nbd_socket=str(self.nbd_socket),
+        )
+
+    def _write_run_file(self) -> None:
+        run = self.store.root / ".run"
+        run.mkdir(exist_ok=True)
+        atomic_write_json(
+            run / "broker.json",
+            {
+                "pid": os.getpid(),
+                "url": self.url,
+                "epoch": self.epoch,
+                "node": self.config.broker.node,
+                "nbd_socket": str(self.nbd_socket),
+            },
+        )
+
+    async def stop(self) -> None:
+        """Graceful shutdown."""
+        _log.info("broker_stopping")
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for name in list(self.exports):
+            await self.remove_export(name)
+        await self.nbd.close()
+        await asyncio.gather(*(e.stop() for e in self.engines.values()))
+        for engine in self.engines.values():
+            engine.close()
+        (self.store.root / ".run" / "broker.json").unlink(missing_ok=True)
+        _log.info("broker_stopped")
+
+    async def run(self) -> None:
+        """Start, wait for SIGTERM or SIGINT, stop."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()
+
+    # -- epoch
+    def set_epoch(self, epoch: int) -> None:
+        """Adopt an owner epoch granted by the election (claims it at the store first)."""
+        self.store.claim_epoch(epoch, self.config.broker.node)
+        self.epoch = epoch
+
+    def check_owner(self) -> None:
+        """Refuse writes once another broker claimed a higher epoch on our store."""
+        stored = self.store.stored_epoch()
+        if stored > self.epoch:
+            raise NotOwner(
+                f"broker {self.config.broker.node} holds owner epoch {self.epoch} but the store "
+                f"is at epoch {stored} ({self.store.stored_owner()})",
+                fix="send batches to the cluster's current owner",
+                details={"epoch": self.epoch, "stored_epoch": stored},
+            )
+
+    # -- engines
+    def engine_for(self, replica: Replica) -> ReplicaEngine:
+        """The live engine of a replica (created and started on first use)."""
+        engine = self.engines.get(replica.key)
+        if engine is None:
+            engine = ReplicaEngine(
+                self.store,
+                replica,
+                epoch=lambda: self.epoch,
+                limits=self.limits,
+                alert=self._alert,
+            )
+            self.engines[replica.key] = engine
+            engine.start()
+        return engine
+
+    async def reannounce(
+        self, replica: Replica, ident: Identity, generation: int, body: dict[str, Any]
+    ) -> None:
+        """PUT on an existing replica: source host, labels, RPO, and a newer generation."""
+        m = replica.meta
+        changes: dict[str, Any] = {}
+        if generation < m.generation:
+            raise StaleGeneration(
+                f"{ident} announces vm {m.vm_name} at generation {generation} but the replica "
+                f"is at generation {m.generation}",
+                fix="the VM was failed over since; this source is fenced until reversed",
+                details={"announced": generation, "replica_generation": m.generation},
+            )
+        engine = self.engine_for(replica)
+        if generation > m.generation:
+            async with engine.ingest_lock:
+                if engine.backlog():
+                    raise IdentityConflict(
+                        f"replica {replica.label} still applies {engine.backlog()} batch(es) of "
+                        f"generation {m.generation}; retry the generation change shortly",
+                        fix="retry in a few seconds",
+                    )
+                changes.update(generation=generation, durable_seq=0)
+                _log.info(
+                    "replica_generation_adopted",
+                    vm=m.vm_name,
+                    disk=m.disk_id,
+                    generation=generation,
+                    previous=m.generation,
+                )
+        if m.source_host != ident.name:
+            _log.warning(
+                "replica_source_changed",
+                vm=m.vm_name,
+                disk=m.disk_id,
+                old=m.source_host,
+                new=ident.name,
+            )
+            changes["source_host"] = ident.name
+        for field, key in (
+            ("source_site", "site"),
+            ("labels", "labels"),
+            ("rpo_seconds", "rpo_seconds"),
+        ):
+            value = body.get(key)
+            if value not in (None, "") and value != getattr(m, field):
+                changes[field] = value
+        if changes:
+            await asyncio.to_thread(replica.update_meta, **changes)
+
+    # -- space and alerts
+    def add_alert_hook(self, hook: AlertHook) -> None:
+        """Call ``hook(event, fields)`` on every alert raised or cleared."""
+        self._hooks.append(hook)
+
+    def _alert(self, event: str, fields: dict[str, Any]) -> None:
+        for hook in self._hooks:
+            try:
+                hook(event, fields)
+            except Exception:  # a broken hook must not break ingest
+                _log.exception("alert_hook_failed", alert_event=event)
+
+    def check_space(self, *, needed: int, replica: Replica | None = None) -> None:
+        """Refuse up front when the store is below its reserve."""
+        reserve = self.config.broker.min_free_bytes
+        free = free_bytes(self.store.root)
+        if free - needed < reserve:
+            label = f" for {replica.label}" if replica is not None else ""
+            raise StorageFullError(
+                f"store {self.store.root} has {free} bytes free; accepting a batch{label} needs "
+                f"{reserve + needed} (reserve {reserve} + {needed})",
+                fix="free space on the store's file system or move the store; the broker "
+                "resumes by itself",
+                details={
+                    "store": str(self.store.root),
+                    "free_bytes": free,
+                    "needed_bytes": reserve + needed,
+                    "min_free_bytes": reserve,
+                },
+            )
+
+    def storage_full(self, exc: StorageFullError) -> None:
+        """Raise the broker-wide storage_full condition (idempotent)."""
+        if "storage_full" not in self.conditions:
+            self.conditions["storage_full"] = Condition("storage_full", "critical", exc.message)
+            _log.error("storage_full", **exc.details)
+            self._alert(
+                "alert_raised",
+                {
+                    "condition": "storage_full",
+                    "level": "critical",
+                    "message": exc.message,
+                    **exc.details,
+                },
+            )
+
+    def storage_ok(self) -> None:
+        """Clear storage_full once a batch was journaled (or space came back)."""
+        if self.conditions.pop("storage_full", None) is not None:
+            _log.info(
+                "storage_recovered",
+                store=str(self.store.root),
+                free_bytes=free_bytes(self.store.root),
+            )
+            self._alert("alert_cleared", {"condition": "storage_full"})
+
+    def broker_json(self) -> dict[str, Any]:
+        """This broker's part of the status document."""
+        b = self.config.broker
+        levels = [c.level for c in self.conditions.values()]
+        return {
+            "node": b.node,
+            "cluster": b.cluster,
+            "site": b.site,
+            "epoch": self.epoch,
+            "store": str(self.store.root),
+            "free_bytes": free_bytes(self.store.root),
+            "min_free_bytes": b.min_free_bytes,
+            "health": "critical" if "critical" in levels else "warning" if levels else "ok",
+            "conditions": [
+                {"code": c.code, "level": c.level, "message": c.message}
+                for c in self.conditions.values()
+            ],
+            "exports": len(self.exports),
+        }
+
+    # -- retention
+    def retention_policy(self) -> RetentionPolicy:
+        """``[retention]`` in seconds."""
+        r = self.config.retention
+        return RetentionPolicy(
+            any_point_seconds=r.any_point_minutes * 60,
+            hourly_seconds=r.hourly_hours * 3600,
+            app_consistent_seconds=r.app_consistent_days * 86400,
+        )
+
+    def run_retention(self, now_ns: int | None = None) -> None:
+        """Prune and thin every replica's points (blocking; the retention task runs it)."""
+        now_ns = now_ns if now_ns is not None else time.time_ns()
+        policy = self.retention_policy()
+        for engine in list(self.engines.values()):
+            state = engine.state()
+            infos = engine.points.points(state, include_hidden=True)
+            keep = plan_retention([p.state for p in infos], now_ns, policy)
+            dropped, merged = engine.points.apply_retention(keep)
+            if dropped or merged:
+                _log.info(
+                    "retention_applied",
+                    vm=engine.replica.meta.vm_name,
+                    disk=engine.replica.meta.disk_id,
+                    dropped=dropped,
+                    merged=merged,
+                    undo_bytes=engine.points.undo_bytes(),
+                )
+
+    async def _retention_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.retention_interval)
+            try:
+                await asyncio.to_thread(self.run_retention)
+            except (OSError, BrokerError) as exc:
+                _log.error("retention_failed", error=str(exc))
+            if "storage_full" in self.conditions:
+                with contextlib.suppress(StorageFullError):
+                    self.check_space(needed=0)
+                    self.storage_ok()
+
+    # -- reading
+    def hashes(
+        self,
+        engine: ReplicaEngine,
+        key: Key | None,
+        offset: int,
+        length: int,
+        block_size: int,
+    ) -> tuple[bytes, Key]:
+        """Block hashes as of ``key`` (default: the applied state), and the key used."""
+        view = engine.open_view(key)
+        try:
+            data = block_hashes(
+                view, engine.image_fd, offset=offset, length=length, block_size=block_size
+            )
+        finally:
+            view.close()
+        return data, view.key
+
+    # -- point-in-time exports
+    async def create_exports(
+        self, replicas: list[Replica], key: Key | None, *, read_only: bool = False
+    ) -> list[dict[str, Any]]:
+        """Serve each disk of a VM as of point ``key`` over NBD; returns their descriptions."""
+        made: list[dict[str, Any]] = []
+        try:
+            for replica in replicas:
+                engine = self.engine_for(replica)
+                view = engine.open_view(key)
+                m = replica.meta
+                name = f"pit-{m.vm_name}-{m.disk_id}-{key_text(view.key)}-{secrets.token_hex(3)}"
+                overlay = self.store.overlay_dir() / f"{name}.cow"
+                try:
+                    export = PointInTimeExport(
+                        name,
+                        view,
+                        m.disk_size,
+                        overlay,
+                        read_only=read_only,
+                        description=f"{m.vm_name}/{m.disk_id} as of point {key_text(view.key)}",
+                    )
+                except BaseException:
+                    view.close()
+                    raise
+                self.exports[name] = export
+                self.nbd.add_export(export)
+                doc = {
+                    "name": name,
+                    "vm": m.vm_name,
+                    "uuid": m.vm_uuid,
+                    "disk": m.disk_id,
+                    "point": key_text(view.key),
+                    "size": m.disk_size,
+                    "read_only": read_only,
+                    "socket": str(self.nbd_socket),
+                    "nbd_uri": f"nbd+unix:///{name}?socket={self.nbd_socket}",
+                    "overlay": str(overlay),
+                }
+                self._export_meta[name] = doc
+                made.append(doc)
+                _log.info("pit_export_created", export=name, point=doc["point"], vm=m.vm_name)
+        except BaseException:
+            for doc in made:
+                await self.remove_export(str(doc["name"]))
+            raise
+        return made
+
+    def list_exports(self) -> list[dict[str, Any]]:
+        """The exports being served, with their client counts."""
+        return [
+            {**doc, "clients": self.exports[name].clients}
+            for name, doc in self._export_meta.items()
+            if name in self.exports
+        ]
+
+    async def remove_export(self, name: str) -> None:
+        """Stop serving an export and delete its overlay."""
+        export = self.exports.pop(name, None)
+        if export is None:
+            raise UnknownPoint(f"no export named {name!r}", fix="GET /v1/exports lists them")
+        self._export_meta.pop(name, None)
+        with contextlib.suppress(KeyError):
+            await self.nbd.remove_export(name)
+        export.close()
+
+    # -- seeding
+    async def seed_import(
+        self,
+        directory: str,
+        *,
+        expect_vm: str | None,
+        image: tuple[str, str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Load offline media, or one raw copy ``(path, vm, disk)`` (see broker.seed)."""
+        from broker.seed import import_seed  # noqa: PLC0415 - rarely used
+
+        raw = (Path(image[0]), image[1], image[2]) if image is not None else None
+        return await import_seed(self, Path(directory), expect_vm=expect_vm, image=raw)
+
+
+def _socket_path(path: Path) -> Path:
+    """``path``, or a short stand-in when it exceeds the 107-byte limit of unix socket names."""
+    if len(os.fsencode(path)) <= 100:
+        return path
+    digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:16]
+    short = Path(tempfile.gettempdir()) / f"replikant-{digest}" / path.name
+    _log.warning("nbd_socket_path_shortened", wanted=str(path), using=str(short))
+    return short
+
+
+def load_run_file(store_root: Path) -> dict[str, Any]:
+    """The running broker's ``.run/broker.json`` (url, pid, epoch, nbd socket)."""
+    data: dict[str, Any] = json.loads((store_root / ".run" / "broker.json").read_text())
+    return data
+
+
+__all__ = ["BrokerService", "load_run_file", "parse_listen"]

@@ -1,0 +1,482 @@
+"""The replica store: one directory per protected disk, plus the owner-epoch fence.
+
+Layout under the store root (``[broker] store`` in ``broker.toml``)::
+
+    store.json                      the owner-epoch fence of this store (invariant 7)
+    .lock                           flock()ed for the fence's read-compare-write
+    .overlays/                      private copy-on-write files of point-in-time exports
+    <vm-uuid>/<disk-id>/
+        replica.img                 sparse image of the disk, ``disk_size`` bytes
+        meta.json                   identity, generation, durable/applied seq, epoch, sync state
+        applied.log                 append-only audit: one JSON line per applied batch (the commit)
+        journal/<gen>-<seq>.hrl     durable batches not yet applied (``.part`` while receiving)
+        points/undo-*.dat           undo segments that keep older recovery points readable
+
+``meta.json`` is always replaced atomically (tmp + fsync + rename + fsync dir). ``applied.log`` is
+the commit point of an apply: a batch is applied exactly when its line is there, so the audit can
+prove that no acked batch was lost and none applied twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import threading
+import time
+import uuid as uuid_mod
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from broker.errors import FencedError, IdentityConflict, StoreCorrupt
+from broker.fsutil import atomic_write_json, fsync_dir, read_json
+from common.logs import get_logger
+
+_log = get_logger("broker.store")
+
+META_FORMAT = 1
+InitialSync = Literal["pending", "seeded", "in_progress", "complete"]
+
+
+@dataclass
+class ReplicaMeta:
+    """Everything durable about one replica except its data and its points."""
+
+    vm_uuid: str
+    disk_id: str
+    vm_name: str
+    disk_size: int
+    block_size: int
+    generation: int = 1
+    durable_seq: int = 0
+    applied_generation: int = 1
+    applied_seq: int = 0
+    durable_cut_ns: int = 0
+    applied_cut_ns: int = 0
+    applied_consistency: int = 0
+    applied_full: bool = False
+    epoch: int = 0
+    source_host: str = ""
+    source_site: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    rpo_seconds: float | None = None
+    initial_sync: InitialSync = "pending"
+    created_ns: int = 0
+    seed: dict[str, Any] | None = None
+    format: int = META_FORMAT
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ReplicaMeta:
+        """Load, ignoring keys a newer broker may have added."""
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class AppliedRecord:
+    """One line of ``applied.log``: batch ``(generation, seq)`` is in the replica image."""
+
+    generation: int
+    seq: int
+    cut_ns: int
+    consistency: int
+    full: bool
+    epoch: int
+    applied_ns: int
+    seeded: bool = False
+
+    def line(self) -> bytes:
+        """The record as one JSON line."""
+        return (json.dumps(asdict(self), separators=(",", ":")) + "\n").encode()
+
+
+class Replica:
+    """One protected disk's directory: meta, image path, journal and points folders, audit log.
+
+    Thread-safe for meta updates: the ingest path (durable_seq) and the applier thread
+    (applied_seq) both change meta, each change is saved whole under ``_meta_lock``.
+    """
+
+    def __init__(self, path: Path, meta: ReplicaMeta) -> None:
+        self.path = path
+        self.meta = meta
+        self._meta_lock = threading.Lock()
+
+    # -- paths
+    @property
+    def image(self) -> Path:
+        """The sparse replica image."""
+        return self.path / "replica.img"
+
+    @property
+    def journal_dir(self) -> Path:
+        """Durable batches waiting to be applied."""
+        return self.path / "journal"
+
+    @property
+    def points_dir(self) -> Path:
+        """Undo segments of recovery points."""
+        return self.path / "points"
+
+    @property
+    def applied_log(self) -> Path:
+        """The append-only apply audit."""
+        return self.path / "applied.log"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """``(vm_uuid, disk_id)``."""
+        return self.meta.vm_uuid, self.meta.disk_id
+
+    @property
+    def label(self) -> str:
+        """``vm-uuid/disk-id`` for messages."""
+        return f"{self.meta.vm_uuid}/{self.meta.disk_id}"
+
+    def identity_text(self) -> str:
+        """The replica's identity as messages name it."""
+        m = self.meta
+        return f"vm {m.vm_name} ({m.vm_uuid}) disk {m.disk_id}"
+
+    # -- meta
+    def save_meta(self) -> None:
+        """Write meta.json atomically (callers hold no lock; the snapshot is taken under it)."""
+        with self._meta_lock:
+            atomic_write_json(self.path / "meta.json", asdict(self.meta))
+
+    def update_meta(self, **changes: Any) -> None:
+        """Change some meta fields and save the whole, atomically and durably."""
+        with self._meta_lock:
+            for name, value in changes.items():
+                if name not in ReplicaMeta.__dataclass_fields__:
+                    raise AttributeError(name)
+                setattr(self.meta, name, value)
+            atomic_write_json(self.path / "meta.json", asdict(self.meta))
+
+    # -- audit
+    def append_applied(self, record: AppliedRecord) -> None:
+        """Commit an apply: append its line to ``applied.log`` and fsync."""
+        fd = os.open(self.applied_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, record.line())
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    def applied_records(self) -> list[AppliedRecord]:
+        """Every committed apply, oldest first (the sequence audit)."""
+        try:
+            raw = self.applied_log.read_bytes()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in raw.split(b"\n"):
+            if line.strip():
+                out.append(AppliedRecord(**json.loads(line)))
+        return out
+
+    def last_applied_record(self) -> AppliedRecord | None:
+        """The newest committed apply; a torn last line (crash mid-append) is cut off first."""
+        path = self.applied_log
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return None
+        if size == 0:
+            return None
+        with path.open("r+b") as fh:
+            tail_len = min(size, 64 * 1024)
+            fh.seek(size - tail_len)
+            tail = fh.read(tail_len)
+            if not tail.endswith(b"\n"):
+                # The append never completed, so the apply never committed: drop the fragment.
+                cut = tail.rfind(b"\n")
+                new_size = size - tail_len + cut + 1
+                fh.truncate(new_size)
+                os.fsync(fh.fileno())
+                _log.warning("applied_log_truncated", replica=self.label, dropped=size - new_size)
+                tail = tail[: cut + 1]
+                if not tail:
+                    return None
+            lines = tail.rstrip(b"\n").split(b"\n")
+            return AppliedRecord(**json.loads(lines[-1]))
+
+
+class Store:
+    """All replicas under one root directory, and the owner-epoch fence that guards them.
+
+    The fence (invariant 7): ``store.json`` holds the highest owner epoch ever claimed here.
+    :meth:`claim_epoch` raises it with a locked read-compare-write; every journal and apply
+    call passes its caller's epoch to :meth:`check_epoch`, which refuses a lower one, so a
+    deposed owner that still believes it owns cannot write.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        (root / ".overlays").mkdir(exist_ok=True)
+        for stale in (root / ".overlays").iterdir():
+            # Exports do not survive a restart; their private overlays are garbage now.
+            stale.unlink(missing_ok=True)
+        self._replicas: dict[tuple[str, str], Replica] = {}
+        self._lock = threading.Lock()
+        self._load()
+
+    # -- epoch fence
+    @property
+    def _fence_path(self) -> Path:
+        return self.root / "store.json"
+
+    @contextlib.contextmanager
+    def _fence_lock(self) -> Iterator[None]:
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def stored_epoch(self) -> int:
+        """The highest owner epoch claimed on this store (read fresh from disk)."""
+        try:
+            return int(read_json(self._fence_path).get("epoch", 0))
+        except FileNotFoundError:
+            return 0
+
+    def stored_owner(self) -> str | None:
+        """The node that claimed :meth:`stored_epoch`."""
+        try:
+            owner = read_json(self._fence_path).get("owner")
+        except FileNotFoundError:
+            return None
+        return str(owner) if owner is not None else None
+
+    def claim_epoch(self, epoch: int, node: str) -> int:
+        """Claim ownership at ``epoch``: refused unless higher than the stored one.
+
+        Re-claiming the stored epoch by the node that holds it is allowed (idempotent restart of
+        a claim). Returns ``epoch``.
+        """
+        with self._fence_lock():
+            stored = self.stored_epoch()
+            owner = self.stored_owner()
+            if epoch < stored or (epoch == stored and owner not in (None, node)):
+                raise FencedError(
+                    f"cannot claim owner epoch {epoch} for {node} on store {self.root}: "
+                    f"epoch {stored} is held by {owner}",
+                    fix="another broker owns this store; take max(stored, announced) + 1",
+                    details={"claimed": epoch, "stored": stored, "owner": owner},
+                )
+            atomic_write_json(
+                self._fence_path, {"epoch": epoch, "owner": node, "claimed_ns": time.time_ns()}
+            )
+        _log.info("epoch_claimed", epoch=epoch, node=node, store=str(self.root))
+        return epoch
+
+    def claim_next_epoch(self, node: str) -> int:
+        """Claim ``max(stored) + 1``: what a single broker does at startup."""
+        with self._fence_lock():
+            epoch = self.stored_epoch() + 1
+            atomic_write_json(
+                self._fence_path, {"epoch": epoch, "owner": node, "claimed_ns": time.time_ns()}
+            )
+        _log.info("epoch_claimed", epoch=epoch, node=node, store=str(self.root))
+        return epoch
+
+    def check_epoch(self, epoch: int, replica: Replica | None = None) -> None:
+        """Refuse (:class:`FencedError`) a write stamped with an epoch older than the store's.
+
+        With ``replica``, also compare against the epoch that last wrote it, and adopt a higher
+        one durably *before* the caller writes anything (a fenced owner then finds the higher
+        epoch next to the data even if ``store.json`` were lost).
+        """
+        stored = self.stored_epoch()
+        floor = max(stored, replica.meta.epoch if replica is not None else 0)
+        if epoch < floor:
+            raise FencedError(
+                f"write stamped with owner epoch {epoch} refused: store {self.root} is at "
+                f"epoch {floor} (owner {self.stored_owner()})",
+                fix="this broker no longer owns the cluster; it must stop applying",
+                details={"epoch": epoch, "stored_epoch": floor},
+            )
+        if replica is not None and epoch > replica.meta.epoch:
+            replica.update_meta(epoch=epoch)
+
+    # -- replicas
+    def _load(self) -> None:
+        for vm_dir in sorted(self.root.iterdir()):
+            if vm_dir.name.startswith(".") or not vm_dir.is_dir():
+                continue
+            for disk_dir in sorted(vm_dir.iterdir()):
+                if disk_dir.name.startswith("."):
+                    if disk_dir.name.endswith(".creating"):
+                        # A creation that crashed before its rename: never visible, never used.
+                        _remove_tree(disk_dir)
+                    continue
+                meta_path = disk_dir / "meta.json"
+                try:
+                    meta = ReplicaMeta.from_json(read_json(meta_path))
+                except (OSError, ValueError, TypeError) as exc:
+                    raise StoreCorrupt(
+                        f"replica directory {disk_dir} has an unreadable meta.json ({exc})",
+                        fix="restore meta.json from backup or remove the directory",
+                    ) from None
+                replica = Replica(disk_dir, meta)
+                self._recover_counters(replica)
+                self._replicas[replica.key] = replica
+
+    def _recover_counters(self, replica: Replica) -> None:
+        """Bring meta's counters up to what the audit log and the journal prove durable."""
+        m = replica.meta
+        rec = replica.last_applied_record()
+        changes: dict[str, Any] = {}
+        if rec is not None and (rec.generation, rec.seq) > (m.applied_generation, m.applied_seq):
+            changes.update(
+                applied_generation=rec.generation,
+                applied_seq=rec.seq,
+                applied_cut_ns=rec.cut_ns,
+                applied_consistency=rec.consistency,
+                applied_full=rec.full,
+            )
+        applied_gen = changes.get("applied_generation", m.applied_generation)
+        applied = changes.get("applied_seq", m.applied_seq)
+        durable = max(m.durable_seq, applied if applied_gen == m.generation else 0)
+        for path in replica.journal_dir.glob("*.hrl"):
+            gen_seq = parse_journal_name(path.name)
+            if gen_seq is not None and gen_seq[0] == m.generation:
+                durable = max(durable, gen_seq[1])
+        if durable != m.durable_seq:
+            changes["durable_seq"] = durable
+        if changes:
+            _log.info("replica_counters_recovered", replica=replica.label, **changes)
+            replica.update_meta(**changes)
+
+    def replicas(self) -> list[Replica]:
+        """Every replica, sorted by VM name then disk."""
+        with self._lock:
+            items = list(self._replicas.values())
+        return sorted(items, key=lambda r: (r.meta.vm_name, r.meta.vm_uuid, r.meta.disk_id))
+
+    def get(self, vm_uuid: str, disk_id: str) -> Replica | None:
+        """The replica of ``(vm_uuid, disk_id)``, if enabled here."""
+        with self._lock:
+            return self._replicas.get((vm_uuid, disk_id))
+
+    def find_vm(self, vm: str) -> list[Replica]:
+        """Every disk of the VM named ``vm`` (a name or a UUID)."""
+        return [r for r in self.replicas() if vm in (r.meta.vm_name, r.meta.vm_uuid)]
+
+    def create_replica(
+        self,
+        *,
+        vm_uuid: str,
+        disk_id: str,
+        vm_name: str,
+        disk_size: int,
+        block_size: int,
+        generation: int,
+        source_host: str = "",
+        source_site: str = "",
+        labels: dict[str, str] | None = None,
+        rpo_seconds: float | None = None,
+    ) -> tuple[Replica, bool]:
+        """Return the replica of ``(vm_uuid, disk_id)``, creating it if absent.
+
+        Created whole or not at all: the directory is built under a hidden name and renamed into
+        place. An existing replica with another VM name or disk size is an
+        :class:`IdentityConflict`. Returns ``(replica, created)``.
+        """
+        vm_uuid = str(uuid_mod.UUID(vm_uuid))
+        with self._lock:
+            existing = self._replicas.get((vm_uuid, disk_id))
+            if existing is not None:
+                m = existing.meta
+                if m.vm_name != vm_name or m.disk_size != disk_size:
+                    raise IdentityConflict(
+                        f"replica {vm_uuid}/{disk_id} exists for vm {m.vm_name!r} with "
+                        f"{m.disk_size} bytes; the request names vm {vm_name!r} with "
+                        f"{disk_size} bytes",
+                        fix="a VM keeps its UUID, name and disk size; remove the old replica "
+                        "if this really is another disk",
+                        details={
+                            "replica": {"vm_name": m.vm_name, "disk_size": m.disk_size},
+                            "request": {"vm_name": vm_name, "disk_size": disk_size},
+                        },
+                    )
+                return existing, False
+            vm_dir = self.root / vm_uuid
+            vm_dir.mkdir(exist_ok=True)
+            final = vm_dir / disk_id
+            tmp = vm_dir / f".{disk_id}.creating"
+            _remove_tree(tmp)
+            tmp.mkdir()
+            (tmp / "journal").mkdir()
+            (tmp / "points").mkdir()
+            with (tmp / "replica.img").open("wb") as fh:
+                fh.truncate(disk_size)
+                os.fsync(fh.fileno())
+            meta = ReplicaMeta(
+                vm_uuid=vm_uuid,
+                disk_id=disk_id,
+                vm_name=vm_name,
+                disk_size=disk_size,
+                block_size=block_size,
+                generation=generation,
+                applied_generation=generation,
+                source_host=source_host,
+                source_site=source_site,
+                labels=dict(labels or {}),
+                rpo_seconds=rpo_seconds,
+                created_ns=time.time_ns(),
+            )
+            atomic_write_json(tmp / "meta.json", asdict(meta))
+            fsync_dir(tmp)
+            os.rename(tmp, final)
+            fsync_dir(vm_dir)
+            fsync_dir(self.root)
+            replica = Replica(final, meta)
+            self._replicas[replica.key] = replica
+        _log.info("replica_created", vm=vm_name, vm_uuid=vm_uuid, disk=disk_id, disk_size=disk_size)
+        return replica, True
+
+    def remove_replica(self, replica: Replica) -> None:
+        """Delete a replica and everything it holds (disable replication)."""
+        with self._lock:
+            self._replicas.pop(replica.key, None)
+        _remove_tree(replica.path)
+        with contextlib.suppress(OSError):
+            replica.path.parent.rmdir()
+
+    def overlay_dir(self) -> Path:
+        """Where point-in-time exports keep their private copy-on-write files."""
+        return self.root / ".overlays"
+
+
+def journal_name(generation: int, seq: int) -> str:
+    """The journal file name of batch ``(generation, seq)``."""
+    return f"{generation}-{seq}.hrl"
+
+
+def parse_journal_name(name: str) -> tuple[int, int] | None:
+    """``(generation, seq)`` from a journal file name, or ``None``."""
+    if not name.endswith(".hrl"):
+        return None
+    stem = name[: -len(".hrl")]
+    gen, sep, seq = stem.partition("-")
+    if not sep or not gen.isdigit() or not seq.isdigit():
+        return None
+    return int(gen), int(seq)
+
+
+def _remove_tree(path: Path) -> None:
+    if not path.exists():
+        return
+    for child in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if child.is_dir() and not child.is_symlink():
+            child.rmdir()
+        else:
+            child.unlink()
+    path.rmdir()

@@ -1,0 +1,398 @@
+"""Unit tests of the replica store, journal, apply and recovery points, without sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from broker.apply import ReplicaEngine
+from broker.errors import (
+    CorruptExtent,
+    FencedError,
+    IdentityConflict,
+    IdentityMismatch,
+    MalformedBatch,
+    SequenceGap,
+    StaleGeneration,
+    StorageFullError,
+)
+from broker.journal import BatchReceiver, Receipt
+from broker.points import RetentionPolicy, StateInfo, plan_retention
+from broker.store import Replica, Store
+from common.hrl import DEFAULT_LIMITS
+from tests.support_broker import FakeSource, MiB
+
+EPOCH = 1
+
+
+def make_store(tmp_path: Path) -> Store:
+    store = Store(tmp_path / "store")
+    store.claim_epoch(EPOCH, "node1")
+    return store
+
+
+def enable(store: Store, src: FakeSource) -> Replica:
+    replica, _ = store.create_replica(
+        vm_uuid=str(src.vm_uuid),
+        disk_id=src.disk_id,
+        vm_name="web1",
+        disk_size=src.disk_size,
+        block_size=src.block_size,
+        generation=src.generation,
+    )
+    return replica
+
+
+def journal(
+    store: Store, replica: Replica, body: bytes, chunk: int = 7000, min_free: int = 0
+) -> Receipt:
+    rx = BatchReceiver(
+        store,
+        replica,
+        url_identity=replica.key,
+        limits=DEFAULT_LIMITS,
+        min_free_bytes=min_free,
+        max_batch_bytes=1 << 40,
+    )
+    try:
+        for i in range(0, len(body), chunk):
+            rx.feed(body[i : i + chunk])
+        return rx.finish()
+    except BaseException:
+        rx.abort()
+        raise
+
+
+def engine(store: Store, replica: Replica, epoch: int = EPOCH) -> ReplicaEngine:
+    return ReplicaEngine(store, replica, epoch=lambda: epoch)
+
+
+def sync_state(replica: Replica) -> str:
+    return replica.meta.initial_sync
+
+
+def image(replica: Replica) -> bytes:
+    return replica.image.read_bytes()
+
+
+def test_create_replica_is_sparse_and_idempotent(tmp_path: Path) -> None:
+    """Enabling creates a sparse image and meta once; re-enabling returns the same replica."""
+    store = make_store(tmp_path)
+    src = FakeSource(disk_size=64 * MiB)
+    r = enable(store, src)
+    assert r.image.stat().st_size == 64 * MiB
+    assert r.image.stat().st_blocks == 0
+    meta = json.loads((r.path / "meta.json").read_text())
+    assert meta["vm_uuid"] == str(src.vm_uuid)
+    assert meta["initial_sync"] == "pending"
+    again = enable(store, src)
+    assert again is r
+    assert Store(store.root).get(*r.key) is not None
+
+
+def test_identity_conflict_names_both(tmp_path: Path) -> None:
+    """A second enable with another VM name is refused and names both."""
+    store = make_store(tmp_path)
+    src = FakeSource()
+    enable(store, src)
+    with pytest.raises(IdentityConflict) as err:
+        store.create_replica(
+            vm_uuid=str(src.vm_uuid),
+            disk_id=src.disk_id,
+            vm_name="db1",
+            disk_size=src.disk_size,
+            block_size=src.block_size,
+            generation=1,
+        )
+    assert "web1" in err.value.message
+    assert "db1" in err.value.message
+
+
+def test_epoch_fence_refuses_old_owner(tmp_path: Path) -> None:
+    """Two brokers share a store: once B claims a higher epoch, A's apply is fenced, unwritten."""
+    root = tmp_path / "store"
+    a = Store(root)
+    a.claim_epoch(1, "a")
+    src = FakeSource()
+    replica = enable(a, src)
+    src.mutate()
+    journal(a, replica, src.cut().body)
+    b = Store(root)
+    with pytest.raises(FencedError):
+        b.claim_epoch(1, "b")  # equal epoch held by another node
+    b.claim_epoch(2, "b")
+    eng = engine(a, replica, epoch=1)
+    before = image(replica)
+    with pytest.raises(FencedError):
+        eng.apply_pending()
+    assert image(replica) == before
+    assert replica.applied_records() == []
+    assert list(replica.points_dir.iterdir()) == []
+    # The new owner applies, and its epoch is recorded next to the data.
+    eng_b = engine(b, b.get(*replica.key) or replica, epoch=2)
+    assert eng_b.apply_pending() == 1
+    assert eng_b.replica.meta.epoch == 2
+    assert a.claim_next_epoch("a") == 3
+
+
+def test_journal_apply_roundtrip(tmp_path: Path) -> None:
+    """Journal then apply ten batches: the replica equals the source, the audit is 1..10."""
+    store = make_store(tmp_path)
+    src = FakeSource()
+    replica = enable(store, src)
+    eng = engine(store, replica)
+    for _ in range(10):
+        src.mutate()
+        receipt = journal(store, replica, src.cut().body)
+        assert not receipt.duplicate
+    assert replica.meta.durable_seq == 10
+    assert eng.apply_pending() == 10
+    assert image(replica) == bytes(src.image)
+    assert [r.seq for r in replica.applied_records()] == list(range(1, 11))
+    assert list(replica.journal_dir.iterdir()) == []
+    assert replica.meta.initial_sync == "complete"
+
+
+def test_refusals_leave_no_partial_file(tmp_path: Path) -> None:
+    """Gap, stale generation, wrong identity and corrupt extent are refused precisely."""
+    store = make_store(tmp_path)
+    src = FakeSource()
+    replica = enable(store, src)
+    src.mutate()
+    first = src.cut()
+    journal(store, replica, first.body)
+    # Duplicate: answered, nothing written.
+    dup = journal(store, replica, first.body)
+    assert dup.duplicate
+    assert dup.acked_seq == 1
+    # Gap.
+    src.mutate()
+    src.cut()
+    src.mutate()
+    third = src.cut()
+    with pytest.raises(SequenceGap) as gap:
+        journal(store, replica, third.body)
+    assert gap.value.details == {"expected_seq": 2, "received_seq": 3}
+    # Stale generation.
+    old = FakeSource(vm_uuid=src.vm_uuid, generation=0)
+    old.mutate()
+    with pytest.raises(StaleGeneration):
+        journal(store, replica, old.cut().body)
+    # Wrong identity: a batch of another VM posted to this replica's URL.
+    other = FakeSource()
+    other.mutate()
+    with pytest.raises(IdentityMismatch) as wrong:
+        journal(store, replica, other.cut().body)
+    assert str(other.vm_uuid) in wrong.value.message
+    assert str(src.vm_uuid) in wrong.value.message
+    # Corrupt extent: flip a byte in the middle of the data.
+    src2 = FakeSource(vm_uuid=src.vm_uuid, compression=src.compression.NONE, seed=5)
+    src2.seq = 1
+    src2.mutate()
+    body = bytearray(src2.cut().body)
+    body[len(body) // 2] ^= 0xFF
+    with pytest.raises((CorruptExtent, MalformedBatch)):
+        journal(store, replica, bytes(body))
+    # Truncated.
+    with pytest.raises(MalformedBatch) as trunc:
+        journal(store, replica, src2.cuts[2].body[:-10])
+    assert trunc.value.details["class"] == "Truncated"
+    assert sorted(p.name for p in replica.journal_dir.iterdir()) == ["1-1.hrl"]
+    assert replica.meta.durable_seq == 1
+
+
+def test_storage_full_refuses_and_removes_partial(tmp_path: Path) -> None:
+    """With free space below the reserve the upload is refused naming the store; nothing is left."""
+    store = make_store(tmp_path)
+    src = FakeSource()
+    replica = enable(store, src)
+    src.mutate()
+    with pytest.raises(StorageFullError) as full:
+        journal(store, replica, src.cut().body, min_free=1 << 62)
+    assert str(store.root) in full.value.message
+    assert full.value.details["needed_bytes"] > full.value.details["free_bytes"]
+    assert list(replica.journal_dir.iterdir()) == []
+    assert replica.meta.durable_seq == 0
+
+
+def test_crash_mid_apply_replays_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash after the undo capture and half the data writes replays once, undo captured once."""
+    store = make_store(tmp_path)
+    src = FakeSource()
+    replica = enable(store, src)
+    eng = engine(store, replica)
+    src.mutate(20)
+    journal(store, replica, src.cut().body)
+    eng.apply_pending()
+    src.mutate(20)
+    journal(store, replica, src.cut().body)
+
+    from broker.fsutil import pwrite_all as real
+
+    calls = {"n": 0}
+
+    def dying_pwrite(fd: int, data: bytes, offset: int) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+        real(fd, data, offset)
+
+    monkeypatch.setattr("broker.apply.pwrite_all", dying_pwrite)  # the apply's only data write
+    with pytest.raises(KeyboardInterrupt):
+        eng.apply_pending()
+    monkeypatch.setattr("broker.apply.pwrite_all", real)
+    undo = sorted(p.name for p in replica.points_dir.iterdir())
+    undo_stat = {p.name: p.stat().st_mtime_ns for p in replica.points_dir.iterdir()}
+    eng.close()
+
+    # "Restart": a fresh store object and engine over the same directory.
+    store2 = Store(store.root)
+    replica2 = store2.get(*replica.key)
+    assert replica2 is not None
+    eng2 = engine(store2, replica2)
+    assert eng2.apply_pending() == 1
+    assert image(replica2) == bytes(src.image)
+    assert [r.seq for r in replica2.applied_records()] == [1, 2]
+    # The undo of batch 2 was not recaptured (same file, untouched).
+    assert {p.name: p.stat().st_mtime_ns for p in replica2.points_dir.iterdir()} == undo_stat
+    assert sorted(p.name for p in replica2.points_dir.iterdir()) == undo
+    # And point 1 still reads as the source at cut 1.
+    with eng2.open_view((1, 1)) as view:
+        assert view.read(0, src.disk_size) == src.cuts[1].image
+
+
+def test_points_read_every_cut_while_applying(tmp_path: Path) -> None:
+    """Every retained point reads as the source at that cut, also with batches applied meanwhile."""
+    store = make_store(tmp_path)
+    src = FakeSource()
+    replica = enable(store, src)
+    eng = engine(store, replica)
+    for _ in range(6):
+        src.mutate(10)
+        journal(store, replica, src.cut().body)
+    eng.apply_pending()
+    view3 = eng.open_view((1, 3))
+    for _ in range(6):
+        src.mutate(10)
+        journal(store, replica, src.cut().body)
+        eng.apply_pending()
+        assert view3.read(0, src.disk_size) == src.cuts[3].image
+    points = eng.points.points(eng.state())
+    assert [p.state.seq for p in points] == list(range(12, 0, -1))
+    for p in points:
+        with eng.open_view(p.state.key) as view:
+            assert view.read(0, src.disk_size) == src.cuts[p.state.seq].image, p.id
+            # Unaligned reads too.
+            assert view.read(12345, 70000) == src.cuts[p.state.seq].image[12345 : 12345 + 70000]
+    view3.close()
+
+
+def test_retention_drops_and_merges(tmp_path: Path) -> None:
+    """Dropping old points deletes files; thinning merges segments; kept points still read right."""
+    store = make_store(tmp_path)
+    src = FakeSource()
+    replica = enable(store, src)
+    eng = engine(store, replica)
+    for _ in range(12):
+        src.mutate(10)
+        journal(store, replica, src.cut().body)
+    eng.apply_pending()
+    keep = {(1, 4), (1, 7), (1, 8), (1, 12)}
+    pinned = eng.open_view((1, 10))  # an open export pins its point
+    before = sum(p.stat().st_size for p in replica.points_dir.iterdir())
+    dropped, merged = eng.points.apply_retention(keep)
+    assert dropped == 4  # bases 0..3 (and so their segments) went
+    ids = [p.state.seq for p in eng.points.points(eng.state())]
+    assert ids == [12, 10, 8, 7, 4]
+    assert merged > 0
+    for seq in ids:
+        with eng.open_view((1, seq)) as view:
+            assert view.read(0, src.disk_size) == src.cuts[seq].image
+    assert pinned.read(0, src.disk_size) == src.cuts[10].image
+    pinned.close()
+    after = sum(p.stat().st_size for p in replica.points_dir.iterdir())
+    assert after < before
+    # A restart sees exactly the same chain.
+    eng.close()
+    store2 = Store(store.root)
+    r2 = store2.get(*replica.key)
+    assert r2 is not None
+    eng2 = engine(store2, r2)
+    assert [p.state.seq for p in eng2.points.points(eng2.state())] == ids
+    with eng2.open_view((1, 4)) as view:
+        assert view.read(0, src.disk_size) == src.cuts[4].image
+
+
+def test_plan_retention_windows() -> None:
+    """Any-point window keeps all; older ones thin to hourly; app points last longer."""
+    hour = 3600 * 10**9
+    now = 100 * hour
+    states = []
+    for seq, minutes_ago in enumerate(range(0, 6 * 60, 10), start=1):
+        states.append(StateInfo(1, seq, now - minutes_ago * 60 * 10**9, 0, False))
+    states.append(StateInfo(1, 0, now - 7 * hour, 0, False))
+    app = StateInfo(1, 999, now - 30 * hour, 1, False)
+    states.append(app)
+    states.sort(key=lambda s: s.cut_ns)
+    policy = RetentionPolicy(
+        any_point_seconds=3600, hourly_seconds=3 * 3600, app_consistent_seconds=48 * 3600
+    )
+    keep = plan_retention(states, now, policy)
+    recent = {s.key for s in states if now - s.cut_ns <= hour and s.seq}
+    assert recent <= keep
+    assert app.key in keep
+    older = [s for s in states if hour < now - s.cut_ns <= 4 * hour]
+    hours = {s.cut_ns // hour for s in older}
+    assert len([s for s in older if s.key in keep]) == len(hours)
+    assert all(s.key not in keep for s in states if now - s.cut_ns > 4 * hour and s is not app)
+
+
+def test_full_batches_are_hidden_until_first_delta(tmp_path: Path) -> None:
+    """Points after FULL (initial copy) batches are not listed; the first delta completes sync."""
+    store = make_store(tmp_path)
+    src = FakeSource()
+    replica = enable(store, src)
+    eng = engine(store, replica)
+    src.mutate(30)
+    journal(store, replica, src.cut(full=True, all_blocks=True).body)
+    eng.apply_pending()
+    assert sync_state(replica) == "in_progress"
+    assert eng.points.points(eng.state()) == []
+    src.mutate(3)
+    journal(store, replica, src.cut().body)
+    eng.apply_pending()
+    assert sync_state(replica) == "complete"
+    assert [p.state.seq for p in eng.points.points(eng.state())] == [2]
+    assert image(replica) == bytes(src.image)
+
+
+def test_torn_applied_log_line_is_cut(tmp_path: Path) -> None:
+    """A half-written audit line (crash mid-append) means "not committed" and is removed."""
+    store = make_store(tmp_path)
+    src = FakeSource()
+    replica = enable(store, src)
+    eng = engine(store, replica)
+    src.mutate()
+    journal(store, replica, src.cut().body)
+    eng.apply_pending()
+    with replica.applied_log.open("ab") as fh:
+        fh.write(b'{"generation":1,"seq":2')
+    rec = replica.last_applied_record()
+    assert rec is not None
+    assert rec.seq == 1
+    assert replica.applied_log.read_bytes().endswith(b"\n")
+    assert len(replica.applied_records()) == 1
+    os.sync()
+
+
+def test_example_config_is_valid() -> None:
+    """deploy/broker.example.toml passes validation as shipped."""
+    from common.config import BrokerConfig, load_config
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(root / "deploy" / "broker.example.toml", BrokerConfig)
+    assert cfg.broker.node == "b1"
+    assert cfg.retention.any_point_minutes == 60
