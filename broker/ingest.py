@@ -559,22 +559,22 @@ def vm_point_list(service: BrokerService, replicas: list[Replica]) -> list[dict[
     return out
 
 
-async def status(request: web.Request) -> web.Response:
-    """GET /v1/status: every VM with its roles, health, lag and last point."""
-    service = request.app[SERVICE_KEY]
-    require_admin(request)
+def status_vms(service: BrokerService) -> list[dict[str, Any]]:
+    """Every replicated VM's status entry, sorted by name (the body of GET /v1/status)."""
     now = time.time()
     by_vm: dict[str, list[Replica]] = {}
     for replica in service.store.replicas():
         by_vm.setdefault(replica.meta.vm_uuid, []).append(replica)
     vms = [vm_status(service, reps, now) for reps in by_vm.values()]
     vms.sort(key=lambda v: v["name"])
-    return web.json_response(
-        {
-            "vms": vms,
-            "broker": service.broker_json(),
-        }
-    )
+    return vms
+
+
+async def status(request: web.Request) -> web.Response:
+    """GET /v1/status: every VM with its roles, health, lag and last point."""
+    service = request.app[SERVICE_KEY]
+    require_admin(request)
+    return web.json_response({"vms": status_vms(service), "broker": service.broker_json()})
 
 
 def _vm_replicas(service: BrokerService, vm: str) -> list[Replica]:

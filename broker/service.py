@@ -23,6 +23,7 @@ import secrets
 import signal
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Final
 
@@ -39,15 +40,18 @@ from broker.errors import (
 )
 from broker.fsutil import atomic_write_json, free_bytes
 from broker.hashes import block_hashes
-from broker.ingest import build_app
+from broker.ingest import build_app, status_vms
+from broker.membership import Membership
 from broker.pitexport import PointInTimeExport
 from broker.points import Key, RetentionPolicy, key_text, plan_retention
 from broker.store import Replica, Store
+from common import topics
 from common.config import BrokerConfig
 from common.hrl import DEFAULT_LIMITS, DecodeLimits
 from common.logs import get_logger
+from common.mqtt import MQTTLink
 from common.nbd.server import NBDServer
-from common.tls import Identity, MutualTLSSite, server_context
+from common.tls import Identity, MutualTLSSite, client_context, server_context
 
 _log = get_logger("broker.service")
 
@@ -90,6 +94,7 @@ class BrokerService:
         self._tasks: list[asyncio.Task[None]] = []
         self.url = ""
         self.started_ns = time.time_ns()
+        self.membership: Membership | None = None
 
     # -- lifecycle
     async def start(self) -> None:
@@ -111,6 +116,8 @@ class BrokerService:
         await self._site.start()
         self.url = f"https://{host}:{self._site.port}"
         self._tasks.append(asyncio.get_running_loop().create_task(self._retention_loop()))
+        if self.config.mqtt.url:
+            self._start_membership(self.config.mqtt.url)
         self._write_run_file()
         _log.info(
             "broker_started",
@@ -137,9 +144,64 @@ class BrokerService:
             },
         )
 
+    def _start_membership(self, url: str) -> None:
+        """Announce this broker, its owner epoch and every VM's roles on the MQTT control plane."""
+        b = self.config.broker
+        link = MQTTLink(
+            url,
+            client_id=f"replikant-broker-{b.cluster}-{b.node}",
+            tls_context=client_context(self.config.tls) if self.config.mqtt.tls else None,
+        )
+        membership = Membership(
+            link,
+            node=b.node,
+            cluster=b.cluster,
+            site=b.site,
+            url=self.url,
+            epoch=lambda: self.epoch,
+            snapshot=self._vm_site_records,
+        )
+        # The Last Will marks us offline if we vanish without a clean leave.
+        link.set_will(topics.member(b.cluster, b.node), membership.member_record(online=False))
+        self.membership = membership
+        loop = asyncio.get_running_loop()
+
+        pending: set[asyncio.Task[None]] = set()
+
+        def publish_alert(event: str, fields: dict[str, Any]) -> None:
+            if event == "alert_raised":
+                message = str(fields.get("message", fields.get("condition", "alert")))
+                task = loop.create_task(membership.alert(str(fields.get("condition")), message))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+
+        self.add_alert_hook(publish_alert)
+        self._tasks.append(loop.create_task(link.run()))
+        self._tasks.append(loop.create_task(membership.run()))
+
+    def _vm_site_records(self) -> list[tuple[uuid.UUID, str, topics.VMSiteRecord]]:
+        out: list[tuple[uuid.UUID, str, topics.VMSiteRecord]] = []
+        for vm in status_vms(self):
+            last = vm.get("last_point")
+            for site, role in vm["roles"].items():
+                record = topics.VMSiteRecord(
+                    name=vm["name"],
+                    role=role,
+                    generation=vm["generation"],
+                    health=vm["health"],
+                    lag_seconds=vm["lag_seconds"],
+                    last_point=last["id"] if last else None,
+                )
+                out.append((uuid.UUID(vm["uuid"]), site, record))
+        return out
+
     async def stop(self) -> None:
         """Graceful shutdown."""
         _log.info("broker_stopping")
+        if self.membership is not None and self.membership.link.connected:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    await self.membership.leave()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -122,7 +122,9 @@ class BrokerSection(_Strict):
 
 
 class MQTTSection(_Strict):
-    url: str = "mqtt://127.0.0.1:1883"
+    """The control plane. Without a URL the broker runs alone and publishes nothing."""
+
+    url: str | None = None
     tls: bool = False
 
 

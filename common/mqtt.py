@@ -70,6 +70,11 @@ class MQTTLink:
         self._reconnect_max = reconnect_max_seconds
         self.on_connect: list[Callable[[], None]] = []
 
+    def set_will(self, topic: str, record: BaseModel) -> None:
+        """What the MQTT broker publishes (retained) for us if we vanish; takes effect on the
+        next connect."""
+        self._will = (topic, record)
+
     @property
     def connected(self) -> bool:
         """Whether the link is up right now."""

@@ -1,0 +1,489 @@
+"""`replikant lab`: a whole replication setup on one machine, in one command.
+
+`lab up` makes a PKI with the certificate helper, starts an MQTT broker (embedded amqtt, or
+Mosquitto when asked), a recovery-site broker and a source-site agent with demo VMs, waits until
+every demo disk has finished its initial replication, and writes `DIR/lab.json` (the contract
+outside scripts rely on). `lab down` stops what `lab up` started and removes the directory.
+
+The lab runs every daemon as its own process, the way they run in production, so what works in the
+lab works on real hosts: it talks to them only over their real interfaces (HTTPS, NBD, MQTT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import click
+from rich.console import Console
+from rich.table import Table
+
+from broker.errors import BrokerError
+from certs.store import CertStore
+from common.config import TLSFiles
+from common.logs import get_logger
+from common.tls import client_context
+
+log = get_logger("replikant.lab")
+
+LAB_FILE = "lab.json"
+PIDS_FILE = "pids.json"
+CLUSTER = "dr"
+BROKER_NODE = "b1"
+AGENT_HOST = "h1"
+PRIMARY_SITE = "primary"
+RECOVERY_SITE = "recovery"
+
+
+class LabError(BrokerError):
+    """The lab could not be brought up or down."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _replikant() -> list[str]:
+    """How to run our own console script from inside this interpreter's environment."""
+    beside = Path(sys.executable).with_name("replikant")
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("replikant")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "from common.cli import main; main()"]
+
+
+@dataclass
+class LabPlan:
+    """Everything `lab up` decides before it starts a process."""
+
+    root: Path
+    vms: int
+    disk_mib: int
+    interval: float
+    mqtt_kind: str
+    mqtt_port: int = field(default_factory=_free_port)
+    broker_port: int = field(default_factory=_free_port)
+    agent_status_port: int = field(default_factory=_free_port)
+
+    @property
+    def pki(self) -> Path:
+        return self.root / "pki"
+
+    @property
+    def mqtt_url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.mqtt_port}"
+
+    @property
+    def broker_url(self) -> str:
+        return f"https://127.0.0.1:{self.broker_port}"
+
+    @property
+    def agent_status_url(self) -> str:
+        return f"http://127.0.0.1:{self.agent_status_port}"
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def store(self) -> Path:
+        return self.root / "recovery" / "store"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value))
+
+
+def _tls_section(tls: TLSFiles) -> str:
+    return f'[tls]\nca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n'
+
+
+def _make_image(path: Path, size: int, seed: int) -> None:
+    """A sparse demo disk with some content: a boot-sector-like head, text, random blocks."""
+    rng = random.Random(seed)
+    with path.open("wb") as f:
+        f.truncate(size)
+        f.write(b"REPLIKANT DEMO DISK".ljust(512, b"\0"))
+        text = "".join(f"line {i}: the quick brown fox\n" for i in range(4000)).encode()
+        f.seek(1 << 20)
+        f.write(text)
+        for i in range(8):
+            f.seek(min(size - (64 << 10), (i + 2) * (size // 10)) & ~0xFFFF)
+            f.write(rng.randbytes(64 << 10))
+
+
+def write_lab_files(plan: LabPlan) -> dict[str, Any]:
+    """Create PKI, demo images and configs; return the lab description (not yet written)."""
+    root = plan.root
+    for sub in ("logs", "primary/images", "primary/state", "recovery", "run"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    pki = CertStore.init(plan.pki)
+    broker_cert = pki.issue_broker(CLUSTER, BROKER_NODE, dns=["localhost"], ips=["127.0.0.1"])
+    agent_cert = pki.issue_agent(AGENT_HOST, dns=["localhost"], ips=["127.0.0.1"])
+    admin_cert = pki.issue_admin("lab")
+
+    vms: list[dict[str, Any]] = []
+    agent_vms = ""
+    for n in range(plan.vms):
+        name = f"demo{n + 1}"
+        vm_uuid = uuid.uuid4()
+        disks = []
+        agent_vms += (
+            f'\n[[vms]]\nname = "{name}"\nuuid = "{vm_uuid}"\npolicy = "lab"\n'
+            f'labels = {{ tier = "demo" }}\n'
+        )
+        for d in range(2 if n == 0 else 1):
+            disk_id = f"disk{d}"
+            image = root / "primary" / "images" / f"{name}-{disk_id}.img"
+            _make_image(image, plan.disk_mib << 20, seed=n * 10 + d)
+            export = f"{name}-{disk_id}"
+            sock = plan.socket_dir / f"{export}.sock"
+            agent_vms += (
+                f'[[vms.disks]]\nid = "{disk_id}"\nimage = "{image}"\nexport = "{export}"\n'
+            )
+            disks.append(
+                {
+                    "id": disk_id,
+                    "source_image": str(image),
+                    "nbd_uri": f"nbd+unix:///{export}?socket={sock}",
+                    "replica_image": str(plan.store / str(vm_uuid) / disk_id / "replica.img"),
+                }
+            )
+        vms.append({"name": name, "uuid": str(vm_uuid), "primary_site": PRIMARY_SITE,
+                    "disks": disks})  # fmt: skip
+
+    (root / "agent.toml").write_text(
+        f'[agent]\nhost = "{AGENT_HOST}"\nsite = "{PRIMARY_SITE}"\n'
+        f'state_dir = "{root / "primary" / "state"}"\n'
+        f'status_listen = "127.0.0.1:{plan.agent_status_port}"\n\n'
+        + _tls_section(agent_cert.tls)
+        + f'\n[nbd]\nsocket_dir = "{plan.socket_dir}"\n\n'
+        f'[broker]\nurls = ["{plan.broker_url}"]\ncluster = "{CLUSTER}"\n\n'
+        f"[policies.lab]\ninterval_seconds = {plan.interval}\n" + agent_vms
+    )
+    (root / "broker.toml").write_text(
+        f'[broker]\nnode = "{BROKER_NODE}"\ncluster = "{CLUSTER}"\nsite = "{RECOVERY_SITE}"\n'
+        f'listen = "127.0.0.1:{plan.broker_port}"\nstore = "{plan.store}"\n'
+        f"min_free_bytes = {64 << 20}\n\n"
+        + _tls_section(broker_cert.tls)
+        + f'\n[mqtt]\nurl = "{plan.mqtt_url}"\n\n[authorization]\nmode = "listed"\n'
+        f'agents = ["{AGENT_HOST}"]\n'
+    )
+    (root / "admin.toml").write_text(
+        f'[admin]\nbrokers = ["{plan.broker_url}"]\nagents = ["{plan.agent_status_url}"]\n\n'
+        + _tls_section(admin_cert.tls)
+    )
+    return {
+        "mqtt": plan.mqtt_url,
+        "config": str(root / "admin.toml"),
+        "broker_url": plan.broker_url,
+        "agent_status_url": plan.agent_status_url,
+        "pki": str(plan.pki),
+        "logs": str(root / "logs"),
+        "vms": vms,
+    }
+
+
+@dataclass
+class _Proc:
+    name: str
+    argv: list[str]
+    pid: int = 0
+
+
+def _start(plan: LabPlan, name: str, argv: list[str]) -> _Proc:
+    logfile = (plan.root / "logs" / f"{name}.log").open("ab")
+    env = dict(os.environ, REPLIKANT_LAB=str(plan.root))
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=logfile,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # the lab outlives `lab up --detach`; `lab down` stops it
+        env=env,
+        cwd=plan.root,
+    )
+    logfile.close()
+    log.info("lab_process_started", process=name, pid=proc.pid)
+    return _Proc(name, argv, proc.pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):
+        # A zombie child of ours counts as gone.
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            return False
+    return True
+
+
+def _log_tail(plan_root: Path, name: str, lines: int = 15) -> str:
+    path = plan_root / "logs" / f"{name}.log"
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+async def _wait_until(what: str, check: Any, procs: list[_Proc], root: Path, limit: float) -> Any:
+    deadline = time.monotonic() + limit
+    last_error = "not checked yet"
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if not _alive(proc.pid):
+                raise LabError(
+                    f"lab process {proc.name} (pid {proc.pid}) exited while waiting for {what}; "
+                    f"last log lines:\n{_log_tail(root, proc.name)}",
+                    fix=f"read {root / 'logs' / (proc.name + '.log')}",
+                )
+        try:
+            result = await check()
+            if result:
+                return result
+            last_error = "not ready yet"
+        except (OSError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            last_error = f"{type(exc).__name__}: {exc}"
+        await asyncio.sleep(0.2)
+    raise LabError(
+        f"timed out after {limit:.0f}s waiting for {what} ({last_error})",
+        fix=f"read the logs in {root / 'logs'}",
+    )
+
+
+async def _bring_up(plan: LabPlan, lab: dict[str, Any], limit: float) -> list[_Proc]:
+    cmd = _replikant()
+    procs: list[_Proc] = []
+    try:
+        if plan.mqtt_kind == "mosquitto":
+            conf = plan.root / "mosquitto.conf"
+            conf.write_text(
+                f"listener {plan.mqtt_port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            )
+            binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+            procs.append(_start(plan, "mqtt", [binary, "-c", str(conf)]))
+        else:
+            procs.append(_start(plan, "mqtt", [*cmd, "lab", "mqtt", "--port", str(plan.mqtt_port)]))
+
+        async def mqtt_up() -> bool:
+            _, writer = await asyncio.open_connection("127.0.0.1", plan.mqtt_port)
+            writer.close()
+            return True
+
+        await _wait_until("the MQTT broker", mqtt_up, procs, plan.root, limit)
+        procs.append(
+            _start(
+                plan, "broker", [*cmd, "broker", "run", "--config", str(plan.root / "broker.toml")]
+            )
+        )
+        admin_tls = TLSFiles(
+            ca=plan.pki / "ca.crt",
+            cert=plan.pki / "admins" / "lab.crt",
+            key=plan.pki / "admins" / "lab.key",
+        )
+        ssl_ctx = client_context(admin_tls)
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=5),
+            connector=aiohttp.TCPConnector(ssl=ssl_ctx),
+        ) as session:
+
+            async def broker_up() -> bool:
+                async with session.get(f"{plan.broker_url}/v1/status") as resp:
+                    return resp.status == 200
+
+            await _wait_until("the broker's HTTPS endpoint", broker_up, procs, plan.root, limit)
+            procs.append(
+                _start(
+                    plan, "agent", [*cmd, "agent", "run", "--config", str(plan.root / "agent.toml")]
+                )
+            )
+            wanted = {(vm["uuid"], d["id"]) for vm in lab["vms"] for d in vm["disks"]}
+
+            async def replicated() -> bool:
+                async with session.get(f"{plan.broker_url}/v1/status") as resp:
+                    body = await resp.json()
+                done = set()
+                for vm in body.get("vms", []):
+                    for disk in vm.get("disks", []):
+                        if (
+                            disk.get("initial_sync") == "complete"
+                            and disk.get("applied_seq", 0) > 0
+                        ):
+                            done.add((vm["uuid"], disk["disk_id"]))
+                return wanted <= done
+
+            await _wait_until(
+                "the initial replication of every demo disk", replicated, procs, plan.root, limit
+            )
+    except BaseException:
+        _stop([p.pid for p in procs])
+        raise
+    return procs
+
+
+def _stop(pids: list[int], grace: float = 10.0) -> None:
+    """SIGTERM each process group, then SIGKILL what is left after ``grace`` seconds."""
+    for pid in reversed(pids):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, 0)
+
+
+def _print_summary(console: Console, lab: dict[str, Any], root: Path) -> None:
+    table = Table(title="Replikant lab: demo disks (write to nbd_uri, read replica_image)")
+    for col in ("vm", "disk", "nbd_uri", "replica_image"):
+        table.add_column(col, overflow="fold")
+    for vm in lab["vms"]:
+        for disk in vm["disks"]:
+            table.add_row(vm["name"], disk["id"], disk["nbd_uri"], disk["replica_image"])
+    console.print(table)
+    console.print(f"MQTT:        {lab['mqtt']}")
+    console.print(f"Broker:      {lab['broker_url']}")
+    console.print(f"Admin CLI:   replikant --config {lab['config']} status")
+    console.print(f"Logs:        {lab['logs']}")
+    console.print(f"Description: {root / LAB_FILE}")
+
+
+@click.group("lab")
+def lab() -> None:
+    """A complete replication setup on this machine, for trying Replikant out."""
+
+
+@lab.command("up")
+@click.option("--dir", "directory", type=click.Path(path_type=Path, file_okay=False), required=True)
+@click.option("--vms", default=2, show_default=True, type=click.IntRange(1, 20))
+@click.option("--disk-mib", default=64, show_default=True, type=click.IntRange(8, 65536))
+@click.option("--interval", default=1.0, show_default=True, help="Replication interval, seconds.")
+@click.option(
+    "--mqtt",
+    "mqtt_kind",
+    type=click.Choice(["embedded", "mosquitto"]),
+    default="embedded",
+    show_default=True,
+)
+@click.option("--detach", is_flag=True, help="Return once all is up; `lab down` stops it.")
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for readiness.")
+def up(
+    directory: Path,
+    vms: int,
+    disk_mib: int,
+    interval: float,
+    mqtt_kind: str,
+    detach: bool,
+    timeout: float,
+) -> None:
+    """Bring up MQTT, a broker and an agent with demo VMs whose disks replicate."""
+    root = directory.resolve()
+    if (root / PIDS_FILE).exists():
+        raise LabError(
+            f"a lab already runs in {root} (found {PIDS_FILE})",
+            fix=f"run `replikant lab down --dir {root}` first, or choose another --dir",
+        )
+    if root.exists() and any(root.iterdir()):
+        raise LabError(
+            f"{root} is not empty; the lab needs a directory of its own",
+            fix="choose a new or empty --dir",
+        )
+    console = Console(stderr=True)
+    plan = LabPlan(root=root, vms=vms, disk_mib=disk_mib, interval=interval, mqtt_kind=mqtt_kind)
+    root.mkdir(parents=True, exist_ok=True)
+    lab_info = write_lab_files(plan)
+    with console.status("starting MQTT, broker and agent; replicating demo disks..."):
+        procs = asyncio.run(_bring_up(plan, lab_info, timeout))
+    lab_info["processes"] = {p.name: p.pid for p in procs}
+    (root / PIDS_FILE).write_text(json.dumps([p.pid for p in procs]))
+    (root / LAB_FILE).write_text(json.dumps(lab_info, indent=2) + "\n")
+    _print_summary(console, lab_info, root)
+    log.info("lab_up", dir=str(root), vms=vms)
+    if detach:
+        console.print(f"Stop it with: replikant lab down --dir {root}")
+        return
+    console.print("Running; press Ctrl-C to stop and remove the lab.")
+    stop = {"now": False}
+
+    def _request_stop(*_: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGINT, _request_stop)
+    while not stop["now"] and all(_alive(p.pid) for p in procs):
+        time.sleep(0.5)
+    _down(root, console)
+
+
+def _down(root: Path, console: Console) -> None:
+    pids_path = root / PIDS_FILE
+    pids: list[int] = json.loads(pids_path.read_text()) if pids_path.exists() else []
+    _stop(pids)
+    shutil.rmtree(root, ignore_errors=True)
+    console.print(f"lab in {root} stopped and removed ({len(pids)} processes)")
+    log.info("lab_down", dir=str(root), processes=len(pids))
+
+
+@lab.command("down")
+@click.option("--dir", "directory", type=click.Path(path_type=Path, file_okay=False), required=True)
+def down(directory: Path) -> None:
+    """Stop everything `lab up` started in DIR and remove DIR."""
+    root = directory.resolve()
+    if not (root / LAB_FILE).exists() and not (root / PIDS_FILE).exists():
+        raise LabError(
+            f"{root} holds no lab (no {LAB_FILE})",
+            fix="pass the --dir that `replikant lab up` was given",
+        )
+    _down(root, Console(stderr=True))
+
+
+@lab.command("mqtt", hidden=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, required=True)
+def mqtt(host: str, port: int) -> None:
+    """Run the embedded MQTT broker in the foreground (the lab's own broker)."""
+    import uvloop  # noqa: PLC0415  (the event loop is chosen at the entry point only)
+
+    from common.mqttbroker import serve_embedded  # noqa: PLC0415
+
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(serve_embedded(host, port))

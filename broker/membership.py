@@ -1,0 +1,102 @@
+"""A broker's presence on the control plane: membership, ownership and per-VM state over MQTT.
+
+The retained records let any newcomer (another broker, the dashboard, `replikant status` on a
+machine without HTTPS access) see at once who is in the cluster, who owns it with which epoch,
+and every VM's role per site. MQTT is advisory (see docs/decisions): the epoch that fences writes
+is enforced by the replica store, not by these messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+
+from common import topics
+from common.logs import get_logger
+from common.mqtt import MQTTLink
+
+log = get_logger("replikant.membership")
+
+VMSnapshot = Callable[[], list[tuple[uuid.UUID, str, topics.VMSiteRecord]]]
+
+
+class Membership:
+    """Publishes this broker's membership, its ownership claim and VM states; raises alerts."""
+
+    def __init__(
+        self,
+        link: MQTTLink,
+        *,
+        node: str,
+        cluster: str,
+        site: str,
+        url: str,
+        epoch: Callable[[], int],
+        snapshot: VMSnapshot,
+        interval: float = 2.0,
+    ) -> None:
+        self.link = link
+        self.node = node
+        self.cluster = cluster
+        self.site = site
+        self.url = url
+        self._epoch = epoch
+        self._snapshot = snapshot
+        self._interval = interval
+        self._since = time.time()
+        self._published: dict[str, topics.VMSiteRecord] = {}
+
+    def member_record(self, *, online: bool) -> topics.MemberRecord:
+        """This broker's membership record."""
+        return topics.MemberRecord(
+            node=self.node,
+            cluster=self.cluster,
+            site=self.site,
+            url=self.url,
+            online=online,
+            epoch=self._epoch(),
+            since=self._since,
+        )
+
+    async def publish_once(self) -> int:
+        """Publish membership, ownership and every VM record that changed; return how many."""
+        await self.link.publish_retained(
+            topics.member(self.cluster, self.node), self.member_record(online=True)
+        )
+        epoch = self._epoch()
+        if epoch >= 1:
+            await self.link.publish_retained(
+                topics.owner(self.cluster), topics.OwnerRecord(node=self.node, epoch=epoch)
+            )
+        changed = 0
+        for vm_uuid, site, record in self._snapshot():
+            topic = topics.vm_site(vm_uuid, site)
+            if self._published.get(topic) != record:
+                await self.link.publish_retained(topic, record)
+                self._published[topic] = record
+                changed += 1
+        return changed
+
+    async def run(self) -> None:
+        """Keep the records fresh until cancelled; re-publish everything after a reconnect."""
+        self.link.on_connect.append(self._published.clear)
+        while True:
+            if self.link.connected:
+                await self.publish_once()
+            await asyncio.sleep(self._interval)
+
+    async def alert(self, kind: str, message: str, fix: str | None = None) -> None:
+        """Raise an operator alert on the cluster's alert topic (and in the log)."""
+        log.warning("alert_raised", kind=kind, message=message, fix=fix)
+        await self.link.publish(
+            topics.alerts(self.cluster),
+            topics.AlertRecord(node=self.node, kind=kind, message=message, fix=fix, at=time.time()),
+        )
+
+    async def leave(self) -> None:
+        """Announce a clean leave: membership offline (the Last Will covers unclean exits)."""
+        await self.link.publish_retained(
+            topics.member(self.cluster, self.node), self.member_record(online=False)
+        )
