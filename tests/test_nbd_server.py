@@ -259,15 +259,17 @@ async def test_remove_export_waits_for_flushes_then_disconnects(
         assert server.clients_of("disk") == 0
         with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
             await client.read(0, 1)
+        await client.disconnect()
         with pytest.raises(NBDClientError, match="ERR_UNKNOWN"):
             await NBDClient.open_unix(os.fspath(sock), "disk")
         assert await bystander.read(0, 4) == (await asyncio.to_thread(image.read_bytes))[:4]
-        server.add_export(FileExport(image, "disk2"))
+        added = FileExport(image, "disk2")
+        server.add_export(added)
         async with await NBDClient.open_unix(os.fspath(sock), "disk2") as again:
             assert again.info.size == SIZE
         await bystander.disconnect()
-    export.close()
-    other.close()
+    for e in (export, other, added):
+        e.close()
 
 
 # --- errors ---------------------------------------------------------------------------------------

@@ -216,20 +216,19 @@ class NBDClient:
         return await self._request(cmd, offset, length, data, flags=flags)
 
     async def disconnect(self) -> None:
-        """Send ``NBD_CMD_DISC`` and close."""
-        if self._writer.is_closing():
-            return
-        async with self._lock:
-            self._handle += 1
-            self._writer.write(
-                struct.pack(">IHHQQI", REQUEST_MAGIC, 0, Cmd.DISC, self._handle, 0, 0)
-            )
-            with contextlib.suppress(ConnectionError, ssl.SSLError):
-                await self._writer.drain()
-                await self._reader.read()  # the server closes after DISC
-            self._writer.close()
-            with contextlib.suppress(ConnectionError, ssl.SSLError):
-                await self._writer.wait_closed()
+        """Send ``NBD_CMD_DISC`` (unless the server already hung up) and close."""
+        if not self._writer.is_closing():
+            async with self._lock:
+                self._handle += 1
+                self._writer.write(
+                    struct.pack(">IHHQQI", REQUEST_MAGIC, 0, Cmd.DISC, self._handle, 0, 0)
+                )
+                with contextlib.suppress(ConnectionError, ssl.SSLError):
+                    await self._writer.drain()
+                    await self._reader.read()  # the server closes after DISC
+        self._writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await self._writer.wait_closed()
 
     async def _request(
         self,
