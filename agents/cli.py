@@ -152,6 +152,14 @@ def _print_status(doc: dict[str, Any]) -> None:
         mode = d["mode"] if d["fenced"] is None else "FENCED"
         if d["mode"] == "initial":
             mode += f" {100 * d['initial_sync']['cursor'] / max(d['size'], 1):.0f}%"
+        seed = d.get("seed")
+        if seed:
+            mode += f" ({seed['state'].replace('_', ' ')}"
+            if seed.get("seq"):
+                mode += f" seq {seed['seq']}"
+            if seed.get("total_bytes"):
+                mode += f" {100 * seed['done_bytes'] / seed['total_bytes']:.0f}%"
+            mode += ")"
         table.add_row(
             d["vm"],
             d["disk"],

@@ -117,6 +117,13 @@ class BlockMap:
         self.dirty += changed
         return changed
 
+    def copy(self) -> BlockMap:
+        """An independent copy (one byte per block: 1.6 MB for a 100 GiB disk)."""
+        twin = BlockMap(self.nblocks)
+        twin.mm[:] = self.mm[:]
+        twin.dirty = self.dirty
+        return twin
+
     def any_dirty(self, b0: int, b1: int) -> bool:
         """Whether any block of ``[b0, b1)`` is not CLEAN."""
         return self.mm[b0:b1].count(0) != b1 - b0

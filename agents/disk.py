@@ -165,10 +165,12 @@ class TrackedExport(ExportBase):
         )
         return self.cut
 
-    def end_cut(self, *, acked: bool) -> int:
+    def end_cut(self, *, acked: bool, merge: BlockMap | None = None) -> int:
         """Finish the current cut: settle its regions after an ack, or merge it back.
 
-        Returns the regions cleared from the persisted map (0 when merged back).
+        ``merge``, when given, is what goes back instead of the frozen map (a seed export froze
+        the whole disk but only its dirty blocks were pending before the cut). Returns the
+        regions cleared from the persisted map (0 when merged back).
         """
         cut = self.cut
         if cut is None:
@@ -179,7 +181,7 @@ class TrackedExport(ExportBase):
         if acked:
             cleared = self.map.settle(cut.frozen)
         else:
-            self.map.merge_back(cut.frozen)
+            self.map.merge_back(cut.frozen if merge is None else merge)
         cut.frozen.close()
         return cleared
 

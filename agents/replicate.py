@@ -14,7 +14,9 @@ Modes: ``initial`` ships the whole disk as FULL batches of at most ``full_batch_
 allocated data each (holes skipped, zero blocks sent as ZERO extents), resumable from the last
 acked chunk; ``verify`` compares block hashes with the replica and marks only the differing
 blocks (when tracking cannot vouch for every change, or to seed from an existing copy);
-``delta`` ships what the dirty map says.
+``delta`` ships what the dirty map says; ``awaiting_seed`` ships nothing: the disk waits for
+seed media (``replikant seed export``/``import``, see :mod:`agents.seed`) to reach the broker, its
+dirty map tracking every change since the export's cut.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.cut import Cut
-from agents.dirtymap import DATA, Recovery, file_extents
+from agents.dirtymap import DATA, BlockMap, Recovery, file_extents
 from agents.disk import TrackedExport
 from agents.errors import FencedError, ShipError
 from agents.ship import (
@@ -108,6 +110,8 @@ class DiskReplicator:
         self._chunk_end = 0
         self.status = DiskStatus()
         self.on_progress: Callable[[DiskReplicator, int, int], None] | None = None
+        self.seed_export: dict[str, Any] | None = None  # progress while an export writes media
+        self._seed_restore: BlockMap | None = None  # the dirty blocks pending before that cut
         if self.state is not None:
             self.status.last_acked_seq = self.state.acked_seq
             self.status.last_acked_cut_ns = self.state.last_cut_ns
@@ -133,7 +137,7 @@ class DiskReplicator:
         """
         rs = await self.client.enable(self.vm.uuid, self.disk.id, self._enable_body())
         await self._adopt(rs)
-        self.ready = True
+        self.ready = self.mode != "awaiting_seed"
 
     async def _adopt(self, rs: ReplicaState) -> None:
         local = self.state
@@ -150,11 +154,24 @@ class DiskReplicator:
                 "the VM was failed over"
             )
             raise FencedError(self.fenced, fix="reverse replication", code="stale_generation")
+        if local is not None and local.seed_seq:
+            if rs.durable_seq in (0, local.seed_base_seq):
+                self._await_seed(local, rs)  # the media has not been imported yet
+                return
+            local = self._seed_arrived(local, rs)
+        elif (
+            self.policy.initial_copy == "media"
+            and rs.durable_seq == 0
+            and rs.initial_sync == "pending"
+        ):
+            fresh = DiskState(str(self.vm.uuid), self.disk.id, self.export.size, rs.generation)
+            self._await_seed(local or fresh, rs)  # no network copy: `replikant seed export` it
+            return
         previous_mode = self.mode
         seeded = rs.initial_sync == "seeded" and rs.durable_seq == 0
         if rs.durable_seq == 0 and not seeded:
             # Nothing durable at the broker: (re)start the initial copy from the beginning.
-            if local is None or local.acked_seq or local.initial_done:
+            if local is None or local.acked_seq or local.initial_done or local.verify_pending:
                 local = DiskState(str(self.vm.uuid), self.disk.id, self.export.size, rs.generation)
             self.mode = "initial"
         elif (
@@ -208,6 +225,127 @@ class DiskReplicator:
                 generation=rs.generation,
                 initial_cursor=local.initial_cursor,
             )
+
+    def _await_seed(self, local: DiskState, rs: ReplicaState) -> None:
+        if self.mode != "awaiting_seed":
+            self.log.info(
+                "seed_awaited",
+                seq=local.seed_seq or None,
+                seed_dir=local.seed_dir or None,
+                durable_seq=rs.durable_seq,
+                initial_sync=rs.initial_sync,
+            )
+        self.mode = "awaiting_seed"
+        self.state = local
+        self.next_seq = 0
+
+    def _seed_arrived(self, local: DiskState, rs: ReplicaState) -> DiskState:
+        """The replica moved past the state it had at the export: imported, or superseded."""
+        log = self.log.bind(seq=local.seed_seq)
+        if rs.durable_seq == local.seed_seq:
+            # The media is in: the dirty map holds exactly the changes since its cut.
+            log.info("seed_import_detected", seed_dir=local.seed_dir, durable_seq=rs.durable_seq)
+            local.acked_seq = rs.durable_seq
+            local.last_cut_ns = local.seed_cut_ns
+            local.initial_done = True
+            local.initial_cursor = self.export.size
+            self.status.last_acked_seq = rs.durable_seq
+            self.status.last_acked_cut_ns = local.seed_cut_ns
+        else:
+            # Other media (an older export) or another copy reached the replica: what differs
+            # from it is unknown to the dirty map, so compare hashes.
+            log.warning(
+                "seed_superseded",
+                seed_dir=local.seed_dir,
+                durable_seq=rs.durable_seq,
+                reason="the replica holds another state than this disk's last export",
+            )
+            local.verify_pending = True
+        local.seed_seq = local.seed_base_seq = local.seed_cut_ns = 0
+        local.seed_dir = ""
+        local.save(self.state_path)
+        return local
+
+    # -- seed export (agents.seed drives these) ----------------------------------------------
+
+    def begin_seed_cut(self, cut_time_ns: int) -> Cut:
+        """Freeze the whole disk (allocated data and pending changes) for an export to media.
+
+        Synchronous, like :meth:`begin_cut`: a VM cuts all its disks in one loop step. The
+        export reads the cut like a FULL batch (copy-on-write keeps it point-in-time).
+        """
+        cut = self.export.begin_cut(cut_time_ns)
+        self._seed_restore = cut.frozen.copy()
+        cut.add_full_range(0, self.export.size, self.export.fd)
+        return cut
+
+    def finish_seed_export(
+        self, cut: Cut, *, seq: int, base_seq: int, generation: int, directory: Path
+    ) -> None:
+        """The media holds ``cut`` durably as ``seq``: wait for its import from now on.
+
+        The state is saved *before* the persisted map forgets the pre-cut changes, so a kill
+        in between only leaves the map pessimistic.
+        """
+        st = self.state or DiskState(str(self.vm.uuid), self.disk.id, self.export.size)
+        st.generation = generation
+        st.seed_seq = seq
+        st.seed_base_seq = base_seq
+        st.seed_cut_ns = cut.cut_time_ns
+        st.seed_dir = str(directory)
+        st.verify_pending = False  # the media holds the whole disk: nothing left to compare
+        st.save(self.state_path)
+        self.export.end_cut(acked=True)
+        self._drop_seed_restore()
+        # Tracking is exact from the cut on, whatever the map recovered at start.
+        self.recovery = Recovery(fresh=False, clean=True, recovered_blocks=0, tracking_lost=None)
+        self.state = st
+        self.mode = "awaiting_seed"
+        self.ready = False
+        self.next_seq = 0
+
+    def abort_seed_export(self) -> None:
+        """The export failed: the blocks pending before its cut are pending again."""
+        self.export.end_cut(acked=False, merge=self._seed_restore)
+        self._drop_seed_restore()
+
+    def cancel_seed(self) -> bool:
+        """Forget the export this disk waits for (lost media); True if there was one.
+
+        The map no longer holds the changes made before that cut, so a replica that has data
+        is compared by hashes; an empty one gets the initial copy its policy asks for.
+        """
+        st = self.state
+        if st is None or not st.seed_seq:
+            return False
+        self.log.warning("seed_cancelled", seq=st.seed_seq, seed_dir=st.seed_dir)
+        st.verify_pending = st.seed_base_seq > 0 or st.acked_seq > 0
+        st.seed_seq = st.seed_base_seq = st.seed_cut_ns = 0
+        st.seed_dir = ""
+        st.save(self.state_path)
+        self.ready = False
+        return True
+
+    def _drop_seed_restore(self) -> None:
+        if self._seed_restore is not None:
+            self._seed_restore.close()
+            self._seed_restore = None
+
+    def seed_status(self) -> dict[str, Any] | None:
+        """The ``seed`` part of this disk's status (None when no seeding is going on)."""
+        st = self.state
+        if self.seed_export is not None:
+            return dict(self.seed_export)
+        if st is not None and st.seed_seq:
+            return {
+                "state": "awaiting_import",
+                "seq": st.seed_seq,
+                "dir": st.seed_dir,
+                "cut_time": st.seed_cut_ns / 1e9,
+            }
+        if self.mode == "awaiting_seed":
+            return {"state": "awaiting_export"}
+        return None
 
     async def _verify(self) -> None:
         """Mark every block whose contents differ from the replica's (hash compare)."""
@@ -407,4 +545,5 @@ class DiskReplicator:
                 "map_syncs": self.export.map.map_syncs,
             },
             "clients": self.export.clients,
+            "seed": self.seed_status(),
         }

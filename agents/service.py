@@ -15,6 +15,7 @@ import asyncio
 import base64
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import signal
@@ -34,6 +35,7 @@ from agents.disk import TrackedExport
 from agents.errors import AgentError, ShipError
 from agents.hooks import FreezeHooks
 from agents.replicate import DiskReplicator
+from agents.seed import ExportRequest, SeedError, cancel_seeds, export_media
 from agents.ship import MAX_EXTENT, Backoff, BrokerClient, TokenBucket
 from common.config import AgentConfig, DiskConfig, Policy, VMConfig
 from common.errors import ConfigError
@@ -233,19 +235,26 @@ class VMWorker:
                     return
             started = time.monotonic()
             live = [r for r in self.replicators if r.fenced is None]
-            for rep in live:
-                if not rep.ready:
-                    try:
-                        await rep.prepare()
-                    except ShipError as exc:
-                        rep.status.errors += 1
-                        rep.status.last_error = str(exc)
-                        wlog.warning(
-                            "broker_unavailable", disk=rep.disk.id, error=exc.message, code=exc.code
-                        )
+            failed = not live
+            async with self.lock:  # not while a seed export or a verify holds the disks
+                for rep in live:
+                    if not rep.ready:
+                        try:
+                            await rep.prepare()
+                        except ShipError as exc:
+                            failed = True
+                            rep.status.errors += 1
+                            rep.status.last_error = str(exc)
+                            wlog.warning(
+                                "broker_unavailable",
+                                disk=rep.disk.id,
+                                error=exc.message,
+                                code=exc.code,
+                            )
             ready = [r for r in live if r.ready]
             if not ready:
-                due = time.monotonic() + self.backoff.next_delay()
+                # Disks awaiting seed media are no failure: look at the replica next interval.
+                due = time.monotonic() + self.backoff.next_delay() if failed else started + interval
                 continue
             ok = await self.cycle(ready)
             if ok:
@@ -258,7 +267,9 @@ class VMWorker:
     async def cycle(self, ready: list[DiskReplicator]) -> bool:
         """One cut of every ready disk at the same instant, then ship them all."""
         async with self.lock:
-            return await self._cycle(ready)
+            # A seed export may have taken a disk out while this cycle waited for the lock.
+            ready = [r for r in ready if r.ready and r.fenced is None]
+            return await self._cycle(ready) if ready else True
 
     async def _cycle(self, ready: list[DiskReplicator]) -> bool:
         self.cycles += 1
@@ -288,6 +299,12 @@ class VMWorker:
                     raise ShipError(f"disk {rep.disk.id} is fenced: {rep.fenced}")
                 if not rep.ready:
                     await rep.prepare()
+                if rep.mode == "awaiting_seed":
+                    raise ShipError(
+                        f"disk {rep.disk.id} awaits its seed import and ships nothing yet",
+                        fix="run `replikant seed import DIR` at the recovery site, then verify",
+                        code="awaiting_seed",
+                    )
             self.cycles += 1
             cut_time = time.time_ns()
             cuts = [(rep, rep.begin_cut(cut_time)) for rep in self.replicators]
@@ -332,17 +349,21 @@ async def snapshot_hashes(snap: Cut, block_size: int) -> bytes:
 
 
 class InitialCopyProgress:
-    """A rich progress bar per disk while initial copies run, when stderr is a terminal.
+    """A rich progress bar per disk while initial copies (or seed exports) run, when stderr is
+    a terminal.
 
-    Without a terminal the ``initial_sync_progress`` log events carry the same information.
+    Without a terminal the ``initial_sync_progress`` (``seed_export_progress``) log events carry
+    the same information.
     """
 
     def __init__(self) -> None:
         self._progress: Any = None
         self._tasks: dict[str, Any] = {}
 
-    def update(self, rep: DiskReplicator, done: int, total: int) -> None:
-        """Show ``done`` of ``total`` bytes for ``rep``'s disk."""
+    def update(
+        self, rep: DiskReplicator, done: int, total: int, *, what: str = "initial copy"
+    ) -> None:
+        """Show ``done`` of ``total`` bytes of ``what`` for ``rep``'s disk."""
         if not sys.stderr.isatty():
             return
         from rich.progress import (  # noqa: PLC0415 - only on a terminal
@@ -363,9 +384,9 @@ class InitialCopyProgress:
                 transient=False,
             )
             self._progress.start()
-        key = f"{rep.vm.name}/{rep.disk.id}"
+        key = f"{what} {rep.vm.name}/{rep.disk.id}"
         if key not in self._tasks:
-            self._tasks[key] = self._progress.add_task(f"initial copy {key}", total=total)
+            self._tasks[key] = self._progress.add_task(key, total=total)
         self._progress.update(self._tasks[key], completed=done)
         if all(t.finished for t in self._progress.tasks):
             self._progress.stop()
@@ -389,6 +410,7 @@ class Agent:
         self.status_url = ""
         self.started_ns = time.time_ns()
         self.progress = InitialCopyProgress()
+        self._seed_task: asyncio.Task[dict[str, Any]] | None = None
 
     def _lock(self) -> None:
         self.config.agent.state_dir.mkdir(parents=True, exist_ok=True)
@@ -511,6 +533,8 @@ class Agent:
         app.router.add_get("/v1/status", self._status)
         app.router.add_post("/v1/vms/{vm}/verify", self._verify)
         app.router.add_post("/v1/vms/{vm}/repair", self._repair)
+        app.router.add_post("/v1/seed/export", self._seed_export)
+        app.router.add_post("/v1/seed/cancel", self._seed_cancel)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         host, port = parse_listen(self.config.agent.status_listen)
@@ -590,6 +614,51 @@ class Agent:
         log.info("repair_marked", vm=worker.vm.name, bytes=marked)
         return web.json_response({"vm": worker.vm.name, "marked_bytes": marked})
 
+    async def _seed_export(self, request: web.Request) -> web.Response:
+        """Write VMs to offline seed media (``agents.seed``); one export at a time."""
+        try:
+            req = ExportRequest.from_json(await request.json())
+            if self._seed_task is not None and not self._seed_task.done():
+                raise SeedError(
+                    "another seed export is running on this agent",
+                    code="export_in_progress",
+                    fix="wait for it to finish (replikant agent status shows its progress)",
+                )
+            self._seed_task = asyncio.create_task(
+                export_media(
+                    self.workers,
+                    req,
+                    host=self.config.agent.host,
+                    site=self.config.agent.site,
+                    progress=functools.partial(self.progress.update, what="seed export"),
+                )
+            )
+            return web.json_response(await self._seed_task)
+        except ValueError:
+            return web.json_response(
+                {"error": "bad_request", "message": "the request body is not JSON"}, status=400
+            )
+        except SeedError as exc:
+            log.warning("seed_export_refused", code=exc.code, error=exc.message)
+            return web.json_response(exc.body(), status=exc.status)
+        except (AgentError, OSError) as exc:
+            log.error("seed_export_failed", error=str(exc))
+            body = {"error": "export_failed", "message": str(exc), "fix": "see the agent's log"}
+            return web.json_response(body, status=500)
+
+    async def _seed_cancel(self, request: web.Request) -> web.Response:
+        """Stop waiting for the import of the named VMs' last export (the media was lost)."""
+        try:
+            body = await request.json()
+            names = tuple(str(v) for v in body["vms"])
+            return web.json_response(await cancel_seeds(self.workers, names))
+        except (ValueError, KeyError, TypeError):
+            return web.json_response(
+                {"error": "bad_request", "message": 'expected {"vms": [names]}'}, status=400
+            )
+        except SeedError as exc:
+            return web.json_response(exc.body(), status=exc.status)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Run the VM loops until ``stop`` is set."""
         async with asyncio.TaskGroup() as tg:
@@ -598,6 +667,11 @@ class Agent:
 
     async def stop(self, *, clean: bool = True) -> None:
         """Stop serving, then persist every map exactly (a clean stop)."""
+        if self._seed_task is not None and not self._seed_task.done():
+            # Abort the export first: its cut returns only the blocks pending before it.
+            self._seed_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._seed_task
         for server in self.servers:
             await server.close()
         self.servers.clear()

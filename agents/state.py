@@ -14,8 +14,39 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from agents.errors import TrackingError
+
+
+def read_json(path: Path) -> Any:
+    """The JSON document in ``path``, or None when there is no such file (OSError or
+    ValueError when it cannot be read or parsed)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` atomically and durably (tmp, fsync, rename, fsync dir)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    tmp.replace(path)
+    with contextlib.suppress(OSError):
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
 
 @dataclass
@@ -31,37 +62,28 @@ class DiskState:
     initial_done: bool = False
     last_cut_ns: int = 0  # cut time of the last acked batch
     verify_pending: bool = False  # a hash comparison began and has not finished
+    # Offline seeding: an export to media was cut at ``seed_seq`` and the disk waits until the
+    # broker shows that seq durable (the import); 0 when no export awaits its import.
+    seed_seq: int = 0
+    seed_base_seq: int = 0  # the replica's durable seq when the export was cut (still waiting)
+    seed_cut_ns: int = 0
+    seed_dir: str = ""
 
     @classmethod
     def load(cls, path: Path) -> DiskState | None:
         """Read the state, or None when there is none (or it is unreadable: start afresh)."""
         try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
+            raw = read_json(path)
         except (OSError, ValueError) as exc:
             raise TrackingError(
                 f"cannot read agent state {path}: {exc}",
                 fix="remove the file; the agent then compares hashes with the broker",
             ) from None
+        if raw is None:
+            return None
         fields = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
         return cls(**fields)
 
     def save(self, path: Path) -> None:
         """Write atomically and durably."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        data = json.dumps(asdict(self), indent=1, sort_keys=True).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.replace(path)
-        with contextlib.suppress(OSError):
-            dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+        write_atomically(path, json.dumps(asdict(self), indent=1, sort_keys=True).encode())

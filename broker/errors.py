@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from common.errors import ReplikantError
+from common.errors import ReplikantError, refusal_body
 
 
 class BrokerError(ReplikantError):
@@ -30,12 +30,7 @@ class BrokerError(ReplikantError):
 
     def body(self) -> dict[str, Any]:
         """The JSON refusal body of http.md."""
-        return {
-            "error": self.code,
-            "message": self.message,
-            "fix": self.fix,
-            "details": self.details,
-        }
+        return refusal_body(self, self.code, self.details)
 
 
 class BadRequest(BrokerError):

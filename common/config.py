@@ -47,6 +47,11 @@ class Policy(_Strict):
     hook_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
     block_size: int = Field(default=65536, ge=4096, le=4 * 1024 * 1024)
     rpo_seconds: float = Field(default=60.0, gt=0)
+    initial_copy: Literal["network", "media"] = Field(
+        default="network",
+        description="media: an empty replica waits for `replikant seed export`/`import` "
+        "instead of receiving the whole disk over the network",
+    )
     selector: dict[str, str] = Field(
         default_factory=dict, description="labels a VM must carry for this policy to apply"
     )

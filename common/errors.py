@@ -7,6 +7,8 @@ can print any of them the same way without a traceback.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ReplikantError(Exception):
     """Base of every error Replikant raises on purpose.
@@ -23,6 +25,11 @@ class ReplikantError(Exception):
         if self.fix:
             return f"{self.message} (fix: {self.fix})"
         return self.message
+
+
+def refusal_body(error: ReplikantError, code: str, details: dict[str, Any]) -> dict[str, Any]:
+    """The JSON body of an HTTP refusal (docs/protocol/http.md): code, message, fix, details."""
+    return {"error": code, "message": error.message, "fix": error.fix, "details": details}
 
 
 class ConfigError(ReplikantError):

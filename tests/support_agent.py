@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
+import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 import uuid
@@ -423,6 +426,7 @@ class VMSpec:
     disks: list[DiskSpec]
     uuid: uuid.UUID = field(default_factory=uuid.uuid4)
     policy: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 def write_agent_config(
@@ -472,6 +476,9 @@ def write_agent_config(
         lines += ["", "[[vms]]", f'name = "{vm.name}"', f'uuid = "{vm.uuid}"']
         if vm.policy:
             lines.append(f'policy = "{vm.policy}"')
+        if vm.labels:
+            pairs = ", ".join(f'{k} = "{v}"' for k, v in vm.labels.items())
+            lines.append(f"labels = {{ {pairs} }}")
         for d in vm.disks:
             lines += ["[[vms.disks]]", f'id = "{d.id}"', f'image = "{d.image}"']
             if d.export:
@@ -496,3 +503,103 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met in time")
         await asyncio.sleep(interval)
+
+
+# -- real processes ------------------------------------------------------------------------
+
+
+def broker_config(path: Path, pki: Pki, store: Path, port: int) -> Path:
+    """A broker.toml for ``replikant broker run`` with this PKI's broker certificate."""
+    tls = pki.broker.tls
+    path.write_text(
+        f"""
+[broker]
+node = "b1"
+cluster = "c1"
+listen = "127.0.0.1:{port}"
+store = "{store}"
+min_free_bytes = 0
+
+[tls]
+ca = "{tls.ca}"
+cert = "{tls.cert}"
+key = "{tls.key}"
+"""
+    )
+    return path
+
+
+def admin_config(path: Path, pki: Pki, broker_url: str, agent_urls: list[str]) -> Path:
+    """An admin CLI config: one broker, the agents' status listeners, the admin certificate."""
+    tls = pki.admin.tls
+    agents = ", ".join(f'"{u}"' for u in agent_urls)
+    path.write_text(
+        f'[admin]\nbrokers = ["{broker_url}"]\nagents = [{agents}]\n'
+        f'[tls]\nca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n'
+    )
+    return path
+
+
+class ReplikantProc:
+    """A replikant sub-command as a subprocess, logging JSON to a file."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.args = args
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start it."""
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [replikant_exe(), "--log-json", *self.args], stdout=out, stderr=out
+            )
+
+    def kill9(self) -> None:
+        """SIGKILL and reap (nothing when it is not running)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> int:
+        """SIGTERM and wait."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(30)
+        return self.proc.returncode
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """Every JSON log event called ``name`` so far."""
+        out = []
+        for line in self.log.read_text().splitlines():
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if doc.get("event") == name:
+                out.append(doc)
+        return out
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Both files exist with the same bytes."""
+    return a.exists() and a.read_bytes() == b.read_bytes()
+
+
+async def wait_for(predicate: Callable[[], bool], what: str, within: float = 30.0) -> None:
+    """Poll a blocking ``predicate`` (in a thread) until true; AssertionError naming ``what``."""
+    deadline = time.monotonic() + within
+    while not await asyncio.to_thread(predicate):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+def export_ready(sock: Path, export: str) -> bool:
+    """The agent serves ``export`` on ``sock``."""
+    try:
+        MiniNBD(sock, export, timeout=2).close()
+    except (OSError, NBDClientError):
+        return False
+    return True

@@ -299,6 +299,21 @@ class BrokerProcess:
         return self.proc.returncode
 
 
+async def admin_cli(config: Path, *args: str) -> tuple[int, str, str]:
+    """Run ``replikant --config CONFIG ARGS...``; returns (exit status, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "replikant"),
+        "--config",
+        str(config),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 # --------------------------------------------------------------------------------------------
 # A client that uploads like an agent
 

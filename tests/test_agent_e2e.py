@@ -11,26 +11,27 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import signal
-import subprocess
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.fixtures_pki import Pki, make_pki
+from tests.fixtures_pki import make_pki
 from tests.support_agent import (
     DiskSpec,
     MiB,
     MiniNBD,
     NBDClientError,
+    ReplikantProc,
     VMSpec,
+    admin_config,
+    broker_config,
+    export_ready,
     free_port,
     make_image,
     replikant_exe,
+    same_file,
+    wait_for,
     write_agent_config,
 )
 
@@ -39,96 +40,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 SIZE = 32 * MiB
 
 
-def _broker_toml(path: Path, pki: Pki, store: Path, port: int) -> Path:
-    tls = pki.broker.tls
-    path.write_text(
-        f"""
-[broker]
-node = "b1"
-cluster = "c1"
-listen = "127.0.0.1:{port}"
-store = "{store}"
-min_free_bytes = 0
-
-[tls]
-ca = "{tls.ca}"
-cert = "{tls.cert}"
-key = "{tls.key}"
-"""
-    )
-    return path
-
-
-class Proc:
-    """A replikant sub-command as a subprocess, logging JSON to a file."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.args = args
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        """Start it."""
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [replikant_exe(), "--log-json", *self.args], stdout=out, stderr=out
-            )
-
-    def kill9(self) -> None:
-        """SIGKILL and reap."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> int:
-        """SIGTERM and wait."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(30)
-        return self.proc.returncode
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        """Every JSON log event called ``name`` so far."""
-        out = []
-        for line in self.log.read_text().splitlines():
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                continue
-            if doc.get("event") == name:
-                out.append(doc)
-        return out
-
-
-def _same(a: Path, b: Path) -> bool:
-    return a.exists() and a.read_bytes() == b.read_bytes()
-
-
-async def _wait(predicate: Callable[[], bool], what: str, within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    while not await asyncio.to_thread(predicate):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
-def _ready(sock: Path, export: str) -> bool:
-    try:
-        MiniNBD(sock, export, timeout=2).close()
-    except (OSError, NBDClientError):
-        return False
-    return True
-
-
 async def test_agent_and_broker_processes_survive_kill9(tmp_path: Path) -> None:
     """Real agent, real broker: kills of either lose nothing and never force a full copy."""
     rng = random.Random(5)
     pki = make_pki(tmp_path / "pki")
     store = tmp_path / "store"
     bport = free_port()
-    broker = Proc(
-        ["broker", "run", "--config", str(_broker_toml(tmp_path / "b.toml", pki, store, bport))],
+    broker = ReplikantProc(
+        ["broker", "run", "--config", str(broker_config(tmp_path / "b.toml", pki, store, bport))],
         tmp_path / "broker.log",
     )
     image = make_image(
@@ -144,14 +63,14 @@ async def test_agent_and_broker_processes_survive_kill9(tmp_path: Path) -> None:
         socket_dir=tmp_path / "s",
         status_port=free_port(),
     )
-    agent = Proc(["agent", "run", "--config", str(cfg)], tmp_path / "agent.log")
+    agent = ReplikantProc(["agent", "run", "--config", str(cfg)], tmp_path / "agent.log")
     sock = tmp_path / "s" / "web1-disk0.sock"
     replica = store / str(vm.uuid) / "disk0" / "replica.img"
     broker.start()
     agent.start()
     try:
-        await _wait(lambda: _ready(sock, "web1-disk0"), "the agent's export")
-        await _wait(lambda: _same(replica, image), "the initial copy")
+        await wait_for(lambda: export_ready(sock, "web1-disk0"), "the agent's export")
+        await wait_for(lambda: same_file(replica, image), "the initial copy")
 
         def burst(stop: threading.Event, seed: int) -> None:
             r = random.Random(seed)
@@ -177,8 +96,8 @@ async def test_agent_and_broker_processes_survive_kill9(tmp_path: Path) -> None:
             stop.set()
             await writer
             victim.start()
-            await _wait(lambda: _ready(sock, "web1-disk0"), "the agent's export")
-            await _wait(lambda: _same(replica, image), f"convergence after kill {i}")
+            await wait_for(lambda: export_ready(sock, "web1-disk0"), "the agent's export")
+            await wait_for(lambda: same_file(replica, image), f"convergence after kill {i}")
         assert agent.stop() == 0
         assert broker.stop() == 0
     finally:
@@ -198,12 +117,12 @@ async def test_replikant_verify_against_agent_and_broker(tmp_path: Path) -> None
     pki = make_pki(tmp_path / "pki")
     bport = free_port()
     sport = free_port()
-    broker = Proc(
+    broker = ReplikantProc(
         [
             "broker",
             "run",
             "--config",
-            str(_broker_toml(tmp_path / "b.toml", pki, tmp_path / "store", bport)),
+            str(broker_config(tmp_path / "b.toml", pki, tmp_path / "store", bport)),
         ],
         tmp_path / "broker.log",
     )
@@ -218,19 +137,18 @@ async def test_replikant_verify_against_agent_and_broker(tmp_path: Path) -> None
         socket_dir=tmp_path / "s",
         status_port=sport,
     )
-    agent = Proc(["agent", "run", "--config", str(cfg)], tmp_path / "agent.log")
+    agent = ReplikantProc(["agent", "run", "--config", str(cfg)], tmp_path / "agent.log")
     replica = tmp_path / "store" / str(vm.uuid) / "disk0" / "replica.img"
-    admin = pki.admin.tls
-    admin_toml = tmp_path / "admin.toml"
-    admin_toml.write_text(
-        f'[admin]\nbrokers = ["https://127.0.0.1:{bport}"]\n'
-        f'agents = ["http://127.0.0.1:{sport}"]\n'
-        f'[tls]\nca = "{admin.ca}"\ncert = "{admin.cert}"\nkey = "{admin.key}"\n'
+    admin_toml = admin_config(
+        tmp_path / "admin.toml",
+        pki,
+        f"https://127.0.0.1:{bport}",
+        [f"http://127.0.0.1:{sport}"],
     )
     broker.start()
     agent.start()
     try:
-        await _wait(lambda: _same(replica, image), "the initial copy")
+        await wait_for(lambda: same_file(replica, image), "the initial copy")
         proc = await asyncio.create_subprocess_exec(
             replikant_exe(),
             "--config",

@@ -132,9 +132,8 @@ class Rig:
         await asyncio.to_thread(run)
 
 
-@pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
-    """A 16 MiB image with 4 MiB of data, protected with a 1 s interval."""
+async def make_rig(tmp_path: Path, *, policy_extra: str = "") -> Rig:
+    """A 16 MiB image with 4 MiB of data, protected with a 1 s interval (not started)."""
     pki = make_pki(tmp_path / "pki")
     rx = Receiver(tmp_path / "rx", pki)
     url = await rx.start()
@@ -151,13 +150,20 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         socket_dir=tmp_path / "s",
         status_port=free_port(),
         interval=1.0,
+        policy_extra=policy_extra,
     )
-    r = Rig(tmp_path, pki, rx, image, vm, config)
+    return Rig(tmp_path, pki, rx, image, vm, config)
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    """A 16 MiB image with 4 MiB of data, protected with a 1 s interval."""
+    r = await make_rig(tmp_path)
     try:
         yield r
     finally:
         await r.halt()
-        await rx.stop()
+        await r.rx.stop()
 
 
 async def test_initial_copy_skips_holes_and_is_resumable(rig: Rig) -> None:

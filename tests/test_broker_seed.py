@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import struct
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +13,9 @@ import xxhash
 from broker.seed import copy_image, read_manifest
 from broker.service import BrokerService
 from tests.support_broker import PKI, AgentClient, FakeSource, MiB, admin_toml, make_pki
+from tests.support_broker import admin_cli as cli
 from tests.test_broker_http import broker as broker  # noqa: PLC0414 - re-exported fixture
 from tests.test_broker_http import settle
-
-REPLIKANT = str(Path(sys.executable).parent / "replikant")
 
 
 @pytest.fixture(scope="module")
@@ -69,20 +66,6 @@ def write_media(directory: Path, src: FakeSource, name: str, seq: int) -> Path:
     )
     manifest.write_text(json.dumps(doc))
     return directory
-
-
-async def cli(config: Path, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        REPLIKANT,
-        "--config",
-        str(config),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_seed_import_then_ship_only_changes(
