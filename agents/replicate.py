@@ -110,6 +110,7 @@ class DiskReplicator:
         self._chunk_end = 0
         self.status = DiskStatus()
         self.on_progress: Callable[[DiskReplicator, int, int], None] | None = None
+        self._initial_mark: tuple[float, int] | None = None
         self.seed_export: dict[str, Any] | None = None  # progress while an export writes media
         self._seed_restore: BlockMap | None = None  # the dirty blocks pending before that cut
         if self.state is not None:
@@ -496,14 +497,32 @@ class DiskReplicator:
         if full:
             if self.on_progress is not None:
                 self.on_progress(self, st.initial_cursor, self.export.size)
+            rate, eta = self._initial_rate(st.initial_cursor)
             log.info(
                 "initial_sync_progress",
                 done_bytes=st.initial_cursor,
                 total_bytes=self.export.size,
                 percent=round(100 * st.initial_cursor / self.export.size, 1),
+                rate_bytes_per_second=round(rate),
+                eta_seconds=None if eta is None else round(eta, 1),
                 complete=st.initial_done,
             )
         return True
+
+    def _initial_rate(self, cursor: int) -> tuple[float, float | None]:
+        """Disk bytes per second covered by this run of the initial copy, and the ETA.
+
+        Measured from the first FULL ack of this process, so a resumed copy reports the rate of
+        this run, not an average diluted by the time the agent was down.
+        """
+        now = time.monotonic()
+        if self._initial_mark is None:
+            self._initial_mark = (now, cursor)
+            return 0.0, None
+        since, first = self._initial_mark
+        rate = (cursor - first) / (now - since) if now > since else 0.0
+        eta = (self.export.size - cursor) / rate if rate > 0 else None
+        return rate, eta
 
     @property
     def backlog(self) -> bool:

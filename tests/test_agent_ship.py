@@ -19,6 +19,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import structlog
+import structlog.testing
 import xxhash
 from click.testing import CliRunner
 
@@ -175,11 +177,18 @@ async def test_initial_copy_skips_holes_and_is_resumable(rig: Rig) -> None:
     rig.rx.accept_limit = None
     done = len(rig.replica.batches)
     cursor_end = max(e[0] + e[1] for b in rig.replica.batches for e in b.extents)
-    await rig.start(full_batch_bytes=1 * MiB)
-    await wait_until(
-        lambda: rig.converged() and rig.rep.state is not None and rig.rep.state.initial_done,
-        within=20,
-    )
+    with structlog.testing.capture_logs() as logs:
+        await rig.start(full_batch_bytes=1 * MiB)
+        await wait_until(
+            lambda: rig.converged() and rig.rep.state is not None and rig.rep.state.initial_done,
+            within=20,
+        )
+    # Progress says bytes, rate and ETA of this run (the resumed part only).
+    progress = [e for e in logs if e["event"] == "initial_sync_progress"]
+    assert progress[-1]["complete"] is True
+    assert progress[-1]["done_bytes"] == progress[-1]["total_bytes"]
+    assert progress[-1]["rate_bytes_per_second"] > 0
+    assert progress[-1]["eta_seconds"] == 0
     batches = rig.replica.batches
     full = [b for b in batches if b.header.full]
     assert len(full) >= 4  # 4 MiB of data in chunks of 1 MiB
