@@ -231,7 +231,8 @@ def _start(plan: LabPlan, name: str, argv: list[str]) -> _Proc:
         cwd=plan.root,
     )
     logfile.close()
-    log.info("lab_process_started", process=name, pid=proc.pid)
+    # debug: on a terminal the spinner and the summary say this; the log keeps it for scripts.
+    log.debug("lab_process_started", process=name, pid=proc.pid)
     return _Proc(name, argv, proc.pid)
 
 
@@ -380,11 +381,17 @@ def _print_summary(console: Console, lab: dict[str, Any], root: Path) -> None:
         for disk in vm["disks"]:
             table.add_row(vm["name"], disk["id"], disk["nbd_uri"], disk["replica_image"])
     console.print(table)
+    cli = " ".join(_replikant())
+    first = lab["vms"][0]["disks"][0]
     console.print(f"MQTT:        {lab['mqtt']}")
     console.print(f"Broker:      {lab['broker_url']}")
-    console.print(f"Admin CLI:   replikant --config {lab['config']} status")
     console.print(f"Logs:        {lab['logs']}")
     console.print(f"Description: {root / LAB_FILE}")
+    console.print("\nTry it:")
+    console.print(f"  qemu-io -f raw -c 'write -P 0x5a 0 1M' '{first['nbd_uri']}'")
+    console.print(f"  cmp -n 1048576 {first['source_image']} {first['replica_image']}")
+    console.print(f"  {cli} --config {lab['config']} status")
+    console.print(f"  {cli} --config {lab['config']} points {lab['vms'][0]['name']}")
 
 
 @click.group("lab")
@@ -437,9 +444,9 @@ def up(
     (root / PIDS_FILE).write_text(json.dumps([p.pid for p in procs]))
     (root / LAB_FILE).write_text(json.dumps(lab_info, indent=2) + "\n")
     _print_summary(console, lab_info, root)
-    log.info("lab_up", dir=str(root), vms=vms)
+    log.debug("lab_up", dir=str(root), vms=vms)
     if detach:
-        console.print(f"Stop it with: replikant lab down --dir {root}")
+        console.print(f"\nStop it with: {' '.join(_replikant())} lab down --dir {root}")
         return
     console.print("Running; press Ctrl-C to stop and remove the lab.")
     stop = {"now": False}
@@ -460,7 +467,7 @@ def _down(root: Path, console: Console) -> None:
     _stop(pids)
     shutil.rmtree(root, ignore_errors=True)
     console.print(f"lab in {root} stopped and removed ({len(pids)} processes)")
-    log.info("lab_down", dir=str(root), processes=len(pids))
+    log.debug("lab_down", dir=str(root), processes=len(pids))
 
 
 @lab.command("down")
