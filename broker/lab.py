@@ -231,6 +231,10 @@ def _start(plan: LabPlan, name: str, argv: list[str]) -> _Proc:
         cwd=plan.root,
     )
     logfile.close()
+    # Recorded at once, so `lab down` can stop what a failed `lab up` left behind.
+    pids_path = plan.root / PIDS_FILE
+    pids = json.loads(pids_path.read_text()) if pids_path.exists() else []
+    pids_path.write_text(json.dumps([*pids, proc.pid]))
     # debug: on a terminal the spinner and the summary say this; the log keeps it for scripts.
     log.debug("lab_process_started", process=name, pid=proc.pid)
     return _Proc(name, argv, proc.pid)
@@ -426,7 +430,7 @@ def up(
     root = directory.resolve()
     if (root / PIDS_FILE).exists():
         raise LabError(
-            f"a lab already runs in {root} (found {PIDS_FILE})",
+            f"a lab (or what is left of a failed `lab up`) is in {root} (found {PIDS_FILE})",
             fix=f"run `replikant lab down --dir {root}` first, or choose another --dir",
         )
     if root.exists() and any(root.iterdir()):
@@ -438,10 +442,15 @@ def up(
     plan = LabPlan(root=root, vms=vms, disk_mib=disk_mib, interval=interval, mqtt_kind=mqtt_kind)
     root.mkdir(parents=True, exist_ok=True)
     lab_info = write_lab_files(plan)
-    with console.status("starting MQTT, broker and agent; replicating demo disks..."):
-        procs = asyncio.run(_bring_up(plan, lab_info, timeout))
+    try:
+        with console.status("starting MQTT, broker and agent; replicating demo disks..."):
+            procs = asyncio.run(_bring_up(plan, lab_info, timeout))
+    except LabError as exc:
+        raise LabError(
+            f"{exc.message}\nthe lab's processes were stopped; its files stay in {root}",
+            fix=f"read {root / 'logs'}, then `replikant lab down --dir {root}` removes it",
+        ) from None
     lab_info["processes"] = {p.name: p.pid for p in procs}
-    (root / PIDS_FILE).write_text(json.dumps([p.pid for p in procs]))
     (root / LAB_FILE).write_text(json.dumps(lab_info, indent=2) + "\n")
     _print_summary(console, lab_info, root)
     log.debug("lab_up", dir=str(root), vms=vms)

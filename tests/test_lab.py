@@ -75,12 +75,39 @@ def test_lab_replicates_writes_byte_for_byte_and_cleans_up(tmp_path: Path) -> No
             time.sleep(0.2)
         assert _digest(disk["replica_image"], 0, size) == _digest(disk["source_image"], 0, size)
 
+        # nbdcopy streams a whole random image into the other VM's disk: byte for byte too.
+        other = lab["vms"][1]["disks"][0]
+        payload = tmp_path / "payload.img"
+        payload.write_bytes(os.urandom(size))
+        copy = subprocess.run(
+            ["nbdcopy", str(payload), other["nbd_uri"]],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert copy.returncode == 0, copy.stderr
+        want = _digest(str(payload), 0, size)
+        assert _digest(other["source_image"], 0, size) == want
+        deadline = time.monotonic() + 30
+        while _digest(other["replica_image"], 0, size) != want:
+            assert time.monotonic() < deadline, "the nbdcopy never reached the replica"
+            time.sleep(0.2)
+
         status = _run("--config", lab["config"], "status", "--json", timeout=30)
         assert status.returncode == 0, status.stderr
         vms = {vm["uuid"]: vm for vm in json.loads(status.stdout)["vms"]}
         first = vms[lab["vms"][0]["uuid"]]
         assert first["roles"] == {"primary": "PRIMARY", "recovery": "REPLICA"}
         assert first["name"] == lab["vms"][0]["name"]
+        assert lab["vms"][0]["primary_site"] == "primary"
+        assert first["generation"] >= 1
+        assert first["health"] in {"ok", "warning"}
+        assert isinstance(first["lag_seconds"], float)
+        assert first["last_point"] is not None
+
+        points = _run("--config", lab["config"], "points", first["name"], "--json", timeout=30)
+        assert points.returncode == 0, points.stderr
+        assert json.loads(points.stdout)["points"], "the lab keeps recovery points"
+        verify = _run("--config", lab["config"], "verify", first["name"], "--json", timeout=60)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
 
         # The control plane carries the same roles, the owner and its epoch, retained.
         vm_topic = f"replikant/v1/vms/{lab['vms'][0]['uuid']}/sites"
@@ -111,3 +138,22 @@ def test_lab_down_refuses_a_directory_without_a_lab(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "holds no lab" in result.stderr
     assert "--dir that `replikant lab up` was given" in result.stderr
+
+
+def test_a_failed_lab_up_can_be_brought_down(tmp_path: Path) -> None:
+    """A `lab up` that times out stops its processes, says where the logs are, and `lab down`
+    removes what is left."""
+    lab_dir = tmp_path / "lab"
+    up = _run("lab", "up", "--dir", str(lab_dir), "--detach", "--timeout", "0.01", timeout=60)
+    assert up.returncode == 1
+    assert "timed out" in up.stderr
+    assert "lab down --dir" in up.stderr
+    pids = json.loads((lab_dir / "pids.json").read_text())
+    again = _run("lab", "up", "--dir", str(lab_dir), "--detach", timeout=60)
+    assert again.returncode == 1
+    assert "what is left of a failed `lab up`" in again.stderr
+    down = _run("lab", "down", "--dir", str(lab_dir), timeout=60)
+    assert down.returncode == 0, down.stderr
+    assert not lab_dir.exists()
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
