@@ -35,6 +35,7 @@ from common.hrl import (
     xxh64_of,
 )
 from common.logs import get_logger
+from common.tls import IdentityCheckingConnector, TLSIdentityError, describe_client_failure
 
 log = get_logger("agents.ship")
 
@@ -135,7 +136,10 @@ class BrokerClient:
     """The agent side of ``docs/protocol/http.md``, over HTTPS with mutual TLS.
 
     ``urls`` are the brokers of the target cluster; a refused connection or a ``not_owner``
-    answer moves on to the next one for the following request.
+    answer moves on to the next one for the following request. Over TLS, every server must
+    present a broker identity (of ``cluster``, when given) before a request goes out; another
+    identity is a permanent refusal (:class:`FencedError`, code ``wrong_role`` /
+    ``wrong_cluster``).
     """
 
     def __init__(
@@ -145,8 +149,10 @@ class BrokerClient:
         *,
         connect_timeout: float = 10.0,
         ack_timeout: float = 300.0,
+        cluster: str | None = None,
     ) -> None:
         self.urls = [u.rstrip("/") for u in urls]
+        self.cluster = cluster
         self._current = 0
         self._ssl = ssl_context
         self._timeout = aiohttp.ClientTimeout(
@@ -164,7 +170,9 @@ class BrokerClient:
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else False)
+            connector = IdentityCheckingConnector(
+                role="broker", cluster=self.cluster, ssl=self._ssl if self._ssl else False
+            )
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=self._timeout, raise_for_status=False
             )
@@ -191,12 +199,44 @@ class BrokerClient:
                 if expect == "json":
                     return await resp.json(content_type=None), dict(resp.headers)
                 return await resp.read(), dict(resp.headers)
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError, TLSIdentityError) as exc:
             self._rotate()
-            raise ShipError(
-                f"broker {url} unreachable or broke off: {type(exc).__name__}: {exc}",
+            raise self._network_error(url, exc) from None
+
+    @staticmethod
+    def _network_error(url: str, exc: BaseException) -> ShipError:
+        """Name what went wrong with the broker at ``url`` (TLS first), with the fix."""
+        rejection = describe_client_failure(exc, url=url, role="agent", cert="<[tls] cert>")
+        if rejection is not None and rejection.reason in ("wrong_role", "wrong_cluster"):
+            # Not a broker of our cluster: retrying the same URL can never help.
+            log.error(
+                "broker_identity_refused",
+                url=url,
+                reason=rejection.reason,
+                detail=rejection.detail,
+                fix=rejection.fix,
+            )
+            return FencedError(
+                f"refused broker {url}: {rejection.detail}",
+                fix=rejection.fix,
+                code=rejection.reason,
+            )
+        if rejection is not None:
+            rejection.log()
+            return ShipError(
+                f"broker {url}: {rejection.detail}", fix=rejection.fix, code="unreachable"
+            )
+        if isinstance(exc, ValueError | aiohttp.ContentTypeError):
+            return ShipError(
+                f"{url} did not answer like a Replikant broker (the reply is not JSON)",
+                fix="check [broker] urls in the agent config: they must be the brokers' "
+                "https:// listen addresses",
                 code="unreachable",
-            ) from None
+            )
+        return ShipError(
+            f"broker {url} unreachable or broke off: {type(exc).__name__}: {exc}",
+            code="unreachable",
+        )
 
     async def _refusal(self, resp: aiohttp.ClientResponse, url: str) -> None:
         text = await resp.text()

@@ -27,7 +27,7 @@ from rich.text import Text
 
 from common.config import AdminConfig, load_config
 from common.errors import ConfigError, ReplikantError
-from common.tls import client_context
+from common.tls import IdentityCheckingConnector, client_context, describe_client_failure
 
 T = TypeVar("T")
 
@@ -66,7 +66,8 @@ class AdminClient:
 
     async def __aenter__(self) -> AdminClient:
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=self._ctx),
+            # Every https:// peer must be a broker (agents' status listeners are plain HTTP).
+            connector=IdentityCheckingConnector(role="broker", ssl=self._ctx),
             timeout=aiohttp.ClientTimeout(total=self._timeout),
         )
         return self
@@ -87,11 +88,28 @@ class AdminClient:
                 else:
                     body = await resp.read()
                 return resp.status, body, dict(resp.headers)
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-            raise AdminError(
-                f"cannot talk to {url}: {type(exc).__name__}: {exc}",
-                fix="check the URL in the admin config and that the service runs",
-            ) from None
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError, ReplikantError) as exc:
+            raise self._network_error(url, exc) from None
+
+    def _network_error(self, url: str, exc: BaseException) -> AdminError:
+        """Name what went wrong talking to ``url``, with the fix: TLS first, then the rest."""
+        rejection = describe_client_failure(exc, url=url, role="admin", cert=self.config.tls.cert)
+        if rejection is not None:
+            return AdminError(f"cannot talk to {url}: {rejection.detail}", fix=rejection.fix)
+        if isinstance(exc, ValueError | aiohttp.ContentTypeError):
+            agent = any(url.startswith(a.rstrip("/")) for a in self.config.admin.agents)
+            what, key = ("agent", "agents") if agent else ("broker", "brokers")
+            return AdminError(
+                f"{url} did not answer like a Replikant {what} (the reply is not JSON)",
+                fix=f"check [admin] {key} in the admin config: it must list the {what}s' "
+                + ("status_listen URLs" if agent else "https:// listen addresses"),
+            )
+        if isinstance(exc, ReplikantError):
+            return AdminError(f"cannot talk to {url}: {exc.message}", fix=exc.fix)
+        return AdminError(
+            f"cannot talk to {url}: {type(exc).__name__}: {exc}",
+            fix="check the URL in the admin config and that the service runs",
+        )
 
     async def broker_json(self, path: str, *, method: str = "GET", **kw: Any) -> list[Any]:
         """The answers of every broker that knows ``path`` (404s skipped)."""
@@ -317,9 +335,21 @@ def verify(
             for off, n in d["differing_ranges"][:20]:
                 console.print(f"  differs: offset {off} length {n}")
         if doc.get("repair"):
-            console.print(f"repair: {doc['repair']}")
+            console.print(_repair_line(doc["repair"]))
     if doc["result"] != "match":
         sys.exit(3)
+
+
+def _repair_line(repair: dict[str, Any]) -> str:
+    """``verify --repair``'s answer from the agent, as a sentence."""
+    marked = repair.get("marked_bytes")
+    amount = _size(int(marked)) if isinstance(marked, int) else "the differing blocks"
+    vm = repair.get("vm", "the VM")
+    return (
+        f"repair: {repair.get('agent', 'the agent')} marked {amount} of {vm} "
+        f"({repair.get('ranges', '?')} ranges) to ship again in its next cycle; "
+        f"run `replikant verify {vm}` afterwards to confirm"
+    )
 
 
 async def _verify_image(
@@ -376,7 +406,10 @@ async def _verify_agent(
         answer = body
         break
     if answer is None:
-        raise AdminError(f"no agent protects vm {vm!r}")
+        raise AdminError(
+            f"no agent protects vm {vm!r} (asked {', '.join(config.admin.agents)})",
+            fix="`replikant status` lists VMs; check [admin] agents in the admin config",
+        )
     out_disks = []
     broker = config.admin.brokers[0].rstrip("/")
     for d in answer["disks"]:
@@ -411,7 +444,12 @@ async def _verify_agent(
         )
         if status_code >= 400:
             raise _refusal(agent_url, status_code, rep)
-        doc["repair"] = rep
+        ranges = sum(len(d["ranges"]) for d in body["disks"])
+        doc["repair"] = {
+            "agent": agent_url,
+            "ranges": ranges,
+            **(rep if isinstance(rep, dict) else {}),
+        }
     return doc
 
 

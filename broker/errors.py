@@ -39,6 +39,18 @@ class BadRequest(BrokerError):
     status = 400
     code = "bad_request"
 
+    def __init__(
+        self, message: str, *, fix: str | None = None, details: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(
+            message,
+            fix=fix
+            or "correct the request as the message says (docs/protocol/http.md lists each "
+            "endpoint's parameters and body); from the replikant agent or CLI, check that its "
+            "version matches the broker's",
+            details=details,
+        )
+
 
 class MalformedBatch(BrokerError):
     """The upload is not a well-formed batch (names the codec error class, field and position)."""

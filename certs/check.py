@@ -193,6 +193,11 @@ def check_key_match(
     ]
 
 
+def _a(role: str) -> str:
+    """``a broker``, ``an agent``, ``an admin``."""
+    return f"{'an' if role[:1] in 'aeiou' else 'a'} {role}"
+
+
 def check_identity(cert: x509.Certificate, role: Role, *, label: str) -> list[Problem]:
     """Does the identity URI exist and name ``role``?"""
     try:
@@ -211,7 +216,7 @@ def check_identity(cert: x509.Certificate, role: Role, *, label: str) -> list[Pr
             Problem(
                 "wrong_role",
                 "error",
-                f"{label} identifies {identity} (role {identity.role}), not a {role}",
+                f"{label} identifies {identity} (role {identity.role}), not {_a(role)}",
                 f"deploy the {role}'s own certificate here, or issue one with "
                 f"`replikant certs issue {role}`",
             )
@@ -221,7 +226,7 @@ def check_identity(cert: x509.Certificate, role: Role, *, label: str) -> list[Pr
 
 def check_usage(cert: x509.Certificate, role: Role, *, label: str) -> list[Problem]:
     """Extended key usage, key usage and the CA flag, as the role needs them."""
-    fix = f"re-issue it with `replikant certs issue {role}`, which sets the usages a {role} needs"
+    fix = f"re-issue it with `replikant certs issue {role}`, which sets the usages {_a(role)} needs"
     need = ROLE_USAGES[role]
     problems: list[Problem] = []
     try:

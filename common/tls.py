@@ -36,6 +36,8 @@ from typing import Any, Final, Literal, TypeAlias, get_args
 
 import aiohttp
 from aiohttp import web
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 from aiohttp.typedefs import Handler, Middleware
 from cryptography import x509
 
@@ -268,6 +270,8 @@ def peer_identity(source: object) -> Identity:
 
 
 def _ssl_object(source: object) -> ssl.SSLObject | ssl.SSLSocket | None:
+    if source is None:
+        return None
     if isinstance(source, ssl.SSLObject | ssl.SSLSocket):
         return source
     if isinstance(source, web.BaseRequest):
@@ -350,6 +354,79 @@ def client_context(tls: TLSMaterial) -> ssl.SSLContext:
     ctx = _base_context(ssl.PROTOCOL_TLS_CLIENT, tls)
     ctx.check_hostname = True
     return ctx
+
+
+def check_server_identity(
+    source: object, role: Role, cluster: str | None = None, *, peer: str | None = None
+) -> Identity:
+    """Return the server's identity if it holds ``role`` (and, if given, is in ``cluster``).
+
+    For clients, right after the handshake: :func:`client_context` checks only that the server's
+    certificate names the host we dialled, and lab hosts share ``localhost``, so only the
+    identity tells a broker from an agent. ``source`` is anything :func:`peer_identity` takes.
+    Raises :class:`TLSIdentityError` (``wrong_role``, ``wrong_cluster``, ``no_identity`` ...)
+    whose message names the identity presented and the one expected.
+    """
+    where = f"the server at {peer}" if peer else "the server"
+    expected = f"a {role} of cluster {cluster!r}" if cluster else _a_role(role)
+    issue = f"replikant certs issue {role}" + (f" --cluster {cluster}" if cluster else "")
+    try:
+        identity = peer_identity(source)
+        require_role(identity, role, cluster=cluster)
+    except TLSIdentityError as exc:
+        found = (
+            f"identity {exc.identity}" if exc.identity else f"no usable identity ({exc.message})"
+        )
+        raise TLSIdentityError(
+            f"{where} presented {found}, but we expected {expected}",
+            reason=exc.reason,
+            fix=f"point this client at {expected} (check the URL: lab brokers and agents share "
+            f"localhost/127.0.0.1), or give that server its own certificate (`{issue}`; check "
+            f"it with `replikant certs check CERT --dir PKI --role {role}`)",
+            identity=exc.identity,
+        ) from None
+    return identity
+
+
+def _a_role(role: str) -> str:
+    return f"an {role}" if role[:1] in "aeiou" else f"a {role}"
+
+
+class IdentityCheckingConnector(aiohttp.TCPConnector):
+    """An aiohttp connector that refuses HTTPS servers without the expected identity.
+
+    Every connection it hands out over TLS (new or reused) passes :func:`check_server_identity`
+    before aiohttp writes the request, so nothing is sent to, and no answer trusted from, the
+    wrong peer; a refused connection is closed and ``session.request`` raises
+    :class:`TLSIdentityError`. Plain ``http://`` connections carry no identity and pass
+    unchecked (the agents' loopback status listeners)::
+
+        connector = IdentityCheckingConnector(role="broker", ssl=client_context(config.tls))
+    """
+
+    def __init__(self, *, role: Role, cluster: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.role: Role = role
+        self.cluster = cluster
+
+    async def connect(
+        self,
+        req: aiohttp.ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's signature
+    ) -> Connection:
+        """Get a connection as aiohttp does, then check the server's identity on it."""
+        conn = await super().connect(req, traces, timeout)
+        if not req.is_ssl():
+            return conn
+        try:
+            check_server_identity(
+                conn.transport, self.role, self.cluster, peer=f"{req.host}:{req.port}"
+            )
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,6 +616,62 @@ def describe_tls_error(exc: BaseException, *, side: Side, peer: str | None = Non
         f"the TLS handshake with the {them} failed: {exc!r}",
         rejected_by="us",
     )
+
+
+def describe_client_failure(
+    exc: BaseException, *, url: str, role: Role, cert: StrPath | None = None
+) -> Rejection | None:
+    """Why a client's request to ``url`` failed at the TLS layer, or ``None`` if TLS is not why.
+
+    Walks the exception chain (aiohttp keeps the ``ssl`` error in ``certificate_error``,
+    ``os_error``, ``__cause__`` or ``__context__``) for a certificate or TLS error, our own
+    refusal of the server's identity, or a bare disconnect on an ``https://`` URL: with TLS 1.3
+    a server that refuses our certificate (``role``'s, in file ``cert``) only hangs up.
+    """
+    chain = _exception_chain(exc)
+    peer = _url_peer(url)
+    for item in chain:
+        if isinstance(item, ssl.SSLEOFError):
+            break
+        if isinstance(item, TLSError | ssl.SSLError | aiohttp.ClientSSLError):
+            return describe_tls_error(item, side="client", peer=peer)
+    if url.startswith("https://") and any(
+        isinstance(item, aiohttp.ServerDisconnectedError | ConnectionResetError | ssl.SSLEOFError)
+        for item in chain
+    ):
+        return Rejection(
+            side="client",
+            reason="connection_closed",
+            detail="the server closed the connection right after the TLS handshake: it probably "
+            "refused our certificate (wrong CA, expired, or not authorised)",
+            fix=f"run `replikant certs check {cert or 'CERT'} --dir PKI --role {role}` and read "
+            "the server's log for tls_handshake_rejected",
+            rejected_by="peer",
+            peer=peer,
+        )
+    return None
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    todo: list[object] = [exc]
+    while todo and len(out) < 16:
+        item = todo.pop(0)
+        if not isinstance(item, BaseException) or any(item is seen for seen in out):
+            continue
+        out.append(item)
+        todo += [
+            getattr(item, "certificate_error", None),
+            getattr(item, "os_error", None),
+            item.__cause__,
+            item.__context__,
+        ]
+    return out
+
+
+def _url_peer(url: str) -> str | None:
+    rest = url.partition("://")[2]
+    return rest.split("/", 1)[0] or None
 
 
 def _root_cause(exc: BaseException) -> BaseException:
