@@ -1,39 +1,45 @@
 """kill -9 of the agent, 50 times, under a continuous write load: nothing lost, no full copy.
 
-The agent runs as a real ``replikant agent run`` process; a writer thread writes random blocks
-through its NBD export and remembers every acknowledged write. The agent is killed with SIGKILL
-at a random instant (mid-write, mid-cut or mid-upload), restarted at once, and the replica must
-then converge to a byte-identical copy of the image, having shipped only a bounded delta (no FULL
-batch after the initial copy). A write that failed because the agent died is retried after the
-restart, so the image's final contents are known exactly and checked at the end.
+The agent runs as a real ``replikant agent run`` process and ships to a real ``replikant broker
+run`` process over HTTPS with mutual TLS. A writer thread writes random blocks through the agent's
+NBD export and remembers every acknowledged write. The agent is killed with SIGKILL at a random
+instant (mid-write, mid-cut or mid-upload), restarted at once, and the broker's replica image must
+then converge to a byte-identical copy of the source image, having been sent only a bounded delta
+(no FULL batch after the initial copy). A write that failed because the agent died is retried
+after the restart, so the image's final contents are known exactly and checked at the end.
 
-The stand-in broker (:class:`tests.support_agent.Receiver`) receives the batches because the
-test inspects each one (FULL flag, size) and the real broker has no runnable service yet.
+Evidence comes from the real parts: the replica image and the sequence audit ``applied.log`` in
+the broker's store, the broker's replica state over its HTTPS API, and the agent's
+``batch_acked`` log events (what each agent process shipped, and how much).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
-import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 
+from common.tls import client_context
 from tests.fixtures_pki import make_pki
 from tests.support_agent import (
     DiskSpec,
     MiB,
     MiniNBD,
     NBDClientError,
-    Receiver,
+    ReplikantProc,
     VMSpec,
+    broker_config,
+    export_ready,
     free_port,
     make_image,
-    replikant_exe,
     write_agent_config,
 )
 
@@ -85,63 +91,104 @@ class Writer:
 
 
 def _same(a: Path, b: Path) -> bool:
-    with a.open("rb") as fa, b.open("rb") as fb:
-        while True:
-            x = fa.read(8 * MiB)
-            if x != fb.read(8 * MiB):
-                return False
-            if not x:
-                return True
+    try:
+        with a.open("rb") as fa, b.open("rb") as fb:
+            while True:
+                x = fa.read(8 * MiB)
+                if x != fb.read(8 * MiB):
+                    return False
+                if not x:
+                    return True
+    except FileNotFoundError:  # the broker has not created the replica yet
+        return False
 
 
-async def _start(cfg: Path, log: Path, sock: Path, export: str) -> asyncio.subprocess.Process:
-    with log.open("ab") as fh:
-        proc = await asyncio.create_subprocess_exec(
-            replikant_exe(),
-            "--log-json",
-            "agent",
-            "run",
-            "--config",
-            str(cfg),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=fh,
-            stderr=fh,
-        )
+def _alive(*procs: ReplikantProc) -> None:
+    for p in procs:
+        assert p.proc is not None
+        if p.proc.poll() is not None:
+            raise AssertionError(f"{p.args[0]} exited with {p.proc.returncode}; see {p.log}")
+
+
+async def _start_agent(agent: ReplikantProc, broker: ReplikantProc, sock: Path, export: str) -> int:
+    """Start the agent; return the agent log's size at the start (where its events begin)."""
+    start = agent.log.stat().st_size if agent.log.exists() else 0
+    agent.start()
     deadline = time.monotonic() + 20
-    while True:  # ready when the export answers (a stale socket file refuses connections)
-        if proc.returncode is not None:
-            raise AssertionError(f"agent exited with {proc.returncode}; see {log}")
-        try:
-            MiniNBD(sock, export, timeout=2).close()
-            return proc
-        except (OSError, NBDClientError):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"agent did not start; see {log}") from None
-            await asyncio.sleep(0.02)
+    # Ready when the export answers (a stale socket file refuses connections).
+    while not await asyncio.to_thread(export_ready, sock, export):
+        _alive(agent, broker)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"agent did not start; see {agent.log}")
+        await asyncio.sleep(0.02)
+    return start
 
 
 async def _converge(
-    rx_image: Path, image: Path, proc: asyncio.subprocess.Process, log: Path
-) -> None:
+    http: aiohttp.ClientSession,
+    state_url: str,
+    replica: Path,
+    image: Path,
+    procs: tuple[ReplikantProc, ReplikantProc],
+) -> int:
+    """Wait until the broker's replica image equals ``image`` and everything durable is applied.
+
+    Returns the broker's ``durable_seq`` after the comparison: every batch needed for the copy
+    is at or below it. The images are compared when the broker has applied something new (and
+    at least every second): reading 128 MiB on every poll would starve the agent and broker.
+    """
     deadline = time.monotonic() + 20
-    while not await asyncio.to_thread(_same, rx_image, image):
-        if proc.returncode is not None:
-            raise AssertionError(f"agent exited with {proc.returncode}; see {log}")
+    compared: tuple[int, float] | None = None  # (applied_seq, when) of the last comparison
+    while True:
+        _alive(*procs)
+        async with http.get(state_url) as resp:
+            state = await resp.json() if resp.status == 200 else None
+        if state is not None and state["applied_seq"] == state["durable_seq"]:
+            seq = int(state["durable_seq"])
+            now = time.monotonic()
+            if compared is None or compared[0] != seq or now - compared[1] > 1:
+                if await asyncio.to_thread(_same, replica, image):
+                    # Whatever made the copy equal is durable now (asked again, after it).
+                    async with http.get(state_url) as resp:
+                        assert resp.status == 200, await resp.text()
+                        return int((await resp.json())["durable_seq"])
+                compared = (seq, now)
         if time.monotonic() > deadline:
-            raise AssertionError(f"replica did not converge; see {log}")
-        await asyncio.sleep(0.05)
+            raise AssertionError(f"replica did not converge; see {procs[0].log}, {procs[1].log}")
+        await asyncio.sleep(0.02)
+
+
+def _acked_events(log: Path, start: int, end: int | None = None) -> list[dict[str, Any]]:
+    """The ``batch_acked`` events one agent process logged (bytes ``start:end`` of its log)."""
+    with log.open("rb") as fh:
+        fh.seek(start)
+        raw = fh.read() if end is None else fh.read(end - start)
+    out = []
+    for line in raw.splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and doc.get("event") == "batch_acked":
+            out.append(doc)
+    return out
 
 
 async def test_fifty_kill9_under_write_load_converge_without_full_copy(tmp_path: Path) -> None:
     """50 SIGKILLs at random instants: every restart converges byte-identical with a delta."""
     rng = random.Random(99)
     pki = make_pki(tmp_path / "pki")
-    rx = Receiver(tmp_path / "rx", pki)
-    url = await rx.start()
+    store = tmp_path / "store"
+    bport = free_port()
+    broker = ReplikantProc(
+        ["broker", "run", "--config", str(broker_config(tmp_path / "b.toml", pki, store, bport))],
+        tmp_path / "broker.log",
+    )
     image = make_image(
         tmp_path / "disk0.img", SIZE, fill=lambda i: rng.randbytes(MiB) if i % 8 == 0 else b""
     )
     vm = VMSpec("vm1", [DiskSpec("disk0", image)])
+    url = f"https://127.0.0.1:{bport}"
     cfg = write_agent_config(
         tmp_path / "agent.toml",
         pki=pki,
@@ -152,54 +199,67 @@ async def test_fifty_kill9_under_write_load_converge_without_full_copy(tmp_path:
         status_port=free_port(),
         interval=1.0,
     )
+    agent = ReplikantProc(["agent", "run", "--config", str(cfg)], tmp_path / "agent.log")
     sock = tmp_path / "sock" / "vm1-disk0.sock"
     export = "vm1-disk0"
-    log = tmp_path / "agent.log"
+    replica_dir = store / str(vm.uuid) / "disk0"
+    replica = replica_dir / "replica.img"
+    state_url = f"{url}/v1/replicas/{vm.uuid}/disk0"
+    procs = (agent, broker)
     writer = Writer(sock, export, seed=7)
-    proc = await _start(cfg, log, sock, export)
+    # (log offset where an agent process's events begin, broker durable_seq at its convergence)
+    lives: list[tuple[int, int]] = []
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_context(pki.agent.tls)))
+    broker.start()
     try:
-        replica = None
-        while replica is None:
-            await asyncio.sleep(0.05)
-            replica = rx.replicas.get((str(vm.uuid), "disk0"))
-        await _converge(replica.image, image, proc, log)
-        initial = len(replica.batches)
-        assert all(b.header.full for b in replica.batches)
-        shipped_after_restart: list[int] = []
+        start = await _start_agent(agent, broker, sock, export)
+        lives.append((start, await _converge(http, state_url, replica, image, procs)))
+        initial = len(_applied(replica_dir))
         for _ in range(KILLS):
             stop = threading.Event()
             burst = asyncio.create_task(
                 asyncio.to_thread(writer.burst, stop, rng.randrange(SIZE // REGION))
             )
             await asyncio.sleep(rng.uniform(0.02, 1.5))
-            proc.send_signal(signal.SIGKILL)
-            await proc.wait()
+            agent.kill9()
             stop.set()
             await burst
-            before = len(replica.batches)
-            proc = await _start(cfg, log, sock, export)
-            await _converge(replica.image, image, proc, log)
-            after = replica.batches[before:]
-            shipped_after_restart.append(sum(b.header.data_bytes for b in after))
-        # Let the last failed write through, converge, then stop cleanly.
+            start = await _start_agent(agent, broker, sock, export)
+            lives.append((start, await _converge(http, state_url, replica, image, procs)))
+        # Let the last failed write through, converge, then stop both cleanly.
         stop = threading.Event()
         stop.set()
         await asyncio.to_thread(writer.burst, stop, 0)
-        await _converge(replica.image, image, proc, log)
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        final_seq = await _converge(http, state_url, replica, image, procs)
+        assert agent.stop() == 0
+        assert broker.stop() == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        await rx.stop()
+        await http.close()
+        for p in procs:
+            p.kill9()
 
     assert writer.acked > 1000, "the write load was too light to mean anything"
-    later = replica.batches[initial:]
-    assert not any(b.header.full for b in later), "a FULL copy happened after a kill"
-    seqs = [b.header.seq for b in replica.batches]
-    assert seqs == list(range(1, len(seqs) + 1))
-    # Each restart shipped at most the regions written since the last ack: a bounded delta.
+    # The broker's sequence audit: seqs 1..N each applied exactly once, one generation, and no
+    # FULL batch after the initial copy.
+    applied = _applied(replica_dir)
+    seqs = [int(r["seq"]) for r in applied]
+    assert seqs == list(range(1, len(seqs) + 1)), "a batch was applied twice or skipped"
+    assert seqs[-1] >= final_seq
+    assert {int(r["generation"]) for r in applied} == {1}
+    assert all(r["full"] for r in applied[:initial]), "the initial copy went as FULL batches"
+    assert not any(r["full"] for r in applied[initial:]), "a FULL copy happened after a kill"
+    # The agents' side agrees: every acked batch is applied, and no FULL one after the first life.
+    ends = [s for s, _ in lives[1:]] + [None]
+    shipped = [_acked_events(agent.log, s, e) for (s, _), e in zip(lives, ends, strict=True)]
+    assert {int(e["seq"]) for life in shipped for e in life} <= set(seqs)
+    assert not any(e["full"] for life in shipped[1:] for e in life), "a FULL batch after a kill"
+    # Each restart shipped (until its convergence) at most the regions written since the last
+    # ack: a bounded delta.
+    shipped_after_restart = [
+        sum(int(e["data_bytes"]) for e in life if int(e["seq"]) <= converged)
+        for life, (_, converged) in zip(shipped[1:], lives[1:], strict=True)
+    ]
+    assert len(shipped_after_restart) == KILLS
     assert max(shipped_after_restart) <= SIZE // 4, shipped_after_restart
     assert sum(shipped_after_restart) / KILLS < SIZE / 8
     # Every acknowledged write is in the image (and so in the replica).
@@ -209,4 +269,10 @@ async def test_fifty_kill9_under_write_load_converge_without_full_copy(tmp_path:
             assert os.pread(fd, PAGE, offset) == data, f"acknowledged write at {offset} lost"
     finally:
         os.close(fd)
-    assert _same(replica.image, image)
+    assert _same(replica, image)
+
+
+def _applied(replica_dir: Path) -> list[dict[str, Any]]:
+    """The broker's ``applied.log``: one JSON record per applied batch, oldest first."""
+    lines = (replica_dir / "applied.log").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
