@@ -150,6 +150,8 @@ def _print_status(doc: dict[str, Any]) -> None:
     for d in doc["disks"]:
         lag = d["lag_seconds"]
         mode = d["mode"] if d["fenced"] is None else "FENCED"
+        if d["fenced"] is None and d.get("refused"):
+            mode = "REFUSED"
         if d["mode"] == "initial":
             mode += f" {100 * d['initial_sync']['cursor'] / max(d['size'], 1):.0f}%"
         seed = d.get("seed")

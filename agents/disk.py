@@ -14,7 +14,10 @@ write is never durable without its mark.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import fcntl
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +29,64 @@ from common.nbd.backend import ExportBase, FileExport, fallocate
 
 _PUNCH_HOLE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 _UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV})
+
+IN_USE_FIX = (
+    "stop the other user; VMs must attach through the agent's NBD export: "
+    "`replikant agent attach-args VM`"
+)
+
+
+class Flock(ctypes.Structure):
+    """Linux ``struct flock`` (glibc, 64-bit ``off_t``): ctypes inserts the padding the C
+    compiler does (after ``l_whence`` and after ``l_pid``), so the layout is the platform's."""
+
+    _fields_ = (
+        ("l_type", ctypes.c_short),
+        ("l_whence", ctypes.c_short),
+        ("l_start", ctypes.c_int64),
+        ("l_len", ctypes.c_int64),
+        ("l_pid", ctypes.c_int),
+    )
+
+
+def _whole_file(cmd: int, fd: int, kind: int) -> Flock:
+    arg = Flock(l_type=kind, l_whence=os.SEEK_SET, l_start=0, l_len=0, l_pid=0)
+    return Flock.from_buffer_copy(fcntl.fcntl(fd, cmd, bytes(arg)))
+
+
+def in_use_message(image: Path) -> str:
+    """What the operator reads when another process holds ``image``."""
+    return (
+        f"image {image} is in use by another process (another replikant agent, or a VM or qemu "
+        "tool that opened it directly)"
+    )
+
+
+def lock_image(fd: int, image: Path) -> None:
+    """Take an exclusive open-file-description lock on the whole image, or raise.
+
+    OFD locks belong to this descriptor, so closing another descriptor of the file in this
+    process does not drop them (POSIX ``lockf`` locks would be), and they conflict with QEMU's
+    image locking (OFD byte locks too): a second agent, a VM or ``qemu-img``/``qemu-io`` opening
+    the image for writing is refused, so nothing can write past the dirty map. Plain reads that
+    take no lock (``qemu-img info -U``, ``cat``) still work. Released when ``fd`` is closed.
+    """
+    try:
+        _whole_file(fcntl.F_OFD_SETLK, fd, fcntl.F_WRLCK)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise TrackingError(in_use_message(image), fix=IN_USE_FIX) from None
+        raise TrackingError(f"cannot lock image {image}: {exc.strerror}") from None
+
+
+def image_in_use(image: Path) -> bool:
+    """Whether another open file description holds a lock that :func:`lock_image` would meet."""
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        held: int = _whole_file(fcntl.F_OFD_GETLK, fd, fcntl.F_WRLCK).l_type
+        return held != fcntl.F_UNLCK
+    finally:
+        os.close(fd)
 
 
 class TrackedExport(ExportBase):
@@ -52,6 +113,11 @@ class TrackedExport(ExportBase):
         sync_marks: bool = False,
     ) -> None:
         self.inner = FileExport(image, name, description=description)
+        try:
+            lock_image(self.inner.fd, image)
+        except TrackingError:
+            self.inner.close()
+            raise
         self.name = name
         self.size = self.inner.size
         self.description = description

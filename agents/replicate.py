@@ -51,6 +51,10 @@ from common.logs import get_logger
 FULL_BATCH_BYTES = 256 * 1024 * 1024
 VERIFY_CHUNK = 64 * 1024 * 1024
 _HASH = struct.Struct(">Q")
+# The broker refuses this agent's certificate identity (403): no retry succeeds until its
+# configuration (or ours) changes, so they are errors and retried only this often.
+REFUSED_CODES = frozenset({"not_authorised", "wrong_identity"})
+REFUSAL_RETRY = 60.0
 
 
 @dataclass
@@ -105,6 +109,8 @@ class DiskReplicator:
         self.state = DiskState.load(state_path)
         self.ready = False
         self.fenced: str | None = None
+        self.refused: str | None = None  # the broker refuses this agent (403): config must change
+        self.refused_until = 0.0  # monotonic time of the next attempt while refused
         self.mode = "delta"
         self.next_seq = 0
         self._chunk_end = 0
@@ -136,9 +142,32 @@ class DiskReplicator:
 
         Called before the first batch and again after every failure; raises :class:`ShipError`.
         """
-        rs = await self.client.enable(self.vm.uuid, self.disk.id, self._enable_body())
+        try:
+            rs = await self.client.enable(self.vm.uuid, self.disk.id, self._enable_body())
+        except ShipError as exc:
+            if exc.code in REFUSED_CODES:
+                self.refuse(exc)
+            raise
+        if self.refused is not None:
+            self.log.info("replication_accepted", previously=self.refused)
+            self.refused = None
         await self._adopt(rs)
         self.ready = self.mode != "awaiting_seed"
+
+    def refuse(self, exc: ShipError) -> None:
+        """The broker refused this agent (403): an error, not retried before ``REFUSAL_RETRY``."""
+        self.ready = False
+        self.refused = str(exc)
+        self.refused_until = time.monotonic() + REFUSAL_RETRY
+        self.status.last_error = str(exc)
+        self.status.last_error_ns = time.time_ns()
+        self.log.error(
+            "replication_refused",
+            error=exc.message,
+            fix=exc.fix,
+            code=exc.code,
+            retry_seconds=REFUSAL_RETRY,
+        )
 
     async def _adopt(self, rs: ReplicaState) -> None:
         local = self.state
@@ -454,6 +483,9 @@ class DiskReplicator:
             self.status.errors += 1
             self.status.last_error = str(exc)
             self.status.last_error_ns = time.time_ns()
+            if exc.code in REFUSED_CODES:
+                self.refuse(exc)
+                return False
             if isinstance(exc, FencedError):
                 self.fenced = str(exc)
             log.warning("batch_failed", error=exc.message, code=exc.code, status=exc.status)
@@ -543,6 +575,7 @@ class DiskReplicator:
             "mode": self.mode,
             "ready": self.ready,
             "fenced": self.fenced,
+            "refused": self.refused,
             "dirty_bytes": self.export.map.dirty_bytes,
             "persisted_regions": self.export.map.persisted_regions,
             "last_cut_time": s.last_cut_ns / 1e9 if s.last_cut_ns else None,

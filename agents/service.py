@@ -31,18 +31,19 @@ from aiohttp import web
 
 from agents.cut import Cut
 from agents.dirtymap import DATA
-from agents.disk import TrackedExport
+from agents.disk import IN_USE_FIX, TrackedExport, image_in_use, in_use_message
 from agents.errors import AgentError, ShipError
 from agents.hooks import FreezeHooks
-from agents.replicate import DiskReplicator
+from agents.replicate import REFUSED_CODES, DiskReplicator
 from agents.seed import ExportRequest, SeedError, cancel_seeds, export_media
 from agents.ship import MAX_EXTENT, Backoff, BrokerClient, TokenBucket
+from certs.service import startup_problems
 from common.config import AgentConfig, DiskConfig, Policy, VMConfig
-from common.errors import ConfigError
+from common.errors import refuse_to_start
 from common.hrl import Consistency, xxh64_of
 from common.logs import get_logger
 from common.nbd import FileExport, NBDServer
-from common.tls import TLSError, client_context, server_context
+from common.tls import Identity, TLSError, client_context, server_context
 
 log = get_logger("agents.service")
 
@@ -108,6 +109,8 @@ def check_config(config: AgentConfig) -> list[str]:
             client_context(config.tls)
         except TLSError as exc:
             problems.append(f"tls: {exc}")
+        else:
+            problems += startup_problems(config.tls, Identity.agent(config.agent.host))
     for url in config.broker.urls:
         if not url.startswith("https://"):
             problems.append(f"broker.urls: {url!r} must be an https:// URL (mutual TLS)")
@@ -161,7 +164,7 @@ def check_config(config: AgentConfig) -> list[str]:
                 problems.append(
                     f"{dwhere}: socket path {sock} is longer than {_UNIX_PATH_MAX} bytes"
                 )
-            problems.extend(f"{dwhere}: {p}" for p in _check_image(disk.image))
+            problems.extend(f"{dwhere}: {p}" for p in _check_image(disk.image, disk.exclude))
     return problems
 
 
@@ -181,7 +184,7 @@ def _check_policy(policy: Policy) -> list[str]:
     return out
 
 
-def _check_image(path: Path) -> list[str]:
+def _check_image(path: Path, exclude: bool) -> list[str]:
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -196,17 +199,14 @@ def _check_image(path: Path) -> list[str]:
         return [f"image {path} is empty (size 0)"]
     if stat.S_ISREG(st.st_mode) and st.st_size % 512:
         return [f"image {path} size {st.st_size} is not a multiple of 512"]
+    if not exclude and image_in_use(path):
+        return [f"{in_use_message(path)}; fix: {IN_USE_FIX}"]
     return []
 
 
 def validate(config: AgentConfig, source: str = "agent config") -> None:
     """Raise :class:`ConfigError` listing every problem of ``config``."""
-    problems = check_config(config)
-    if problems:
-        raise ConfigError(
-            f"{source} has {len(problems)} problem(s); the agent did not start",
-            problems=problems,
-        )
+    refuse_to_start(check_config(config), source=source, service="agent")
 
 
 @dataclass
@@ -234,14 +234,18 @@ class VMWorker:
                 if stop.is_set():
                     return
             started = time.monotonic()
-            live = [r for r in self.replicators if r.fenced is None]
-            failed = not live
+            unfenced = [r for r in self.replicators if r.fenced is None]
+            # A refused disk (403) waits out its slow retry; the others go on.
+            live = [r for r in unfenced if r.refused_until <= started]
+            failed = not unfenced
             async with self.lock:  # not while a seed export or a verify holds the disks
                 for rep in live:
                     if not rep.ready:
                         try:
                             await rep.prepare()
                         except ShipError as exc:
+                            if exc.code in REFUSED_CODES:
+                                continue  # logged as replication_refused; retried slowly
                             failed = True
                             rep.status.errors += 1
                             rep.status.last_error = str(exc)
@@ -433,7 +437,9 @@ class Agent:
         """Open every disk, serve the exports, start the status endpoint (not the loops)."""
         cfg = self.config
         self._lock()
-        self.client = BrokerClient(cfg.broker.urls, client_context(cfg.tls))
+        self.client = BrokerClient(
+            cfg.broker.urls, client_context(cfg.tls), cluster=cfg.broker.cluster
+        )
         try:
             for vm in cfg.vms:
                 await self._open_vm(vm)

@@ -37,7 +37,9 @@ def run(config_path: Path, log_level: str | None, use_uvloop: bool) -> None:
     if log_level is not None:
         configure_logging(level=log_level)
     config = load_config(config_path, BrokerConfig)
-    from broker.service import BrokerService  # noqa: PLC0415 - keep `replikant --help` fast
+    from broker.service import BrokerService, validate  # noqa: PLC0415 - keep `--help` fast
+
+    validate(config, str(config_path))
 
     async def main() -> None:
         await BrokerService(config).run()

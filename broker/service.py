@@ -45,8 +45,10 @@ from broker.membership import Membership
 from broker.pitexport import PointInTimeExport
 from broker.points import Key, RetentionPolicy, key_text, plan_retention
 from broker.store import Replica, Store
+from certs.service import startup_problems
 from common import topics
 from common.config import BrokerConfig
+from common.errors import refuse_to_start
 from common.hrl import DEFAULT_LIMITS, DecodeLimits
 from common.logs import get_logger
 from common.mqtt import MQTTLink
@@ -57,6 +59,17 @@ _log = get_logger("broker.service")
 
 RETENTION_INTERVAL: Final = 30.0
 READ_BUFSIZE: Final = 4 * 1024 * 1024
+
+
+def check_config(config: BrokerConfig) -> list[str]:
+    """Every problem that would stop the broker from working, one line each (empty: fine)."""
+    b = config.broker
+    return startup_problems(config.tls, Identity.broker(b.cluster, b.node))
+
+
+def validate(config: BrokerConfig, source: str = "broker config") -> None:
+    """Raise :class:`ConfigError` listing every problem of ``config``."""
+    refuse_to_start(check_config(config), source=source, service="broker")
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

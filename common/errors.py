@@ -44,3 +44,12 @@ class ConfigError(ReplikantError):
         if self.fix:
             lines.append(f"fix: {self.fix}")
         return "\n".join(lines)
+
+
+def refuse_to_start(problems: list[str], *, source: str, service: str) -> None:
+    """Raise :class:`ConfigError` listing ``problems`` of ``source``, one line each (if any)."""
+    if problems:
+        raise ConfigError(
+            f"{source} has {len(problems)} problem(s); the {service} did not start",
+            problems=problems,
+        )

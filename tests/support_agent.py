@@ -111,8 +111,12 @@ class ReplicaRecord:
         }
 
 
-def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": code, "message": message, "fix": ""}, status=status)
+def _error(status: int, code: str, message: str, fix: str = "") -> web.Response:
+    return web.json_response({"error": code, "message": message, "fix": fix}, status=status)
+
+
+def _forbidden(code: str) -> web.Response:
+    return _error(403, code, "agent h1 may not replicate this vm", "add 'h1' to allowed_agents")
 
 
 class Receiver:
@@ -124,6 +128,7 @@ class Receiver:
         self.replicas: dict[tuple[str, str], ReplicaRecord] = {}
         self.lose_acks = 0  # apply durably, then drop the connection instead of answering
         self.refuse = False  # answer every request 503 not_owner
+        self.forbid: str | None = None  # answer every PUT and batch 403 with this error code
         self.reject_batches = 0  # answer the next N batches 503 before reading them
         self.lose_only_nonempty = False  # lose_acks spares batches that carry no extents
         self.accept_limit: int | None = None  # refuse (503) batches beyond this many per replica
@@ -171,6 +176,8 @@ class Receiver:
         self.requests.append(("PUT", request.path))
         if self.refuse:
             return _error(503, "not_owner", "refusing on purpose")
+        if self.forbid is not None:
+            return _forbidden(self.forbid)
         body = await request.json()
         key = (request.match_info["vm"], request.match_info["disk"])
         rec = self.replicas.get(key)
@@ -235,6 +242,8 @@ class Receiver:
         self.requests.append(("POST", request.path))
         if self.refuse:
             return _error(503, "not_owner", "refusing on purpose")
+        if self.forbid is not None:
+            return _forbidden(self.forbid)
         if self.reject_batches > 0:
             self.reject_batches -= 1
             return _error(503, "not_owner", "rejecting this batch on purpose")
@@ -492,6 +501,11 @@ def write_agent_config(
 def replikant_exe() -> str:
     """The ``replikant`` console script of the running interpreter's environment."""
     return str(Path(sys.executable).with_name("replikant"))
+
+
+def run_tool(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run a command to completion, capturing its text output (no exception on failure)."""
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 async def wait_until(

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from agents.service import check_config, policy_for, validate
+from certs.store import CertStore, IssuedCert
 from common.config import AgentConfig, load_config
 from common.errors import ConfigError
 from tests.fixtures_pki import Pki, make_pki
@@ -19,6 +20,7 @@ from tests.support_agent import (
     free_port,
     make_image,
     replikant_exe,
+    run_tool,
     write_agent_config,
 )
 
@@ -190,3 +192,78 @@ def test_example_config_is_a_valid_agent_config() -> None:
     policy = policy_for(config, config.vms[1])
     assert policy is not None
     assert policy.app_consistent_every == 10
+
+
+# -- the agent's own certificate ---------------------------------------------------------------
+
+
+def _with_cert(tmp_path: Path, pki: Pki, cert: IssuedCert) -> list[str]:
+    """The problems of a good config whose [tls] cert/key are swapped for ``cert``'s."""
+    img = make_image(tmp_path / "a.img", MiB)
+    path = _config(tmp_path, pki, [VMSpec("vm1", [DiskSpec("d0", img)])])
+    text = path.read_text()
+    text = text.replace(str(pki.agent.cert_path), str(cert.cert_path))
+    path.write_text(text.replace(str(pki.agent.key_path), str(cert.key_path)))
+    return _problems(path)
+
+
+def test_broker_certificate_is_refused(tmp_path: Path, pki: Pki) -> None:
+    """A broker's certificate deployed on an agent: the role is named, with the fix."""
+    (problem,) = _with_cert(tmp_path, pki, pki.broker)
+    assert problem.startswith("tls: error: wrong_role:")
+    assert "replikant://broker/c1/b1 (role broker)" in problem
+    assert "replikant certs issue agent" in problem
+
+
+def test_certificate_of_another_ca_is_refused(tmp_path: Path, pki: Pki) -> None:
+    """A certificate from another CA is refused naming the configured CA."""
+    foreign = CertStore.init(tmp_path / "other-ca").issue_agent("h1", dns=["localhost"])
+    (problem,) = _with_cert(tmp_path, pki, foreign)
+    assert problem.startswith("tls: error: wrong_ca:")
+    assert str(pki.ca) in problem
+
+
+def test_certificate_for_another_host_is_refused(tmp_path: Path, pki: Pki) -> None:
+    """The identity must be this agent's [agent] host."""
+    other = pki.store.issue_agent("h9", dns=["localhost"])
+    (problem,) = _with_cert(tmp_path, pki, other)
+    assert "wrong_identity" in problem
+    assert "replikant://agent/h9" in problem
+    assert "replikant certs issue agent --host h1" in problem
+
+
+def test_cli_refuses_a_broker_certificate(tmp_path: Path, pki: Pki) -> None:
+    """`replikant agent run` with a broker certificate exits 1 naming the role (no start)."""
+    _with_cert(tmp_path, pki, pki.broker)
+    proc = run_tool(replikant_exe(), "agent", "run", "--config", str(tmp_path / "agent.toml"))
+    assert proc.returncode == 1, proc.stderr
+    assert "wrong_role" in proc.stderr
+    assert "agent_started" not in proc.stderr + proc.stdout
+
+
+# -- images held by another process --------------------------------------------------------------
+
+
+def test_image_locked_by_another_process_is_a_problem(tmp_path: Path, pki: Pki) -> None:
+    """An image another process holds (qemu-io here, with QEMU's own locks) is refused."""
+    img = make_image(tmp_path / "a.img", MiB)
+    path = _config(tmp_path, pki, [VMSpec("vm1", [DiskSpec("d0", img)])])
+    holder = subprocess.Popen(  # qemu-io keeps the image open (and locked) while reading stdin
+        ["qemu-io", "-f", "raw", str(img)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert holder.stdin is not None
+        assert holder.stdout is not None
+        holder.stdin.write("read 0 512\n")  # answered once the image is open
+        holder.stdin.flush()
+        holder.stdout.readline()
+        (problem,) = _problems(path)
+    finally:
+        holder.communicate("quit\n", timeout=10)
+    assert f"image {img} is in use by another process" in problem
+    assert "replikant agent attach-args VM" in problem
+    assert _problems(path) == []  # released with the other process

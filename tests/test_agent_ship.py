@@ -446,3 +446,41 @@ def _replica_hashes_at(rig: Rig, seq: int, block_size: int) -> bytes:
         struct.pack(">Q", xxhash.xxh3_64_intdigest(data[i : i + block_size]))
         for i in range(0, len(data), block_size)
     )
+
+
+@pytest.mark.parametrize("code", ["not_authorised", "wrong_identity"])
+async def test_refused_by_the_broker_retries_slowly(rig: Rig, code: str) -> None:
+    """A 403 is an error shown in status and retried only every minute, not a fast loop."""
+    rig.rx.forbid = code
+    with structlog.testing.capture_logs() as logs:
+        await rig.start()
+        await wait_until(lambda: rig.rep.refused is not None, within=10)
+        await asyncio.sleep(1.5)  # past an interval: no new attempt while refused
+    refused = [e for e in logs if e["event"] == "replication_refused"]
+    assert len(refused) == 1
+    assert refused[0]["log_level"] == "error"
+    assert refused[0]["code"] == code
+    assert "may not replicate" in refused[0]["error"]
+    assert refused[0]["fix"] == "add 'h1' to allowed_agents"
+    assert not [e for e in logs if e["event"] == "broker_unavailable"]
+    assert len(rig.rx.requests) == 1
+    assert rig.agent is not None
+    disk = rig.agent.status()["disks"][0]
+    assert "may not replicate" in disk["refused"]
+    assert disk["fenced"] is None
+    # The broker's configuration is fixed; the next slow retry replicates again.
+    rig.rx.forbid = None
+    rig.rep.refused_until = 0.0  # as if the minute had passed
+    await wait_until(rig.settled, within=20)
+    assert rig.rep.refused is None
+
+
+async def test_refused_batch_is_not_fenced(rig: Rig) -> None:
+    """A 403 on a batch upload (not on the PUT) refuses the same way."""
+    await rig.start()
+    await wait_until(rig.settled, within=20)
+    rig.rx.forbid = "not_authorised"
+    await rig.write(("write", 0, os.urandom(4096)))
+    await wait_until(lambda: rig.rep.refused is not None, within=10)
+    assert rig.rep.fenced is None
+    assert rig.rep.refused_until > time.monotonic() + 50

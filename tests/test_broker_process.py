@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import random
@@ -15,6 +16,9 @@ from pathlib import Path
 import pytest
 
 from broker.store import Replica, ReplicaMeta
+from certs.store import CertStore
+from common.config import TLSFiles
+from tests.support_agent import run_tool
 from tests.support_broker import (
     PKI,
     AgentClient,
@@ -174,3 +178,32 @@ async def test_kill9_under_stream(pki: PKI, tmp_path: Path) -> None:
             proc.stop()
     log = (tmp_path / "broker.log").read_text()
     assert "Traceback" not in log or "KeyboardInterrupt" in log, log[-3000:]
+
+
+def _refusal(pki: PKI, tmp_path: Path, tls: TLSFiles) -> str:
+    """`replikant broker run` with ``tls`` as its certificate: must exit 1; returns stderr."""
+    cfg = broker_toml(
+        tmp_path / "broker.toml", dataclasses.replace(pki, broker=tls), tmp_path / "s", port=1
+    )
+    proc = run_tool(REPLIKANT, "broker", "run", "--config", str(cfg))
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "s").exists()  # refused before touching the store
+    return proc.stderr
+
+
+def test_broker_refuses_an_agent_certificate(pki: PKI, tmp_path: Path) -> None:
+    """An agent's certificate on a broker: refused at startup naming the role and the fix."""
+    err = _refusal(pki, tmp_path, pki.agents["h1"])
+    assert "the broker did not start" in err
+    assert "wrong_role" in err
+    assert "replikant certs issue broker" in err
+
+
+def test_broker_refuses_another_brokers_certificate(pki: PKI, tmp_path: Path) -> None:
+    """The identity must be this broker's [broker] cluster and node."""
+    other = CertStore(pki.root / "ca").issue_broker("c1", "b7", ips=["127.0.0.1"]).tls
+    err = _refusal(pki, tmp_path, other)
+    assert "wrong_identity" in err
+    assert "replikant://broker/c1/b7" in err
+    assert "--cluster c1 --node b1" in err
