@@ -31,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from broker_common import check_free_space
 from nbd_fio import JOBS, make_image, run_fio, wait_for_socket
 
 REPO = Path(__file__).resolve().parent.parent
@@ -142,7 +143,10 @@ def main() -> int:
     parser.add_argument("--cycle", type=float, default=1.0, help="seconds between cuts")
     parser.add_argument("--dir", type=Path, help="where to put the image (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--quick", action="store_true", help="256 MiB image, 5 s per fio run")
     args = parser.parse_args()
+    if args.quick:
+        args.size, args.runtime = min(args.size, 256), min(args.runtime, 5)
     for tool in ("fio", "qemu-nbd"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is not installed (Debian: fio, qemu-utils)")
@@ -151,6 +155,7 @@ def main() -> int:
         job: {"ours": [], "qemu-nbd": []} for job in JOBS
     }
     tracking: dict[str, dict[str, int]] = {}
+    check_free_space(args.dir or Path(tempfile.gettempdir()), size + 256 * 1024 * 1024)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         image = Path(tmp) / "bench.img"
         sock = Path(tmp) / "nbd.sock"

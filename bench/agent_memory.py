@@ -128,7 +128,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--disks", type=int, default=8)
     parser.add_argument("--idle", type=float, default=6.0, help="idle seconds before measuring")
+    parser.add_argument("--quick", action="store_true", help="2 disks, 2 s idle")
     args = parser.parse_args()
+    if args.quick:
+        args.disks, args.idle = min(args.disks, 2), min(args.idle, 2.0)
     from certs.store import CertStore
 
     with tempfile.TemporaryDirectory() as tmp_s:

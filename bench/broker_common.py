@@ -1,22 +1,26 @@
-"""Shared pieces of the broker benchmarks: PKI, a broker subprocess, a shipper that builds and
-uploads batches the way the agent does (zstd level 1, zero blocks as ZERO extents, holes
-skipped), and image generators."""
+"""Shared pieces of the broker benchmarks: PKI, broker and agent subprocesses (``replikant broker
+run`` / ``replikant agent run`` with configs written here), a shipper that builds and uploads
+batches the way the agent does (zstd level 1, zero blocks as ZERO extents, holes skipped), and
+image generators."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import http.client
 import json
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,20 @@ from common.tls import client_context
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 EXTENT = 1 * MiB
+REGION = 64 * MiB  # the mixed image's unit of content
+
+
+def check_free_space(path: Path, needed: int) -> None:
+    """Refuse to start when the filesystem of ``path`` has less than ``needed`` bytes free."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise SystemExit(
+            f"{probe} has {human(free)} free, this bench needs {human(needed)}: "
+            "pass --dir on a larger filesystem or a smaller size"
+        )
 
 
 def free_port() -> int:
@@ -67,6 +85,40 @@ def make_pki(root: Path) -> Pki:
     )
 
 
+def tls_toml(tls: TLSFiles) -> str:
+    """The ``[tls]`` section of an agent or broker config."""
+    return f'[tls]\nca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n'
+
+
+def _replikant_argv(*args: str) -> list[str]:
+    level = os.environ.get("BENCH_LOG", "warning")
+    exe = str(Path(sys.executable).parent / "replikant")
+    return [exe, "--log-json", "--log-level", level, *args]
+
+
+def _stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 60) -> None:
+    """SIGTERM, wait, SIGKILL if it does not go."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float, every: float = 0.1) -> Any:
+    """Call ``check`` every ``every`` seconds until it returns something true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
 class Broker:
     """``replikant broker run`` as a subprocess."""
 
@@ -82,36 +134,23 @@ cluster = "c1"
 listen = "127.0.0.1:{self.port}"
 store = "{store}"
 min_free_bytes = 0
-[tls]
-ca = "{pki.broker.ca}"
-cert = "{pki.broker.cert}"
-key = "{pki.broker.key}"
-[retention]
+{tls_toml(pki.broker)}[retention]
 any_point_minutes = 600
 """
         )
         self.log = workdir / "broker.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
+        self.admin = client_context(pki.admin)
+        self._conn: http.client.HTTPSConnection | None = None
 
     def start(self, *extra: str) -> str:
         """Start and wait for the run file."""
         run = self.store / ".run" / "broker.json"
         run.unlink(missing_ok=True)
-        exe = str(Path(sys.executable).parent / "replikant")
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [
-                    exe,
-                    "--log-json",
-                    "--log-level",
-                    os.environ.get("BENCH_BROKER_LOG", "warning"),
-                    "broker",
-                    "run",
-                    "--config",
-                    str(self.config),
-                    *extra,
-                ],
+                _replikant_argv("broker", "run", "--config", str(self.config), *extra),
                 stdout=out,
                 stderr=out,
             )
@@ -128,9 +167,155 @@ any_point_minutes = 600
 
     def stop(self) -> None:
         """SIGTERM and wait."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(60)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        _stop_process(self.proc)
+
+    def status(self) -> dict[str, Any]:
+        """``GET /v1/status``."""
+        doc: dict[str, Any] = json.loads(self.get("/v1/status"))
+        return doc
+
+    def get(self, path: str) -> bytes:
+        """GET ``path`` with the admin certificate, on one kept-alive connection (a TLS
+        handshake per poll would cost the broker more CPU than the answer)."""
+        for attempt in (1, 2):
+            if self._conn is None:
+                self._conn = http.client.HTTPSConnection(
+                    "127.0.0.1", self.port, context=self.admin, timeout=30
+                )
+            try:
+                self._conn.request("GET", path)
+                resp = self._conn.getresponse()
+                body = resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"broker GET {path}: HTTP {resp.status} {body[:200]!r}")
+                return body
+            except (OSError, http.client.HTTPException):
+                self._conn.close()
+                self._conn = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def disk_status(self, vm_uuid: uuid.UUID, disk_id: str) -> dict[str, Any] | None:
+        """One disk's record from the status document (None before the agent announced it)."""
+        for vm in self.status()["vms"]:
+            if vm["uuid"] == str(vm_uuid):
+                for disk in vm["disks"]:
+                    if disk["disk_id"] == disk_id:
+                        return dict(disk, vm_lag_seconds=vm["lag_seconds"])
+        return None
+
+    def synced(self, vm_uuid: uuid.UUID, disk_id: str) -> bool:
+        """Initial sync complete and everything durable applied."""
+        disk = self.disk_status(vm_uuid, disk_id)
+        return bool(
+            disk
+            and disk["initial_sync"] == "complete"
+            and disk["applied_seq"] == disk["durable_seq"]
+        )
+
+    def applied_log(self, vm_uuid: uuid.UUID, disk_id: str) -> list[dict[str, Any]]:
+        """The replica's ``applied.log``: one record per applied batch (cut and apply times)."""
+        path = self.store / str(vm_uuid) / disk_id / "applied.log"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@dataclass
+class DiskSpec:
+    """One protected disk of the bench agent (each in a VM of its own)."""
+
+    vm: str
+    image: Path
+    disk_id: str = "disk0"
+    vm_uuid: uuid.UUID = field(default_factory=uuid.uuid4)
+
+    @property
+    def export(self) -> str:
+        """The agent's default export name."""
+        return f"{self.vm}-{self.disk_id}"
+
+
+class Agent:
+    """``replikant agent run`` as a subprocess, protecting ``disks`` and shipping to ``url``."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        pki: Pki,
+        url: str,
+        disks: list[DiskSpec],
+        *,
+        interval: float = 1.0,
+        block_size: int = 65536,
+        cluster: str = "c1",
+    ) -> None:
+        self.workdir = workdir
+        self.disks = disks
+        self.status_port = free_port()
+        self.socket_dir = workdir / "nbd"
+        self.config = workdir / "agent.toml"
+        vms = "".join(
+            f'\n[[vms]]\nname = "{d.vm}"\nuuid = "{d.vm_uuid}"\n'
+            f'[[vms.disks]]\nid = "{d.disk_id}"\nimage = "{d.image}"\n'
+            for d in disks
+        )
+        self.config.write_text(
+            f'[agent]\nhost = "h1"\nstate_dir = "{workdir / "state"}"\n'
+            f'status_listen = "127.0.0.1:{self.status_port}"\n'
+            + tls_toml(pki.agent)
+            + f'[nbd]\nsocket_dir = "{self.socket_dir}"\n'
+            f'[broker]\nurls = ["{url}"]\ncluster = "{cluster}"\n'
+            f"[policies.default]\ninterval_seconds = {interval}\nblock_size = {block_size}\n" + vms
+        )
+        self.log = workdir / "agent.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+
+    @property
+    def pid(self) -> int:
+        """The agent's process id."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    def nbd_uri(self, disk: DiskSpec) -> str:
+        """Where a guest (fio, qemu-io) writes to ``disk``."""
+        return f"nbd+unix:///{disk.export}?socket={self.socket_dir / disk.export}.sock"
+
+    def start(self) -> None:
+        """Start (``started`` is the perf_counter just before the exec) and wait for status."""
+        with self.log.open("ab") as out:
+            self.started = time.perf_counter()
+            self.proc = subprocess.Popen(
+                _replikant_argv("agent", "run", "--config", str(self.config)),
+                stdout=out,
+                stderr=out,
+            )
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent died, see {self.log}")
+            try:
+                self.status()
+            except OSError:
+                return False
+            return True
+
+        wait_until("the agent's status endpoint", up, 60, every=0.02)
+
+    def status(self) -> dict[str, Any]:
+        """``GET /v1/status`` of the agent's loopback listener."""
+        url = f"http://127.0.0.1:{self.status_port}/v1/status"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            doc: dict[str, Any] = json.load(resp)
+            return doc
+
+    def stop(self) -> None:
+        """SIGTERM (a clean stop saves the exact dirty map) and wait."""
+        _stop_process(self.proc)
 
 
 def proc_cpu(pid: int | str = "self") -> float:
@@ -381,6 +566,60 @@ def fast_random_file(path: Path, size: int) -> None:
             left -= len(chunk)
         gen.kill()
         gen.wait()
+
+
+def corpus(paths: list[str], limit: int, suffixes: tuple[str, ...] | None = None) -> bytes:
+    """Up to ``limit`` bytes of real files under ``paths``."""
+    out = bytearray()
+    for root in paths:
+        for dirpath, _dirs, files in os.walk(root):
+            for name in sorted(files):
+                if suffixes and not name.endswith(suffixes):
+                    continue
+                p = os.path.join(dirpath, name)
+                try:
+                    if os.path.islink(p) or not os.path.isfile(p):
+                        continue
+                    with open(p, "rb") as fh:
+                        out += fh.read(8 * MiB)
+                except OSError:
+                    continue
+                if len(out) >= limit:
+                    return bytes(out[:limit])
+    return bytes(out)
+
+
+def make_mixed_image(path: Path, size: int, rng: random.Random) -> dict[str, int]:
+    """Regions of 64 MiB: 30 % binaries, 30 % text, 10 % random, 15 % zero-filled, 15 % holes."""
+    binaries = corpus(["/usr/bin", "/usr/lib/x86_64-linux-gnu", "/usr/lib"], 96 * MiB)
+    text = corpus(
+        ["/usr/share/doc", "/usr/lib/python3", str(Path(sys.prefix) / "lib")],
+        96 * MiB,
+        (".py", ".txt", ".md", "copyright", ".html", ".rst", ".c", ".h", ".json"),
+    )
+    kinds = ["bin"] * 30 + ["text"] * 30 + ["random"] * 10 + ["zero"] * 15 + ["hole"] * 15
+    counts: dict[str, int] = {}
+    with path.open("wb") as fh:
+        fh.truncate(size)
+        for off in range(0, size, REGION):
+            kind = rng.choice(kinds)
+            counts[kind] = counts.get(kind, 0) + 1
+            n = min(REGION, size - off)
+            if kind == "hole":
+                continue
+            fh.seek(off)
+            if kind == "zero":
+                fh.write(bytes(n))
+            elif kind == "random":
+                fh.write(rng.randbytes(n))
+            else:
+                src = binaries if kind == "bin" else text
+                start = rng.randrange(0, max(1, len(src) - n)) if len(src) > n else 0
+                piece = src[start : start + n]
+                while len(piece) < n:
+                    piece += src[: n - len(piece)]
+                fh.write(piece)
+    return counts
 
 
 def copy_file(src: Path, dst: Path) -> None:

@@ -1,18 +1,28 @@
 """Initial replication benchmark: Replikant vs nbdcopy between two qemu-nbd exports over TLS.
 
-    .venv/bin/python bench/broker_initial.py [--size-gib 4] [--dir DIR] [--verify]
+    .venv/bin/python bench/broker_initial.py [--quick] [--size-gib 4] [--repeat 3]
+                                              [--mode agent|model|both] [--verify] [--keep]
+                                              [--profile DIR] [--dir DIR]
 
 One mixed image (program binaries and libraries, text, incompressible data, zero-filled and
 unallocated regions) is copied:
 
 - peer: `nbdcopy nbds://src nbds://dst` between two `qemu-nbd` servers with x509 TLS (client
-  certificates verified), bytes on the wire measured as what the source qemu-nbd wrote to its
-  socket;
-- ours: FULL batches of at most 256 MiB of allocated data, shipped like the agent ships them
-  (holes skipped, zero blocks as ZERO extents, zstd level 1 compressed in a thread pool) to a real
-  `replikant broker run` over mTLS, then one delta batch that completes the sync; the clock stops
-  when the broker has *applied* everything (journaled, verified, in the replica image). Bytes on
-  the wire: the HTTP bodies.
+  certificates verified). Bytes on the wire: what crosses the source export's connections (both
+  directions), counted by a relay in a second, untimed copy (the timed copy connects directly).
+  Timed twice a round: plain (the target), and `--flush` (ends when the copy is on stable
+  storage, as ours does: the broker fdatasyncs every batch before it acks);
+- ours, `--mode agent` (the default): the real thing end to end. `replikant agent run` protects
+  the image (fresh state) and ships it to `replikant broker run` over mTLS; the clock runs from
+  the agent's exec to the broker reporting `initial_sync: complete` with everything durable
+  applied. The agent talks to the broker through a counting relay in this process (splice(2),
+  so it costs little, and what it costs is charged to us), which measures the bytes on the wire
+  in both directions. Afterwards (untimed) the broker's block hashes of the replica must equal
+  the source's. `--profile DIR` attaches py-spy to the agent and the broker;
+- ours, `--mode model`: the agent's shipping modelled in-process (bench/broker_common.Shipper:
+  FULL batches of at most 256 MiB, zstd level 1 in a thread pool, standard asyncio loop) to the
+  same real broker, for trying shipping strategies without touching the agent; `--mode both`
+  runs all three, interleaved.
 
 Targets: time ≤ 1.5× nbdcopy's, bytes ≤ 0.5× nbdcopy's.
 """
@@ -22,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import os
 import random
 import resource
@@ -34,80 +45,35 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from broker_common import (
+    REGION,
+    Agent,
     Broker,
+    DiskSpec,
     GiB,
     MiB,
+    Pki,
     Shipper,
+    check_free_space,
     data_ranges,
     free_port,
     human,
+    make_mixed_image,
     make_pki,
     proc_cpu,
     save_result,
+    wait_until,
 )
 
-REGION = 64 * MiB
+from broker.hashes import file_block_hashes
+
 FULL_BATCH = 256 * MiB
 BLOCK = 64 * 1024
-
-
-def corpus(paths: list[str], limit: int, suffixes: tuple[str, ...] | None = None) -> bytes:
-    """Up to ``limit`` bytes of real files under ``paths``."""
-    out = bytearray()
-    for root in paths:
-        for dirpath, _dirs, files in os.walk(root):
-            for name in sorted(files):
-                if suffixes and not name.endswith(suffixes):
-                    continue
-                p = os.path.join(dirpath, name)
-                try:
-                    if os.path.islink(p) or not os.path.isfile(p):
-                        continue
-                    with open(p, "rb") as fh:
-                        out += fh.read(8 * MiB)
-                except OSError:
-                    continue
-                if len(out) >= limit:
-                    return bytes(out[:limit])
-    return bytes(out)
-
-
-def make_mixed_image(path: Path, size: int, rng: random.Random) -> dict[str, int]:
-    """Regions of 64 MiB: 30 % binaries, 30 % text, 10 % random, 15 % zero-filled, 15 % holes."""
-    binaries = corpus(["/usr/bin", "/usr/lib/x86_64-linux-gnu", "/usr/lib"], 96 * MiB)
-    text = corpus(
-        ["/usr/share/doc", "/usr/lib/python3", str(Path(sys.prefix) / "lib")],
-        96 * MiB,
-        (".py", ".txt", ".md", "copyright", ".html", ".rst", ".c", ".h", ".json"),
-    )
-    kinds = ["bin"] * 30 + ["text"] * 30 + ["random"] * 10 + ["zero"] * 15 + ["hole"] * 15
-    counts: dict[str, int] = {}
-    with path.open("wb") as fh:
-        fh.truncate(size)
-        for off in range(0, size, REGION):
-            kind = rng.choice(kinds)
-            counts[kind] = counts.get(kind, 0) + 1
-            n = min(REGION, size - off)
-            if kind == "hole":
-                continue
-            fh.seek(off)
-            if kind == "zero":
-                fh.write(bytes(n))
-            elif kind == "random":
-                fh.write(rng.randbytes(n))
-            else:
-                src = binaries if kind == "bin" else text
-                start = rng.randrange(0, max(1, len(src) - n)) if len(src) > n else 0
-                piece = src[start : start + n]
-                while len(piece) < n:
-                    piece += src[: n - len(piece)]
-                fh.write(piece)
-    return counts
 
 
 def openssl_pki(root: Path) -> tuple[Path, Path]:
@@ -215,16 +181,21 @@ def qemu_nbd(image: Path, port: int, srv: Path, *, read_only: bool) -> subproces
 
 
 class CountingRelay:
-    """A TCP relay that counts the bytes the server sends (only for the bytes measurement: the
-    timed nbdcopy run connects directly)."""
+    """A TCP relay to ``127.0.0.1:target_port`` that counts the bytes crossing it each way."""
 
     def __init__(self, target_port: int) -> None:
         self.target = target_port
-        self.server_bytes = 0
+        self.to_server = 0
+        self.to_client = 0
         self._lock = threading.Lock()
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def total(self) -> int:
+        """Bytes relayed in both directions."""
+        return self.to_server + self.to_client
 
     def _accept(self) -> None:
         while True:
@@ -233,19 +204,29 @@ class CountingRelay:
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target))
-            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, to_server: bool) -> None:
+        # splice(2) through a pipe: the bytes never enter this process, so the relay costs
+        # little CPU (it runs in the timed copy of ours, on a machine with few cores).
+        r, w = os.pipe()
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)  # fewer, larger splices
         try:
-            while data := src.recv(1 << 18):
-                dst.sendall(data)
-                if count:
-                    with self._lock:
-                        self.server_bytes += len(data)
+            while n := os.splice(src.fileno(), w, 1 << 20):
+                with self._lock:
+                    if to_server:
+                        self.to_server += n
+                    else:
+                        self.to_client += n
+                while n:
+                    n -= os.splice(r, dst.fileno(), n)
         except OSError:
             pass
         finally:
+            os.close(r)
+            os.close(w)
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
@@ -255,9 +236,11 @@ class CountingRelay:
 
 
 def run_nbdcopy(
-    src_img: Path, dst_img: Path, size: int, work: Path, *, count_bytes: bool
+    src_img: Path, dst_img: Path, size: int, work: Path, *, count_bytes: bool, flush: bool = False
 ) -> tuple[float, int, float]:
-    """Time nbdcopy between two qemu-nbd TLS exports; returns (seconds, wire bytes, CPU s)."""
+    """Time nbdcopy between two qemu-nbd TLS exports; returns (seconds, wire bytes, CPU s).
+    ``flush``: ``nbdcopy --flush``, which ends when the copy is on stable storage, as ours does
+    (without it the copy may still sit in the target's page cache when nbdcopy exits)."""
     srv, cli = openssl_pki(work / "x509")
     pa, pb = free_port(), free_port()
     a = qemu_nbd(src_img, pa, srv, read_only=True)
@@ -270,6 +253,7 @@ def run_nbdcopy(
         subprocess.run(
             [
                 "nbdcopy",
+                *(["--flush"] if flush else []),
                 f"nbds://127.0.0.1:{src_port}/disk?tls-certificates={cli}",
                 f"nbds://127.0.0.1:{pb}/disk?tls-certificates={cli}",
             ],
@@ -286,7 +270,7 @@ def run_nbdcopy(
             relay = CountingRelay(pa)  # another copy, through the counter, for the bytes only
             copy(relay.port)
             relay.close()
-            wire = relay.server_bytes
+            wire = relay.total
     finally:
         for p in (a, b):
             p.terminate()
@@ -304,9 +288,87 @@ def _self_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-async def run_ours(src_img: Path, size: int, work: Path) -> tuple[float, int, Path, float]:
-    """Time our initial replication until applied; returns (seconds, wire, replica, CPU s)."""
-    pki = make_pki(work / "pki")
+class Run(NamedTuple):
+    """One timed copy."""
+
+    seconds: float
+    wire: int
+    cpu: float
+    replica: Path
+    same: bool | None = None  # replica hashes == source hashes (agent mode checks)
+
+
+def spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """``py-spy record`` (on-CPU samples, without pausing it) of ``pid`` until it exits."""
+    exe = Path(sys.executable).with_name("py-spy")
+    cmd = [str(exe), "record", "--pid", str(pid), "--format", "raw", "--nonblocking"]
+    return subprocess.Popen(
+        [*cmd, "--rate", "250", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+
+
+def run_agent(
+    src_img: Path, size: int, work: Path, pki: Pki, hashes: bytes, profile: Path | None = None
+) -> Run:
+    """The real agent ships ``src_img`` to the real broker; timed from the agent's exec until
+    the broker reports the initial sync complete and applied. ``profile``: a directory for
+    py-spy's collapsed stacks of both processes (they slow the run down a little)."""
+    run = work / "agent-run"
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir()
+    broker = Broker(run, pki, run / "store")
+    broker.start()
+    relay = CountingRelay(broker.port)
+    disk = DiskSpec("bench", src_img)
+    agent = Agent(run, pki, f"https://127.0.0.1:{relay.port}", [disk], interval=1.0)
+    spies: list[subprocess.Popen[bytes]] = []
+    try:
+        assert broker.proc is not None
+        cpu0 = (proc_cpu(broker.proc.pid), _self_cpu())
+        agent.start()
+        if profile is not None:
+            profile.mkdir(parents=True, exist_ok=True)
+            stamp = time.strftime("%H%M%S")
+            spies = [
+                spy(agent.pid, profile / f"agent-{stamp}.txt"),
+                spy(broker.proc.pid, profile / f"broker-{stamp}.txt"),
+            ]
+        wait_until(
+            "the initial sync", lambda: broker.synced(disk.vm_uuid, disk.disk_id), 3600, 0.05
+        )
+        seconds = time.perf_counter() - agent.started
+        parts = (
+            proc_cpu(agent.pid),
+            proc_cpu(broker.proc.pid) - cpu0[0],
+            _self_cpu() - cpu0[1],  # mostly the relay
+        )
+        cpu = sum(parts)
+        wire = relay.total
+        shipped = sum(d["bytes_shipped"] for d in agent.status()["disks"])
+        print(
+            f"  agent: {seconds:.2f} s, CPU s: agent {parts[0]:.1f} broker {parts[1]:.1f} "
+            f"relay {parts[2]:.1f}; relay counted {human(wire)} "
+            f"(agent's bytes_shipped {human(shipped)})",
+            flush=True,
+        )
+        remote = broker_hashes(broker, disk)
+    finally:
+        agent.stop()
+        broker.stop()
+        relay.close()
+        for proc in spies:
+            proc.wait(60)
+    replica = run / "store" / str(disk.vm_uuid) / disk.disk_id / "replica.img"
+    return Run(seconds, wire, cpu, replica, remote == hashes)
+
+
+def broker_hashes(broker: Broker, disk: DiskSpec) -> bytes:
+    """The replica's block hashes, as the broker computes them (``GET .../hashes``)."""
+    return broker.get(f"/v1/vms/{disk.vm_uuid}/hashes?disk={disk.disk_id}&block_size={BLOCK}")
+
+
+async def run_model(src_img: Path, size: int, work: Path, pki: Pki) -> Run:
+    """Time the modelled shipping until applied."""
     store = work / "store"
     shutil.rmtree(store, ignore_errors=True)
     broker = Broker(work, pki, store)
@@ -355,93 +417,119 @@ async def run_ours(src_img: Path, size: int, work: Path) -> tuple[float, int, Pa
             wire = ship.body_bytes
     finally:
         broker.stop()
-    return seconds, wire, store / str(vm) / "disk0" / "replica.img", cpu
+    return Run(seconds, wire, cpu, store / str(vm) / "disk0" / "replica.img")
 
 
 def run(args: argparse.Namespace) -> None:
     work = Path(args.dir)
-    import shutil
-
+    size = int(args.size_gib * GiB) // REGION * REGION
+    # source + nbdcopy target + replica (+ the model's replica), and room to spare
+    check_free_space(work.parent, 4 * size + 2 * GiB)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    size = int(args.size_gib * GiB) // REGION * REGION
+    try:
+        measure(args, work, size)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, work: Path, size: int) -> None:
     src = work / "source.img"
     print(f"building a {human(size)} mixed image in {work} ...", flush=True)
     counts = make_mixed_image(src, size, random.Random(7))
-    allocated = sum(n for _, n in data_ranges(os.open(src, os.O_RDONLY), size))
+    fd = os.open(src, os.O_RDONLY)
+    allocated = sum(n for _, n in data_ranges(fd, size))
+    os.close(fd)
     print(f"regions of 64 MiB: {counts}; allocated {human(allocated)}", flush=True)
-    subprocess.run(["cat", str(src)], stdout=subprocess.DEVNULL, check=True)  # warm the cache
-    peer_runs: list[tuple[float, float]] = []
-    ours_runs: list[tuple[float, float]] = []
-    w_peer = w_ours = 0
-    replica = src
+    hashes = file_block_hashes(str(src), block_size=BLOCK)  # also warms the page cache
+    pki = make_pki(work / "pki")
+    modes = ["agent", "model"] if args.mode == "both" else [args.mode]
+    runs: dict[str, list[Run]] = {"nbdcopy": [], "nbdcopy-flush": [], **{m: [] for m in modes}}
+    target = work / "nbdcopy-target.img"
     for i in range(args.repeat):
-        # Interleaved, so that load from anything else on the machine hits both alike.
-        t, w, c = run_nbdcopy(src, work / "nbdcopy-target.img", size, work, count_bytes=i == 0)
-        peer_runs.append((t, c))
-        w_peer = w or w_peer
-        t, w_ours, replica, c = asyncio.run(run_ours(src, size, work))
-        ours_runs.append((t, c))
-    t_peer = statistics.median(t for t, _ in peer_runs)
-    t_ours = statistics.median(t for t, _ in ours_runs)
-    c_peer = statistics.median(c for _, c in peer_runs)
-    c_ours = statistics.median(c for _, c in ours_runs)
+        # Interleaved, so that load from anything else on the machine hits all alike.
+        t, w, c = run_nbdcopy(src, target, size, work, count_bytes=i == 0)
+        runs["nbdcopy"].append(Run(t, w, c, target))
+        tf, _, cf = run_nbdcopy(src, target, size, work, count_bytes=False, flush=True)
+        runs["nbdcopy-flush"].append(Run(tf, w, cf, target))
+        print(f"  nbdcopy: {t:.2f} s, with --flush {tf:.2f} s", flush=True)
+        if "agent" in modes:
+            runs["agent"].append(run_agent(src, size, work, pki, hashes, args.profile))
+        if "model" in modes:
+            runs["model"].append(asyncio.run(run_model(src, size, work, pki)))
+            print(f"  model: {runs['model'][-1].seconds:.2f} s", flush=True)
+        if not args.verify:  # the next copies should not pay for writing these back
+            for name in modes:
+                runs[name][-1].replica.unlink(missing_ok=True)
+    med = {
+        name: Run(
+            statistics.median(r.seconds for r in rs),
+            max(r.wire for r in rs),  # the peer counts bytes in its first run only
+            statistics.median(r.cpu for r in rs),
+            rs[-1].replica,
+            all(r.same for r in rs) if rs[0].same is not None else None,
+        )
+        for name, rs in runs.items()
+    }
+    peer = med["nbdcopy"]
     print(f"\ninitial replication of a {human(size)} mixed image (median of {args.repeat})")
-    print(f"{'':<10}{'seconds':>10}{'wire':>14}{'MiB/s':>9}{'CPU s':>8}  runs")
-    for name, t, w, c, runs in (
-        ("nbdcopy", t_peer, w_peer, c_peer, peer_runs),
-        ("replikant", t_ours, w_ours, c_ours, ours_runs),
-    ):
-        each = " ".join(f"{x:.1f}" for x, _ in runs)
-        print(f"{name:<10}{t:>10.2f}{human(w):>14}{size / MiB / t:>9.0f}{c:>8.1f}  {each}")
-    rt, rw = t_ours / t_peer, w_ours / max(w_peer, 1)
-    print(
-        f"ratio     time {rt:.2f} (target ≤ 1.50: {'ok' if rt <= 1.5 else 'MISS'})   "
-        f"bytes {rw:.2f} (target ≤ 0.50: {'ok' if rw <= 0.5 else 'MISS'})"
-    )
-    saved = save_result(
-        "broker_initial",
-        {
-            "size_bytes": size,
-            "allocated_bytes": allocated,
-            "regions": counts,
-            "nbdcopy": {
-                "seconds": t_peer,
-                "wire_bytes": w_peer,
-                "cpu_seconds": c_peer,
-                "runs": peer_runs,
-            },
-            "replikant": {
-                "seconds": t_ours,
-                "wire_bytes": w_ours,
-                "cpu_seconds": c_ours,
-                "runs": ours_runs,
-            },
+    print(f"{'':<14}{'seconds':>10}{'wire':>14}{'MiB/s':>9}{'CPU s':>8}  runs")
+    for name, m in med.items():
+        each = " ".join(f"{r.seconds:.1f}" for r in runs[name])
+        print(
+            f"{name:<14}{m.seconds:>10.2f}{human(m.wire):>14}{size / MiB / m.seconds:>9.0f}"
+            f"{m.cpu:>8.1f}  {each}"
+        )
+    doc: dict[str, object] = {"size_bytes": size, "allocated_bytes": allocated, "regions": counts}
+    for name, m in med.items():
+        doc[name] = {
+            "seconds": m.seconds,
+            "wire_bytes": m.wire,
+            "cpu_seconds": m.cpu,
+            "runs": [[r.seconds, r.cpu] for r in runs[name]],
+        }
+        if name.startswith("nbdcopy"):
+            continue
+        rt, rw = m.seconds / peer.seconds, m.wire / max(peer.wire, 1)
+        rf = m.seconds / med["nbdcopy-flush"].seconds
+        doc[name] |= {
             "time_ratio": rt,
+            "time_ratio_vs_flush": rf,
             "bytes_ratio": rw,
-        },
-    )
-    print(f"results: {saved}")
+            "replica_matches": m.same,
+        }
+        print(
+            f"{name + ' ratio':<16}time {rt:.2f} (target ≤ 1.50: {'ok' if rt <= 1.5 else 'MISS'};"
+            f" vs nbdcopy --flush {rf:.2f})"
+            f"   bytes {rw:.2f} (target ≤ 0.50: {'ok' if rw <= 0.5 else 'MISS'})"
+        )
+    if med.get("agent") is not None:
+        print(f"agent replica hashes == source hashes: {med['agent'].same}")
+    print(f"results: {save_result('broker_initial', doc)}")
     if args.verify:
         import filecmp
 
-        print(f"replica == source: {filecmp.cmp(src, replica, shallow=False)}")
-        print(
-            f"nbdcopy target == source: "
-            f"{filecmp.cmp(src, work / 'nbdcopy-target.img', shallow=False)}"
-        )
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
+        for name, m in med.items():
+            print(f"{name} target == source: {filecmp.cmp(src, m.replica, shallow=False)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gib", type=float, default=4.0)
+    parser.add_argument("--quick", action="store_true", help="1 GiB, 2 runs")
+    parser.add_argument("--mode", choices=["agent", "model", "both"], default="agent")
     parser.add_argument("--dir", default="/var/tmp/replikant-bench-initial")
-    parser.add_argument("--verify", action="store_true")
+    parser.add_argument("--verify", action="store_true", help="also compare the files byte-wise")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs (median)")
     parser.add_argument("--keep", action="store_true")
-    run(parser.parse_args())
+    parser.add_argument(
+        "--profile", type=Path, help="write py-spy stacks of the agent and broker here"
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.size_gib, args.repeat = min(args.size_gib, 1.0), min(args.repeat, 2)
+    run(args)
 
 
 if __name__ == "__main__":

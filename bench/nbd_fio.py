@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from broker_common import check_free_space
+
 REPO = Path(__file__).resolve().parent.parent
 NBD_IHAVEOPT = 0x49484156454F5054
 NBD_OPT_ABORT = 2
@@ -69,8 +71,11 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 
 
 
 @contextmanager
-def server(kind: str, image: Path, sock: Path) -> Iterator[str]:
-    """Run one server on ``image``; yields the NBD URI of its export."""
+def server(
+    kind: str, image: Path, sock: Path, procs: list[subprocess.Popen[bytes]] | None = None
+) -> Iterator[str]:
+    """Run one server on ``image``; yields the NBD URI of its export (and appends the server's
+    process to ``procs`` when given)."""
     if sock.exists():
         sock.unlink()
     if kind == "ours":
@@ -84,6 +89,8 @@ def server(kind: str, image: Path, sock: Path) -> Iterator[str]:
             "--cache=writeback", "--aio=threads", os.fspath(image),
         ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO)
+    if procs is not None:
+        procs.append(proc)
     try:
         wait_for_socket(sock, proc)
         yield f"nbd+unix:///disk?socket={sock}"
@@ -96,17 +103,26 @@ def server(kind: str, image: Path, sock: Path) -> Iterator[str]:
             proc.wait()
 
 
-def run_fio(uri: str, job: str, size: int, runtime: float) -> dict[str, float]:
-    """Run one fio job; returns write IOPS and MiB/s."""
+def run_fio(
+    uri: str, job: str, size: int, runtime: float, options: list[str] | None = None
+) -> dict[str, float]:
+    """Run one fio job (``JOBS[job]``, or ``options``); returns write IOPS, MiB/s and the
+    99th percentile of write completion latency in ms."""
     cmd = [
         "fio", f"--name={job}", "--ioengine=nbd", f"--uri={uri}", f"--size={size}",
-        f"--runtime={runtime}", "--time_based", "--output-format=json", *JOBS[job],
+        f"--runtime={runtime}", "--time_based", "--output-format=json",
+        *(JOBS[job] if options is None else options),
     ]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, check=True)
     # The nbd engine prints "fio: connected to NBD server" before the JSON document.
     doc = json.loads(result.stdout[result.stdout.index("{") :])
     write = doc["jobs"][0]["write"]
-    return {"iops": float(write["iops"]), "mib_s": float(write["bw"]) / 1024}
+    p99 = write.get("clat_ns", {}).get("percentile", {}).get("99.000000", 0)
+    return {
+        "iops": float(write["iops"]),
+        "mib_s": float(write["bw"]) / 1024,
+        "clat_p99_ms": float(p99) / 1e6,
+    }
 
 
 def main() -> int:
@@ -123,12 +139,16 @@ def main() -> int:
         "the disk's writeback; pass e.g. /var/tmp for a disk-backed file)",
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--quick", action="store_true", help="256 MiB image, 5 s per fio run")
     args = parser.parse_args()
+    if args.quick:
+        args.size, args.runtime = min(args.size, 256), min(args.runtime, 5)
     for tool in ("fio", "qemu-nbd"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is not installed (Debian: fio, qemu-utils)")
 
     size = args.size * 1024 * 1024
+    check_free_space(args.dir or Path(tempfile.gettempdir()), size + 256 * 1024 * 1024)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         image = Path(tmp) / "bench.img"
         sock = Path(tmp) / "nbd.sock"
