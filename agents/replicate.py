@@ -117,6 +117,7 @@ class DiskReplicator:
         self.status = DiskStatus()
         self.on_progress: Callable[[DiskReplicator, int, int], None] | None = None
         self._initial_mark: tuple[float, int] | None = None
+        self._completing = False  # the initial copy just ended: cut again without waiting
         self.seed_export: dict[str, Any] | None = None  # progress while an export writes media
         self._seed_restore: BlockMap | None = None  # the dirty blocks pending before that cut
         if self.state is not None:
@@ -465,7 +466,9 @@ class DiskReplicator:
             body = batch_body(
                 cut,
                 header,
-                level=self.policy.compression_level,
+                level=(
+                    self.policy.initial_compression_level if full else self.policy.compression_level
+                ),
                 bucket=self.bucket,
                 stats=stats,
                 max_extent=self.max_extent,
@@ -495,6 +498,8 @@ class DiskReplicator:
             self.ready = False
             raise
         cleared = self.export.end_cut(acked=True)
+        if not full:
+            self._completing = False
         elapsed = max(time.monotonic() - started, 1e-6)
         self.next_seq = seq + 1
         st = self.state
@@ -505,6 +510,7 @@ class DiskReplicator:
             if self._chunk_end >= self.export.size:
                 st.initial_done = True
                 self.mode = "delta"
+                self._completing = True
         st.save(self.state_path)
         s = self.status
         s.last_acked_seq = seq
@@ -558,8 +564,9 @@ class DiskReplicator:
 
     @property
     def backlog(self) -> bool:
-        """More work is waiting that should not wait for the next interval (initial copy)."""
-        return self.ready and self.mode == "initial"
+        """More work is waiting that should not wait for the next interval: the initial copy,
+        and right after it the first delta batch, which makes the replica a consistent cut."""
+        return self.ready and (self.mode == "initial" or self._completing)
 
     def snapshot(self) -> dict[str, Any]:
         """The status endpoint's view of this disk."""

@@ -16,14 +16,14 @@ import json
 import random
 import ssl
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
 import aiohttp
 
-from agents.cut import Cut, PlannedExtent
+from agents.cut import Cut
 from agents.dirtymap import DATA, ZERO
 from agents.errors import FencedError, ShipError
 from common.hrl import (
@@ -316,53 +316,83 @@ async def batch_body(
     bucket: TokenBucket | None,
     stats: BatchStats,
     max_extent: int = MAX_EXTENT,
-    on_extent: Callable[[PlannedExtent], None] | None = None,
 ) -> AsyncGenerator[bytes, None]:
-    """Yield the encoded batch for ``cut`` (whose plan produced ``header``'s totals)."""
+    """Yield the encoded batch for ``cut`` (whose plan produced ``header``'s totals).
+
+    Compression of a big extent runs in a worker thread while the event loop reads and hashes
+    the next one (and keeps serving the guest), so the two halves of the work overlap on two
+    cores. Encoder calls, and so the records in the stream, stay in extent order: the previous
+    extent's compression is awaited before the next record is encoded.
+    """
     encoder = BatchEncoder(header, level=level)
     pending: list[bytes] = [encoder.header_bytes()]
     size = len(pending[0])
     compress = header.compression is Compression.ZSTD
-    for ext in cut.plan(max_extent):
-        if cut.closed:
-            # The upload was abandoned (its blocks merged back) while aiohttp's writer task
-            # still held this generator: stop without touching the released frozen map.
-            return
-        if ext.kind == DATA:
-            data = cut.read(ext)  # atomic w.r.t. guest requests
-            stats.payload_bytes += ext.length
-            if is_zero(data):
-                chunk = encoder.zero(ext.offset, ext.length)
-                stats.zero_extents += 1
-            else:
-                checksum = xxh64_of(data)
-                if compress and ext.length >= _THREAD_MIN:
-                    chunk = await asyncio.to_thread(
-                        encoder.data, ext.offset, data, checksum=checksum
-                    )
-                else:
-                    chunk = encoder.data(ext.offset, data, checksum=checksum)
-        elif ext.kind == ZERO:
-            chunk = encoder.zero(ext.offset, ext.length)
-        else:
-            chunk = encoder.trim(ext.offset, ext.length)
-        stats.extents += 1
-        stats.data_bytes += ext.length
-        if on_extent is not None:
-            on_extent(ext)
+    inflight: asyncio.Task[bytes] | None = None
+
+    def add(chunk: bytes) -> bytes | None:
+        """Queue a record; return the coalesced output once it is worth a write."""
+        nonlocal size
         pending.append(chunk)
         size += len(chunk)
-        if size >= _FLUSH_AT:
-            out = b"".join(pending)
-            pending.clear()
-            size = 0
-            stats.wire_bytes += len(out)
-            if bucket is not None:
-                await bucket.take(len(out))
-            yield out
-        else:
-            # Give the NBD clients a turn between extents even when nothing is sent yet.
-            await asyncio.sleep(0)
+        if size < _FLUSH_AT:
+            return None
+        out = b"".join(pending)
+        pending.clear()
+        size = 0
+        stats.wire_bytes += len(out)
+        return out
+
+    try:
+        for ext in cut.plan(max_extent):
+            if cut.closed:
+                # The upload was abandoned (its blocks merged back) while aiohttp's writer task
+                # still held this generator: stop without touching the released frozen map.
+                return
+            data: bytes | bytearray | None = None
+            checksum = 0
+            if ext.kind == DATA:
+                read = cut.read(ext)  # atomic w.r.t. guest requests
+                stats.payload_bytes += ext.length
+                if is_zero(read):
+                    stats.zero_extents += 1
+                else:
+                    data = read
+                    checksum = xxh64_of(read)
+            stats.extents += 1
+            stats.data_bytes += ext.length
+            records: list[bytes] = []
+            if inflight is not None:
+                records.append(await inflight)
+                inflight = None
+            if data is not None and compress and ext.length >= _THREAD_MIN:
+                inflight = asyncio.create_task(
+                    asyncio.to_thread(encoder.data, ext.offset, data, checksum=checksum)
+                )
+            elif data is not None:
+                records.append(encoder.data(ext.offset, data, checksum=checksum))
+            elif ext.kind in (DATA, ZERO):  # DATA that read as zeroes travels as a ZERO extent
+                records.append(encoder.zero(ext.offset, ext.length))
+            else:
+                records.append(encoder.trim(ext.offset, ext.length))
+            sent = False
+            for record in records:
+                out = add(record)
+                if out is not None:
+                    if bucket is not None:
+                        await bucket.take(len(out))
+                    sent = True
+                    yield out
+            if not sent:
+                # Give the NBD clients a turn between extents even when nothing is sent yet.
+                await asyncio.sleep(0)
+        if inflight is not None:
+            pending.append(await inflight)  # goes out with the trailer below
+            inflight = None
+    finally:
+        if inflight is not None:
+            # Abandoned mid-compression: the worker thread runs to its end, unread.
+            inflight.cancel()
     pending.append(encoder.end())
     out = b"".join(pending)
     stats.wire_bytes += len(out)
