@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from broker_common import check_free_space
-from nbd_fio import JOBS, make_image, run_fio, wait_for_socket
+from nbd_fio import JOBS, make_image, print_ratio_table, run_fio, wait_for_socket
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -185,22 +184,11 @@ def main() -> int:
         "size_mib": args.size,
         "runtime_s": args.runtime,
         "cycle_s": args.cycle,
-        "jobs": {},
         "tracking": tracking,
     }
     print()
     print("fio nbd engine, tracked export (ours) vs qemu-nbd, same preallocated raw image")
-    print(f"{'job':<20} {'ours IOPS':>10} {'qemu IOPS':>10} {'ours MiB/s':>11} "
-          f"{'qemu MiB/s':>11} {'ratio':>6}")  # fmt: skip
-    for job, by_kind in samples.items():
-        ours = {k: statistics.median(s[k] for s in by_kind["ours"]) for k in ("iops", "mib_s")}
-        peer = {k: statistics.median(s[k] for s in by_kind["qemu-nbd"]) for k in ("iops", "mib_s")}
-        ratio = ours["iops"] / peer["iops"] if peer["iops"] else float("inf")
-        report["jobs"][job] = {"ours": ours, "qemu-nbd": peer, "ratio": ratio}
-        print(
-            f"{job:<20} {ours['iops']:>10.0f} {peer['iops']:>10.0f} {ours['mib_s']:>11.1f} "
-            f"{peer['mib_s']:>11.1f} {ratio:>6.2f}"
-        )
+    report["jobs"] = print_ratio_table(samples)
     print()
     print(
         f"tracking extra writes (cut + settle every {args.cycle} s, regions re-dirtied each cycle)"

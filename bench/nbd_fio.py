@@ -103,6 +103,25 @@ def server(
             proc.wait()
 
 
+def print_ratio_table(
+    samples: dict[str, dict[str, list[dict[str, float]]]],
+) -> dict[str, dict[str, Any]]:
+    """Print medians of ours vs qemu-nbd per job with the ratio; return them for the report."""
+    jobs: dict[str, dict[str, Any]] = {}
+    print(f"{'job':<20} {'ours IOPS':>10} {'qemu IOPS':>10} {'ours MiB/s':>11} "
+          f"{'qemu MiB/s':>11} {'ratio':>6}")  # fmt: skip
+    for job, by_kind in samples.items():
+        ours = {k: statistics.median(s[k] for s in by_kind["ours"]) for k in ("iops", "mib_s")}
+        peer = {k: statistics.median(s[k] for s in by_kind["qemu-nbd"]) for k in ("iops", "mib_s")}
+        ratio = ours["iops"] / peer["iops"] if peer["iops"] else float("inf")
+        jobs[job] = {"ours": ours, "qemu-nbd": peer, "ratio": ratio}
+        print(
+            f"{job:<20} {ours['iops']:>10.0f} {peer['iops']:>10.0f} {ours['mib_s']:>11.1f} "
+            f"{peer['mib_s']:>11.1f} {ratio:>6.2f}"
+        )
+    return jobs
+
+
 def run_fio(
     uri: str, job: str, size: int, runtime: float, options: list[str] | None = None
 ) -> dict[str, float]:
@@ -172,19 +191,9 @@ def main() -> int:
                         flush=True,
                     )
 
-    report: dict[str, Any] = {"size_mib": args.size, "runtime_s": args.runtime, "jobs": {}}
+    report: dict[str, Any] = {"size_mib": args.size, "runtime_s": args.runtime}
     print()
-    print(f"{'job':<20} {'ours IOPS':>10} {'qemu IOPS':>10} {'ours MiB/s':>11} "
-          f"{'qemu MiB/s':>11} {'ratio':>6}")  # fmt: skip
-    for job, by_kind in samples.items():
-        ours = {k: statistics.median(s[k] for s in by_kind["ours"]) for k in ("iops", "mib_s")}
-        peer = {k: statistics.median(s[k] for s in by_kind["qemu-nbd"]) for k in ("iops", "mib_s")}
-        ratio = ours["iops"] / peer["iops"] if peer["iops"] else float("inf")
-        report["jobs"][job] = {"ours": ours, "qemu-nbd": peer, "ratio": ratio}
-        print(
-            f"{job:<20} {ours['iops']:>10.0f} {peer['iops']:>10.0f} {ours['mib_s']:>11.1f} "
-            f"{peer['mib_s']:>11.1f} {ratio:>6.2f}"
-        )
+    report["jobs"] = print_ratio_table(samples)
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"nbd_fio-{time.strftime('%Y%m%dT%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
