@@ -423,10 +423,6 @@ class DirtyMap:
         if self.sync_marks:
             self.sync()
 
-    def mark_all(self, kind: int = DATA) -> None:
-        """Mark the whole disk (used when a checksum comparison cannot be done)."""
-        self.mark(0, self.size, kind)
-
     def sync(self) -> None:
         """Make every persisted mark durable (called before the data is fsynced on FLUSH/FUA).
 

@@ -133,7 +133,6 @@ class TrackedExport(ExportBase):
         self.cut: Cut | None = None
         self.snapshots: list[Cut] = []  # whole-disk point-in-time views (verify)
         self.clients = 0
-        self.guest_bytes_written = 0
         self._trim_punches = True
 
     def open(self) -> Recovery:
@@ -170,7 +169,6 @@ class TrackedExport(ExportBase):
         """Copy-on-write, mark, then write through."""
         self._before(offset, len(data), DATA)
         self.inner.write(offset, data, fua)
-        self.guest_bytes_written += len(data)
 
     def trim(self, offset: int, length: int, fua: bool) -> None:
         """Punch a hole; the blocks ship as TRIM only if the hole really was punched."""

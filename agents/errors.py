@@ -13,14 +13,6 @@ class TrackingError(AgentError):
     """The dirty map cannot be opened, persisted or trusted."""
 
 
-class TrackingLost(TrackingError):
-    """Change tracking cannot vouch for every change: a checksum comparison must find them.
-
-    Raised (or reported) when the persisted map belongs to another disk geometry, when the host
-    crashed before writes reached the map, or when the image changed while the agent was away.
-    """
-
-
 class ShipError(AgentError):
     """A batch could not be delivered; ``retryable`` says whether a later attempt may succeed."""
 

@@ -29,7 +29,6 @@ class FreezeHooks:
         self.policy = policy
         self.timeout = policy.hook_timeout_seconds
         self.log = log.bind(vm=vm)
-        self.freezes = 0
         self.failures = 0
 
     @property
@@ -46,7 +45,6 @@ class FreezeHooks:
 
     async def freeze(self) -> bool:
         """Freeze the guest; True if it is frozen. On failure it has been thawed again."""
-        self.freezes += 1
         try:
             async with asyncio.timeout(self.timeout):
                 await self._freeze()

@@ -124,7 +124,6 @@ class DirectApply:
                 applied_full=True,
                 initial_sync="in_progress",
             )
-            e.applied_total += 1
             _log.info(
                 "batch_applied",
                 vm=r.meta.vm_name,
@@ -189,7 +188,6 @@ class ReplicaEngine:
         self.apply_lock = threading.Lock()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        self.applied_total = 0
         removed = clean_partials(replica)
         if removed:
             _log.info("journal_partials_removed", replica=replica.label, count=removed)
@@ -360,7 +358,6 @@ class ReplicaEngine:
             initial_sync=sync,
         )
         entry.path.unlink(missing_ok=True)
-        self.applied_total += 1
         _log.info(
             "batch_applied",
             vm=r.meta.vm_name,

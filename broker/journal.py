@@ -133,7 +133,6 @@ class BatchReceiver:
         self._index = bytearray()
         self._written = 0
         self._count = 0
-        self._finished = False
 
     # -- feeding
     def feed_many(self, chunks: list[bytes]) -> None:
@@ -364,7 +363,6 @@ class BatchReceiver:
         os.rename(self._part, final)
         self._part = None
         fsync_dir(final.parent)
-        self._finished = True
         try:
             self.replica.update_meta(durable_seq=h.seq, durable_cut_ns=h.cut_time_ns)
         except OSError as exc:

@@ -114,11 +114,6 @@ class Overlay:
         """fdatasync the overlay (what a guest's flush asks for)."""
         os.fdatasync(self._fd)
 
-    @property
-    def written_clusters(self) -> int:
-        """Clusters the reader has written."""
-        return sum(bin(b).count("1") for b in self.bitmap)
-
     def close(self) -> None:
         """Close and delete the overlay file."""
         if self._fd >= 0:

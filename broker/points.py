@@ -496,11 +496,6 @@ class PointsIndex:
         self._segments = chain
 
     # -- queries
-    def segments(self) -> list[UndoSegment]:
-        """The chain, oldest first."""
-        with self._mutex:
-            return list(self._segments)
-
     def segment_for(self, key: Key) -> UndoSegment | None:
         """The single-batch segment whose top is ``key`` (an already captured batch)."""
         with self._mutex:
@@ -801,10 +796,6 @@ class PointView:
             return list(_overlapping(self._entries, offset, end))
         finally:
             self._index.rw.release_read()
-
-    def overlay_ranges(self) -> list[tuple[int, int]]:
-        """Byte ranges served from undo data rather than the image (for tests and stats)."""
-        return [(e[0], e[1]) for e in self._entries]
 
     def close(self) -> None:
         """Unpin the point; the view cannot read any more."""

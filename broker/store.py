@@ -142,11 +142,6 @@ class Replica:
         return f"vm {m.vm_name} ({m.vm_uuid}) disk {m.disk_id}"
 
     # -- meta
-    def save_meta(self) -> None:
-        """Write meta.json atomically (callers hold no lock; the snapshot is taken under it)."""
-        with self._meta_lock:
-            atomic_write_json(self.path / "meta.json", asdict(self.meta))
-
     def update_meta(self, **changes: Any) -> None:
         """Change some meta fields and save the whole, atomically and durably."""
         with self._meta_lock:
@@ -441,14 +436,6 @@ class Store:
             self._replicas[replica.key] = replica
         _log.info("replica_created", vm=vm_name, vm_uuid=vm_uuid, disk=disk_id, disk_size=disk_size)
         return replica, True
-
-    def remove_replica(self, replica: Replica) -> None:
-        """Delete a replica and everything it holds (disable replication)."""
-        with self._lock:
-            self._replicas.pop(replica.key, None)
-        _remove_tree(replica.path)
-        with contextlib.suppress(OSError):
-            replica.path.parent.rmdir()
 
     def overlay_dir(self) -> Path:
         """Where point-in-time exports keep their private copy-on-write files."""

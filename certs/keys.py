@@ -103,8 +103,3 @@ def key_from_pem(data: bytes, *, source: str) -> PrivateKey:
             fix="issue a new certificate and key with `replikant certs issue`",
         )
     return key
-
-
-def public_key_of(key: PrivateKey) -> PublicKey:
-    """The public half of ``key``."""
-    return key.public_key()

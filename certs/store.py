@@ -306,12 +306,6 @@ class CertStore:
         """Where the private key of ``identity`` lives."""
         return self.cert_path(identity).with_suffix(".key")
 
-    def tls_files(self, identity: Identity) -> TLSFiles:
-        """The ``[tls]`` section for the holder of ``identity``."""
-        return TLSFiles(
-            ca=self.ca_cert_path, cert=self.cert_path(identity), key=self.key_path(identity)
-        )
-
     def exists(self) -> bool:
         """Whether this directory holds a CA."""
         return self.ca_cert_path.exists() or self.ca_key_path.exists()
