@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from broker_common import check_free_space
-from nbd_fio import JOBS, make_image, print_ratio_table, run_fio, wait_for_socket
+from nbd_fio import (
+    JOBS,
+    add_fio_arguments,
+    make_image,
+    parse_fio_arguments,
+    print_ratio_table,
+    run_fio,
+    wait_for_socket,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -136,19 +143,10 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "serve":
         return serve_main(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", type=int, default=1024, help="image size in MiB")
-    parser.add_argument("--runtime", type=float, default=10, help="seconds per fio run")
-    parser.add_argument("--rounds", type=int, default=1, help="runs per server and job (median)")
+    add_fio_arguments(parser)
     parser.add_argument("--cycle", type=float, default=1.0, help="seconds between cuts")
     parser.add_argument("--dir", type=Path, help="where to put the image (default: a temp dir)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    parser.add_argument("--quick", action="store_true", help="256 MiB image, 5 s per fio run")
-    args = parser.parse_args()
-    if args.quick:
-        args.size, args.runtime = min(args.size, 256), min(args.runtime, 5)
-    for tool in ("fio", "qemu-nbd"):
-        if shutil.which(tool) is None:
-            parser.error(f"{tool} is not installed (Debian: fio, qemu-utils)")
+    args = parse_fio_arguments(parser)
     size = args.size * 1024 * 1024
     samples: dict[str, dict[str, list[dict[str, float]]]] = {
         job: {"ours": [], "qemu-nbd": []} for job in JOBS

@@ -103,6 +103,26 @@ def server(
             proc.wait()
 
 
+def add_fio_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every fio-vs-qemu-nbd bench takes (``--dir`` is each bench's own)."""
+    parser.add_argument("--size", type=int, default=1024, help="image size in MiB")
+    parser.add_argument("--runtime", type=float, default=10, help="seconds per fio run")
+    parser.add_argument("--rounds", type=int, default=1, help="runs per server and job (median)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--quick", action="store_true", help="256 MiB image, 5 s per fio run")
+
+
+def parse_fio_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse, apply ``--quick`` and check that fio and qemu-nbd are installed."""
+    args = parser.parse_args()
+    if args.quick:
+        args.size, args.runtime = min(args.size, 256), min(args.runtime, 5)
+    for tool in ("fio", "qemu-nbd"):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} is not installed (Debian: fio, qemu-utils)")
+    return args
+
+
 def print_ratio_table(
     samples: dict[str, dict[str, list[dict[str, float]]]],
 ) -> dict[str, dict[str, Any]]:
@@ -147,9 +167,7 @@ def run_fio(
 def main() -> int:
     """Run the comparison and print the table."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", type=int, default=1024, help="image size in MiB")
-    parser.add_argument("--runtime", type=float, default=10, help="seconds per fio run")
-    parser.add_argument("--rounds", type=int, default=1, help="runs per server and job (median)")
+    add_fio_arguments(parser)
     parser.add_argument(
         "--dir",
         type=Path,
@@ -157,15 +175,7 @@ def main() -> int:
         help="where to put the image (default /dev/shm, which measures the servers rather than "
         "the disk's writeback; pass e.g. /var/tmp for a disk-backed file)",
     )
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    parser.add_argument("--quick", action="store_true", help="256 MiB image, 5 s per fio run")
-    args = parser.parse_args()
-    if args.quick:
-        args.size, args.runtime = min(args.size, 256), min(args.runtime, 5)
-    for tool in ("fio", "qemu-nbd"):
-        if shutil.which(tool) is None:
-            parser.error(f"{tool} is not installed (Debian: fio, qemu-utils)")
-
+    args = parse_fio_arguments(parser)
     size = args.size * 1024 * 1024
     check_free_space(args.dir or Path(tempfile.gettempdir()), size + 256 * 1024 * 1024)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
