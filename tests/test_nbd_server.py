@@ -6,6 +6,7 @@ import asyncio
 import errno
 import hashlib
 import os
+import shutil
 import socket
 import ssl
 import struct
@@ -32,7 +33,7 @@ from common.nbd.protocol import (
     Opt,
 )
 from common.nbd.server import NBDServer
-from common.tls import TLSMaterial, client_context, nbd_server_context
+from common.tls import TLSError, TLSMaterial, client_context, nbd_server_context
 from tests.fixtures_pki import make_pki
 
 SIZE = 8 * 1024 * 1024
@@ -602,3 +603,36 @@ async def test_nbd_refuses_old_tls_weak_suites_resumption_and_anonymous_clients(
         ("handshake_failed", "NO_SHARED_CIPHER"),
         ("no_client_certificate", "PEER_DID_NOT_RETURN_A_CERTIFICATE"),
     ]
+
+
+async def test_tls_context_factory_fails_early_and_per_connection(
+    tmp_path: Path, image: Path
+) -> None:
+    """Unreadable certificate files stop the server at start-up; files lost later refuse the
+    connection with an nbd_tls_context_failed event instead of serving it."""
+    pki = make_pki(tmp_path / "pki")
+    key = tmp_path / "agent.key"
+    shutil.copy(pki.agent.key_path, key)
+    material = (pki.ca, pki.agent.cert_path, key)
+    export = FileExport(image, "disk")
+    with pytest.raises(TLSError, match="does not exist"):
+        NBDServer(
+            [export],
+            tls_context=partial(
+                nbd_server_context, (pki.ca, pki.agent.cert_path, tmp_path / "none")
+            ),
+        )
+    with capture_logs() as logs:
+        async with NBDServer([export], tls_context=partial(nbd_server_context, material)) as server:
+            host, port = await server.serve_tcp("127.0.0.1", 0)
+            async with await NBDClient.open_tcp(
+                host, port, "disk", tls=client_context(pki.broker.tls)
+            ) as client:
+                assert client.info.size == SIZE
+            key.unlink()
+            with pytest.raises((ConnectionError, OSError, asyncio.IncompleteReadError)):
+                await NBDClient.open_tcp(host, port, "disk", tls=client_context(pki.broker.tls))
+    export.close()
+    failed = [e for e in logs if e["event"] == "nbd_tls_context_failed"]
+    assert len(failed) == 1
+    assert str(key) in failed[0]["error"]
