@@ -218,7 +218,7 @@ class Model:
 # --- checks -------------------------------------------------------------------------------------
 
 
-def check_handshake(t: Target, _args: argparse.Namespace) -> None:
+def check_handshake(t: Target, args: argparse.Namespace) -> None:
     """Option haggling: LIST, INFO (known, unknown, default name), meta contexts, GO, ABORT,
     structured replies on and off, and the EXPORT_NAME path of old clients."""
     h = t.handle(opt_mode=True)
@@ -246,7 +246,7 @@ def check_handshake(t: Target, _args: argparse.Namespace) -> None:
     assert h.get_canonical_export_name() == "disk"
     assert not h.is_read_only()
     for flag in ("can_flush", "can_fua", "can_trim", "can_zero", "can_df", "can_cache"):
-        assert getattr(h, flag)(), flag
+        assert getattr(h, flag)() == (flag not in args.without), flag
     assert not h.can_fast_zero()  # our exports cannot promise it, so they must not claim it
     assert h.can_meta_context(BASE_ALLOCATION)
     assert h.get_block_size(nbd.SIZE_MINIMUM) == 1
@@ -556,6 +556,7 @@ def check_mixed(t: Target, args: argparse.Namespace) -> None:
     size = h.get_size()
     model = Model.start(h, args)
     rng = random.Random(args.seed)
+    weights = [30, 40, 8, 10, 6, 6 if h.can_cache() else 0]
     for _batch in range(args.batches):
         busy: list[tuple[int, int]] = []
         ops: list[tuple[int, str, int, int, object]] = []
@@ -567,9 +568,7 @@ def check_mixed(t: Target, args: argparse.Namespace) -> None:
             if any(offset < end and start < offset + length for start, end in busy):
                 continue
             busy.append((offset, offset + length))
-            kind = rng.choices(
-                ["read", "write", "trim", "zero", "flush", "cache"], [30, 40, 8, 10, 6, 6]
-            )[0]
+            kind = rng.choices(["read", "write", "trim", "zero", "flush", "cache"], weights)[0]
             if kind == "read":
                 buf = nbd.Buffer(length)
                 ops.append((h.aio_pread(buf, offset), kind, offset, length, buf))
@@ -643,6 +642,12 @@ def main() -> int:
     parser.add_argument("--model-in", help="the image as it is before the check (else read)")
     parser.add_argument("--model-out", help="write the final model of the disk here")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--without",
+        action="append",
+        default=[],
+        help="a capability (can_cache, ...) the export must not claim; repeatable",
+    )
     parser.add_argument("--batches", type=int, default=300, help="batches of the mixed check")
     args = parser.parse_args()
     CHECKS[args.check](Target(args.uri), args)
