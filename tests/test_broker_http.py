@@ -437,8 +437,8 @@ async def test_retention_task_prunes_by_policy(pki: PKI, tmp_path: Path) -> None
 
 
 async def test_generation_bump_keeps_points(broker: BrokerService, pki: PKI) -> None:
-    """A PUT with a higher generation restarts seq numbering; older points stay readable and a
-    batch of the old generation is refused as stale."""
+    """An admin's generation raise restarts seq numbering; the agent's PUT at the new generation
+    is accepted, older points stay readable and a batch of the old generation is refused."""
     src = FakeSource(disk_size=1 * MiB)
     async with AgentClient(broker.url, pki.agents["h1"]) as agent:
         await agent.enable(src)
@@ -451,6 +451,12 @@ async def test_generation_bump_keeps_points(broker: BrokerService, pki: PKI) -> 
         old_gen_batch = stale.cut()  # generation 1, seq 3: from the old primary
         point_2 = src.cuts[2].image
         src.generation, src.seq = 2, 0
+        async with AgentClient(broker.url, pki.admin) as admin:
+            assert admin.session is not None
+            async with admin.session.post(
+                f"{broker.url}/v1/vms/web1/source", json={"generation": 2}
+            ) as resp:
+                assert resp.status == 200, await resp.text()
         state = await agent.enable(src)
         assert (state["generation"], state["durable_seq"]) == (2, 0)
         src.mutate()
