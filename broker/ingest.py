@@ -582,7 +582,7 @@ async def _hashes_response(
         wait = float(q.get("wait", 0))
     except ValueError:
         wait = -1.0
-    if not 0 <= wait < float("inf"):
+    if not wait >= 0:  # also refuses nan
         raise names.refuse("wait", q.get("wait"), "a number of seconds, 0 or more")
     engine = service.engine_for(replica)
     # The point check runs even without a wait: an unknown point is refused, never guessed.

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import aiohttp
 
-from common.config import TLSFiles
+from common.config import BrokerConfig, TLSFiles
 from common.hrl import (
     BATCH_CONTENT_TYPE,
     BatchHeader,
@@ -189,6 +189,23 @@ def make_pki(root: Path) -> PKI:
     other = CertStore.init(root / "other-ca")
     foreign = other.issue_agent("h1", ips=["127.0.0.1"])
     return PKI(root, broker.tls, agents, admin.tls, foreign.tls)
+
+
+def make_config(pki: PKI, store: Path, **over: object) -> BrokerConfig:
+    """An in-process broker's config: node b1 of cluster c1 on an ephemeral port."""
+    data: dict[str, object] = {
+        "broker": {
+            "node": "b1",
+            "cluster": "c1",
+            "site": "recovery",
+            "listen": "127.0.0.1:0",
+            "store": str(store),
+            "min_free_bytes": 0,
+        },
+        "tls": {"ca": str(pki.broker.ca), "cert": str(pki.broker.cert), "key": str(pki.broker.key)},
+    }
+    data.update(over)
+    return BrokerConfig.model_validate(data)
 
 
 def free_port() -> int:

@@ -12,30 +12,21 @@ import aiohttp
 import pytest
 
 from broker.service import BrokerService
-from common.config import BrokerConfig
 from common.hrl import Compression, ExtentKind
-from tests.support_broker import PKI, AgentClient, FakeSource, MiB, encode_extents, make_pki
+from tests.support_broker import (
+    PKI,
+    AgentClient,
+    FakeSource,
+    MiB,
+    encode_extents,
+    make_config,
+    make_pki,
+)
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-def make_config(pki: PKI, store: Path, **over: object) -> BrokerConfig:
-    data: dict[str, object] = {
-        "broker": {
-            "node": "b1",
-            "cluster": "c1",
-            "site": "recovery",
-            "listen": "127.0.0.1:0",
-            "store": str(store),
-            "min_free_bytes": 0,
-        },
-        "tls": {"ca": str(pki.broker.ca), "cert": str(pki.broker.cert), "key": str(pki.broker.key)},
-    }
-    data.update(over)
-    return BrokerConfig.model_validate(data)
 
 
 @pytest.fixture
