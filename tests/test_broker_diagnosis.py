@@ -1,0 +1,89 @@
+"""Issue 8, finding 6 (broker side): a client that resets its connection mid-upload is one log
+event with vm, disk, seq, bytes received and the reason, never an aiohttp traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from common.hrl import BATCH_CONTENT_TYPE, Compression
+from common.tls import client_context
+from tests.support_broker import (
+    PKI,
+    AgentClient,
+    BrokerProcess,
+    FakeSource,
+    MiB,
+    broker_toml,
+    free_port,
+    make_pki,
+)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def _reset_mid_upload(url: str, pki: PKI, src: FakeSource, body: bytes, sent: int) -> None:
+    """Send the headers and ``sent`` bytes of ``body``, then reset the TCP connection (RST)."""
+    host, _, port = url.removeprefix("https://").rpartition(":")
+    raw = socket.create_connection((host, int(port)))
+    tls = client_context(pki.agents["h1"]).wrap_socket(raw, server_hostname=host)
+    head = (
+        f"POST /v1/replicas/{src.vm_uuid}/{src.disk_id}/batches HTTP/1.1\r\nHost: {host}\r\n"
+        f"Content-Type: {BATCH_CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    tls.sendall(head.encode() + body[:sent])
+    time.sleep(0.5)  # let the broker read and journal what was sent
+    # Linger 0: close() sends a TCP RST, no TLS close_notify, as a crashing peer would.
+    tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    tls.close()
+
+
+def test_reset_mid_upload_is_one_event_without_traceback(pki: PKI, tmp_path: Path) -> None:
+    """A connection reset halfway through a batch logs exactly one batch_upload_aborted event
+    naming vm, disk, seq and bytes received, no traceback; the batch's resend is acked."""
+    store = tmp_path / "store"
+    log = tmp_path / "broker.log"
+    proc = BrokerProcess(broker_toml(tmp_path / "b.toml", pki, store, port=free_port()), store, log)
+    url = proc.start()
+    try:
+        src = FakeSource(disk_size=4 * MiB, compression=Compression.NONE)
+
+        async def enable() -> None:
+            async with AgentClient(url, pki.agents["h1"]) as agent:
+                await agent.enable(src)
+
+        asyncio.run(enable())
+        src.mutate(60)
+        cut = src.cut(full=True, all_blocks=True)
+        sent = len(cut.body) // 2
+        _reset_mid_upload(url, pki, src, cut.body, sent)
+
+        async def resend() -> int:
+            async with AgentClient(url, pki.agents["h1"]) as agent:
+                return await agent.ship(src, cut)
+
+        assert asyncio.run(resend()) == 1
+    finally:
+        assert proc.stop() == 0
+    text = log.read_text()
+    events = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    aborted = [e for e in events if e["event"] == "batch_upload_aborted"]
+    assert len(aborted) == 1, aborted
+    (event,) = aborted
+    assert event["vm"] == "web1"
+    assert event["disk"] == src.disk_id
+    assert event["seq"] == 1
+    assert 0 < event["bytes"] <= sent
+    assert "Connection" in event["reason"] or "Reset" in event["reason"], event["reason"]
+    assert "Traceback" not in text
+    assert "Error handling request" not in text
+    assert not [e for e in events if e["event"] in ("request_failed", "request_aborted")]
