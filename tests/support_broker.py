@@ -8,6 +8,7 @@ point, or the replica, with the source "image saved at that cut".
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -18,9 +19,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -34,6 +36,9 @@ from common.hrl import (
     encode_batch,
 )
 from common.tls import client_context
+
+if TYPE_CHECKING:
+    from broker.service import BrokerService
 
 MiB = 1024 * 1024
 
@@ -206,6 +211,19 @@ def make_config(pki: PKI, store: Path, **over: object) -> BrokerConfig:
     }
     data.update(over)
     return BrokerConfig.model_validate(data)
+
+
+@contextlib.asynccontextmanager
+async def running_broker(pki: PKI, store: Path, **over: object) -> AsyncIterator[BrokerService]:
+    """An in-process broker (config of :func:`make_config`), started, and stopped on exit."""
+    from broker.service import BrokerService
+
+    svc = BrokerService(make_config(pki, store, **over))
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.stop()
 
 
 def free_port() -> int:

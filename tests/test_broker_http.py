@@ -21,6 +21,7 @@ from tests.support_broker import (
     encode_extents,
     make_config,
     make_pki,
+    running_broker,
 )
 
 
@@ -31,12 +32,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
 
 @pytest.fixture
 async def broker(pki: PKI, tmp_path: Path) -> AsyncIterator[BrokerService]:
-    svc = BrokerService(make_config(pki, tmp_path / "store"))
-    await svc.start()
-    try:
+    async with running_broker(pki, tmp_path / "store") as svc:
         yield svc
-    finally:
-        await svc.stop()
 
 
 def image_digest(svc: BrokerService, src: FakeSource) -> str:

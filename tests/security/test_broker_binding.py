@@ -7,10 +7,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 from structlog.testing import capture_logs
 
 from broker.service import BrokerService
@@ -23,26 +21,9 @@ from tests.support_broker import (
     MiB,
     admin_cli,
     admin_toml,
-    make_config,
-    make_pki,
 )
 
 SURFACE = "broker HTTPS"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-async def broker(pki: PKI, tmp_path: Path) -> AsyncIterator[BrokerService]:
-    svc = BrokerService(make_config(pki, tmp_path / "store"))
-    await svc.start()
-    try:
-        yield svc
-    finally:
-        await svc.stop()
 
 
 async def _settle(svc: BrokerService, src: FakeSource) -> None:

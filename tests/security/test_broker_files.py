@@ -31,17 +31,11 @@ from tests.support_broker import (
     broker_toml,
     free_port,
     make_config,
-    make_pki,
 )
 
 SURFACE = "broker store files"
 NOBODY = 65534
 SOCKET_GROUP = "daemon"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture

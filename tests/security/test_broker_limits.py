@@ -14,30 +14,19 @@ import pytest
 from broker.service import BrokerService
 from tests.security.broker_support import raw_request
 from tests.security.rows import Door
-from tests.support_broker import PKI, AgentClient, FakeSource, MiB, make_config, make_pki
+from tests.support_broker import PKI, AgentClient, FakeSource, MiB, running_broker
 
 SURFACE = "broker HTTPS"
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
 @pytest.fixture
 async def broker(pki: PKI, tmp_path: Path) -> AsyncIterator[BrokerService]:
-    svc = BrokerService(
-        make_config(
-            pki,
-            tmp_path / "store",
-            retention={"any_point_minutes": 0, "hourly_hours": 0, "app_consistent_days": 0},
-        )
-    )
-    await svc.start()
-    try:
+    async with running_broker(
+        pki,
+        tmp_path / "store",
+        retention={"any_point_minutes": 0, "hourly_hours": 0, "app_consistent_days": 0},
+    ) as svc:
         yield svc
-    finally:
-        await svc.stop()
 
 
 async def test_oversized_labels_are_refused(broker: BrokerService, pki: PKI, door: Door) -> None:

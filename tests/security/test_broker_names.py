@@ -24,7 +24,14 @@ from broker.ingest import build_app
 from broker.service import BrokerService
 from tests.security.broker_support import raw_request, tree
 from tests.security.rows import Door
-from tests.support_broker import PKI, AgentClient, FakeSource, MiB, make_config, make_pki
+from tests.support_broker import (
+    PKI,
+    AgentClient,
+    FakeSource,
+    MiB,
+    make_config,
+    running_broker,
+)
 
 SURFACE = "broker HTTPS"
 VM_UUID = uuid.UUID("0f3c1c2e-1a2b-4c3d-8e9f-001122334455")
@@ -104,16 +111,9 @@ VARIANTS: list[tuple[str, str, str]] = [
 ]
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
 @pytest.fixture
 async def broker(pki: PKI, tmp_path: Path) -> AsyncIterator[BrokerService]:
-    svc = BrokerService(make_config(pki, tmp_path / "store"))
-    await svc.start()
-    try:
+    async with running_broker(pki, tmp_path / "store") as svc:
         src = FakeSource(disk_size=MiB, vm_uuid=VM_UUID)
         async with AgentClient(svc.url, pki.agents["h1"]) as agent:
             await agent.enable(src)
@@ -123,8 +123,6 @@ async def broker(pki: PKI, tmp_path: Path) -> AsyncIterator[BrokerService]:
         async with asyncio.timeout(20):
             await engine.wait_for_state((1, 1))  # applied: the tree snapshot below stays still
         yield svc
-    finally:
-        await svc.stop()
 
 
 def _request(
