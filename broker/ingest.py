@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -130,6 +131,7 @@ def _json_error(exc: BrokerError) -> web.Response:
 
 @web.middleware
 async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    peer = _peer_text(request)  # now: once the client is gone its certificate is too
     try:
         response: web.StreamResponse = await handler(request)
     except web.HTTPException:
@@ -141,7 +143,7 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
             method=request.method,
             path=request.path,
             reason=_reason(exc),
-            peer=_peer_text(request),
+            peer=peer,
         )
         raise web.HTTPBadRequest(text="request aborted") from None
     except BrokerError as exc:
@@ -152,14 +154,12 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
             error=exc.code,
             status=exc.status,
             detail=exc.message,
-            peer=_peer_text(request),
+            peer=peer,
         )
         return _json_error(exc)
     except Exception as exc:
         # A bug, not the peer's fault: one event with the traceback, and a JSON 500 that says so.
-        _log.exception(
-            "request_failed", method=request.method, path=request.path, peer=_peer_text(request)
-        )
+        _log.exception("request_failed", method=request.method, path=request.path, peer=peer)
         internal = BrokerError(
             f"the broker failed on {request.method} {request.path}: {type(exc).__name__}",
             fix="this is a broker bug: report it with the broker log's request_failed event",
@@ -170,6 +170,25 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 CLIENT_GONE: Final = (ConnectionError, RequestPayloadError, HttpProcessingError)
 """What reading a request raises when the client resets, closes early or breaks the framing."""
+
+
+class _OneEventPerProtocolError(logging.Filter):
+    """aiohttp reports a request it cannot parse (bad request line, overlong header, broken
+    chunking) with a traceback of its own parser: log one event naming the peer and the reason
+    instead; the client already got aiohttp's 400."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None:
+            return True
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        _log.warning("http_request_malformed", remote=str(remote), reason=_reason(exc))
+        return False
+
+
+HTTP_LOG: Final = logging.getLogger("broker.http")
+"""The logger aiohttp's request handler reports to (``AppRunner(logger=HTTP_LOG)``)."""
+HTTP_LOG.addFilter(_OneEventPerProtocolError())
 
 
 def _reason(exc: BaseException) -> str:

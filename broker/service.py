@@ -42,7 +42,7 @@ from broker.errors import (
 )
 from broker.fsutil import atomic_write_json, free_bytes
 from broker.hashes import block_hashes
-from broker.ingest import build_app, status_vms
+from broker.ingest import HTTP_LOG, build_app, status_vms
 from broker.membership import Membership
 from broker.pitexport import PointInTimeExport
 from broker.points import Key, RetentionPolicy, key_text, plan_retention
@@ -131,7 +131,7 @@ class BrokerService:
         # A deep read buffer (aiohttp pauses the socket at 2x read_bufsize): the network keeps
         # receiving while a worker thread decodes and writes the previous megabytes.
         self._runner = web.AppRunner(
-            app, handle_signals=False, access_log=None, read_bufsize=READ_BUFSIZE
+            app, handle_signals=False, access_log=None, read_bufsize=READ_BUFSIZE, logger=HTTP_LOG
         )
         await self._runner.setup()
         host, port = parse_listen(self.config.broker.listen)

@@ -47,9 +47,21 @@ def _reset_mid_upload(url: str, pki: PKI, src: FakeSource, body: bytes, sent: in
     tls.close()
 
 
+def _send_raw(url: str, pki: PKI, data: bytes) -> bytes:
+    """Send ``data`` as it is over mutual TLS; return the first line of the answer."""
+    host, _, port = url.removeprefix("https://").rpartition(":")
+    with (
+        socket.create_connection((host, int(port))) as raw,
+        client_context(pki.agents["h1"]).wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        tls.sendall(data)
+        return tls.recv(4096).split(b"\r\n")[0]
+
+
 def test_reset_mid_upload_is_one_event_without_traceback(pki: PKI, tmp_path: Path) -> None:
     """A connection reset halfway through a batch logs exactly one batch_upload_aborted event
-    naming vm, disk, seq and bytes received, no traceback; the batch's resend is acked."""
+    naming vm, disk, seq and bytes received, no traceback; the batch's resend is acked; requests
+    aiohttp cannot parse are one http_request_malformed event each, no traceback either."""
     store = tmp_path / "store"
     log = tmp_path / "broker.log"
     proc = BrokerProcess(broker_toml(tmp_path / "b.toml", pki, store, port=free_port()), store, log)
@@ -72,6 +84,13 @@ def test_reset_mid_upload_is_one_event_without_traceback(pki: PKI, tmp_path: Pat
                 return await agent.ship(src, cut)
 
         assert asyncio.run(resend()) == 1
+        broken_chunks = (
+            f"PUT /v1/replicas/{src.vm_uuid}/disk0 HTTP/1.1\r\nHost: b1\r\n"
+            "Transfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\nZZ\r\n"
+        )
+        assert b" 400 " in _send_raw(url, pki, broken_chunks.encode())
+        overlong = b"GET /v1/status HTTP/1.1\r\nHost: b1\r\nX-Pad: " + b"a" * 20000 + b"\r\n\r\n"
+        assert b" 400 " in _send_raw(url, pki, overlong)
     finally:
         assert proc.stop() == 0
     text = log.read_text()
@@ -87,3 +106,7 @@ def test_reset_mid_upload_is_one_event_without_traceback(pki: PKI, tmp_path: Pat
     assert "Traceback" not in text
     assert "Error handling request" not in text
     assert not [e for e in events if e["event"] in ("request_failed", "request_aborted")]
+    malformed = [e["reason"] for e in events if e["event"] == "http_request_malformed"]
+    assert len(malformed) == 2, malformed
+    assert "chunk size" in malformed[0]
+    assert "LineTooLong" in malformed[1]
