@@ -414,6 +414,8 @@ async def replica_state(request: web.Request) -> web.Response:
     if ident.role != "admin":
         authorise_agent(service, ident, vm_uuid)
     replica = _replica(service, vm_uuid, _disk_id(request))
+    if ident.role != "admin":
+        _check_source(replica, ident)
     return web.json_response(state_json(service, replica))
 
 
@@ -574,6 +576,9 @@ async def replica_hashes(request: web.Request) -> web.Response:
     if ident.role != "admin":
         authorise_agent(service, ident, vm_uuid)
     replica = _replica(service, vm_uuid, _disk_id(request))
+    if ident.role != "admin":
+        # Block hashes tell about the disk's contents: only its own source may read them.
+        _check_source(replica, ident)
     return await _hashes_response(service, replica, request)
 
 

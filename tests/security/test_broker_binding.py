@@ -47,9 +47,9 @@ def _put_body(src: FakeSource, generation: int) -> bytes:
 async def test_agent_put_cannot_rebind_or_raise_a_generation(
     broker: BrokerService, pki: PKI, door: Door
 ) -> None:
-    """Agent h2's PUT on h1's replica is 403 (rule replica.source_host), a PUT raising the
-    generation is 409 generation_ahead, an agent on the admin endpoint is 403; h1 replicates on,
-    byte for byte."""
+    """Agent h2's PUT, reads and uploads on h1's replica are 403 (rule replica.source_host), a
+    PUT raising the generation is 409 generation_ahead, an agent on the admin endpoint is 403;
+    h1 replicates on, byte for byte."""
     src = FakeSource(disk_size=MiB)
     path = f"/v1/replicas/{src.vm_uuid}/{src.disk_id}"
     async with AgentClient(broker.url, pki.agents["h1"]) as h1:
@@ -98,6 +98,16 @@ async def test_agent_put_cannot_rebind_or_raise_a_generation(
         "403 not_authorised rule=replica.source_host",
     )
     assert (a.status, a.error) == (403, "not_authorised")
+    for what, target in (("state", path), ("block hashes", path + "/hashes")):
+        a = await attempt(
+            f"agent h2 reads the {what} of h1's replica",
+            "h2",
+            "GET",
+            target,
+            b"",
+            "403 not_authorised rule=replica.source_host",
+        )
+        assert (a.status, a.error) == (403, "not_authorised")
     a = await attempt(
         "agent h2 uploads a batch to h1's replica",
         "h2",
