@@ -415,19 +415,6 @@ class Store:
             tmp = names.inside(self.root, vm_uuid, f".{disk_id}.creating")
             vm_dir.mkdir(mode=0o700, exist_ok=True)
             _remove_tree(tmp)
-            tmp.mkdir(mode=0o700)
-            (tmp / "journal").mkdir(mode=0o700)
-            (tmp / "points").mkdir(mode=0o700)
-            fd = os.open(
-                tmp / "replica.img",
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o600,
-            )
-            try:
-                os.ftruncate(fd, disk_size)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
             meta = ReplicaMeta(
                 vm_uuid=vm_uuid,
                 disk_id=disk_id,
@@ -442,8 +429,11 @@ class Store:
                 rpo_seconds=rpo_seconds,
                 created_ns=time.time_ns(),
             )
-            atomic_write_json(tmp / "meta.json", asdict(meta))
-            fsync_dir(tmp)
+            try:
+                _make_replica_dir(tmp, meta)
+            except BaseException:
+                _remove_tree(tmp)  # e.g. ENOSPC: leave nothing half-made behind
+                raise
             os.rename(tmp, final)
             fsync_dir(vm_dir)
             fsync_dir(self.root)
@@ -488,6 +478,25 @@ def parse_journal_name(name: str) -> tuple[int, int] | None:
     if not sep or not gen.isdigit() or not seq.isdigit():
         return None
     return int(gen), int(seq)
+
+
+def _make_replica_dir(tmp: Path, meta: ReplicaMeta) -> None:
+    """A new replica's directories, sparse image and meta, durable, under its hidden name."""
+    tmp.mkdir(mode=0o700)
+    (tmp / "journal").mkdir(mode=0o700)
+    (tmp / "points").mkdir(mode=0o700)
+    fd = os.open(
+        tmp / "replica.img",
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o600,
+    )
+    try:
+        os.ftruncate(fd, meta.disk_size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    atomic_write_json(tmp / "meta.json", asdict(meta))
+    fsync_dir(tmp)
 
 
 def _tighten(path: Path, flags: int) -> int:
