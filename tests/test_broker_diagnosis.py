@@ -10,8 +10,10 @@ import struct
 import time
 from pathlib import Path
 
+import aiomqtt
 import pytest
 
+from common import topics
 from common.hrl import BATCH_CONTENT_TYPE, Compression
 from common.tls import client_context
 from tests.support_broker import (
@@ -23,7 +25,11 @@ from tests.support_broker import (
     broker_toml,
     free_port,
     make_pki,
+    running_broker,
 )
+from tests.support_mqtt import mosquitto
+
+BROKER_SECTION = {"node": "b1", "cluster": "c1", "site": "recovery", "listen": "127.0.0.1:0"}
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +116,42 @@ def test_reset_mid_upload_is_one_event_without_traceback(pki: PKI, tmp_path: Pat
     assert len(malformed) == 2, malformed
     assert "chunk size" in malformed[0]
     assert "LineTooLong" in malformed[1]
+
+
+async def test_mqtt_alerts_name_a_fix(pki: PKI, tmp_path: Path) -> None:
+    """A storage_full alert published on a real Mosquitto carries the message and a fix, never
+    ``"fix": null``."""
+    src = FakeSource(disk_size=MiB)
+    async with (
+        running_broker(pki, tmp_path / "store") as svc,
+        AgentClient(svc.url, pki.agents["h1"]) as agent,
+    ):
+        await agent.enable(src)
+    # Restarted with a reserve no disk has: the next batch raises storage_full.
+    no_space = {**BROKER_SECTION, "store": str(tmp_path / "store"), "min_free_bytes": 2**62}
+    with mosquitto(tmp_path) as port:
+        async with (
+            running_broker(
+                pki,
+                tmp_path / "store",
+                mqtt={"url": f"mqtt://127.0.0.1:{port}"},
+                broker=no_space,
+            ) as svc,
+            aiomqtt.Client("127.0.0.1", port, identifier="alert-reader") as reader,
+        ):
+            await reader.subscribe(topics.alerts("c1"), qos=1)
+            assert svc.membership is not None
+            async with asyncio.timeout(10):
+                await svc.membership.link.wait_connected()
+            src.mutate()
+            async with AgentClient(svc.url, pki.agents["h1"]) as agent:
+                status, err = await agent.post(src, src.cut().body)
+            assert (status, err["error"]) == (507, "storage_full")
+            async with asyncio.timeout(10):
+                message = await anext(aiter(reader.messages))
+    assert isinstance(message.payload, bytes)
+    record = json.loads(message.payload)
+    assert record["kind"] == "storage_full"
+    assert "store" in record["message"]
+    assert record["fix"]
+    assert "free space" in record["fix"]
