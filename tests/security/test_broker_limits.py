@@ -75,7 +75,8 @@ async def test_hashes_of_an_impossible_point_answer_at_once(
     broker: BrokerService, pki: PKI, door: Door
 ) -> None:
     """``hashes?point=P&wait=inf`` answers at once with 404 unknown_point when P is beyond what
-    is durable, of another generation or older than retention keeps; a kept point answers 200."""
+    is durable, of another generation or older than retention keeps; a kept point answers 200;
+    only a durable point not yet applied is waited for."""
     src = FakeSource(disk_size=MiB)
     async with AgentClient(broker.url, pki.agents["h1"]) as agent:
         await agent.enable(src)
@@ -110,5 +111,14 @@ async def test_hashes_of_an_impossible_point_answer_at_once(
         assert point in answer.body["message"]
     answer = await raw_request(broker.url, pki.agents["h1"], "GET", f"{path}?point=1-3&wait=inf")
     assert answer.status == 200
+    # A point that is durable but not applied yet is worth the wait (the applier is held here).
+    await engine.stop()
+    async with AgentClient(broker.url, pki.agents["h1"]) as agent:
+        src.mutate()
+        assert await agent.ship(src, src.cut()) == 4
+    started = time.monotonic()
+    answer = await raw_request(broker.url, pki.agents["h1"], "GET", f"{path}?point=1-4&wait=1.5")
+    assert time.monotonic() - started >= 1.4
+    assert answer.error == "unknown_point"  # still not applied when the wait ran out
     answer = await raw_request(broker.url, pki.agents["h1"], "GET", f"{path}?point=1-3&wait=nan")
     assert (answer.status, answer.field) == (400, "wait")
