@@ -176,7 +176,13 @@ class BrokerService:
                 fix="remove it, or set nbd_socket_dir in broker.toml to a directory the broker "
                 "owns",
             )
-        os.chown(directory, -1, gid, follow_symlinks=False)
+        try:
+            os.chown(directory, -1, gid, follow_symlinks=False)
+        except PermissionError:
+            raise ConfigError(
+                f"the broker's user may not give {directory} to group {group!r}",
+                fix=f"add the broker's user to group {group!r}, or change nbd_socket_group",
+            ) from None
         # The group's way in: read and search, never write (it cannot plant a socket of its own).
         os.chmod(directory, 0o750)  # noqa: S103
         return gid
