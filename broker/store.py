@@ -455,7 +455,9 @@ class Store:
             subdirs[:] = [d for d in subdirs if skip is None or here / d != skip]
             dirs += _tighten(here, os.O_RDONLY | os.O_DIRECTORY)
             for name in filenames:
-                if stat.S_ISREG(os.lstat(here / name).st_mode):
+                mode = os.lstat(here / name).st_mode
+                # Only loose regular files are opened: a store of many segments starts fast.
+                if stat.S_ISREG(mode) and mode & 0o077:
                     files += _tighten(here / name, os.O_RDONLY | os.O_NONBLOCK)
         return files, dirs
 
