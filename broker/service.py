@@ -47,7 +47,7 @@ from broker.points import Key, RetentionPolicy, key_text, plan_retention
 from broker.store import Replica, Store
 from certs.service import startup_problems
 from common import topics
-from common.config import BrokerConfig
+from common.config import BrokerConfig, writable_dir_problems
 from common.errors import refuse_to_start
 from common.hrl import DEFAULT_LIMITS, DecodeLimits
 from common.logs import get_logger
@@ -64,7 +64,11 @@ READ_BUFSIZE: Final = 4 * 1024 * 1024
 def check_config(config: BrokerConfig) -> list[str]:
     """Every problem that would stop the broker from working, one line each (empty: fine)."""
     b = config.broker
-    return startup_problems(config.tls, Identity.broker(b.cluster, b.node))
+    problems = startup_problems(config.tls, Identity.broker(b.cluster, b.node))
+    problems += writable_dir_problems(b.store, "broker.store")
+    if config.nbd_socket_dir is not None:
+        problems += writable_dir_problems(config.nbd_socket_dir, "nbd_socket_dir")
+    return problems
 
 
 def validate(config: BrokerConfig, source: str = "broker config") -> None:

@@ -7,6 +7,8 @@ one edit instead of one error per restart.
 
 from __future__ import annotations
 
+import os
+import pwd
 import tomllib
 import uuid as uuid_mod
 from pathlib import Path
@@ -18,6 +20,30 @@ from common.errors import ConfigError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+def current_user() -> str:
+    """This process's effective user name, for messages about file permissions."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
+def writable_dir_problems(path: Path, what: str) -> list[str]:
+    """Why the daemon cannot keep its files in directory ``path`` (created if missing), one line
+    each; empty when it can. A daemon runs as its own user, so the line names that user."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return [f"{what} {path} cannot be created: {exc.strerror}"]
+    if not os.access(path, os.W_OK | os.X_OK):
+        user = current_user()
+        return [
+            f"{what} {path} is not writable by user {user}; fix: `chown -R {user} {path}` "
+            '(docs/operations.md, "Files the daemons use")'
+        ]
+    return []
 
 
 class _Strict(BaseModel):
