@@ -43,7 +43,7 @@ from common.config import (
     DiskConfig,
     Policy,
     VMConfig,
-    current_user,
+    access_problem,
     writable_dir_problems,
 )
 from common.errors import refuse_to_start
@@ -190,13 +190,14 @@ def _check_image(path: Path, exclude: bool) -> list[str]:
         return [f"image {path} cannot be examined: {exc.strerror}"]
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         return [f"image {path} is neither a regular file nor a block device"]
-    if not os.access(path, os.R_OK | os.W_OK):
-        user = current_user()
-        return [
-            f"image {path} is not readable and writable by user {user}; fix: `chown {user} "
-            f"{path}` for an image file, group `disk` for a block device (docs/operations.md, "
-            '"Files the daemons use")'
-        ]
+    problem = access_problem(
+        path,
+        "image",
+        mode=os.R_OK | os.W_OK,
+        fix="`chown {user} {path}` for an image file, group `disk` for a block device",
+    )
+    if problem is not None:
+        return [problem]
     if stat.S_ISREG(st.st_mode) and st.st_size == 0:
         return [f"image {path} is empty (size 0)"]
     if stat.S_ISREG(st.st_mode) and st.st_size % 512:

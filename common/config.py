@@ -7,6 +7,7 @@ one edit instead of one error per restart.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import tomllib
@@ -30,20 +31,48 @@ def current_user() -> str:
         return f"uid {os.geteuid()}"
 
 
+_MODE_WORDS = {
+    os.R_OK: "readable",
+    os.W_OK: "writable",
+    os.R_OK | os.W_OK: "readable and writable",
+}
+
+_FILES_DOC = '(docs/operations.md, "Files the daemons use")'
+
+
+def access_problem(path: Path, what: str, *, mode: int, fix: str) -> str | None:
+    """Why this process may not use ``path`` with ``os.access`` ``mode``, or ``None`` if it may.
+
+    A daemon runs as its own user inside a systemd sandbox, so the line tells the two causes
+    apart: a file system that is read-only here (``ProtectSystem=strict`` without the path in
+    ``ReadWritePaths=``) or permissions that are not the daemon's user's (``fix``, with ``{user}``
+    and ``{path}`` filled in).
+    """
+    if os.access(path, mode):
+        return None
+    if mode & os.W_OK and os.access(path, mode & ~os.W_OK):
+        with contextlib.suppress(OSError):
+            if os.statvfs(path).f_flag & os.ST_RDONLY:
+                return (
+                    f"{what} {path} is on a file system that is read-only for this process; fix: "
+                    f"under systemd, list it in the unit's ReadWritePaths= (a drop-in) {_FILES_DOC}"
+                )
+    user = current_user()
+    return (
+        f"{what} {path} is not {_MODE_WORDS[mode & (os.R_OK | os.W_OK)]} by user {user}; fix: "
+        + (fix.format(user=user, path=path) + f" {_FILES_DOC}")
+    )
+
+
 def writable_dir_problems(path: Path, what: str) -> list[str]:
     """Why the daemon cannot keep its files in directory ``path`` (created if missing), one line
-    each; empty when it can. A daemon runs as its own user, so the line names that user."""
+    each; empty when it can."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return [f"{what} {path} cannot be created: {exc.strerror}"]
-    if not os.access(path, os.W_OK | os.X_OK):
-        user = current_user()
-        return [
-            f"{what} {path} is not writable by user {user}; fix: `chown -R {user} {path}` "
-            '(docs/operations.md, "Files the daemons use")'
-        ]
-    return []
+    problem = access_problem(path, what, mode=os.W_OK | os.X_OK, fix="`chown -R {user} {path}`")
+    return [] if problem is None else [problem]
 
 
 class _Strict(BaseModel):
