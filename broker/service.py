@@ -167,7 +167,7 @@ class BrokerService:
         link = MQTTLink(
             url,
             client_id=f"replikant-broker-{b.cluster}-{b.node}",
-            tls_context=client_context(self.config.tls) if self.config.mqtt.tls else None,
+            tls_context=client_context(self.config.tls) if self.config.mqtt.use_tls else None,
         )
         membership = Membership(
             link,

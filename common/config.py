@@ -190,6 +190,12 @@ class MQTTSection(_Strict):
     url: str | None = None
     tls: bool = False
 
+    @property
+    def use_tls(self) -> bool:
+        """Whether to connect with TLS and this daemon's [tls] certificate: ``tls = true`` or an
+        ``mqtts://`` URL asks for it (the MQTT brokers we ship accept nothing else)."""
+        return self.tls or (self.url or "").startswith("mqtts://")
+
 
 class Authorization(_Strict):
     """Which agents may replicate here: any agent of our CA, or only the listed hosts."""
