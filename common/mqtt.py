@@ -50,6 +50,36 @@ class MQTTAddress:
         return cls(parts.hostname, parts.port or default, parts.scheme == "mqtts")
 
 
+async def tls_rejection(address: MQTTAddress, tls: ssl.SSLContext | None) -> Rejection | None:
+    """Why the MQTT broker at ``address`` refuses a TLS connection with ``tls``, or ``None`` if
+    TLS is not why (no TLS, nothing listening, or the broker waits for our CONNECT)."""
+    if tls is None:
+        return None
+    peer = f"{address.host}:{address.port}"
+    try:
+        async with asyncio.timeout(5):
+            reader, writer = await asyncio.open_connection(address.host, address.port, ssl=tls)
+    except (OSError, TimeoutError) as exc:
+        if isinstance(exc, ConnectionRefusedError):
+            return None
+        return describe_tls_error(exc, side="client", peer=peer)
+    try:
+        # TLS 1.3: a server refuses our certificate after our side of the handshake is done, with
+        # an alert that the first read raises. An MQTT broker that accepted us waits for our
+        # CONNECT packet, so a read that times out means TLS is fine.
+        async with asyncio.timeout(1):
+            data = await reader.read(1)
+        if not data:
+            return describe_tls_error(EOFError(), side="client", peer=peer)
+    except TimeoutError:
+        return None
+    except OSError as exc:
+        return describe_tls_error(exc, side="client", peer=peer)
+    finally:
+        writer.close()
+    return None
+
+
 class MQTTLink:
     """A long-lived MQTT connection that publishes retained records and survives outages.
 
@@ -153,7 +183,7 @@ class MQTTLink:
             except aiomqtt.MqttError as exc:
                 why: dict[str, str] = {}
                 if not connected:
-                    rejection = await self._tls_rejection()
+                    rejection = await tls_rejection(self.address, self._tls)
                     if rejection is not None:
                         rejection.log()
                         why = {"reason": rejection.reason, "fix": rejection.fix}
@@ -175,36 +205,6 @@ class MQTTLink:
                 self._client = None
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._reconnect_max)
-
-    async def _tls_rejection(self) -> Rejection | None:
-        """Why the MQTT broker refuses our TLS connection, or ``None`` if TLS is not why."""
-        if self._tls is None:
-            return None
-        peer = f"{self.address.host}:{self.address.port}"
-        try:
-            async with asyncio.timeout(5):
-                reader, writer = await asyncio.open_connection(
-                    self.address.host, self.address.port, ssl=self._tls
-                )
-        except (OSError, TimeoutError) as exc:
-            if isinstance(exc, ConnectionRefusedError):
-                return None  # nothing listens: not a TLS matter
-            return describe_tls_error(exc, side="client", peer=peer)
-        try:
-            # TLS 1.3: a server refuses our certificate after our side of the handshake is done,
-            # with an alert that the first read raises. An MQTT broker that accepted us waits for
-            # our CONNECT packet, so a read that times out means TLS is fine.
-            async with asyncio.timeout(1):
-                data = await reader.read(1)
-            if not data:
-                return describe_tls_error(EOFError(), side="client", peer=peer)
-        except TimeoutError:
-            return None
-        except OSError as exc:
-            return describe_tls_error(exc, side="client", peer=peer)
-        finally:
-            writer.close()
-        return None
 
     async def close(self, *, clear: list[str] | None = None) -> None:
         """Clear the given retained topics (a clean leave) before the caller cancels ``run``."""

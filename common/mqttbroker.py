@@ -70,6 +70,7 @@ def mosquitto_config(
         lines.append(f"acl_file {acl_file}")
     return "\n".join(lines) + "\n"
 
+
 LISTENER = "default"  # amqtt requires a listener of this name
 
 
