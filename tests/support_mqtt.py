@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import aiomqtt
 
 from common.config import TLSFiles
 from common.mqttbroker import mosquitto_acl, mosquitto_config
@@ -76,3 +80,20 @@ def mosquitto_tls(
     conf.write_text(mosquitto_config("127.0.0.1", port, server, acl_file=acl, user=user))
     with _run_mosquitto(conf, port):
         yield port
+
+
+async def read_retained(
+    port: int, topic: str, tls: ssl.SSLContext | None = None, *, window: float = 1.0
+) -> bytes | None:
+    """The retained record on ``topic`` as a fresh subscriber sees it within ``window`` seconds
+    (``None``: there is none)."""
+    async with aiomqtt.Client("127.0.0.1", port, identifier="reader", tls_context=tls) as client:
+        await client.subscribe(topic, qos=1)
+        try:
+            async with asyncio.timeout(window):
+                async for message in client.messages:
+                    assert isinstance(message.payload, bytes)
+                    return message.payload
+        except TimeoutError:
+            return None
+    return None

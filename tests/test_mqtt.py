@@ -7,7 +7,6 @@ import contextlib
 import ssl
 from pathlib import Path
 
-import aiomqtt
 import pytest
 import structlog
 
@@ -18,7 +17,7 @@ from common.mqtt import MQTTAddress, MQTTLink
 from common.mqttbroker import serve_embedded
 from common.tls import client_context
 from tests.fixtures_pki import Pki, make_pki
-from tests.support_mqtt import free_port, mosquitto, mosquitto_tls
+from tests.support_mqtt import free_port, mosquitto, mosquitto_tls, read_retained
 
 
 @pytest.fixture
@@ -29,18 +28,9 @@ def pki(tmp_path: Path) -> Pki:
 
 async def _read_retained(port: int, topic: str, tls: ssl.SSLContext | None = None) -> bytes:
     async with asyncio.timeout(10):
-        while True:
-            async with aiomqtt.Client(
-                "127.0.0.1", port, identifier="reader", tls_context=tls
-            ) as client:
-                await client.subscribe(topic, qos=1)
-                try:
-                    async with asyncio.timeout(1.0):
-                        async for message in client.messages:
-                            assert isinstance(message.payload, bytes)
-                            return message.payload
-                except TimeoutError:
-                    continue
+        while (payload := await read_retained(port, topic, tls)) is None:
+            pass
+        return payload
 
 
 def _record(epoch: int) -> topics.MemberRecord:

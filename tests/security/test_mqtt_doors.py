@@ -21,7 +21,7 @@ from common.mqttbroker import MOSQUITTO_TLS, mosquitto_acl, serve_embedded
 from common.tls import client_context
 from tests.fixtures_pki import Pki, make_pki
 from tests.security.rows import Door
-from tests.support_mqtt import free_port, mosquitto_tls
+from tests.support_mqtt import free_port, mosquitto_tls, read_retained
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 GHOST = "replikant/v1/vms/6f1c2a5e-8f57-4c3e-9a43-0c8f7f8f5d21/sites/ghost"
@@ -79,20 +79,6 @@ async def _plain_connect(port: int) -> str:
     return "server closed the connection, no CONNACK" if not answer else f"answer {answer.hex()}"
 
 
-async def _retained(port: int, tls: ssl.SSLContext, topic: str) -> bytes | None:
-    """The retained record on ``topic`` as a certified client reads it (None: none)."""
-    async with aiomqtt.Client("127.0.0.1", port, identifier="reader", tls_context=tls) as client:
-        await client.subscribe(topic, qos=1)
-        try:
-            async with asyncio.timeout(1.0):
-                async for message in client.messages:
-                    assert isinstance(message.payload, bytes)
-                    return message.payload
-        except TimeoutError:
-            return None
-    return None
-
-
 @pytest.mark.mosquitto
 @pytest.mark.parametrize("kind", ["mosquitto", "embedded"])
 async def test_mqtt_refuses_clients_without_our_certificate(
@@ -114,10 +100,10 @@ async def test_mqtt_refuses_clients_without_our_certificate(
     async with _server(kind, pki, tmp_path) as port:
         legit = await _publish(port, client_context(pki.broker.tls), REAL, "b1")
         assert legit.startswith("connected"), legit
-        assert await _retained(port, reader, REAL) is not None, "the reader cannot see records"
+        assert await read_retained(port, REAL, reader) is not None, "the reader cannot see records"
         for attempt, tls in attempts:
             outcome = await _publish(port, tls, GHOST, "intruder")
-            left = await _retained(port, reader, GHOST)
+            left = await read_retained(port, GHOST, reader)
             door.attempt(
                 surface,
                 f"{attempt} publishes a retained {GHOST.rsplit('/', 2)[-2]}/ghost record",
@@ -128,7 +114,7 @@ async def test_mqtt_refuses_clients_without_our_certificate(
         if kind == "mosquitto":
             # Mosquitto also scopes certified clients (amqtt cannot: docs/security.md).
             outcome = await _publish(port, client_context(pki.admin.tls), GHOST, "alice")
-            left = await _retained(port, reader, GHOST)
+            left = await read_retained(port, GHOST, reader)
             door.attempt(
                 surface,
                 "admin certificate publishes a retained vms/.../ghost record",
