@@ -65,9 +65,10 @@ def check_config(config: BrokerConfig) -> list[str]:
     """Every problem that would stop the broker from working, one line each (empty: fine)."""
     b = config.broker
     problems = startup_problems(config.tls, Identity.broker(b.cluster, b.node))
-    problems += writable_dir_problems(b.store, "broker.store")
+    # Refused before touching anything: nothing is created here.
+    problems += writable_dir_problems(b.store, "broker.store", create=False)
     if config.nbd_socket_dir is not None:
-        problems += writable_dir_problems(config.nbd_socket_dir, "nbd_socket_dir")
+        problems += writable_dir_problems(config.nbd_socket_dir, "nbd_socket_dir", create=False)
     return problems
 
 

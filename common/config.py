@@ -64,14 +64,24 @@ def access_problem(path: Path, what: str, *, mode: int, fix: str) -> str | None:
     )
 
 
-def writable_dir_problems(path: Path, what: str) -> list[str]:
-    """Why the daemon cannot keep its files in directory ``path`` (created if missing), one line
-    each; empty when it can."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        return [f"{what} {path} cannot be created: {exc.strerror}"]
-    problem = access_problem(path, what, mode=os.W_OK | os.X_OK, fix="`chown -R {user} {path}`")
+def writable_dir_problems(path: Path, what: str, *, create: bool = True) -> list[str]:
+    """Why the daemon cannot keep its files in directory ``path``, one line each; empty when it
+    can. A missing directory is created, or with ``create=False`` (a check that must leave no
+    trace) only its nearest existing parent is checked."""
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return [f"{what} {path} cannot be created: {exc.strerror}"]
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != path and not existing.is_dir():
+        return [f"{what} {path} cannot be created: {existing} is not a directory"]
+    label = what if existing == path else f"{what} {path}: its parent"
+    problem = access_problem(
+        existing, label, mode=os.W_OK | os.X_OK, fix="`chown -R {user} {path}`"
+    )
     return [] if problem is None else [problem]
 
 
