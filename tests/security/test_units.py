@@ -24,7 +24,14 @@ import pytest
 
 from broker.lab import LabPlan, write_lab_files
 from tests.security.rows import Door
-from tests.security.sandbox import DEPLOY, UnitFile, ensure_users, exposure, sandboxed
+from tests.security.sandbox import (
+    DEPLOY,
+    UnitFile,
+    ensure_users,
+    exposure,
+    mount_namespaces,
+    sandboxed,
+)
 
 REPLIKANT = str(Path(sys.executable).with_name("replikant"))
 LIMITS = {"broker": 2.5, "agent": 4.5}
@@ -152,6 +159,8 @@ def test_daemons_replicate_as_their_units_users(
     """Broker and agent run as their units' users inside the units' sandbox and replicate a write
     that a `replikant` group member made through the agent's NBD socket, byte for byte."""
     plan, lab = lab_files
+    if not mount_namespaces():
+        print("no mount namespaces here: ProtectSystem=strict and PrivateTmp are not emulated")
     logs = plan.root / "logs"
     vm = lab["vms"][0]  # type: ignore[index]
     procs = [_start("broker", plan, logs / "broker.log")]
