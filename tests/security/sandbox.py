@@ -3,13 +3,14 @@
 `systemd-run` needs a running systemd manager, which test machines and CI containers lack, so
 this module reads the unit file and applies what it says itself, in the order systemd's exec
 step does: a private mount namespace (``ProtectSystem=strict`` with the unit's writable paths,
-``PrivateTmp``), the unit's ``User=``/``Group=`` with the user's groups, ``UMask=``,
+``PrivateTmp``, ``ProtectProc=``/``ProcSubset=`` as procfs options), the unit's
+``User=``/``Group=`` with the user's groups, ``UMask=``, an empty ``CapabilityBoundingSet=``,
 ``NoNewPrivileges=``, ``MemoryDenyWriteExecute=`` (``PR_SET_MDWE``) and ``SystemCallFilter=``
 (a seccomp filter built with libseccomp from `systemd-analyze syscall-filter`'s sets). The mount
 namespace needs CAP_SYS_ADMIN, which some containers withhold; there the rest still applies and
-the test says what it left out. The
-options that need systemd's own machinery (``PrivateDevices``, ``ProtectHome``, user and other
-namespaces, cgroup device rules) are not emulated; `systemd-analyze security` still scores them.
+the test says what it left out. The options that need systemd's own machinery
+(``PrivateDevices``, ``ProtectHome``, user and other namespaces, cgroup device rules) are not
+emulated; `systemd-analyze security` still scores them.
 
 Because the test follows the unit file, tightening the unit beyond what a daemon needs turns the
 test red.
@@ -234,10 +235,23 @@ def _search_only_until_exec() -> None:
     _check(_libc().capset(header, data), "capset")
 
 
-def _private_mounts(writable: Sequence[Path]) -> None:
+def _proc_options(unit: UnitFile) -> str | None:
+    """procfs mount options for ``ProtectProc=`` and ``ProcSubset=`` (``None``: leave /proc)."""
+    options = []
+    if unit.value("ProtectProc") in ("invisible", "noaccess", "ptraceable"):
+        options.append(f"hidepid={unit.value('ProtectProc')}")
+    if unit.value("ProcSubset") == "pid":
+        options.append("subset=pid")
+    return ",".join(options) or None
+
+
+def _private_mounts(writable: Sequence[Path], proc: str | None) -> None:
     libc = _libc()
     _check(libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /")
+    if proc is not None:
+        flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
+        _check(libc.mount(b"proc", b"/proc", b"proc", flags, proc.encode()), f"/proc {proc}")
     for path in writable:
         p = bytes(path)
         _check(libc.mount(p, p, None, _MS_BIND | _MS_REC, None), f"bind {path}")
@@ -269,17 +283,20 @@ def sandboxed(
     libc = _libc()
     strict = unit.value("ProtectSystem") == "strict" and mount_namespaces()
     private_tmp = unit.yes("PrivateTmp") and mount_namespaces()
+    proc = _proc_options(unit) if mount_namespaces() else None
+    # Read now: the child's /proc may be a subset=pid one without /proc/sys.
+    last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    drop_all_capabilities = unit.service.get("CapabilityBoundingSet") == [""]
 
     def enter() -> None:
         # Runs in the child between fork and exec, as root, in systemd's order: mounts, then
         # credentials, then the restrictions that would forbid switching credentials.
-        if strict or private_tmp:
-            _private_mounts(writable if strict else [])
+        if strict or private_tmp or proc:
+            _private_mounts(writable if strict else [], proc)
         if private_tmp:
             _check(libc.mount(b"tmpfs", b"/tmp", b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=1777"),
                    "PrivateTmp")  # fmt: skip
-        if unit.service.get("CapabilityBoundingSet") == [""]:
-            last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+        if drop_all_capabilities:
             for cap in range(last_cap + 1):
                 _check(libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0), f"drop capability {cap}")
         os.setgroups(groups)
