@@ -38,7 +38,14 @@ from agents.replicate import REFUSED_CODES, DiskReplicator
 from agents.seed import ExportRequest, SeedError, cancel_seeds, export_media
 from agents.ship import MAX_EXTENT, Backoff, BrokerClient, TokenBucket
 from certs.service import startup_problems
-from common.config import AgentConfig, DiskConfig, Policy, VMConfig
+from common.config import (
+    AgentConfig,
+    DiskConfig,
+    Policy,
+    VMConfig,
+    access_problem,
+    writable_dir_problems,
+)
 from common.errors import refuse_to_start
 from common.hrl import Consistency, xxh64_of
 from common.logs import get_logger
@@ -81,16 +88,6 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def _check_dir(path: Path, what: str, problems: list[str]) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        problems.append(f"{what} {path} cannot be created: {exc.strerror}")
-        return
-    if not os.access(path, os.W_OK | os.X_OK):
-        problems.append(f"{what} {path} is not writable by this user")
-
-
 def check_config(config: AgentConfig) -> list[str]:
     """Every problem that would stop the agent from working, one message each (empty: fine)."""
     problems: list[str] = []
@@ -127,8 +124,8 @@ def check_config(config: AgentConfig) -> list[str]:
             parse_listen(config.nbd.tcp_listen)
         except ValueError as exc:
             problems.append(f"nbd.tcp_listen: {exc}")
-    _check_dir(config.agent.state_dir, "agent.state_dir", problems)
-    _check_dir(config.nbd.socket_dir, "nbd.socket_dir", problems)
+    problems += writable_dir_problems(config.agent.state_dir, "agent.state_dir")
+    problems += writable_dir_problems(config.nbd.socket_dir, "nbd.socket_dir")
 
     exports: dict[str, str] = {}
     names: dict[str, int] = {}
@@ -193,8 +190,14 @@ def _check_image(path: Path, exclude: bool) -> list[str]:
         return [f"image {path} cannot be examined: {exc.strerror}"]
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         return [f"image {path} is neither a regular file nor a block device"]
-    if not os.access(path, os.R_OK | os.W_OK):
-        return [f"image {path} is not readable and writable by this user"]
+    problem = access_problem(
+        path,
+        "image",
+        mode=os.R_OK | os.W_OK,
+        fix="`chown {user} {path}` for an image file, group `disk` for a block device",
+    )
+    if problem is not None:
+        return [problem]
     if stat.S_ISREG(st.st_mode) and st.st_size == 0:
         return [f"image {path} is empty (size 0)"]
     if stat.S_ISREG(st.st_mode) and st.st_size % 512:

@@ -1,9 +1,10 @@
 """`replikant lab`: a whole replication setup on one machine, in one command.
 
 `lab up` makes a PKI with the certificate helper, starts an MQTT broker (embedded amqtt, or
-Mosquitto when asked), a recovery-site broker and a source-site agent with demo VMs, waits until
-every demo disk has finished its initial replication, and writes `DIR/lab.json` (the contract
-outside scripts rely on). `lab down` stops what `lab up` started and removes the directory.
+Mosquitto when asked; either accepts only mutual TLS with the lab's certificates), a recovery-site
+broker and a source-site agent with demo VMs, waits until every demo disk has finished its initial
+replication, and writes `DIR/lab.json` (the contract outside scripts rely on). `lab down` stops
+what `lab up` started and removes the directory.
 
 The lab runs every daemon as its own process, the way they run in production, so what works in the
 lab works on real hosts: it talks to them only over their real interfaces (HTTPS, NBD, MQTT).
@@ -15,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import os
+import pwd
 import random
 import shutil
 import signal
@@ -44,6 +46,7 @@ LAB_FILE = "lab.json"
 PIDS_FILE = "pids.json"
 CLUSTER = "dr"
 BROKER_NODE = "b1"
+MQTT_NODE = "mqtt"
 AGENT_HOST = "h1"
 PRIMARY_SITE = "primary"
 RECOVERY_SITE = "recovery"
@@ -90,7 +93,16 @@ class LabPlan:
 
     @property
     def mqtt_url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.mqtt_port}"
+        return f"mqtts://127.0.0.1:{self.mqtt_port}"
+
+    @property
+    def mqtt_tls(self) -> TLSFiles:
+        """The MQTT broker's own certificate (a broker identity, node ``mqtt``)."""
+        return TLSFiles(
+            ca=self.pki / "ca.crt",
+            cert=self.pki / "brokers" / f"{CLUSTER}-{MQTT_NODE}.crt",
+            key=self.pki / "brokers" / f"{CLUSTER}-{MQTT_NODE}.key",
+        )
 
     @property
     def broker_url(self) -> str:
@@ -148,6 +160,7 @@ def write_lab_files(plan: LabPlan) -> dict[str, Any]:
     broker_cert = pki.issue_broker(CLUSTER, BROKER_NODE, dns=["localhost"], ips=["127.0.0.1"])
     agent_cert = pki.issue_agent(AGENT_HOST, dns=["localhost"], ips=["127.0.0.1"])
     admin_cert = pki.issue_admin("lab")
+    pki.issue_broker(CLUSTER, MQTT_NODE, dns=["localhost"], ips=["127.0.0.1"])
 
     vms: list[dict[str, Any]] = []
     agent_vms = ""
@@ -193,7 +206,7 @@ def write_lab_files(plan: LabPlan) -> dict[str, Any]:
         f'listen = "127.0.0.1:{plan.broker_port}"\nstore = "{plan.store}"\n'
         f"min_free_bytes = {64 << 20}\n\n"
         + _tls_section(broker_cert.tls)
-        + f'\n[mqtt]\nurl = "{plan.mqtt_url}"\n\n[authorization]\nmode = "listed"\n'
+        + f'\n[mqtt]\nurl = "{plan.mqtt_url}"\ntls = true\n\n[authorization]\nmode = "listed"\n'
         f'agents = ["{AGENT_HOST}"]\n'
     )
     (root / "admin.toml").write_text(
@@ -294,18 +307,40 @@ async def _bring_up(plan: LabPlan, lab: dict[str, Any], limit: float) -> list[_P
     cmd = _replikant()
     procs: list[_Proc] = []
     try:
+        admin_tls = TLSFiles(
+            ca=plan.pki / "ca.crt",
+            cert=plan.pki / "admins" / "lab.crt",
+            key=plan.pki / "admins" / "lab.key",
+        )
+        ssl_ctx = client_context(admin_tls)
+        mqtt_tls = plan.mqtt_tls
         if plan.mqtt_kind == "mosquitto":
+            from common.mqttbroker import mosquitto_acl, mosquitto_config  # noqa: PLC0415 (amqtt)
+
+            acl = plan.root / "mosquitto.acl"
+            acl.write_text(mosquitto_acl([(CLUSTER, BROKER_NODE)]))
             conf = plan.root / "mosquitto.conf"
+            # Mosquitto started by root switches to its own user, which cannot read the lab's
+            # key: it runs as the lab's user instead.
+            user = pwd.getpwuid(os.geteuid()).pw_name
             conf.write_text(
-                f"listener {plan.mqtt_port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                mosquitto_config("127.0.0.1", plan.mqtt_port, mqtt_tls, acl_file=acl, user=user)
             )
             binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
             procs.append(_start(plan, "mqtt", [binary, "-c", str(conf)]))
         else:
-            procs.append(_start(plan, "mqtt", [*cmd, "lab", "mqtt", "--port", str(plan.mqtt_port)]))
+            tls_args = ["--ca", mqtt_tls.ca, "--cert", mqtt_tls.cert, "--key", mqtt_tls.key]
+            procs.append(
+                _start(
+                    plan,
+                    "mqtt",
+                    [*cmd, "lab", "mqtt", "--port", str(plan.mqtt_port), *map(str, tls_args)],
+                )
+            )
 
         async def mqtt_up() -> bool:
-            _, writer = await asyncio.open_connection("127.0.0.1", plan.mqtt_port)
+            # A whole mutual-TLS handshake: a bare TCP probe would be logged as a refused client.
+            _, writer = await asyncio.open_connection("127.0.0.1", plan.mqtt_port, ssl=ssl_ctx)
             writer.close()
             return True
 
@@ -315,12 +350,6 @@ async def _bring_up(plan: LabPlan, lab: dict[str, Any], limit: float) -> list[_P
                 plan, "broker", [*cmd, "broker", "run", "--config", str(plan.root / "broker.toml")]
             )
         )
-        admin_tls = TLSFiles(
-            ca=plan.pki / "ca.crt",
-            cert=plan.pki / "admins" / "lab.crt",
-            key=plan.pki / "admins" / "lab.key",
-        )
-        ssl_ctx = client_context(admin_tls)
         async with aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=5),
             connector=aiohttp.TCPConnector(ssl=ssl_ctx),
@@ -495,11 +524,15 @@ def down(directory: Path) -> None:
 @lab.command("mqtt", hidden=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, required=True)
-def mqtt(host: str, port: int) -> None:
-    """Run the embedded MQTT broker in the foreground (the lab's own broker)."""
+@click.option("--ca", type=click.Path(path_type=Path, dir_okay=False), required=True)
+@click.option("--cert", type=click.Path(path_type=Path, dir_okay=False), required=True)
+@click.option("--key", type=click.Path(path_type=Path, dir_okay=False), required=True)
+def mqtt(host: str, port: int, ca: Path, cert: Path, key: Path) -> None:
+    """Run the embedded MQTT broker in the foreground (the lab's own broker): mutual TLS only,
+    clients need a certificate from the CA in ``--ca``."""
     import uvloop  # noqa: PLC0415  (the event loop is chosen at the entry point only)
 
     from common.mqttbroker import serve_embedded  # noqa: PLC0415
 
     with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(serve_embedded(host, port))
+        uvloop.run(serve_embedded(host, port, TLSFiles(ca=ca, cert=cert, key=key)))

@@ -49,7 +49,7 @@ from broker.points import Key, RetentionPolicy, key_text, plan_retention
 from broker.store import Replica, Store
 from certs.service import startup_problems
 from common import topics
-from common.config import BrokerConfig
+from common.config import BrokerConfig, writable_dir_problems
 from common.errors import ConfigError, refuse_to_start
 from common.hrl import DEFAULT_LIMITS, DecodeLimits
 from common.logs import get_logger
@@ -66,7 +66,12 @@ READ_BUFSIZE: Final = 4 * 1024 * 1024
 def check_config(config: BrokerConfig) -> list[str]:
     """Every problem that would stop the broker from working, one line each (empty: fine)."""
     b = config.broker
-    return startup_problems(config.tls, Identity.broker(b.cluster, b.node))
+    problems = startup_problems(config.tls, Identity.broker(b.cluster, b.node))
+    # Refused before touching anything: nothing is created here.
+    problems += writable_dir_problems(b.store, "broker.store", create=False)
+    if config.nbd_socket_dir is not None:
+        problems += writable_dir_problems(config.nbd_socket_dir, "nbd_socket_dir", create=False)
+    return problems
 
 
 def validate(config: BrokerConfig, source: str = "broker config") -> None:
@@ -207,7 +212,7 @@ class BrokerService:
         link = MQTTLink(
             url,
             client_id=f"replikant-broker-{b.cluster}-{b.node}",
-            tls_context=client_context(self.config.tls) if self.config.mqtt.tls else None,
+            tls_context=client_context(self.config.tls) if self.config.mqtt.use_tls else None,
         )
         membership = Membership(
             link,

@@ -61,7 +61,7 @@ from certs.keys import (
     key_type_of,
     weak_key_reason,
 )
-from common.config import TLSFiles
+from common.config import TLSFiles, current_user
 from common.logs import get_logger
 from common.tls import ROLES, Identity, Role, TLSIdentityError, identity_from_cert
 
@@ -129,6 +129,13 @@ def load_private_key(path: Path) -> PrivateKey:
         data = path.read_bytes()
     except FileNotFoundError:
         raise CertsError(f"private key file {path} does not exist") from None
+    except PermissionError as exc:
+        user = current_user()
+        raise CertsError(
+            f"cannot read private key file {path} as user {user}: {exc.strerror}",
+            fix=f"the key belongs to the daemon that uses it, mode 0600: `chown {user} {path}` "
+            '(docs/operations.md, "Files the daemons use")',
+        ) from None
     except OSError as exc:
         raise CertsError(f"cannot read private key file {path}: {exc.strerror}") from None
     return key_from_pem(data, source=str(path))

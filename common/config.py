@@ -7,6 +7,9 @@ one edit instead of one error per restart.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import pwd
 import tomllib
 import uuid as uuid_mod
 from pathlib import Path
@@ -18,6 +21,68 @@ from common.errors import ConfigError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+def current_user() -> str:
+    """This process's effective user name, for messages about file permissions."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
+_MODE_WORDS = {
+    os.R_OK: "readable",
+    os.W_OK: "writable",
+    os.R_OK | os.W_OK: "readable and writable",
+}
+
+_FILES_DOC = '(docs/operations.md, "Files the daemons use")'
+
+
+def access_problem(path: Path, what: str, *, mode: int, fix: str) -> str | None:
+    """Why this process may not use ``path`` with ``os.access`` ``mode``, or ``None`` if it may.
+
+    A daemon runs as its own user inside a systemd sandbox, so the line tells the two causes
+    apart: a file system that is read-only here (``ProtectSystem=strict`` without the path in
+    ``ReadWritePaths=``) or permissions that are not the daemon's user's (``fix``, with ``{user}``
+    and ``{path}`` filled in).
+    """
+    if os.access(path, mode):
+        return None
+    if mode & os.W_OK and os.access(path, mode & ~os.W_OK):
+        with contextlib.suppress(OSError):
+            if os.statvfs(path).f_flag & os.ST_RDONLY:
+                return (
+                    f"{what} {path} is on a file system that is read-only for this process; fix: "
+                    f"under systemd, list it in the unit's ReadWritePaths= (a drop-in) {_FILES_DOC}"
+                )
+    user = current_user()
+    return (
+        f"{what} {path} is not {_MODE_WORDS[mode & (os.R_OK | os.W_OK)]} by user {user}; fix: "
+        + (fix.format(user=user, path=path) + f" {_FILES_DOC}")
+    )
+
+
+def writable_dir_problems(path: Path, what: str, *, create: bool = True) -> list[str]:
+    """Why the daemon cannot keep its files in directory ``path``, one line each; empty when it
+    can. A missing directory is created, or with ``create=False`` (a check that must leave no
+    trace) only its nearest existing parent is checked."""
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return [f"{what} {path} cannot be created: {exc.strerror}"]
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != path and not existing.is_dir():
+        return [f"{what} {path} cannot be created: {existing} is not a directory"]
+    label = what if existing == path else f"{what} {path}: its parent"
+    problem = access_problem(
+        existing, label, mode=os.W_OK | os.X_OK, fix="`chown -R {user} {path}`"
+    )
+    return [] if problem is None else [problem]
 
 
 class _Strict(BaseModel):
@@ -134,6 +199,12 @@ class MQTTSection(_Strict):
 
     url: str | None = None
     tls: bool = False
+
+    @property
+    def use_tls(self) -> bool:
+        """Whether to connect with TLS and this daemon's [tls] certificate: ``tls = true`` or an
+        ``mqtts://`` URL asks for it (the MQTT brokers we ship accept nothing else)."""
+        return self.tls or (self.url or "").startswith("mqtts://")
 
 
 class Authorization(_Strict):

@@ -3,6 +3,11 @@
 aiomqtt leaves reconnection to the application; doing it once here keeps every publisher from
 growing its own loop. State that must survive a reconnect (retained records) is re-published on
 every connect, because Mosquitto may have been restarted without persistence.
+
+The MQTT brokers we run (Mosquitto with deploy/mosquitto.conf, the lab's embedded one) accept only
+mutual TLS with our CA's certificates. aiomqtt reports a refused handshake as a bare
+"Operation timed out", so after a failed connect over TLS the link opens one TLS connection
+itself to learn why and logs it as ``tls_handshake_rejected`` with the fix.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pydantic import BaseModel
 
 from common.errors import ConfigError
 from common.logs import get_logger
+from common.tls import Rejection, describe_tls_error
 
 log = get_logger("replikant.mqtt")
 
@@ -44,6 +50,36 @@ class MQTTAddress:
         return cls(parts.hostname, parts.port or default, parts.scheme == "mqtts")
 
 
+async def tls_rejection(address: MQTTAddress, tls: ssl.SSLContext | None) -> Rejection | None:
+    """Why the MQTT broker at ``address`` refuses a TLS connection with ``tls``, or ``None`` if
+    TLS is not why (no TLS, nothing listening, or the broker waits for our CONNECT)."""
+    if tls is None:
+        return None
+    peer = f"{address.host}:{address.port}"
+    try:
+        async with asyncio.timeout(5):
+            reader, writer = await asyncio.open_connection(address.host, address.port, ssl=tls)
+    except (OSError, TimeoutError) as exc:
+        if isinstance(exc, ConnectionRefusedError):
+            return None
+        return describe_tls_error(exc, side="client", peer=peer)
+    try:
+        # TLS 1.3: a server refuses our certificate after our side of the handshake is done, with
+        # an alert that the first read raises. An MQTT broker that accepted us waits for our
+        # CONNECT packet, so a read that times out means TLS is fine.
+        async with asyncio.timeout(1):
+            data = await reader.read(1)
+        if not data:
+            return describe_tls_error(EOFError(), side="client", peer=peer)
+    except TimeoutError:
+        return None
+    except OSError as exc:
+        return describe_tls_error(exc, side="client", peer=peer)
+    finally:
+        writer.close()
+    return None
+
+
 class MQTTLink:
     """A long-lived MQTT connection that publishes retained records and survives outages.
 
@@ -61,6 +97,11 @@ class MQTTLink:
         reconnect_max_seconds: float = 10.0,
     ) -> None:
         self.address = MQTTAddress.parse(url)
+        if self.address.tls and tls_context is None:
+            raise ConfigError(
+                f"MQTT URL {url!r} asks for TLS but this process was given no certificate",
+                fix="set [mqtt] tls = true so the daemon presents its [tls] certificate",
+            )
         self.client_id = client_id
         self._tls = tls_context
         self._will = will
@@ -124,8 +165,10 @@ class MQTTLink:
                 keepalive=10,
                 timeout=5,
             )
+            connected = False
             try:
                 async with client:
+                    connected = True
                     self._client = client
                     self._connected.set()
                     delay = 0.2
@@ -138,12 +181,24 @@ class MQTTLink:
                     async for _ in client.messages:
                         pass
             except aiomqtt.MqttError as exc:
+                why: dict[str, str] = {}
+                if not connected:
+                    rejection = await tls_rejection(self.address, self._tls)
+                    if rejection is not None:
+                        rejection.log()
+                        why = {"reason": rejection.reason, "fix": rejection.fix}
+                    elif self._tls is None:
+                        why = {
+                            "fix": "if the MQTT broker requires TLS (deploy/mosquitto.conf, the "
+                            "lab), use an mqtts:// URL"
+                        }
                 log.warning(
                     "mqtt_disconnected",
                     host=self.address.host,
                     port=self.address.port,
                     error=str(exc),
                     retry_in=delay,
+                    **why,
                 )
             finally:
                 self._connected.clear()

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import pwd
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import aiomqtt
+
+from common.config import TLSFiles
+from common.mqttbroker import mosquitto_acl, mosquitto_config
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -34,11 +43,7 @@ def wait_listening(port: int, timeout: float = 10.0) -> None:
 
 
 @contextmanager
-def mosquitto(tmp: Path, port: int | None = None) -> Iterator[int]:
-    """Run a real Mosquitto on loopback (no persistence) and yield its port."""
-    port = port or free_port()
-    conf = tmp / f"mosquitto-{port}.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+def _run_mosquitto(conf: Path, port: int) -> Iterator[int]:
     proc = subprocess.Popen(
         [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -48,3 +53,47 @@ def mosquitto(tmp: Path, port: int | None = None) -> Iterator[int]:
     finally:
         proc.kill()
         proc.wait()
+
+
+@contextmanager
+def mosquitto(tmp: Path, port: int | None = None) -> Iterator[int]:
+    """Run a real Mosquitto on loopback (plain MQTT, no persistence) and yield its port."""
+    port = port or free_port()
+    conf = tmp / f"mosquitto-{port}.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    with _run_mosquitto(conf, port):
+        yield port
+
+
+@contextmanager
+def mosquitto_tls(
+    tmp: Path, server: TLSFiles, brokers: list[tuple[str, str]], port: int | None = None
+) -> Iterator[int]:
+    """Run a real Mosquitto configured as deploy/mosquitto.conf (mutual TLS, certificate subjects
+    as user names, the ACL for ``brokers`` as ``(cluster, node)``) and yield its port."""
+    port = port or free_port()
+    acl = tmp / f"mosquitto-{port}.acl"
+    acl.write_text(mosquitto_acl(brokers))
+    conf = tmp / f"mosquitto-{port}.conf"
+    # Started by root, Mosquitto would switch to its own user, who cannot read the test's key.
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    conf.write_text(mosquitto_config("127.0.0.1", port, server, acl_file=acl, user=user))
+    with _run_mosquitto(conf, port):
+        yield port
+
+
+async def read_retained(
+    port: int, topic: str, tls: ssl.SSLContext | None = None, *, window: float = 1.0
+) -> bytes | None:
+    """The retained record on ``topic`` as a fresh subscriber sees it within ``window`` seconds
+    (``None``: there is none)."""
+    async with aiomqtt.Client("127.0.0.1", port, identifier="reader", tls_context=tls) as client:
+        await client.subscribe(topic, qos=1)
+        try:
+            async with asyncio.timeout(window):
+                async for message in client.messages:
+                    assert isinstance(message.payload, bytes)
+                    return message.payload
+        except TimeoutError:
+            return None
+    return None

@@ -14,6 +14,8 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
+from common.tls import client_context
+
 REPLIKANT = str(Path(sys.executable).with_name("replikant"))
 
 
@@ -23,11 +25,16 @@ def _digest(path: str, offset: int, length: int) -> str:
         return hashlib.sha256(f.read(length)).hexdigest()
 
 
-async def _retained(url: str, topic: str, wanted: set[str]) -> dict[str, bytes]:
-    """Collect retained records under ``topic`` until every ``wanted`` topic was seen."""
-    host, port = url.removeprefix("mqtt://").rsplit(":", 1)
+async def _retained(url: str, pki: Path, topic: str, wanted: set[str]) -> dict[str, bytes]:
+    """Collect retained records under ``topic`` until every ``wanted`` topic was seen, reading
+    as the lab's admin (the lab's MQTT broker accepts only its CA's certificates)."""
+    host, port = url.removeprefix("mqtts://").rsplit(":", 1)
+    tls = client_context((pki / "ca.crt", pki / "admins/lab.crt", pki / "admins/lab.key"))
     seen: dict[str, bytes] = {}
-    async with asyncio.timeout(20), aiomqtt.Client(host, int(port), identifier="lab-test") as c:
+    async with (
+        asyncio.timeout(20),
+        aiomqtt.Client(host, int(port), identifier="lab-test", tls_context=tls) as c,
+    ):
         await c.subscribe(topic, qos=1)
         async for message in c.messages:
             assert isinstance(message.payload, bytes)
@@ -53,7 +60,7 @@ def test_lab_replicates_writes_byte_for_byte_and_cleans_up(tmp_path: Path) -> No
     assert up.returncode == 0, up.stderr
     try:
         lab = json.loads((lab_dir / "lab.json").read_text())
-        assert lab["mqtt"].startswith("mqtt://127.0.0.1:")
+        assert lab["mqtt"].startswith("mqtts://127.0.0.1:")
         assert Path(lab["config"]).is_file()
         assert len(lab["vms"]) == 2
         disk = lab["vms"][0]["disks"][0]
@@ -114,7 +121,7 @@ def test_lab_replicates_writes_byte_for_byte_and_cleans_up(tmp_path: Path) -> No
         owner_topic = "replikant/v1/clusters/dr/owner"
         member_topic = "replikant/v1/clusters/dr/members/b1"
         wanted = {f"{vm_topic}/recovery", f"{vm_topic}/primary", owner_topic, member_topic}
-        records = asyncio.run(_retained(lab["mqtt"], "replikant/v1/#", wanted))
+        records = asyncio.run(_retained(lab["mqtt"], Path(lab["pki"]), "replikant/v1/#", wanted))
         site = json.loads(records[f"{vm_topic}/recovery"])
         assert (site["role"], site["name"]) == ("REPLICA", lab["vms"][0]["name"])
         assert json.loads(records[f"{vm_topic}/primary"])["role"] == "PRIMARY"

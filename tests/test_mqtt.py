@@ -4,30 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from pathlib import Path
 
-import aiomqtt
 import pytest
+import structlog
 
 from common import topics
+from common.config import TLSFiles
 from common.errors import ConfigError
 from common.mqtt import MQTTAddress, MQTTLink
 from common.mqttbroker import serve_embedded
-from tests.support_mqtt import free_port, mosquitto
+from common.tls import client_context
+from tests.fixtures_pki import Pki, make_pki
+from tests.support_mqtt import free_port, mosquitto, mosquitto_tls, read_retained
 
 
-async def _read_retained(port: int, topic: str) -> bytes:
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    """A fresh PKI: CA, broker c1/b1, agent h1, admin alice."""
+    return make_pki(tmp_path / "pki")
+
+
+async def _read_retained(port: int, topic: str, tls: ssl.SSLContext | None = None) -> bytes:
     async with asyncio.timeout(10):
-        while True:
-            async with aiomqtt.Client("127.0.0.1", port, identifier="reader") as client:
-                await client.subscribe(topic, qos=1)
-                try:
-                    async with asyncio.timeout(1.0):
-                        async for message in client.messages:
-                            assert isinstance(message.payload, bytes)
-                            return message.payload
-                except TimeoutError:
-                    continue
+        while (payload := await read_retained(port, topic, tls)) is None:
+            pass
+        return payload
 
 
 def _record(epoch: int) -> topics.MemberRecord:
@@ -72,12 +75,19 @@ async def test_retained_state_survives_a_mosquitto_restart(tmp_path: Path) -> No
             await task
 
 
-async def test_embedded_broker_carries_retained_records() -> None:
-    """The lab's embedded broker delivers retained records to late subscribers."""
+def _mqtt_server_cert(pki: Pki) -> TLSFiles:
+    return pki.store.issue_broker("c1", "mqtt", dns=["localhost"], ips=["127.0.0.1"]).tls
+
+
+async def test_embedded_broker_carries_retained_records(pki: Pki) -> None:
+    """The lab's embedded broker, over mutual TLS, delivers retained records to late
+    subscribers."""
     port = free_port()
     ready = asyncio.Event()
-    server = asyncio.create_task(serve_embedded("127.0.0.1", port, ready))
-    link = MQTTLink(f"mqtt://127.0.0.1:{port}", client_id="b1")
+    server = asyncio.create_task(serve_embedded("127.0.0.1", port, _mqtt_server_cert(pki), ready))
+    link = MQTTLink(
+        f"mqtts://127.0.0.1:{port}", client_id="b1", tls_context=client_context(pki.broker.tls)
+    )
     task = None
     try:
         async with asyncio.timeout(10):
@@ -87,7 +97,7 @@ async def test_embedded_broker_carries_retained_records() -> None:
             await link.wait_connected()
         owner = topics.OwnerRecord(node="b1", epoch=7)
         await link.publish_retained(topics.owner("dr"), owner)
-        payload = await _read_retained(port, topics.owner("dr"))
+        payload = await _read_retained(port, topics.owner("dr"), client_context(pki.admin.tls))
         assert topics.OwnerRecord.model_validate_json(payload) == owner
     finally:
         for t in (task, server):
@@ -95,3 +105,42 @@ async def test_embedded_broker_carries_retained_records() -> None:
                 t.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
+
+
+@pytest.mark.mosquitto
+async def test_a_refused_certificate_is_logged_with_its_reason(pki: Pki, tmp_path: Path) -> None:
+    """aiomqtt only times out when Mosquitto refuses our certificate; the link logs why (an
+    unknown CA) and the fix instead."""
+    other = make_pki(tmp_path / "other")
+    foreign = client_context((pki.ca, other.broker.cert_path, other.broker.key_path))
+    with mosquitto_tls(tmp_path, _mqtt_server_cert(pki), [("c1", "b1")]) as port:
+        link = MQTTLink(
+            f"mqtts://127.0.0.1:{port}",
+            client_id="b1",
+            tls_context=foreign,
+            reconnect_max_seconds=1,
+        )
+        with structlog.testing.capture_logs() as logs:
+            task = asyncio.create_task(link.run())
+            try:
+                for _ in range(300):
+                    if any(e["event"] == "mqtt_disconnected" for e in logs):
+                        break
+                    await asyncio.sleep(0.1)
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    rejected = next(e for e in logs if e["event"] == "tls_handshake_rejected")
+    assert rejected["side"] == "client"
+    assert rejected["rejected_by"] == "peer"
+    assert "UNKNOWN_CA" in rejected.get("ssl_reason", ""), rejected
+    disconnected = next(e for e in logs if e["event"] == "mqtt_disconnected")
+    assert disconnected["reason"] == rejected["reason"]
+    assert "replikant certs" in disconnected["fix"]
+
+
+def test_an_mqtts_url_without_a_certificate_is_refused() -> None:
+    """An mqtts:// URL with no certificate to present names the missing setting."""
+    with pytest.raises(ConfigError, match=r"\[mqtt\] tls = true"):
+        MQTTLink("mqtts://127.0.0.1:8883", client_id="b1")
