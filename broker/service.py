@@ -131,7 +131,8 @@ class BrokerService:
             self.engine_for(replica)
         gid = self._prepare_socket_dir()
         await self.nbd.serve_unix(self.nbd_socket, mode=0o660)
-        os.chown(self.nbd_socket, -1, gid)
+        if os.lstat(self.nbd_socket).st_gid != gid:  # see _prepare_socket_dir: chown only if needed
+            os.chown(self.nbd_socket, -1, gid, follow_symlinks=False)
         app = build_app(self)
         # A deep read buffer (aiohttp pauses the socket at 2x read_bufsize): the network keeps
         # receiving while a worker thread decodes and writes the previous megabytes.
@@ -181,13 +182,17 @@ class BrokerService:
                 fix="remove it, or set nbd_socket_dir in broker.toml to a directory the broker "
                 "owns",
             )
-        try:
-            os.chown(directory, -1, gid, follow_symlinks=False)
-        except PermissionError:
-            raise ConfigError(
-                f"the broker's user may not give {directory} to group {group!r}",
-                fix=f"add the broker's user to group {group!r}, or change nbd_socket_group",
-            ) from None
+        # chown only when needed: the unit's system-call filter (~@privileged) refuses chown
+        # outright, and a directory we just made already carries our own group.
+        if st.st_gid != gid:
+            try:
+                os.chown(directory, -1, gid, follow_symlinks=False)
+            except PermissionError:
+                name = group or _group_name(gid)
+                raise ConfigError(
+                    f"the broker's user may not give {directory} to group {name!r}",
+                    fix=f"add the broker's user to group {name!r}, or change nbd_socket_group",
+                ) from None
         # The group's way in: read and search, never write (it cannot plant a socket of its own).
         os.chmod(directory, 0o750)  # noqa: S103
         return gid
@@ -616,6 +621,13 @@ class BrokerService:
 
         raw = (Path(image[0]), image[1], image[2]) if image is not None else None
         return await import_seed(self, Path(directory), expect_vm=expect_vm, image=raw)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def _socket_path(path: Path) -> Path:
