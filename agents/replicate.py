@@ -373,6 +373,9 @@ class DiskReplicator:
                 "seq": st.seed_seq,
                 "dir": st.seed_dir,
                 "cut_time": st.seed_cut_ns / 1e9,
+                # By design, but it must not go unnoticed: nothing ships until the import.
+                "replication": "paused until `replikant seed import` at the recovery site "
+                "(or `replikant seed cancel`)",
             }
         if self.mode == "awaiting_seed":
             return {"state": "awaiting_export"}

@@ -238,7 +238,8 @@ class MediaDir:
                 raise
             return None
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
+            # O_NOFOLLOW|O_DIRECTORY on a link fails with ELOOP or ENOTDIR.
+            if exc.errno == errno.ELOOP or os.path.islink(path):
                 raise _unsafe(
                     str(path), "is a symbolic link", "name the real directory, not a link"
                 ) from None

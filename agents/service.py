@@ -91,9 +91,12 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def _check_dir(path: Path, what: str, problems: list[str]) -> None:
+def _check_dir(path: Path, what: str, problems: list[str], mode: int) -> None:
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True)
+        path.chmod(mode)  # a directory the agent makes gets its own mode, whatever the umask
+    except FileExistsError:
+        pass
     except OSError as exc:
         problems.append(f"{what} {path} cannot be created: {exc.strerror}")
         return
@@ -141,9 +144,10 @@ def check_config(config: AgentConfig) -> list[str]:
         except ValueError as exc:
             problems.append(f"nbd.tcp_listen: {exc}")
     if _check_path("agent.state_dir", config.agent.state_dir, problems):
-        _check_dir(config.agent.state_dir, "agent.state_dir", problems)
+        _check_dir(config.agent.state_dir, "agent.state_dir", problems, 0o700)
     if _check_path("nbd.socket_dir", config.nbd.socket_dir, problems):
-        _check_dir(config.nbd.socket_dir, "nbd.socket_dir", problems)
+        # NBD clients (QEMU, of the agent's group) must reach the sockets inside.
+        _check_dir(config.nbd.socket_dir, "nbd.socket_dir", problems, 0o750)
     control = control_socket_path(config)
     if _check_path("agent.control_socket", control, problems) and (
         len(os.fsencode(control)) > _UNIX_PATH_MAX
@@ -752,6 +756,9 @@ class Agent:
 
 async def run_agent(config: AgentConfig, *, source: str = "agent config") -> None:
     """Validate, start, run until SIGTERM/SIGINT, stop cleanly."""
+    # Whatever the agent creates without an explicit mode stays its own: copies of a disk and
+    # its change maps are as secret as the disk.
+    os.umask(0o077)
     validate(config, source)
     agent = Agent(config)
     stop = asyncio.Event()

@@ -96,7 +96,7 @@ async def test_seed_export_import_ships_only_changes(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
     store = tmp_path / "store"
     bport = free_port()
-    sock = tmp_path / "s" / "control" / "agent.sock"
+    control = tmp_path / "s" / "control" / "agent.sock"
 
     def image(name: str, size: int = SIZE) -> Path:
         return make_image(
@@ -120,7 +120,7 @@ async def test_seed_export_import_ships_only_changes(tmp_path: Path) -> None:
         socket_dir=tmp_path / "s",
         extra_policies=MEDIA_POLICY,
     )
-    admin = admin_config(tmp_path / "admin.toml", pki, f"https://127.0.0.1:{bport}", [str(sock)])
+    admin = admin_config(tmp_path / "admin.toml", pki, f"https://127.0.0.1:{bport}", [str(control)])
     broker = ReplikantProc(
         ["broker", "run", "--config", str(broker_config(tmp_path / "b.toml", pki, store, bport))],
         tmp_path / "broker.log",
@@ -136,9 +136,9 @@ async def test_seed_export_import_ships_only_changes(tmp_path: Path) -> None:
             lambda: (
                 all(
                     s == {"state": "awaiting_export"}
-                    for s in _seed_states(sock, {"web1", "db1"}).values()
+                    for s in _seed_states(control, {"web1", "db1"}).values()
                 )
-                and len(_seed_states(sock, {"web1", "db1"})) == 3
+                and len(_seed_states(control, {"web1", "db1"})) == 3
             ),
             "the labelled disks to await their media",
         )
@@ -199,7 +199,7 @@ async def test_seed_export_import_ships_only_changes(tmp_path: Path) -> None:
         assert "already holds complete seed media" in err
 
         # The disks wait for the import; a kill -9 of the agent keeps them waiting at seq 1.
-        states = _seed_states(sock, {"web1", "db1"})
+        states = _seed_states(control, {"web1", "db1"})
         assert {s["state"] for s in states.values()} == {"awaiting_import"}
         stop.set()
         await asyncio.gather(*guests)
@@ -208,7 +208,7 @@ async def test_seed_export_import_ships_only_changes(tmp_path: Path) -> None:
         await wait_for(lambda: export_ready(sock["web1"], "web1-disk0"), "the agent's export")
         await wait_for(
             lambda: (
-                {s and s.get("seq") for s in _seed_states(sock, {"web1", "db1"}).values()} == {1}
+                {s and s.get("seq") for s in _seed_states(control, {"web1", "db1"}).values()} == {1}
             ),
             "the restarted agent to wait for seq 1 again",
         )
