@@ -155,6 +155,12 @@ class DiskReplicator:
         await self._adopt(rs)
         self.ready = self.mode != "awaiting_seed"
 
+    def record_error(self, exc: ShipError) -> None:
+        """Count a failure and show it in status until the next durable ack."""
+        self.status.errors += 1
+        self.status.last_error = str(exc)
+        self.status.last_error_ns = time.time_ns()
+
     def refuse(self, exc: ShipError) -> None:
         """The broker refused this agent (403): an error, not retried before ``REFUSAL_RETRY``."""
         self.ready = False
@@ -476,7 +482,12 @@ class DiskReplicator:
                 stats=stats,
                 max_extent=self.max_extent,
             )
-            ack = await self.client.upload(self.vm.uuid, self.disk.id, body)
+            ack = await self.client.upload(
+                self.vm.uuid,
+                self.disk.id,
+                body,
+                what=f"batch seq {seq} of {self.vm.name}/{self.disk.id}",
+            )
             if ack.duplicate or ack.seq != seq:
                 raise ShipError(
                     f"the broker acked seq {ack.seq} (duplicate={ack.duplicate}) for batch {seq}:"
@@ -486,9 +497,7 @@ class DiskReplicator:
         except ShipError as exc:
             self.export.end_cut(acked=False)
             self.ready = False  # ask the broker where it stands before the next attempt
-            self.status.errors += 1
-            self.status.last_error = str(exc)
-            self.status.last_error_ns = time.time_ns()
+            self.record_error(exc)
             if exc.code in REFUSED_CODES:
                 self.refuse(exc)
                 return False
@@ -516,6 +525,7 @@ class DiskReplicator:
                 self._completing = True
         st.save(self.state_path)
         s = self.status
+        s.last_error = None  # recovered: the count and the time of the last error stay
         s.last_acked_seq = seq
         s.last_acked_cut_ns = cut.cut_time_ns
         s.batches += 1
@@ -597,6 +607,7 @@ class DiskReplicator:
             "full_batches": s.full_batches,
             "errors": s.errors,
             "last_error": s.last_error,
+            "last_error_time": s.last_error_ns / 1e9 if s.last_error_ns else None,
             "initial_sync": {
                 "done": bool(st and st.initial_done),
                 "cursor": st.initial_cursor if st else 0,

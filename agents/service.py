@@ -271,22 +271,27 @@ class VMWorker:
             live = [r for r in unfenced if r.refused_until <= started]
             failed = not unfenced
             async with self.lock:  # not while a seed export or a verify holds the disks
-                for rep in live:
-                    if not rep.ready:
-                        try:
-                            await rep.prepare()
-                        except ShipError as exc:
-                            if exc.code in REFUSED_CODES:
-                                continue  # logged as replication_refused; retried slowly
-                            failed = True
-                            rep.status.errors += 1
-                            rep.status.last_error = str(exc)
-                            wlog.warning(
-                                "broker_unavailable",
-                                disk=rep.disk.id,
-                                error=exc.message,
-                                code=exc.code,
-                            )
+                # All at once: in an outage every disk shows its own error at the same time,
+                # instead of one after another behind each other's timeouts.
+                pending = [r for r in live if not r.ready]
+                results = await asyncio.gather(
+                    *(r.prepare() for r in pending), return_exceptions=True
+                )
+                for rep, result in zip(pending, results, strict=True):
+                    if not isinstance(result, BaseException):
+                        continue
+                    if not isinstance(result, ShipError):
+                        raise result
+                    if result.code in REFUSED_CODES:
+                        continue  # logged as replication_refused; retried slowly
+                    failed = True
+                    rep.record_error(result)
+                    wlog.warning(
+                        "broker_unavailable",
+                        disk=rep.disk.id,
+                        error=result.message,
+                        code=result.code,
+                    )
             ready = [r for r in live if r.ready]
             if not ready:
                 # Disks awaiting seed media are no failure: look at the replica next interval.

@@ -167,15 +167,25 @@ async def test_admin_cli_says_an_html_server_is_not_a_broker(pki: Pki, tmp_path:
 
 
 async def test_verify_unknown_vm_gives_a_fix(pki: Pki, tmp_path: Path) -> None:
-    def unknown(_: web.Request) -> web.Response:
+    """An agent that protects no such VM gives a refusal that names the VM and the fix."""
+
+    async def unknown(_: web.Request) -> web.Response:
         return web.json_response({"error": "unknown_vm"}, status=404)
 
-    async with https_server(None, unknown) as served:
+    app = web.Application()
+    app.router.add_post("/v1/vms/{vm}/verify", unknown)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = tmp_path / "agent.sock"
+    await web.UnixSite(runner, str(sock)).start()
+    try:
         config = admin_config(tmp_path / "admin.toml", "https://127.0.0.1:1", pki.admin.tls)
         config.write_text(
-            config.read_text().replace("[admin]\n", f'[admin]\nagents = ["{served[0]}"]\n')
+            config.read_text().replace("[admin]\n", f'[admin]\nagents = ["{sock}"]\n')
         )
         rc, _, err = await admin_cli(config, "verify", "nosuchvm")
+    finally:
+        await runner.cleanup()
     assert rc != 0
     assert "no agent protects vm 'nosuchvm'" in err
     assert "replikant status" in err, err
