@@ -55,6 +55,9 @@ _HASH = struct.Struct(">Q")
 # configuration (or ours) changes, so they are errors and retried only this often.
 REFUSED_CODES = frozenset({"not_authorised", "wrong_identity"})
 REFUSAL_RETRY = 60.0
+# A request to the broker unanswered this long shows in status as the disk's error: in a network
+# black hole nothing fails for minutes (the ack timeout), yet the operator must see it at once.
+STALL_SECONDS = 15.0
 
 
 @dataclass
@@ -120,6 +123,7 @@ class DiskReplicator:
         self._completing = False  # the initial copy just ended: cut again without waiting
         self.seed_export: dict[str, Any] | None = None  # progress while an export writes media
         self._seed_restore: BlockMap | None = None  # the dirty blocks pending before that cut
+        self._waiting: tuple[float, str] | None = None  # (monotonic start, what) of a request
         if self.state is not None:
             self.status.last_acked_seq = self.state.acked_seq
             self.status.last_acked_cut_ns = self.state.last_cut_ns
@@ -143,12 +147,15 @@ class DiskReplicator:
 
         Called before the first batch and again after every failure; raises :class:`ShipError`.
         """
+        self._waiting = (time.monotonic(), "announcing the disk (PUT)")
         try:
             rs = await self.client.enable(self.vm.uuid, self.disk.id, self._enable_body())
         except ShipError as exc:
             if exc.code in REFUSED_CODES:
                 self.refuse(exc)
             raise
+        finally:
+            self._waiting = None
         if self.refused is not None:
             self.log.info("replication_accepted", previously=self.refused)
             self.refused = None
@@ -482,12 +489,16 @@ class DiskReplicator:
                 stats=stats,
                 max_extent=self.max_extent,
             )
-            ack = await self.client.upload(
-                self.vm.uuid,
-                self.disk.id,
-                body,
-                what=f"batch seq {seq} of {self.vm.name}/{self.disk.id}",
-            )
+            self._waiting = (time.monotonic(), f"uploading batch seq {seq}")
+            try:
+                ack = await self.client.upload(
+                    self.vm.uuid,
+                    self.disk.id,
+                    body,
+                    what=f"batch seq {seq} of {self.vm.name}/{self.disk.id}",
+                )
+            finally:
+                self._waiting = None
             if ack.duplicate or ack.seq != seq:
                 raise ShipError(
                     f"the broker acked seq {ack.seq} (duplicate={ack.duplicate}) for batch {seq}:"
@@ -581,11 +592,22 @@ class DiskReplicator:
         and right after it the first delta batch, which makes the replica a consistent cut."""
         return self.ready and (self.mode == "initial" or self._completing)
 
+    def stalled(self) -> str | None:
+        """What the disk has waited for from the broker for ``STALL_SECONDS`` or more."""
+        if self._waiting is None:
+            return None
+        since, what = self._waiting
+        waited = time.monotonic() - since
+        if waited < STALL_SECONDS:
+            return None
+        return f"no answer from broker {self.client.url} for {waited:.0f} s while {what}"
+
     def snapshot(self) -> dict[str, Any]:
         """The status endpoint's view of this disk."""
         s = self.status
         now = time.time_ns()
         st = self.state
+        stalled = self.stalled()
         return {
             "vm": self.vm.name,
             "vm_uuid": str(self.vm.uuid),
@@ -606,7 +628,8 @@ class DiskReplicator:
             "batches": s.batches,
             "full_batches": s.full_batches,
             "errors": s.errors,
-            "last_error": s.last_error,
+            "last_error": stalled or s.last_error,
+            "stalled": stalled is not None,
             "last_error_time": s.last_error_ns / 1e9 if s.last_error_ns else None,
             "initial_sync": {
                 "done": bool(st and st.initial_done),

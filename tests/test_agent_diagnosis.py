@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import structlog.testing
 
+from agents import replicate
 from tests.fixtures_pki import make_pki
 from tests.support_agent import (
     DiskSpec,
@@ -36,12 +37,14 @@ CERT_BLAME = "refused our certificate"
 
 class ResettingProxy:
     """A TCP proxy that resets the next ``resets`` connections once their client has sent more
-    than ``after`` bytes (a broker killed, or a network reset, in the middle of an upload)."""
+    than ``after`` bytes (a broker killed, or a network reset, in the middle of an upload), or,
+    while ``blackhole`` is set, swallows everything both ways (a network black hole)."""
 
-    def __init__(self, upstream: int, *, resets: int, after: int) -> None:
+    def __init__(self, upstream: int, *, resets: int = 0, after: int = 0) -> None:
         self.upstream = upstream
         self.resets = resets
         self.after = after
+        self.blackhole = False
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -52,13 +55,17 @@ class ResettingProxy:
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
+    async def drop_all(self) -> None:
+        """Close every proxied connection (the network comes back: old connections are gone)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
     async def stop(self) -> None:
         """Stop listening and drop every connection."""
         assert self._server is not None
         self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.drop_all()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -69,6 +76,8 @@ class ResettingProxy:
         sent = 0
         try:
             while data := await reader.read(65536):
+                if self.blackhole:
+                    continue
                 sent += len(data)
                 if self.resets > 0 and sent > self.after:
                     self.resets -= 1
@@ -89,10 +98,11 @@ class ResettingProxy:
                 w.close()
             self._tasks.discard(task)
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError, asyncio.CancelledError):
             while data := await reader.read(65536):
+                if self.blackhole:
+                    continue
                 writer.write(data)
                 await writer.drain()
 
@@ -195,4 +205,53 @@ async def test_an_outage_shows_on_every_disk_until_the_next_ack(tmp_path: Path) 
             assert doc["last_error_time"] is not None
     finally:
         await rig.halt()
+        await rx.stop()
+
+
+async def test_a_black_hole_shows_on_every_disk_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a network black hole no request fails for minutes, yet every disk's status names the
+    unanswered request at once; when the network is back the next ack clears it."""
+    monkeypatch.setattr(replicate, "STALL_SECONDS", 1.0)
+    pki = make_pki(tmp_path / "pki")
+    rx = Receiver(tmp_path / "rx", pki)
+    await rx.start()
+    proxy = ResettingProxy(rx.port)
+    port = await proxy.start()
+    images = [make_image(tmp_path / f"d{i}.img", 4 * MiB, fill=lambda i: b"") for i in (0, 1)]
+    vm = VMSpec("vm1", [DiskSpec(f"disk{i}", img) for i, img in enumerate(images)])
+    config = write_agent_config(
+        tmp_path / "agent.toml",
+        pki=pki,
+        broker_urls=[f"https://127.0.0.1:{port}"],
+        vms=[vm],
+        state_dir=tmp_path / "state",
+        socket_dir=tmp_path / "s",
+    )
+    rig = Rig(tmp_path, pki, rx, images[0], vm, config)
+    agent = await rig.start()
+    try:
+        reps = agent.replicators
+        await wait_until(lambda: all(r.status.last_acked_seq >= 2 for r in reps), within=30)
+        proxy.blackhole = True
+        await wait_until(lambda: all(r.snapshot()["stalled"] for r in reps), within=15)
+        for r in reps:
+            error = r.snapshot()["last_error"]
+            assert "no answer from broker" in error
+            assert "while uploading batch seq" in error
+        acked = [r.status.last_acked_seq for r in reps]
+        proxy.blackhole = False
+        await proxy.drop_all()
+        await wait_until(
+            lambda: all(r.status.last_acked_seq > a for r, a in zip(reps, acked, strict=True)),
+            within=30,
+        )
+        for r in reps:
+            doc = r.snapshot()
+            assert doc["last_error"] is None, doc
+            assert not doc["stalled"]
+    finally:
+        await rig.halt()
+        await proxy.stop()
         await rx.stop()
