@@ -18,7 +18,7 @@ import pytest
 import structlog.testing
 
 from agents import replicate
-from tests.fixtures_pki import make_pki
+from tests.fixtures_pki import Pki, make_pki
 from tests.support_agent import (
     DiskSpec,
     MiB,
@@ -107,6 +107,21 @@ class ResettingProxy:
                 await writer.drain()
 
 
+def proxied_config(
+    tmp_path: Path, pki: Pki, port: int, vms: list[VMSpec], policy_extra: str = ""
+) -> Path:
+    """An agent config that ships ``vms`` through the proxy on ``port``."""
+    return write_agent_config(
+        tmp_path / "agent.toml",
+        pki=pki,
+        broker_urls=[f"https://127.0.0.1:{port}"],
+        vms=vms,
+        state_dir=tmp_path / "state",
+        socket_dir=tmp_path / "s",
+        policy_extra=policy_extra,
+    )
+
+
 async def test_a_reset_mid_upload_is_named_as_such_and_cleared_after_recovery(
     tmp_path: Path,
 ) -> None:
@@ -122,15 +137,7 @@ async def test_a_reset_mid_upload_is_named_as_such_and_cleared_after_recovery(
         tmp_path / "d.img", 16 * MiB, fill=lambda i: os.urandom(MiB) if i < 4 else b""
     )
     vm = VMSpec("vm1", [DiskSpec("disk0", image)])
-    config = write_agent_config(
-        tmp_path / "agent.toml",
-        pki=pki,
-        broker_urls=[f"https://127.0.0.1:{port}"],
-        vms=[vm],
-        state_dir=tmp_path / "state",
-        socket_dir=tmp_path / "s",
-        policy_extra='compression = "none"',
-    )
+    config = proxied_config(tmp_path, pki, port, [vm], 'compression = "none"')
     rig = Rig(tmp_path, pki, rx, image, vm, config)
     try:
         with structlog.testing.capture_logs() as logs:
@@ -221,14 +228,7 @@ async def test_a_black_hole_shows_on_every_disk_at_once(
     port = await proxy.start()
     images = [make_image(tmp_path / f"d{i}.img", 4 * MiB, fill=lambda i: b"") for i in (0, 1)]
     vm = VMSpec("vm1", [DiskSpec(f"disk{i}", img) for i, img in enumerate(images)])
-    config = write_agent_config(
-        tmp_path / "agent.toml",
-        pki=pki,
-        broker_urls=[f"https://127.0.0.1:{port}"],
-        vms=[vm],
-        state_dir=tmp_path / "state",
-        socket_dir=tmp_path / "s",
-    )
+    config = proxied_config(tmp_path, pki, port, [vm])
     rig = Rig(tmp_path, pki, rx, images[0], vm, config)
     agent = await rig.start()
     try:

@@ -49,6 +49,21 @@ ROUTES = [
     ("POST", "/v1/seed/cancel"),
 ]
 SECRET = b"root only: must never change\n"
+BROWSER_ATTEMPTS = [
+    (
+        "with Origin: http://evil.example, text/plain",
+        {"Origin": "http://evil.example", "Content-Type": "text/plain"},
+        403,
+        "browser_request",
+    ),
+    ("with Sec-Fetch-Site: cross-site", {"Sec-Fetch-Site": "cross-site"}, 403, "browser_request"),
+    (
+        "as a simple text/plain request (no Origin)",
+        {"Content-Type": "text/plain"},
+        415,
+        "unsupported_media_type",
+    ),
+]
 
 
 @dataclass
@@ -152,20 +167,25 @@ except OSError as e:
 """
 
 
+def expect_eacces(door: Door, surface: str, attempt: str, got: dict[str, Any], path: Path) -> None:
+    """Record what uid 65534 got trying ``attempt`` on ``path``: EACCES is the refusal."""
+    door.attempt(
+        surface,
+        f"uid 65534 {attempt}",
+        expected="EACCES",
+        observed=f"{got.get('name', 'allowed')} (mode {os.stat(path).st_mode & 0o777:04o})",
+        refused=got["errno"] == 13,
+    )
+
+
 def test_a_local_user_cannot_reach_the_agents_sockets(agent: Running, door: Door) -> None:
     """`nobody` cannot connect to the control socket or any NBD export socket (EACCES)."""
     nbd = sorted(agent.socket_dir.glob("*.sock"))
     assert nbd, "the agent serves its disk on a unix socket"
     for sock in [agent.control, *nbd]:
         got = as_nobody(_CONNECT, str(sock))
-        mode = f"{os.stat(sock).st_mode & 0o777:04o}"
-        door.attempt(
-            "agent unix socket",
-            f"uid 65534 connects to {sock.relative_to(agent.base)}",
-            expected="EACCES",
-            observed=f"{got.get('name', 'connected')} (socket mode {mode})",
-            refused=got["errno"] == 13,
-        )
+        where = sock.relative_to(agent.base)
+        expect_eacces(door, "agent unix socket", f"connects to {where}", got, sock)
     for directory, want in ((agent.control.parent, 0o750), (agent.socket_dir, 0o750)):
         mode = os.stat(directory).st_mode & 0o777
         door.attempt(
@@ -184,13 +204,8 @@ def test_a_local_user_cannot_read_or_write_the_agents_files(agent: Running, door
     for path in files:
         for what, flags in (("reads", os.O_RDONLY), ("writes", os.O_WRONLY)):
             got = as_nobody(_OPEN, str(path), str(flags))
-            door.attempt(
-                "agent state files",
-                f"uid 65534 {what} {path.relative_to(agent.base)}",
-                expected="EACCES",
-                observed=f"{got.get('name', 'opened')} (mode {os.stat(path).st_mode & 0o777:04o})",
-                refused=got["errno"] == 13,
-            )
+            where = path.relative_to(agent.base)
+            expect_eacces(door, "agent state files", f"{what} {where}", got, path)
 
 
 async def test_browser_requests_are_refused_on_every_route(agent: Running, door: Door) -> None:
@@ -203,37 +218,18 @@ async def test_browser_requests_are_refused_on_every_route(agent: Running, door:
     }
     for method, path in ROUTES:
         data = json.dumps(bodies.get(path, {}))
-        headers = {"Origin": "http://evil.example", "Content-Type": "text/plain"}
-        status, doc = await control_request(
-            agent.control, method, path, None, data=data, headers=headers
-        )
-        door.attempt(
-            "agent control socket",
-            f"{method} {path} with Origin: http://evil.example, text/plain",
-            expected="403 browser_request",
-            observed=f"{status} {doc.get('error')}",
-            refused=status == 403 and doc.get("error") == "browser_request",
-        )
-        status, doc = await control_request(
-            agent.control, method, path, None, data=data, headers={"Sec-Fetch-Site": "cross-site"}
-        )
-        door.attempt(
-            "agent control socket",
-            f"{method} {path} with Sec-Fetch-Site: cross-site",
-            expected="403 browser_request",
-            observed=f"{status} {doc.get('error')}",
-            refused=status == 403 and doc.get("error") == "browser_request",
-        )
-        if method == "POST":
+        for label, headers, want, code in BROWSER_ATTEMPTS:
+            if method == "GET" and want == 415:
+                continue  # reading status changes nothing: any content type will do
             status, doc = await control_request(
-                agent.control, method, path, None, data=data, headers={"Content-Type": "text/plain"}
+                agent.control, method, path, None, data=data, headers=headers
             )
             door.attempt(
                 "agent control socket",
-                f"{method} {path} as a simple text/plain POST (no Origin)",
-                expected="415 unsupported_media_type",
+                f"{method} {path} {label}",
+                expected=f"{want} {code}",
                 observed=f"{status} {doc.get('error')}",
-                refused=status == 415 and doc.get("error") == "unsupported_media_type",
+                refused=status == want and doc.get("error") == code,
             )
     assert not media.exists()
     refusals = agent.proc.events("control_request_refused")
@@ -392,13 +388,7 @@ async def test_seed_media_is_private(agent: Running, door: Door) -> None:
         )
     image = media / "vm1" / "disk0.img"
     got = as_nobody(_OPEN, str(image), str(os.O_RDONLY))
-    door.attempt(
-        "agent seed media",
-        "uid 65534 reads vm1/disk0.img",
-        expected="EACCES",
-        observed=got.get("name", "opened"),
-        refused=got["errno"] == 13,
-    )
+    expect_eacces(door, "agent seed media", "reads vm1/disk0.img", got, image)
     status, body = await control_request(agent.control, "GET", "/v1/status")
     (disk,) = body["disks"]
     assert disk["seed"]["state"] == "awaiting_import"
