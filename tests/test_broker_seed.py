@@ -256,18 +256,13 @@ async def test_verify_via_agent_endpoint_and_repair(
     app.router.add_post("/v1/vms/{vm}/repair", repair_handler)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    sock = tmp_path / "agent.sock"
+    await web.UnixSite(runner, str(sock)).start()
     try:
         async with AgentClient(broker.url, pki.agents["h1"]) as agent:
             await agent.enable(src)
         admin = admin_toml(tmp_path / "admin.toml", pki, broker.url)
-        admin.write_text(
-            admin.read_text().replace(
-                "[admin]\n", f'[admin]\nagents = ["http://127.0.0.1:{port}"]\n'
-            )
-        )
+        admin.write_text(admin.read_text().replace("[admin]\n", f'[admin]\nagents = ["{sock}"]\n'))
         rc, out, err = await cli(admin, "verify", "web1", "--json")
         assert rc == 0, err
         doc = json.loads(out)
