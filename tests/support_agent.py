@@ -95,6 +95,7 @@ class ReplicaRecord:
     initial_sync: str = "pending"
     batches: list[BatchRecord] = field(default_factory=list)
     images: dict[int, bytes] = field(default_factory=dict)  # seq -> image (keep_images)
+    applying: bool = False  # a batch is being written to the image, not yet recorded
 
     def state(self) -> dict[str, Any]:
         """The JSON replica state of the HTTP spec."""
@@ -276,7 +277,11 @@ class Receiver:
             return web.json_response({"acked_seq": rec.durable_seq, "duplicate": True})
         if header.seq != rec.durable_seq + 1 or header.base_seq != header.seq - 1:
             return _error(409, "sequence_gap", f"expected {rec.durable_seq + 1}")
-        await asyncio.to_thread(self._apply, rec, extents)
+        rec.applying = True  # the image changes before the batch is recorded below
+        try:
+            await asyncio.to_thread(self._apply, rec, extents)
+        finally:
+            rec.applying = False
         rec.durable_seq = header.seq
         if header.full:
             rec.initial_sync = "in_progress"

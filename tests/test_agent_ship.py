@@ -105,7 +105,7 @@ class Rig:
 
     def settled(self) -> bool:
         """Converged, and the agent has processed the ack of everything the broker holds."""
-        if not self.converged():
+        if not self.converged() or self.replica.applying:
             return False
         seq = self.replica.durable_seq
         return seq > 0 and self.rep.status.last_acked_seq == seq == len(self.replica.batches)
