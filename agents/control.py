@@ -177,7 +177,13 @@ def open_control_socket(path: Path, gid: int) -> socket.socket:
                 f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})",
                 f"chmod 0750 {directory} (anyone who may write there could replace the socket)",
             )
-        os.fchown(dfd, -1, gid)
+        try:
+            os.fchown(dfd, -1, gid)
+        except PermissionError:
+            raise AgentError(
+                f"agent.control_group: the agent's user may not give {directory} to group id {gid}",
+                fix="add the agent's user to that group, or run the agent as root",
+            ) from None
         os.fchmod(dfd, 0o750)
         _remove_stale(dfd, directory, path.name)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
