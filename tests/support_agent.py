@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -503,6 +503,20 @@ def write_agent_config(
                 lines.append("exclude = true")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@contextlib.asynccontextmanager
+async def stand_in_agent(sock: Path, routes: list[web.RouteDef]) -> AsyncIterator[Path]:
+    """Serve ``routes`` on the unix socket ``sock``, as an agent's control socket would."""
+    app = web.Application()
+    app.add_routes(routes)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.UnixSite(runner, str(sock)).start()
+    try:
+        yield sock
+    finally:
+        await runner.cleanup()
 
 
 async def control_request(

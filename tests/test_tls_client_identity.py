@@ -20,6 +20,7 @@ from certs.store import CertStore
 from common.config import TLSFiles
 from common.tls import MutualTLSSite, client_context, server_context
 from tests.fixtures_pki import Pki, make_pki
+from tests.support_agent import stand_in_agent
 from tests.support_broker import admin_cli
 
 
@@ -172,20 +173,13 @@ async def test_verify_unknown_vm_gives_a_fix(pki: Pki, tmp_path: Path) -> None:
     async def unknown(_: web.Request) -> web.Response:
         return web.json_response({"error": "unknown_vm"}, status=404)
 
-    app = web.Application()
-    app.router.add_post("/v1/vms/{vm}/verify", unknown)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    sock = tmp_path / "agent.sock"
-    await web.UnixSite(runner, str(sock)).start()
-    try:
+    routes = [web.post("/v1/vms/{vm}/verify", unknown)]
+    async with stand_in_agent(tmp_path / "agent.sock", routes) as sock:
         config = admin_config(tmp_path / "admin.toml", "https://127.0.0.1:1", pki.admin.tls)
         config.write_text(
             config.read_text().replace("[admin]\n", f'[admin]\nagents = ["{sock}"]\n')
         )
         rc, _, err = await admin_cli(config, "verify", "nosuchvm")
-    finally:
-        await runner.cleanup()
     assert rc != 0
     assert "no agent protects vm 'nosuchvm'" in err
     assert "replikant status" in err, err
