@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
 import click
 
+from agents.control import control_socket_path, read_status
 from agents.errors import AgentError
-from agents.service import export_name, parse_listen, run_agent, socket_path
+from agents.service import export_name, run_agent, socket_path
 from common.config import AgentConfig, load_config
 
 _config_option = click.option(
@@ -115,14 +114,17 @@ def attach_args(vm: str, config_path: Path, fmt: str) -> None:
 def status(config_path: Path, as_json: bool) -> None:
     """Show per-disk replication status from the running agent."""
     config = _load(config_path)
-    host, port = parse_listen(config.agent.status_listen)
-    url = f"http://{host}:{port}/v1/status"
+    sock = control_socket_path(config)
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            doc: dict[str, Any] = json.load(resp)
-    except (urllib.error.URLError, OSError) as exc:
+        doc = read_status(sock)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, PermissionError):
+            raise AgentError(
+                f"no permission to use the agent's control socket {sock}",
+                fix="run as the agent's user or as a member of its [agent] control_group",
+            ) from None
         raise AgentError(
-            f"the agent's status endpoint {url} does not answer ({exc})",
+            f"the agent's control socket {sock} does not answer ({exc})",
             fix="is the agent running? (systemctl status replikant-agent)",
         ) from None
     if as_json:

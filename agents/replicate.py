@@ -51,10 +51,14 @@ from common.logs import get_logger
 FULL_BATCH_BYTES = 256 * 1024 * 1024
 VERIFY_CHUNK = 64 * 1024 * 1024
 _HASH = struct.Struct(">Q")
-# The broker refuses this agent's certificate identity (403): no retry succeeds until its
-# configuration (or ours) changes, so they are errors and retried only this often.
-REFUSED_CODES = frozenset({"not_authorised", "wrong_identity"})
+# Refusals only an operator can lift (the broker refuses this agent's identity, or its
+# generation until `replikant replica rebind / set-generation`): no retry succeeds until a
+# configuration changes, so they are errors, retried only this often.
+REFUSED_CODES = frozenset({"not_authorised", "wrong_identity", "generation_ahead"})
 REFUSAL_RETRY = 60.0
+# A request to the broker unanswered this long shows in status as the disk's error: in a network
+# black hole nothing fails for minutes (the ack timeout), yet the operator must see it at once.
+STALL_SECONDS = 15.0
 
 
 @dataclass
@@ -120,6 +124,7 @@ class DiskReplicator:
         self._completing = False  # the initial copy just ended: cut again without waiting
         self.seed_export: dict[str, Any] | None = None  # progress while an export writes media
         self._seed_restore: BlockMap | None = None  # the dirty blocks pending before that cut
+        self._waiting: tuple[float, str] | None = None  # (monotonic start, what) of a request
         if self.state is not None:
             self.status.last_acked_seq = self.state.acked_seq
             self.status.last_acked_cut_ns = self.state.last_cut_ns
@@ -143,17 +148,26 @@ class DiskReplicator:
 
         Called before the first batch and again after every failure; raises :class:`ShipError`.
         """
+        self._waiting = (time.monotonic(), "announcing the disk (PUT)")
         try:
             rs = await self.client.enable(self.vm.uuid, self.disk.id, self._enable_body())
         except ShipError as exc:
             if exc.code in REFUSED_CODES:
                 self.refuse(exc)
             raise
+        finally:
+            self._waiting = None
         if self.refused is not None:
             self.log.info("replication_accepted", previously=self.refused)
             self.refused = None
         await self._adopt(rs)
         self.ready = self.mode != "awaiting_seed"
+
+    def record_error(self, exc: ShipError) -> None:
+        """Count a failure and show it in status until the next durable ack."""
+        self.status.errors += 1
+        self.status.last_error = str(exc)
+        self.status.last_error_ns = time.time_ns()
 
     def refuse(self, exc: ShipError) -> None:
         """The broker refused this agent (403): an error, not retried before ``REFUSAL_RETRY``."""
@@ -373,6 +387,9 @@ class DiskReplicator:
                 "seq": st.seed_seq,
                 "dir": st.seed_dir,
                 "cut_time": st.seed_cut_ns / 1e9,
+                # By design, but it must not go unnoticed: nothing ships until the import.
+                "replication": "paused until `replikant seed import` at the recovery site "
+                "(or `replikant seed cancel`)",
             }
         if self.mode == "awaiting_seed":
             return {"state": "awaiting_export"}
@@ -473,7 +490,16 @@ class DiskReplicator:
                 stats=stats,
                 max_extent=self.max_extent,
             )
-            ack = await self.client.upload(self.vm.uuid, self.disk.id, body)
+            self._waiting = (time.monotonic(), f"uploading batch seq {seq}")
+            try:
+                ack = await self.client.upload(
+                    self.vm.uuid,
+                    self.disk.id,
+                    body,
+                    what=f"batch seq {seq} of {self.vm.name}/{self.disk.id}",
+                )
+            finally:
+                self._waiting = None
             if ack.duplicate or ack.seq != seq:
                 raise ShipError(
                     f"the broker acked seq {ack.seq} (duplicate={ack.duplicate}) for batch {seq}:"
@@ -483,9 +509,7 @@ class DiskReplicator:
         except ShipError as exc:
             self.export.end_cut(acked=False)
             self.ready = False  # ask the broker where it stands before the next attempt
-            self.status.errors += 1
-            self.status.last_error = str(exc)
-            self.status.last_error_ns = time.time_ns()
+            self.record_error(exc)
             if exc.code in REFUSED_CODES:
                 self.refuse(exc)
                 return False
@@ -513,6 +537,7 @@ class DiskReplicator:
                 self._completing = True
         st.save(self.state_path)
         s = self.status
+        s.last_error = None  # recovered: the count and the time of the last error stay
         s.last_acked_seq = seq
         s.last_acked_cut_ns = cut.cut_time_ns
         s.batches += 1
@@ -568,11 +593,22 @@ class DiskReplicator:
         and right after it the first delta batch, which makes the replica a consistent cut."""
         return self.ready and (self.mode == "initial" or self._completing)
 
+    def stalled(self) -> str | None:
+        """What the disk has waited for from the broker for ``STALL_SECONDS`` or more."""
+        if self._waiting is None:
+            return None
+        since, what = self._waiting
+        waited = time.monotonic() - since
+        if waited < STALL_SECONDS:
+            return None
+        return f"no answer from broker {self.client.url} for {waited:.0f} s while {what}"
+
     def snapshot(self) -> dict[str, Any]:
         """The status endpoint's view of this disk."""
         s = self.status
         now = time.time_ns()
         st = self.state
+        stalled = self.stalled()
         return {
             "vm": self.vm.name,
             "vm_uuid": str(self.vm.uuid),
@@ -593,7 +629,9 @@ class DiskReplicator:
             "batches": s.batches,
             "full_batches": s.full_batches,
             "errors": s.errors,
-            "last_error": s.last_error,
+            "last_error": stalled or s.last_error,
+            "stalled": stalled is not None,
+            "last_error_time": s.last_error_ns / 1e9 if s.last_error_ns else None,
             "initial_sync": {
                 "done": bool(st and st.initial_done),
                 "cursor": st.initial_cursor if st else 0,

@@ -1,4 +1,4 @@
-"""Offline seed media, agent side: ``POST /v1/seed/export`` on the status listener.
+"""Offline seed media, agent side: ``POST /v1/seed/export`` on the control socket.
 
 ``replikant seed export --dir DIR --vm NAME | --selector k=v`` asks the agents to write the
 selected VMs to ``DIR`` on their host, in the format ``broker/seed.py`` reads (docs/protocol/
@@ -19,16 +19,25 @@ durable — ``replikant seed import`` — and then ships what its dirty map coll
 
 An interrupted export is rerun with ``--resume``: it takes a new cut (the old one is gone) but
 rewrites only the blocks that differ from what the media already holds.
+
+The agent may run as root and the media directory is named by whoever may use the control
+socket, so every write is made safe against links planted there: ``DIR`` is opened once without
+following a link (:class:`MediaDir`) and must belong to the agent's user or to the requester,
+writable by nobody else; everything below it is created or opened relative to that descriptor
+with ``O_NOFOLLOW``; new files are created exclusively, mode 0600, directories 0700 (a copy of
+a disk is as secret as the disk). ``--resume`` reuses only regular files the agent itself wrote
+and listed in its marker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import errno
 import json
 import os
-import shutil
+import stat
 import struct
 import time
 import uuid as uuid_mod
@@ -41,7 +50,7 @@ from agents.dirtymap import DATA, file_extents
 from agents.errors import AgentError, ShipError
 from agents.replicate import DiskReplicator
 from agents.ship import MAX_EXTENT, is_zero
-from agents.state import read_json, write_atomically
+from common.config import path_problem
 from common.errors import refusal_body
 from common.hrl import Consistency, xxh64_of
 from common.logs import get_logger
@@ -112,12 +121,13 @@ class ExportRequest:
                 status=400,
                 fix='send {"dir": PATH, "vms": [names], "selector": {label: value}}',
             ) from None
-        if not directory.is_absolute():
+        problem = path_problem(directory)
+        if problem is not None:
             raise SeedError(
-                f"the media directory {directory} is not an absolute path on the agent's host",
+                f"the media directory {str(directory)!r} {problem}",
                 code="bad_request",
                 status=400,
-                fix="give an absolute path",
+                fix="give an absolute path on the agent's host, without '..'",
             )
         if not vms and not selector:
             raise SeedError(
@@ -179,31 +189,187 @@ def select(
 # --------------------------------------------------------------------------------------------
 # checks (all of them run before anything is written; the dry run stops after them)
 
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        doc = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise SeedError(
-            f"{path} is unreadable ({exc}): the directory holds damaged seed media",
-            code="media_damaged",
-            fix="use an empty directory",
-        ) from None
-    return doc if isinstance(doc, dict) else None
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def check_directory(req: ExportRequest, workers: list[VMWorker]) -> None:
+def _unsafe(what: str, why: str, fix: str, code: str = "media_unsafe") -> SeedError:
+    return SeedError(f"{what} {why}", code=code, status=403, fix=fix)
+
+
+def _check_owner(st: os.stat_result, what: str, owners: set[int]) -> None:
+    """Refuse a directory that others may write to or that belongs to someone not in ``owners``."""
+    if st.st_uid not in owners:
+        raise _unsafe(
+            what,
+            f"belongs to user id {st.st_uid}; the agent (user id {os.geteuid()}) writes media "
+            "only into a directory of its own user or of the user who asked",
+            "create the directory yourself (mkdir -m 0700 DIR) or name a new one for the agent "
+            "to create",
+            code="media_not_owned",
+        )
+    if st.st_mode & 0o022:
+        raise _unsafe(
+            what,
+            f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}): another "
+            "user could plant links there",
+            "chmod go-w the directory, or name one only you can write to",
+        )
+
+
+class MediaDir:
+    """The media directory, opened once without following a link: every name below it is
+    resolved from this descriptor (blocking calls: run them in a worker thread)."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.uid = os.geteuid()
+
+    @classmethod
+    def open(cls, path: Path, *, peer_uid: int | None, create: bool) -> MediaDir | None:
+        """Open (``create``: make, mode 0700) ``path``; None when it does not exist."""
+        if create:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        try:
+            fd = os.open(path, _DIR_FLAGS)
+        except FileNotFoundError:
+            if create:
+                raise
+            return None
+        except OSError as exc:
+            # O_NOFOLLOW|O_DIRECTORY on a link fails with ELOOP or ENOTDIR.
+            if exc.errno == errno.ELOOP or os.path.islink(path):
+                raise _unsafe(
+                    str(path), "is a symbolic link", "name the real directory, not a link"
+                ) from None
+            if exc.errno == errno.ENOTDIR:
+                raise SeedError(
+                    f"{path} exists and is not a directory",
+                    code="media_not_directory",
+                    fix="name a new or empty directory for the media",
+                ) from None
+            raise
+        try:
+            owners = {os.geteuid()} | ({peer_uid} if peer_uid is not None else set())
+            _check_owner(os.fstat(fd), str(path), owners)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd)
+
+    def close(self) -> None:
+        """Close the descriptor (idempotent)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def entries(self) -> list[str]:
+        """The names in the directory, sorted."""
+        return sorted(os.listdir(self.fd))
+
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        """A JSON file the agent wrote here; None if absent or written by another user."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise SeedError(
+                f"{self.path / name} cannot be opened ({exc.strerror}): the directory holds "
+                "damaged or foreign seed media",
+                code="media_damaged",
+                fix="use an empty directory",
+            ) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != self.uid:
+                return None
+            raw = os.read(fd, max(st.st_size, 1) + 1)
+        finally:
+            os.close(fd)
+        try:
+            doc = json.loads(raw)
+        except ValueError as exc:
+            raise SeedError(
+                f"{self.path / name} is unreadable ({exc}): the directory holds damaged seed media",
+                code="media_damaged",
+                fix="use an empty directory",
+            ) from None
+        return doc if isinstance(doc, dict) else None
+
+    def write_json(self, name: str, doc: dict[str, Any]) -> None:
+        """Replace ``name`` atomically and durably (a new 0600 file renamed over it)."""
+        tmp = f".{name}.{uuid_mod.uuid4().hex}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600, dir_fd=self.fd)
+        try:
+            _pwrite_all(fd, json.dumps(doc, indent=1).encode(), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        os.fsync(self.fd)
+
+    def subdir(self, name: str) -> int:
+        """Make (mode 0700) or open the agent's own subdirectory ``name``; returns its fd."""
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=self.fd)
+        what = str(self.path / name)
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=self.fd)
+        except OSError as exc:
+            raise _unsafe(
+                what, f"is not a directory the agent can use ({exc.strerror})", "remove it"
+            ) from None
+        try:
+            _check_owner(os.fstat(fd), what, {self.uid})
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def foreign(self, listed: set[str]) -> list[str]:
+        """Entries the agent did not write: anything but its own regular files named by
+        ``listed`` (paths relative to the directory), its marker, manifest and their temps."""
+        out = []
+        for name in self.entries():
+            st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode):
+                own = name in (MARKER, MANIFEST) or (
+                    name.startswith((f".{MARKER}.", f".{MANIFEST}.")) and name.endswith(".tmp")
+                )
+                if not (own and st.st_uid == self.uid):
+                    out.append(name)
+                continue
+            if not (stat.S_ISDIR(st.st_mode) and st.st_uid == self.uid):
+                out.append(name)
+                continue
+            fd = os.open(name, _DIR_FLAGS, dir_fd=self.fd)
+            try:
+                for child in os.listdir(fd):
+                    cst = os.stat(child, dir_fd=fd, follow_symlinks=False)
+                    ours = stat.S_ISREG(cst.st_mode) and cst.st_uid == self.uid
+                    if not (ours and cst.st_nlink == 1 and f"{name}/{child}" in listed):
+                        out.append(f"{name}/{child}")
+            finally:
+                os.close(fd)
+        return out
+
+
+def _planned_files(workers: list[VMWorker]) -> list[str]:
+    return [
+        f"{w.vm.name}/{rep.disk.id}.{ext}" for w in workers for rep in w.replicators
+        for ext in ("img", "xxh3")
+    ]  # fmt: skip
+
+
+def check_directory(req: ExportRequest, workers: list[VMWorker], media: MediaDir | None) -> None:
     """Refuse a directory that is not empty (unless it continues an export) or not writable."""
     d = req.directory
-    if d.exists() and not d.is_dir():
-        raise SeedError(
-            f"{d} exists and is not a directory",
-            code="media_not_directory",
-            fix="name a new or empty directory for the media",
-        )
-    entries = sorted(p.name for p in d.iterdir()) if d.is_dir() else []
-    marker = _read_json(d / MARKER)
-    manifest = _read_json(d / MANIFEST)
+    entries = media.entries() if media is not None else []
+    marker = media.read_json(MARKER) if media is not None else None
+    manifest = media.read_json(MANIFEST) if media is not None else None
     if entries and not (marker and marker.get("export_id") == req.export_id):
         held = sorted(str(v.get("name")) for v in (manifest or {}).get("vms", []))
         if not req.resume:
@@ -227,13 +393,25 @@ def check_directory(req: ExportRequest, workers: list[VMWorker]) -> None:
                 what = f"{d} is not empty ({len(entries)} entries: {shown})"
                 fix = "name a new or empty directory for the media"
             raise SeedError(what, code="media_not_empty", fix=fix, details={"entries": entries})
-        if marker is None and manifest is None:
+        if marker is None:
             raise SeedError(
-                f"{d} is not empty and holds no Replikant seed media: --resume continues only "
-                "an export that `replikant seed export` began there",
+                f"{d} is not empty and holds no seed media this agent wrote: --resume continues "
+                "only an export that `replikant seed export` began there",
                 code="media_not_empty",
                 fix="name a new or empty directory for the media",
                 details={"entries": entries},
+            )
+    if media is not None and entries:
+        # The marker lets an export continue only over what the agent itself wrote there.
+        foreign = media.foreign(set((marker or {}).get("files") or ()))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise SeedError(
+                f"{d} holds entries this agent did not write ({shown}): links or files planted "
+                "there are never written through",
+                code="media_not_empty",
+                fix="name a new or empty directory for the media",
+                details={"entries": foreign},
             )
     # Media of another VM under the same name is never overwritten.
     for vm in (manifest or {}).get("vms", []):
@@ -259,20 +437,28 @@ def check_directory(req: ExportRequest, workers: list[VMWorker]) -> None:
         )
 
 
-def check_space(req: ExportRequest, workers: list[VMWorker]) -> int:
+def check_space(req: ExportRequest, workers: list[VMWorker], media: MediaDir | None) -> int:
     """Refuse media with less free space than the allocated data to write; returns the need."""
     need = 0
     for w in workers:
         for rep in w.replicators:
             fd = rep.export.fd
             need += sum(hi - lo for lo, hi in file_extents(fd, 0, rep.export.size))
-            old = req.directory / w.vm.name / f"{rep.disk.id}.img"
-            if req.resume and old.is_file():
-                need -= old.stat().st_blocks * 512  # already there, mostly reused
-    parent = req.directory
-    while not parent.exists():
-        parent = parent.parent
-    free = shutil.disk_usage(parent).free
+            if req.resume and media is not None:
+                with contextlib.suppress(OSError):
+                    old = os.stat(
+                        f"{w.vm.name}/{rep.disk.id}.img", dir_fd=media.fd, follow_symlinks=False
+                    )
+                    if stat.S_ISREG(old.st_mode):
+                        need -= old.st_blocks * 512  # already there, mostly reused
+    if media is not None:
+        vfs = os.statvfs(media.fd)
+    else:
+        parent = req.directory
+        while not parent.exists():
+            parent = parent.parent
+        vfs = os.statvfs(parent)
+    free = vfs.f_bavail * vfs.f_frsize
     if need > free:
         raise SeedError(
             f"the media at {req.directory} has {free} bytes free; the export needs up to {need}",
@@ -348,13 +534,25 @@ class MediaImage:
     """The sparse image and block-hash file of one disk on the media (blocking calls: run them
     in a worker thread). Extents arrive in offset order; what lies between them is zero."""
 
-    def __init__(self, image: Path, hashes: Path, size: int, block_size: int, reuse: bool) -> None:
-        self.image = image
-        self.hashes = hashes
+    def __init__(
+        self,
+        vm_dir: int,
+        where: str,
+        disk_id: str,
+        size: int,
+        block_size: int,
+        *,
+        reuse: set[str] | None,
+    ) -> None:
+        self.vm_dir = vm_dir
+        self.where = where  # "<vm-name>": the files' directory relative to the media
+        self.image = f"{disk_id}.img"
+        self.hashes = f"{disk_id}.xxh3"
         self.size = size
         self.bs = block_size
         self.nblocks = -(-size // block_size)
-        self.reuse = reuse and image.is_file()
+        self.allowed = reuse  # --resume: the files the marker lists (None: new files only)
+        self.reuse = False
         self.stats = MediaStats()
         self._next = 0  # the first block whose hash is not yet recorded
         self._pending = bytearray()
@@ -366,14 +564,43 @@ class MediaImage:
         self._hfd = -1
 
     def open(self) -> None:
-        """Create (or, to resume, reopen) the files."""
-        self.image.parent.mkdir(parents=True, exist_ok=True)
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if self.reuse else os.O_TRUNC)
-        self._fd = os.open(self.image, flags, 0o644)
+        """Create the files (mode 0600, exclusively), or, to resume, reopen the agent's own."""
+        self._fd, self.reuse = self._open(self.image)
         os.ftruncate(self._fd, self.size)
-        self._hfd = os.open(
-            self.hashes, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644
-        )
+        self._hfd, _ = self._open(self.hashes)
+        os.ftruncate(self._hfd, 0)
+
+    def _open(self, name: str) -> tuple[int, bool]:
+        """(fd, whether it existed); never through a link, never a file the agent did not
+        write and list in its marker."""
+        rel = f"{self.where}/{name}"
+        if self.allowed is not None:
+            try:
+                fd = os.open(name, _FILE_FLAGS, dir_fd=self.vm_dir)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise _unsafe(rel, f"cannot be reused ({exc.strerror})", "remove it") from None
+            else:
+                st = os.fstat(fd)
+                ours = stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+                if ours and st.st_nlink == 1 and rel in self.allowed:
+                    return fd, True
+                os.close(fd)
+                raise _unsafe(
+                    rel,
+                    "was not written by this agent's export (not its own regular file)",
+                    "remove it, or name a new or empty directory for the media",
+                )
+        flags = os.O_CREAT | os.O_EXCL | _FILE_FLAGS
+        try:
+            return os.open(name, flags, 0o600, dir_fd=self.vm_dir), False
+        except FileExistsError:
+            raise SeedError(
+                f"{rel} already exists on the media and this export did not write it",
+                code="media_not_empty",
+                fix="name a new or empty directory, or pass --resume to continue an export",
+            ) from None
 
     def data(self, offset: int, data: bytes | bytearray) -> None:
         """Store a DATA extent read from the cut: hash every block, write the non-zero ones
@@ -467,7 +694,12 @@ def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> N
 
 
 async def write_disk(
-    plan: DiskPlan, cut: Cut, vm_dir: Path, req: ExportRequest, progress: Progress | None
+    plan: DiskPlan,
+    cut: Cut,
+    vm_dir: int,
+    req: ExportRequest,
+    progress: Progress | None,
+    reuse: set[str] | None,
 ) -> dict[str, Any]:
     """Read the frozen cut extent by extent (each read atomic with respect to guest requests)
     and write it to the media; memory stays at one extent."""
@@ -483,13 +715,7 @@ async def write_disk(
         "total_bytes": total,
     }
     rep.seed_export = state
-    media = MediaImage(
-        vm_dir / f"{rep.disk.id}.img",
-        vm_dir / f"{rep.disk.id}.xxh3",
-        size,
-        rep.export.block_size,
-        reuse=req.resume,
-    )
+    media = MediaImage(vm_dir, rep.vm.name, rep.disk.id, size, rep.export.block_size, reuse=reuse)
     started = last_report = time.monotonic()
     try:
         await asyncio.to_thread(media.open)
@@ -517,7 +743,8 @@ async def write_disk(
     except OSError as exc:
         full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
         raise SeedError(
-            f"writing {media.image} for vm {rep.vm.name} disk {rep.disk.id} failed: "
+            f"writing {req.directory / rep.vm.name / media.image} for vm {rep.vm.name} disk "
+            f"{rep.disk.id} failed: "
             f"{exc.strerror or exc}",
             code="media_full" if full else "media_error",
             status=507 if full else 500,
@@ -563,13 +790,9 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    write_atomically(path, json.dumps(doc, indent=1).encode(), 0o644)
-
-
-def add_to_manifest(directory: Path, vm_entry: dict[str, Any], source: dict[str, str]) -> None:
+def add_to_manifest(media: MediaDir, vm_entry: dict[str, Any], source: dict[str, str]) -> None:
     """Put ``vm_entry`` into ``DIR/manifest.json`` (replacing an older entry of the VM)."""
-    doc = _read_json(directory / MANIFEST) or {
+    doc = media.read_json(MANIFEST) or {
         "format": SEED_FORMAT,
         "version": 1,
         "source": source,
@@ -578,7 +801,7 @@ def add_to_manifest(directory: Path, vm_entry: dict[str, Any], source: dict[str,
     doc["created"] = _now()
     doc["vms"] = [v for v in doc.get("vms", []) if v.get("uuid") != vm_entry["uuid"]]
     doc["vms"].append(vm_entry)
-    _write_json(directory / MANIFEST, doc)
+    media.write_json(MANIFEST, doc)
 
 
 async def export_vm(
@@ -586,8 +809,27 @@ async def export_vm(
     req: ExportRequest,
     source: dict[str, str],
     progress: Progress | None,
+    media: MediaDir,
+    reuse: set[str] | None,
 ) -> dict[str, Any]:
     """Cut every disk of the VM at one instant and write them to the media."""
+    vm = worker.vm
+    vm_dir = await asyncio.to_thread(media.subdir, vm.name)
+    try:
+        return await _export_vm(worker, req, source, progress, media, vm_dir, reuse)
+    finally:
+        os.close(vm_dir)
+
+
+async def _export_vm(
+    worker: VMWorker,
+    req: ExportRequest,
+    source: dict[str, str],
+    progress: Progress | None,
+    media: MediaDir,
+    vm_dir: int,
+    reuse: set[str] | None,
+) -> dict[str, Any]:
     vm = worker.vm
     async with worker.lock:  # no batch of this VM ships while its disks are frozen for media
         plans = [await plan_disk(rep, force=req.force) for rep in worker.replicators]
@@ -604,11 +846,11 @@ async def export_vm(
             dir=str(req.directory),
             app_consistent=frozen,
         )
-        vm_dir = req.directory / vm.name
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
-                    tg.create_task(write_disk(p, cut, vm_dir, req, progress)) for p, cut in cuts
+                    tg.create_task(write_disk(p, cut, vm_dir, req, progress, reuse))
+                    for p, cut in cuts
                 ]
         except BaseException as exc:
             for p, _cut in cuts:
@@ -645,7 +887,7 @@ async def export_vm(
             ],
         }
         try:
-            await asyncio.to_thread(add_to_manifest, req.directory, entry, source)
+            await asyncio.to_thread(add_to_manifest, media, entry, source)
         except OSError as exc:
             raise SeedError(
                 f"writing {req.directory / MANIFEST} failed: {exc.strerror or exc}; the disks of "
@@ -665,8 +907,13 @@ async def export_media(
     host: str,
     site: str,
     progress: Progress | None = None,
+    peer_uid: int | None = None,
 ) -> dict[str, Any]:
-    """The whole ``POST /v1/seed/export``: select, check everything, then export VM by VM."""
+    """The whole ``POST /v1/seed/export``: select, check everything, then export VM by VM.
+
+    ``peer_uid`` is the user who asked (``SO_PEERCRED``): the media directory must belong to
+    them or to the agent's user.
+    """
     chosen, unknown = select(workers, req.vms, req.selector)
     answer: dict[str, Any] = {
         "host": host,
@@ -677,44 +924,58 @@ async def export_media(
         "unknown": unknown,
         "vms": [],
     }
-    await asyncio.to_thread(check_directory, req, chosen)
-    plans = {
-        w.vm.name: [await plan_disk(r, force=req.force) for r in w.replicators] for w in chosen
-    }
-    need = await asyncio.to_thread(check_space, req, chosen)
-    if req.dry_run:
-        answer["needed_bytes"] = need
-        answer["vms"] = [
-            {
-                "name": w.vm.name,
-                "uuid": str(w.vm.uuid),
-                "disks": [
-                    {
-                        "id": p.rep.disk.id,
-                        "seq": p.seq,
-                        "disk_size": p.rep.export.size,
-                        "replica": p.replica,
-                    }
-                    for p in plans[w.vm.name]
-                ],
-            }
-            for w in chosen
-        ]
-        return answer
-    source = {"host": host, "site": site}
-    await asyncio.to_thread(req.directory.mkdir, parents=True, exist_ok=True)
-    marker = _read_json(req.directory / MARKER)
-    if not marker or marker.get("export_id") != req.export_id:
-        doc = {
-            "format": "replikant-seed-export",
-            "export_id": req.export_id,
-            "host": host,
-            "started": _now(),
+    media = await asyncio.to_thread(MediaDir.open, req.directory, peer_uid=peer_uid, create=False)
+    try:
+        await asyncio.to_thread(check_directory, req, chosen, media)
+        plans = {
+            w.vm.name: [await plan_disk(r, force=req.force) for r in w.replicators] for w in chosen
         }
-        await asyncio.to_thread(_write_json, req.directory / MARKER, doc)
-    for w in chosen:
-        answer["vms"].append(await export_vm(w, req, source, progress))
-    return answer
+        need = await asyncio.to_thread(check_space, req, chosen, media)
+        if req.dry_run:
+            answer["needed_bytes"] = need
+            answer["vms"] = [
+                {
+                    "name": w.vm.name,
+                    "uuid": str(w.vm.uuid),
+                    "disks": [
+                        {
+                            "id": p.rep.disk.id,
+                            "seq": p.seq,
+                            "disk_size": p.rep.export.size,
+                            "replica": p.replica,
+                        }
+                        for p in plans[w.vm.name]
+                    ],
+                }
+                for w in chosen
+            ]
+            return answer
+        if media is None:
+            media = await asyncio.to_thread(
+                MediaDir.open, req.directory, peer_uid=peer_uid, create=True
+            )
+            assert media is not None
+        marker = await asyncio.to_thread(media.read_json, MARKER)
+        listed = set((marker or {}).get("files") or ())
+        reuse = set(listed) if req.resume else None
+        # Listed before they are written: --resume trusts only the files the marker names.
+        files = sorted(listed | set(_planned_files(chosen)))
+        if marker is None or marker.get("export_id") != req.export_id or listed != set(files):
+            doc = {
+                "format": "replikant-seed-export",
+                "export_id": req.export_id,
+                "host": host,
+                "started": _now(),
+                "files": files,
+            }
+            await asyncio.to_thread(media.write_json, MARKER, doc)
+        source = {"host": host, "site": site}
+        for w in chosen:
+            answer["vms"].append(await export_vm(w, req, source, progress, media, reuse))
+        return answer
+    finally:
+        if media is not None:
+            media.close()
 
 
 async def cancel_seeds(workers: list[VMWorker], names: tuple[str, ...]) -> dict[str, Any]:

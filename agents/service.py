@@ -3,8 +3,9 @@
 One process per host. For every protected disk it opens the image as a :class:`TrackedExport`,
 serves it over NBD on ``<nbd.socket_dir>/<export>.sock`` (and on TCP with STARTTLS when
 ``nbd.tcp_listen`` is set), and runs one replication loop per VM that cuts all the VM's disks at
-the same instant every policy interval and ships the batches. A loopback HTTP endpoint
-(``agent.status_listen``) reports per-disk status for ``replikant agent status``.
+the same instant every policy interval and ships the batches. The control API (status, verify,
+repair, seed export) is served on a unix socket only (:mod:`agents.control`): the file system
+decides who may use it.
 
 A configuration with problems is refused before anything starts, with one line per problem.
 """
@@ -29,6 +30,15 @@ from typing import Any
 
 from aiohttp import web
 
+from agents.control import (
+    control_gid,
+    control_socket_path,
+    guard,
+    open_control_socket,
+    peer_of,
+    refusal,
+    remove_control_socket,
+)
 from agents.cut import Cut
 from agents.dirtymap import DATA
 from agents.disk import IN_USE_FIX, TrackedExport, image_in_use, in_use_message
@@ -44,6 +54,7 @@ from common.config import (
     Policy,
     VMConfig,
     access_problem,
+    path_problem,
     writable_dir_problems,
 )
 from common.errors import refuse_to_start
@@ -88,6 +99,17 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+_PATH_FIX = "give an absolute path without '..' components (e.g. /var/lib/replikant)"
+
+
+def _check_path(key: str, path: Path, problems: list[str]) -> bool:
+    """Whether ``path`` is absolute and normalised; if not, one problem naming ``key``."""
+    problem = path_problem(path)
+    if problem is not None:
+        problems.append(f"{key}: {str(path)!r} {problem}; fix: {_PATH_FIX}")
+    return problem is None
+
+
 def check_config(config: AgentConfig) -> list[str]:
     """Every problem that would stop the agent from working, one message each (empty: fine)."""
     problems: list[str] = []
@@ -111,21 +133,28 @@ def check_config(config: AgentConfig) -> list[str]:
     for url in config.broker.urls:
         if not url.startswith("https://"):
             problems.append(f"broker.urls: {url!r} must be an https:// URL (mutual TLS)")
-    try:
-        host, _port = parse_listen(config.agent.status_listen)
-        if host not in ("127.0.0.1", "::1", "localhost"):
-            problems.append(
-                f"agent.status_listen: {config.agent.status_listen!r} must be a loopback address"
-            )
-    except ValueError as exc:
-        problems.append(f"agent.status_listen: {exc}")
     if config.nbd.tcp_listen is not None:
         try:
             parse_listen(config.nbd.tcp_listen)
         except ValueError as exc:
             problems.append(f"nbd.tcp_listen: {exc}")
-    problems += writable_dir_problems(config.agent.state_dir, "agent.state_dir")
-    problems += writable_dir_problems(config.nbd.socket_dir, "nbd.socket_dir")
+    if _check_path("agent.state_dir", config.agent.state_dir, problems):
+        problems += writable_dir_problems(config.agent.state_dir, "agent.state_dir", mode=0o700)
+    if _check_path("nbd.socket_dir", config.nbd.socket_dir, problems):
+        # NBD clients (QEMU, of the agent's group) must reach the sockets inside.
+        problems += writable_dir_problems(config.nbd.socket_dir, "nbd.socket_dir", mode=0o750)
+    control = control_socket_path(config)
+    if _check_path("agent.control_socket", control, problems) and (
+        len(os.fsencode(control)) > _UNIX_PATH_MAX
+    ):
+        problems.append(
+            f"agent.control_socket: {control} is longer than {_UNIX_PATH_MAX} bytes; "
+            "fix: set a shorter control_socket"
+        )
+    try:
+        control_gid(config)
+    except AgentError as exc:
+        problems.append(str(exc))
 
     exports: dict[str, str] = {}
     names: dict[str, int] = {}
@@ -161,7 +190,8 @@ def check_config(config: AgentConfig) -> list[str]:
                 problems.append(
                     f"{dwhere}: socket path {sock} is longer than {_UNIX_PATH_MAX} bytes"
                 )
-            problems.extend(f"{dwhere}: {p}" for p in _check_image(disk.image, disk.exclude))
+            if _check_path(f"vms[{i}].disks[{j}].image", disk.image, problems):
+                problems.extend(f"{dwhere}: {p}" for p in _check_image(disk.image, disk.exclude))
     return problems
 
 
@@ -242,22 +272,27 @@ class VMWorker:
             live = [r for r in unfenced if r.refused_until <= started]
             failed = not unfenced
             async with self.lock:  # not while a seed export or a verify holds the disks
-                for rep in live:
-                    if not rep.ready:
-                        try:
-                            await rep.prepare()
-                        except ShipError as exc:
-                            if exc.code in REFUSED_CODES:
-                                continue  # logged as replication_refused; retried slowly
-                            failed = True
-                            rep.status.errors += 1
-                            rep.status.last_error = str(exc)
-                            wlog.warning(
-                                "broker_unavailable",
-                                disk=rep.disk.id,
-                                error=exc.message,
-                                code=exc.code,
-                            )
+                # All at once: in an outage every disk shows its own error at the same time,
+                # instead of one after another behind each other's timeouts.
+                pending = [r for r in live if not r.ready]
+                results = await asyncio.gather(
+                    *(r.prepare() for r in pending), return_exceptions=True
+                )
+                for rep, result in zip(pending, results, strict=True):
+                    if not isinstance(result, BaseException):
+                        continue
+                    if not isinstance(result, ShipError):
+                        raise result
+                    if result.code in REFUSED_CODES:
+                        continue  # logged as replication_refused; retried slowly
+                    failed = True
+                    rep.record_error(result)
+                    wlog.warning(
+                        "broker_unavailable",
+                        disk=rep.disk.id,
+                        error=result.message,
+                        code=result.code,
+                    )
             ready = [r for r in live if r.ready]
             if not ready:
                 # Disks awaiting seed media are no failure: look at the replica next interval.
@@ -414,7 +449,7 @@ class Agent:
         self.client: BrokerClient | None = None
         self._runner: web.AppRunner | None = None
         self._lock_fd = -1
-        self.status_url = ""
+        self.control_socket = control_socket_path(config)
         self.started_ns = time.time_ns()
         self.progress = InitialCopyProgress()
         self._seed_task: asyncio.Task[dict[str, Any]] | None = None
@@ -455,7 +490,7 @@ class Agent:
                 )
                 await tcp.serve_tcp(host, port)
                 self.servers.append(tcp)
-            await self._start_status()
+            await self._start_control()
         except BaseException:
             await self.stop(clean=True)
             raise
@@ -464,7 +499,7 @@ class Agent:
             host=cfg.agent.host,
             vms=len(cfg.vms),
             disks=len(self.exports),
-            status=self.status_url,
+            control_socket=str(self.control_socket),
             pid=os.getpid(),
         )
 
@@ -537,8 +572,8 @@ class Agent:
         await server.serve_unix(sock, mode=0o660)
         self.servers.append(server)
 
-    async def _start_status(self) -> None:
-        app = web.Application()
+    async def _start_control(self) -> None:
+        app = web.Application(middlewares=[guard])
         app.router.add_get("/v1/status", self._status)
         app.router.add_post("/v1/vms/{vm}/verify", self._verify)
         app.router.add_post("/v1/vms/{vm}/repair", self._repair)
@@ -546,10 +581,8 @@ class Agent:
         app.router.add_post("/v1/seed/cancel", self._seed_cancel)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        host, port = parse_listen(self.config.agent.status_listen)
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        self.status_url = f"http://{host}:{port}/v1/status"
+        sock = open_control_socket(self.control_socket, control_gid(self.config))
+        await web.SockSite(self._runner, sock).start()
 
     def status(self) -> dict[str, Any]:
         """The whole status document."""
@@ -572,7 +605,14 @@ class Agent:
             if key in (worker.vm.name, str(worker.vm.uuid)):
                 return worker
         raise web.HTTPNotFound(
-            text=json.dumps({"error": "unknown_vm", "message": f"no protected VM {key!r} here"}),
+            text=json.dumps(
+                {
+                    "error": "unknown_vm",
+                    "message": f"no protected VM {key!r} here",
+                    "fix": "`replikant agent status` lists the VMs this agent protects",
+                    "details": {"vm": key},
+                }
+            ),
             content_type="application/json",
         )
 
@@ -581,8 +621,8 @@ class Agent:
         try:
             disks = await worker.verify()
         except ShipError as exc:
-            body = {"error": "verify_failed", "message": str(exc)}
-            return web.json_response(body, status=503)
+            fix = exc.fix or "see `replikant agent status` and the agent's log"
+            return refusal(503, "verify_failed", str(exc), fix, vm=worker.vm.name)
         log.info("verify_cut_shipped", vm=worker.vm.name, seqs=[d["seq"] for d in disks])
         return web.json_response(
             {"vm": worker.vm.name, "vm_uuid": str(worker.vm.uuid), "disks": disks}
@@ -593,30 +633,34 @@ class Agent:
         worker = self._worker(request)
         try:
             body = await request.json()
-            wanted = {d["disk_id"]: d["ranges"] for d in body["disks"]}
+            wanted = {str(d["disk_id"]): d["ranges"] for d in body["disks"]}
         except (ValueError, KeyError, TypeError):
-            return web.json_response(
-                {"error": "bad_request", "message": "expected {disks: [{disk_id, ranges}]}"},
-                status=400,
+            return refusal(
+                400,
+                "bad_request",
+                "expected {disks: [{disk_id, ranges}]}",
+                'send {"disks": [{"disk_id": ID, "ranges": [[offset, length], ...]}]}',
             )
         reps = {rep.disk.id: rep for rep in worker.replicators}
         unknown = sorted(set(wanted) - set(reps))
         if unknown:
-            return web.json_response(
-                {"error": "unknown_disk", "message": f"VM {worker.vm.name} has no disk {unknown}"},
-                status=404,
+            return refusal(
+                404,
+                "unknown_disk",
+                f"VM {worker.vm.name} has no disk {unknown}",
+                "`replikant agent status` lists the VM's disks",
+                disks=unknown,
             )
         marked = 0
         for disk_id, ranges in wanted.items():
             export = reps[disk_id].export
             for offset, length in ranges:
                 if not (int(offset) >= 0 and 0 < int(length) <= export.size - int(offset)):
-                    return web.json_response(
-                        {
-                            "error": "bad_request",
-                            "message": f"range {offset}+{length} is outside disk {disk_id}",
-                        },
-                        status=400,
+                    return refusal(
+                        400,
+                        "bad_request",
+                        f"range {offset}+{length} is outside disk {disk_id}",
+                        f"give ranges within the disk's {export.size} bytes",
                     )
                 export.map.mark(int(offset), int(length), DATA)
                 marked += int(length)
@@ -625,8 +669,22 @@ class Agent:
 
     async def _seed_export(self, request: web.Request) -> web.Response:
         """Write VMs to offline seed media (``agents.seed``); one export at a time."""
+        peer = peer_of(request)
+        who = peer.fields() if peer is not None else {}
         try:
             req = ExportRequest.from_json(await request.json())
+            # An export pauses the VMs' network replication until its import: say who asked.
+            log.warning(
+                "seed_export_requested",
+                dir=str(req.directory),
+                vms=list(req.vms),
+                selector=req.selector,
+                force=req.force,
+                resume=req.resume,
+                dry_run=req.dry_run,
+                pauses_replication=not req.dry_run,
+                **who,
+            )
             if self._seed_task is not None and not self._seed_task.done():
                 raise SeedError(
                     "another seed export is running on this agent",
@@ -640,20 +698,18 @@ class Agent:
                     host=self.config.agent.host,
                     site=self.config.agent.site,
                     progress=functools.partial(self.progress.update, what="seed export"),
+                    peer_uid=peer.uid if peer is not None else None,
                 )
             )
             return web.json_response(await self._seed_task)
         except ValueError:
-            return web.json_response(
-                {"error": "bad_request", "message": "the request body is not JSON"}, status=400
-            )
+            return refusal(400, "bad_request", "the request body is not JSON", "send a JSON object")
         except SeedError as exc:
-            log.warning("seed_export_refused", code=exc.code, error=exc.message)
+            log.warning("seed_export_refused", code=exc.code, error=exc.message, **who)
             return web.json_response(exc.body(), status=exc.status)
         except (AgentError, OSError) as exc:
-            log.error("seed_export_failed", error=str(exc))
-            body = {"error": "export_failed", "message": str(exc), "fix": "see the agent's log"}
-            return web.json_response(body, status=500)
+            log.error("seed_export_failed", error=str(exc), **who)
+            return refusal(500, "export_failed", str(exc), "see the agent's log")
 
     async def _seed_cancel(self, request: web.Request) -> web.Response:
         """Stop waiting for the import of the named VMs' last export (the media was lost)."""
@@ -662,9 +718,7 @@ class Agent:
             names = tuple(str(v) for v in body["vms"])
             return web.json_response(await cancel_seeds(self.workers, names))
         except (ValueError, KeyError, TypeError):
-            return web.json_response(
-                {"error": "bad_request", "message": 'expected {"vms": [names]}'}, status=400
-            )
+            return refusal(400, "bad_request", 'expected {"vms": [names]}', "name the VMs")
         except SeedError as exc:
             return web.json_response(exc.body(), status=exc.status)
 
@@ -699,6 +753,7 @@ class Agent:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+            remove_control_socket(self.control_socket)
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
@@ -707,6 +762,9 @@ class Agent:
 
 async def run_agent(config: AgentConfig, *, source: str = "agent config") -> None:
     """Validate, start, run until SIGTERM/SIGINT, stop cleanly."""
+    # Whatever the agent creates without an explicit mode stays its own: copies of a disk and
+    # its change maps are as secret as the disk.
+    os.umask(0o077)
     validate(config, source)
     agent = Agent(config)
     stop = asyncio.Event()

@@ -132,6 +132,52 @@ class Backoff:
         self.failures = 0
 
 
+# A server that refuses our certificate (TLS 1.3) hangs up within moments of the handshake.
+_REFUSAL_WINDOW = 2.0
+
+
+@dataclass
+class Exchange:
+    """How far one request got before it failed (filled in by aiohttp's trace callbacks)."""
+
+    new_connection: bool = False  # a connection (and TLS handshake) was made for this request
+    connected_at: float = 0.0  # monotonic time the handshake completed
+    sent_bytes: int = 0  # request body bytes handed to the connection
+    answered: bool = False  # response headers arrived
+
+    def just_after_handshake(self) -> bool:
+        """Whether a hang-up can only mean our certificate was refused: nothing of the request
+        was answered on a connection whose handshake had just completed."""
+        return (
+            self.new_connection
+            and not self.answered
+            and time.monotonic() - self.connected_at < _REFUSAL_WINDOW
+        )
+
+
+def _tracing() -> aiohttp.TraceConfig:
+    """Trace callbacks that fill the :class:`Exchange` passed as ``trace_request_ctx``."""
+    trace = aiohttp.TraceConfig()
+
+    async def created(_s: Any, ctx: Any, _p: Any) -> None:
+        if isinstance(ctx.trace_request_ctx, Exchange):
+            ctx.trace_request_ctx.new_connection = True
+            ctx.trace_request_ctx.connected_at = time.monotonic()
+
+    async def chunk(_s: Any, ctx: Any, params: aiohttp.TraceRequestChunkSentParams) -> None:
+        if isinstance(ctx.trace_request_ctx, Exchange):
+            ctx.trace_request_ctx.sent_bytes += len(params.chunk)
+
+    async def answered(_s: Any, ctx: Any, _p: Any) -> None:
+        if isinstance(ctx.trace_request_ctx, Exchange):
+            ctx.trace_request_ctx.answered = True
+
+    trace.on_connection_create_end.append(created)
+    trace.on_request_chunk_sent.append(chunk)
+    trace.on_request_end.append(answered)
+    return trace
+
+
 class BrokerClient:
     """The agent side of ``docs/protocol/http.md``, over HTTPS with mutual TLS.
 
@@ -159,6 +205,7 @@ class BrokerClient:
             total=None, connect=connect_timeout, sock_read=ack_timeout
         )
         self._session: aiohttp.ClientSession | None = None
+        self._accepted: set[str] = set()  # brokers that answered us: they took our certificate
 
     @property
     def url(self) -> str:
@@ -174,7 +221,10 @@ class BrokerClient:
                 role="broker", cluster=self.cluster, ssl=self._ssl if self._ssl else False
             )
             self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, raise_for_status=False
+                connector=connector,
+                timeout=self._timeout,
+                raise_for_status=False,
+                trace_configs=[_tracing()],
             )
         return self._session
 
@@ -189,24 +239,56 @@ class BrokerClient:
         return f"/v1/replicas/{vm_uuid}/{disk_id}"
 
     async def _request(
-        self, method: str, path: str, *, expect: str = "json", **kwargs: Any
+        self, method: str, path: str, *, expect: str = "json", what: str = "", **kwargs: Any
     ) -> tuple[Any, dict[str, str]]:
-        url = self.url + path
+        base = self.url
+        url = base + path
+        exchange = Exchange()
         try:
-            async with self._get_session().request(method, url, **kwargs) as resp:
+            async with self._get_session().request(
+                method, url, trace_request_ctx=exchange, **kwargs
+            ) as resp:
+                self._accepted.add(base)
                 if resp.status >= 400:
                     await self._refusal(resp, url)
                 if expect == "json":
                     return await resp.json(content_type=None), dict(resp.headers)
                 return await resp.read(), dict(resp.headers)
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError, TLSIdentityError) as exc:
+            accepted = base in self._accepted
             self._rotate()
-            raise self._network_error(url, exc) from None
+            raise self._network_error(
+                url,
+                exc,
+                exchange,
+                what or f"waiting for the answer to {method} {path}",
+                accepted=accepted,
+            ) from None
 
     @staticmethod
-    def _network_error(url: str, exc: BaseException) -> ShipError:
-        """Name what went wrong with the broker at ``url`` (TLS first), with the fix."""
+    def _network_error(
+        url: str, exc: BaseException, exchange: Exchange, what: str, *, accepted: bool
+    ) -> ShipError:
+        """Name what went wrong with the broker at ``url`` (TLS first), with the fix.
+
+        A hang-up is blamed on our certificate only right after a fresh handshake with nothing
+        answered, by a broker that never answered us (``accepted``: it took our certificate
+        before); otherwise it is what it is: a reset by the broker or the network mid-request.
+        """
         rejection = describe_client_failure(exc, url=url, role="agent", cert="<[tls] cert>")
+        if (
+            rejection is not None
+            and rejection.reason == "connection_closed"
+            and (accepted or not exchange.just_after_handshake())
+        ):
+            sent = f" after {exchange.sent_bytes} bytes" if exchange.sent_bytes else ""
+            return ShipError(
+                f"connection to broker {url} reset by the broker or the network {what}{sent} "
+                f"({type(exc).__name__}); will retry with backoff",
+                fix="nothing to do if it passes; if it repeats, read the broker's log and check "
+                "the network between agent and broker",
+                code="connection_reset",
+            )
         if rejection is not None and rejection.reason in ("wrong_role", "wrong_cluster"):
             # Not a broker of our cluster: retrying the same URL can never help.
             log.error(
@@ -270,11 +352,17 @@ class BrokerClient:
         data, _ = await self._request("GET", self._path(vm_uuid, disk_id))
         return ReplicaState.from_json(data)
 
-    async def upload(self, vm_uuid: UUID, disk_id: str, body: AsyncIterator[bytes]) -> Ack:
-        """``POST`` one streamed batch; return only once the broker acked it durably."""
+    async def upload(
+        self, vm_uuid: UUID, disk_id: str, body: AsyncIterator[bytes], *, what: str = ""
+    ) -> Ack:
+        """``POST`` one streamed batch; return only once the broker acked it durably.
+
+        ``what`` names the batch in errors ("batch seq 7 of web1/disk0").
+        """
         data, _ = await self._request(
             "POST",
             self._path(vm_uuid, disk_id) + "/batches",
+            what=f"while uploading {what or 'a batch'}",
             data=body,
             headers={"Content-Type": BATCH_CONTENT_TYPE},
         )

@@ -16,9 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
+
+from agents.control import read_status
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -46,10 +47,8 @@ def _agent_rss(tmp: Path, tls: dict[str, Path], broker_url: str, disks: int, idl
     """Run the agent with ``disks`` sparse 100 GiB disks until idle; return its RSS in KiB."""
     run = tmp / f"agent-{disks}"
     run.mkdir()
-    status_port = _port()
     lines = [
         "[agent]", 'host = "h1"', f'state_dir = "{run / "state"}"',
-        f'status_listen = "127.0.0.1:{status_port}"',
         "[tls]", *(f'{k} = "{v}"' for k, v in tls.items()),
         "[nbd]", f'socket_dir = "{run / "s"}"',
         "[broker]", f'urls = ["{broker_url}"]', 'cluster = "c1"',
@@ -73,9 +72,7 @@ def _agent_rss(tmp: Path, tls: dict[str, Path], broker_url: str, disks: int, idl
             if proc.poll() is not None:
                 raise RuntimeError(f"agent exited; see {run / 'agent.log'}")
             try:
-                url = f"http://127.0.0.1:{status_port}/v1/status"
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    doc = json.load(resp)
+                doc = read_status(run / "s" / "control" / "agent.sock", timeout=2)
                 if all(d["initial_sync"]["done"] and d["batches"] >= 2 for d in doc["disks"]):
                     break
             except OSError:

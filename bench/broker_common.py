@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any
 
 import aiohttp
 
+from agents.control import read_status
 from common.config import TLSFiles
 from common.hrl import (
     BATCH_CONTENT_TYPE,
@@ -254,7 +254,6 @@ class Agent:
     ) -> None:
         self.workdir = workdir
         self.disks = disks
-        self.status_port = free_port()
         self.socket_dir = workdir / "nbd"
         self.config = workdir / "agent.toml"
         vms = "".join(
@@ -264,7 +263,6 @@ class Agent:
         )
         self.config.write_text(
             f'[agent]\nhost = "h1"\nstate_dir = "{workdir / "state"}"\n'
-            f'status_listen = "127.0.0.1:{self.status_port}"\n'
             + tls_toml(pki.agent)
             + f'[nbd]\nsocket_dir = "{self.socket_dir}"\n'
             f'[broker]\nurls = ["{url}"]\ncluster = "{cluster}"\n'
@@ -307,11 +305,8 @@ class Agent:
         wait_until("the agent's status endpoint", up, 60, every=0.02)
 
     def status(self) -> dict[str, Any]:
-        """``GET /v1/status`` of the agent's loopback listener."""
-        url = f"http://127.0.0.1:{self.status_port}/v1/status"
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            doc: dict[str, Any] = json.load(resp)
-            return doc
+        """``GET /v1/status`` on the agent's control socket."""
+        return read_status(self.socket_dir / "control" / "agent.sock", timeout=10)
 
     def stop(self) -> None:
         """SIGTERM (a clean stop saves the exact dirty map) and wait."""

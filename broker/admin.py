@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import errno
 import json
 import struct
 import sys
@@ -56,17 +57,18 @@ def _config(ctx: click.Context) -> AdminConfig:
 
 
 class AdminClient:
-    """HTTPS with our admin certificate to brokers and agents."""
+    """HTTPS with our admin certificate to brokers; HTTP on their control sockets to agents."""
 
     def __init__(self, config: AdminConfig, timeout: float = 120.0) -> None:
         self.config = config
         self._ctx = client_context(config.tls)
         self._timeout = timeout
         self.session: aiohttp.ClientSession | None = None
+        self._agents: dict[str, aiohttp.ClientSession] = {}
 
     async def __aenter__(self) -> AdminClient:
         self.session = aiohttp.ClientSession(
-            # Every https:// peer must be a broker (agents' status listeners are plain HTTP).
+            # Every https:// peer must be a broker (agents answer only on their unix sockets).
             connector=IdentityCheckingConnector(role="broker", ssl=self._ctx),
             timeout=aiohttp.ClientTimeout(total=self._timeout),
         )
@@ -75,6 +77,29 @@ class AdminClient:
     async def __aexit__(self, *exc: object) -> None:
         if self.session is not None:
             await self.session.close()
+        for session in self._agents.values():
+            await session.close()
+
+    async def agent(self, sock: str, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        """One JSON request to the agent whose control socket is ``sock``: (status, body).
+
+        State-changing requests go as JSON (the agent refuses anything else). A socket that is
+        missing, silent or not ours to use raises :class:`AdminError` naming it and the fix.
+        """
+        session = self._agents.get(sock)
+        if session is None:
+            session = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=sock),
+                timeout=aiohttp.ClientTimeout(total=self._timeout),
+            )
+            self._agents[sock] = session
+        if method != "GET":
+            kwargs.setdefault("json", {})
+        try:
+            async with session.request(method, "http://agent" + path, **kwargs) as resp:
+                return resp.status, await resp.json(content_type=None)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            raise _agent_error(sock, exc) from None
 
     async def request(
         self, method: str, url: str, *, expect: str = "json", **kwargs: Any
@@ -97,12 +122,10 @@ class AdminClient:
         if rejection is not None:
             return AdminError(f"cannot talk to {url}: {rejection.detail}", fix=rejection.fix)
         if isinstance(exc, ValueError | aiohttp.ContentTypeError):
-            agent = any(url.startswith(a.rstrip("/")) for a in self.config.admin.agents)
-            what, key = ("agent", "agents") if agent else ("broker", "brokers")
             return AdminError(
-                f"{url} did not answer like a Replikant {what} (the reply is not JSON)",
-                fix=f"check [admin] {key} in the admin config: it must list the {what}s' "
-                + ("status_listen URLs" if agent else "https:// listen addresses"),
+                f"{url} did not answer like a Replikant broker (the reply is not JSON)",
+                fix="check [admin] brokers in the admin config: it must list the brokers' "
+                "https:// listen addresses",
             )
         if isinstance(exc, ReplikantError):
             return AdminError(f"cannot talk to {url}: {exc.message}", fix=exc.fix)
@@ -126,6 +149,31 @@ class AdminClient:
         if not out and errors:
             raise _refusal(self.config.admin.brokers[0], 404, errors[0])
         return out
+
+
+def _agent_error(sock: str, exc: BaseException) -> AdminError:
+    """Name what went wrong on an agent's control socket, with the fix."""
+    code = getattr(exc, "errno", None)
+    if code == errno.EACCES:
+        return AdminError(
+            f"no permission to use the agent's control socket {sock}",
+            fix="run this as a member of the agent's [agent] control_group (or as its user)",
+        )
+    if code in (errno.ENOENT, errno.ECONNREFUSED):
+        return AdminError(
+            f"no agent listens on {sock}",
+            fix="start that agent (systemctl start replikant-agent) or correct [admin] agents: "
+            "each entry is an agent's [agent] control_socket, and this runs on the agent's host",
+        )
+    if isinstance(exc, ValueError):
+        return AdminError(
+            f"{sock} did not answer like a Replikant agent (the reply is not JSON)",
+            fix="check [admin] agents: each entry must be an agent's [agent] control_socket",
+        )
+    return AdminError(
+        f"cannot talk to the agent on {sock}: {type(exc).__name__}: {exc}",
+        fix="check that the agent runs (replikant agent status)",
+    )
 
 
 def _refusal(url: str, status: int, body: Any) -> AdminError:
@@ -392,13 +440,12 @@ async def _verify_agent(
     if not config.admin.agents:
         raise AdminError(
             "verify needs the source side: the admin config lists no agents",
-            fix="add the agents' status URLs to [admin] agents, or use --source-image",
+            fix="add the agents' control sockets to [admin] agents, or use --source-image",
         )
     answer: Any = None
     agent_url = ""
-    for base in config.admin.agents:
-        agent_url = base.rstrip("/")
-        status_code, body, _ = await client.request("POST", f"{agent_url}/v1/vms/{vm}/verify")
+    for agent_url in config.admin.agents:
+        status_code, body = await client.agent(agent_url, "POST", f"/v1/vms/{vm}/verify")
         if status_code == 404 and isinstance(body, dict) and body.get("error") == "unknown_vm":
             continue
         if status_code >= 400:
@@ -439,9 +486,7 @@ async def _verify_agent(
                 if d["differing_blocks"]
             ]
         }
-        status_code, rep, _ = await client.request(
-            "POST", f"{agent_url}/v1/vms/{vm}/repair", json=body
-        )
+        status_code, rep = await client.agent(agent_url, "POST", f"/v1/vms/{vm}/repair", json=body)
         if status_code >= 400:
             raise _refusal(agent_url, status_code, rep)
         ranges = sum(len(d["ranges"]) for d in body["disks"])
@@ -530,10 +575,11 @@ def _agent_urls(config: AdminConfig, ctx: click.Context, what: str) -> list[str]
         path = (ctx.find_root().obj or {}).get("config_path")
         raise AdminError(
             f"{what} runs on the agents, and the admin config {path} lists no agents",
-            fix='add their status URLs to [admin] agents, e.g. agents = ["http://127.0.0.1:8741"]'
-            " (the agent's status_listen), and run this on that host",
+            fix="add their control sockets to [admin] agents, e.g. agents = "
+            '["/run/replikant/control/agent.sock"] (the agent\'s [agent] control_socket), and '
+            "run this on that host",
         )
-    return [a.rstrip("/") for a in config.admin.agents]
+    return list(config.admin.agents)
 
 
 async def _ask_agent(
@@ -541,14 +587,12 @@ async def _ask_agent(
 ) -> tuple[int, Any]:
     """POST to an agent; an agent that does not answer is named with the fix."""
     try:
-        status_code, doc, _ = await client.request("POST", url + path, json=body)
+        return await client.agent(url, "POST", path, json=body)
     except AdminError as exc:
         raise AdminError(
             f"agent {url} does not answer ({exc.message})",
-            fix="start that agent (systemctl start replikant-agent) or correct [admin] agents "
-            f"in {config_path}",
+            fix=f"{exc.fix} (admin config {config_path})",
         ) from None
-    return status_code, doc
 
 
 async def _seed_plan(
@@ -611,7 +655,7 @@ async def _with_export_progress(
     with Progress("{task.description}", *columns, console=Console(stderr=True)) as progress:
         while not task.done():
             try:
-                _, doc, _ = await client.request("GET", url + "/v1/status")
+                _, doc = await client.agent(url, "GET", "/v1/status")
             except AdminError:
                 doc = {}
             for d in doc.get("disks", []) if isinstance(doc, dict) else []:
@@ -678,7 +722,7 @@ def seed_export(
         raise click.UsageError("name VMs with --vm NAME or select them with --selector key=value")
     urls = _agent_urls(config, ctx, "seed export")
     config_path = (ctx.find_root().obj or {}).get("config_path")
-    # The agents' status listeners are loopback only: DIR is on this host.
+    # The agents answer only on their unix sockets: DIR is on this host.
     body: dict[str, Any] = {
         "dir": str(directory.absolute()),
         "vms": list(vms),

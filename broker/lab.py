@@ -85,7 +85,6 @@ class LabPlan:
     mqtt_kind: str
     mqtt_port: int = field(default_factory=_free_port)
     broker_port: int = field(default_factory=_free_port)
-    agent_status_port: int = field(default_factory=_free_port)
 
     @property
     def pki(self) -> Path:
@@ -109,8 +108,8 @@ class LabPlan:
         return f"https://127.0.0.1:{self.broker_port}"
 
     @property
-    def agent_status_url(self) -> str:
-        return f"http://127.0.0.1:{self.agent_status_port}"
+    def agent_control_socket(self) -> Path:
+        return self.socket_dir / "control" / "agent.sock"
 
     @property
     def socket_dir(self) -> Path:
@@ -195,7 +194,7 @@ def write_lab_files(plan: LabPlan) -> dict[str, Any]:
     (root / "agent.toml").write_text(
         f'[agent]\nhost = "{AGENT_HOST}"\nsite = "{PRIMARY_SITE}"\n'
         f'state_dir = "{root / "primary" / "state"}"\n'
-        f'status_listen = "127.0.0.1:{plan.agent_status_port}"\n\n'
+        f'control_socket = "{plan.agent_control_socket}"\n\n'
         + _tls_section(agent_cert.tls)
         + f'\n[nbd]\nsocket_dir = "{plan.socket_dir}"\n\n'
         f'[broker]\nurls = ["{plan.broker_url}"]\ncluster = "{CLUSTER}"\n\n'
@@ -210,14 +209,14 @@ def write_lab_files(plan: LabPlan) -> dict[str, Any]:
         f'agents = ["{AGENT_HOST}"]\n'
     )
     (root / "admin.toml").write_text(
-        f'[admin]\nbrokers = ["{plan.broker_url}"]\nagents = ["{plan.agent_status_url}"]\n\n'
+        f'[admin]\nbrokers = ["{plan.broker_url}"]\nagents = ["{plan.agent_control_socket}"]\n\n'
         + _tls_section(admin_cert.tls)
     )
     return {
         "mqtt": plan.mqtt_url,
         "config": str(root / "admin.toml"),
         "broker_url": plan.broker_url,
-        "agent_status_url": plan.agent_status_url,
+        "agent_control_socket": str(plan.agent_control_socket),
         "pki": str(plan.pki),
         "logs": str(root / "logs"),
         "vms": vms,

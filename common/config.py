@@ -15,7 +15,14 @@ import uuid as uuid_mod
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from common.errors import ConfigError
 
@@ -64,13 +71,20 @@ def access_problem(path: Path, what: str, *, mode: int, fix: str) -> str | None:
     )
 
 
-def writable_dir_problems(path: Path, what: str, *, create: bool = True) -> list[str]:
+def writable_dir_problems(
+    path: Path, what: str, *, create: bool = True, mode: int | None = None
+) -> list[str]:
     """Why the daemon cannot keep its files in directory ``path``, one line each; empty when it
-    can. A missing directory is created, or with ``create=False`` (a check that must leave no
-    trace) only its nearest existing parent is checked."""
+    can. A missing directory is created (with ``mode``, whatever the umask, when given), or with
+    ``create=False`` (a check that must leave no trace) only its nearest existing parent is
+    checked."""
     if create:
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            path.mkdir(parents=True)
+            if mode is not None:
+                path.chmod(mode)
+        except FileExistsError:
+            pass
         except OSError as exc:
             return [f"{what} {path} cannot be created: {exc.strerror}"]
     existing = path
@@ -155,12 +169,33 @@ class AgentSection(_Strict):
     host: Name
     site: Name = "primary"
     state_dir: Path
-    status_listen: str = "127.0.0.1:8741"
+    control_socket: Path | None = Field(
+        default=None,
+        description="the unix socket of the agent's control API (status, verify, repair, seed); "
+        "default <nbd.socket_dir>/control/agent.sock",
+    )
+    control_group: str | None = Field(
+        default=None,
+        description="the group that may use the control socket (default: the agent's own group)",
+    )
     sync_marks: bool = Field(
         default=False,
         description="fdatasync the dirty map on every newly dirtied 4 MiB region, so tracking "
         "survives host crashes without a hash compare (costs a sync on the write path)",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tcp_listener(cls, data: object) -> object:
+        # Loopback TCP is open to every local user and to any web page a browser here opens.
+        if isinstance(data, dict) and "status_listen" in data:
+            raise ValueError(
+                "status_listen was removed: the agent's control API is served only on a unix "
+                "socket now; delete status_listen and, if the default "
+                "<nbd.socket_dir>/control/agent.sock does not suit, set control_socket = PATH "
+                "(and control_group = GROUP for the operators who may use it)"
+            )
+        return data
 
 
 class NBDSection(_Strict):
@@ -243,7 +278,25 @@ class BrokerConfig(_Strict):
 
 class AdminSection(_Strict):
     brokers: list[str] = Field(min_length=1)
-    agents: list[str] = Field(default_factory=list)
+    agents: list[str] = Field(
+        default_factory=list,
+        description="the agents' control sockets (absolute paths, [agent] control_socket)",
+    )
+
+    @field_validator("agents")
+    @classmethod
+    def _socket_paths(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if "://" in item:
+                raise ValueError(
+                    f"{item!r} is a URL; agents are reached through their control sockets now: "
+                    "list each agent's [agent] control_socket path, e.g. "
+                    '"/run/replikant/control/agent.sock"'
+                )
+            problem = path_problem(item)
+            if problem is not None:
+                raise ValueError(f"{item!r} {problem}: give the control socket's absolute path")
+        return value
 
 
 class AdminConfig(_Strict):
@@ -254,6 +307,18 @@ class AdminConfig(_Strict):
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def path_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not an absolute, normalised path (no ``..``, no NUL), or None if it is."""
+    text = str(path)
+    if "\0" in text:
+        return "contains a NUL byte"
+    if not Path(text).is_absolute():
+        return "is not an absolute path"
+    if ".." in Path(text).parts:
+        return "has a '..' component"
+    return None
 
 
 def _key_path(loc: tuple[int | str, ...]) -> str:

@@ -21,11 +21,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import xxhash
 from aiohttp import web
 
@@ -94,6 +95,7 @@ class ReplicaRecord:
     initial_sync: str = "pending"
     batches: list[BatchRecord] = field(default_factory=list)
     images: dict[int, bytes] = field(default_factory=dict)  # seq -> image (keep_images)
+    applying: bool = False  # a batch is being written to the image, not yet recorded
 
     def state(self) -> dict[str, Any]:
         """The JSON replica state of the HTTP spec."""
@@ -275,7 +277,11 @@ class Receiver:
             return web.json_response({"acked_seq": rec.durable_seq, "duplicate": True})
         if header.seq != rec.durable_seq + 1 or header.base_seq != header.seq - 1:
             return _error(409, "sequence_gap", f"expected {rec.durable_seq + 1}")
-        await asyncio.to_thread(self._apply, rec, extents)
+        rec.applying = True  # the image changes before the batch is recorded below
+        try:
+            await asyncio.to_thread(self._apply, rec, extents)
+        finally:
+            rec.applying = False
         rec.durable_seq = header.seq
         if header.full:
             rec.initial_sync = "in_progress"
@@ -446,7 +452,7 @@ def write_agent_config(
     vms: list[VMSpec],
     state_dir: Path,
     socket_dir: Path,
-    status_port: int,
+    control_socket: Path | None = None,
     interval: float = 1.0,
     policy_extra: str = "",
     extra_policies: str = "",
@@ -458,7 +464,6 @@ def write_agent_config(
         "[agent]",
         'host = "h1"',
         f'state_dir = "{state_dir}"',
-        f'status_listen = "127.0.0.1:{status_port}"',
         "",
         "[tls]",
         f'ca = "{agent_tls.ca}"',
@@ -468,6 +473,8 @@ def write_agent_config(
         "[nbd]",
         f'socket_dir = "{socket_dir}"',
     ]
+    if control_socket is not None:
+        lines.insert(3, f'control_socket = "{control_socket}"')
     if tcp_listen:
         lines.append(f'tcp_listen = "{tcp_listen}"')
     lines += [
@@ -496,6 +503,32 @@ def write_agent_config(
                 lines.append("exclude = true")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@contextlib.asynccontextmanager
+async def stand_in_agent(sock: Path, routes: list[web.RouteDef]) -> AsyncIterator[Path]:
+    """Serve ``routes`` on the unix socket ``sock``, as an agent's control socket would."""
+    app = web.Application()
+    app.add_routes(routes)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.UnixSite(runner, str(sock)).start()
+    try:
+        yield sock
+    finally:
+        await runner.cleanup()
+
+
+async def control_request(
+    sock: Path, method: str, path: str, body: Any = None, **kw: Any
+) -> tuple[int, Any]:
+    """One request to an agent's control socket; returns (status, JSON body)."""
+    connector = aiohttp.UnixConnector(path=str(sock))
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.request(method, f"http://agent{path}", json=body, **kw) as resp,
+    ):
+        return resp.status, await resp.json(content_type=None)
 
 
 def replikant_exe() -> str:
@@ -543,10 +576,10 @@ key = "{tls.key}"
     return path
 
 
-def admin_config(path: Path, pki: Pki, broker_url: str, agent_urls: list[str]) -> Path:
-    """An admin CLI config: one broker, the agents' status listeners, the admin certificate."""
+def admin_config(path: Path, pki: Pki, broker_url: str, agent_sockets: list[str]) -> Path:
+    """An admin CLI config: one broker, the agents' control sockets, the admin certificate."""
     tls = pki.admin.tls
-    agents = ", ".join(f'"{u}"' for u in agent_urls)
+    agents = ", ".join(f'"{u}"' for u in agent_sockets)
     path.write_text(
         f'[admin]\nbrokers = ["{broker_url}"]\nagents = [{agents}]\n'
         f'[tls]\nca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n'

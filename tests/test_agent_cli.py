@@ -38,7 +38,6 @@ def _config(tmp_path: Path, *, tcp: str | None = None) -> Path:
         vms=[vm],
         state_dir=tmp_path / "state",
         socket_dir=tmp_path / "s",
-        status_port=free_port(),
         tcp_listen=tcp,
     )
 

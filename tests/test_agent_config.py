@@ -17,7 +17,6 @@ from tests.support_agent import (
     DiskSpec,
     MiB,
     VMSpec,
-    free_port,
     make_image,
     replikant_exe,
     run_tool,
@@ -39,7 +38,6 @@ def _config(tmp_path: Path, pki: Pki, vms: list[VMSpec], **kw: object) -> Path:
         vms=vms,
         state_dir=tmp_path / "state",
         socket_dir=tmp_path / "s",
-        status_port=free_port(),
         **kw,  # type: ignore[arg-type]
     )
 

@@ -31,7 +31,6 @@ from tests.support_agent import (
     MiniNBD,
     Receiver,
     VMSpec,
-    free_port,
     make_image,
     write_agent_config,
 )
@@ -162,7 +161,6 @@ async def test_cuts_through_real_nbd_clients_and_broker(tmp_path: Path) -> None:
         vms=[vm],
         state_dir=tmp_path / "state",
         socket_dir=tmp_path / "sock",
-        status_port=free_port(),
         policy_extra="block_size = 4096",
     )
     agent = Agent(load_config(cfg_path, AgentConfig))

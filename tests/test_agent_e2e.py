@@ -61,7 +61,6 @@ async def test_agent_and_broker_processes_survive_kill9(tmp_path: Path) -> None:
         vms=[vm],
         state_dir=tmp_path / "state",
         socket_dir=tmp_path / "s",
-        status_port=free_port(),
     )
     agent = ReplikantProc(["agent", "run", "--config", str(cfg)], tmp_path / "agent.log")
     sock = tmp_path / "s" / "web1-disk0.sock"
@@ -116,7 +115,6 @@ async def test_replikant_verify_against_agent_and_broker(tmp_path: Path) -> None
     """`replikant verify VM` compares the agent's hashes of a fresh cut with the broker's."""
     pki = make_pki(tmp_path / "pki")
     bport = free_port()
-    sport = free_port()
     broker = ReplikantProc(
         [
             "broker",
@@ -135,7 +133,6 @@ async def test_replikant_verify_against_agent_and_broker(tmp_path: Path) -> None
         vms=[vm],
         state_dir=tmp_path / "state",
         socket_dir=tmp_path / "s",
-        status_port=sport,
     )
     agent = ReplikantProc(["agent", "run", "--config", str(cfg)], tmp_path / "agent.log")
     replica = tmp_path / "store" / str(vm.uuid) / "disk0" / "replica.img"
@@ -143,7 +140,7 @@ async def test_replikant_verify_against_agent_and_broker(tmp_path: Path) -> None
         tmp_path / "admin.toml",
         pki,
         f"https://127.0.0.1:{bport}",
-        [f"http://127.0.0.1:{sport}"],
+        [str(tmp_path / "s" / "control" / "agent.sock")],
     )
     broker.start()
     agent.start()

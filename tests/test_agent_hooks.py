@@ -19,7 +19,6 @@ from tests.support_agent import (
     MiB,
     Receiver,
     VMSpec,
-    free_port,
     make_image,
     write_agent_config,
 )
@@ -41,7 +40,6 @@ async def _cycles(tmp_path: Path, policy_extra: str, n: int = 4) -> tuple[list[C
         vms=[vm],
         state_dir=tmp_path / "state",
         socket_dir=tmp_path / "s",
-        status_port=free_port(),
         policy_extra=policy_extra,
     )
     agent = Agent(load_config(cfg, AgentConfig))

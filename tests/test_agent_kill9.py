@@ -199,7 +199,6 @@ async def test_fifty_kill9_under_write_load_converge_without_full_copy(tmp_path:
         vms=[vm],
         state_dir=tmp_path / "state",
         socket_dir=tmp_path / "sock",
-        status_port=free_port(),
         interval=1.0,
     )
     agent = ReplikantProc(["agent", "run", "--config", str(cfg)], tmp_path / "agent.log")

@@ -23,7 +23,6 @@ from tests.support_agent import (
     ReplikantProc,
     VMSpec,
     export_ready,
-    free_port,
     make_image,
     replikant_exe,
     run_tool,
@@ -72,7 +71,6 @@ def _agent_config(tmp_path: Path, pki: Pki, img: Path, name: str) -> Path:
         vms=[VMSpec("vm1", [DiskSpec("d0", img)])],
         state_dir=tmp_path / f"{name}-state",
         socket_dir=tmp_path / f"{name}-s",
-        status_port=free_port(),
     )
 
 

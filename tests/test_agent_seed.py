@@ -15,12 +15,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from agents import seed as seed_mod
 from tests.support_agent import (
     MiB,
+    control_request,
     wait_until,
 )
 from tests.test_agent_ship import Rig, make_rig
@@ -42,10 +42,9 @@ async def media_rig(tmp_path: Path) -> AsyncIterator[Rig]:
 async def export(rig: Rig, directory: Path, **extra: Any) -> tuple[int, dict[str, Any]]:
     """POST /v1/seed/export to the rig's agent."""
     assert rig.agent is not None
-    url = rig.agent.status_url.replace("/v1/status", "/v1/seed/export")
     body = {"dir": str(directory), "vms": ["vm1"], **extra}
-    async with aiohttp.ClientSession() as s, s.post(url, json=body) as resp:
-        return resp.status, await resp.json()
+    status, doc = await control_request(rig.agent.control_socket, "POST", "/v1/seed/export", body)
+    return status, doc
 
 
 def import_media(rig: Rig, directory: Path) -> int:
@@ -148,10 +147,10 @@ async def test_unreachable_broker_and_lost_media(tmp_path: Path) -> None:
         assert status == 200, body
         assert rig.rep.seed_status()["state"] == "awaiting_import"  # type: ignore[index]
         assert rig.agent is not None
-        url = rig.agent.status_url.replace("/v1/status", "/v1/seed/cancel")
-        async with aiohttp.ClientSession() as s, s.post(url, json={"vms": ["vm1"]}) as resp:
-            assert resp.status == 200
-            doc = await resp.json()
+        status, doc = await control_request(
+            rig.agent.control_socket, "POST", "/v1/seed/cancel", {"vms": ["vm1"]}
+        )
+        assert status == 200
         assert doc["vms"][0]["disks"] == [{"id": "disk0", "cancelled": True}]
         rig.rx.refuse = False
         await wait_until(rig.settled, within=30)

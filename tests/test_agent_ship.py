@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 import pytest
 import structlog
 import structlog.testing
@@ -38,7 +37,7 @@ from tests.support_agent import (
     Receiver,
     ReplicaRecord,
     VMSpec,
-    free_port,
+    control_request,
     make_image,
     wait_until,
     write_agent_config,
@@ -106,7 +105,7 @@ class Rig:
 
     def settled(self) -> bool:
         """Converged, and the agent has processed the ack of everything the broker holds."""
-        if not self.converged():
+        if not self.converged() or self.replica.applying:
             return False
         seq = self.replica.durable_seq
         return seq > 0 and self.rep.status.last_acked_seq == seq == len(self.replica.batches)
@@ -150,7 +149,6 @@ async def make_rig(tmp_path: Path, *, policy_extra: str = "") -> Rig:
         vms=[vm],
         state_dir=tmp_path / "state",
         socket_dir=tmp_path / "s",
-        status_port=free_port(),
         interval=1.0,
         policy_extra=policy_extra,
     )
@@ -354,8 +352,7 @@ async def test_status_endpoint_and_cli(rig: Rig) -> None:
     agent = await rig.start()
     await wait_until(rig.settled, within=20)
     await rig.write(("write", 0, os.urandom(4096)))
-    async with aiohttp.ClientSession() as session, session.get(agent.status_url) as resp:
-        doc = await resp.json()
+    _, doc = await control_request(agent.control_socket, "GET", "/v1/status")
     (disk,) = doc["disks"]
     for key in (
         "dirty_bytes",
@@ -405,7 +402,6 @@ async def test_verify_endpoint_hashes_the_shipped_cut(rig: Rig) -> None:
     rig.rx.keep_images = True
     agent = await rig.start()
     await wait_until(rig.settled, within=20)
-    base = agent.status_url.removesuffix("/v1/status")
     stop = asyncio.Event()
 
     async def guest() -> None:
@@ -414,22 +410,23 @@ async def test_verify_endpoint_hashes_the_shipped_cut(rig: Rig) -> None:
 
     writer = asyncio.create_task(guest())
     try:
-        async with aiohttp.ClientSession() as session:
-            async with session.post(f"{base}/v1/vms/vm1/verify") as resp:
-                assert resp.status == 200
-                doc = await resp.json()
-            (disk,) = doc["disks"]
-            replica_hashes = await asyncio.to_thread(
-                _replica_hashes_at, rig, int(disk["seq"]), int(disk["block_size"])
-            )
-            async with session.post(f"{base}/v1/vms/nope/verify") as resp:
-                assert resp.status == 404
-            async with session.post(
-                f"{base}/v1/vms/vm1/repair",
-                json={"disks": [{"disk_id": "disk0", "ranges": [[2 * MiB, 4096]]}]},
-            ) as resp:
-                assert resp.status == 200
-                assert (await resp.json())["marked_bytes"] == 4096
+        sock = agent.control_socket
+        status, doc = await control_request(sock, "POST", "/v1/vms/vm1/verify", {})
+        assert status == 200, doc
+        (disk,) = doc["disks"]
+        replica_hashes = await asyncio.to_thread(
+            _replica_hashes_at, rig, int(disk["seq"]), int(disk["block_size"])
+        )
+        status, _ = await control_request(sock, "POST", "/v1/vms/nope/verify", {})
+        assert status == 404
+        status, doc = await control_request(
+            sock,
+            "POST",
+            "/v1/vms/vm1/repair",
+            {"disks": [{"disk_id": "disk0", "ranges": [[2 * MiB, 4096]]}]},
+        )
+        assert status == 200
+        assert doc["marked_bytes"] == 4096
     finally:
         stop.set()
         await writer

@@ -12,6 +12,7 @@ import xxhash
 
 from broker.seed import copy_image, read_manifest
 from broker.service import BrokerService
+from tests.support_agent import stand_in_agent
 from tests.support_broker import PKI, AgentClient, FakeSource, MiB, admin_toml, make_pki
 from tests.support_broker import admin_cli as cli
 from tests.test_broker_http import broker as broker  # noqa: PLC0414 - re-exported fixture
@@ -251,23 +252,15 @@ async def test_verify_via_agent_endpoint_and_repair(
         repaired.append(await request.json())
         return web.json_response({"marked_blocks": 1})
 
-    app = web.Application()
-    app.router.add_post("/v1/vms/{vm}/verify", verify_handler)
-    app.router.add_post("/v1/vms/{vm}/repair", repair_handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
+    routes = [
+        web.post("/v1/vms/{vm}/verify", verify_handler),
+        web.post("/v1/vms/{vm}/repair", repair_handler),
+    ]
+    async with stand_in_agent(tmp_path / "agent.sock", routes) as sock:
         async with AgentClient(broker.url, pki.agents["h1"]) as agent:
             await agent.enable(src)
         admin = admin_toml(tmp_path / "admin.toml", pki, broker.url)
-        admin.write_text(
-            admin.read_text().replace(
-                "[admin]\n", f'[admin]\nagents = ["http://127.0.0.1:{port}"]\n'
-            )
-        )
+        admin.write_text(admin.read_text().replace("[admin]\n", f'[admin]\nagents = ["{sock}"]\n'))
         rc, out, err = await cli(admin, "verify", "web1", "--json")
         assert rc == 0, err
         doc = json.loads(out)
@@ -280,5 +273,3 @@ async def test_verify_via_agent_endpoint_and_repair(
         assert doc["disks"][0]["differing_ranges"] == [[5 * bs, bs]]
         assert doc["disks"][0]["point"] == "1-2"
         assert repaired == [{"disks": [{"disk_id": "disk0", "ranges": [[5 * bs, bs]]}]}]
-    finally:
-        await runner.cleanup()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import AgentConfig, BrokerConfig, load_config
+from common.config import AdminConfig, AgentConfig, BrokerConfig, load_config
 from common.errors import ConfigError
 
 AGENT_TOML = """
@@ -94,3 +94,38 @@ def test_unreadable_files_are_refused_clearly(
     with pytest.raises(ConfigError, match=expected) as caught:
         load_config(path, BrokerConfig)
     assert str(path) in str(caught.value)
+
+
+def test_the_removed_status_listen_names_the_control_socket(tmp_path: Path) -> None:
+    """A config with the old loopback TCP status_listen is refused with the key that replaces it."""
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        AGENT_TOML.replace('host = "h1"', 'host = "h1"\nstatus_listen = "127.0.0.1:8741"')
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, AgentConfig)
+    (problem,) = caught.value.problems
+    assert "agent: Value error, status_listen was removed" in problem
+    assert "control_socket = PATH" in problem
+
+
+@pytest.mark.parametrize(
+    ("entry", "says"),
+    [
+        ("http://127.0.0.1:8741", "is a URL; agents are reached through their control sockets"),
+        ("run/agent.sock", "is not an absolute path"),
+        ("/run/../tmp/agent.sock", "has a '..' component"),
+    ],
+)
+def test_admin_agents_must_be_control_socket_paths(tmp_path: Path, entry: str, says: str) -> None:
+    """[admin] agents lists absolute socket paths; a URL or a bad path is refused by name."""
+    path = tmp_path / "admin.toml"
+    path.write_text(
+        f'[admin]\nbrokers = ["https://127.0.0.1:8443"]\nagents = ["{entry}"]\n'
+        '[tls]\nca = "ca.crt"\ncert = "a.crt"\nkey = "a.key"\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, AdminConfig)
+    (problem,) = caught.value.problems
+    assert "admin.agents:" in problem
+    assert says in problem

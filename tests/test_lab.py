@@ -115,6 +115,11 @@ def test_lab_replicates_writes_byte_for_byte_and_cleans_up(tmp_path: Path) -> No
         assert json.loads(points.stdout)["points"], "the lab keeps recovery points"
         verify = _run("--config", lab["config"], "verify", first["name"], "--json", timeout=60)
         assert verify.returncode == 0, verify.stdout + verify.stderr
+        # lab.json names the agent's control socket, and the agent answers on it.
+        assert Path(lab["agent_control_socket"]).is_socket()
+        agent = _run("agent", "status", "--config", str(lab_dir / "agent.toml"), "--json")
+        assert agent.returncode == 0, agent.stderr
+        assert len(json.loads(agent.stdout)["disks"]) == 3
 
         # The control plane carries the same roles, the owner and its epoch, retained.
         vm_topic = f"replikant/v1/vms/{lab['vms'][0]['uuid']}/sites"

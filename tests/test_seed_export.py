@@ -14,13 +14,13 @@ import json
 import random
 import shutil
 import threading
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agents.control import read_status
 from broker.seed import read_manifest
 from tests.fixtures_pki import make_pki
 from tests.support_agent import (
@@ -57,15 +57,9 @@ selector = { tier = "seeded" }
 """
 
 
-def _status(port: int) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/status", timeout=5) as resp:
-        doc: dict[str, Any] = json.load(resp)
-    return doc
-
-
-def _seed_states(port: int, vms: set[str]) -> dict[str, Any]:
+def _seed_states(sock: Path, vms: set[str]) -> dict[str, Any]:
     try:
-        doc = _status(port)
+        doc = read_status(sock)
     except OSError:
         return {}
     return {f"{d['vm']}/{d['disk']}": d["seed"] for d in doc["disks"] if d["vm"] in vms}
@@ -101,7 +95,8 @@ async def test_seed_export_import_ships_only_changes(tmp_path: Path) -> None:
     rng = random.Random(7)
     pki = make_pki(tmp_path / "pki")
     store = tmp_path / "store"
-    bport, sport = free_port(), free_port()
+    bport = free_port()
+    control = tmp_path / "s" / "control" / "agent.sock"
 
     def image(name: str, size: int = SIZE) -> Path:
         return make_image(
@@ -123,12 +118,9 @@ async def test_seed_export_import_ships_only_changes(tmp_path: Path) -> None:
         vms=[web, db, app],
         state_dir=tmp_path / "state",
         socket_dir=tmp_path / "s",
-        status_port=sport,
         extra_policies=MEDIA_POLICY,
     )
-    admin = admin_config(
-        tmp_path / "admin.toml", pki, f"https://127.0.0.1:{bport}", [f"http://127.0.0.1:{sport}"]
-    )
+    admin = admin_config(tmp_path / "admin.toml", pki, f"https://127.0.0.1:{bport}", [str(control)])
     broker = ReplikantProc(
         ["broker", "run", "--config", str(broker_config(tmp_path / "b.toml", pki, store, bport))],
         tmp_path / "broker.log",
@@ -144,9 +136,9 @@ async def test_seed_export_import_ships_only_changes(tmp_path: Path) -> None:
             lambda: (
                 all(
                     s == {"state": "awaiting_export"}
-                    for s in _seed_states(sport, {"web1", "db1"}).values()
+                    for s in _seed_states(control, {"web1", "db1"}).values()
                 )
-                and len(_seed_states(sport, {"web1", "db1"})) == 3
+                and len(_seed_states(control, {"web1", "db1"})) == 3
             ),
             "the labelled disks to await their media",
         )
@@ -207,7 +199,7 @@ async def test_seed_export_import_ships_only_changes(tmp_path: Path) -> None:
         assert "already holds complete seed media" in err
 
         # The disks wait for the import; a kill -9 of the agent keeps them waiting at seq 1.
-        states = _seed_states(sport, {"web1", "db1"})
+        states = _seed_states(control, {"web1", "db1"})
         assert {s["state"] for s in states.values()} == {"awaiting_import"}
         stop.set()
         await asyncio.gather(*guests)
@@ -216,7 +208,7 @@ async def test_seed_export_import_ships_only_changes(tmp_path: Path) -> None:
         await wait_for(lambda: export_ready(sock["web1"], "web1-disk0"), "the agent's export")
         await wait_for(
             lambda: (
-                {s and s.get("seq") for s in _seed_states(sport, {"web1", "db1"}).values()} == {1}
+                {s and s.get("seq") for s in _seed_states(control, {"web1", "db1"}).values()} == {1}
             ),
             "the restarted agent to wait for seq 1 again",
         )

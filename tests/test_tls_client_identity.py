@@ -20,6 +20,7 @@ from certs.store import CertStore
 from common.config import TLSFiles
 from common.tls import MutualTLSSite, client_context, server_context
 from tests.fixtures_pki import Pki, make_pki
+from tests.support_agent import stand_in_agent
 from tests.support_broker import admin_cli
 
 
@@ -167,13 +168,16 @@ async def test_admin_cli_says_an_html_server_is_not_a_broker(pki: Pki, tmp_path:
 
 
 async def test_verify_unknown_vm_gives_a_fix(pki: Pki, tmp_path: Path) -> None:
-    def unknown(_: web.Request) -> web.Response:
+    """An agent that protects no such VM gives a refusal that names the VM and the fix."""
+
+    async def unknown(_: web.Request) -> web.Response:
         return web.json_response({"error": "unknown_vm"}, status=404)
 
-    async with https_server(None, unknown) as served:
+    routes = [web.post("/v1/vms/{vm}/verify", unknown)]
+    async with stand_in_agent(tmp_path / "agent.sock", routes) as sock:
         config = admin_config(tmp_path / "admin.toml", "https://127.0.0.1:1", pki.admin.tls)
         config.write_text(
-            config.read_text().replace("[admin]\n", f'[admin]\nagents = ["{served[0]}"]\n')
+            config.read_text().replace("[admin]\n", f'[admin]\nagents = ["{sock}"]\n')
         )
         rc, _, err = await admin_cli(config, "verify", "nosuchvm")
     assert rc != 0
