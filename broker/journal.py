@@ -257,6 +257,16 @@ class BatchReceiver:
                 fix=f"resume from durable_seq + 1 = {expected} (GET the replica's state)",
                 details={"expected_seq": expected, "received_seq": h.seq},
             )
+        if h.cut_id and m.durable_seq and h.cut_id <= m.durable_cut_id:
+            # One disk's batches are cuts of its VM in the order they were taken; a cut id that
+            # does not grow would pair this disk's state with another instant's (VM points).
+            raise SequenceGap(
+                f"batch {h.seq} for {r.identity_text()} is VM cut {h.cut_id}, not after the "
+                f"cut {m.durable_cut_id} of the replica's newest durable batch",
+                fix="the agent's cut ids went back (its state directory was replaced?): it "
+                "continues after the broker's durable_cut_id once it reads the replica's state",
+                details={"durable_cut_id": m.durable_cut_id, "received_cut_id": h.cut_id},
+            )
         self.header = h
 
     # -- writing
@@ -364,7 +374,9 @@ class BatchReceiver:
         self._part = None
         fsync_dir(final.parent)
         try:
-            self.replica.update_meta(durable_seq=h.seq, durable_cut_ns=h.cut_time_ns)
+            self.replica.update_meta(
+                durable_seq=h.seq, durable_cut_ns=h.cut_time_ns, durable_cut_id=h.cut_id
+            )
         except OSError as exc:
             # The batch is durable (its journal file proves it after a restart, and in memory
             # durable_seq is already set): the agent's retry will be answered as a duplicate.
