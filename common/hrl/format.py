@@ -151,7 +151,7 @@ class BatchHeader:
     cut of a whole VM (a tool writing one disk); brokers never make a VM point of it.
     ``first_change_cut`` is the agent's statement about idleness: the disk did not change
     between the cut of its previous batch and any cut numbered below this one (0: no statement).
-    See ``docs/protocol/batch.md`` and ``docs/decisions/014-vm-points-are-cuts.md``.
+    See ``docs/protocol/batch.md`` and ``docs/decisions/004-vm-points-are-cuts.md``.
     """
 
     vm_uuid: uuid.UUID
