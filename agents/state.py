@@ -28,6 +28,14 @@ def read_json(path: Path) -> Any:
         return None
 
 
+def _load(path: Path, what: str, fix: str) -> Any:
+    """:func:`read_json`, with an unreadable file refused as a :class:`TrackingError`."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as exc:
+        raise TrackingError(f"cannot read {what} {path}: {exc}", fix=fix) from None
+
+
 def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` atomically and durably (tmp, fsync, rename, fsync dir)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,13 +80,9 @@ class DiskState:
     @classmethod
     def load(cls, path: Path) -> DiskState | None:
         """Read the state, or None when there is none (or it is unreadable: start afresh)."""
-        try:
-            raw = read_json(path)
-        except (OSError, ValueError) as exc:
-            raise TrackingError(
-                f"cannot read agent state {path}: {exc}",
-                fix="remove the file; the agent then compares hashes with the broker",
-            ) from None
+        raw = _load(
+            path, "agent state", "remove the file; the agent then compares hashes with the broker"
+        )
         if raw is None:
             return None
         fields = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
@@ -103,14 +107,12 @@ class CutClock:
     def __init__(self, path: Path, block: int = 1024) -> None:
         self.path = path
         self.block = block
-        try:
-            raw = read_json(path)
-        except (OSError, ValueError) as exc:
-            raise TrackingError(
-                f"cannot read the cut ids of this VM from {path}: {exc}",
-                fix="remove the file; the agent then continues after the broker's newest cut",
-            ) from None
-        self._reserved = int(raw["reserved_to"]) if isinstance(raw, dict) else 0
+        fix = "remove the file; the agent then continues after the broker's newest cut"
+        raw = _load(path, "the VM's cut ids from", fix)
+        reserved = 0 if raw is None else raw.get("reserved_to") if isinstance(raw, dict) else None
+        if isinstance(reserved, bool) or not isinstance(reserved, int) or reserved < 0:
+            raise TrackingError(f"{path} holds no cut id reservation ({raw!r:.80})", fix=fix)
+        self._reserved = reserved
         self._last = self._reserved  # ids up to here may have been used before a restart
 
     @property

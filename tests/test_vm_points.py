@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agents.errors import TrackingError
 from agents.state import CutClock
 from broker.errors import UnknownPoint
 from broker.points import (
@@ -179,3 +180,14 @@ def test_cut_ids_grow_across_restarts_and_never_repeat(tmp_path: Path) -> None:
         seen += [c.next() for _ in range(rng.randrange(0, 5))]
     assert seen == sorted(set(seen)), "a cut id repeated or went back"
     assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize("content", ['{"reserved_to": "9"}', "[1]", '{"reserved_to": -1}', "{"])
+def test_an_unreadable_cut_id_file_is_refused_naming_it(tmp_path: Path, content: str) -> None:
+    """A damaged ``_cuts.json`` stops the agent with an error naming the file and the fix."""
+    path = tmp_path / "_cuts.json"
+    path.write_text(content)
+    with pytest.raises(TrackingError) as info:
+        CutClock(path)
+    assert str(path) in info.value.message
+    assert "remove the file" in (info.value.fix or "")
