@@ -44,7 +44,7 @@ from common.errors import refuse_to_start
 from common.hrl import Consistency, xxh64_of
 from common.logs import get_logger
 from common.nbd import FileExport, NBDServer
-from common.tls import Identity, TLSError, client_context, server_context
+from common.tls import Identity, TLSError, client_context, nbd_server_context
 
 log = get_logger("agents.service")
 
@@ -465,7 +465,7 @@ class Agent:
                 host, port = parse_listen(cfg.nbd.tcp_listen)
                 tcp = NBDServer(
                     [*self.exports, *self.plain_exports],
-                    tls_context=server_context(cfg.tls),
+                    tls_context=functools.partial(nbd_server_context, cfg.tls),
                     max_connections=cfg.nbd.max_connections,
                 )
                 await tcp.serve_tcp(host, port)

@@ -206,8 +206,11 @@ class ReplicaEngine:
         return self._fd
 
     # -- health
-    def raise_condition(self, code: str, level: Health, message: str, **fields: Any) -> None:
-        """Mark the replica unhealthy for ``code`` (idempotent) and fire the alert hook once."""
+    def raise_condition(
+        self, code: str, level: Health, message: str, *, fix: str, **fields: Any
+    ) -> None:
+        """Mark the replica unhealthy for ``code`` (idempotent) and fire the alert hook once;
+        ``fix`` tells the operator what to do (every alert names one)."""
         with self._cond_lock:
             fresh = code not in self.conditions
             self.conditions[code] = Condition(code, level, message)
@@ -219,6 +222,7 @@ class ReplicaEngine:
                 condition=code,
                 level=level,
                 detail=message,
+                fix=fix,
                 **fields,
             )
             if self.alert is not None:
@@ -229,6 +233,7 @@ class ReplicaEngine:
                         "condition": code,
                         "level": level,
                         "message": message,
+                        "fix": fix,
                         **fields,
                     },
                 )
@@ -438,7 +443,12 @@ class ReplicaEngine:
                 async with self._progress:
                     self._progress.notify_all()  # batches applied while streaming in, too
             except FencedError as exc:
-                self.raise_condition("fenced", "critical", exc.message)
+                self.raise_condition(
+                    "fenced",
+                    "critical",
+                    exc.message,
+                    fix=exc.fix or "another broker owns this store now; send batches to it",
+                )
                 return  # a deposed owner stops applying for good
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -447,14 +457,25 @@ class ReplicaEngine:
                         "critical",
                         f"store {self.store.root} is full: applying to {self.replica.label} "
                         "waits for space",
+                        fix="free space on the store's file system; applying resumes by itself",
                     )
                 else:
-                    self.raise_condition("apply_failed", "critical", f"apply failed: {exc}")
+                    self.raise_condition(
+                        "apply_failed",
+                        "critical",
+                        f"apply failed: {exc}",
+                        fix="check the store's disk and the broker log; the broker retries",
+                    )
                 await self._retry_later(delay)
                 delay = min(delay * 2, _RETRY_MAX)
                 continue
             except BrokerError as exc:
-                self.raise_condition("apply_failed", "critical", exc.message)
+                self.raise_condition(
+                    "apply_failed",
+                    "critical",
+                    exc.message,
+                    fix=exc.fix or "check the broker log's apply events; the broker retries",
+                )
                 await self._retry_later(delay)
                 delay = min(delay * 2, _RETRY_MAX)
                 continue

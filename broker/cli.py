@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import click
@@ -34,6 +35,8 @@ def broker() -> None:
 )
 def run(config_path: Path, log_level: str | None, use_uvloop: bool) -> None:
     """Serve until SIGTERM/SIGINT, then stop gracefully."""
+    # Copies of disks are as secret as the disks: nothing the broker creates is for others.
+    os.umask(0o077)
     if log_level is not None:
         configure_logging(level=log_level)
     config = load_config(config_path, BrokerConfig)

@@ -101,6 +101,13 @@ class StaleGeneration(BrokerError):
     code = "stale_generation"
 
 
+class GenerationAhead(BrokerError):
+    """An agent announces a higher generation than the replica's: only failover raises one."""
+
+    status = 409
+    code = "generation_ahead"
+
+
 class SequenceGap(BrokerError):
     """A batch is not the next one in sequence (names expected and received seq)."""
 

@@ -11,26 +11,41 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
-import uuid as uuid_mod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from broker import names
 from broker.errors import (
     BadRequest,
     BatchTooLarge,
     BrokerError,
+    GenerationAhead,
     IdentityConflict,
     NotAuthorised,
+    StaleGeneration,
     StorageFullError,
     UnknownPoint,
     UnknownVM,
     UploadInProgress,
 )
 from broker.journal import BatchReceiver
-from broker.points import CutKey, Key, VMPoint, cut_text, pair_by_cut, parse_cut, parse_key
+from broker.points import (
+    CutKey,
+    Key,
+    VMPoint,
+    cut_text,
+    key_text,
+    pair_by_cut,
+    parse_cut,
+    parse_key,
+)
 from broker.store import Replica
 from common.config import NAME_PATTERN
 from common.hrl import BATCH_CONTENT_TYPE
@@ -50,6 +65,10 @@ IDLE_TIMEOUT: Final = 60.0
 LOCK_TIMEOUT: Final = 75.0
 
 
+MAX_HASHES_WAIT: Final = 120.0
+"""Seconds a ``hashes?point=...&wait=...`` request may wait for a durable point to be applied."""
+
+
 class EnableRequest(BaseModel):
     """Body of ``PUT /v1/replicas/{vm_uuid}/{disk_id}``."""
 
@@ -59,10 +78,19 @@ class EnableRequest(BaseModel):
     disk_size: int = Field(gt=0)
     block_size: int = Field(ge=4096, le=4 * 1024 * 1024)
     generation: int = Field(default=1, ge=0)
-    site: str = ""
+    # The site names an MQTT topic level: the name rule keeps "+", "#" and "/" out of it.
+    site: str = Field(default="", pattern=f"^$|{NAME_PATTERN}")
     host: str = ""
     labels: dict[str, str] = Field(default_factory=dict)
     rpo_seconds: float | None = Field(default=None, gt=0)
+
+    @field_validator("labels")
+    @classmethod
+    def _bounded(cls, value: dict[str, str]) -> dict[str, str]:
+        problem = names.labels_problem(value)
+        if problem is not None:
+            raise ValueError(f"{problem} (limit: {names.LABELS_RULE})")
+        return value
 
     @field_validator("disk_size")
     @classmethod
@@ -92,6 +120,7 @@ def build_app(service: BrokerService) -> web.Application:
             web.get("/v1/status", status),
             web.get("/v1/vms/{vm}/points", vm_points),
             web.get("/v1/vms/{vm}/hashes", vm_hashes),
+            web.post("/v1/vms/{vm}/source", set_source),
             web.post("/v1/vms/{vm}/exports", create_exports),
             web.get("/v1/exports", list_exports),
             web.delete("/v1/exports/{name}", delete_export),
@@ -111,8 +140,21 @@ def _json_error(exc: BrokerError) -> web.Response:
 
 @web.middleware
 async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    peer = _peer_text(request)  # now: once the client is gone its certificate is too
     try:
         response: web.StreamResponse = await handler(request)
+    except web.HTTPException:
+        raise
+    except CLIENT_GONE as exc:
+        # The peer went away (reset, closed mid-body, broken chunking): nothing to answer.
+        _log.warning(
+            "request_aborted",
+            method=request.method,
+            path=request.path,
+            reason=_reason(exc),
+            peer=peer,
+        )
+        raise web.HTTPBadRequest(text="request aborted") from None
     except BrokerError as exc:
         _log.warning(
             "request_refused",
@@ -121,10 +163,46 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
             error=exc.code,
             status=exc.status,
             detail=exc.message,
-            peer=_peer_text(request),
+            peer=peer,
         )
         return _json_error(exc)
+    except Exception as exc:
+        # A bug, not the peer's fault: one event with the traceback, and a JSON 500 that says so.
+        _log.exception("request_failed", method=request.method, path=request.path, peer=peer)
+        internal = BrokerError(
+            f"the broker failed on {request.method} {request.path}: {type(exc).__name__}",
+            fix="this is a broker bug: report it with the broker log's request_failed event",
+        )
+        return _json_error(internal)
     return response
+
+
+CLIENT_GONE: Final = (ConnectionError, RequestPayloadError, HttpProcessingError)
+"""What reading a request raises when the client resets, closes early or breaks the framing."""
+
+
+class _OneEventPerProtocolError(logging.Filter):
+    """aiohttp reports a request it cannot parse (bad request line, overlong header, broken
+    chunking) with a traceback of its own parser: log one event naming the peer and the reason
+    instead; the client already got aiohttp's 400."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None:
+            return True
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        _log.warning("http_request_malformed", remote=str(remote), reason=_reason(exc))
+        return False
+
+
+HTTP_LOG: Final = logging.getLogger("broker.http")
+"""The logger aiohttp's request handler reports to (``AppRunner(logger=HTTP_LOG)``)."""
+HTTP_LOG.addFilter(_OneEventPerProtocolError())
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _peer_text(request: web.Request) -> str | None:
@@ -194,11 +272,21 @@ def authorise_agent(service: BrokerService, ident: Identity, vm_uuid: str) -> No
 
 
 def _vm_uuid(request: web.Request) -> str:
-    raw = request.match_info["vm_uuid"]
-    try:
-        return str(uuid_mod.UUID(raw))
-    except ValueError:
-        raise BadRequest(f"{raw!r} is not a VM UUID") from None
+    return names.vm_uuid(request.match_info["vm_uuid"])
+
+
+def _disk_id(request: web.Request) -> str:
+    return names.disk_id(request.match_info["disk_id"])
+
+
+def _body_error(what: str, exc: ValidationError) -> BadRequest:
+    first = exc.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(body)"
+    return BadRequest(
+        f"{what}: {field}: {first['msg']}",
+        fix=f"correct {field} as the message says (docs/protocol/http.md)",
+        details={"field": field, "rule": first["msg"], "errors": exc.error_count()},
+    )
 
 
 def _replica(service: BrokerService, vm_uuid: str, disk_id: str) -> Replica:
@@ -216,11 +304,36 @@ def _replica(service: BrokerService, vm_uuid: str, disk_id: str) -> Replica:
 def _check_source(replica: Replica, ident: Identity) -> None:
     src = replica.meta.source_host
     if src and src != ident.name:
+        m = replica.meta
         raise NotAuthorised(
             f"agent {ident.name} may not write to the replica of {replica.identity_text()}: "
-            f"it replicates from host {src}",
-            fix="if the VM moved to this host, re-announce it (PUT) from here first",
+            f"it is bound to source host {src}",
+            fix=f"if the VM really moved, an operator rebinds it: `replikant replica rebind "
+            f"{m.vm_name} --host {ident.name}`",
             details={"identity": ident.uri, "rule": "replica.source_host", "source_host": src},
+        )
+
+
+def _check_generation(replica: Replica, ident: Identity, announced: int) -> None:
+    m = replica.meta
+    if announced < m.generation:
+        raise StaleGeneration(
+            f"{ident} announces vm {m.vm_name} at generation {announced} but the replica is at "
+            f"generation {m.generation}",
+            fix="the VM was failed over since; this source is fenced until reversed",
+            details={"announced": announced, "replica_generation": m.generation},
+        )
+    if announced > m.generation:
+        raise GenerationAhead(
+            f"{ident} announces vm {m.vm_name} at generation {announced} but the replica is at "
+            f"generation {m.generation}: an agent cannot raise a generation",
+            fix=f"raising a generation is a failover act: `replikant replica set-generation "
+            f"{m.vm_name} {announced}` if this source is the VM's new primary",
+            details={
+                "announced": announced,
+                "replica_generation": m.generation,
+                "rule": "replica.generation",
+            },
         )
 
 
@@ -256,16 +369,21 @@ async def enable_replica(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     ident = _identity(request)
     vm_uuid = _vm_uuid(request)
-    disk_id = request.match_info["disk_id"]
+    disk_id = _disk_id(request)
     authorise_agent(service, ident, vm_uuid)
+    what = f"PUT body for vm {vm_uuid} disk {disk_id} is invalid"
     try:
         body = EnableRequest.model_validate(await request.json())
-    except (ValueError, ValidationError) as exc:
-        raise BadRequest(f"PUT body for vm {vm_uuid} disk {disk_id} is invalid: {exc}") from None
+    except ValidationError as exc:
+        raise _body_error(what, exc) from None
+    except ValueError as exc:
+        raise BadRequest(f"{what}: not JSON ({exc})") from None
     service.check_owner()
     replica = service.store.get(vm_uuid, disk_id)
     if replica is not None:
         m = replica.meta
+        _check_source(replica, ident)
+        _check_generation(replica, ident, body.generation)
         if body.vm_name != m.vm_name or body.disk_size != m.disk_size:
             raise IdentityConflict(
                 f"replica {vm_uuid}/{disk_id} exists for vm {m.vm_name!r} with {m.disk_size} "
@@ -277,7 +395,7 @@ async def enable_replica(request: web.Request) -> web.Response:
                     "request": {"vm_name": body.vm_name, "disk_size": body.disk_size},
                 },
             )
-        await service.reannounce(replica, ident, body.generation, body.model_dump())
+        await service.reannounce(replica, ident, body.model_dump())
     else:
         service.check_space(needed=0)
         created, _ = await asyncio.to_thread(
@@ -305,7 +423,9 @@ async def replica_state(request: web.Request) -> web.Response:
     vm_uuid = _vm_uuid(request)
     if ident.role != "admin":
         authorise_agent(service, ident, vm_uuid)
-    replica = _replica(service, vm_uuid, request.match_info["disk_id"])
+    replica = _replica(service, vm_uuid, _disk_id(request))
+    if ident.role != "admin":
+        _check_source(replica, ident)
     return web.json_response(state_json(service, replica))
 
 
@@ -314,9 +434,10 @@ async def upload_batch(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     ident = _identity(request)
     vm_uuid = _vm_uuid(request)
-    disk_id = request.match_info["disk_id"]
+    disk_id = _disk_id(request)
     started = time.monotonic()
     log = _log.bind(vm_uuid=vm_uuid, disk=disk_id, peer=ident.uri, epoch=service.epoch)
+    progress = UploadProgress()
     try:
         authorise_agent(service, ident, vm_uuid)
         replica = _replica(service, vm_uuid, disk_id)
@@ -337,7 +458,23 @@ async def upload_batch(request: web.Request) -> web.Response:
         service.check_space(needed=request.content_length or 0, replica=replica)
         service.check_owner()
         engine = service.engine_for(replica)
-        receipt = await _journal(service, engine, request, limit)
+        receipt = await _journal(service, engine, request, limit, progress)
+    except (*CLIENT_GONE, asyncio.CancelledError) as exc:
+        # Nothing was acked and the partial journal file is gone: the agent sends it again.
+        log.warning(
+            "batch_upload_aborted",
+            seq=progress.seq,
+            bytes=progress.received,
+            reason=_reason(exc) if not isinstance(exc, asyncio.CancelledError) else "cancelled",
+        )
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        return _json_error(
+            BadRequest(
+                f"upload of {vm_uuid}/{disk_id} aborted: {_reason(exc)}",
+                fix="nothing was acked; the agent sends the batch again",
+            )
+        )
     except BrokerError as exc:
         log.warning(
             "batch_refused",
@@ -370,8 +507,20 @@ def max_batch_bytes(replica: Replica) -> int:
     return size + size // 128 + 32 * (size // 512 + 1) + (1 << 20)
 
 
+@dataclass
+class UploadProgress:
+    """How far an upload got, for the event that reports an aborted one."""
+
+    received: int = 0
+    seq: int | None = None
+
+
 async def _journal(
-    service: BrokerService, engine: ReplicaEngine, request: web.Request, limit: int
+    service: BrokerService,
+    engine: ReplicaEngine,
+    request: web.Request,
+    limit: int,
+    progress: UploadProgress,
 ) -> Any:
     replica = engine.replica
     try:
@@ -408,11 +557,14 @@ async def _journal(
                 # Hand the network's chunks over as they are: no joining copy.
                 chunks.append(chunk)
                 pending += len(chunk)
+                progress.received += len(chunk)
                 if pending < _FEED_BYTES:
                     continue
             if chunks:
                 batch, chunks, pending = chunks, [], 0
                 await asyncio.to_thread(rx.feed_many, batch)
+                if rx.header is not None:
+                    progress.seq = rx.header.seq
                 if rx.duplicate:
                     break
             if not chunk:
@@ -434,7 +586,10 @@ async def replica_hashes(request: web.Request) -> web.Response:
     vm_uuid = _vm_uuid(request)
     if ident.role != "admin":
         authorise_agent(service, ident, vm_uuid)
-    replica = _replica(service, vm_uuid, request.match_info["disk_id"])
+    replica = _replica(service, vm_uuid, _disk_id(request))
+    if ident.role != "admin":
+        # Block hashes tell about the disk's contents: only its own source may read them.
+        _check_source(replica, ident)
     return await _hashes_response(service, replica, request)
 
 
@@ -457,20 +612,27 @@ async def _hashes_response(
         )
     if length // block_size > 1 << 24:
         raise BadRequest("too many blocks in one request; ask for a smaller range")
-    point = q.get("point")
-    cut = parse_cut(point) if point is not None and ":" in point else None
-    key = parse_key(point) if point is not None and cut is None else None
-    wait = float(q.get("wait", 0))
+    raw = q.get("point")
+    cut = parse_cut(names.vm_point_id(raw)) if raw is not None and ":" in raw else None
+    key = parse_key(names.point_id(raw)) if raw is not None and cut is None else None
+    try:
+        wait = float(q.get("wait", 0))
+    except ValueError:
+        wait = -1.0
+    if not wait >= 0:  # also refuses nan
+        raise names.refuse("wait", q.get("wait"), "a number of seconds, 0 or more")
     engine = service.engine_for(replica)
-    if (key is not None or cut is not None) and wait > 0:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(min(wait, 300.0)):
-                if cut is not None:
-                    await engine.wait_for_cut(cut)
-                elif key is not None:
-                    await engine.wait_for_state(key)
+    # The point check runs even without a wait: an unknown point is refused, never guessed.
     if cut is not None:
+        if _cut_pending(engine, cut) and wait > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(wait, MAX_HASHES_WAIT)):
+                    await engine.wait_for_cut(cut)
         key = disk_key_at_cut(engine, replica, cut)
+    elif key is not None and _point_pending(engine, key) and wait > 0:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(wait, MAX_HASHES_WAIT)):
+                await engine.wait_for_state(key)
     data, at = await asyncio.to_thread(service.hashes, engine, key, offset, length, block_size)
     headers = {
         "X-Replikant-Applied-Seq": str(at[1]),
@@ -493,6 +655,48 @@ def disk_key_at_cut(engine: ReplicaEngine, replica: Replica, cut: CutKey) -> Key
         fix="`replikant points VM` lists the VM points every disk has",
         details={"point": cut_text(cut), "disk": replica.meta.disk_id},
     )
+
+
+def _cut_pending(engine: ReplicaEngine, cut: CutKey) -> bool:
+    """True when VM cut ``cut`` is durable on this disk but not yet applied (worth waiting
+    for); False when the applied state is at or past it; :class:`UnknownPoint` when this disk
+    can never reach it."""
+    m = engine.replica.meta
+    if cut <= engine.state().cut:
+        return False
+    if cut[0] == m.generation and cut[1] <= m.durable_cut_id:
+        return True
+    raise UnknownPoint(
+        f"VM point {cut_text(cut)} is beyond what {engine.replica.label} holds durably "
+        f"(generation {m.generation}, cut {m.durable_cut_id}): it may never exist",
+        fix="ask for a point the VM has (`replikant points VM`)",
+        details={"point": cut_text(cut), "durable": cut_text((m.generation, m.durable_cut_id))},
+    )
+
+
+def _point_pending(engine: ReplicaEngine, key: Key) -> bool:
+    """True when ``key`` is durable but not yet applied (worth waiting for); False when it is a
+    point of this replica now; :class:`UnknownPoint` when it can never become one."""
+    m = engine.replica.meta
+    state = engine.state()
+    if key > state.key:
+        if key[0] == m.generation and key[1] <= m.durable_seq:
+            return True
+        raise UnknownPoint(
+            f"point {key_text(key)} of {engine.replica.label} is beyond what is durable "
+            f"(generation {m.generation}, durable seq {m.durable_seq}): it may never exist",
+            fix="ask for a point the replica holds (`replikant points VM`)",
+            details={"point": key_text(key), "durable": key_text((m.generation, m.durable_seq))},
+        )
+    kept = [p.state.key for p in engine.points.points(state, include_hidden=True)]
+    if key not in kept:
+        raise UnknownPoint(
+            f"point {key_text(key)} is not a point of {engine.replica.label}: it was never "
+            "cut or is older than what retention keeps",
+            fix="ask for a point the replica holds (`replikant points VM`)",
+            details={"point": key_text(key), "oldest": key_text(min(kept)) if kept else None},
+        )
+    return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -622,6 +826,7 @@ async def status(request: web.Request) -> web.Response:
 
 
 def _vm_replicas(service: BrokerService, vm: str) -> list[Replica]:
+    names.name(vm, "vm")
     found = service.store.find_vm(vm)
     if not found:
         raise UnknownVM(
@@ -651,7 +856,7 @@ async def vm_hashes(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     require_admin(request)
     replicas = _vm_replicas(service, request.match_info["vm"])
-    disk = request.query.get("disk", replicas[0].meta.disk_id)
+    disk = names.disk_id(request.query.get("disk", replicas[0].meta.disk_id), "disk")
     for replica in replicas:
         if replica.meta.disk_id == disk:
             return await _hashes_response(service, replica, request)
@@ -667,7 +872,9 @@ async def create_exports(request: web.Request) -> web.Response:
         body = await request.json() if request.can_read_body else {}
     except json.JSONDecodeError:
         raise BadRequest("body must be JSON") from None
-    point = str(body.get("point", "latest"))
+    if not isinstance(body, dict):
+        raise BadRequest('body must be a JSON object such as {"point": "1:1042"}')
+    point = names.vm_point_id(body.get("point", "latest"))
     point_id, keys = resolve_vm_point(service, replicas, point)
     exports = await service.create_exports(
         replicas, point_id, keys, read_only=bool(body.get("read_only"))
@@ -686,8 +893,9 @@ async def delete_export(request: web.Request) -> web.Response:
     """DELETE /v1/exports/{name}: stop serving, delete the overlay."""
     service = request.app[SERVICE_KEY]
     require_admin(request)
-    await service.remove_export(request.match_info["name"])
-    return web.json_response({"removed": request.match_info["name"]})
+    name = names.export_name(request.match_info["name"])
+    await service.remove_export(name)
+    return web.json_response({"removed": name})
 
 
 async def seed_import(request: web.Request) -> web.Response:
@@ -700,11 +908,52 @@ async def seed_import(request: web.Request) -> web.Response:
         directory = str(body.get("dir") or "")
         if not directory and not image:
             raise KeyError("dir")
+        vm = body.get("vm")
         raw = (str(image), str(body["vm"]), str(body.get("disk", "disk0"))) if image else None
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
         raise BadRequest(
             'body must be {"dir": "/media/on/broker/host"} or {"image": PATH, "vm": VM, '
             '"disk": DISK}'
         ) from None
-    result = await service.seed_import(directory, expect_vm=body.get("vm"), image=raw)
+    if vm is not None:
+        names.name(vm, "vm")
+    if raw is not None:
+        names.disk_id(raw[2], "disk")
+    result = await service.seed_import(directory, expect_vm=vm, image=raw)
     return web.json_response(result)
+
+
+async def set_source(request: web.Request) -> web.Response:
+    """POST /v1/vms/{vm}/source {"host": H, "generation": N}: rebind or raise the generation.
+
+    The operator's (or failover's) act that an agent's PUT can never do: bind the VM's replicas
+    to another source host, and/or raise their generation (fencing the old primary).
+    """
+    service = request.app[SERVICE_KEY]
+    admin = require_admin(request)
+    replicas = _vm_replicas(service, request.match_info["vm"])
+    try:
+        body = SourceChange.model_validate(await request.json())
+    except ValidationError as exc:
+        raise _body_error("source change is invalid", exc) from None
+    except ValueError as exc:
+        raise BadRequest(f"source change is not JSON ({exc})") from None
+    if body.host is None and body.generation is None:
+        raise BadRequest(
+            'the body names nothing to change: give "host", "generation" or both',
+            details={"field": "(body)", "rule": "host and/or generation"},
+        )
+    service.check_owner()
+    await service.change_source(replicas, admin, host=body.host, generation=body.generation)
+    return web.json_response(
+        {"vm": replicas[0].meta.vm_name, "disks": [state_json(service, r) for r in replicas]}
+    )
+
+
+class SourceChange(BaseModel):
+    """Body of ``POST /v1/vms/{vm}/source``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str | None = Field(default=None, pattern=NAME_PATTERN)
+    generation: int | None = Field(default=None, ge=1)

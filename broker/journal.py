@@ -301,7 +301,7 @@ class BatchReceiver:
     def _open(self) -> None:
         h = self.header
         assert h is not None
-        self.replica.journal_dir.mkdir(exist_ok=True)
+        self.replica.journal_dir.mkdir(mode=0o700, exist_ok=True)
         self._part = self.replica.journal_dir / (journal_name(h.generation, h.seq) + ".part")
         self._fd = os.open(self._part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         pending, self._pending = self._pending, []

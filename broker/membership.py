@@ -87,8 +87,9 @@ class Membership:
                 await self.publish_once()
             await asyncio.sleep(self._interval)
 
-    async def alert(self, kind: str, message: str, fix: str | None = None) -> None:
-        """Raise an operator alert on the cluster's alert topic (and in the log)."""
+    async def alert(self, kind: str, message: str, *, fix: str) -> None:
+        """Raise an operator alert on the cluster's alert topic (and in the log); every alert
+        says what to do about it."""
         log.warning("alert_raised", kind=kind, message=message, fix=fix)
         await self.link.publish(
             topics.alerts(self.cluster),

@@ -482,7 +482,8 @@ class _SegmentWriter:
     def __init__(self, directory: Path, first: Key, top: Key) -> None:
         self.final = directory / segment_name(first, top)
         self.tmp = directory / (self.final.name + ".tmp")
-        self._fh = self.tmp.open("wb")
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self._fh = os.fdopen(fd, "wb")
         self._pos = 0
         self.raw: list[tuple[int, int, int, int]] = []  # (offset, length, file_off, kind)
 
@@ -550,7 +551,7 @@ class PointsIndex:
         ``applied`` is the replica's committed state; a complete segment one batch beyond it is
         the capture of a batch whose apply did not commit, and is kept (its journal is replayed).
         """
-        self.dir.mkdir(exist_ok=True)
+        self.dir.mkdir(mode=0o700, exist_ok=True)
         for tmp in self.dir.glob("*.tmp"):
             tmp.unlink()
         found: list[UndoSegment] = []

@@ -22,13 +22,13 @@ import json
 import os
 import struct
 import time
-import uuid as uuid_mod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import xxhash
 
+from broker import names
 from broker.errors import BadRequest, IdentityConflict, IdentityMismatch, StoreCorrupt
 from broker.fsutil import data_segments, pread_exact, punch_hole, pwrite_all
 from broker.store import AppliedRecord, Replica
@@ -87,25 +87,30 @@ def read_manifest(directory: Path) -> list[SeedDisk]:
         raise BadRequest(f"{path} is not a version 1 {SEED_FORMAT} manifest")
     source = doc.get("source", {})
     disks: list[SeedDisk] = []
+    # The media comes from outside: every name in it is checked before it becomes a path.
     try:
+        host = str(source.get("host", ""))
+        site = str(source.get("site", ""))
         for vm in doc["vms"]:
             for d in vm["disks"]:
                 disks.append(
                     SeedDisk(
-                        vm_name=str(vm["name"]),
-                        vm_uuid=str(uuid_mod.UUID(str(vm["uuid"]))),
+                        vm_name=names.name(vm["name"], "manifest vms[].name"),
+                        vm_uuid=names.vm_uuid(vm["uuid"], "manifest vms[].uuid"),
                         generation=int(vm.get("generation", 1)),
-                        labels=dict(vm.get("labels", {})),
-                        source_host=str(source.get("host", "")),
-                        source_site=str(source.get("site", "")),
-                        disk_id=str(d["id"]),
+                        labels=names.labels(vm.get("labels", {}), "manifest vms[].labels"),
+                        source_host=names.name(host, "manifest source.host") if host else "",
+                        source_site=names.name(site, "manifest source.site") if site else "",
+                        disk_id=names.disk_id(d["id"], "manifest disks[].id"),
                         disk_size=int(d["disk_size"]),
                         block_size=int(d["block_size"]),
                         seq=int(d["seq"]) if d.get("seq") is not None else None,
                         cut_ns=int(d.get("cut_time_ns", 0)),
                         consistency=int(d.get("consistency", 0)),
-                        image=directory / str(d["image"]),
-                        hashes=directory / str(d["hashes"]) if d.get("hashes") else None,
+                        image=_media_file(directory, d["image"], "manifest disks[].image"),
+                        hashes=_media_file(directory, d["hashes"], "manifest disks[].hashes")
+                        if d.get("hashes")
+                        else None,
                         cut_id=int(d.get("cut_id", 0)),
                     )
                 )
@@ -120,6 +125,23 @@ def read_manifest(directory: Path) -> list[SeedDisk]:
                 f"{d.identity} is {d.disk_size}"
             )
     return disks
+
+
+def _media_file(directory: Path, value: object, field: str) -> Path:
+    """A file named by the manifest: a relative path of checked names inside the media."""
+    text = str(value)
+    parts = text.split("/")
+    if text.startswith("/") or not all(_valid_part(p) for p in parts):
+        raise names.refuse(field, value, "a relative path of [A-Za-z0-9][A-Za-z0-9._-]* names")
+    return names.inside(directory, *parts)
+
+
+def _valid_part(part: str) -> bool:
+    try:
+        names.disk_id(part)
+    except BadRequest:
+        return False
+    return True
 
 
 def check_seed(service: BrokerService, disks: list[SeedDisk], expect_vm: str | None) -> None:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import hashlib
 import json
 import os
 import secrets
 import signal
+import stat
 import tempfile
 import time
 import uuid
@@ -40,7 +42,7 @@ from broker.errors import (
 )
 from broker.fsutil import atomic_write_json, free_bytes
 from broker.hashes import block_hashes
-from broker.ingest import build_app, status_vms
+from broker.ingest import HTTP_LOG, build_app, status_vms
 from broker.membership import Membership
 from broker.pitexport import PointInTimeExport
 from broker.points import Key, RetentionPolicy, key_text, plan_vm_retention
@@ -48,7 +50,7 @@ from broker.store import Replica, Store
 from certs.service import startup_problems
 from common import topics
 from common.config import BrokerConfig
-from common.errors import refuse_to_start
+from common.errors import ConfigError, refuse_to_start
 from common.hrl import DEFAULT_LIMITS, DecodeLimits
 from common.logs import get_logger
 from common.mqtt import MQTTLink
@@ -112,16 +114,24 @@ class BrokerService:
     # -- lifecycle
     async def start(self) -> None:
         """Claim the epoch, replay journals, listen for HTTPS and NBD."""
+        files, dirs = await asyncio.to_thread(
+            self.store.tighten_permissions, skip=self.nbd_socket.parent
+        )
+        if files or dirs:
+            _log.warning(
+                "store_permissions_tightened", store=str(self.store.root), files=files, dirs=dirs
+            )
         self.epoch = await asyncio.to_thread(self.store.claim_next_epoch, self.config.broker.node)
         for replica in self.store.replicas():
             self.engine_for(replica)
-        self.nbd_socket.parent.mkdir(parents=True, exist_ok=True)
+        gid = self._prepare_socket_dir()
         await self.nbd.serve_unix(self.nbd_socket, mode=0o660)
+        os.chown(self.nbd_socket, -1, gid)
         app = build_app(self)
         # A deep read buffer (aiohttp pauses the socket at 2x read_bufsize): the network keeps
         # receiving while a worker thread decodes and writes the previous megabytes.
         self._runner = web.AppRunner(
-            app, handle_signals=False, access_log=None, read_bufsize=READ_BUFSIZE
+            app, handle_signals=False, access_log=None, read_bufsize=READ_BUFSIZE, logger=HTTP_LOG
         )
         await self._runner.setup()
         host, port = parse_listen(self.config.broker.listen)
@@ -143,9 +153,43 @@ class BrokerService:
             nbd_socket=str(self.nbd_socket),
         )
 
+    def _prepare_socket_dir(self) -> int:
+        """Make the NBD socket's directory ours, 0750, group ``nbd_socket_group`` (default: our
+        own group); returns that group id. Who may open point-in-time exports is decided here:
+        the broker's user and that group (the socket is 0660), nobody else."""
+        directory = self.nbd_socket.parent
+        group = self.config.nbd_socket_group
+        try:
+            gid = grp.getgrnam(group).gr_gid if group else os.getegid()
+        except KeyError:
+            raise ConfigError(
+                f"nbd_socket_group {group!r} is not a group on this host",
+                fix="create the group or change nbd_socket_group in broker.toml",
+            ) from None
+        directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+        st = os.lstat(directory)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            # Someone else made it (e.g. under /tmp): they could swap the socket for theirs.
+            raise ConfigError(
+                f"NBD socket directory {directory} is not a directory owned by this broker's "
+                f"user (uid {os.geteuid()})",
+                fix="remove it, or set nbd_socket_dir in broker.toml to a directory the broker "
+                "owns",
+            )
+        try:
+            os.chown(directory, -1, gid, follow_symlinks=False)
+        except PermissionError:
+            raise ConfigError(
+                f"the broker's user may not give {directory} to group {group!r}",
+                fix=f"add the broker's user to group {group!r}, or change nbd_socket_group",
+            ) from None
+        # The group's way in: read and search, never write (it cannot plant a socket of its own).
+        os.chmod(directory, 0o750)  # noqa: S103
+        return gid
+
     def _write_run_file(self) -> None:
         run = self.store.root / ".run"
-        run.mkdir(exist_ok=True)
+        run.mkdir(mode=0o700, exist_ok=True)
         atomic_write_json(
             run / "broker.json",
             {
@@ -184,7 +228,10 @@ class BrokerService:
         def publish_alert(event: str, fields: dict[str, Any]) -> None:
             if event == "alert_raised":
                 message = str(fields.get("message", fields.get("condition", "alert")))
-                task = loop.create_task(membership.alert(str(fields.get("condition")), message))
+                fix = str(fields["fix"])
+                task = loop.create_task(
+                    membership.alert(str(fields.get("condition")), message, fix=fix)
+                )
                 pending.add(task)
                 task.add_done_callback(pending.discard)
 
@@ -276,44 +323,14 @@ class BrokerService:
             engine.start()
         return engine
 
-    async def reannounce(
-        self, replica: Replica, ident: Identity, generation: int, body: dict[str, Any]
-    ) -> None:
-        """PUT on an existing replica: source host, labels, RPO, and a newer generation."""
+    async def reannounce(self, replica: Replica, ident: Identity, body: dict[str, Any]) -> None:
+        """PUT on an existing replica by its source (ingest checked host and generation): site,
+        labels and RPO. A replica bound to no host yet (seeded from media) binds to this one."""
         m = replica.meta
         changes: dict[str, Any] = {}
-        if generation < m.generation:
-            raise StaleGeneration(
-                f"{ident} announces vm {m.vm_name} at generation {generation} but the replica "
-                f"is at generation {m.generation}",
-                fix="the VM was failed over since; this source is fenced until reversed",
-                details={"announced": generation, "replica_generation": m.generation},
-            )
-        engine = self.engine_for(replica)
-        if generation > m.generation:
-            async with engine.ingest_lock:
-                if engine.backlog():
-                    raise IdentityConflict(
-                        f"replica {replica.label} still applies {engine.backlog()} batch(es) of "
-                        f"generation {m.generation}; retry the generation change shortly",
-                        fix="retry in a few seconds",
-                    )
-                changes.update(generation=generation, durable_seq=0)
-                _log.info(
-                    "replica_generation_adopted",
-                    vm=m.vm_name,
-                    disk=m.disk_id,
-                    generation=generation,
-                    previous=m.generation,
-                )
-        if m.source_host != ident.name:
-            _log.warning(
-                "replica_source_changed",
-                vm=m.vm_name,
-                disk=m.disk_id,
-                old=m.source_host,
-                new=ident.name,
-            )
+        if not m.source_host:
+            # Trust on first use among our CA's agents: the first announce binds.
+            _log.info("replica_source_bound", vm=m.vm_name, disk=m.disk_id, host=ident.name)
             changes["source_host"] = ident.name
         for field, key in (
             ("source_site", "site"),
@@ -325,6 +342,58 @@ class BrokerService:
                 changes[field] = value
         if changes:
             await asyncio.to_thread(replica.update_meta, **changes)
+
+    async def change_source(
+        self,
+        replicas: list[Replica],
+        admin: Identity,
+        *,
+        host: str | None,
+        generation: int | None,
+    ) -> None:
+        """The operator's rebind and/or generation raise for every disk of one VM (all or none
+        of its disks change: every refusal is found before anything is written)."""
+        first = replicas[0].meta
+        old_host, old_generation = first.source_host, first.generation
+        if generation is not None:
+            low = min(r.meta.generation for r in replicas)
+            if generation <= max(r.meta.generation for r in replicas):
+                raise StaleGeneration(
+                    f"vm {first.vm_name} is at generation {low}; generation {generation} would "
+                    "not raise it (lowering one would unfence an old primary)",
+                    fix=f"give a generation above {max(r.meta.generation for r in replicas)}",
+                    details={"requested": generation, "replica_generation": low},
+                )
+        engines = [self.engine_for(r) for r in replicas]
+        async with contextlib.AsyncExitStack() as stack:
+            for engine in engines:
+                await stack.enter_async_context(engine.ingest_lock)
+            busy = [e.replica.label for e in engines if generation is not None and e.backlog()]
+            if busy:
+                raise IdentityConflict(
+                    f"{', '.join(busy)} still apply batches of generation {first.generation}; "
+                    "the generation can change once they are applied",
+                    fix="retry in a few seconds",
+                    details={"busy": busy},
+                )
+            for replica in replicas:
+                changes: dict[str, Any] = {}
+                if host is not None:
+                    changes["source_host"] = host
+                if generation is not None:
+                    changes.update(generation=generation, durable_seq=0)
+                await asyncio.to_thread(replica.update_meta, **changes)
+        _log.warning(
+            "replica_source_changed",
+            vm=first.vm_name,
+            vm_uuid=first.vm_uuid,
+            disks=[r.meta.disk_id for r in replicas],
+            admin=admin.uri,
+            old_host=old_host,
+            host=host,
+            old_generation=old_generation,
+            generation=generation,
+        )
 
     # -- space and alerts
     def add_alert_hook(self, hook: AlertHook) -> None:
@@ -368,6 +437,7 @@ class BrokerService:
                     "condition": "storage_full",
                     "level": "critical",
                     "message": exc.message,
+                    "fix": exc.fix or "free space on the store's file system",
                     **exc.details,
                 },
             )

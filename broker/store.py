@@ -23,15 +23,16 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
 import threading
 import time
-import uuid as uuid_mod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from broker.errors import FencedError, IdentityConflict, StoreCorrupt
+from broker import names
+from broker.errors import BrokerError, FencedError, IdentityConflict, StoreCorrupt
 from broker.fsutil import atomic_write_json, fsync_dir, read_json
 from common.logs import get_logger
 
@@ -217,8 +218,8 @@ class Store:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        (root / ".overlays").mkdir(exist_ok=True)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (root / ".overlays").mkdir(mode=0o700, exist_ok=True)
         for stale in (root / ".overlays").iterdir():
             # Exports do not survive a restart; their private overlays are garbage now.
             stale.unlink(missing_ok=True)
@@ -309,13 +310,19 @@ class Store:
     # -- replicas
     def _load(self) -> None:
         for vm_dir in sorted(self.root.iterdir()):
-            if vm_dir.name.startswith(".") or not vm_dir.is_dir():
+            if vm_dir.name.startswith(".") or vm_dir.is_symlink() or not vm_dir.is_dir():
+                continue
+            if not _valid(names.vm_uuid, vm_dir.name):
+                _log.warning("store_entry_ignored", path=str(vm_dir), reason="not a VM UUID")
                 continue
             for disk_dir in sorted(vm_dir.iterdir()):
                 if disk_dir.name.startswith("."):
-                    if disk_dir.name.endswith(".creating"):
+                    if disk_dir.name.endswith(".creating") and not disk_dir.is_symlink():
                         # A creation that crashed before its rename: never visible, never used.
                         _remove_tree(disk_dir)
+                    continue
+                if disk_dir.is_symlink() or not _valid(names.disk_id, disk_dir.name):
+                    _log.warning("store_entry_ignored", path=str(disk_dir), reason="not a disk")
                     continue
                 meta_path = disk_dir / "meta.json"
                 try:
@@ -392,7 +399,8 @@ class Store:
         place. An existing replica with another VM name or disk size is an
         :class:`IdentityConflict`. Returns ``(replica, created)``.
         """
-        vm_uuid = str(uuid_mod.UUID(vm_uuid))
+        vm_uuid = names.vm_uuid(vm_uuid)
+        disk_id = names.disk_id(disk_id)
         with self._lock:
             existing = self._replicas.get((vm_uuid, disk_id))
             if existing is not None:
@@ -410,17 +418,11 @@ class Store:
                         },
                     )
                 return existing, False
-            vm_dir = self.root / vm_uuid
-            vm_dir.mkdir(exist_ok=True)
-            final = vm_dir / disk_id
-            tmp = vm_dir / f".{disk_id}.creating"
+            vm_dir = names.inside(self.root, vm_uuid)
+            final = names.inside(self.root, vm_uuid, disk_id)
+            tmp = names.inside(self.root, vm_uuid, f".{disk_id}.creating")
+            vm_dir.mkdir(mode=0o700, exist_ok=True)
             _remove_tree(tmp)
-            tmp.mkdir()
-            (tmp / "journal").mkdir()
-            (tmp / "points").mkdir()
-            with (tmp / "replica.img").open("wb") as fh:
-                fh.truncate(disk_size)
-                os.fsync(fh.fileno())
             meta = ReplicaMeta(
                 vm_uuid=vm_uuid,
                 disk_id=disk_id,
@@ -435,8 +437,11 @@ class Store:
                 rpo_seconds=rpo_seconds,
                 created_ns=time.time_ns(),
             )
-            atomic_write_json(tmp / "meta.json", asdict(meta))
-            fsync_dir(tmp)
+            try:
+                _make_replica_dir(tmp, meta)
+            except BaseException:
+                _remove_tree(tmp)  # e.g. ENOSPC: leave nothing half-made behind
+                raise
             os.rename(tmp, final)
             fsync_dir(vm_dir)
             fsync_dir(self.root)
@@ -444,6 +449,25 @@ class Store:
             self._replicas[replica.key] = replica
         _log.info("replica_created", vm=vm_name, vm_uuid=vm_uuid, disk=disk_id, disk_size=disk_size)
         return replica, True
+
+    def tighten_permissions(self, *, skip: Path | None = None) -> tuple[int, int]:
+        """Take group and world access off every file and directory of the store (one made by
+        an older broker or under a looser umask); returns ``(files, dirs)`` changed.
+
+        ``skip`` (the NBD socket directory, whose modes the service sets itself) is left alone.
+        Links are never followed: a planted link cannot make us chmod something else.
+        """
+        files = dirs = 0
+        for top, subdirs, filenames in os.walk(self.root):
+            here = Path(top)
+            subdirs[:] = [d for d in subdirs if skip is None or here / d != skip]
+            dirs += _tighten(here, os.O_RDONLY | os.O_DIRECTORY)
+            for name in filenames:
+                mode = os.lstat(here / name).st_mode
+                # Only loose regular files are opened: a store of many segments starts fast.
+                if stat.S_ISREG(mode) and mode & 0o077:
+                    files += _tighten(here / name, os.O_RDONLY | os.O_NONBLOCK)
+        return files, dirs
 
     def overlay_dir(self) -> Path:
         """Where point-in-time exports keep their private copy-on-write files."""
@@ -464,6 +488,47 @@ def parse_journal_name(name: str) -> tuple[int, int] | None:
     if not sep or not gen.isdigit() or not seq.isdigit():
         return None
     return int(gen), int(seq)
+
+
+def _make_replica_dir(tmp: Path, meta: ReplicaMeta) -> None:
+    """A new replica's directories, sparse image and meta, durable, under its hidden name."""
+    tmp.mkdir(mode=0o700)
+    (tmp / "journal").mkdir(mode=0o700)
+    (tmp / "points").mkdir(mode=0o700)
+    fd = os.open(
+        tmp / "replica.img",
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o600,
+    )
+    try:
+        os.ftruncate(fd, meta.disk_size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    atomic_write_json(tmp / "meta.json", asdict(meta))
+    fsync_dir(tmp)
+
+
+def _tighten(path: Path, flags: int) -> int:
+    """Drop group/world bits of ``path`` through a descriptor opened without following a link;
+    returns 1 when it changed."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not mode & 0o077:
+            return 0
+        os.fchmod(fd, stat.S_IMODE(mode) & 0o700)
+        return 1
+    finally:
+        os.close(fd)
+
+
+def _valid(check: Callable[[str], str], text: str) -> bool:
+    try:
+        check(text)
+    except BrokerError:
+        return False
+    return True
 
 
 def _remove_tree(path: Path) -> None:

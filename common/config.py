@@ -166,6 +166,8 @@ class BrokerConfig(_Strict):
     retention: Retention = Retention()
     vms: list[BrokerVM] = Field(default_factory=list)
     nbd_socket_dir: Path | None = None
+    nbd_socket_group: str | None = None
+    """The group that may use the point-in-time NBD socket (besides the broker's user)."""
 
 
 class AdminSection(_Strict):

@@ -1,8 +1,10 @@
 """Mutual TLS for every Replikant connection: contexts, peer identities and rejection logging.
 
 Every connection between agents, brokers and admins is TLS 1.3 with a certificate on both sides,
-both issued by the deployment's own CA (`replikant certs`). Who a peer *is* comes from the URI SAN
-``replikant://<role>/...`` of its verified certificate, never from its IP address:
+both issued by the deployment's own CA (`replikant certs`); NBD listeners alone also accept TLS 1.2
+with AEAD suites (:func:`nbd_server_context`), because the NBD spec requires it. Who a peer *is*
+comes from the URI SAN ``replikant://<role>/...`` of its verified certificate, never from its IP
+address:
 
 - ``replikant://agent/<host>``
 - ``replikant://broker/<cluster>/<node>``
@@ -345,6 +347,29 @@ def server_context(tls: TLSMaterial) -> ssl.SSLContext:
     return ctx
 
 
+# TLS 1.2 suites NBD listeners accept: forward secrecy (ECDHE) with an AEAD cipher, nothing else.
+# (TLS 1.3 suites are all AEAD and are not affected by this string.)
+NBD_TLS12_CIPHERS: Final = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+def nbd_server_context(tls: TLSMaterial) -> ssl.SSLContext:
+    """An SSL context for an NBD listener: :func:`server_context`, but TLS 1.2 is accepted too.
+
+    The NBD spec says implementations MUST support TLS 1.2, and the NBD project's own clients
+    (nbd-client, its test client) default to it, so NBD cannot be 1.3-only like our HTTPS and
+    MQTT. TLS 1.2 gets only ECDHE with AES-GCM or ChaCha20-Poly1305, no renegotiation and no
+    session tickets; TLS 1.1 and older are refused. The client certificate is required and checked
+    exactly as on every other surface.
+    """
+    ctx = server_context(tls)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(NBD_TLS12_CIPHERS)
+    # num_tickets only covers TLS 1.3; these keep TLS 1.2 from resuming without re-verification
+    # or renegotiating mid-session.
+    ctx.options |= ssl.OP_NO_TICKET | ssl.OP_NO_RENEGOTIATION
+    return ctx
+
+
 def client_context(tls: TLSMaterial) -> ssl.SSLContext:
     """An SSL context for a Replikant client: TLS 1.3, our CA only, our certificate presented.
 
@@ -514,7 +539,8 @@ _FIXES: Final[dict[str, str]] = {
     "peer_requires_certificate": "configure this process's [tls] cert and key",
     "peer_rejected_certificate": "read the peer's log for its tls_handshake_rejected event; "
     + _CHECK_HINT.replace("check it", "check our certificate"),
-    "protocol_version": "Replikant requires TLS 1.3: upgrade the peer's OpenSSL / TLS library",
+    "protocol_version": "Replikant requires TLS 1.3 (NBD listeners: TLS 1.2 with ECDHE and "
+    "AES-GCM or ChaCha20-Poly1305, or 1.3): upgrade the peer's OpenSSL / TLS library",
     "not_tls": "the peer spoke plain text to a TLS port: use https:// or enable TLS on the peer",
     "handshake_timeout": "check the network path between the hosts, and that the peer is a "
     "Replikant TLS client rather than a port scanner or a plain-text client",
@@ -522,7 +548,7 @@ _FIXES: Final[dict[str, str]] = {
     "its log for tls_handshake_rejected, and "
     + _CHECK_HINT.replace("check it", "check our certificate"),
     "handshake_failed": "read the ssl_reason field; both sides must use certificates from "
-    "`replikant certs` and TLS 1.3",
+    "`replikant certs` and TLS 1.3 (NBD also accepts TLS 1.2 with ECDHE and an AEAD cipher)",
 }
 
 _CERT_ALERTS: Final = (
@@ -720,7 +746,7 @@ def _describe_ssl_error(
             side,
             peer,
             "protocol_version",
-            f"the {them} and we share no TLS version (Replikant requires TLS 1.3)",
+            f"the {them} and we share no TLS version (Replikant requires TLS 1.3, NBD 1.2+)",
             rejected_by="peer" if "ALERT" in code else "us",
             ssl_reason=code,
         )

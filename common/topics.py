@@ -83,5 +83,5 @@ class AlertRecord(_Message):
     node: str
     kind: str
     message: str
-    fix: str | None = None
+    fix: str = Field(min_length=1)
     at: float

@@ -14,6 +14,8 @@ need_pkgs=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_pkgs+=(mosquitto)
 command -v qemu-io >/dev/null 2>&1 || need_pkgs+=(qemu-utils)
 command -v nbdcopy >/dev/null 2>&1 || need_pkgs+=(libnbd-bin)
+# libnbd's Python bindings, for the NBD conformance checks (they need Debian's own python3).
+/usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need_pkgs+=(python3-libnbd)
 command -v fio >/dev/null 2>&1 || need_pkgs+=(fio)
 command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 command -v rsync >/dev/null 2>&1 || need_pkgs+=(rsync)

@@ -8,6 +8,7 @@ point, or the replica, with the source "image saved at that cut".
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -18,13 +19,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 
-from common.config import TLSFiles
+from common.config import BrokerConfig, TLSFiles
 from common.hrl import (
     BATCH_CONTENT_TYPE,
     BatchHeader,
@@ -34,6 +36,9 @@ from common.hrl import (
     encode_batch,
 )
 from common.tls import client_context
+
+if TYPE_CHECKING:
+    from broker.service import BrokerService
 
 MiB = 1024 * 1024
 
@@ -190,6 +195,36 @@ def make_pki(root: Path) -> PKI:
     other = CertStore.init(root / "other-ca")
     foreign = other.issue_agent("h1", ips=["127.0.0.1"])
     return PKI(root, broker.tls, agents, admin.tls, foreign.tls)
+
+
+def make_config(pki: PKI, store: Path, **over: object) -> BrokerConfig:
+    """An in-process broker's config: node b1 of cluster c1 on an ephemeral port."""
+    data: dict[str, object] = {
+        "broker": {
+            "node": "b1",
+            "cluster": "c1",
+            "site": "recovery",
+            "listen": "127.0.0.1:0",
+            "store": str(store),
+            "min_free_bytes": 0,
+        },
+        "tls": {"ca": str(pki.broker.ca), "cert": str(pki.broker.cert), "key": str(pki.broker.key)},
+    }
+    data.update(over)
+    return BrokerConfig.model_validate(data)
+
+
+@contextlib.asynccontextmanager
+async def running_broker(pki: PKI, store: Path, **over: object) -> AsyncIterator[BrokerService]:
+    """An in-process broker (config of :func:`make_config`), started, and stopped on exit."""
+    from broker.service import BrokerService
+
+    svc = BrokerService(make_config(pki, store, **over))
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.stop()
 
 
 def free_port() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ssl
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,9 +13,17 @@ import aiohttp
 import pytest
 
 from broker.service import BrokerService
-from common.config import BrokerConfig
 from common.hrl import Compression, ExtentKind
-from tests.support_broker import PKI, AgentClient, FakeSource, MiB, encode_extents, make_pki
+from tests.support_broker import (
+    PKI,
+    AgentClient,
+    FakeSource,
+    MiB,
+    encode_extents,
+    make_config,
+    make_pki,
+    running_broker,
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,30 +31,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-def make_config(pki: PKI, store: Path, **over: object) -> BrokerConfig:
-    data: dict[str, object] = {
-        "broker": {
-            "node": "b1",
-            "cluster": "c1",
-            "site": "recovery",
-            "listen": "127.0.0.1:0",
-            "store": str(store),
-            "min_free_bytes": 0,
-        },
-        "tls": {"ca": str(pki.broker.ca), "cert": str(pki.broker.cert), "key": str(pki.broker.key)},
-    }
-    data.update(over)
-    return BrokerConfig.model_validate(data)
-
-
 @pytest.fixture
 async def broker(pki: PKI, tmp_path: Path) -> AsyncIterator[BrokerService]:
-    svc = BrokerService(make_config(pki, tmp_path / "store"))
-    await svc.start()
-    try:
+    async with running_broker(pki, tmp_path / "store") as svc:
         yield svc
-    finally:
-        await svc.stop()
 
 
 def image_digest(svc: BrokerService, src: FakeSource) -> str:
@@ -334,6 +323,14 @@ async def test_status_points_and_hashes(broker: BrokerService, pki: PKI) -> None
             assert await resp.read() == raw2
             assert resp.headers["X-Replikant-Cut-Id"] == "2"
             assert resp.headers["X-Replikant-Applied-Seq"] == "2"
+        # A cut beyond anything durable is refused at once, however long the caller would wait.
+        started = time.monotonic()
+        async with admin.session.get(
+            f"{broker.url}/v1/vms/web1/hashes?block_size=65536&point=1:99&wait=inf"
+        ) as resp:
+            assert resp.status == 404
+            assert (await resp.json())["error"] == "unknown_point"
+        assert time.monotonic() - started < 5
         old = src.cuts[2].image
         assert raw2 == b"".join(
             struct.pack(">Q", xxhash.xxh3_64_intdigest(old[i : i + 65536]))
@@ -445,8 +442,8 @@ async def test_retention_task_prunes_by_policy(pki: PKI, tmp_path: Path) -> None
 
 
 async def test_generation_bump_keeps_points(broker: BrokerService, pki: PKI) -> None:
-    """A PUT with a higher generation restarts seq numbering; older points stay readable and a
-    batch of the old generation is refused as stale."""
+    """An admin's generation raise restarts seq numbering; the agent's PUT at the new generation
+    is accepted, older points stay readable and a batch of the old generation is refused."""
     src = FakeSource(disk_size=1 * MiB)
     async with AgentClient(broker.url, pki.agents["h1"]) as agent:
         await agent.enable(src)
@@ -459,6 +456,12 @@ async def test_generation_bump_keeps_points(broker: BrokerService, pki: PKI) -> 
         old_gen_batch = stale.cut()  # generation 1, seq 3: from the old primary
         point_2 = src.cuts[2].image
         src.generation, src.seq = 2, 0
+        async with AgentClient(broker.url, pki.admin) as admin:
+            assert admin.session is not None
+            async with admin.session.post(
+                f"{broker.url}/v1/vms/web1/source", json={"generation": 2}
+            ) as resp:
+                assert resp.status == 200, await resp.text()
         state = await agent.enable(src)
         assert (state["generation"], state["durable_seq"]) == (2, 0)
         src.mutate()

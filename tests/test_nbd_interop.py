@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import uvloop
 
 from common.nbd.backend import FileExport
 from common.nbd.server import NBDServer
-from common.tls import server_context
+from common.tls import nbd_server_context
 from tests.fixtures_pki import make_pki
 
 pytestmark = [
@@ -178,7 +179,9 @@ async def test_libnbd_and_qemu_over_starttls(tmp_path: Path) -> None:
     image = tmp_path / "tls.img"
     make_source(image)
     export = FileExport(image, "disk")
-    async with NBDServer([export], tls_context=server_context(pki.agent.tls)) as server:
+    async with NBDServer(
+        [export], tls_context=partial(nbd_server_context, pki.agent.tls)
+    ) as server:
         host, port = await server.serve_tcp("127.0.0.1", 0)
         uri = f"nbds://{host}:{port}/disk?tls-certificates={creds}"
         info = json.loads(await run("nbdinfo", "--json", uri))
@@ -225,7 +228,9 @@ def test_the_same_clients_under_uvloop(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         export = FileExport(image, "disk")
-        async with NBDServer([export], tls_context=server_context(pki.agent.tls)) as server:
+        async with NBDServer(
+            [export], tls_context=partial(nbd_server_context, pki.agent.tls)
+        ) as server:
             sock = tmp_path / "nbd.sock"
             await server.serve_unix(sock)
             host, port = await server.serve_tcp("127.0.0.1", 0)

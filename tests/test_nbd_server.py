@@ -6,10 +6,14 @@ import asyncio
 import errno
 import hashlib
 import os
+import shutil
 import socket
+import ssl
 import struct
 import threading
+import warnings
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -29,7 +33,7 @@ from common.nbd.protocol import (
     Opt,
 )
 from common.nbd.server import NBDServer
-from common.tls import client_context, server_context
+from common.tls import TLSError, TLSMaterial, client_context, nbd_server_context
 from tests.fixtures_pki import make_pki
 
 SIZE = 8 * 1024 * 1024
@@ -448,7 +452,9 @@ async def test_starttls_with_mutual_certificates(tmp_path: Path, image: Path) ->
     other = make_pki(tmp_path / "other-pki")
     export = FileExport(image, "disk")
     with capture_logs() as logs:
-        async with NBDServer([export], tls_context=server_context(pki.agent.tls)) as server:
+        async with NBDServer(
+            [export], tls_context=partial(nbd_server_context, pki.agent.tls)
+        ) as server:
             host, port = await server.serve_tcp("127.0.0.1", 0)
             tls = client_context(pki.broker.tls)
             async with await NBDClient.open_tcp(host, port, "disk", tls=tls) as client:
@@ -473,7 +479,9 @@ async def test_allowed_roles_refuse_other_identities(tmp_path: Path, image: Path
     export = FileExport(image, "disk")
     with capture_logs() as logs:
         async with NBDServer(
-            [export], tls_context=server_context(pki.agent.tls), allowed_roles=["broker"]
+            [export],
+            tls_context=partial(nbd_server_context, pki.agent.tls),
+            allowed_roles=["broker"],
         ) as server:
             host, port = await server.serve_tcp("127.0.0.1", 0)
             with pytest.raises((ConnectionError, OSError, asyncio.IncompleteReadError)):
@@ -485,3 +493,149 @@ async def test_allowed_roles_refuse_other_identities(tmp_path: Path, image: Path
     export.close()
     rejected = [e for e in logs if e["event"] == "tls_handshake_rejected"]
     assert [e["reason"] for e in rejected] == ["wrong_role"]
+
+
+# --- TLS versions ---------------------------------------------------------------------------------
+
+
+def _starttls(
+    port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None
+) -> ssl.SSLSocket:
+    """Negotiate up to STARTTLS by hand and run the TLS handshake with ``ctx`` (blocking)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        greeting = raw.recv(18, socket.MSG_WAITALL)
+        assert greeting[:16] == struct.pack(">QQ", 0x4E42444D41474943, IHAVEOPT)
+        raw.sendall(struct.pack(">I", 3) + struct.pack(">QII", IHAVEOPT, Opt.STARTTLS, 0))
+        _magic, opt, rep, length = struct.unpack(">QIII", raw.recv(20, socket.MSG_WAITALL))
+        assert (opt, rep, length) == (Opt.STARTTLS, 1, 0)
+        return ctx.wrap_socket(raw, server_hostname="localhost", session=session)
+    except BaseException:
+        raw.close()
+        raise
+
+
+def _client_at(
+    tls: TLSMaterial, version: ssl.TLSVersion, ciphers: str | None = None
+) -> ssl.SSLContext:
+    """Our client context pinned to one TLS version (and optionally some TLS 1.2 suites)."""
+    ctx = client_context(tls)
+    with warnings.catch_warnings():
+        # TLS 1.1 is deprecated in Python: that is the point, we play an old client.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.minimum_version = ctx.maximum_version = version
+    if ciphers is not None:
+        ctx.set_ciphers(ciphers)
+    return ctx
+
+
+async def test_nbd_accepts_tls_1_2_with_aead_suites_and_tls_1_3(
+    tmp_path: Path, image: Path
+) -> None:
+    """NBD over TLS 1.2 (ECDHE + AES-GCM or ChaCha20) and 1.3 reads back what it wrote."""
+    pki = make_pki(tmp_path / "pki")
+    export = FileExport(image, "disk")
+    clients = [
+        _client_at(pki.broker.tls, ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES128-GCM-SHA256"),
+        _client_at(pki.broker.tls, ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-CHACHA20-POLY1305"),
+        _client_at(pki.broker.tls, ssl.TLSVersion.TLSv1_3),
+    ]
+    with capture_logs() as logs:
+        async with NBDServer(
+            [export], tls_context=partial(nbd_server_context, pki.agent.tls)
+        ) as server:
+            host, port = await server.serve_tcp("127.0.0.1", 0)
+            for i, tls in enumerate(clients):
+                async with await NBDClient.open_tcp(host, port, "disk", tls=tls) as client:
+                    data = os.urandom(4096)
+                    await client.write(i * 4096, data, fua=True)
+                    assert await client.read(i * 4096, 4096) == data
+    export.close()
+    established = [
+        (e["tls_version"], e["cipher"], e["client"])
+        for e in logs
+        if e["event"] == "nbd_tls_established"
+    ]
+    assert established[:2] == [
+        ("TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256", "replikant://broker/c1/b1"),
+        ("TLSv1.2", "ECDHE-ECDSA-CHACHA20-POLY1305", "replikant://broker/c1/b1"),
+    ]
+    # Python cannot pin a TLS 1.3 suite; every one of them is AEAD.
+    version, cipher, client = established[2]
+    assert (version, client) == ("TLSv1.3", "replikant://broker/c1/b1")
+    assert cipher.startswith("TLS_")
+
+
+async def test_nbd_refuses_old_tls_weak_suites_resumption_and_anonymous_clients(
+    tmp_path: Path, image: Path
+) -> None:
+    """TLS 1.1, TLS 1.2 without AEAD or without a client certificate are refused; a TLS 1.2
+    session is never resumed (each connection re-verifies the certificate)."""
+    pki = make_pki(tmp_path / "pki")
+    export = FileExport(image, "disk")
+    old = _client_at(pki.broker.tls, ssl.TLSVersion.TLSv1_1, "DEFAULT:@SECLEVEL=0")
+    cbc = _client_at(
+        pki.broker.tls, ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA"
+    )
+    anonymous = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    anonymous.load_verify_locations(cafile=pki.ca)
+    anonymous.maximum_version = ssl.TLSVersion.TLSv1_2
+    good = _client_at(pki.broker.tls, ssl.TLSVersion.TLSv1_2)
+    with capture_logs() as logs:
+        async with NBDServer(
+            [export], tls_context=partial(nbd_server_context, pki.agent.tls)
+        ) as server:
+            _host, port = await server.serve_tcp("127.0.0.1", 0)
+            for ctx in (old, cbc, anonymous):
+                with pytest.raises((ssl.SSLError, ConnectionError)):
+                    await asyncio.to_thread(_starttls, port, ctx)
+            first = await asyncio.to_thread(_starttls, port, good)
+            session = first.session
+            first.close()
+            second = await asyncio.to_thread(_starttls, port, good, session)
+            assert second.version() == "TLSv1.2"
+            assert not second.session_reused
+            second.close()
+            await wait_until(lambda: server.connection_count == 0)
+    export.close()
+    rejected = [
+        (e["reason"], e.get("ssl_reason")) for e in logs if e["event"] == "tls_handshake_rejected"
+    ]
+    assert rejected == [
+        ("protocol_version", "UNSUPPORTED_PROTOCOL"),
+        ("handshake_failed", "NO_SHARED_CIPHER"),
+        ("no_client_certificate", "PEER_DID_NOT_RETURN_A_CERTIFICATE"),
+    ]
+
+
+async def test_tls_context_factory_fails_early_and_per_connection(
+    tmp_path: Path, image: Path
+) -> None:
+    """Unreadable certificate files stop the server at start-up; files lost later refuse the
+    connection with an nbd_tls_context_failed event instead of serving it."""
+    pki = make_pki(tmp_path / "pki")
+    key = tmp_path / "agent.key"
+    shutil.copy(pki.agent.key_path, key)
+    material = (pki.ca, pki.agent.cert_path, key)
+    export = FileExport(image, "disk")
+    with pytest.raises(TLSError, match="does not exist"):
+        NBDServer(
+            [export],
+            tls_context=partial(
+                nbd_server_context, (pki.ca, pki.agent.cert_path, tmp_path / "none")
+            ),
+        )
+    with capture_logs() as logs:
+        async with NBDServer([export], tls_context=partial(nbd_server_context, material)) as server:
+            host, port = await server.serve_tcp("127.0.0.1", 0)
+            async with await NBDClient.open_tcp(
+                host, port, "disk", tls=client_context(pki.broker.tls)
+            ) as client:
+                assert client.info.size == SIZE
+            key.unlink()
+            with pytest.raises((ConnectionError, OSError, asyncio.IncompleteReadError)):
+                await NBDClient.open_tcp(host, port, "disk", tls=client_context(pki.broker.tls))
+    export.close()
+    failed = [e for e in logs if e["event"] == "nbd_tls_context_failed"]
+    assert len(failed) == 1
+    assert str(key) in failed[0]["error"]

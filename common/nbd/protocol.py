@@ -206,6 +206,7 @@ _ENOSPC: Final = 28
 _FUA: Final = 1
 _DONE: Final = REPLY_FLAG_DONE
 _MUTATING: Final = frozenset({_WRITE, _TRIM, _WRITE_ZEROES})
+_WRITING: Final = frozenset({_WRITE, _WRITE_ZEROES})
 
 _INITIAL_BUFFER: Final = 256 * 1024
 _MIN_FREE: Final = 16 * 1024
@@ -400,6 +401,7 @@ class ServerConnection:
         self._start = 0
         self._end = 0
         self._discard = 0  # payload bytes of a refused oversized WRITE still to be skipped
+        self._discard_handle = 0  # ... and the handle its EINVAL goes to once they are gone
         self._want = 0  # size of the WRITE (header + payload) being received, 0 if none
         self._out: list[bytes] = [
             _GREETING.pack(
@@ -738,6 +740,11 @@ class ServerConnection:
                 self._start = start + skip
                 if self._discard:
                     return NEED_DATA
+                # Only now: a client matches a reply to a request it has finished sending
+                # (libnbd drops the connection on an earlier one).
+                self._queue_error(
+                    self._discard_handle, _WRITE, _EINVAL, "write larger than the maximum"
+                )
                 continue
             if avail < _REQUEST_SIZE:
                 return NEED_DATA
@@ -748,9 +755,10 @@ class ServerConnection:
             if cmd == _WRITE:
                 if length > self._max_payload:
                     # Skip the payload rather than buffer it: keeps us in sync without the memory.
+                    # The error is sent once the payload is gone (above).
                     self._start = start + _REQUEST_SIZE
                     self._discard = length
-                    self._queue_error(handle, cmd, _EINVAL, "write larger than the maximum")
+                    self._discard_handle = handle
                     continue
                 total = _REQUEST_SIZE + length
                 if avail < total:
@@ -779,7 +787,9 @@ class ServerConnection:
             if cmd == _FLUSH:
                 return Request(cmd, flags, handle, 0, 0, None)
             if offset + length > self._size:
-                err = _ENOSPC if cmd in _MUTATING else _EINVAL
+                # The spec's Error values: ENOSPC for writes past the end; a TRIM past the end
+                # asks to discard what does not exist, which is EINVAL like a READ.
+                err = _ENOSPC if cmd in _WRITING else _EINVAL
                 self._queue_error(handle, cmd, err, "request beyond the end of the export")
                 continue
             if cmd == _READ and length > self._max_payload:

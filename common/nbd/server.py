@@ -20,7 +20,7 @@ import os
 import socket
 import ssl
 import struct
-from collections.abc import Collection, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -47,6 +47,7 @@ from common.nbd.protocol import (
 )
 from common.tls import (
     Role,
+    TLSError,
     TLSIdentityError,
     describe_tls_error,
     format_peer,
@@ -106,18 +107,22 @@ class NBDServer:
 
     ``exports`` may be a mapping of name to export or an iterable of exports (keyed by their
     ``name``). ``default_export`` names the export a client gets when it asks for the empty name.
-    With a ``tls_context`` (normally :func:`common.tls.server_context`), TCP listeners require TLS
-    (``NBD_OPT_STARTTLS``) before anything else; unix sockets do not unless asked (their file
-    permissions are the access control). A TLS client must present a certificate carrying a
-    Replikant identity, and with ``allowed_roles`` one of those roles; refusals are logged as
-    ``tls_handshake_rejected`` like everywhere else.
+    With a ``tls_context``, TCP listeners require TLS (``NBD_OPT_STARTTLS``) before anything else;
+    unix sockets do not unless asked (their file permissions are the access control).
+    ``tls_context`` is either a context or a function returning a fresh one for each connection,
+    normally ``functools.partial(common.tls.nbd_server_context, tls)``: a fresh context has an
+    empty TLS 1.2 session cache, so no client can resume a session without its certificate being
+    verified again (OpenSSL's session-ID cache cannot be switched off from Python). The function
+    is called once here, so that unreadable certificate files fail at start-up. A TLS client must
+    present a certificate carrying a Replikant identity, and with ``allowed_roles`` one of those
+    roles; refusals are logged as ``tls_handshake_rejected`` like everywhere else.
     """
 
     def __init__(
         self,
         exports: Mapping[str, Export] | Iterable[Export] = (),
         *,
-        tls_context: ssl.SSLContext | None = None,
+        tls_context: ssl.SSLContext | Callable[[], ssl.SSLContext] | None = None,
         max_connections: int = 100,
         handshake_timeout: float = 10.0,
         default_export: str | None = None,
@@ -132,6 +137,8 @@ class NBDServer:
             if name != export.name:
                 raise ValueError(f"export {export.name!r} registered under the name {name!r}")
             self._add(export)
+        if callable(tls_context):
+            tls_context()
         self.tls_context = tls_context
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
@@ -658,9 +665,16 @@ class _Connection(asyncio.BufferedProtocol):
         self._server._spawn(self._upgrade(transport))
 
     async def _upgrade(self, transport: asyncio.Transport) -> None:
-        context = self._server.tls_context
-        assert context is not None
+        source = self._server.tls_context
+        assert source is not None
         peer = format_peer(transport.get_extra_info("peername")) or self.peer
+        try:
+            context = source() if callable(source) else source
+        except (TLSError, OSError) as exc:
+            # The certificate files went bad since start-up: refuse, and say what to fix.
+            self._log.error("nbd_tls_context_failed", error=str(exc))
+            transport.abort()
+            return
         try:
             async with asyncio.timeout(self._server.handshake_timeout):
                 new = await self._loop.start_tls(transport, self, context, server_side=True)
@@ -689,7 +703,12 @@ class _Connection(asyncio.BufferedProtocol):
         self._transport = new
         self._conn.tls_established()
         self._log = self._log.bind(client=str(identity))
-        self._log.info("nbd_tls_established")
+        cipher = ssl_object.cipher()
+        self._log.info(
+            "nbd_tls_established",
+            tls_version=ssl_object.version(),
+            cipher=cipher[0] if cipher else None,
+        )
         if self._conn.buffered:
             # Options sent right behind the client's Finished arrived before this point.
             self._process()

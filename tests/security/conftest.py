@@ -8,11 +8,17 @@ observed), so a reader of the CI log sees the whole wall, not only its cracks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.security.rows import Door, all_rows
+from tests.support_broker import PKI, make_pki, running_broker
+
+if TYPE_CHECKING:
+    from broker.service import BrokerService
 
 
 @pytest.fixture
@@ -22,6 +28,19 @@ def door(request: pytest.FixtureRequest) -> Iterator[Door]:
     yield d
     if not d.rows:
         pytest.fail("a security test must record at least one attempt with door.attempt(...)")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    """A CA with a broker, agents h1/h2/h3, admin alice and a foreign-CA agent."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+async def broker(pki: PKI, tmp_path: Path) -> AsyncIterator[BrokerService]:
+    """An in-process broker with an empty store under ``tmp_path``."""
+    async with running_broker(pki, tmp_path / "store") as svc:
+        yield svc
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
