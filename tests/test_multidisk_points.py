@@ -158,7 +158,7 @@ async def test_vm_points_keep_write_order_across_lost_acks(
     pki = make_pki(tmp_path / "pki")
     store = tmp_path / "store"
     trigger = tmp_path / "die-before-ack"
-    monkeypatch.setenv(FAULT_ENV, str(trigger))  # inherited by the broker process only matters
+    monkeypatch.setenv(FAULT_ENV, str(trigger))  # the broker inherits it; the agent ignores it
     bport = free_port()
     url = f"https://127.0.0.1:{bport}"
     broker = ReplikantProc(
