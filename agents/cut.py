@@ -117,6 +117,7 @@ class Cut:
         reader: Reader,
         cow: CowStore,
         cut_time_ns: int,
+        cut_id: int = 0,
     ) -> None:
         self.frozen = frozen
         self.size = size
@@ -125,6 +126,7 @@ class Cut:
         self.reader = reader
         self.cow = cow
         self.cut_time_ns = cut_time_ns
+        self.cut_id = cut_id  # the VM-wide cut this disk's cut is part of (0: none)
         self.closed = False
 
     # -- called by the export before a guest modification --------------------------------

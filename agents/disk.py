@@ -214,8 +214,11 @@ class TrackedExport(ExportBase):
 
     # -- cuts --------------------------------------------------------------------------------
 
-    def begin_cut(self, cut_time_ns: int | None = None) -> Cut:
-        """Freeze the changes so far into a new cut. Synchronous: call it between requests."""
+    def begin_cut(self, cut_time_ns: int | None = None, cut_id: int = 0) -> Cut:
+        """Freeze the changes so far into a new cut. Synchronous: call it between requests.
+
+        ``cut_id`` is the id of the VM-wide cut this is part of (:class:`agents.state.CutClock`).
+        """
         if self.cut is not None:
             raise TrackingError(f"export {self.name} already has a cut being shipped")
         frozen = self.map.swap()
@@ -226,6 +229,7 @@ class TrackedExport(ExportBase):
             reader=self.inner.read,
             cow=CowStore(self.block_size, self.cow_memory_limit, self.spill_path),
             cut_time_ns=time.time_ns() if cut_time_ns is None else cut_time_ns,
+            cut_id=cut_id,
         )
         return self.cut
 

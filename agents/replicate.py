@@ -125,6 +125,13 @@ class DiskReplicator:
         self.seed_export: dict[str, Any] | None = None  # progress while an export writes media
         self._seed_restore: BlockMap | None = None  # the dirty blocks pending before that cut
         self._waiting: tuple[float, str] | None = None  # (monotonic start, what) of a request
+
+        # The first VM cut since this disk's last acked batch at which it had changed (None: no
+        # change pending; 0: pending changes of unknown age, as after a restart). See
+        # first_change_cut in docs/protocol/batch.md.
+        self.change_cut: int | None = 0
+        self._marks_seen = export.map.guest_ops
+        self.broker_cut_id = 0  # the newest VM cut the broker holds durably for this disk
         if self.state is not None:
             self.status.last_acked_seq = self.state.acked_seq
             self.status.last_acked_cut_ns = self.state.last_cut_ns
@@ -186,6 +193,7 @@ class DiskReplicator:
 
     async def _adopt(self, rs: ReplicaState) -> None:
         local = self.state
+        self.broker_cut_id = rs.durable_cut_id
         if rs.disk_size and rs.disk_size != self.export.size:
             raise FencedError(
                 f"replica of {self.vm.name}/{self.disk.id} has size {rs.disk_size}, the disk "
@@ -254,6 +262,7 @@ class DiskReplicator:
         self.state = local
         self.next_seq = rs.durable_seq + 1
         if self.mode == "verify":
+            self.change_cut = 0  # the differences found have no known age
             await self._verify()
             self.mode = "delta"
             self.recovery = Recovery(
@@ -313,13 +322,13 @@ class DiskReplicator:
 
     # -- seed export (agents.seed drives these) ----------------------------------------------
 
-    def begin_seed_cut(self, cut_time_ns: int) -> Cut:
+    def begin_seed_cut(self, cut_time_ns: int, cut_id: int) -> Cut:
         """Freeze the whole disk (allocated data and pending changes) for an export to media.
 
         Synchronous, like :meth:`begin_cut`: a VM cuts all its disks in one loop step. The
         export reads the cut like a FULL batch (copy-on-write keeps it point-in-time).
         """
-        cut = self.export.begin_cut(cut_time_ns)
+        cut = self.export.begin_cut(cut_time_ns, cut_id)
         self._seed_restore = cut.frozen.copy()
         cut.add_full_range(0, self.export.size, self.export.fd)
         return cut
@@ -341,6 +350,7 @@ class DiskReplicator:
         st.verify_pending = False  # the media holds the whole disk: nothing left to compare
         st.save(self.state_path)
         self.export.end_cut(acked=True)
+        self.change_cut = None
         self._drop_seed_restore()
         # Tracking is exact from the cut on, whatever the map recovered at start.
         self.recovery = Recovery(fresh=False, clean=True, recovered_blocks=0, tracking_lost=None)
@@ -436,9 +446,20 @@ class DiskReplicator:
 
     # -- cutting and shipping --------------------------------------------------------------
 
-    def begin_cut(self, cut_time_ns: int) -> Cut:
+    def note_cut(self, cut_id: int) -> None:
+        """The VM takes cut ``cut_id`` now, with or without this disk: note whether it changed.
+
+        Synchronous, in the loop step of the cut, for *every* disk of the VM: a disk left out of
+        a cut (not ready) still has to remember that it changed before it.
+        """
+        marks = self.export.map.guest_ops
+        if marks != self._marks_seen and self.change_cut is None:
+            self.change_cut = cut_id
+        self._marks_seen = marks
+
+    def begin_cut(self, cut_time_ns: int, cut_id: int) -> Cut:
         """Freeze this disk's changes (synchronous; the VM cuts all its disks in one step)."""
-        cut = self.export.begin_cut(cut_time_ns)
+        cut = self.export.begin_cut(cut_time_ns, cut_id)
         self.status.last_cut_ns = cut_time_ns
         if self.mode == "initial":
             assert self.state is not None
@@ -479,6 +500,8 @@ class DiskReplicator:
                 compression=compression,
                 full=full,
                 max_extent=self.max_extent,
+                # No change pending: the disk stayed as it was up to this very cut.
+                first_change_cut=cut.cut_id if self.change_cut is None else self.change_cut,
             )
             body = batch_body(
                 cut,
@@ -522,6 +545,8 @@ class DiskReplicator:
             self.ready = False
             raise
         cleared = self.export.end_cut(acked=True)
+        self.change_cut = None  # changes after this cut are noted at the next cuts
+        self.broker_cut_id = max(self.broker_cut_id, cut.cut_id)
         if not full:
             self._completing = False
         elapsed = max(time.monotonic() - started, 1e-6)

@@ -772,6 +772,7 @@ async def write_disk(
         "block_size": rep.export.block_size,
         "seq": plan.seq,
         "cut_time_ns": cut.cut_time_ns,
+        "cut_id": cut.cut_id,
         "image": f"{rep.vm.name}/{rep.disk.id}.img",
         "hashes": f"{rep.vm.name}/{rep.disk.id}.xxh3",
         "written_bytes": s.written,
@@ -834,9 +835,11 @@ async def _export_vm(
     async with worker.lock:  # no batch of this VM ships while its disks are frozen for media
         plans = [await plan_disk(rep, force=req.force) for rep in worker.replicators]
         frozen = await worker.hooks.freeze() if worker.hooks.configured else False
+        # No await between these: one loop step, so one instant for all the VM's disks. The
+        # media's cut is a cut of the VM like any other: it takes the VM's next cut id.
+        cut_id = worker.next_cut_id()
         cut_time = time.time_ns()
-        # No await between these: one loop step, so one instant for all the VM's disks.
-        cuts = [(p, p.rep.begin_seed_cut(cut_time)) for p in plans]
+        cuts = [(p, p.rep.begin_seed_cut(cut_time, cut_id)) for p in plans]
         if frozen:
             await worker.hooks.thaw()
         log.info(

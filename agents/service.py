@@ -47,6 +47,7 @@ from agents.hooks import FreezeHooks
 from agents.replicate import REFUSED_CODES, DiskReplicator
 from agents.seed import ExportRequest, SeedError, cancel_seeds, export_media
 from agents.ship import MAX_EXTENT, Backoff, BrokerClient, TokenBucket
+from agents.state import CutClock
 from certs.service import startup_problems
 from common.config import (
     AgentConfig,
@@ -250,6 +251,7 @@ class VMWorker:
     policy: Policy
     replicators: list[DiskReplicator]
     hooks: FreezeHooks
+    cuts: CutClock
     cycles: int = 0
     backoff: Backoff = field(default_factory=lambda: Backoff(base=0.5, cap=30.0))
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one cycle (or verify) at a time
@@ -320,13 +322,27 @@ class VMWorker:
             frozen = await self.hooks.freeze()
         # No await between these cuts: they are one step of the event loop, so no guest request
         # of any of the VM's disks falls between them.
+        cut_id = self.next_cut_id()
         cut_time = time.time_ns()
-        cuts = [(rep, rep.begin_cut(cut_time)) for rep in ready]
+        cuts = [(rep, rep.begin_cut(cut_time, cut_id)) for rep in ready]
         if frozen:
             await self.hooks.thaw()
         consistency = Consistency.APP if frozen else Consistency.CRASH
         results = await asyncio.gather(*(rep.ship(cut, consistency) for rep, cut in cuts))
         return all(results)
+
+    def next_cut_id(self) -> int:
+        """Take the VM's next cut id, and tell every disk (cut or not) that a cut happens.
+
+        Synchronous: call it in the loop step of the cut itself. The id is past anything the
+        broker holds for any disk, so a lost state directory cannot make ids repeat.
+        """
+        for rep in self.replicators:
+            self.cuts.observe(rep.broker_cut_id)
+        cut_id = self.cuts.next()
+        for rep in self.replicators:
+            rep.note_cut(cut_id)
+        return cut_id
 
     async def verify(self) -> list[dict[str, Any]]:
         """Cut every disk now, ship the cut, and hash the disks exactly as they were at it.
@@ -348,8 +364,9 @@ class VMWorker:
                         code="awaiting_seed",
                     )
             self.cycles += 1
+            cut_id = self.next_cut_id()
             cut_time = time.time_ns()
-            cuts = [(rep, rep.begin_cut(cut_time)) for rep in self.replicators]
+            cuts = [(rep, rep.begin_cut(cut_time, cut_id)) for rep in self.replicators]
             snaps = [rep.export.begin_snapshot(cut_time) for rep in self.replicators]
             try:
                 ok = await asyncio.gather(*(rep.ship(cut, Consistency.CRASH) for rep, cut in cuts))
@@ -367,6 +384,7 @@ class VMWorker:
                             "disk_id": rep.disk.id,
                             "generation": rep.state.generation,
                             "seq": rep.status.last_acked_seq,
+                            "cut_id": cut_id,
                             "block_size": rep.export.block_size,
                             "disk_size": rep.export.size,
                             "hashes": base64.b64encode(hashes).decode("ascii"),
@@ -560,7 +578,9 @@ class Agent:
             self.replicators.append(rep)
             await self._serve(export, sock)
         if reps:
-            self.workers.append(VMWorker(vm, policy, reps, FreezeHooks(policy, vm=vm.name)))
+            # Disk ids cannot start with "_", so the VM's own file never meets a disk's.
+            cuts = CutClock(cfg.agent.state_dir / str(vm.uuid) / "_cuts.json")
+            self.workers.append(VMWorker(vm, policy, reps, FreezeHooks(policy, vm=vm.name), cuts))
 
     async def _serve(self, export: TrackedExport | FileExport, sock: Path) -> None:
         server = NBDServer(

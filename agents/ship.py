@@ -66,6 +66,7 @@ class ReplicaState:
     applied_seq: int
     initial_sync: str
     disk_size: int
+    durable_cut_id: int = 0  # the VM cut of the newest durable batch (0: none, or an old broker)
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -78,6 +79,7 @@ class ReplicaState:
                 applied_seq=int(body.get("applied_seq", body["durable_seq"])),
                 initial_sync=str(body.get("initial_sync", "pending")),
                 disk_size=int(body.get("disk_size", 0)),
+                durable_cut_id=int(body.get("durable_cut_id", 0)),
                 raw=body,
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -500,8 +502,13 @@ def make_header(
     compression: Compression,
     full: bool,
     max_extent: int = MAX_EXTENT,
+    first_change_cut: int = 0,
 ) -> BatchHeader:
-    """The header for ``cut`` as seq ``seq`` (the extent totals come from planning the cut)."""
+    """The header for ``cut`` as seq ``seq`` (the extent totals come from planning the cut).
+
+    The batch carries ``cut.cut_id``; ``first_change_cut`` is the agent's idleness statement
+    (see :attr:`agents.replicate.DiskReplicator.change_cut`).
+    """
     count, total = cut.totals(max_extent)
     return BatchHeader(
         vm_uuid=vm_uuid,
@@ -517,4 +524,6 @@ def make_header(
         full=full,
         extent_count=count,
         data_bytes=total,
+        cut_id=cut.cut_id,
+        first_change_cut=first_change_cut,
     )

@@ -28,6 +28,14 @@ def read_json(path: Path) -> Any:
         return None
 
 
+def _load(path: Path, what: str, fix: str) -> Any:
+    """:func:`read_json`, with an unreadable file refused as a :class:`TrackingError`."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as exc:
+        raise TrackingError(f"cannot read {what} {path}: {exc}", fix=fix) from None
+
+
 def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` atomically and durably (tmp, fsync, rename, fsync dir)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,13 +80,9 @@ class DiskState:
     @classmethod
     def load(cls, path: Path) -> DiskState | None:
         """Read the state, or None when there is none (or it is unreadable: start afresh)."""
-        try:
-            raw = read_json(path)
-        except (OSError, ValueError) as exc:
-            raise TrackingError(
-                f"cannot read agent state {path}: {exc}",
-                fix="remove the file; the agent then compares hashes with the broker",
-            ) from None
+        raw = _load(
+            path, "agent state", "remove the file; the agent then compares hashes with the broker"
+        )
         if raw is None:
             return None
         fields = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
@@ -87,3 +91,45 @@ class DiskState:
     def save(self, path: Path) -> None:
         """Write atomically and durably."""
         write_atomically(path, json.dumps(asdict(self), indent=1, sort_keys=True).encode())
+
+
+class CutClock:
+    """The cut ids of one VM: increasing for ever, across restarts and ``kill -9``.
+
+    Every cut of all the VM's disks takes the next id (:meth:`next`). Ids are reserved in
+    blocks of ``block`` by writing the block's end to ``path`` (atomically, durably) before the
+    first id of the block is handed out, and a start resumes after the recorded end, so a restart
+    may skip ids but never hands one out twice or goes back. :meth:`observe` moves the clock past
+    an id seen elsewhere (the broker's newest cut of the VM), so a lost state directory cannot
+    make the agent repeat the ids its replica already holds.
+    """
+
+    def __init__(self, path: Path, block: int = 1024) -> None:
+        self.path = path
+        self.block = block
+        fix = "remove the file; the agent then continues after the broker's newest cut"
+        raw = _load(path, "the VM's cut ids from", fix)
+        reserved = 0 if raw is None else raw.get("reserved_to") if isinstance(raw, dict) else None
+        if isinstance(reserved, bool) or not isinstance(reserved, int) or reserved < 0:
+            raise TrackingError(f"{path} holds no cut id reservation ({raw!r:.80})", fix=fix)
+        self._reserved = reserved
+        self._last = self._reserved  # ids up to here may have been used before a restart
+
+    @property
+    def last(self) -> int:
+        """The newest id handed out (or the floor the next one must exceed)."""
+        return self._last
+
+    def observe(self, cut_id: int) -> None:
+        """Never hand out ``cut_id`` or anything before it."""
+        self._last = max(self._last, cut_id)
+
+    def next(self) -> int:
+        """The next cut id (synchronous: a block reservation is one small fsynced write)."""
+        cut_id = self._last + 1
+        if cut_id > self._reserved:
+            reserved = cut_id + self.block - 1
+            write_atomically(self.path, json.dumps({"reserved_to": reserved}).encode())
+            self._reserved = reserved
+        self._last = cut_id
+        return cut_id

@@ -448,6 +448,7 @@ class Shipper:
             full=full,
             extent_count=len(items),
             data_bytes=sum(n for _, n in items),
+            cut_id=seq,
         )
         encoder = BatchEncoder(header, level=self.level)
         import zstandard

@@ -461,8 +461,10 @@ async def _verify_agent(
     broker = config.admin.brokers[0].rstrip("/")
     for d in answer["disks"]:
         bs = int(d["block_size"])
-        point = f"{d['generation']}-{d['seq']}"
-        status_code, remote, _ = await client.request(
+        # Every disk at the VM point of the agent's one cut: each replica's own state at that
+        # cut, whatever its sequence numbers (they drift apart after a lost ack).
+        point = f"{d['generation']}:{d['cut_id']}"
+        status_code, remote, headers = await client.request(
             "GET",
             f"{broker}/v1/replicas/{answer['vm_uuid']}/{d['disk_id']}/hashes",
             params={"block_size": bs, "point": point, "wait": 120},
@@ -472,7 +474,10 @@ async def _verify_agent(
             raise _refusal(broker, status_code, remote)
         local = base64.b64decode(d["hashes"])
         result = compare_hashes(local, bytes(remote), bs, int(d["disk_size"]))
-        out_disks.append({"disk": d["disk_id"], "point": point, "block_size": bs, **result})
+        state = f"{headers.get('X-Replikant-Generation')}-{headers.get('X-Replikant-Applied-Seq')}"
+        out_disks.append(
+            {"disk": d["disk_id"], "point": point, "disk_point": state, "block_size": bs, **result}
+        )
     doc: dict[str, Any] = {
         "vm": answer.get("vm", vm),
         "disks": out_disks,

@@ -112,14 +112,19 @@ class DirectApply:
                     full=True,
                     epoch=self._epoch,
                     applied_ns=time.time_ns(),
+                    cut_id=header.cut_id,
+                    first_change_cut=header.first_change_cut,
                 )
             )
             r.update_meta(
                 durable_seq=header.seq,
                 durable_cut_ns=header.cut_time_ns,
+                durable_cut_id=header.cut_id,
                 applied_generation=header.generation,
                 applied_seq=header.seq,
                 applied_cut_ns=header.cut_time_ns,
+                applied_cut_id=header.cut_id,
+                applied_first_change_cut=header.first_change_cut,
                 applied_consistency=int(header.consistency),
                 applied_full=True,
                 initial_sync="in_progress",
@@ -152,6 +157,8 @@ def applied_state(replica: Replica) -> StateInfo:
         cut_ns=m.applied_cut_ns,
         consistency=m.applied_consistency,
         full=m.applied_full,
+        cut_id=m.applied_cut_id,
+        first_change_cut=m.applied_first_change_cut,
     )
 
 
@@ -325,7 +332,15 @@ class ReplicaEngine:
         epoch = self.epoch()
         self.store.check_epoch(epoch, r)  # 1. fence (adopts a higher epoch before writing)
         base = self.state()
-        top = StateInfo(h.generation, h.seq, h.cut_time_ns, int(h.consistency), h.full)
+        top = StateInfo(
+            h.generation,
+            h.seq,
+            h.cut_time_ns,
+            int(h.consistency),
+            h.full,
+            cut_id=h.cut_id,
+            first_change_cut=h.first_change_cut,
+        )
         seg = self.points.segment_for(top.key)
         if seg is None:  # 2. undo, exactly once per batch
             seg = self.points.capture(self._fd, entry.ranges(), base, top)
@@ -347,6 +362,8 @@ class ReplicaEngine:
                 full=h.full,
                 epoch=epoch,
                 applied_ns=time.time_ns(),
+                cut_id=h.cut_id,
+                first_change_cut=h.first_change_cut,
             )
         )
         sync = r.meta.initial_sync
@@ -358,6 +375,8 @@ class ReplicaEngine:
             applied_generation=h.generation,
             applied_seq=h.seq,
             applied_cut_ns=h.cut_time_ns,
+            applied_cut_id=h.cut_id,
+            applied_first_change_cut=h.first_change_cut,
             applied_consistency=int(h.consistency),
             applied_full=h.full,
             initial_sync=sync,
@@ -485,6 +504,12 @@ class ReplicaEngine:
         """Wait until the applied state reaches ``key`` (wrap in ``asyncio.timeout``)."""
         async with self._progress:
             await self._progress.wait_for(lambda: self.state().key >= key)
+
+    async def wait_for_cut(self, cut: tuple[int, int]) -> None:
+        """Wait until the applied state reaches VM cut ``cut`` ``(generation, cut_id)``: a
+        disk's batches carry growing cut ids, so it then has its state at that cut, if any."""
+        async with self._progress:
+            await self._progress.wait_for(lambda: self.state().cut >= cut)
 
     # -- reading points
     def open_view(self, key: tuple[int, int] | None = None) -> PointView:

@@ -36,7 +36,16 @@ from broker.errors import (
     UploadInProgress,
 )
 from broker.journal import BatchReceiver
-from broker.points import Key, PointInfo, key_text, parse_key
+from broker.points import (
+    CutKey,
+    Key,
+    VMPoint,
+    cut_text,
+    key_text,
+    pair_by_cut,
+    parse_cut,
+    parse_key,
+)
 from broker.store import Replica
 from common.config import NAME_PATTERN
 from common.hrl import BATCH_CONTENT_TYPE
@@ -342,6 +351,7 @@ def state_json(service: BrokerService, replica: Replica) -> dict[str, Any]:
         "generation": m.generation,
         "applied_seq": applied,
         "durable_seq": m.durable_seq,
+        "durable_cut_id": m.durable_cut_id,
         "epoch": service.epoch,
         "initial_sync": m.initial_sync,
         "site": service.config.broker.site,
@@ -569,7 +579,8 @@ async def _journal(
 
 
 async def replica_hashes(request: web.Request) -> web.Response:
-    """GET hashes: block hashes of the replica as of its applied state (or ``point=G-S``)."""
+    """GET hashes: block hashes of the replica as of its applied state, or as of ``point``:
+    one of its own states (``G-S``) or its state at a VM point (``G:C``)."""
     service = request.app[SERVICE_KEY]
     ident = _identity(request)
     vm_uuid = _vm_uuid(request)
@@ -601,7 +612,9 @@ async def _hashes_response(
         )
     if length // block_size > 1 << 24:
         raise BadRequest("too many blocks in one request; ask for a smaller range")
-    key = parse_key(names.point_id(q["point"])) if "point" in q else None
+    raw = q.get("point")
+    cut = parse_cut(names.vm_point_id(raw)) if raw is not None and ":" in raw else None
+    key = parse_key(names.point_id(raw)) if raw is not None and cut is None else None
     try:
         wait = float(q.get("wait", 0))
     except ValueError:
@@ -610,19 +623,54 @@ async def _hashes_response(
         raise names.refuse("wait", q.get("wait"), "a number of seconds, 0 or more")
     engine = service.engine_for(replica)
     # The point check runs even without a wait: an unknown point is refused, never guessed.
-    if key is not None and _point_pending(engine, key) and wait > 0:
+    if cut is not None:
+        if _cut_pending(engine, cut) and wait > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(wait, MAX_HASHES_WAIT)):
+                    await engine.wait_for_cut(cut)
+        key = disk_key_at_cut(engine, replica, cut)
+    elif key is not None and _point_pending(engine, key) and wait > 0:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(min(wait, MAX_HASHES_WAIT)):
                 await engine.wait_for_state(key)
     data, at = await asyncio.to_thread(service.hashes, engine, key, offset, length, block_size)
-    return web.Response(
-        body=data,
-        content_type="application/octet-stream",
-        headers={
-            "X-Replikant-Applied-Seq": str(at[1]),
-            "X-Replikant-Generation": str(at[0]),
-            "X-Replikant-Block-Size": str(block_size),
-        },
+    headers = {
+        "X-Replikant-Applied-Seq": str(at[1]),
+        "X-Replikant-Generation": str(at[0]),
+        "X-Replikant-Block-Size": str(block_size),
+    }
+    if cut is not None:
+        headers["X-Replikant-Cut-Id"] = str(cut[1])
+    return web.Response(body=data, content_type="application/octet-stream", headers=headers)
+
+
+def disk_key_at_cut(engine: ReplicaEngine, replica: Replica, cut: CutKey) -> Key:
+    """This disk's state at VM cut ``cut``; :class:`UnknownPoint` if it has none."""
+    for info in engine.points.points(engine.state(), include_hidden=True):
+        if info.state.cut == cut:
+            return info.state.key
+    raise UnknownPoint(
+        f"disk {replica.meta.disk_id} of {replica.meta.vm_name} has no state at VM point "
+        f"{cut_text(cut)} (its batch of that cut did not arrive, or retention dropped it)",
+        fix="`replikant points VM` lists the VM points every disk has",
+        details={"point": cut_text(cut), "disk": replica.meta.disk_id},
+    )
+
+
+def _cut_pending(engine: ReplicaEngine, cut: CutKey) -> bool:
+    """True when VM cut ``cut`` is durable on this disk but not yet applied (worth waiting
+    for); False when the applied state is at or past it; :class:`UnknownPoint` when this disk
+    can never reach it."""
+    m = engine.replica.meta
+    if cut <= engine.state().cut:
+        return False
+    if cut[0] == m.generation and cut[1] <= m.durable_cut_id:
+        return True
+    raise UnknownPoint(
+        f"VM point {cut_text(cut)} is beyond what {engine.replica.label} holds durably "
+        f"(generation {m.generation}, cut {m.durable_cut_id}): it may never exist",
+        fix="ask for a point the VM has (`replikant points VM`)",
+        details={"point": cut_text(cut), "durable": cut_text((m.generation, m.durable_cut_id))},
     )
 
 
@@ -716,25 +764,47 @@ def _vm_latest_point(service: BrokerService, replicas: list[Replica]) -> dict[st
     return points[0] if points else None
 
 
-def vm_point_list(service: BrokerService, replicas: list[Replica]) -> list[dict[str, Any]]:
-    """A VM's points, newest first: the ``(generation, seq)`` every disk of it has."""
-    per_disk: list[dict[tuple[int, int], PointInfo]] = []
+def _vm_points(service: BrokerService, replicas: list[Replica]) -> list[VMPoint]:
+    per_disk = []
     for replica in replicas:
         engine = service.engine_for(replica)
-        per_disk.append({p.state.key: p for p in engine.points.points(engine.state())})
-    common = set(per_disk[0])
-    for d in per_disk[1:]:
-        common &= set(d)
-    out = []
-    for key in sorted(common, reverse=True):
-        infos = [d[key] for d in per_disk]
-        doc = infos[0].to_json()
-        doc["time"] = max(i.state.cut_ns for i in infos) / 1e9
-        doc["size_bytes"] = sum(i.size_bytes for i in infos)
-        doc["kind"] = "app" if all(i.kind == "app" for i in infos) else "crash"
-        doc["disks"] = {r.meta.disk_id: i.state.seq for r, i in zip(replicas, infos, strict=True)}
-        out.append(doc)
-    return out
+        per_disk.append(engine.points.points(engine.state()))
+    return pair_by_cut(per_disk)
+
+
+def vm_point_list(service: BrokerService, replicas: list[Replica]) -> list[dict[str, Any]]:
+    """A VM's points, newest first: the cuts every disk of it has (never a join of seqs)."""
+    disk_ids = [r.meta.disk_id for r in replicas]
+    return [p.to_json(disk_ids) for p in _vm_points(service, replicas)]
+
+
+def resolve_vm_point(
+    service: BrokerService, replicas: list[Replica], point: str
+) -> tuple[str, list[Key]]:
+    """The id of VM point ``point`` (``"G:C"`` or ``"latest"``) and each disk's state at it, in
+    replica order.
+
+    ``latest`` is the newest VM point, not each disk's newest state: those may belong to
+    different cuts (a batch of one disk still on its way).
+    """
+    points = _vm_points(service, replicas)
+    if point == "latest":
+        if not points:
+            raise UnknownPoint(
+                f"vm {replicas[0].meta.vm_name} has no recovery point yet: no cut has reached "
+                "every one of its disks",
+                fix="wait for the initial copy and the first delta cycle of every disk",
+            )
+        return points[0].id, [d.state.key for d in points[0].disks]
+    cut = parse_cut(point)
+    for p in points:
+        if p.cut == cut:
+            return p.id, [d.state.key for d in p.disks]
+    raise UnknownPoint(
+        f"vm {replicas[0].meta.vm_name} has no recovery point {point}",
+        fix="`replikant points VM` lists the retained points",
+        details={"point": point},
+    )
 
 
 def status_vms(service: BrokerService) -> list[dict[str, Any]]:
@@ -794,7 +864,7 @@ async def vm_hashes(request: web.Request) -> web.Response:
 
 
 async def create_exports(request: web.Request) -> web.Response:
-    """POST /v1/vms/{vm}/exports {"point": "G-S"|"latest", "read_only": false}: PIT exports."""
+    """POST /v1/vms/{vm}/exports {"point": "G:C"|"latest", "read_only": false}: PIT exports."""
     service = request.app[SERVICE_KEY]
     require_admin(request)
     replicas = _vm_replicas(service, request.match_info["vm"])
@@ -803,10 +873,12 @@ async def create_exports(request: web.Request) -> web.Response:
     except json.JSONDecodeError:
         raise BadRequest("body must be JSON") from None
     if not isinstance(body, dict):
-        raise BadRequest('body must be a JSON object such as {"point": "1-42"}')
-    point = body.get("point", "latest")
-    key = None if point == "latest" else parse_key(names.point_id(point))
-    exports = await service.create_exports(replicas, key, read_only=bool(body.get("read_only")))
+        raise BadRequest('body must be a JSON object such as {"point": "1:1042"}')
+    point = names.vm_point_id(body.get("point", "latest"))
+    point_id, keys = resolve_vm_point(service, replicas, point)
+    exports = await service.create_exports(
+        replicas, point_id, keys, read_only=bool(body.get("read_only"))
+    )
     return web.json_response({"exports": exports}, status=201)
 
 

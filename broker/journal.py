@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import struct
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +61,8 @@ _IDX_ENTRY = struct.Struct(">QQB7x")
 _IDX_FOOTER = struct.Struct(">8sQQQ")
 _IDX_MAGIC: Final = b"RKJIDXv1"
 _READ_CHUNK: Final = 1 << 20
+FAULT_DIE_BEFORE_ACK: Final = "REPLIKANT_TEST_FAULT_DIE_BEFORE_ACK"
+"""Test-only fault (see :func:`_fault_die_before_ack`); unset in every deployment."""
 
 
 class DirectSink(Protocol):
@@ -257,6 +261,16 @@ class BatchReceiver:
                 fix=f"resume from durable_seq + 1 = {expected} (GET the replica's state)",
                 details={"expected_seq": expected, "received_seq": h.seq},
             )
+        if h.cut_id and m.durable_seq and h.cut_id <= m.durable_cut_id:
+            # One disk's batches are cuts of its VM in the order they were taken; a cut id that
+            # does not grow would pair this disk's state with another instant's (VM points).
+            raise SequenceGap(
+                f"batch {h.seq} for {r.identity_text()} is VM cut {h.cut_id}, not after the "
+                f"cut {m.durable_cut_id} of the replica's newest durable batch",
+                fix="the agent's cut ids went back (its state directory was replaced?): it "
+                "continues after the broker's durable_cut_id once it reads the replica's state",
+                details={"durable_cut_id": m.durable_cut_id, "received_cut_id": h.cut_id},
+            )
         self.header = h
 
     # -- writing
@@ -364,13 +378,16 @@ class BatchReceiver:
         self._part = None
         fsync_dir(final.parent)
         try:
-            self.replica.update_meta(durable_seq=h.seq, durable_cut_ns=h.cut_time_ns)
+            self.replica.update_meta(
+                durable_seq=h.seq, durable_cut_ns=h.cut_time_ns, durable_cut_id=h.cut_id
+            )
         except OSError as exc:
             # The batch is durable (its journal file proves it after a restart, and in memory
             # durable_seq is already set): the agent's retry will be answered as a duplicate.
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise self._full(free_bytes(self.store.root), 4096) from None
             raise
+        _fault_die_before_ack(self.replica)
         return Receipt(
             acked_seq=h.seq, duplicate=False, generation=h.generation, journal_bytes=self.received
         )
@@ -386,6 +403,31 @@ class BatchReceiver:
         if self._part is not None:
             self._part.unlink(missing_ok=True)
             self._part = None
+
+
+def _fault_die_before_ack(replica: Replica) -> None:
+    """Test-only fault: SIGKILL this broker right after a batch became durable, before its ack.
+
+    That instant (between the journal's fsync and the HTTP answer) is microseconds wide, so no
+    outside ``kill -9`` hits it reliably; the multi-disk consistency test needs it many times.
+    Armed only when the environment names a trigger file (``REPLIKANT_TEST_FAULT_DIE_BEFORE_ACK``)
+    and that file exists, holding the disk id to fire on (empty: any disk); the file is removed
+    before the kill, so each arming fires once.
+    """
+    trigger = os.environ.get(FAULT_DIE_BEFORE_ACK)
+    if not trigger:
+        return
+    try:
+        wanted = Path(trigger).read_text().strip()
+    except FileNotFoundError:
+        return
+    if wanted and wanted != replica.meta.disk_id:
+        return
+    Path(trigger).unlink(missing_ok=True)
+    _log.warning("fault_die_before_ack", vm=replica.meta.vm_name, disk=replica.meta.disk_id)
+    sys.stdout.flush()  # the line above is the only trace the test's reader gets
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,11 @@ DISK_ID_RULE: Final = f"[A-Za-z0-9][A-Za-z0-9._-]*, 1..{MAX_DISK_ID_LEN} charact
 UUID_RULE: Final = "a UUID (8-4-4-4-12 hex digits)"
 _POINT: Final = re.compile(r"[0-9]{1,19}(-[0-9]{1,19})?")
 POINT_RULE: Final = "GENERATION-SEQ or SEQ, decimal (e.g. 1-42)"
+_VM_POINT: Final = re.compile(r"[0-9]{1,19}:[0-9]{1,19}")
+VM_POINT_RULE: Final = (
+    "GENERATION:CUT, decimal (e.g. 1:1042, as `replikant points VM` lists them), or latest; "
+    "a disk's GENERATION-SEQ names no point of a whole VM"
+)
 _EXPORT: Final = re.compile(r"pit-[A-Za-z0-9._-]{1,250}")
 EXPORT_RULE: Final = "pit-[A-Za-z0-9._-]{1,250} (a name from POST /v1/vms/{vm}/exports)"
 
@@ -125,6 +130,13 @@ def point_id(value: object, field: str = "point") -> str:
     """A recovery point id as text (parse it with ``broker.points.parse_key``)."""
     if not isinstance(value, str) or not _POINT.fullmatch(value):
         raise refuse(field, value, POINT_RULE)
+    return value
+
+
+def vm_point_id(value: object, field: str = "point") -> str:
+    """A VM point id as text, or ``latest`` (parse it with ``broker.points.parse_cut``)."""
+    if not isinstance(value, str) or not (value == "latest" or _VM_POINT.fullmatch(value)):
+        raise refuse(field, value, VM_POINT_RULE)
     return value
 
 

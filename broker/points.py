@@ -41,10 +41,10 @@ import re
 import struct
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import xxhash
 
@@ -71,20 +71,46 @@ _NAME_RE: Final = re.compile(r"^undo-(\d+)\.(\d+)-(\d+)\.(\d+)\.dat$")
 Entry = tuple[int, int, "UndoSegment | None", int, int]
 
 
+CutKey = tuple[int, int]
+"""A VM point: ``(generation, cut_id)`` of the cut every disk of the VM has."""
+
+
 def key_text(key: Key) -> str:
-    """The id of a point as users see it: ``"G-S"``."""
+    """The id of one disk's state as users see it: ``"G-S"`` (generation-seq)."""
     return f"{key[0]}-{key[1]}"
 
 
 def parse_key(text: str) -> Key:
-    """Parse a point id ``"G-S"`` (or a bare seq ``"S"`` meaning generation 1)."""
+    """Parse a disk state id ``"G-S"`` (or a bare seq ``"S"`` meaning generation 1)."""
     gen, sep, seq = text.partition("-")
     try:
         return (int(gen), int(seq)) if sep else (1, int(gen))
     except ValueError:
         raise UnknownPoint(
-            f"{text!r} is not a point id", fix="point ids look like 1-42 (generation-seq)"
+            f"{text!r} is not a disk state id",
+            fix="disk state ids look like 1-42 (generation-seq); VM points like 1:1042",
         ) from None
+
+
+def cut_text(cut: CutKey) -> str:
+    """The id of a VM point as users see it: ``"G:C"`` (generation:cut id)."""
+    return f"{cut[0]}:{cut[1]}"
+
+
+def parse_cut(text: str) -> CutKey:
+    """Parse a VM point id ``"G:C"``; a disk state id ``"G-S"`` is refused, naming the form."""
+    gen, sep, cut = text.partition(":")
+    if sep and gen.isdigit() and cut.isdigit() and int(cut) > 0 and len(text) <= 41:
+        return int(gen), int(cut)
+    hint = (
+        " (that is one disk's state id: a VM point is one cut of every disk)"
+        if "-" in text and ":" not in text
+        else ""
+    )
+    raise UnknownPoint(
+        f"{text[:64]!r} is not a VM point id{hint}",
+        fix="VM point ids look like 1:1042 (generation:cut); `replikant points VM` lists them",
+    )
 
 
 @dataclass(frozen=True)
@@ -96,11 +122,18 @@ class StateInfo:
     cut_ns: int
     consistency: int
     full: bool
+    cut_id: int = 0  # the VM cut the batch belonged to (0: none: never part of a VM point)
+    first_change_cut: int = 0  # the batch's idleness statement (docs/protocol/batch.md)
 
     @property
     def key(self) -> Key:
         """``(generation, seq)``."""
         return self.generation, self.seq
+
+    @property
+    def cut(self) -> CutKey:
+        """``(generation, cut_id)``: the VM point this state can be part of."""
+        return self.generation, self.cut_id
 
     @property
     def listed(self) -> bool:
@@ -137,6 +170,71 @@ class PointInfo:
             "size_bytes": self.size_bytes,
             "latest": self.latest,
         }
+
+
+@dataclass(frozen=True)
+class VMPoint:
+    """One recovery point of a VM: one cut, and each disk's state at exactly that cut."""
+
+    cut: CutKey
+    disks: tuple[PointInfo, ...]
+    """One per disk, in the order the disks were given to :func:`pair_by_cut`."""
+
+    @property
+    def id(self) -> str:
+        """``"G:C"``."""
+        return cut_text(self.cut)
+
+    @property
+    def key(self) -> CutKey:
+        """The cut (what :func:`plan_retention` keeps)."""
+        return self.cut
+
+    @property
+    def listed(self) -> bool:
+        """Always: only listed disk states make VM points."""
+        return True
+
+    @property
+    def cut_ns(self) -> int:
+        """When the cut was taken (every disk's batch carries the same instant)."""
+        return max(d.state.cut_ns for d in self.disks)
+
+    @property
+    def consistency(self) -> int:
+        """1 (application-consistent) when every disk's batch says so, else 0."""
+        return 1 if all(d.state.consistency == 1 for d in self.disks) else 0
+
+    def to_json(self, disk_ids: Sequence[str]) -> dict[str, Any]:
+        """The JSON of ``GET /v1/vms/{vm}/points``; ``disks`` maps each disk to its state id."""
+        return {
+            "id": self.id,
+            "generation": self.cut[0],
+            "cut_id": self.cut[1],
+            "time": self.cut_ns / 1e9,
+            "kind": "app" if self.consistency == 1 else "crash",
+            "size_bytes": sum(d.size_bytes for d in self.disks),
+            "latest": all(d.latest for d in self.disks),
+            "disks": {disk: d.id for disk, d in zip(disk_ids, self.disks, strict=True)},
+        }
+
+
+def pair_by_cut(per_disk: Sequence[Iterable[PointInfo]]) -> list[VMPoint]:
+    """A VM's recovery points, newest first: every cut of which *each* disk has a listed state.
+
+    Disks are paired by the cut id their batches carry, never by their sequence numbers: those
+    drift apart for good after one lost ack, and a join of them mixes cuts taken at different
+    instants (write order across disks broken). A cut some disk lacks (its batch failed and its
+    changes went into the next cut) is no VM point.
+    """
+    maps = [
+        {p.state.cut: p for p in infos if p.state.listed and p.state.cut_id > 0}
+        for infos in per_disk
+    ]
+    if not maps:
+        return []
+    common = set(maps[0]).intersection(*maps[1:])
+    return [VMPoint(cut, tuple(m[cut] for m in maps)) for cut in sorted(common, reverse=True)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,6 +362,9 @@ def _state_from_json(data: dict[str, Any]) -> StateInfo:
         cut_ns=int(data["cut_ns"]),
         consistency=int(data["consistency"]),
         full=bool(data["full"]),
+        # Segments written before cut ids existed have none: such states are no VM point.
+        cut_id=int(data.get("cut_id", 0)),
+        first_change_cut=int(data.get("first_change_cut", 0)),
     )
 
 
@@ -825,17 +926,39 @@ class RetentionPolicy:
     app_consistent_seconds: float
 
 
-def plan_retention(states: Iterable[StateInfo], now_ns: int, policy: RetentionPolicy) -> set[Key]:
+class Retainable(Protocol):
+    """What retention looks at: a disk state (:class:`StateInfo`) or a VM point."""
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """Ordered: newer points have larger keys."""
+
+    @property
+    def listed(self) -> bool:
+        """A recovery point operators see (others are kept only when newest)."""
+
+    @property
+    def cut_ns(self) -> int:
+        """When the point was cut."""
+
+    @property
+    def consistency(self) -> int:
+        """1 for application-consistent."""
+
+
+def plan_retention(
+    states: Iterable[Retainable], now_ns: int, policy: RetentionPolicy
+) -> set[tuple[int, int]]:
     """Which points to keep: every point in the any-point window, the newest point of each
     clock hour in the hourly window, app-consistent points for their own window, and always the
     newest state. Hidden states (the empty disk, mid-full-copy) are kept only if newest.
     """
     items = sorted(states, key=lambda s: s.key)
-    keep: set[Key] = set()
+    keep: set[tuple[int, int]] = set()
     if not items:
         return keep
     keep.add(items[-1].key)
-    hour_best: dict[int, StateInfo] = {}
+    hour_best: dict[int, Retainable] = {}
     for st in items:
         if not st.listed:
             continue
@@ -852,3 +975,27 @@ def plan_retention(states: Iterable[StateInfo], now_ns: int, policy: RetentionPo
                 hour_best[bucket] = st
     keep.update(s.key for s in hour_best.values())
     return keep
+
+
+def plan_vm_retention(
+    per_disk: Sequence[Sequence[PointInfo]], now_ns: int, policy: RetentionPolicy
+) -> list[set[Key]]:
+    """Per disk of one VM, the states to keep: its state at every VM point the policy keeps,
+    its newest state, and every state after the newest VM point.
+
+    The policy is applied to VM points, never disk by disk: a disk that kept another hour's
+    point than its sibling would leave that hour with no VM point at all. States after the
+    newest VM point are the cuts a lagging disk has not reached yet; dropping them would lose
+    VM points that appear when it does.
+    """
+    points = pair_by_cut(per_disk)
+    kept = plan_retention(points, now_ns, policy)
+    newest_cut = points[0].cut if points else (0, 0)
+    out: list[set[Key]] = []
+    for i, infos in enumerate(per_disk):
+        keep = {points[j].disks[i].state.key for j in range(len(points)) if points[j].cut in kept}
+        keep.update(p.state.key for p in infos if p.state.listed and p.state.cut > newest_cut)
+        if infos:
+            keep.add(max(p.state.key for p in infos))
+        out.append(keep)
+    return out

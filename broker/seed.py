@@ -63,6 +63,7 @@ class SeedDisk:
     consistency: int
     image: Path
     hashes: Path | None
+    cut_id: int = 0  # the VM cut the media holds (0: media written before cut ids)
 
     @property
     def identity(self) -> str:
@@ -110,6 +111,7 @@ def read_manifest(directory: Path) -> list[SeedDisk]:
                         hashes=_media_file(directory, d["hashes"], "manifest disks[].hashes")
                         if d.get("hashes")
                         else None,
+                        cut_id=int(d.get("cut_id", 0)),
                     )
                 )
     except (KeyError, TypeError, ValueError) as exc:
@@ -330,6 +332,7 @@ async def import_seed(
             epoch=service.epoch,
             applied_ns=time.time_ns(),
             seeded=True,
+            cut_id=d.cut_id,
         )
         await asyncio.to_thread(replica.append_applied, record)
         await asyncio.to_thread(
@@ -340,6 +343,9 @@ async def import_seed(
             durable_seq=d.seq,
             applied_cut_ns=d.cut_ns,
             durable_cut_ns=d.cut_ns,
+            applied_cut_id=d.cut_id,
+            applied_first_change_cut=0,
+            durable_cut_id=d.cut_id,
             applied_consistency=d.consistency,
             applied_full=False,
             initial_sync="complete",

@@ -45,7 +45,7 @@ from broker.hashes import block_hashes
 from broker.ingest import HTTP_LOG, build_app, status_vms
 from broker.membership import Membership
 from broker.pitexport import PointInTimeExport
-from broker.points import Key, RetentionPolicy, key_text, plan_retention
+from broker.points import Key, RetentionPolicy, key_text, plan_vm_retention
 from broker.store import Replica, Store
 from certs.service import startup_problems
 from common import topics
@@ -493,23 +493,35 @@ class BrokerService:
         )
 
     def run_retention(self, now_ns: int | None = None) -> None:
-        """Prune and thin every replica's points (blocking; the retention task runs it)."""
+        """Prune and thin every VM's points (blocking; the retention task runs it).
+
+        The policy picks VM points; each disk keeps its state at every kept one
+        (:func:`broker.points.plan_vm_retention`).
+        """
         now_ns = now_ns if now_ns is not None else time.time_ns()
         policy = self.retention_policy()
+        by_vm: dict[str, list[ReplicaEngine]] = {}
         for engine in list(self.engines.values()):
-            state = engine.state()
-            infos = engine.points.points(state, include_hidden=True)
-            keep = plan_retention([p.state for p in infos], now_ns, policy)
-            dropped, merged = engine.points.apply_retention(keep)
-            if dropped or merged:
-                _log.info(
-                    "retention_applied",
-                    vm=engine.replica.meta.vm_name,
-                    disk=engine.replica.meta.disk_id,
-                    dropped=dropped,
-                    merged=merged,
-                    undo_bytes=engine.points.undo_bytes(),
-                )
+            by_vm.setdefault(engine.replica.meta.vm_uuid, []).append(engine)
+        disks: dict[str, int] = {}
+        for replica in self.store.replicas():
+            disks[replica.meta.vm_uuid] = disks.get(replica.meta.vm_uuid, 0) + 1
+        for vm_uuid, engines in by_vm.items():
+            if len(engines) != disks.get(vm_uuid):
+                continue  # a disk being seeded has no engine now: VM points need every disk
+            infos = [e.points.points(e.state(), include_hidden=True) for e in engines]
+            plans = plan_vm_retention(infos, now_ns, policy)
+            for engine, keep in zip(engines, plans, strict=True):
+                dropped, merged = engine.points.apply_retention(keep)
+                if dropped or merged:
+                    _log.info(
+                        "retention_applied",
+                        vm=engine.replica.meta.vm_name,
+                        disk=engine.replica.meta.disk_id,
+                        dropped=dropped,
+                        merged=merged,
+                        undo_bytes=engine.points.undo_bytes(),
+                    )
 
     async def _retention_loop(self) -> None:
         while True:
@@ -544,12 +556,13 @@ class BrokerService:
 
     # -- point-in-time exports
     async def create_exports(
-        self, replicas: list[Replica], key: Key | None, *, read_only: bool = False
+        self, replicas: list[Replica], point: str, keys: list[Key], *, read_only: bool = False
     ) -> list[dict[str, Any]]:
-        """Serve each disk of a VM as of point ``key`` over NBD; returns their descriptions."""
+        """Serve each disk of a VM as of VM point ``point`` over NBD, disk ``i`` at its state
+        ``keys[i]`` (its state at that cut); returns their descriptions."""
         made: list[dict[str, Any]] = []
         try:
-            for replica in replicas:
+            for replica, key in zip(replicas, keys, strict=True):
                 engine = self.engine_for(replica)
                 view = engine.open_view(key)
                 m = replica.meta
@@ -562,7 +575,7 @@ class BrokerService:
                         m.disk_size,
                         overlay,
                         read_only=read_only,
-                        description=f"{m.vm_name}/{m.disk_id} as of point {key_text(view.key)}",
+                        description=f"{m.vm_name}/{m.disk_id} as of point {point}",
                     )
                 except BaseException:
                     view.close()
@@ -574,7 +587,8 @@ class BrokerService:
                     "vm": m.vm_name,
                     "uuid": m.vm_uuid,
                     "disk": m.disk_id,
-                    "point": key_text(view.key),
+                    "point": point,
+                    "disk_point": key_text(view.key),
                     "size": m.disk_size,
                     "read_only": read_only,
                     "socket": str(self.nbd_socket),

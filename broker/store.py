@@ -59,6 +59,10 @@ class ReplicaMeta:
     applied_cut_ns: int = 0
     applied_consistency: int = 0
     applied_full: bool = False
+    # The VM cut of the newest durable / applied batch (0: none, or written before cut ids).
+    durable_cut_id: int = 0
+    applied_cut_id: int = 0
+    applied_first_change_cut: int = 0
     epoch: int = 0
     source_host: str = ""
     source_site: str = ""
@@ -88,6 +92,8 @@ class AppliedRecord:
     epoch: int
     applied_ns: int
     seeded: bool = False
+    cut_id: int = 0  # the VM cut the batch belongs to (lines before cut ids existed: 0)
+    first_change_cut: int = 0
 
     def line(self) -> bytes:
         """The record as one JSON line."""
@@ -342,6 +348,8 @@ class Store:
                 applied_cut_ns=rec.cut_ns,
                 applied_consistency=rec.consistency,
                 applied_full=rec.full,
+                applied_cut_id=rec.cut_id,
+                applied_first_change_cut=rec.first_change_cut,
             )
         applied_gen = changes.get("applied_generation", m.applied_generation)
         applied = changes.get("applied_seq", m.applied_seq)

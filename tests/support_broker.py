@@ -149,6 +149,7 @@ class FakeSource:
             full=full,
             extent_count=count,
             data_bytes=data_bytes,
+            cut_id=self.seq,  # one disk, one cut per batch: its seq numbers its cuts
         )
 
 

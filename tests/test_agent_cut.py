@@ -170,8 +170,8 @@ async def test_cuts_through_real_nbd_clients_and_broker(tmp_path: Path) -> None:
     snapshots: dict[int, bytes] = {}
     original = rep.begin_cut
 
-    def begin_cut_and_record(cut_time_ns: int) -> Cut:
-        cut = original(cut_time_ns)
+    def begin_cut_and_record(cut_time_ns: int, cut_id: int) -> Cut:
+        cut = original(cut_time_ns, cut_id)
         snapshots[cut_time_ns] = image.read_bytes()  # same loop step as the cut
         return cut
 

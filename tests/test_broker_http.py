@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ssl
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -303,10 +304,11 @@ async def test_status_points_and_hashes(broker: BrokerService, pki: PKI) -> None
         assert vm["uuid"] == str(src.vm_uuid)
         assert vm["roles"] == {"primary": "PRIMARY", "recovery": "REPLICA"}
         assert vm["health"] in ("ok", "warning")
-        assert vm["last_point"]["seq"] == 4
+        assert vm["last_point"]["id"] == "1:4"
         async with admin.session.get(f"{broker.url}/v1/vms/web1/points") as resp:
             pts = await resp.json()
-        assert [p["seq"] for p in pts["points"]] == [4, 3, 2, 1]
+        assert [p["cut_id"] for p in pts["points"]] == [4, 3, 2, 1]
+        assert pts["points"][2]["disks"] == {"disk0": "1-2"}
         assert [p["kind"] for p in pts["points"]] == ["crash", "crash", "app", "crash"]
         # Hashes of an older point, by id, through the admin endpoint.
         async with admin.session.get(
@@ -314,6 +316,21 @@ async def test_status_points_and_hashes(broker: BrokerService, pki: PKI) -> None
         ) as resp:
             raw2 = await resp.read()
             assert resp.headers["X-Replikant-Applied-Seq"] == "2"
+        # The same state named as the VM point of cut 2.
+        async with admin.session.get(
+            f"{broker.url}/v1/vms/web1/hashes?block_size=65536&point=1:2"
+        ) as resp:
+            assert await resp.read() == raw2
+            assert resp.headers["X-Replikant-Cut-Id"] == "2"
+            assert resp.headers["X-Replikant-Applied-Seq"] == "2"
+        # A cut beyond anything durable is refused at once, however long the caller would wait.
+        started = time.monotonic()
+        async with admin.session.get(
+            f"{broker.url}/v1/vms/web1/hashes?block_size=65536&point=1:99&wait=inf"
+        ) as resp:
+            assert resp.status == 404
+            assert (await resp.json())["error"] == "unknown_point"
+        assert time.monotonic() - started < 5
         old = src.cuts[2].image
         assert raw2 == b"".join(
             struct.pack(">Q", xxhash.xxh3_64_intdigest(old[i : i + 65536]))

@@ -61,9 +61,9 @@ async def test_read_every_point_with_nbdcopy_and_write_privately(
         await settle(broker, src)
         replica = broker.store.get(str(src.vm_uuid), src.disk_id)
         assert replica is not None
-        made = await admin_call(broker, pki, "POST", "/v1/vms/web1/exports", json={"point": "1-2"})
+        made = await admin_call(broker, pki, "POST", "/v1/vms/web1/exports", json={"point": "1:2"})
         (exp,) = made["exports"]
-        assert exp["point"] == "1-2"
+        assert (exp["point"], exp["disk_point"]) == ("1:2", "1-2")
         # Replication goes on while the point is exported.
         for _ in range(3):
             src.mutate(12)
@@ -75,7 +75,7 @@ async def test_read_every_point_with_nbdcopy_and_write_privately(
     replica_before = hashlib.sha256(replica.image.read_bytes()).hexdigest()
     # Every retained point, through its own export.
     pts = await admin_call(broker, pki, "GET", "/v1/vms/web1/points")
-    assert [p["seq"] for p in pts["points"]] == list(range(8, 0, -1))
+    assert [p["cut_id"] for p in pts["points"]] == list(range(8, 0, -1))
     for p in pts["points"]:
         made = await admin_call(
             broker, pki, "POST", "/v1/vms/web1/exports", json={"point": p["id"]}
@@ -83,7 +83,7 @@ async def test_read_every_point_with_nbdcopy_and_write_privately(
         (e,) = made["exports"]
         dst = tmp_path / f"{p['id']}.img"
         await run("nbdcopy", e["nbd_uri"], str(dst))
-        assert hashlib.sha256(dst.read_bytes()).hexdigest() == src.cuts[p["seq"]].digest, p
+        assert hashlib.sha256(dst.read_bytes()).hexdigest() == src.cuts[p["cut_id"]].digest, p
         await admin_call(broker, pki, "DELETE", f"/v1/exports/{e['name']}")
         dst.unlink()
     # Writes go to the overlay: qemu-io writes a pattern and reads it back, unaligned too.

@@ -95,11 +95,11 @@ async def test_cli_status_and_points_json(
     assert vm["roles"] == {"primary": "PRIMARY", "recovery": "REPLICA"}
     assert vm["health"] in ("ok", "warning")
     assert isinstance(vm["lag_seconds"], float)
-    assert vm["last_point"]["seq"] == 3
+    assert vm["last_point"]["cut_id"] == 3
     res = await asyncio.to_thread(cli, admin, "points", "web1", "--json")
     assert res.returncode == 0, res.stderr
     pts = json.loads(res.stdout)
-    assert [p["seq"] for p in pts["points"]] == [3, 2, 1]
+    assert [p["id"] for p in pts["points"]] == ["1:3", "1:2", "1:1"]
     assert all({"id", "time", "kind", "size_bytes"} <= set(p) for p in pts["points"])
     # Human output: roles are words with their own symbols, never a bare colour.
     res = await asyncio.to_thread(cli, admin, "status")

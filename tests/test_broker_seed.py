@@ -242,6 +242,7 @@ async def test_verify_via_agent_endpoint_and_repair(
             "disk_id": "disk0",
             "generation": 1,
             "seq": cut.seq,
+            "cut_id": cut.seq,  # FakeSource numbers its cuts by seq
             "block_size": bs,
             "disk_size": src.disk_size,
             "hashes": base64.b64encode(hashes).decode(),
@@ -265,11 +266,11 @@ async def test_verify_via_agent_endpoint_and_repair(
         assert rc == 0, err
         doc = json.loads(out)
         assert doc["result"] == "match"
-        assert doc["disks"][0]["point"] == "1-1"
+        assert (doc["disks"][0]["point"], doc["disks"][0]["disk_point"]) == ("1:1", "1-1")
         drift["on"] = True
         rc, out, err = await cli(admin, "verify", "web1", "--json", "--repair")
         assert rc == 3, err
         doc = json.loads(out)
         assert doc["disks"][0]["differing_ranges"] == [[5 * bs, bs]]
-        assert doc["disks"][0]["point"] == "1-2"
+        assert (doc["disks"][0]["point"], doc["disks"][0]["disk_point"]) == ("1:2", "1-2")
         assert repaired == [{"disks": [{"disk_id": "disk0", "ranges": [[5 * bs, bs]]}]}]

@@ -51,7 +51,7 @@ from common.hrl import (
 MAGIC = b"RKHRL\r\n\x1a"
 TRAILER_MAGIC = b"RKHRLEND"
 VM = uuid.UUID("6f1c1d2e-8a59-4d6b-9a51-0d7e6f3b2c11")
-_HEADER = struct.Struct(">8sHH16sQQQQQIBBHIQ16sB")
+_HEADER = struct.Struct(">8sHH16sQQQQQIBBHIQQQB")
 _RECORD = struct.Struct(">QIB3sIQ")
 _TRAILER = struct.Struct(">8sIIQQ")
 
@@ -65,7 +65,7 @@ def raw_header(**over: Any) -> bytes:
     """Return header bytes with the spec's fields, overridden by ``over``; checksum sealed."""
     f: dict[str, Any] = {
         "magic": MAGIC,
-        "version": 1,
+        "version": 2,
         "vm_uuid": VM.bytes,
         "generation": 3,
         "seq": 7,
@@ -78,7 +78,8 @@ def raw_header(**over: Any) -> bytes:
         "flags": 0,
         "extent_count": 1,
         "data_bytes": 4096,
-        "reserved": bytes(16),
+        "cut_id": 41,
+        "first_change_cut": 40,
         "disk_id": b"sda",
     }
     f.update(over)
@@ -102,7 +103,8 @@ def raw_header(**over: Any) -> bytes:
             f["flags"],
             f["extent_count"],
             f["data_bytes"],
-            f["reserved"],
+            f["cut_id"],
+            f["first_change_cut"],
             disk_id_len,
         )
         + disk_id
@@ -174,6 +176,8 @@ def make_header(**over: Any) -> BatchHeader:
         "full": False,
         "extent_count": 1,
         "data_bytes": 4096,
+        "cut_id": 41,
+        "first_change_cut": 40,
     }
     f.update(over)
     return BatchHeader(**f)
@@ -359,12 +363,47 @@ def test_missing_trailer_magic_is_refused() -> None:
     assert (err.field, err.position) == ("trailer.magic", 113 + 3 + 32)
 
 
-def test_unsupported_version() -> None:
-    """A version other than 1 is refused, naming the version."""
-    err = refusal(raw_batch([raw_record(0, 4096, 1)], {"version": 2}))
+@pytest.mark.parametrize("version", [1, 3])
+def test_unsupported_version(version: int) -> None:
+    """A version other than 2 (version 1 had no cut id) is refused, naming the version."""
+    err = refusal(raw_batch([raw_record(0, 4096, 1)], {"version": version}))
     assert isinstance(err, UnsupportedVersion)
     assert (err.field, err.position) == ("header.version", 8)
-    assert "version is 2" in str(err)
+    assert f"version is {version}" in str(err)
+
+
+def test_cut_fields_sit_where_version_1_had_reserved_bytes() -> None:
+    """cut_id and first_change_cut are the u64s at header offsets 88 and 96."""
+    blob = b"".join(
+        encode_batch(
+            make_header(cut_id=0x0102, first_change_cut=0x0101, extent_count=0, data_bytes=0), []
+        )
+    )
+    assert struct.unpack_from(">QQ", blob, 88) == (0x0102, 0x0101)
+    header = decode_batch(blob)[0]
+    assert (header.cut_id, header.first_change_cut) == (0x0102, 0x0101)
+
+
+def test_a_header_without_a_cut_defaults_to_no_cut_and_no_statement() -> None:
+    """A BatchHeader built without the cut fields encodes cut_id 0 and first_change_cut 0."""
+    header = BatchHeader(
+        vm_uuid=VM,
+        disk_id="sda",
+        generation=1,
+        seq=1,
+        base_seq=0,
+        cut_time_ns=1,
+        disk_size=1 << 20,
+        block_size=65536,
+        consistency=Consistency.CRASH,
+        compression=Compression.NONE,
+        full=False,
+        extent_count=0,
+        data_bytes=0,
+    )
+    blob = b"".join(encode_batch(header, []))
+    assert struct.unpack_from(">QQ", blob, 88) == (0, 0)
+    assert decode_batch(blob)[0] == header
 
 
 def test_header_checksum_mismatch() -> None:
@@ -395,7 +434,8 @@ _HEADER_BAD_FIELDS: list[tuple[dict[str, Any], str, int]] = [
     ({"compression": 2}, "header.compression", 73),
     ({"flags": 2}, "header.flags", 74),
     ({"flags": 0x8001}, "header.flags", 74),
-    ({"reserved": b"\x00" * 15 + b"\x01"}, "header.reserved", 88),
+    ({"cut_id": 5, "first_change_cut": 6}, "header.first_change_cut", 96),
+    ({"cut_id": 0, "first_change_cut": 1}, "header.first_change_cut", 96),
     ({"disk_size": 4095, "data_bytes": 4096}, "header.data_bytes", 80),
     ({"extent_count": 4097}, "header.extent_count", 76),
 ]
@@ -624,7 +664,7 @@ def test_one_gib_extent_is_refused_without_allocating() -> None:
 def test_huge_header_len_is_refused_before_waiting_for_it() -> None:
     """A header_len of 65535 is refused from the first 12 bytes, without waiting for the rest."""
     dec = BatchDecoder()
-    dec.receive_data(MAGIC + struct.pack(">HH", 1, 65535))
+    dec.receive_data(MAGIC + struct.pack(">HH", 2, 65535))
     with pytest.raises(BadField) as info:
         dec.next_event()
     assert info.value.field == "header.header_len"
@@ -653,6 +693,9 @@ def test_huge_header_len_is_refused_before_waiting_for_it() -> None:
         ({"extent_count": 5, "data_bytes": 4}, "header.extent_count"),
         ({"data_bytes": (1 << 30) + 1}, "header.data_bytes"),
         ({"cut_time_ns": 1.5}, "header.cut_time_ns"),
+        ({"cut_id": -1}, "header.cut_id"),
+        ({"cut_id": 1 << 64}, "header.cut_id"),
+        ({"first_change_cut": 42}, "header.first_change_cut"),
     ],
 )
 def test_encoder_refuses_a_bad_header(over: dict[str, Any], field: str) -> None:

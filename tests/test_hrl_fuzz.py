@@ -70,6 +70,7 @@ def _batches(draw: st.DrawFn) -> tuple[BatchHeader, list[Extent]]:
             extents.append(Extent(offset, draw(st.integers(1, (1 << 32) - 1)), kind))
         end = extents[-1].end
     seq = draw(st.integers(1, (1 << 64) - 1))
+    cut_id = draw(st.integers(0, (1 << 64) - 1))
     header = BatchHeader(
         vm_uuid=draw(st.uuids().filter(lambda u: u.int != 0)),
         disk_id=draw(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", fullmatch=True)),
@@ -84,6 +85,8 @@ def _batches(draw: st.DrawFn) -> tuple[BatchHeader, list[Extent]]:
         full=draw(st.booleans()),
         extent_count=len(extents),
         data_bytes=sum(e.length for e in extents),
+        cut_id=cut_id,
+        first_change_cut=draw(st.integers(0, cut_id)),
     )
     return header, extents
 
@@ -145,7 +148,7 @@ def test_round_trip_in_any_chunking(
 @given(st.binary(max_size=600))
 def test_arbitrary_bytes_are_refused_cleanly(data: bytes) -> None:
     """Random bytes, with or without a valid magic in front, only ever raise BatchFormatError."""
-    for blob in (data, b"RKHRL\r\n\x1a\x00\x01" + data):
+    for blob in (data, b"RKHRL\r\n\x1a\x00\x02" + data):
         events, error = feed(blob, LIMITS, 64)
         assert error is not None
         assert events == []
@@ -158,7 +161,7 @@ _U32_LIES += [1 << 30, (1 << 31), (1 << 32) - 1]
 _U64_LIES = [*_U32_LIES, 1 << 32, 1 << 40, (1 << 63), (1 << 64) - 1]
 # Header fields (offset, size) and record fields (offset, size) a lie can go into.
 _HEADER_FIELDS = [(8, 2), (10, 2), (28, 8), (36, 8), (44, 8), (60, 8), (68, 4), (72, 1), (73, 1)]
-_HEADER_FIELDS += [(74, 2), (76, 4), (80, 8), (88, 8), (104, 1)]
+_HEADER_FIELDS += [(74, 2), (76, 4), (80, 8), (88, 8), (96, 8), (104, 1)]
 _RECORD_FIELDS = [(0, 8), (8, 4), (12, 1), (13, 3), (16, 4), (20, 8)]
 
 
@@ -194,6 +197,8 @@ def _base_batches() -> list[bytes]:
                 full=bool(shape & 1),
                 extent_count=len(extents),
                 data_bytes=sum(e[1] for e in extents),
+                cut_id=shape + 9,
+                first_change_cut=shape + 4,
             )
             out.append(b"".join(encode_batch(header, extents)))
     return out

@@ -184,6 +184,8 @@ async def test_seed_export_import_ships_only_changes(tmp_path: Path) -> None:
         assert set(seqs.values()) == {1}
         web_doc = next(vm for vm in doc["vms"] if vm["name"] == "web1")
         assert len({d["cut_time_ns"] for d in web_doc["disks"]}) == 1  # one instant per VM
+        cut_ids = {vm["name"]: {d["cut_id"] for d in vm["disks"]} for vm in doc["vms"]}
+        assert all(len(ids) == 1 and min(ids) > 0 for ids in cut_ids.values())  # one VM cut
         written = sum(d["written_bytes"] for vm in doc["vms"] for d in vm["disks"])
         assert 0 < written < (2 * SIZE + 16 * MiB) * 3 // 4  # holes left sparse
         # The media is what the broker reads: its manifest, sizes and hash files.
@@ -243,6 +245,9 @@ async def test_seed_export_import_ships_only_changes(tmp_path: Path) -> None:
         records = [json.loads(line) for line in log.read_text().splitlines()]
         assert records[0]["seq"] == 1
         assert records[0]["seeded"]
+        # The seeded state is the media's VM cut, and every later batch a later cut.
+        assert {records[0]["cut_id"]} == cut_ids[vm.name]
+        assert [r["cut_id"] for r in records] == sorted({r["cut_id"] for r in records})
         assert not any(r["full"] for r in records)
         assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
     # Only changed blocks crossed the wire: at most the dirty regions the guests touched after

@@ -39,7 +39,6 @@ from common.hrl.format import (
     H_DISK_ID_LEN,
     H_FLAGS,
     H_HEADER_LEN,
-    H_RESERVED,
     H_VERSION,
     HEADER_FIXED,
     HEADER_MIN_LEN,
@@ -304,7 +303,8 @@ class BatchDecoder:
             flags,
             extent_count,
             data_bytes,
-            reserved,
+            cut_id,
+            first_change_cut,
             disk_id_len,
         ) = HEADER_FIXED.unpack_from(buf, pos)
         if consistency not in (0, 1):
@@ -324,12 +324,6 @@ class BatchDecoder:
                 f"flags is {flags:#06x}; only bit 0 (FULL) is defined, the others must be 0",
                 field="header.flags",
                 position=H_FLAGS,
-            )
-        if any(reserved):
-            raise BadField(
-                f"reserved bytes are {reserved.hex()}, must be zero",
-                field="header.reserved",
-                position=H_RESERVED,
             )
         if disk_id_len != id_len:
             raise BadField(
@@ -358,6 +352,8 @@ class BatchDecoder:
             full=bool(flags & FLAG_FULL),
             extent_count=extent_count,
             data_bytes=data_bytes,
+            cut_id=cut_id,
+            first_change_cut=first_change_cut,
         )
         check_header(header, self._limits)
         self._pos += header_len
@@ -366,6 +362,10 @@ class BatchDecoder:
         return header
 
     def _bad_magic(self, got: bytes) -> None:
+        # Show the bytes up to the first wrong one only: how many more arrived depends on the
+        # chunking, and a refusal must not.
+        wrong = next(i for i, (a, b) in enumerate(zip(got, MAGIC, strict=False)) if a != b)
+        got = got[: wrong + 1]
         raise BadMagic(
             f"the stream does not start with the batch magic {MAGIC!r} (got {got!r}): it is not "
             "a Replikant batch, or it was mangled",

@@ -65,7 +65,8 @@ def _header_bytes(h: BatchHeader) -> bytes:
         FLAG_FULL if h.full else 0,
         h.extent_count,
         h.data_bytes,
-        bytes(16),
+        h.cut_id,
+        h.first_change_cut,
         len(disk_id),
     )
     sealed = fixed + disk_id

@@ -1,4 +1,4 @@
-"""Constants, records and validation rules of the HRL batch format, version 1.
+"""Constants, records and validation rules of the HRL batch format, version 2.
 
 The contract is ``docs/protocol/batch.md``; this module is its executable form. The validation
 functions here are shared by the decoder (which refuses hostile input) and the encoder (which
@@ -23,7 +23,7 @@ BATCH_CONTENT_TYPE: Final = "application/x-replikant-batch"
 
 MAGIC: Final = b"RKHRL\r\n\x1a"
 TRAILER_MAGIC: Final = b"RKHRLEND"
-VERSION: Final = 1
+VERSION: Final = 2
 
 SECTOR: Final = 512
 """Extent offsets are multiples of this."""
@@ -41,8 +41,9 @@ ZSTD_FRAME_MAGIC: Final = b"\x28\xb5\x2f\xfd"
 FLAG_FULL: Final = 0x0001
 
 # magic, version, header_len, vm_uuid, generation, seq, base_seq, cut_time_ns, disk_size,
-# block_size, consistency, compression, flags, extent_count, data_bytes, reserved, disk_id_len.
-HEADER_FIXED: Final = struct.Struct(">8sHH16sQQQQQIBBHIQ16sB")
+# block_size, consistency, compression, flags, extent_count, data_bytes, cut_id, first_change_cut,
+# disk_id_len.
+HEADER_FIXED: Final = struct.Struct(">8sHH16sQQQQQIBBHIQQQB")
 HEADER_PREFIX: Final = struct.Struct(">8sHH")
 """magic, version, header_len: enough to know how many header bytes to wait for."""
 HEADER_XXH: Final = struct.Struct(">Q")
@@ -72,7 +73,8 @@ H_COMPRESSION: Final = 73
 H_FLAGS: Final = 74
 H_EXTENT_COUNT: Final = 76
 H_DATA_BYTES: Final = 80
-H_RESERVED: Final = 88
+H_CUT_ID: Final = 88
+H_FIRST_CHANGE_CUT: Final = 96
 H_DISK_ID_LEN: Final = 104
 H_DISK_ID: Final = 105
 
@@ -143,6 +145,13 @@ class BatchHeader:
 
     ``data_bytes`` is the sum of ``length`` over *all* extents, ZERO and TRIM included (the
     logical size of the change), not the payload size on the wire.
+
+    ``cut_id`` names the VM-wide cut this batch belongs to: every disk of the VM cut at the same
+    instant carries the same id, and ids grow with every cut of the VM. 0 means the batch is no
+    cut of a whole VM (a tool writing one disk); brokers never make a VM point of it.
+    ``first_change_cut`` is the agent's statement about idleness: the disk did not change
+    between the cut of its previous batch and any cut numbered below this one (0: no statement).
+    See ``docs/protocol/batch.md`` and ``docs/decisions/004-vm-points-are-cuts.md``.
     """
 
     vm_uuid: uuid.UUID
@@ -158,6 +167,9 @@ class BatchHeader:
     full: bool
     extent_count: int
     data_bytes: int
+    # Defaults, so that callers writing one disk (tests, tools) need not invent a cut.
+    cut_id: int = 0
+    first_change_cut: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +267,15 @@ def check_header(h: BatchHeader, limits: DecodeLimits) -> None:
             position=H_BASE_SEQ,
         )
     _uint(h.cut_time_ns, 64, "header.cut_time_ns", H_CUT_TIME)
+    cut_id = _uint(h.cut_id, 64, "header.cut_id", H_CUT_ID)
+    first_change = _uint(h.first_change_cut, 64, "header.first_change_cut", H_FIRST_CHANGE_CUT)
+    if first_change > cut_id:
+        raise BadField(
+            f"first_change_cut is {first_change}, after the batch's own cut_id {cut_id} (a "
+            "batch cannot hold changes made after its cut)",
+            field="header.first_change_cut",
+            position=H_FIRST_CHANGE_CUT,
+        )
     disk_size = _uint(h.disk_size, 64, "header.disk_size", H_DISK_SIZE)
     block_size = _uint(h.block_size, 32, "header.block_size", H_BLOCK_SIZE)
     if block_size & (block_size - 1) or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:

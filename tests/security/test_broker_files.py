@@ -95,7 +95,7 @@ async def test_every_file_is_private_after_replication_exports_and_retention(
         async with AgentClient(svc.url, pki.admin) as admin:
             assert admin.session is not None
             async with admin.session.post(
-                f"{svc.url}/v1/vms/web1/exports", json={"point": "1-3"}
+                f"{svc.url}/v1/vms/web1/exports", json={"point": "1:3"}
             ) as resp:
                 assert resp.status == 201, await resp.text()
                 (export,) = (await resp.json())["exports"]
