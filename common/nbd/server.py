@@ -45,15 +45,8 @@ from common.nbd.protocol import (
     TLSMode,
     TransmissionStarted,
 )
-from common.tls import (
-    Role,
-    TLSError,
-    TLSIdentityError,
-    describe_tls_error,
-    format_peer,
-    identity_from_cert,
-    require_role,
-)
+from common.tls.identities import Role, TLSError
+from common.tls.serving import accept_tls
 
 _READ: Final = 0
 _WRITE: Final = 1
@@ -667,7 +660,6 @@ class _Connection(asyncio.BufferedProtocol):
     async def _upgrade(self, transport: asyncio.Transport) -> None:
         source = self._server.tls_context
         assert source is not None
-        peer = format_peer(transport.get_extra_info("peername")) or self.peer
         try:
             context = source() if callable(source) else source
         except (TLSError, OSError) as exc:
@@ -676,33 +668,23 @@ class _Connection(asyncio.BufferedProtocol):
             transport.abort()
             return
         try:
-            async with asyncio.timeout(self._server.handshake_timeout):
-                new = await self._loop.start_tls(transport, self, context, server_side=True)
-            if new is None:  # pragma: no cover - only transports without TLS support
-                raise ConnectionResetError("the transport cannot be upgraded to TLS")
-            # The transport's ssl_object, not common.tls.peer_identity: uvloop's TLS transports
-            # are not asyncio.BaseTransport instances, which peer_identity() insists on.
-            ssl_object = new.get_extra_info("ssl_object")
-            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-            if not der:
-                raise TLSIdentityError(
-                    "the client presented no certificate",
-                    reason="no_peer_certificate",
-                    fix="configure the NBD client with a certificate from `replikant certs`",
-                )
-            identity = identity_from_cert(der)
-            if self._server.allowed_roles is not None:
-                require_role(identity, self._server.allowed_roles)
-        except (OSError, TimeoutError, EOFError, TLSIdentityError) as exc:
-            # One tls_handshake_rejected event, in the same words as every other TLS endpoint.
-            describe_tls_error(exc, side="server", peer=peer).log()
+            new, identity = await accept_tls(
+                transport,
+                self,
+                context,
+                allowed_roles=self._server.allowed_roles,
+                handshake_timeout=self._server.handshake_timeout,
+                peer=self.peer,
+            )
+        except TLSError:
+            # accept_tls has logged the one tls_handshake_rejected event and closed the
+            # connection; abort makes sure no half-closed TLS shutdown lingers.
             transport.abort()
-            if self._transport is not transport and self._transport is not None:
-                self._transport.abort()
             return
         self._transport = new
         self._conn.tls_established()
         self._log = self._log.bind(client=str(identity))
+        ssl_object = new.get_extra_info("ssl_object")
         cipher = ssl_object.cipher()
         self._log.info(
             "nbd_tls_established",
