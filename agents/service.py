@@ -61,7 +61,8 @@ from common.config import (
 from common.errors import refuse_to_start
 from common.hrl import Consistency, xxh64_of
 from common.logs import get_logger
-from common.nbd import FileExport, NBDServer
+from common.nbd.backend import FileExport
+from common.nbd.server import NBDServer
 from common.tls import Identity, TLSError, client_context, nbd_server_context
 
 log = get_logger("agents.service")

@@ -34,16 +34,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from common.nbd.protocol import STATE_HOLE, STATE_ZERO, Errno
-
-
-class ExportError(Exception):
-    """A backend refusing a request with a specific NBD error value (an :class:`Errno`)."""
-
-    def __init__(self, error: Errno, message: str = "") -> None:
-        super().__init__(message or error.name)
-        self.error = error
-        self.message = message
+from common.nbd.constants import STATE_HOLE, STATE_ZERO, Errno
+from common.nbd.errors import ExportError
 
 
 class Export(Protocol):

@@ -30,21 +30,20 @@ from typing import Any, Final, cast
 import structlog
 
 from common.logs import get_logger
-from common.nbd.backend import Export, ExportError
-from common.nbd.protocol import (
+from common.nbd.backend import Export
+from common.nbd.constants import CmdFlag, Errno
+from common.nbd.errors import ExportError, RemoteProtocolError, nbd_error_for
+from common.nbd.events import (
     NEED_DATA,
     Aborted,
-    CmdFlag,
     Disconnect,
-    Errno,
-    RemoteProtocolError,
     Request,
-    ServerConnection,
     StartTLS,
     State,
     TLSMode,
     TransmissionStarted,
 )
+from common.nbd.protocol import ServerConnection
 from common.tls.identities import Role, TLSError
 from common.tls.serving import accept_tls
 
@@ -65,31 +64,6 @@ _MAX_UNSENT: Final = 4 * 1024 * 1024
 # Backend error storms must not flood the log: the first few per connection are logged, the rest
 # are counted and reported when the client disconnects.
 _MAX_LOGGED_ERRORS: Final = 20
-
-_ERRNO_MAP: Final = {
-    errno.EPERM: Errno.EPERM,
-    errno.EACCES: Errno.EPERM,
-    errno.EROFS: Errno.EPERM,
-    errno.EIO: Errno.EIO,
-    errno.ENOMEM: Errno.ENOMEM,
-    errno.EINVAL: Errno.EINVAL,
-    errno.ENOSPC: Errno.ENOSPC,
-    errno.EDQUOT: Errno.ENOSPC,
-    errno.EFBIG: Errno.ENOSPC,
-    errno.EOVERFLOW: Errno.EOVERFLOW,
-    errno.ENOTSUP: Errno.ENOTSUP,
-    errno.EOPNOTSUPP: Errno.ENOTSUP,
-    errno.ESHUTDOWN: Errno.ESHUTDOWN,
-}
-
-
-def nbd_error_for(exc: BaseException) -> Errno:
-    """The NBD error value to send for a backend exception (EIO when nothing fits better)."""
-    if isinstance(exc, ExportError):
-        return exc.error
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return _ERRNO_MAP.get(exc.errno, Errno.EIO)
-    return Errno.EIO
 
 
 _log = get_logger(__name__)
