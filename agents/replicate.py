@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.cut import Cut
-from agents.dirtymap import DATA, BlockMap, Recovery, file_extents
+from agents.dirtymap import DATA, BlockMap, Recovery
 from agents.disk import TrackedExport
 from agents.errors import FencedError, ShipError
 from agents.ship import (
@@ -45,6 +45,7 @@ from agents.ship import (
 )
 from agents.state import DiskState
 from common.config import DiskConfig, Policy, VMConfig
+from common.fsio import data_extents
 from common.hrl import Compression, Consistency, xxh64_of
 from common.logs import get_logger
 
@@ -473,7 +474,7 @@ class DiskReplicator:
         size = self.export.size
         bs = self.export.block_size
         budget = self.full_batch_bytes
-        for lo, hi in file_extents(self.export.fd, start, size):
+        for lo, hi in data_extents(self.export.fd, start, size):
             if hi - lo >= budget:
                 end = lo + budget
                 return min(size, (end + bs - 1) // bs * bs)

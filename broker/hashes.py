@@ -19,8 +19,8 @@ from typing import Final
 
 import xxhash
 
-from broker.fsutil import data_segments
 from broker.points import KIND_ZERO, PointView
+from common.fsio import data_segments
 
 _CHUNK: Final = 8 * 1024 * 1024
 _Q = struct.Struct(">Q")

@@ -30,8 +30,8 @@ import xxhash
 
 from broker import names
 from broker.errors import BadRequest, IdentityConflict, IdentityMismatch, StoreCorrupt
-from broker.fsutil import data_segments, pread_exact, punch_hole, pwrite_all
 from broker.store import AppliedRecord, Replica
+from common.fsio import data_segments, pread_exact, punch_hole, pwrite_all
 from common.logs import get_logger
 
 if TYPE_CHECKING:

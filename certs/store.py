@@ -30,7 +30,6 @@ import datetime as dt
 import fcntl
 import json
 import os
-import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +61,7 @@ from certs.keys import (
     weak_key_reason,
 )
 from common.config import TLSFiles, current_user
+from common.fsio import atomic_write
 from common.logs import get_logger
 from common.tls import ROLES, Identity, Role, TLSIdentityError, identity_from_cert
 
@@ -73,34 +73,6 @@ _log = get_logger("certs.store")
 
 # --------------------------------------------------------------------------------------------
 # Files
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, *, mode: int) -> None:
-    """Replace ``path`` with ``data`` atomically; the file has ``mode`` from its creation on.
-
-    The mode is given to ``os.open`` rather than set afterwards, so a private key is never
-    readable by anyone else, not even for an instant.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def load_certificate(path: Path) -> x509.Certificate:
@@ -343,7 +315,7 @@ class CertStore:
             dest = backup_dir / src.relative_to(self.root)
             dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             # Copied through write_atomic so a backed-up key is 0600 from its first byte too.
-            write_atomic(dest, src.read_bytes(), mode=0o600)
+            atomic_write(dest, src.read_bytes(), mode=0o600)
 
     def _read_index(self) -> dict[str, Any]:
         try:
@@ -386,7 +358,7 @@ class CertStore:
                 "status": "current",
             }
         )
-        write_atomic(self.index_path, json.dumps(index, indent=2).encode() + b"\n", mode=0o644)
+        atomic_write(self.index_path, json.dumps(index, indent=2).encode() + b"\n", mode=0o644)
 
     # -- CA
 
@@ -428,8 +400,8 @@ class CertStore:
                 not_before=now - CLOCK_SKEW,
                 not_after=now + dt.timedelta(days=days),
             )
-            write_atomic(store.ca_key_path, key_to_pem(key), mode=0o600)
-            write_atomic(store.ca_cert_path, _pem(cert), mode=0o644)
+            atomic_write(store.ca_key_path, key_to_pem(key), mode=0o600)
+            atomic_write(store.ca_cert_path, _pem(cert), mode=0o644)
         _log.debug("ca_created", dir=str(store.root), subject=common_name, replaced=bool(existing))
         return store
 
@@ -536,8 +508,8 @@ class CertStore:
         cert_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         # Key first: a crash between the two renames leaves a new key with the old certificate,
         # which `certs check` reports as key_mismatch, never a certificate without its key.
-        write_atomic(key_path, key_to_pem(key), mode=0o600)
-        write_atomic(cert_path, _pem(cert), mode=0o644)
+        atomic_write(key_path, key_to_pem(key), mode=0o600)
+        atomic_write(cert_path, _pem(cert), mode=0o644)
         self._record(cert, cert_path, replaces=replaces)
         _log.debug("certificate_issued", identity=identity.uri, file=str(cert_path))
         return IssuedCert(identity, cert_path, key_path, self.ca_cert_path, cert)
