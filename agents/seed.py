@@ -7,7 +7,7 @@ http.md, "Offline seed media")::
     DIR/manifest.json                written last, atomically: the media is complete
     DIR/.replikant-export.json       which export wrote here (lets ``--resume`` recognise it)
     DIR/<vm-name>/<disk-id>.img      the disk at the export's cut, sparse (holes, zero blocks)
-    DIR/<vm-name>/<disk-id>.xxh3     xxh3_64 (big-endian) of every block of it
+    DIR/<vm-name>/<disk-id>.xxh3     its hash list (:mod:`common.blockhash`: XXH3-64 per block)
 
 For each VM, under its worker's lock (no batch ships meanwhile), every disk is cut at the same
 instant with the machinery of the FULL batches (:meth:`DiskReplicator.begin_seed_cut`): the
@@ -38,7 +38,6 @@ import errno
 import json
 import os
 import stat
-import struct
 import time
 import uuid as uuid_mod
 from collections.abc import Callable
@@ -50,10 +49,11 @@ from agents.dirtymap import DATA
 from agents.errors import AgentError, ShipError
 from agents.replicate import DiskReplicator
 from agents.ship import MAX_EXTENT
+from common.blockhash import block_hash
 from common.config import path_problem
 from common.errors import refusal_body
 from common.fsio import atomic_write, data_extents, is_zero, punch_hole, pwrite_all, write_all
-from common.hrl import Consistency, xxh64_of
+from common.hrl import Consistency
 from common.logs import get_logger
 
 if TYPE_CHECKING:
@@ -65,7 +65,6 @@ log = get_logger("agents.seed")
 MANIFEST = "manifest.json"
 MARKER = ".replikant-export.json"
 SEED_FORMAT = "replikant-seed"
-_HASH = struct.Struct(">Q")
 _HASH_FLUSH = 64 * 1024  # hash entries buffered before they are written (512 KiB)
 _PROGRESS_SECONDS = 2.0
 
@@ -546,10 +545,9 @@ class MediaImage:
         self.stats = MediaStats()
         self._next = 0  # the first block whose hash is not yet recorded
         self._pending = bytearray()
-        full = xxh64_of(bytes(block_size))
-        self._zero_hash = _HASH.pack(full)
+        self._zero_hash = block_hash(bytes(block_size))
         tail = size % block_size
-        self._last_zero_hash = _HASH.pack(xxh64_of(bytes(tail))) if tail else self._zero_hash
+        self._last_zero_hash = block_hash(bytes(tail)) if tail else self._zero_hash
         self._fd = -1
         self._hfd = -1
 
@@ -601,7 +599,7 @@ class MediaImage:
         run = -1  # start (relative) of blocks to write in one go
         for i in range(0, len(view), self.bs):
             block = view[i : i + self.bs]
-            self._pending += _HASH.pack(xxh64_of(block))
+            self._pending += block_hash(block)
             if old is not None and old[i : i + len(block)] == block:
                 self.stats.reused += len(block)
                 keep = False
