@@ -71,8 +71,8 @@ async def accept_tls(
     before this call are not part of the handshake. (For connections that are TLS from the
     first byte use :func:`serve_tls`.) Returns the TLS transport (``protocol`` receives its data
     from now on) and the peer's identity. On failure, logs one ``tls_handshake_rejected``
-    event, closes the connection and raises :class:`TLSHandshakeError`. ``peer`` names the peer
-    in that event (default: its address; unix sockets have none).
+    event, closes the connection and raises :class:`TLSHandshakeError`. The event names the peer
+    by its address, or by ``peer`` when it has none (unix sockets).
     """
     loop = asyncio.get_running_loop()
     peer = format_peer(transport.get_extra_info("peername")) or peer
