@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import ssl
 import uuid
@@ -168,13 +169,19 @@ async def https(
 ) -> tuple[int | None, str]:
     """Make one request; returns ``(status, observed)``, status ``None`` when no HTTP answer
     came (the TLS handshake or the connection failed), observed naming what happened."""
+    headers = dict(headers or {})
+    if json_body is not None:
+        data = json.dumps(json_body).encode()
+        headers["Content-Type"] = "application/json"
+    # aiohttp warns about large bytes bodies (filterwarnings = error): hand it a stream.
+    payload = io.BytesIO(data) if data is not None else None
     try:
         async with (
             aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=ctx),
                 timeout=aiohttp.ClientTimeout(total=20),
             ) as session,
-            session.request(method, url, json=json_body, data=data, headers=headers) as resp,
+            session.request(method, url, data=payload, headers=headers) as resp,
         ):
             raw = await resp.read()
             return resp.status, f"HTTP {resp.status} {error_code(raw)}".rstrip()

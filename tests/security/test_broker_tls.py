@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import ssl
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 import pytest
@@ -37,13 +37,13 @@ EVENT = "tls_handshake_rejected"
 
 
 @contextlib.contextmanager
-def server_log() -> Iterator[list[dict[str, Any]]]:
+def server_log() -> Iterator[list[MutableMapping[str, Any]]]:
     """The broker's log events while the block runs."""
     with capture_logs() as logs:
         yield logs
 
 
-async def rejection(logs: list[dict[str, Any]]) -> str:
+async def rejection(logs: list[MutableMapping[str, Any]]) -> str:
     """The reason of the server's ``tls_handshake_rejected`` event, or ``"none logged"``."""
     for _ in range(100):
         found = [e for e in logs if e["event"] == EVENT]
