@@ -9,7 +9,6 @@ every file's bytes, every directory, the replica's durable and applied seq, and 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 import json
@@ -25,10 +24,11 @@ import pytest
 
 from broker.service import BrokerService
 from certs.store import CertStore
-from common.config import BrokerConfig, TLSFiles
+from common.config import TLSFiles
 from common.hrl import Compression
 from tests.fixtures_pki import issue_expired
 from tests.support_broker import PKI, AgentClient, FakeSource, MiB, make_pki
+from tests.test_broker_http import make_config, settle
 
 
 @dataclass
@@ -93,35 +93,6 @@ def snapshot(root: Path) -> dict[str, str]:
     return out
 
 
-def broker_config(pki: PKI, store: Path) -> BrokerConfig:
-    """The shipped defaults (``[authorization] mode = "any"``) on an ephemeral loopback port."""
-    return BrokerConfig.model_validate(
-        {
-            "broker": {
-                "node": "b1",
-                "cluster": "c1",
-                "site": "recovery",
-                "listen": "127.0.0.1:0",
-                "store": str(store),
-                "min_free_bytes": 0,
-            },
-            "tls": {
-                "ca": str(pki.broker.ca),
-                "cert": str(pki.broker.cert),
-                "key": str(pki.broker.key),
-            },
-        }
-    )
-
-
-async def settle(svc: BrokerService, src: FakeSource) -> None:
-    """Wait until everything durable for ``src`` is applied (the applier runs in the background)."""
-    r = svc.store.get(str(src.vm_uuid), src.disk_id)
-    assert r is not None
-    async with asyncio.timeout(20):
-        await svc.engines[r.key].wait_for_state((src.generation, r.meta.durable_seq))
-
-
 @pytest.fixture(scope="module")
 def broker_pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[PKI, TLSFiles]:
     """Agents h1..h3, an admin, the broker, a foreign CA's agent, and an expired agent."""
@@ -134,7 +105,8 @@ def broker_pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[PKI, TLSFiles]
 async def world(broker_pki: tuple[PKI, TLSFiles], tmp_path: Path) -> AsyncIterator[BrokerWorld]:
     """A broker whose replica of h1's disk holds seq 1, applied."""
     pki, expired = broker_pki
-    svc = BrokerService(broker_config(pki, tmp_path / "store"))
+    # The shipped defaults: [authorization] mode = "any".
+    svc = BrokerService(make_config(pki, tmp_path / "store"))
     await svc.start()
     try:
         src = FakeSource(disk_size=1 * MiB, compression=Compression.ZSTD)
