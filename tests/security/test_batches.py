@@ -20,8 +20,10 @@ from typing import Any
 import aiohttp
 import pytest
 import xxhash
+from structlog.testing import capture_logs
 
 from broker.ingest import max_batch_bytes
+from broker.service import READ_BUFSIZE
 from common.hrl import (
     BATCH_CONTENT_TYPE,
     BatchEncoder,
@@ -68,6 +70,8 @@ from tests.support_broker import AgentClient, FakeSource, MiB
 __all__ = ["broker_pki", "world"]
 
 SURFACE = "broker batch upload"
+EXTRA = 4 * READ_BUFSIZE
+"""How far the oversized stream goes on past its batch: beyond anything the broker buffers."""
 U32 = struct.Struct(">I")
 U64 = struct.Struct(">Q")
 
@@ -447,7 +451,8 @@ async def test_a_content_length_above_the_limit_is_answered_before_reading(
 
 async def test_a_streamed_body_growing_past_the_limit(world: BrokerWorld, door: Door) -> None:
     """A chunked upload (no Content-Length) that is still a well-formed batch when it passes the
-    replica's limit is cut off there with 413, and leaves no journal file behind."""
+    replica's limit is cut off there with 413 (not read to its end), and leaves no journal file
+    behind."""
     # A 16 MiB replica: with every sector its own extent and every zstd frame as large as the
     # format allows, a well-formed batch outgrows the limit (disk + 1/128 + 32 B a sector + 1 MiB).
     src = FakeSource(disk_size=16 * MiB, compression=Compression.ZSTD)
@@ -476,9 +481,14 @@ async def test_a_streamed_body_growing_past_the_limit(world: BrokerWorld, door: 
                 yield bytes(piece)
                 piece.clear()
         yield bytes(piece) + TRAILER.pack(TRAILER_MAGIC, count, 0, src.disk_size, chain.intdigest())
+        # And it keeps growing, by more than the broker's read buffer can hold: a broker that
+        # read on would see these bytes long past the limit.
+        for _ in range(EXTRA // MiB):
+            yield bytes(MiB)
 
     total = sum(len(c) for c in chunks())
-    assert total > limit, "the stream must outgrow the limit for this attempt to mean anything"
+    batch = total - EXTRA
+    assert batch > limit, "the batch itself must outgrow the limit for the attempt to mean much"
 
     async def stream() -> AsyncIterator[bytes]:
         nonlocal sent
@@ -488,20 +498,29 @@ async def test_a_streamed_body_growing_past_the_limit(world: BrokerWorld, door: 
             await asyncio.sleep(0)
 
     before = snapshot(world.svc.store.root)
-    try:
-        async with AgentClient(world.url, world.pki.agents["h1"]) as h1:
-            status, answer = await h1.post(src, stream())
-        seen = f"HTTP {status} {answer.get('error')}"
-    except (OSError, aiohttp.ClientError) as exc:
-        status, seen = 0, f"connection ended: {type(exc).__name__}"
+    with capture_logs() as logs:
+        try:
+            async with AgentClient(world.url, world.pki.agents["h1"]) as h1:
+                status, answer = await h1.post(src, stream())
+            seen = f"HTTP {status} {answer.get('error')}"
+        except (OSError, aiohttp.ClientError) as exc:
+            status, seen = 0, f"connection ended: {type(exc).__name__}"
     await asyncio.sleep(0.2)  # the handler's abort runs in a worker thread
+    refusals = [e for e in logs if e["event"] == "batch_refused"]
+    received = refusals[0].get("received") if refusals else None
     door.attempt(
         SURFACE,
-        f"chunked upload without Content-Length, {total} bytes against a limit of {limit}",
+        f"chunked upload without Content-Length: a {batch}-byte well-formed batch and "
+        f"{EXTRA // MiB} MiB more, against a limit of {limit}",
         expected="413 batch_too_large once the limit is passed, no journal left",
-        observed=f"{seen} after the client sent {sent} bytes; {world.store_text(before)}",
+        observed=f"{seen}; broker refused after receiving {received} bytes; "
+        f"{world.store_text(before)}",
         refused=status == 413 and not world.damage(before),
     )
+    # Cut off at the limit, give or take what aiohttp had buffered (the broker reads whatever is
+    # buffered at once, at most twice its read buffer), never at the end of the stream.
+    assert isinstance(received, int)
+    assert limit < received <= limit + 2 * READ_BUFSIZE + MiB < total
 
 
 async def test_an_oversized_json_body_on_put(world: BrokerWorld, door: Door) -> None:

@@ -26,7 +26,7 @@ import pytest
 from common.nbd.client import NBDClient, NBDClientError
 from common.nbd.protocol import IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC, ClientFlag, Opt, Rep
 from common.tls import client_context
-from tests.fixtures_pki import Pki, make_pki
+from tests.fixtures_pki import Pki, issue_expired, make_pki
 from tests.security.rows import Door
 from tests.support_agent import (
     DiskSpec,
@@ -217,6 +217,10 @@ def _foreign(agent: Agent) -> ssl.SSLContext:
     return client_context((agent.pki.ca, other.cert_path, other.key_path))
 
 
+def _expired(agent: Agent) -> ssl.SSLContext:
+    return client_context(issue_expired(agent.pki.store).tls)
+
+
 def _tls11(agent: Agent) -> ssl.SSLContext:
     ctx = client_context(agent.pki.broker.tls)
     with warnings.catch_warnings():
@@ -233,14 +237,15 @@ def _tls11(agent: Agent) -> ssl.SSLContext:
 CLIENTS = {
     "no client certificate": (_no_certificate, "no_client_certificate"),
     "a broker certificate of another CA": (_foreign, "unknown_ca"),
+    "an expired agent certificate of our CA": (_expired, "certificate_expired"),
     "a valid broker certificate, client capped at TLS 1.1": (_tls11, "protocol_version"),
 }
 
 
 @pytest.mark.parametrize("client", list(CLIENTS))
 async def test_starttls_with_a_bad_client(agent: Agent, door: Door, client: str) -> None:
-    """After STARTTLS, a client without a certificate, with another CA's, or limited to
-    TLS 1.1 never negotiates the export nor reads a byte of it."""
+    """After STARTTLS, a client without a certificate, with another CA's or an expired one, or
+    limited to TLS 1.1 never negotiates the export nor reads a byte of it."""
     make, want = CLIENTS[client]
     seen = len(agent.rejections())
     before = agent.digest()
