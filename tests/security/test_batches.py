@@ -271,6 +271,16 @@ def _payload_bit(world: BrokerWorld) -> Case:
     return Case(flip(body, payload + stored_len // 2), 400, "corrupt_extent")
 
 
+def _full_batch(world: BrokerWorld) -> Case:
+    src = world.src
+    if 2 not in src.cuts:
+        src.mutate(6)
+        src.cut(full=True, all_blocks=True)
+    body = uncompressed(src.cuts[2].body)
+    _rec, payload, stored_len = [e for e in layout(body) if e[2]][-1]
+    return Case(flip(body, payload + stored_len - 1), 400, "corrupt_extent")
+
+
 def _record_checksum(world: BrokerWorld) -> Case:
     body = next_batch(world)
     rec, _payload, _n = layout(body)[0]
@@ -348,6 +358,8 @@ CASES: dict[str, Callable[[BrokerWorld], Case]] = {
     "lying: an extent offset not sector aligned": _unaligned,
     "corrupt: one flipped bit in an uncompressed payload": _payload_bit,
     "corrupt: one flipped bit in a record checksum": _record_checksum,
+    "corrupt: a FULL batch (streamed straight into the image during an initial copy) with a "
+    "flipped bit in its last extent, to a replica that has recovery points": _full_batch,
     "corrupt: a zstd payload without the frame magic": _zstd_magic,
     "corrupt: one flipped bit inside a zstd frame": _zstd_block,
     "corrupt: one flipped bit in the header": _header_bit,
