@@ -1,0 +1,134 @@
+"""A web page cannot make a browser that holds a certificate change state on the broker.
+
+A browser presents an installed client certificate to every page's requests, and a cross-origin
+``text/plain`` POST needs no CORS preflight. Each state-changing route of the broker's router is
+sent such a request with the certificate that is authorised for it (so only the browser-ness can
+refuse it): with the ``Origin`` or ``Sec-Fetch-Site`` a browser adds, and, for JSON routes, as
+``text/plain`` alone.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from broker.ingest import build_app
+from common.hrl import BATCH_CONTENT_TYPE
+from common.tls import client_context
+from tests.security.broker_doors import BrokerWorld, broker_pki, enable_body, https, snapshot, world
+from tests.security.rows import Door
+from tests.support_broker import AgentClient
+from tests.test_broker_http import settle
+
+__all__ = ["broker_pki", "world"]
+
+SURFACE = "broker HTTPS"
+SAFE = {"GET", "HEAD", "OPTIONS"}
+EVIL = "https://evil.example"
+
+
+def writes(world: BrokerWorld) -> list[tuple[str, str]]:
+    """``(method, path template)`` of every route that can change state."""
+    out = sorted(
+        {
+            (r.method, r.resource.canonical)
+            for r in build_app(world.svc).router.routes()
+            if r.method not in SAFE and r.resource is not None
+        }
+    )
+    assert out, "the broker's router lists no state-changing routes"
+    return out
+
+
+async def with_a_point(world: BrokerWorld) -> None:
+    """A second batch, so the VM has a listed recovery point an export could serve."""
+    async with AgentClient(world.url, world.pki.agents["h1"]) as h1:
+        world.src.mutate(2)
+        await h1.ship(world.src, world.src.cut())
+    await settle(world.svc, world.src)
+
+
+def concrete(world: BrokerWorld, template: str) -> str:
+    """The route for ``src`` (VM ``web1``), an export named ``x``."""
+    path = (
+        template.replace("{vm_uuid}", str(world.src.vm_uuid))
+        .replace("{disk_id}", world.src.disk_id)
+        .replace("{vm}", "web1")
+        .replace("{name}", "x")
+    )
+    return world.url + path
+
+
+HEADERS = {
+    "Origin of another site": {"Origin": EVIL},
+    "Sec-Fetch-Site cross-site": {"Sec-Fetch-Site": "cross-site"},
+    "Origin null (sandboxed frame)": {"Origin": "null"},
+}
+
+
+@pytest.mark.parametrize("marker", list(HEADERS))
+async def test_cross_site_writes_are_refused(world: BrokerWorld, door: Door, marker: str) -> None:
+    """Every state-changing route refuses a request that a browser marked as cross-site, even
+    with the right certificate, and nothing changes."""
+    await with_a_point(world)
+    for method, template in writes(world):
+        replication = template.startswith("/v1/replicas/")
+        tls = world.pki.agents["h1"] if replication else world.pki.admin
+        if template.endswith("/batches"):
+            world.src.mutate(2)
+            body = world.src.cut().body
+            world.src.seq -= 1
+        else:
+            body = json.dumps(
+                {**enable_body(name="web1"), "point": "latest", "dir": "/nonexistent"}
+            ).encode()
+        headers = {"Content-Type": "text/plain", **HEADERS[marker]}
+        if template.endswith("/batches"):
+            headers["Content-Type"] = BATCH_CONTENT_TYPE
+        before = snapshot(world.svc.store.root)
+        exports = len(world.svc.exports)
+        status, seen = await https(
+            client_context(tls), method, concrete(world, template), data=body, headers=headers
+        )
+        door.attempt(
+            SURFACE,
+            f"browser-style {method} {template} ({marker}) with the "
+            f"{'agent' if replication else 'admin'} certificate",
+            expected="403 not_authorised, nothing changed",
+            observed=f"{seen}; exports {exports} -> {len(world.svc.exports)}; "
+            f"{world.store_text(before)}",
+            refused=status == 403
+            and not world.damage(before)
+            and len(world.svc.exports) == exports,
+        )
+
+
+async def test_json_routes_refuse_text_plain(world: BrokerWorld, door: Door) -> None:
+    """A JSON body sent as text/plain (what an HTML form or a simple fetch sends) is refused,
+    so no page can reach a JSON route without a preflight we never answer."""
+    await with_a_point(world)
+    for method, template in writes(world):
+        if template.endswith("/batches") or method == "DELETE":
+            continue  # batches have their own type; DELETE is never a simple request
+        tls = world.pki.agents["h1"] if template.startswith("/v1/replicas/") else world.pki.admin
+        body = json.dumps({**enable_body(name="web1"), "point": "latest", "dir": "/x"}).encode()
+        before = snapshot(world.svc.store.root)
+        exports = len(world.svc.exports)
+        status, seen = await https(
+            client_context(tls),
+            method,
+            concrete(world, template),
+            data=body,
+            headers={"Content-Type": "text/plain"},
+        )
+        door.attempt(
+            SURFACE,
+            f"{method} {template} with a JSON body as text/plain",
+            expected="400 bad_request, nothing changed",
+            observed=f"{seen}; exports {exports} -> {len(world.svc.exports)}; "
+            f"{world.store_text(before)}",
+            refused=status == 400
+            and not world.damage(before)
+            and len(world.svc.exports) == exports,
+        )
