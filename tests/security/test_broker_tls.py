@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import warnings
 from collections.abc import Callable, Iterator, MutableMapping
@@ -197,3 +198,39 @@ async def test_plain_http_to_the_tls_port(world: BrokerWorld, door: Door) -> Non
         f"{world.store_text(before)}",
         refused=not answer.startswith(b"HTTP") and reason == "not_tls" and not world.damage(before),
     )
+
+
+def _two_connections(port: int, ctx: ssl.SSLContext) -> tuple[bool, bool]:
+    """Connect, make a request (a TLS 1.3 server sends its tickets after the handshake), then
+    reconnect offering that session; returns (a ticket was issued, the session was resumed)."""
+    request = b"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(request)
+        while tls.recv(65536):
+            pass
+        session = tls.session
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as tls,
+    ):
+        return bool(session is not None and session.has_ticket), bool(tls.session_reused)
+
+
+async def test_no_session_is_resumed(world: BrokerWorld, door: Door) -> None:
+    """The broker issues no session tickets, so every connection verifies the certificate
+    afresh: one that expires or is replaced stops working at once."""
+    port = int(world.url.rsplit(":", 1)[1])
+    ticket, reused = await asyncio.to_thread(
+        _two_connections, port, client_context(world.pki.admin)
+    )
+    door.attempt(
+        SURFACE,
+        "reconnect resuming an earlier TLS session (skipping the certificate check)",
+        expected="no session ticket issued, a full handshake",
+        observed=f"ticket issued: {ticket}, session resumed: {reused}",
+        refused=not reused,
+    )
+    assert not ticket
