@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import ssl
 import uuid
 from collections.abc import AsyncIterator
@@ -118,6 +119,13 @@ async def world(broker_pki: tuple[PKI, TLSFiles], tmp_path: Path) -> AsyncIterat
         yield BrokerWorld(svc, pki, src, expired)
     finally:
         await svc.stop()
+
+
+def route_url(world: BrokerWorld, template: str) -> str:
+    """A route template of the broker's router filled in for ``src`` (VM ``web1``); any other
+    name (an export's, say) is ``x``."""
+    values = {"vm_uuid": str(world.src.vm_uuid), "disk_id": world.src.disk_id, "vm": "web1"}
+    return world.url + re.sub(r"\{(\w+)\}", lambda m: values.get(m.group(1), "x"), template)
 
 
 def enable_body(disk_size: int = MiB, name: str = "intruder") -> dict[str, Any]:

@@ -209,7 +209,9 @@ def _reordered(world: BrokerWorld) -> Case:
     return Case(src.cuts[3].body, 409, "sequence_gap")
 
 
-def _header_field(at: int, field: struct.Struct, delta: int, klass: str) -> Callable[..., Case]:
+def _header_field(
+    at: int, field: struct.Struct, delta: int, klass: str
+) -> Callable[[BrokerWorld], Case]:
     def build(world: BrokerWorld) -> Case:
         body = next_batch(world)
         value = field.unpack_from(body, at)[0] + delta
@@ -222,7 +224,9 @@ def _code(klass: str) -> str:
     return "corrupt_extent" if klass == "ExtentChecksumMismatch" else "malformed_batch"
 
 
-def _header_value(at: int, field: struct.Struct, value: int, klass: str) -> Callable[..., Case]:
+def _header_value(
+    at: int, field: struct.Struct, value: int, klass: str
+) -> Callable[[BrokerWorld], Case]:
     def build(world: BrokerWorld) -> Case:
         return Case(patch_header(next_batch(world), at, field, value), 400, _code(klass), klass)
 

@@ -16,7 +16,15 @@ import pytest
 from broker.ingest import build_app
 from common.hrl import BATCH_CONTENT_TYPE
 from common.tls import client_context
-from tests.security.broker_doors import BrokerWorld, broker_pki, enable_body, https, snapshot, world
+from tests.security.broker_doors import (
+    BrokerWorld,
+    broker_pki,
+    enable_body,
+    https,
+    route_url,
+    snapshot,
+    world,
+)
 from tests.security.rows import Door
 from tests.support_broker import AgentClient
 from tests.test_broker_http import settle
@@ -49,22 +57,48 @@ async def with_a_point(world: BrokerWorld) -> None:
     await settle(world.svc, world.src)
 
 
-def concrete(world: BrokerWorld, template: str) -> str:
-    """The route for ``src`` (VM ``web1``), an export named ``x``."""
-    path = (
-        template.replace("{vm_uuid}", str(world.src.vm_uuid))
-        .replace("{disk_id}", world.src.disk_id)
-        .replace("{vm}", "web1")
-        .replace("{name}", "x")
-    )
-    return world.url + path
-
-
 HEADERS = {
     "Origin of another site": {"Origin": EVIL},
     "Sec-Fetch-Site cross-site": {"Sec-Fetch-Site": "cross-site"},
     "Origin null (sandboxed frame)": {"Origin": "null"},
 }
+
+
+async def attempt(
+    world: BrokerWorld,
+    door: Door,
+    what: str,
+    method: str,
+    template: str,
+    headers: dict[str, str],
+    want: int,
+) -> None:
+    """Send one route a request with the certificate authorised for it and a body that would
+    succeed, marked by ``headers``; refused when answered ``want`` with nothing changed."""
+    replication = template.startswith("/v1/replicas/")
+    tls = world.pki.agents["h1"] if replication else world.pki.admin
+    if template.endswith("/batches"):
+        world.src.mutate(2)
+        body = world.src.cut().body
+        world.src.seq -= 1  # not taken: the next attempt cuts the same seq
+        headers = {**headers, "Content-Type": BATCH_CONTENT_TYPE}
+    else:
+        body = json.dumps(
+            {**enable_body(name="web1"), "point": "latest", "dir": "/nonexistent"}
+        ).encode()
+    before = snapshot(world.svc.store.root)
+    exports = len(world.svc.exports)
+    status, seen = await https(
+        client_context(tls), method, route_url(world, template), data=body, headers=headers
+    )
+    door.attempt(
+        SURFACE,
+        f"{method} {template} {what}, with the {'agent' if replication else 'admin'} certificate",
+        expected=f"{want} {'not_authorised' if want == 403 else 'bad_request'}, nothing changed",
+        observed=f"{seen}; exports {exports} -> {len(world.svc.exports)}; "
+        f"{world.store_text(before)}",
+        refused=status == want and not world.damage(before) and len(world.svc.exports) == exports,
+    )
 
 
 @pytest.mark.parametrize("marker", list(HEADERS))
@@ -73,35 +107,8 @@ async def test_cross_site_writes_are_refused(world: BrokerWorld, door: Door, mar
     with the right certificate, and nothing changes."""
     await with_a_point(world)
     for method, template in writes(world):
-        replication = template.startswith("/v1/replicas/")
-        tls = world.pki.agents["h1"] if replication else world.pki.admin
-        if template.endswith("/batches"):
-            world.src.mutate(2)
-            body = world.src.cut().body
-            world.src.seq -= 1
-        else:
-            body = json.dumps(
-                {**enable_body(name="web1"), "point": "latest", "dir": "/nonexistent"}
-            ).encode()
         headers = {"Content-Type": "text/plain", **HEADERS[marker]}
-        if template.endswith("/batches"):
-            headers["Content-Type"] = BATCH_CONTENT_TYPE
-        before = snapshot(world.svc.store.root)
-        exports = len(world.svc.exports)
-        status, seen = await https(
-            client_context(tls), method, concrete(world, template), data=body, headers=headers
-        )
-        door.attempt(
-            SURFACE,
-            f"browser-style {method} {template} ({marker}) with the "
-            f"{'agent' if replication else 'admin'} certificate",
-            expected="403 not_authorised, nothing changed",
-            observed=f"{seen}; exports {exports} -> {len(world.svc.exports)}; "
-            f"{world.store_text(before)}",
-            refused=status == 403
-            and not world.damage(before)
-            and len(world.svc.exports) == exports,
-        )
+        await attempt(world, door, f"from a web page ({marker})", method, template, headers, 403)
 
 
 async def test_json_routes_refuse_text_plain(world: BrokerWorld, door: Door) -> None:
@@ -111,24 +118,7 @@ async def test_json_routes_refuse_text_plain(world: BrokerWorld, door: Door) -> 
     for method, template in writes(world):
         if template.endswith("/batches") or method == "DELETE":
             continue  # batches have their own type; DELETE is never a simple request
-        tls = world.pki.agents["h1"] if template.startswith("/v1/replicas/") else world.pki.admin
-        body = json.dumps({**enable_body(name="web1"), "point": "latest", "dir": "/x"}).encode()
-        before = snapshot(world.svc.store.root)
-        exports = len(world.svc.exports)
-        status, seen = await https(
-            client_context(tls),
-            method,
-            concrete(world, template),
-            data=body,
-            headers={"Content-Type": "text/plain"},
-        )
-        door.attempt(
-            SURFACE,
-            f"{method} {template} with a JSON body as text/plain",
-            expected="400 bad_request, nothing changed",
-            observed=f"{seen}; exports {exports} -> {len(world.svc.exports)}; "
-            f"{world.store_text(before)}",
-            refused=status == 400
-            and not world.damage(before)
-            and len(world.svc.exports) == exports,
+        headers = {"Content-Type": "text/plain"}
+        await attempt(
+            world, door, "with its JSON body as text/plain", method, template, headers, 400
         )

@@ -9,8 +9,6 @@ state must refuse an admin certificate.
 
 from __future__ import annotations
 
-import re
-
 from broker.ingest import build_app
 from common.hrl import BATCH_CONTENT_TYPE
 from common.tls import client_context
@@ -19,6 +17,7 @@ from tests.security.broker_doors import (
     broker_pki,
     enable_body,
     https,
+    route_url,
     snapshot,
     world,
 )
@@ -39,12 +38,6 @@ def routes(world: BrokerWorld) -> list[tuple[str, str]]:
         out.append((route.method, info))
     assert out, "the broker's router lists no routes"
     return sorted(set(out))
-
-
-def concrete(world: BrokerWorld, template: str) -> str:
-    """The template filled with ``src``'s identity (and a placeholder for other names)."""
-    values = {"vm_uuid": str(world.src.vm_uuid), "disk_id": world.src.disk_id, "vm": "web1"}
-    return world.url + re.sub(r"\{(\w+)\}", lambda m: values.get(m.group(1), "x"), template)
 
 
 async def attempt(
@@ -73,7 +66,7 @@ async def attempt(
     status, seen = await https(
         client_context(tls),
         method,
-        concrete(world, template),
+        route_url(world, template),
         json_body=body,
         data=data,
         headers=headers,
