@@ -9,6 +9,7 @@ every file's bytes, every directory, the replica's durable and applied seq, and 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -78,6 +79,18 @@ class BrokerWorld:
         return f"store {damage or 'unchanged'} (durable_seq {durable}, applied_seq {applied})"
 
 
+async def quiesce(svc: BrokerService, src: FakeSource) -> None:
+    """Wait until ``src``'s replica is applied and its applier has finished tidying up (the
+    journal file deleted, meta written), so that a snapshot sees a store at rest."""
+    await settle(svc, src)
+    r = svc.store.get(str(src.vm_uuid), src.disk_id)
+    assert r is not None
+    async with asyncio.timeout(20):
+        # Nothing to await: the applier deletes the journal file after it records the apply.
+        while any(r.journal_dir.iterdir()) or any(r.path.rglob("*.tmp")):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
 def snapshot(root: Path) -> dict[str, str]:
     """Every path under ``root`` with a digest of its bytes (files) or its kind."""
     out: dict[str, str] = {}
@@ -115,7 +128,7 @@ async def world(broker_pki: tuple[PKI, TLSFiles], tmp_path: Path) -> AsyncIterat
             await h1.enable(src)
             src.mutate(6)
             assert await h1.ship(src, src.cut()) == 1
-        await settle(svc, src)
+        await quiesce(svc, src)
         yield BrokerWorld(svc, pki, src, expired)
     finally:
         await svc.stop()

@@ -21,13 +21,13 @@ from tests.security.broker_doors import (
     broker_pki,
     enable_body,
     https,
+    quiesce,
     route_url,
     snapshot,
     world,
 )
 from tests.security.rows import Door
 from tests.support_broker import AgentClient
-from tests.test_broker_http import settle
 
 __all__ = ["broker_pki", "world"]
 
@@ -54,7 +54,7 @@ async def with_a_point(world: BrokerWorld) -> None:
     async with AgentClient(world.url, world.pki.agents["h1"]) as h1:
         world.src.mutate(2)
         await h1.ship(world.src, world.src.cut())
-    await settle(world.svc, world.src)
+    await quiesce(world.svc, world.src)
 
 
 HEADERS = {
