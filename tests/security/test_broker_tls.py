@@ -46,7 +46,7 @@ def server_log() -> Iterator[list[MutableMapping[str, Any]]]:
 
 async def rejection(logs: list[MutableMapping[str, Any]]) -> str:
     """The reason of the server's ``tls_handshake_rejected`` event, or ``"none logged"``."""
-    for _ in range(100):
+    for _ in range(250):
         found = [e for e in logs if e["event"] == EVENT]
         if found:
             return str(found[0]["reason"])
