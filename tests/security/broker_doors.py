@@ -29,8 +29,8 @@ from certs.store import CertStore
 from common.config import TLSFiles
 from common.hrl import Compression
 from tests.fixtures_pki import issue_expired
-from tests.support_broker import PKI, AgentClient, FakeSource, MiB, make_pki
-from tests.test_broker_http import make_config, settle
+from tests.support_broker import PKI, AgentClient, FakeSource, MiB, running_broker
+from tests.test_broker_http import settle
 
 
 @dataclass
@@ -108,21 +108,16 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def broker_pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[PKI, TLSFiles]:
-    """Agents h1..h3, an admin, the broker, a foreign CA's agent, and an expired agent."""
-    pki = make_pki(tmp_path_factory.mktemp("pki"))
-    expired = issue_expired(CertStore(pki.root / "ca"))
-    return pki, expired.tls
+def expired(pki: PKI) -> TLSFiles:
+    """An agent certificate of our CA that expired yesterday."""
+    return issue_expired(CertStore(pki.root / "ca")).tls
 
 
 @pytest.fixture
-async def world(broker_pki: tuple[PKI, TLSFiles], tmp_path: Path) -> AsyncIterator[BrokerWorld]:
-    """A broker whose replica of h1's disk holds seq 1, applied."""
-    pki, expired = broker_pki
-    # The shipped defaults: [authorization] mode = "any".
-    svc = BrokerService(make_config(pki, tmp_path / "store"))
-    await svc.start()
-    try:
+async def world(pki: PKI, expired: TLSFiles, tmp_path: Path) -> AsyncIterator[BrokerWorld]:
+    """A broker (the shipped defaults: ``[authorization] mode = "any"``) whose replica of h1's
+    disk holds seq 1, applied."""
+    async with running_broker(pki, tmp_path / "store") as svc:
         src = FakeSource(disk_size=1 * MiB, compression=Compression.ZSTD)
         async with AgentClient(svc.url, pki.agents["h1"]) as h1:
             await h1.enable(src)
@@ -130,8 +125,6 @@ async def world(broker_pki: tuple[PKI, TLSFiles], tmp_path: Path) -> AsyncIterat
             assert await h1.ship(src, src.cut()) == 1
         await quiesce(svc, src)
         yield BrokerWorld(svc, pki, src, expired)
-    finally:
-        await svc.stop()
 
 
 def route_url(world: BrokerWorld, template: str) -> str:

@@ -56,9 +56,9 @@ from common.hrl.format import (
 from common.tls import client_context
 from tests.security.broker_doors import (
     BrokerWorld,
-    broker_pki,
     enable_body,
     error_code,
+    expired,
     https,
     new_replica_url,
     snapshot,
@@ -67,7 +67,7 @@ from tests.security.broker_doors import (
 from tests.security.rows import Door
 from tests.support_broker import AgentClient, FakeSource, MiB
 
-__all__ = ["broker_pki", "world"]
+__all__ = ["expired", "world"]
 
 SURFACE = "broker batch upload"
 EXTRA = 4 * READ_BUFSIZE

@@ -18,8 +18,8 @@ from common.hrl import BATCH_CONTENT_TYPE
 from common.tls import client_context
 from tests.security.broker_doors import (
     BrokerWorld,
-    broker_pki,
     enable_body,
+    expired,
     https,
     quiesce,
     route_url,
@@ -29,7 +29,7 @@ from tests.security.broker_doors import (
 from tests.security.rows import Door
 from tests.support_broker import AgentClient
 
-__all__ = ["broker_pki", "world"]
+__all__ = ["expired", "world"]
 
 SURFACE = "broker HTTPS"
 SAFE = {"GET", "HEAD", "OPTIONS"}

@@ -14,8 +14,8 @@ from common.hrl import BATCH_CONTENT_TYPE
 from common.tls import client_context
 from tests.security.broker_doors import (
     BrokerWorld,
-    broker_pki,
     enable_body,
+    expired,
     https,
     route_url,
     snapshot,
@@ -23,7 +23,7 @@ from tests.security.broker_doors import (
 )
 from tests.security.rows import Door
 
-__all__ = ["broker_pki", "world"]
+__all__ = ["expired", "world"]
 
 SURFACE = "broker HTTPS"
 REPLICATION_PREFIX = "/v1/replicas/"

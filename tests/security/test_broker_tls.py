@@ -22,8 +22,8 @@ from common.config import TLSFiles
 from common.tls import client_context
 from tests.security.broker_doors import (
     BrokerWorld,
-    broker_pki,
     enable_body,
+    expired,
     https,
     new_replica_url,
     snapshot,
@@ -31,7 +31,7 @@ from tests.security.broker_doors import (
 )
 from tests.security.rows import Door
 
-__all__ = ["broker_pki", "world"]
+__all__ = ["expired", "world"]
 
 SURFACE = "broker HTTPS"
 EVENT = "tls_handshake_rejected"
