@@ -421,6 +421,39 @@ async def test_a_hostile_batch_changes_nothing(world: BrokerWorld, door: Door, n
 # Oversized bodies
 
 
+async def raw_post(world: BrokerWorld, headers: str, body: bytes = b"") -> tuple[str, bytes, float]:
+    """POST to ``src``'s batches URL with the agent's certificate and ``headers`` exactly as
+    written (no client library to tidy them up); returns the status line, the response body
+    and the seconds until the answer came."""
+    host, port = world.url.removeprefix("https://").rsplit(":", 1)
+    path = world.replica_url.removeprefix(world.url) + "/batches"
+    reader, writer = await asyncio.open_connection(
+        host, int(port), ssl=client_context(world.pki.agents["h1"]), server_hostname=host
+    )
+    started = time.monotonic()
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {BATCH_CONTENT_TYPE}\r\n"
+        f"{headers}\r\n\r\n".encode()
+        + body
+    )
+    raw = b""
+    try:
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            lengths = [
+                ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length:")
+            ]
+            if lengths:
+                raw = await reader.readexactly(int(lengths[0].split(b":")[1]))
+    except TimeoutError:
+        head = b"(no answer within 10 s)"
+    except (asyncio.IncompleteReadError, ConnectionError):
+        head = b"(connection closed without an answer)"
+    elapsed = time.monotonic() - started
+    writer.close()
+    return head.split(b"\r\n")[0].decode(errors="replace"), raw, elapsed
+
+
 async def test_a_content_length_above_the_limit_is_answered_before_reading(
     world: BrokerWorld, door: Door
 ) -> None:
@@ -429,40 +462,34 @@ async def test_a_content_length_above_the_limit_is_answered_before_reading(
     replica = world.svc.store.get(str(world.src.vm_uuid), world.src.disk_id)
     assert replica is not None
     limit = max_batch_bytes(replica)
-    host, port = world.url.removeprefix("https://").rsplit(":", 1)
-    path = world.replica_url.removeprefix(world.url) + "/batches"
     before = snapshot(world.svc.store.root)
-    reader, writer = await asyncio.open_connection(
-        host, int(port), ssl=client_context(world.pki.agents["h1"]), server_hostname=host
-    )
-    started = time.monotonic()
-    writer.write(
-        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {BATCH_CONTENT_TYPE}\r\n"
-        f"Content-Length: {limit + 1}\r\n\r\n".encode()
-    )
-    try:
-        async with asyncio.timeout(10):
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(
-                next(
-                    ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length:")
-                ).split(b":")[1]
-            )
-            raw = await reader.readexactly(length)
-    except TimeoutError:
-        head, raw = b"(no answer within 10 s)", b""
-    elapsed = time.monotonic() - started
-    writer.close()
-    status_line = head.split(b"\r\n")[0].decode(errors="replace")
+    status, raw, elapsed = await raw_post(world, f"Content-Length: {limit + 1}")
     door.attempt(
         SURFACE,
         f"POST with Content-Length {limit + 1} (limit {limit}) and no body sent",
         expected="413 batch_too_large before any body byte is read",
-        observed=f"{status_line} {error_code(raw)} after {elapsed:.2f} s; "
-        f"{world.store_text(before)}",
-        refused=b" 413 " in head.split(b"\r\n")[0] and not world.damage(before),
+        observed=f"{status} {error_code(raw)} after {elapsed:.2f} s; {world.store_text(before)}",
+        refused=" 413 " in status and not world.damage(before),
     )
     assert error_code(raw) == "batch_too_large"
+
+
+async def test_a_body_framed_two_ways_is_refused(world: BrokerWorld, door: Door) -> None:
+    """A request that carries both Content-Length and Transfer-Encoding (the request-smuggling
+    shape: two parsers may disagree where the body ends) is refused by the HTTP parser."""
+    body = next_batch(world)
+    chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    before = snapshot(world.svc.store.root)
+    status, raw, _ = await raw_post(
+        world, f"Content-Length: {len(body)}\r\nTransfer-Encoding: chunked", chunked
+    )
+    door.attempt(
+        SURFACE,
+        "a valid batch sent with both Content-Length and Transfer-Encoding: chunked",
+        expected="400 from the HTTP parser, nothing journaled",
+        observed=f"{status} {raw[:60]!r}; {world.store_text(before)}",
+        refused=" 400 " in status and not world.damage(before),
+    )
 
 
 async def test_a_streamed_body_growing_past_the_limit(world: BrokerWorld, door: Door) -> None:
