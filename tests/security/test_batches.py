@@ -39,6 +39,7 @@ from common.hrl.format import (
     H_BLOCK_SIZE,
     H_DATA_BYTES,
     H_EXTENT_COUNT,
+    H_FIRST_CHANGE_CUT,
     HEADER_PREFIX,
     HEADER_XXH,
     MAX_BLOCK_SIZE,
@@ -181,6 +182,17 @@ def next_batch(world: BrokerWorld) -> bytes:
     return src.cuts[2].body
 
 
+def next_header(world: BrokerWorld, count: int, data_bytes: int) -> BatchHeader:
+    """A valid header for seq 2 of ``src`` (its cut id and the rest as the source numbers them),
+    without cutting: the forged batches below supply their own extents."""
+    src = world.src
+    saved, src.seq = src.seq, 2
+    try:
+        return src.header(count, data_bytes)
+    finally:
+        src.seq = saved
+
+
 def truncated(at: Callable[[bytes], int]) -> Callable[[BrokerWorld], Case]:
     """A case: the next batch cut at ``at(body)``."""
 
@@ -235,14 +247,14 @@ def _header_value(
 
 def _identity(**change: Any) -> Callable[[BrokerWorld], Case]:
     def build(world: BrokerWorld) -> Case:
-        src = world.src
-        header = dataclasses.replace(src.header(1, 4096), seq=2, base_seq=1, **change)
+        header = dataclasses.replace(next_header(world, 1, 4096), **change)
         body = b"".join(encode_batch(header, [(0, 4096, ExtentKind.DATA, b"\x5a" * 4096)]))
         status, error = {
             "vm_uuid": (403, "wrong_identity"),
             "disk_id": (403, "wrong_identity"),
             "disk_size": (409, "identity_conflict"),
             "generation": (409, "stale_generation"),
+            "cut_id": (409, "sequence_gap"),
         }[next(iter(change))]
         return Case(body, status, error)
 
@@ -251,22 +263,18 @@ def _identity(**change: Any) -> Callable[[BrokerWorld], Case]:
 
 def _beyond_end(world: BrokerWorld) -> Case:
     src = world.src
-    header = dataclasses.replace(src.header(1, 4096), seq=2, base_seq=1)
-    body = forge(header, [(src.disk_size - SECTOR, b"\x5a" * 4096)])
+    body = forge(next_header(world, 1, 4096), [(src.disk_size - SECTOR, b"\x5a" * 4096)])
     return Case(body, 400, "malformed_batch", "BadField")
 
 
 def _overlapping(world: BrokerWorld) -> Case:
-    src = world.src
-    header = dataclasses.replace(src.header(2, 8192), seq=2, base_seq=1)
-    body = forge(header, [(0, b"\x11" * 4096), (2048, b"\x22" * 4096)])
+    body = forge(next_header(world, 2, 8192), [(0, b"\x11" * 4096), (2048, b"\x22" * 4096)])
     return Case(body, 400, "malformed_batch", "BadField")
 
 
 def _unaligned(world: BrokerWorld) -> Case:
-    src = world.src
-    header = dataclasses.replace(src.header(1, 4096), seq=2, base_seq=1)
-    return Case(forge(header, [(100, b"\x5a" * 4096)]), 400, "malformed_batch", "BadField")
+    body = forge(next_header(world, 1, 4096), [(100, b"\x5a" * 4096)])
+    return Case(body, 400, "malformed_batch", "BadField")
 
 
 def _payload_bit(world: BrokerWorld) -> Case:
@@ -352,6 +360,10 @@ CASES: dict[str, Callable[[BrokerWorld], Case]] = {
         H_BLOCK_SIZE, U32, 2 * MAX_BLOCK_SIZE, "BadField"
     ),
     "lying: base_seq not seq - 1": _header_value(H_BASE_SEQ, U64, 0, "BadField"),
+    "lying: first_change_cut after the batch's own cut_id": _header_value(
+        H_FIRST_CHANGE_CUT, U64, 1 << 40, "BadField"
+    ),
+    "lying: VM cut id 1 again (not after the durable batch's)": _identity(cut_id=1),
     "lying: disk_size twice the replica's": _identity(disk_size=2 * MiB),
     "lying: another VM's uuid in the header": _identity(vm_uuid=uuid.uuid4()),
     "lying: disk id disk1 in a batch posted to disk0": _identity(disk_id="disk1"),

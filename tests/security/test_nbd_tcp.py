@@ -98,7 +98,6 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
         vms=[VMSpec("web1", [DiskSpec("disk0", image)])],
         state_dir=tmp / "state",
         socket_dir=tmp / "s",
-        status_port=free_port(),
         tcp_listen=f"127.0.0.1:{port}",
     )
     proc = ReplikantProc(["agent", "run", "--config", str(cfg)], tmp / "agent.log")
