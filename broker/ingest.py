@@ -15,6 +15,7 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -109,7 +110,7 @@ class EnableRequest(BaseModel):
 
 def build_app(service: BrokerService) -> web.Application:
     """The aiohttp application of one broker."""
-    app = web.Application(middlewares=[_errors], client_max_size=1 << 20)
+    app = web.Application(middlewares=[_errors, _no_browser_writes], client_max_size=1 << 20)
     app[SERVICE_KEY] = service
     app.add_routes(
         [
@@ -203,6 +204,49 @@ HTTP_LOG.addFilter(_OneEventPerProtocolError())
 def _reason(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+_SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@web.middleware
+async def _no_browser_writes(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Refuse a state change that a web page made a browser send.
+
+    A browser that holds an admin certificate (for a dashboard, say) presents it to any page's
+    request, and a ``text/plain`` POST needs no CORS preflight: without this, any web site the
+    admin opens could create exports or import seeds. Our clients send neither header; browsers
+    always send one of them on a cross-origin write, and a page cannot forge either.
+    """
+    if request.method not in _SAFE_METHODS:
+        site = request.headers.get("Sec-Fetch-Site")
+        origin = request.headers.get("Origin")
+        why = None
+        if site is not None and site not in ("same-origin", "none"):
+            why = f"Sec-Fetch-Site: {site}"
+        elif origin is not None and urlsplit(origin).netloc != request.host:
+            why = f"Origin: {origin}"
+        if why is not None:
+            raise NotAuthorised(
+                f"{request.method} {request.path} came from a web page ({why}): a browser "
+                "cannot change state on a broker",
+                fix="use the replikant CLI (or any client that is not a browser)",
+                details={"rule": "no_cross_site_writes", "header": why},
+            )
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
+async def _json_body(request: web.Request) -> Any:
+    """The request's JSON body; only as ``application/json``, which a page cannot send
+    cross-origin without a CORS preflight that we never answer."""
+    if request.content_type != "application/json":
+        raise BadRequest(
+            f"{request.method} {request.path} needs a JSON body sent as application/json, "
+            f"not {request.content_type!r}",
+            fix="send Content-Type: application/json",
+        )
+    return await request.json()
 
 
 def _peer_text(request: web.Request) -> str | None:
@@ -373,7 +417,7 @@ async def enable_replica(request: web.Request) -> web.Response:
     authorise_agent(service, ident, vm_uuid)
     what = f"PUT body for vm {vm_uuid} disk {disk_id} is invalid"
     try:
-        body = EnableRequest.model_validate(await request.json())
+        body = EnableRequest.model_validate(await _json_body(request))
     except ValidationError as exc:
         raise _body_error(what, exc) from None
     except ValueError as exc:
@@ -869,7 +913,7 @@ async def create_exports(request: web.Request) -> web.Response:
     require_admin(request)
     replicas = _vm_replicas(service, request.match_info["vm"])
     try:
-        body = await request.json() if request.can_read_body else {}
+        body = await _json_body(request) if request.can_read_body else {}
     except json.JSONDecodeError:
         raise BadRequest("body must be JSON") from None
     if not isinstance(body, dict):
@@ -903,7 +947,7 @@ async def seed_import(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     require_admin(request)
     try:
-        body = await request.json()
+        body = await _json_body(request)
         image = body.get("image")
         directory = str(body.get("dir") or "")
         if not directory and not image:
@@ -933,7 +977,7 @@ async def set_source(request: web.Request) -> web.Response:
     admin = require_admin(request)
     replicas = _vm_replicas(service, request.match_info["vm"])
     try:
-        body = SourceChange.model_validate(await request.json())
+        body = SourceChange.model_validate(await _json_body(request))
     except ValidationError as exc:
         raise _body_error("source change is invalid", exc) from None
     except ValueError as exc:
