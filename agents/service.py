@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import stat
-import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from agents.seed import ExportRequest, SeedError, cancel_seeds, export_media
 from agents.ship import MAX_EXTENT, Backoff, BrokerClient, TokenBucket
 from agents.state import CutClock
 from certs.service import startup_problems
+from common.blockhash import hash_blocks
 from common.config import (
     AgentConfig,
     DiskConfig,
@@ -59,9 +59,10 @@ from common.config import (
     writable_dir_problems,
 )
 from common.errors import refuse_to_start
-from common.hrl import Consistency, xxh64_of
+from common.hrl import Consistency
 from common.logs import get_logger
-from common.nbd import FileExport, NBDServer
+from common.nbd.backend import FileExport
+from common.nbd.server import NBDServer
 from common.tls import Identity, TLSError, client_context, nbd_server_context
 
 log = get_logger("agents.service")
@@ -397,13 +398,11 @@ class VMWorker:
 
 
 async def snapshot_hashes(snap: Cut, block_size: int) -> bytes:
-    """xxh3_64 (8 bytes big-endian) of every block of a whole-disk snapshot, in order."""
+    """The hash list (:mod:`common.blockhash`) of a whole-disk snapshot."""
     out = bytearray()
-    pack = struct.Struct(">Q").pack
     for ext in snap.plan(max(MAX_EXTENT, block_size)):
         data = memoryview(snap.read(ext))  # atomic w.r.t. guest requests
-        for i in range(0, len(data), block_size):
-            out += pack(xxh64_of(data[i : i + block_size]))
+        out += hash_blocks(data, block_size)
         await asyncio.sleep(0)
     return bytes(out)
 

@@ -40,8 +40,9 @@ from broker.errors import (
     StorageFullError,
     StoreCorrupt,
 )
-from broker.fsutil import free_bytes, fsync_dir, start_writeback, write_all
+from broker.fsutil import free_bytes
 from broker.store import Replica, Store, journal_name
+from common.fsio import fsync_dir, start_writeback, write_all
 from common.hrl import (
     NEED_DATA,
     BatchDecoder,

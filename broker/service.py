@@ -40,7 +40,7 @@ from broker.errors import (
     StorageFullError,
     UnknownPoint,
 )
-from broker.fsutil import atomic_write_json, free_bytes
+from broker.fsutil import free_bytes
 from broker.hashes import block_hashes
 from broker.ingest import HTTP_LOG, build_app, status_vms
 from broker.membership import Membership
@@ -51,6 +51,7 @@ from certs.service import startup_problems
 from common import topics
 from common.config import BrokerConfig, writable_dir_problems
 from common.errors import ConfigError, refuse_to_start
+from common.fsio import atomic_write_json
 from common.hrl import DEFAULT_LIMITS, DecodeLimits
 from common.logs import get_logger
 from common.mqtt import MQTTLink
