@@ -19,7 +19,8 @@ import uvloop
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from certs.store import CertStore, IssuedCert
+from certs.records import IssuedCert
+from certs.store import CertStore
 from common.tls import (
     Identity,
     MutualTLSSite,
