@@ -177,19 +177,24 @@ def open_control_socket(path: Path, gid: int) -> socket.socket:
                 f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})",
                 f"chmod 0750 {directory} (anyone who may write there could replace the socket)",
             )
-        try:
-            os.fchown(dfd, -1, gid)
-        except PermissionError:
-            raise AgentError(
-                f"agent.control_group: the agent's user may not give {directory} to group id {gid}",
-                fix="add the agent's user to that group, or run the agent as root",
-            ) from None
+        # chown only when needed: the unit's system-call filter (~@privileged) refuses chown
+        # outright, and a directory the agent made already carries its own group.
+        if st.st_gid != gid:
+            try:
+                os.fchown(dfd, -1, gid)
+            except PermissionError:
+                raise AgentError(
+                    f"agent.control_group: the agent's user may not give {directory} to group "
+                    f"id {gid}",
+                    fix="add the agent's user to that group, or run the agent as root",
+                ) from None
         os.fchmod(dfd, 0o750)
         _remove_stale(dfd, directory, path.name)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(f"/proc/self/fd/{dfd}/{path.name}")
-            os.chown(path.name, -1, gid, dir_fd=dfd, follow_symlinks=False)
+            if os.stat(path.name, dir_fd=dfd, follow_symlinks=False).st_gid != gid:
+                os.chown(path.name, -1, gid, dir_fd=dfd, follow_symlinks=False)
             os.chmod(path.name, 0o660, dir_fd=dfd)
             sock.listen(64)
             sock.setblocking(False)

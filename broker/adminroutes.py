@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from broker import names
 from broker.api import SERVICE_KEY
-from broker.authz import require_admin
+from broker.authz import json_body, require_admin
 from broker.errors import (
     BadRequest,
     UnknownVM,
@@ -64,7 +64,7 @@ async def create_exports(request: web.Request) -> web.Response:
     require_admin(request)
     replicas = vm_replicas(service, request.match_info["vm"])
     try:
-        body = await request.json() if request.can_read_body else {}
+        body = await json_body(request) if request.can_read_body else {}
     except json.JSONDecodeError:
         raise BadRequest("body must be JSON") from None
     if not isinstance(body, dict):
@@ -98,7 +98,7 @@ async def seed_import(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     require_admin(request)
     try:
-        body = await request.json()
+        body = await json_body(request)
         image = body.get("image")
         directory = str(body.get("dir") or "")
         if not directory and not image:
@@ -128,7 +128,7 @@ async def set_source(request: web.Request) -> web.Response:
     admin = require_admin(request)
     replicas = vm_replicas(service, request.match_info["vm"])
     try:
-        body = SourceChange.model_validate(await request.json())
+        body = SourceChange.model_validate(await json_body(request))
     except ValidationError as exc:
         raise body_error("source change is invalid", exc) from None
     except ValueError as exc:

@@ -15,6 +15,7 @@ from broker.adminroutes import (
     vm_points,
 )
 from broker.api import SERVICE_KEY, Admin
+from broker.authz import no_browser_writes
 from broker.httperrors import errors_middleware
 from broker.ingest import enable_replica, replica_hashes, replica_state, upload_batch
 from common.logs import get_logger
@@ -24,7 +25,9 @@ _log = get_logger("broker.app")
 
 def build_app(service: Admin) -> web.Application:
     """The aiohttp application of one broker."""
-    app = web.Application(middlewares=[errors_middleware], client_max_size=1 << 20)
+    app = web.Application(
+        middlewares=[errors_middleware, no_browser_writes], client_max_size=1 << 20
+    )
     app[SERVICE_KEY] = service
     app.add_routes(
         [

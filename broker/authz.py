@@ -2,14 +2,21 @@
 
 Who the peer is comes from its certificate (:func:`common.tls.peer_identity`), never from its
 address: admin endpoints take admin certificates; replication endpoints take agents the broker's
-configuration allows, writing only to replicas bound to them, at the replica's generation.
+configuration allows, writing only to replicas bound to them, at the replica's generation. A
+browser cannot change state: writes that a web page made it send are refused, and bodies are
+taken only as ``application/json``.
 """
 
 from __future__ import annotations
 
+from typing import Any, Final
+from urllib.parse import urlsplit
+
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from broker.errors import (
+    BadRequest,
     GenerationAhead,
     NotAuthorised,
     StaleGeneration,
@@ -114,3 +121,46 @@ def check_generation(replica: Replica, ident: Identity, announced: int) -> None:
                 "rule": "replica.generation",
             },
         )
+
+
+_SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@web.middleware
+async def no_browser_writes(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse a state change that a web page made a browser send.
+
+    A browser that holds an admin certificate (for a dashboard, say) presents it to any page's
+    request, and a ``text/plain`` POST needs no CORS preflight: without this, any web site the
+    admin opens could create exports or import seeds. Our clients send neither header; browsers
+    always send one of them on a cross-origin write, and a page cannot forge either.
+    """
+    if request.method not in _SAFE_METHODS:
+        site = request.headers.get("Sec-Fetch-Site")
+        origin = request.headers.get("Origin")
+        why = None
+        if site is not None and site not in ("same-origin", "none"):
+            why = f"Sec-Fetch-Site: {site}"
+        elif origin is not None and urlsplit(origin).netloc != request.host:
+            why = f"Origin: {origin}"
+        if why is not None:
+            raise NotAuthorised(
+                f"{request.method} {request.path} came from a web page ({why}): a browser "
+                "cannot change state on a broker",
+                fix="use the replikant CLI (or any client that is not a browser)",
+                details={"rule": "no_cross_site_writes", "header": why},
+            )
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
+async def json_body(request: web.Request) -> Any:
+    """The request's JSON body; only as ``application/json``, which a page cannot send
+    cross-origin without a CORS preflight that we never answer."""
+    if request.content_type != "application/json":
+        raise BadRequest(
+            f"{request.method} {request.path} needs a JSON body sent as application/json, "
+            f"not {request.content_type!r}",
+            fix="send Content-Type: application/json",
+        )
+    return await request.json()

@@ -13,14 +13,14 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from broker import names
 from broker.api import SERVICE_KEY, Ingest
-from broker.authz import authorise_agent, check_generation, check_source, identity_of
+from broker.authz import authorise_agent, check_generation, check_source, identity_of, json_body
 from broker.errors import (
     BadRequest,
     BatchTooLarge,
@@ -30,7 +30,7 @@ from broker.errors import (
     UploadInProgress,
 )
 from broker.httperrors import CLIENT_GONE, body_error, json_error, reason_text
-from broker.journal import BatchReceiver
+from broker.journal import BatchReceiver, Receipt
 from broker.points import (
     parse_cut,
     parse_key,
@@ -116,7 +116,7 @@ async def enable_replica(request: web.Request) -> web.Response:
     authorise_agent(service.config, ident, vm_uuid)
     what = f"PUT body for vm {vm_uuid} disk {disk_id} is invalid"
     try:
-        body = EnableRequest.model_validate(await request.json())
+        body = EnableRequest.model_validate(await json_body(request))
     except ValidationError as exc:
         raise body_error(what, exc) from None
     except ValueError as exc:
@@ -264,7 +264,7 @@ async def _journal(
     request: web.Request,
     limit: int,
     progress: UploadProgress,
-) -> Any:
+) -> Receipt:
     replica = engine.replica
     try:
         async with asyncio.timeout(LOCK_TIMEOUT):

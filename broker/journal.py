@@ -278,7 +278,9 @@ class BatchReceiver:
         assert h is not None
         self.replica.journal_dir.mkdir(mode=0o700, exist_ok=True)
         self._part = self.replica.journal_dir / (journal_name(h.generation, h.seq) + ".part")
-        self._fd = os.open(self._part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        # O_NOFOLLOW: a link planted as the .part name must not redirect the batch's bytes.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+        self._fd = os.open(self._part, flags, 0o600)
         pending, self._pending = self._pending, []
         for chunk in pending:
             self._write(chunk)

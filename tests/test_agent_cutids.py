@@ -20,7 +20,6 @@ from tests.support_agent import (
     MiniNBD,
     Receiver,
     VMSpec,
-    free_port,
     make_image,
     write_agent_config,
 )
@@ -42,7 +41,6 @@ async def test_cut_ids_are_shared_by_disks_grow_and_survive_a_restart(tmp_path: 
         vms=[vm],
         state_dir=tmp_path / "state",
         socket_dir=tmp_path / "sock",
-        status_port=free_port(),
         policy_extra="block_size = 4096",
     )
 

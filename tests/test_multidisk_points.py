@@ -176,7 +176,6 @@ async def test_vm_points_keep_write_order_across_lost_acks(
         vms=[vm],
         state_dir=tmp_path / "state",
         socket_dir=tmp_path / "sock",
-        status_port=free_port(),
         interval=1.0,
         # Uncompressed, disk1's filler makes its batches megabytes long: slower than disk0's.
         policy_extra='block_size = 4096\ncompression = "none"',
