@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -295,7 +296,10 @@ def _log_tail(plan_root: Path, name: str, lines: int = 15) -> str:
         return "(no log)"
 
 
-async def _wait_until(what: str, check: Any, procs: list[_Proc], root: Path, limit: float) -> Any:
+async def _wait_until(
+    what: str, check: Callable[[], Awaitable[object]], procs: list[_Proc], root: Path, limit: float
+) -> None:
+    """Poll ``check`` until it answers something true; a lab process that dies ends the wait."""
     deadline = time.monotonic() + limit
     last_error = "not checked yet"
     while time.monotonic() < deadline:
@@ -307,9 +311,8 @@ async def _wait_until(what: str, check: Any, procs: list[_Proc], root: Path, lim
                     fix=f"read {root / 'logs' / (proc.name + '.log')}",
                 )
         try:
-            result = await check()
-            if result:
-                return result
+            if await check():
+                return
             last_error = "not ready yet"
         except (OSError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
             last_error = f"{type(exc).__name__}: {exc}"

@@ -99,7 +99,7 @@ def _agent_urls(config: AdminConfig, ctx: click.Context, what: str) -> list[str]
 
 
 async def _ask_agent(
-    client: AdminClient, url: str, path: str, body: dict[str, Any], config_path: Any
+    client: AdminClient, url: str, path: str, body: dict[str, Any], config_path: object
 ) -> tuple[int, Any]:
     """POST to an agent; an agent that does not answer is named with the fix."""
     try:
@@ -112,7 +112,7 @@ async def _ask_agent(
 
 
 async def _seed_plan(
-    client: AdminClient, urls: list[str], body: dict[str, Any], config_path: Any
+    client: AdminClient, urls: list[str], body: dict[str, Any], config_path: object
 ) -> list[tuple[str, list[str]]]:
     """Dry-run the export at every agent: every refusal comes before a byte is written."""
     owner: dict[str, str] = {}
