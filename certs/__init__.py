@@ -6,7 +6,6 @@ launcher is :class:`certs.store.CertStore`. Identities and TLS contexts live in
 """
 
 from certs.errors import CertsError
-from certs.records import CertInfo, IssuedCert, Rotation
-from certs.store import CertStore
+from certs.store import CertInfo, CertStore, IssuedCert, Rotation
 
 __all__ = ["CertInfo", "CertStore", "CertsError", "IssuedCert", "Rotation"]

@@ -32,10 +32,12 @@ import json
 import os
 import secrets
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from certs.ca import CLOCK_SKEW, DEFAULT_CA_DAYS, DEFAULT_CA_NAME, build_ca, utcnow
 from certs.check import (
@@ -44,6 +46,7 @@ from certs.check import (
     Problem,
     check_certificate,
     days_left,
+    sans_of,
 )
 from certs.errors import CertsError
 from certs.issue import DEFAULT_LEAF_DAYS, IPAddress, LeafSpec, build_leaf
@@ -58,8 +61,7 @@ from certs.keys import (
     key_type_of,
     weak_key_reason,
 )
-from certs.records import CertInfo, IssuedCert, Rotation, iso_time, pem_bytes
-from common.config import current_user
+from common.config import TLSFiles, current_user
 from common.logs import get_logger
 from common.tls import ROLES, Identity, Role, TLSIdentityError, identity_from_cert
 
@@ -137,6 +139,135 @@ def load_private_key(path: Path) -> PrivateKey:
     except OSError as exc:
         raise CertsError(f"cannot read private key file {path}: {exc.strerror}") from None
     return key_from_pem(data, source=str(path))
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(Encoding.PEM)
+
+
+def _serial(cert: x509.Certificate) -> str:
+    return format(cert.serial_number, "x")
+
+
+def _iso(moment: dt.datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedCert:
+    """A certificate and key just written by :class:`CertStore`."""
+
+    identity: Identity
+    cert_path: Path
+    key_path: Path
+    ca_path: Path
+    certificate: x509.Certificate
+
+    @property
+    def tls(self) -> TLSFiles:
+        """The files as a config ``[tls]`` section, for ``server_context``/``client_context``."""
+        return TLSFiles(ca=self.ca_path, cert=self.cert_path, key=self.key_path)
+
+    @property
+    def serial(self) -> str:
+        """The serial number in hex."""
+        return _serial(self.certificate)
+
+    @property
+    def not_after(self) -> dt.datetime:
+        """When the certificate expires (UTC)."""
+        return self.certificate.not_valid_after_utc
+
+
+@dataclass(frozen=True, slots=True)
+class CertInfo:
+    """What ``replikant certs list`` shows for one certificate file."""
+
+    identity: Identity
+    cert_path: Path
+    key_path: Path
+    serial: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    dns: tuple[str, ...]
+    ips: tuple[str, ...]
+    key: str
+
+    @classmethod
+    def from_certificate(cls, cert: x509.Certificate, path: Path) -> CertInfo:
+        """Describe ``cert``, read from ``path``; raises :class:`TLSIdentityError` if it has
+        no identity."""
+        dns, ips, _ = sans_of(cert)
+        return cls(
+            identity=identity_from_cert(cert),
+            cert_path=path,
+            key_path=path.with_suffix(".key"),
+            serial=_serial(cert),
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            dns=tuple(dns),
+            ips=tuple(ips),
+            key=describe_key(cert.public_key()),
+        )
+
+    @property
+    def sans(self) -> list[str]:
+        """All SANs in ``TYPE:value`` form, identity first."""
+        return [
+            f"URI:{self.identity.uri}",
+            *(f"DNS:{d}" for d in self.dns),
+            *(f"IP:{i}" for i in self.ips),
+        ]
+
+    def to_json(self, now: dt.datetime) -> dict[str, Any]:
+        """A JSON-ready dict (``replikant certs list --json``)."""
+        return {
+            "role": self.identity.role,
+            "name": self.identity.name,
+            "cluster": self.identity.cluster,
+            "identity": self.identity.uri,
+            "file": str(self.cert_path),
+            "key_file": str(self.key_path),
+            "sans": self.sans,
+            "dns": list(self.dns),
+            "ips": list(self.ips),
+            "not_before": _iso(self.not_before),
+            "not_after": _iso(self.not_after),
+            "days_left": days_left(self.not_after, now),
+            "serial": self.serial,
+            "key": self.key,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    """One certificate renewed by :meth:`CertStore.rotate`."""
+
+    identity: Identity
+    cert_path: Path
+    old_serial: str
+    new_serial: str
+    old_not_after: dt.datetime
+    new_not_after: dt.datetime
+    backup_dir: Path
+    key: str
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "identity": self.identity.uri,
+            "file": str(self.cert_path),
+            "old_serial": self.old_serial,
+            "new_serial": self.new_serial,
+            "old_not_after": _iso(self.old_not_after),
+            "new_not_after": _iso(self.new_not_after),
+            "backup_dir": str(self.backup_dir),
+            "key": self.key,
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,9 +379,9 @@ class CertStore:
                 "cluster": info.identity.cluster,
                 "file": str(path.relative_to(self.root)),
                 "sans": info.sans,
-                "not_before": iso_time(info.not_before),
-                "not_after": iso_time(info.not_after),
-                "issued_at": iso_time(utcnow()),
+                "not_before": _iso(info.not_before),
+                "not_after": _iso(info.not_after),
+                "issued_at": _iso(utcnow()),
                 "key": info.key,
                 "status": "current",
             }
@@ -298,7 +429,7 @@ class CertStore:
                 not_after=now + dt.timedelta(days=days),
             )
             write_atomic(store.ca_key_path, key_to_pem(key), mode=0o600)
-            write_atomic(store.ca_cert_path, pem_bytes(cert), mode=0o644)
+            write_atomic(store.ca_cert_path, _pem(cert), mode=0o644)
         _log.debug("ca_created", dir=str(store.root), subject=common_name, replaced=bool(existing))
         return store
 
@@ -356,8 +487,8 @@ class CertStore:
             _log.warning(
                 "certificate_lifetime_capped",
                 identity=identity.uri,
-                requested=iso_time(end),
-                ca_not_after=iso_time(ca_cert.not_valid_after_utc),
+                requested=_iso(end),
+                ca_not_after=_iso(ca_cert.not_valid_after_utc),
             )
             end = ca_cert.not_valid_after_utc
         private = key if key is not None else generate_key(key_type)
@@ -406,7 +537,7 @@ class CertStore:
         # Key first: a crash between the two renames leaves a new key with the old certificate,
         # which `certs check` reports as key_mismatch, never a certificate without its key.
         write_atomic(key_path, key_to_pem(key), mode=0o600)
-        write_atomic(cert_path, pem_bytes(cert), mode=0o644)
+        write_atomic(cert_path, _pem(cert), mode=0o644)
         self._record(cert, cert_path, replaces=replaces)
         _log.debug("certificate_issued", identity=identity.uri, file=str(cert_path))
         return IssuedCert(identity, cert_path, key_path, self.ca_cert_path, cert)
@@ -529,7 +660,7 @@ class CertStore:
                     identity=info.identity.uri,
                     old_serial=info.serial,
                     new_serial=issued.serial,
-                    not_after=iso_time(issued.not_after),
+                    not_after=_iso(issued.not_after),
                 )
         return done
 

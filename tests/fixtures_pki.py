@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from certs.records import IssuedCert
-from certs.store import CertStore
+from certs.store import CertStore, IssuedCert
 
 CLUSTER = "c1"
 BROKER_NODE = "b1"

@@ -19,8 +19,7 @@ import uvloop
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from certs.records import IssuedCert
-from certs.store import CertStore
+from certs.store import CertStore, IssuedCert
 from common.tls import (
     Identity,
     MutualTLSSite,
