@@ -21,14 +21,7 @@ from agents.seed import (
     planned_files,
     select,
 )
-from agents.seedmedia import (
-    MANIFEST,
-    MARKER,
-    SEED_FORMAT,
-    MediaDir,
-    MediaImage,
-    Progress,
-)
+from agents.seedmedia import MANIFEST, MARKER, SEED_FORMAT, MediaDir, MediaImage, Progress
 from agents.ship import MAX_EXTENT
 from common.hrl import Consistency
 from common.logs import get_logger

@@ -46,10 +46,7 @@ from agents.ship import BrokerClient, TokenBucket
 from agents.startup import export_name, parse_listen, policy_for, socket_path, validate
 from agents.state import CutClock
 from agents.worker import InitialCopyProgress, VMWorker
-from common.config import (
-    AgentConfig,
-    VMConfig,
-)
+from common.config import AgentConfig, VMConfig
 from common.logs import get_logger
 from common.nbd import FileExport, NBDServer
 from common.tls import client_context, nbd_server_context

@@ -11,10 +11,7 @@ import os
 import stat
 from pathlib import Path
 
-from agents.control import (
-    control_gid,
-    control_socket_path,
-)
+from agents.control import control_gid, control_socket_path
 from agents.disk import IN_USE_FIX, image_in_use, in_use_message
 from agents.errors import AgentError
 from certs.service import startup_problems

@@ -22,10 +22,7 @@ from agents.replicate import REFUSED_CODES, DiskReplicator
 from agents.sequence import Mode
 from agents.ship import MAX_EXTENT, Backoff
 from agents.state import CutClock
-from common.config import (
-    Policy,
-    VMConfig,
-)
+from common.config import Policy, VMConfig
 from common.hrl import Consistency, xxh64_of
 from common.logs import get_logger
 

@@ -12,10 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from broker import names
 from broker.api import SERVICE_KEY
 from broker.authz import json_body, require_admin
-from broker.errors import (
-    BadRequest,
-    UnknownVM,
-)
+from broker.errors import BadRequest, UnknownVM
 from broker.httperrors import body_error
 from broker.ingest import hashes_response
 from broker.views import resolve_vm_point, state_json, status_vms, vm_point_list, vm_replicas

@@ -15,12 +15,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from broker.errors import (
-    BadRequest,
-    GenerationAhead,
-    NotAuthorised,
-    StaleGeneration,
-)
+from broker.errors import BadRequest, GenerationAhead, NotAuthorised, StaleGeneration
 from broker.store import Replica
 from common.config import BrokerConfig
 from common.tls import Identity, TLSIdentityError, peer_identity

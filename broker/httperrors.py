@@ -14,10 +14,7 @@ from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestPayloadError
 from pydantic import ValidationError
 
-from broker.errors import (
-    BadRequest,
-    BrokerError,
-)
+from broker.errors import BadRequest, BrokerError
 from common.logs import get_logger
 from common.tls import TLSIdentityError, peer_identity
 

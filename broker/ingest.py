@@ -31,10 +31,7 @@ from broker.errors import (
 )
 from broker.httperrors import CLIENT_GONE, body_error, json_error, reason_text
 from broker.journal import BatchReceiver, Receipt
-from broker.points import (
-    parse_cut,
-    parse_key,
-)
+from broker.points import parse_cut, parse_key
 from broker.store import Replica
 from broker.views import cut_pending, disk_key_at_cut, point_pending, replica_of, state_json
 from common.config import NAME_PATTERN
@@ -46,17 +43,10 @@ if TYPE_CHECKING:
 
 _log = get_logger("broker.ingest")
 
-
 _FEED_BYTES: Final = 1 << 20
-
-
 IDLE_TIMEOUT: Final = 60.0
 """Seconds an upload may stall before it is dropped (it holds the disk's ingest lock)."""
-
-
 LOCK_TIMEOUT: Final = 75.0
-
-
 MAX_HASHES_WAIT: Final = 120.0
 """Seconds a ``hashes?point=...&wait=...`` request may wait for a durable point to be applied."""
 

@@ -9,10 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker import names
 from broker.api import Replicas
-from broker.errors import (
-    UnknownPoint,
-    UnknownVM,
-)
+from broker.errors import UnknownPoint, UnknownVM
 from broker.points import (
     CutKey,
     Key,
