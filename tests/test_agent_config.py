@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from agents.startup import check_config, policy_for, validate
-from certs.records import IssuedCert
-from certs.store import CertStore
+from certs.store import CertStore, IssuedCert
 from common.config import AgentConfig, load_config
 from common.errors import ConfigError
 from tests.fixtures_pki import Pki, make_pki
