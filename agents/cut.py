@@ -25,8 +25,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from agents.dirtymap import COWED, DATA, SENT, TRIM, ZERO, BlockMap, _fill, file_extents
+from agents.dirtymap import COWED, DATA, SENT, TRIM, ZERO, BlockMap, _fill
 from agents.errors import TrackingError
+from common.fsio import data_extents
 
 _DATA_BYTE = bytes([DATA])
 _COWED_BYTE = bytes([COWED])
@@ -158,7 +159,7 @@ class Cut:
         the same loop step as the cut, before any guest request can run.
         """
         added = 0
-        ranges = [(start, stop)] if fd is None else file_extents(fd, start, stop)
+        ranges = [(start, stop)] if fd is None else data_extents(fd, start, stop)
         for lo, hi in ranges:
             b0 = lo >> self.shift
             b1 = (hi + self.block_size - 1) >> self.shift

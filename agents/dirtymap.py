@@ -25,7 +25,6 @@ or an image that changed while the agent was stopped cleanly.
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 import re
@@ -38,6 +37,7 @@ import xxhash
 import zstandard
 
 from agents.errors import TrackingError
+from common.fsio import atomic_write
 
 CLEAN = 0
 DATA = 1
@@ -364,14 +364,7 @@ class DirtyMap:
         blob = _FINE_HEADER.pack(
             _FINE_MAGIC, self.size, self.block_size, self.nblocks, xxhash.xxh3_64_intdigest(data)
         ) + zstandard.ZstdCompressor(level=3).compress(data)
-        tmp = self._fine_path.with_name(self._fine_path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, blob)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.replace(self._fine_path)
+        atomic_write(self._fine_path, blob)
 
     # -- the write path --------------------------------------------------------------------
 
@@ -487,24 +480,3 @@ class DirtyMap:
     def persisted_region_flags(self) -> bytes:
         """A copy of the persisted region bytes (for tests and diagnostics)."""
         return bytes(self._regions)
-
-
-def file_extents(fd: int, offset: int, end: int) -> Iterator[tuple[int, int]]:
-    """Yield the ``(start, stop)`` byte ranges of ``[offset, end)`` that hold data (not holes).
-
-    Uses SEEK_DATA / SEEK_HOLE; on file systems without them the whole range counts as data.
-    """
-    pos = offset
-    while pos < end:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # no data after pos
-                return
-            yield pos, end  # the file system cannot tell holes: all of it is data
-            return
-        if start >= end:
-            return
-        stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
-        yield start, stop
-        pos = stop

@@ -25,10 +25,13 @@ from pathlib import Path
 from agents.cut import CowStore, Cut
 from agents.dirtymap import DATA, TRIM, ZERO, BlockMap, DirtyMap, Recovery
 from agents.errors import TrackingError
-from common.nbd.backend import ExportBase, FileExport, fallocate
-
-_PUNCH_HOLE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV})
+from common.fsio import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    UNSUPPORTED_ERRNOS,
+    fallocate,
+)
+from common.nbd.backend import ExportBase, FileExport
 
 IN_USE_FIX = (
     "stop the other user; VMs must attach through the agent's NBD export: "
@@ -178,11 +181,11 @@ class TrackedExport(ExportBase):
             return  # trim is a hint and the contents stay as they were: nothing changed
         self._before(offset, length, TRIM)
         try:
-            fallocate(self.inner.fd, _PUNCH_HOLE, offset, length)
+            fallocate(self.inner.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as exc:
             # The old data may still be there: it must ship as data, not as a trim.
             self.map.mark(offset, length, DATA)
-            if exc.errno not in _UNSUPPORTED:
+            if exc.errno not in UNSUPPORTED_ERRNOS:
                 raise
             self._trim_punches = False
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import struct
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.cut import Cut
-from agents.dirtymap import DATA, BlockMap, Recovery, file_extents
+from agents.dirtymap import DATA, BlockMap, Recovery
 from agents.disk import TrackedExport
 from agents.errors import FencedError, ShipError
 from agents.sequence import Mode, SequenceError, Sequencer
@@ -47,13 +46,14 @@ from agents.ship import (
     make_header,
 )
 from agents.state import DiskState
+from common.blockhash import block_hash
 from common.config import DiskConfig, Policy, VMConfig
-from common.hrl import Compression, Consistency, xxh64_of
+from common.fsio import data_extents
+from common.hrl import Compression, Consistency
 from common.logs import get_logger
 
 FULL_BATCH_BYTES = 256 * 1024 * 1024
 VERIFY_CHUNK = 64 * 1024 * 1024
-_HASH = struct.Struct(">Q")
 # Refusals only an operator can lift (the broker refuses this agent's identity, or its
 # generation until `replikant replica rebind / set-generation`): no retry succeeds until a
 # configuration changes, so they are errors, retried only this often.
@@ -443,7 +443,7 @@ class DiskReplicator:
         out = bytearray()
         end = offset + length
         for pos in range(offset, end, bs):
-            out += _HASH.pack(xxh64_of(os.pread(fd, min(bs, end - pos), pos)))
+            out += block_hash(os.pread(fd, min(bs, end - pos), pos))
         return bytes(out)
 
     # -- cutting and shipping --------------------------------------------------------------
@@ -472,7 +472,7 @@ class DiskReplicator:
         size = self.export.size
         bs = self.export.block_size
         budget = self.full_batch_bytes
-        for lo, hi in file_extents(self.export.fd, start, size):
+        for lo, hi in data_extents(self.export.fd, start, size):
             if hi - lo >= budget:
                 end = lo + budget
                 return min(size, (end + bs - 1) // bs * bs)

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agents.dirtymap import file_extents
 from agents.errors import SeedError, ShipError
 from agents.replicate import DiskReplicator
 from common.config import path_problem
+from common.fsio import data_extents
 from common.logs import get_logger
 
 if TYPE_CHECKING:
@@ -218,7 +218,7 @@ def check_space(req: ExportRequest, workers: list[VMWorker], media: MediaDir | N
     for w in workers:
         for rep in w.replicators:
             fd = rep.export.fd
-            need += sum(hi - lo for lo, hi in file_extents(fd, 0, rep.export.size))
+            need += sum(hi - lo for lo, hi in data_extents(fd, 0, rep.export.size))
             if req.resume and media is not None:
                 with contextlib.suppress(OSError):
                     old = os.stat(

@@ -5,7 +5,7 @@ The format ``broker/seed.py`` reads (docs/protocol/http.md, "Offline seed media"
     DIR/manifest.json                written last, atomically: the media is complete
     DIR/.replikant-export.json       which export wrote here (lets ``--resume`` recognise it)
     DIR/<vm-name>/<disk-id>.img      the disk at the export's cut, sparse (holes, zero blocks)
-    DIR/<vm-name>/<disk-id>.xxh3     xxh3_64 (big-endian) of every block of it
+    DIR/<vm-name>/<disk-id>.xxh3     its hash list (:mod:`common.blockhash`: XXH3-64 per block)
 
 The agent may run as root and the media directory is named by whoever may use the control
 socket, so every write is made safe against links planted there: ``DIR`` is opened once without
@@ -23,20 +23,16 @@ import errno
 import json
 import os
 import stat
-import struct
-import uuid as uuid_mod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agents.dirtymap import file_extents
 from agents.errors import SeedError
 from agents.replicate import DiskReplicator
-from agents.ship import MAX_EXTENT, is_zero
-from common.hrl import xxh64_of
+from common.blockhash import block_hash
+from common.fsio import atomic_write, data_extents, is_zero, punch_hole, pwrite_all, write_all
 from common.logs import get_logger
-from common.nbd.backend import fallocate
 
 if TYPE_CHECKING:
     pass
@@ -47,9 +43,7 @@ log = get_logger("agents.seedmedia")
 MANIFEST = "manifest.json"
 MARKER = ".replikant-export.json"
 SEED_FORMAT = "replikant-seed"
-_HASH = struct.Struct(">Q")
 _HASH_FLUSH = 64 * 1024  # hash entries buffered before they are written (512 KiB)
-_PUNCH_HOLE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 Progress = Callable[[DiskReplicator, int, int], None]
 
@@ -164,16 +158,7 @@ class MediaDir:
 
     def write_json(self, name: str, doc: dict[str, Any]) -> None:
         """Replace ``name`` atomically and durably (a new 0600 file renamed over it)."""
-        tmp = f".{name}.{uuid_mod.uuid4().hex}.tmp"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, 0o600, dir_fd=self.fd)
-        try:
-            _pwrite_all(fd, json.dumps(doc, indent=1).encode(), 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
-        os.fsync(self.fd)
+        atomic_write(name, json.dumps(doc, indent=1).encode(), dir_fd=self.fd)
 
     def subdir(self, name: str) -> int:
         """Make (mode 0700) or open the agent's own subdirectory ``name``; returns its fd."""
@@ -257,10 +242,9 @@ class MediaImage:
         self.stats = MediaStats()
         self._next = 0  # the first block whose hash is not yet recorded
         self._pending = bytearray()
-        full = xxh64_of(bytes(block_size))
-        self._zero_hash = _HASH.pack(full)
+        self._zero_hash = block_hash(bytes(block_size))
         tail = size % block_size
-        self._last_zero_hash = _HASH.pack(xxh64_of(bytes(tail))) if tail else self._zero_hash
+        self._last_zero_hash = block_hash(bytes(tail)) if tail else self._zero_hash
         self._fd = -1
         self._hfd = -1
 
@@ -312,7 +296,7 @@ class MediaImage:
         run = -1  # start (relative) of blocks to write in one go
         for i in range(0, len(view), self.bs):
             block = view[i : i + self.bs]
-            self._pending += _HASH.pack(xxh64_of(block))
+            self._pending += block_hash(block)
             if old is not None and old[i : i + len(block)] == block:
                 self.stats.reused += len(block)
                 keep = False
@@ -327,10 +311,10 @@ class MediaImage:
             if keep and run < 0:
                 run = i
             elif not keep and run >= 0:
-                _pwrite_all(self._fd, view[run:i], offset + run)
+                pwrite_all(self._fd, view[run:i], offset + run)
                 run = -1
         if run >= 0:
-            _pwrite_all(self._fd, view[run:], offset + run)
+            pwrite_all(self._fd, view[run:], offset + run)
         self._next = (offset + len(data) + self.bs - 1) // self.bs
         self._flush_hashes(force=False)
 
@@ -371,24 +355,10 @@ class MediaImage:
 
     def _clear(self, offset: int, length: int) -> None:
         """Make media bytes read as zero where an earlier export left data (resume only)."""
-        for lo, hi in file_extents(self._fd, offset, offset + length):
-            try:
-                fallocate(self._fd, _PUNCH_HOLE, lo, hi - lo)
-            except OSError:
-                for pos in range(lo, hi, MAX_EXTENT):
-                    _pwrite_all(self._fd, bytes(min(MAX_EXTENT, hi - pos)), pos)
+        for lo, hi in data_extents(self._fd, offset, offset + length):
+            punch_hole(self._fd, lo, hi - lo)
 
     def _flush_hashes(self, *, force: bool) -> None:
         if self._pending and (force or len(self._pending) >= 8 * _HASH_FLUSH):
-            _pwrite_all(self._hfd, self._pending, -1)
+            write_all(self._hfd, self._pending)
             self._pending.clear()
-
-
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    """Write all of ``data`` at ``offset`` (``-1``: at the file position, appending)."""
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view) if offset < 0 else os.pwrite(fd, view, offset)
-        view = view[n:]
-        if offset >= 0:
-            offset += n

@@ -48,7 +48,8 @@ from agents.state import CutClock
 from agents.worker import InitialCopyProgress, VMWorker
 from common.config import AgentConfig, VMConfig
 from common.logs import get_logger
-from common.nbd import FileExport, NBDServer
+from common.nbd.backend import FileExport
+from common.nbd.server import NBDServer
 from common.tls import client_context, nbd_server_context
 
 log = get_logger("agents.service")

@@ -26,6 +26,7 @@ import aiohttp
 from agents.cut import Cut
 from agents.dirtymap import DATA, ZERO
 from agents.errors import FencedError, ShipError
+from common.fsio import is_zero
 from common.hrl import (
     BATCH_CONTENT_TYPE,
     BatchEncoder,
@@ -41,21 +42,11 @@ from common.tls import IdentityCheckingConnector, TLSIdentityError, describe_cli
 log = get_logger("agents.ship")
 
 MAX_EXTENT = 1024 * 1024  # extents are read (atomically, in the loop) one at a time: keep short
-_ZEROS = bytes(MAX_EXTENT)
 _THREAD_MIN = 256 * 1024  # compress bigger extents in a worker thread
 _FLUSH_AT = 256 * 1024  # coalesce small records into chunks of about this size
 
 # Errors whose cause will not go away by retrying the same thing: the operator must act.
 _FENCED = frozenset({"stale_generation", "identity_conflict", "wrong_identity"})
-
-
-def is_zero(data: bytes | bytearray | memoryview) -> bool:
-    """Whether ``data`` is all zero bytes (``bytes.startswith`` is a memcmp)."""
-    n = len(data)
-    if n <= MAX_EXTENT:
-        return _ZEROS.startswith(data)
-    view = memoryview(data)
-    return all(_ZEROS.startswith(view[i : i + MAX_EXTENT]) for i in range(0, n, MAX_EXTENT))
 
 
 @dataclass(frozen=True)

@@ -9,52 +9,23 @@ initial copy got.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from agents.errors import TrackingError
-
-
-def read_json(path: Path) -> Any:
-    """The JSON document in ``path``, or None when there is no such file (OSError or
-    ValueError when it cannot be read or parsed)."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
+from common.fsio import atomic_write, read_json
 
 
 def _load(path: Path, what: str, fix: str) -> Any:
-    """:func:`read_json`, with an unreadable file refused as a :class:`TrackingError`."""
+    """The JSON document in ``path`` (None when absent); unreadable is a :class:`TrackingError`."""
     try:
         return read_json(path)
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError) as exc:
         raise TrackingError(f"cannot read {what} {path}: {exc}", fix=fix) from None
-
-
-def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` atomically and durably (tmp, fsync, rename, fsync dir)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
-    with contextlib.suppress(OSError):
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 @dataclass
@@ -90,7 +61,8 @@ class DiskState:
 
     def save(self, path: Path) -> None:
         """Write atomically and durably."""
-        write_atomically(path, json.dumps(asdict(self), indent=1, sort_keys=True).encode())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(asdict(self), indent=1, sort_keys=True).encode())
 
 
 class CutClock:
@@ -129,7 +101,8 @@ class CutClock:
         cut_id = self._last + 1
         if cut_id > self._reserved:
             reserved = cut_id + self.block - 1
-            write_atomically(self.path, json.dumps({"reserved_to": reserved}).encode())
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, json.dumps({"reserved_to": reserved}).encode())
             self._reserved = reserved
         self._last = cut_id
         return cut_id

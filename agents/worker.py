@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,8 +21,9 @@ from agents.replicate import REFUSED_CODES, DiskReplicator
 from agents.sequence import Mode
 from agents.ship import MAX_EXTENT, Backoff
 from agents.state import CutClock
+from common.blockhash import hash_blocks
 from common.config import Policy, VMConfig
-from common.hrl import Consistency, xxh64_of
+from common.hrl import Consistency
 from common.logs import get_logger
 
 log = get_logger("agents.worker")
@@ -182,13 +182,11 @@ class VMWorker:
 
 
 async def snapshot_hashes(snap: Cut, block_size: int) -> bytes:
-    """xxh3_64 (8 bytes big-endian) of every block of a whole-disk snapshot, in order."""
+    """The hash list (:mod:`common.blockhash`) of a whole-disk snapshot."""
     out = bytearray()
-    pack = struct.Struct(">Q").pack
     for ext in snap.plan(max(MAX_EXTENT, block_size)):
         data = memoryview(snap.read(ext))  # atomic w.r.t. guest requests
-        for i in range(0, len(data), block_size):
-            out += pack(xxh64_of(data[i : i + block_size]))
+        out += hash_blocks(data, block_size)
         await asyncio.sleep(0)
     return bytes(out)
 

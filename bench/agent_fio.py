@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 async def _serve(args: argparse.Namespace) -> dict[str, int]:
     from agents.disk import TrackedExport
-    from common.nbd import NBDServer
+    from common.nbd.server import NBDServer
 
     state = Path(args.state_dir)
     export = TrackedExport(

@@ -45,8 +45,8 @@ from broker_common import (
     save_result,
 )
 
-from broker.hashes import file_block_hashes
 from broker.store import AppliedRecord, Store
+from common.blockhash import file_block_hashes
 
 BLOCK = 64 * 1024
 _Q = struct.Struct(">Q")

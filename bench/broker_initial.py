@@ -70,7 +70,7 @@ from broker_common import (
     wait_until,
 )
 
-from broker.hashes import file_block_hashes
+from common.blockhash import file_block_hashes
 
 FULL_BATCH = 256 * MiB
 BLOCK = 64 * 1024

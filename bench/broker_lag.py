@@ -65,7 +65,7 @@ from broker_common import (
 )
 from nbd_fio import run_fio, server
 
-from broker.hashes import file_block_hashes
+from common.blockhash import file_block_hashes
 
 TARGET_P99 = 2.0
 HYPERV_MIN_INTERVAL = 30.0

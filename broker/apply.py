@@ -31,11 +31,11 @@ from typing import Any, Final, Literal
 import xxhash
 
 from broker.errors import ApplyVerifyError, BrokerError, FencedError, StoreCorrupt
-from broker.fsutil import punch_hole, pwrite_all, start_writeback
 from broker.journal import JournalEntry, clean_partials, read_journal
 from broker.points import PointsIndex, PointView, StateInfo
 from broker.space import is_full
 from broker.store import AppliedRecord, Replica, Store, journal_name
+from common.fsio import punch_hole, pwrite_all, start_writeback
 from common.hrl import DEFAULT_LIMITS, BatchHeader, DecodeLimits, Extent, ExtentKind
 from common.logs import get_logger
 

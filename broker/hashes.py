@@ -1,8 +1,8 @@
 """Block hashes of a replica (or of a recovery point): the broker side of seeding and verify.
 
-``xxh3_64`` of every ``block_size`` block from ``offset``, 8 bytes big-endian each, the last block
-possibly short. Known-zero ranges (holes in the image that no undo data covers, and zero undo
-entries) are not read: their hash is computed once per block length. Blocks no undo data covers
+The hash list (:mod:`common.blockhash`) of every ``block_size`` block from ``offset``. Known-zero
+ranges (holes in the image that no undo data covers, and zero undo entries) are not read: their
+hash is computed once per block length. Blocks no undo data covers
 are hashed straight from a read-only mmap of the image (no copy); only blocks that differ at the
 point go through :meth:`~broker.points.PointView.read`.
 """
@@ -12,25 +12,21 @@ from __future__ import annotations
 import bisect
 import mmap
 import os
-import struct
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from typing import Final
 
-import xxhash
-
-from broker.fsutil import data_segments
 from broker.points import KIND_ZERO, PointView
+from common.blockhash import block_hash
+from common.fsio import data_segments
 
 _CHUNK: Final = 8 * 1024 * 1024
-_Q = struct.Struct(">Q")
-_h = xxhash.xxh3_64_intdigest
 
 
 @cache
-def zero_hash(length: int) -> int:
-    """xxh3_64 of ``length`` zero bytes."""
-    return _h(bytes(length))
+def zero_hash(length: int) -> bytes:
+    """The hash of ``length`` zero bytes."""
+    return block_hash(bytes(length))
 
 
 def known_zero_ranges(
@@ -106,10 +102,10 @@ def block_hashes(
                 if _inside(zeros, pos, b_end):
                     h = zero_hash(b_end - pos)
                 elif o < len(overlay) and overlay[o][0] < b_end:
-                    h = _h(view.read(pos, b_end - pos))  # some of it differs at the point
+                    h = block_hash(view.read(pos, b_end - pos))  # some of it differs at the point
                 else:
-                    h = _h(image[pos:b_end])
-                out += _Q.pack(h)
+                    h = block_hash(image[pos:b_end])
+                out += h
                 pos = b_end
         return bytes(out)
 
@@ -128,22 +124,3 @@ def block_hashes(
 def _inside(zeros: list[tuple[int, int]], start: int, end: int) -> bool:
     i = bisect.bisect_right(zeros, (start, float("inf"))) - 1
     return i >= 0 and zeros[i][0] <= start and zeros[i][1] >= end
-
-
-def file_block_hashes(path: str, *, block_size: int) -> bytes:
-    """Block hashes of a plain image file (the CLI's local side of ``verify --source-image``)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        if not size:
-            return b""
-        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mm:
-            mv = memoryview(mm)
-            try:
-                return b"".join(
-                    _Q.pack(_h(mv[i : i + block_size])) for i in range(0, size, block_size)
-                )
-            finally:
-                mv.release()
-    finally:
-        os.close(fd)

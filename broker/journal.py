@@ -38,9 +38,9 @@ from broker.errors import (
     StaleGeneration,
     StoreCorrupt,
 )
-from broker.fsutil import fsync_dir, start_writeback, write_all
 from broker.space import StoreSpace
 from broker.store import Replica, Store, journal_name
+from common.fsio import fsync_dir, start_writeback, write_all
 from common.hrl import (
     NEED_DATA,
     BatchDecoder,

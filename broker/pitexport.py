@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from broker.fsutil import pread_exact, punch_hole, pwrite_all
 from broker.points import PointView
+from common.fsio import pread_exact, punch_hole, pwrite_all
 from common.logs import get_logger
 from common.nbd.backend import ExportBase
 

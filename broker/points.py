@@ -49,7 +49,7 @@ from typing import Any, Final, Protocol
 import xxhash
 
 from broker.errors import StoreCorrupt, UnknownPoint
-from broker.fsutil import data_segments, fsync_dir, is_zero, pread_exact
+from common.fsio import data_segments, fsync_dir, is_zero, pread_exact
 from common.logs import get_logger
 
 _log = get_logger("broker.points")

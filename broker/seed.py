@@ -5,7 +5,7 @@ docs/protocol/http.md, "Offline seed media")::
 
     DIR/manifest.json
     DIR/<vm-name>/<disk-id>.img      raw image of the disk at cut ``seq`` (sparse where zero)
-    DIR/<vm-name>/<disk-id>.xxh3     optional: xxh3_64 per ``block_size`` block, 8 bytes BE each
+    DIR/<vm-name>/<disk-id>.xxh3     optional: its hash list (:mod:`common.blockhash`)
 
 Every disk's identity is checked against this broker *before* a byte is written: a replica that
 exists for another VM name or size, a replica that already holds data, or media of another VM
@@ -20,18 +20,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import xxhash
-
 from broker import names
 from broker.errors import BadRequest, IdentityConflict, IdentityMismatch, StoreCorrupt
-from broker.fsutil import data_segments, pread_exact, punch_hole, pwrite_all
 from broker.store import AppliedRecord, Replica
+from common.blockhash import block_hash, hash_at
+from common.fsio import data_segments, pread_exact, punch_hole, pwrite_all
 from common.logs import get_logger
 
 if TYPE_CHECKING:
@@ -42,7 +40,6 @@ _log = get_logger("broker.seed")
 MANIFEST = "manifest.json"
 SEED_FORMAT = "replikant-seed"
 _COPY_CHUNK = 8 * 1024 * 1024
-_Q = struct.Struct(">Q")
 
 
 @dataclass(frozen=True)
@@ -215,14 +212,14 @@ def copy_image(d: SeedDisk, replica: Replica) -> dict[str, int]:
                 for off in range(0, n, bs):
                     block = data[off : off + bs]
                     b = (pos + off) // bs
-                    h = xxhash.xxh3_64_intdigest(block)
-                    if hashes is not None and _Q.unpack_from(hashes, 8 * b)[0] != h:
+                    h = block_hash(block)
+                    if hashes is not None and hash_at(hashes, b) != h:
                         raise StoreCorrupt(
                             f"seed image {d.image} block {b} (offset {pos + off}) does not match "
                             "its hash: the media is corrupt",
                             fix="export the VM again",
                         )
-                    if xxhash.xxh3_64_intdigest(pread_exact(dst, len(block), pos + off)) == h:
+                    if block_hash(pread_exact(dst, len(block), pos + off)) == h:
                         skipped += len(block)  # already there (an interrupted import, resumed)
                         continue
                     pwrite_all(dst, block, pos + off)

@@ -41,7 +41,6 @@ from broker.errors import (
     StorageFullError,
     UnknownPoint,
 )
-from broker.fsutil import atomic_write_json
 from broker.hashes import block_hashes
 from broker.httperrors import HTTP_LOG
 from broker.membership import Membership
@@ -54,6 +53,7 @@ from certs.service import startup_problems
 from common import topics
 from common.config import BrokerConfig, writable_dir_problems
 from common.errors import ConfigError, refuse_to_start
+from common.fsio import atomic_write_json
 from common.hrl import DEFAULT_LIMITS, DecodeLimits
 from common.logs import get_logger
 from common.mqtt import MQTTLink

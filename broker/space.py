@@ -8,15 +8,21 @@ system (ENOSPC, EDQUOT) to :class:`~broker.errors.StorageFullError` goes through
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from broker.errors import StorageFullError
-from broker.fsutil import free_bytes
 
 FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _FIX = "free space on the store's file system or move the store; the broker resumes by itself"
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes available to an unprivileged writer on the file system holding ``path``."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 def is_full(exc: OSError) -> bool:

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from broker import names
 from broker.errors import BrokerError, FencedError, IdentityConflict, StoreCorrupt
-from broker.fsutil import atomic_write_json, fsync_dir, read_json
+from common.fsio import atomic_write_json, fsync_dir, read_json
 from common.logs import get_logger
 
 _log = get_logger("broker.store")

@@ -6,6 +6,7 @@ launcher is :class:`certs.store.CertStore`. Identities and TLS contexts live in
 """
 
 from certs.errors import CertsError
-from certs.store import CertInfo, CertStore, IssuedCert, Rotation
+from certs.records import CertInfo, IssuedCert, Rotation
+from certs.store import CertStore
 
 __all__ = ["CertInfo", "CertStore", "CertsError", "IssuedCert", "Rotation"]

@@ -15,7 +15,8 @@ from certs.ca import DEFAULT_CA_DAYS, DEFAULT_CA_NAME, utcnow
 from certs.check import DEFAULT_WARN_DAYS, days_left, sans_of
 from certs.issue import DEFAULT_LEAF_DAYS
 from certs.keys import DEFAULT_KEY_TYPE, KEY_TYPES, KeyType
-from certs.store import CertStore, IssuedCert
+from certs.records import IssuedCert
+from certs.store import CertStore
 from common.errors import ReplikantError
 from common.tls import ROLES, Role
 

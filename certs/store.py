@@ -30,9 +30,7 @@ import datetime as dt
 import fcntl
 import json
 import os
-import secrets
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -46,7 +44,6 @@ from certs.check import (
     Problem,
     check_certificate,
     days_left,
-    sans_of,
 )
 from certs.errors import CertsError
 from certs.issue import DEFAULT_LEAF_DAYS, IPAddress, LeafSpec, build_leaf
@@ -61,7 +58,9 @@ from certs.keys import (
     key_type_of,
     weak_key_reason,
 )
-from common.config import TLSFiles, current_user
+from certs.records import CertInfo, IssuedCert, Rotation, iso_time
+from common.config import current_user
+from common.fsio import atomic_write
 from common.logs import get_logger
 from common.tls import ROLES, Identity, Role, TLSIdentityError, identity_from_cert
 
@@ -73,34 +72,6 @@ _log = get_logger("certs.store")
 
 # --------------------------------------------------------------------------------------------
 # Files
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, *, mode: int) -> None:
-    """Replace ``path`` with ``data`` atomically; the file has ``mode`` from its creation on.
-
-    The mode is given to ``os.open`` rather than set afterwards, so a private key is never
-    readable by anyone else, not even for an instant.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def load_certificate(path: Path) -> x509.Certificate:
@@ -143,131 +114,6 @@ def load_private_key(path: Path) -> PrivateKey:
 
 def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(Encoding.PEM)
-
-
-def _serial(cert: x509.Certificate) -> str:
-    return format(cert.serial_number, "x")
-
-
-def _iso(moment: dt.datetime) -> str:
-    return moment.isoformat().replace("+00:00", "Z")
-
-
-# --------------------------------------------------------------------------------------------
-# Results
-
-
-@dataclass(frozen=True, slots=True)
-class IssuedCert:
-    """A certificate and key just written by :class:`CertStore`."""
-
-    identity: Identity
-    cert_path: Path
-    key_path: Path
-    ca_path: Path
-    certificate: x509.Certificate
-
-    @property
-    def tls(self) -> TLSFiles:
-        """The files as a config ``[tls]`` section, for ``server_context``/``client_context``."""
-        return TLSFiles(ca=self.ca_path, cert=self.cert_path, key=self.key_path)
-
-    @property
-    def serial(self) -> str:
-        """The serial number in hex."""
-        return _serial(self.certificate)
-
-    @property
-    def not_after(self) -> dt.datetime:
-        """When the certificate expires (UTC)."""
-        return self.certificate.not_valid_after_utc
-
-
-@dataclass(frozen=True, slots=True)
-class CertInfo:
-    """What ``replikant certs list`` shows for one certificate file."""
-
-    identity: Identity
-    cert_path: Path
-    key_path: Path
-    serial: str
-    not_before: dt.datetime
-    not_after: dt.datetime
-    dns: tuple[str, ...]
-    ips: tuple[str, ...]
-    key: str
-
-    @classmethod
-    def from_certificate(cls, cert: x509.Certificate, path: Path) -> CertInfo:
-        """Describe ``cert``, read from ``path``; raises :class:`TLSIdentityError` if it has
-        no identity."""
-        dns, ips, _ = sans_of(cert)
-        return cls(
-            identity=identity_from_cert(cert),
-            cert_path=path,
-            key_path=path.with_suffix(".key"),
-            serial=_serial(cert),
-            not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc,
-            dns=tuple(dns),
-            ips=tuple(ips),
-            key=describe_key(cert.public_key()),
-        )
-
-    @property
-    def sans(self) -> list[str]:
-        """All SANs in ``TYPE:value`` form, identity first."""
-        return [
-            f"URI:{self.identity.uri}",
-            *(f"DNS:{d}" for d in self.dns),
-            *(f"IP:{i}" for i in self.ips),
-        ]
-
-    def to_json(self, now: dt.datetime) -> dict[str, Any]:
-        """A JSON-ready dict (``replikant certs list --json``)."""
-        return {
-            "role": self.identity.role,
-            "name": self.identity.name,
-            "cluster": self.identity.cluster,
-            "identity": self.identity.uri,
-            "file": str(self.cert_path),
-            "key_file": str(self.key_path),
-            "sans": self.sans,
-            "dns": list(self.dns),
-            "ips": list(self.ips),
-            "not_before": _iso(self.not_before),
-            "not_after": _iso(self.not_after),
-            "days_left": days_left(self.not_after, now),
-            "serial": self.serial,
-            "key": self.key,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Rotation:
-    """One certificate renewed by :meth:`CertStore.rotate`."""
-
-    identity: Identity
-    cert_path: Path
-    old_serial: str
-    new_serial: str
-    old_not_after: dt.datetime
-    new_not_after: dt.datetime
-    backup_dir: Path
-    key: str
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return {
-            "identity": self.identity.uri,
-            "file": str(self.cert_path),
-            "old_serial": self.old_serial,
-            "new_serial": self.new_serial,
-            "old_not_after": _iso(self.old_not_after),
-            "new_not_after": _iso(self.new_not_after),
-            "backup_dir": str(self.backup_dir),
-            "key": self.key,
-        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,7 +189,7 @@ class CertStore:
             dest = backup_dir / src.relative_to(self.root)
             dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             # Copied through write_atomic so a backed-up key is 0600 from its first byte too.
-            write_atomic(dest, src.read_bytes(), mode=0o600)
+            atomic_write(dest, src.read_bytes(), mode=0o600)
 
     def _read_index(self) -> dict[str, Any]:
         try:
@@ -379,14 +225,14 @@ class CertStore:
                 "cluster": info.identity.cluster,
                 "file": str(path.relative_to(self.root)),
                 "sans": info.sans,
-                "not_before": _iso(info.not_before),
-                "not_after": _iso(info.not_after),
-                "issued_at": _iso(utcnow()),
+                "not_before": iso_time(info.not_before),
+                "not_after": iso_time(info.not_after),
+                "issued_at": iso_time(utcnow()),
                 "key": info.key,
                 "status": "current",
             }
         )
-        write_atomic(self.index_path, json.dumps(index, indent=2).encode() + b"\n", mode=0o644)
+        atomic_write(self.index_path, json.dumps(index, indent=2).encode() + b"\n", mode=0o644)
 
     # -- CA
 
@@ -428,8 +274,8 @@ class CertStore:
                 not_before=now - CLOCK_SKEW,
                 not_after=now + dt.timedelta(days=days),
             )
-            write_atomic(store.ca_key_path, key_to_pem(key), mode=0o600)
-            write_atomic(store.ca_cert_path, _pem(cert), mode=0o644)
+            atomic_write(store.ca_key_path, key_to_pem(key), mode=0o600)
+            atomic_write(store.ca_cert_path, _pem(cert), mode=0o644)
         _log.debug("ca_created", dir=str(store.root), subject=common_name, replaced=bool(existing))
         return store
 
@@ -487,8 +333,8 @@ class CertStore:
             _log.warning(
                 "certificate_lifetime_capped",
                 identity=identity.uri,
-                requested=_iso(end),
-                ca_not_after=_iso(ca_cert.not_valid_after_utc),
+                requested=iso_time(end),
+                ca_not_after=iso_time(ca_cert.not_valid_after_utc),
             )
             end = ca_cert.not_valid_after_utc
         private = key if key is not None else generate_key(key_type)
@@ -536,8 +382,8 @@ class CertStore:
         cert_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         # Key first: a crash between the two renames leaves a new key with the old certificate,
         # which `certs check` reports as key_mismatch, never a certificate without its key.
-        write_atomic(key_path, key_to_pem(key), mode=0o600)
-        write_atomic(cert_path, _pem(cert), mode=0o644)
+        atomic_write(key_path, key_to_pem(key), mode=0o600)
+        atomic_write(cert_path, _pem(cert), mode=0o644)
         self._record(cert, cert_path, replaces=replaces)
         _log.debug("certificate_issued", identity=identity.uri, file=str(cert_path))
         return IssuedCert(identity, cert_path, key_path, self.ca_cert_path, cert)
@@ -660,7 +506,7 @@ class CertStore:
                     identity=info.identity.uri,
                     old_serial=info.serial,
                     new_serial=issued.serial,
-                    not_after=_iso(issued.not_after),
+                    not_after=iso_time(issued.not_after),
                 )
         return done
 

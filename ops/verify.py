@@ -112,7 +112,7 @@ def _repair_line(repair: dict[str, Any]) -> str:
 async def _verify_image(
     client: AdminClient, vm: str, image: Path, disk: str | None
 ) -> dict[str, Any]:
-    from broker.hashes import file_block_hashes  # noqa: PLC0415 - heavy only when used
+    from common.blockhash import file_block_hashes  # noqa: PLC0415 - heavy only when used
 
     (doc,) = (await client.broker_json("/v1/status"))[:1]
     vms = [v for v in doc["vms"] if vm in (v["name"], v["uuid"])]

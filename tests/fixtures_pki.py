@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from certs.store import CertStore, IssuedCert
+from certs.records import IssuedCert
+from certs.store import CertStore
 
 CLUSTER = "c1"
 BROKER_NODE = "b1"

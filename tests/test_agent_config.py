@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from agents.startup import check_config, policy_for, validate
-from certs.store import CertStore, IssuedCert
+from certs.records import IssuedCert
+from certs.store import CertStore
 from common.config import AgentConfig, load_config
 from common.errors import ConfigError
 from tests.fixtures_pki import Pki, make_pki

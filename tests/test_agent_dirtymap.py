@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from agents import dirtymap
-from agents.dirtymap import DATA, TRIM, ZERO, BlockMap, DirtyMap, file_extents
+from agents.dirtymap import DATA, TRIM, ZERO, BlockMap, DirtyMap
 from agents.errors import TrackingError
+from common.fsio import data_extents
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -223,7 +224,7 @@ def test_file_extents_skip_holes(tmp_path: Path) -> None:
         fh.write(b"x" * MiB)
     fd = os.open(path, os.O_RDONLY)
     try:
-        found = list(file_extents(fd, 0, 16 * MiB))
+        found = list(data_extents(fd, 0, 16 * MiB))
     finally:
         os.close(fd)
     assert len(found) == 1

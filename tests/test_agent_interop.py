@@ -19,7 +19,7 @@ import pytest
 
 from agents.dirtymap import DATA, TRIM, ZERO
 from agents.disk import TrackedExport
-from common.nbd import NBDServer
+from common.nbd.server import NBDServer
 from tests.support_agent import MiB, MiniNBD, make_image
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(60)]

@@ -230,7 +230,7 @@ def test_crash_mid_apply_replays_once(tmp_path: Path, monkeypatch: pytest.Monkey
     src.mutate(20)
     journal(store, replica, src.cut().body)
 
-    from broker.fsutil import pwrite_all as real
+    from common.fsio import pwrite_all as real
 
     calls = {"n": 0}
 

@@ -19,8 +19,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from certs.issue import LeafSpec, subject_for
 from certs.keys import key_to_pem
-from certs.store import CertStore, write_atomic
+from certs.store import CertStore
 from common.cli import cli
+from common.fsio import atomic_write
 from common.tls import Identity
 from tests.fixtures_pki import Pki, issue_expired, make_pki
 
@@ -69,7 +70,7 @@ def forge_with_usages(
     path = store.root / "forged" / f"{identity.label}.crt"
     path.parent.mkdir()
     path.write_bytes(cert.public_bytes(Encoding.PEM))
-    write_atomic(path.with_suffix(".key"), key_to_pem(key), mode=0o600)
+    atomic_write(path.with_suffix(".key"), key_to_pem(key), mode=0o600)
     return path
 
 
@@ -138,7 +139,7 @@ def test_not_signed_by_this_ca(pki: Pki, tmp_path: Path) -> None:
 
 def test_key_does_not_match_certificate(pki: Pki) -> None:
     """A .key next to the .crt that belongs to another certificate is an error."""
-    write_atomic(pki.agent.key_path, pki.broker.key_path.read_bytes(), mode=0o600)
+    atomic_write(pki.agent.key_path, pki.broker.key_path.read_bytes(), mode=0o600)
     result = check(pki, pki.agent.cert_path, "agent")
     assert result.exit_code == 1
     assert codes(result) == ["key_mismatch"]

@@ -10,37 +10,38 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.nbd.backend import ExportBase
-from common.nbd.protocol import (
+from common.nbd.constants import (
     BASE_ALLOCATION,
     IHAVEOPT,
     MAX_PAYLOAD,
     NBDMAGIC,
-    NEED_DATA,
     OPTION_REPLY_MAGIC,
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
     STATE_HOLE,
     STATE_ZERO,
     STRUCTURED_REPLY_MAGIC,
-    Aborted,
     Cmd,
     CmdFlag,
-    Disconnect,
     Errno,
     Info,
-    LocalProtocolError,
     Opt,
-    RemoteProtocolError,
     Rep,
     ReplyType,
+    TransmissionFlag,
+)
+from common.nbd.errors import LocalProtocolError, RemoteProtocolError
+from common.nbd.events import (
+    NEED_DATA,
+    Aborted,
+    Disconnect,
     Request,
-    ServerConnection,
     StartTLS,
     State,
     TLSMode,
-    TransmissionFlag,
     TransmissionStarted,
 )
+from common.nbd.protocol import ServerConnection
 
 SIZE = 1 << 20
 

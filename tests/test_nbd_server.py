@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 
 from common.nbd.backend import FileExport
 from common.nbd.client import NBDClient, NBDClientError, NBDRequestError
-from common.nbd.protocol import (
+from common.nbd.constants import (
     IHAVEOPT,
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,

@@ -1,4 +1,5 @@
-"""Structure rules of the code base, read from the source with `ast` (nothing is imported).
+"""Structure rules of the code base: cores that import alone, without the servers, and rules
+read from the source with `ast` (nothing is imported for those).
 
 Cycles, package directions and sizes are checked on every module of the first-party packages,
 counting imports under `TYPE_CHECKING` and imports inside functions: a cycle hidden behind
@@ -8,9 +9,13 @@ either still couples the two modules for a reader.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("agents", "broker", "common", "certs", "ops")
@@ -29,6 +34,22 @@ ALLOWED_IMPORTS: dict[str, frozenset[str]] = {
     # The operator's tools talk to the daemons over their APIs, so they import no daemon code.
     "ops": frozenset({"common", "certs"}),
 }
+
+
+@pytest.mark.parametrize("module", ["common.nbd.protocol", "common.hrl", "common.tls.identities"])
+def test_core_imports_without_aiohttp_or_cryptography(module: str) -> None:
+    """The NBD core, the HRL codec and the TLS identities load neither aiohttp nor (but for the
+    identities, which parse certificates) cryptography, in a fresh interpreter."""
+    heavy = ["aiohttp"] if module == "common.tls.identities" else ["aiohttp", "cryptography"]
+    code = (
+        f"import sys, {module}\n"
+        f"loaded = [name for name in {heavy!r} if name in sys.modules]\n"
+        "print(','.join(loaded))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "", f"importing {module} loaded {result.stdout.strip()}"
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from certs.store import IssuedCert
+from certs.records import IssuedCert
 from common.tls import Identity, client_context, server_context, start_tls_server
 from tests.fixtures_pki import Pki, make_pki
 

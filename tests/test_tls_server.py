@@ -19,7 +19,8 @@ import uvloop
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from certs.store import CertStore, IssuedCert
+from certs.records import IssuedCert
+from certs.store import CertStore
 from common.tls import (
     Identity,
     MutualTLSSite,
@@ -27,16 +28,15 @@ from common.tls import (
     TLSHandshakeError,
     TLSIdentityError,
     accept_tls,
-    accept_tls_stream,
     client_context,
     describe_tls_error,
     peer_identity,
     require_role,
-    require_role_middleware,
     server_context,
     start_tls_server,
 )
 from tests.fixtures_pki import Pki, make_pki
+from tests.tls_support import accept_tls_stream, require_role_middleware
 
 EVENT = "tls_handshake_rejected"
 Run = Callable[[Coroutine[Any, Any, None]], None]

@@ -249,6 +249,19 @@ class BatchDecoder:
             if buf[pos : pos + min(have, len(MAGIC))] != MAGIC[: min(have, len(MAGIC))]:
                 self._bad_magic(bytes(buf[pos : pos + len(MAGIC)]))
             return self._need(HEADER_PREFIX.size, "header", "header")
+        header_len = self._check_prefix(buf, pos)
+        if have < header_len:
+            return self._need(header_len, "header", "header")
+        header = self._decode_header(buf, pos, header_len)
+        check_header(header, self._limits)
+        self._pos += header_len
+        self._header = header
+        self._state = _State.RECORD
+        return header
+
+    def _check_prefix(self, buf: bytearray, pos: int) -> int:
+        """Check magic, version and header length (before the rest has arrived); return the
+        header's length."""
         magic, version, header_len = HEADER_PREFIX.unpack_from(buf, pos)
         if magic != MAGIC:
             self._bad_magic(magic)
@@ -273,9 +286,11 @@ class BatchDecoder:
                 field="header.header_len",
                 position=H_HEADER_LEN,
             )
-        if have < header_len:
-            return self._need(header_len, "header", "header")
+        return int(header_len)
 
+    def _decode_header(self, buf: bytearray, pos: int, header_len: int) -> BatchHeader:
+        """Verify the complete header's checksum and decode its fields, each one checked."""
+        id_len = header_len - HEADER_MIN_LEN
         sealed = header_len - HEADER_XXH.size
         (stated,) = HEADER_XXH.unpack_from(buf, pos + sealed)
         with memoryview(buf) as mv:
@@ -338,7 +353,7 @@ class BatchDecoder:
                 field="header.disk_id",
                 position=H_DISK_ID,
             )
-        header = BatchHeader(
+        return BatchHeader(
             vm_uuid=uuid.UUID(bytes=raw_uuid),
             disk_id=raw_id.decode("ascii"),
             generation=generation,
@@ -355,11 +370,6 @@ class BatchDecoder:
             cut_id=cut_id,
             first_change_cut=first_change_cut,
         )
-        check_header(header, self._limits)
-        self._pos += header_len
-        self._header = header
-        self._state = _State.RECORD
-        return header
 
     def _bad_magic(self, got: bytes) -> None:
         # Show the bytes up to the first wrong one only: how many more arrived depends on the

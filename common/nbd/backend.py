@@ -25,25 +25,23 @@ does not claim never arrive.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from common.nbd.protocol import STATE_HOLE, STATE_ZERO, Errno
-
-
-class ExportError(Exception):
-    """A backend refusing a request with a specific NBD error value (an :class:`Errno`)."""
-
-    def __init__(self, error: Errno, message: str = "") -> None:
-        super().__init__(message or error.name)
-        self.error = error
-        self.message = message
+from common.fsio import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    HAVE_FALLOCATE,
+    UNSUPPORTED_ERRNOS,
+    data_segments,
+    fallocate,
+)
+from common.nbd.constants import STATE_HOLE, STATE_ZERO, Errno
+from common.nbd.errors import ExportError
 
 
 class Export(Protocol):
@@ -179,37 +177,7 @@ class ExportBase:
         """No bookkeeping by default."""
 
 
-# --- fallocate through libc: the stdlib has posix_fallocate but no hole punching -----------------
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_CHUNK = 1024 * 1024
-_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV})
-
-
-def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        func = libc.fallocate
-    except (OSError, AttributeError):
-        return None
-    func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    func.restype = ctypes.c_int
-    typed: Callable[[int, int, int, int], int] = func
-    return typed
-
-
-_fallocate = _load_fallocate()
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """Call Linux ``fallocate(2)``; raise :class:`OSError` on failure (ENOSYS without libc's)."""
-    if _fallocate is None:
-        raise OSError(errno.ENOSYS, "fallocate is not available")
-    if _fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 class FileExport(ExportBase):
@@ -251,8 +219,9 @@ class FileExport(ExportBase):
             os.close(self._fd)
             raise
         # Learned on first use: which fallocate modes this filesystem supports.
-        self._punch_ok = self._regular and _fallocate is not None
-        self._zero_range_ok = self._regular and _fallocate is not None
+        self._punch_ok = self._regular and HAVE_FALLOCATE
+        self._zero_range_ok = self._regular and HAVE_FALLOCATE
+        # Block devices have no holes to find.
         self._seek_ok = self._regular
 
     @property
@@ -283,9 +252,9 @@ class FileExport(ExportBase):
         """Punch a hole where supported; otherwise do nothing (trim is only a hint)."""
         if length and self._punch_ok:
             try:
-                fallocate(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+                fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
             except OSError as exc:
-                if exc.errno not in _UNSUPPORTED:
+                if exc.errno not in UNSUPPORTED_ERRNOS:
                     raise
                 self._punch_ok = False
 
@@ -295,18 +264,18 @@ class FileExport(ExportBase):
             return
         if may_trim and self._punch_ok:
             try:
-                fallocate(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+                fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
                 return
             except OSError as exc:
-                if exc.errno not in _UNSUPPORTED:
+                if exc.errno not in UNSUPPORTED_ERRNOS:
                     raise
                 self._punch_ok = False
         if self._zero_range_ok:
             try:
-                fallocate(self._fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length)
+                fallocate(self._fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
                 return
             except OSError as exc:
-                if exc.errno not in _UNSUPPORTED:
+                if exc.errno not in UNSUPPORTED_ERRNOS:
                     raise
                 self._zero_range_ok = False
         zeroes = memoryview(bytes(min(length, _ZERO_CHUNK)))
@@ -328,27 +297,9 @@ class FileExport(ExportBase):
         """Walk SEEK_DATA/SEEK_HOLE; holes read as zeroes. At most 1024 extents per call."""
         if not self._seek_ok:
             return [(length, 0)]
-        end = offset + length
         extents: list[tuple[int, int]] = []
-        pos = offset
-        try:
-            while pos < end and len(extents) < 1024:
-                try:
-                    data = os.lseek(self._fd, pos, os.SEEK_DATA)
-                except OSError as exc:
-                    if exc.errno != errno.ENXIO:  # ENXIO: no data after pos, rest is a hole
-                        raise
-                    data = end
-                if data > pos:
-                    extents.append((min(data, end) - pos, STATE_HOLE | STATE_ZERO))
-                    pos = data
-                    continue
-                hole = os.lseek(self._fd, pos, os.SEEK_HOLE)
-                extents.append((min(hole, end) - pos, 0))
-                pos = hole
-        except OSError as exc:
-            if exc.errno not in _UNSUPPORTED:
-                raise
-            self._seek_ok = False
-            return [(length, 0)]
+        for _start, run, allocated in data_segments(self._fd, offset, length):
+            extents.append((run, 0 if allocated else STATE_HOLE | STATE_ZERO))
+            if len(extents) == 1024:
+                break
         return extents

@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from common.nbd.protocol import (
+from common.nbd.constants import (
     BASE_ALLOCATION,
     IHAVEOPT,
     NBDMAGIC,
@@ -27,10 +27,10 @@ from common.nbd.protocol import (
     HandshakeFlag,
     Info,
     Opt,
-    ProtocolError,
     Rep,
     ReplyType,
 )
+from common.nbd.errors import ProtocolError
 
 _REPLY_FLAG_DONE = 1
 

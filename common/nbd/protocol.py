@@ -9,170 +9,60 @@ negotiation, which transmission flags an export gets, and the validation of ever
 flags, out-of-range offsets, read-only exports, oversized payloads). Those refusals are answered
 here too; the server only ever sees requests it must execute.
 
-Constants are from the NBD protocol specification (``doc/proto.md`` of NetworkBlockDevice/nbd).
+The wire constants are in :mod:`common.nbd.constants`, the events this core returns in
+:mod:`common.nbd.events`, its errors in :mod:`common.nbd.errors`.
 """
 
 from __future__ import annotations
 
-import enum
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, NamedTuple
+from typing import TYPE_CHECKING, Final
+
+from common.nbd.constants import (
+    BASE_ALLOCATION,
+    BASE_ALLOCATION_ID,
+    IHAVEOPT,
+    MAX_EXTENTS,
+    MAX_OPTION_LENGTH,
+    MAX_PAYLOAD,
+    MAX_STRING,
+    MIN_BLOCK_SIZE,
+    NBDMAGIC,
+    OPTION_REPLY_MAGIC,
+    PREFERRED_BLOCK_SIZE,
+    REPLY_FLAG_DONE,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    ClientFlag,
+    CmdFlag,
+    HandshakeFlag,
+    Info,
+    Opt,
+    Rep,
+    ReplyType,
+    TransmissionFlag,
+)
+from common.nbd.errors import (
+    LocalProtocolError,
+    RemoteProtocolError,
+)
+from common.nbd.events import (
+    NEED_DATA,
+    Aborted,
+    Disconnect,
+    Event,
+    NeedData,
+    Request,
+    StartTLS,
+    State,
+    TLSMode,
+    TransmissionStarted,
+)
 
 if TYPE_CHECKING:
     from common.nbd.backend import Export
-
-# --- magics -------------------------------------------------------------------------------------
-
-NBDMAGIC: Final = 0x4E42444D41474943  # "NBDMAGIC"
-IHAVEOPT: Final = 0x49484156454F5054  # "IHAVEOPT"
-OPTION_REPLY_MAGIC: Final = 0x0003E889045565A9
-REQUEST_MAGIC: Final = 0x25609513
-SIMPLE_REPLY_MAGIC: Final = 0x67446698
-STRUCTURED_REPLY_MAGIC: Final = 0x668E33EF
-
-
-class HandshakeFlag(enum.IntFlag):
-    """Flags the server sends right after the magics."""
-
-    FIXED_NEWSTYLE = 1 << 0
-    NO_ZEROES = 1 << 1
-
-
-class ClientFlag(enum.IntFlag):
-    """Flags the client answers the greeting with."""
-
-    C_FIXED_NEWSTYLE = 1 << 0
-    C_NO_ZEROES = 1 << 1
-
-
-class TransmissionFlag(enum.IntFlag):
-    """Per-export flags sent when the client enters the transmission phase."""
-
-    HAS_FLAGS = 1 << 0
-    READ_ONLY = 1 << 1
-    SEND_FLUSH = 1 << 2
-    SEND_FUA = 1 << 3
-    ROTATIONAL = 1 << 4
-    SEND_TRIM = 1 << 5
-    SEND_WRITE_ZEROES = 1 << 6
-    SEND_DF = 1 << 7
-    CAN_MULTI_CONN = 1 << 8
-    SEND_RESIZE = 1 << 9
-    SEND_CACHE = 1 << 10
-    SEND_FAST_ZERO = 1 << 11
-
-
-class Opt(enum.IntEnum):
-    """Option types of the handshake phase."""
-
-    EXPORT_NAME = 1
-    ABORT = 2
-    LIST = 3
-    PEEK_EXPORT = 4
-    STARTTLS = 5
-    INFO = 6
-    GO = 7
-    STRUCTURED_REPLY = 8
-    LIST_META_CONTEXT = 9
-    SET_META_CONTEXT = 10
-    EXTENDED_HEADERS = 11
-
-
-class Rep(enum.IntEnum):
-    """Option reply types; errors have bit 31 set."""
-
-    ACK = 1
-    SERVER = 2
-    INFO = 3
-    META_CONTEXT = 4
-    ERR_UNSUP = (1 << 31) + 1
-    ERR_POLICY = (1 << 31) + 2
-    ERR_INVALID = (1 << 31) + 3
-    ERR_PLATFORM = (1 << 31) + 4
-    ERR_TLS_REQD = (1 << 31) + 5
-    ERR_UNKNOWN = (1 << 31) + 6
-    ERR_SHUTDOWN = (1 << 31) + 7
-    ERR_BLOCK_SIZE_REQD = (1 << 31) + 8
-    ERR_TOO_BIG = (1 << 31) + 9
-
-
-class Info(enum.IntEnum):
-    """Information types of ``NBD_OPT_INFO`` / ``NBD_OPT_GO``."""
-
-    EXPORT = 0
-    NAME = 1
-    DESCRIPTION = 2
-    BLOCK_SIZE = 3
-
-
-class Cmd(enum.IntEnum):
-    """Request types of the transmission phase."""
-
-    READ = 0
-    WRITE = 1
-    DISC = 2
-    FLUSH = 3
-    TRIM = 4
-    CACHE = 5
-    WRITE_ZEROES = 6
-    BLOCK_STATUS = 7
-
-
-class CmdFlag(enum.IntFlag):
-    """Request flags."""
-
-    FUA = 1 << 0
-    NO_HOLE = 1 << 1
-    DF = 1 << 2
-    REQ_ONE = 1 << 3
-    FAST_ZERO = 1 << 4
-
-
-class ReplyType(enum.IntEnum):
-    """Structured reply chunk types."""
-
-    NONE = 0
-    OFFSET_DATA = 1
-    OFFSET_HOLE = 2
-    BLOCK_STATUS = 5
-    ERROR = (1 << 15) + 1
-    ERROR_OFFSET = (1 << 15) + 2
-
-
-REPLY_FLAG_DONE: Final = 1 << 0
-
-
-class Errno(enum.IntEnum):
-    """The error values the spec allows on the wire (not the host's errno numbering)."""
-
-    EPERM = 1
-    EIO = 5
-    ENOMEM = 12
-    EINVAL = 22
-    ENOSPC = 28
-    EOVERFLOW = 75
-    ENOTSUP = 95
-    ESHUTDOWN = 108
-
-
-# base:allocation extent flags
-STATE_HOLE: Final = 1 << 0
-STATE_ZERO: Final = 1 << 1
-
-BASE_ALLOCATION: Final = "base:allocation"
-# The id we hand out for base:allocation; any id unique within the connection would do.
-BASE_ALLOCATION_ID: Final = 1
-
-MIN_BLOCK_SIZE: Final = 1
-PREFERRED_BLOCK_SIZE: Final = 4096
-MAX_PAYLOAD: Final = 32 * 1024 * 1024  # largest READ/WRITE we serve; advertised as max block size
-# Options carry at most a name and a few queries: anything bigger is abuse, not a real client.
-MAX_OPTION_LENGTH: Final = 64 * 1024
-MAX_STRING: Final = 4096
-# Caps the size of one BLOCK_STATUS reply (8 bytes an extent); the client asks again for the rest.
-MAX_EXTENTS: Final = 1 << 16
 
 _REQUEST_SIZE: Final = 28
 _OPTION_HEADER_SIZE: Final = 16
@@ -211,101 +101,6 @@ _WRITING: Final = frozenset({_WRITE, _WRITE_ZEROES})
 _INITIAL_BUFFER: Final = 256 * 1024
 _MIN_FREE: Final = 16 * 1024
 _BOUNDED_READ: Final = 64 * 1024
-
-
-class ProtocolError(Exception):
-    """Base of NBD protocol errors."""
-
-
-class RemoteProtocolError(ProtocolError):
-    """The client broke the protocol in a way we cannot answer; the connection must be dropped.
-
-    ``reason`` is a short snake_case tag for logs and metrics; the message says what was seen.
-    """
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class LocalProtocolError(ProtocolError):
-    """The server-side code used this class wrongly (a bug in the caller, not in the client)."""
-
-
-class State(enum.Enum):
-    """Where a connection is in the protocol."""
-
-    CLIENT_FLAGS = "client_flags"  # greeting sent, waiting for the client's 32-bit flags
-    OPTIONS = "options"  # option haggling
-    TLS_PENDING = "tls_pending"  # STARTTLS acknowledged; the I/O layer must upgrade the transport
-    TRANSMISSION = "transmission"
-    CLOSED = "closed"  # aborted, disconnected, or broken: no more input is accepted
-
-
-# --- events ---------------------------------------------------------------------------------------
-
-
-class _NeedData:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA: Final = _NeedData()
-"""Returned by :meth:`ServerConnection.next_event` when it needs more bytes."""
-
-
-@dataclass(frozen=True, slots=True)
-class StartTLS:
-    """The client asked for TLS and we acknowledged: upgrade the transport, then call
-    :meth:`ServerConnection.tls_established`. Stop reading plaintext until then."""
-
-
-@dataclass(frozen=True, slots=True)
-class Aborted:
-    """The client ended negotiation with ``NBD_OPT_ABORT``; send what is pending, then close."""
-
-
-@dataclass(frozen=True, slots=True)
-class TransmissionStarted:
-    """The client chose an export (``NBD_OPT_GO`` or ``NBD_OPT_EXPORT_NAME``)."""
-
-    export: Export
-    transmission_flags: int
-    structured_replies: bool
-    base_allocation: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Disconnect:
-    """The client sent ``NBD_CMD_DISC``: finish outstanding requests, then close."""
-
-
-class Request(NamedTuple):
-    """A validated transmission request the server must execute.
-
-    ``data`` is the WRITE payload as a view into the receive buffer: it is valid only until the
-    next call that feeds bytes in (``get_buffer`` / ``receive_data``), so execute the request (or
-    copy the payload) before returning to the event loop.
-    """
-
-    cmd: int
-    flags: int
-    handle: int
-    offset: int
-    length: int
-    data: memoryview | None
-
-
-Event = StartTLS | Aborted | TransmissionStarted | Disconnect | Request
-
-
-class TLSMode(enum.Enum):
-    """How a listener treats TLS (the spec's NOTLS and FORCEDTLS modes)."""
-
-    NONE = "none"  # STARTTLS is refused with NBD_REP_ERR_POLICY
-    REQUIRED = "required"  # every option but STARTTLS/ABORT gets NBD_REP_ERR_TLS_REQD until then
 
 
 def transmission_flags(export: Export, *, structured: bool) -> int:
@@ -481,7 +276,7 @@ class ServerConnection:
 
     # --- events -----------------------------------------------------------------------------------
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> Event | NeedData:
         """Parse the next event, or return :data:`NEED_DATA`.
 
         Raises :class:`RemoteProtocolError` when the client broke the protocol beyond answering;
@@ -509,7 +304,7 @@ class ServerConnection:
         self.state = State.CLOSED
         return RemoteProtocolError(reason, message)
 
-    def _client_flags(self) -> Event | _NeedData:
+    def _client_flags(self) -> Event | NeedData:
         if self._end - self._start < 4:
             return NEED_DATA
         (flags,) = _U32.unpack_from(self._buf, self._start)
@@ -521,7 +316,7 @@ class ServerConnection:
         self.state = State.OPTIONS
         return self._next_option()
 
-    def _next_option(self) -> Event | _NeedData:
+    def _next_option(self) -> Event | NeedData:
         while self.state is State.OPTIONS:
             avail = self._end - self._start
             if avail < _OPTION_HEADER_SIZE:
@@ -728,7 +523,7 @@ class ServerConnection:
 
     # --- transmission -----------------------------------------------------------------------------
 
-    def _next_request(self) -> Request | Disconnect | _NeedData:
+    def _next_request(self) -> Request | Disconnect | NeedData:
         # The hot path: one struct unpack, a few integer comparisons, one tuple.
         buf = self._buf
         while True:

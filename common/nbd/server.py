@@ -30,30 +30,22 @@ from typing import Any, Final, cast
 import structlog
 
 from common.logs import get_logger
-from common.nbd.backend import Export, ExportError
-from common.nbd.protocol import (
+from common.nbd.backend import Export
+from common.nbd.constants import CmdFlag, Errno
+from common.nbd.errors import ExportError, RemoteProtocolError, nbd_error_for
+from common.nbd.events import (
     NEED_DATA,
     Aborted,
-    CmdFlag,
     Disconnect,
-    Errno,
-    RemoteProtocolError,
     Request,
-    ServerConnection,
     StartTLS,
     State,
     TLSMode,
     TransmissionStarted,
 )
-from common.tls import (
-    Role,
-    TLSError,
-    TLSIdentityError,
-    describe_tls_error,
-    format_peer,
-    identity_from_cert,
-    require_role,
-)
+from common.nbd.protocol import ServerConnection
+from common.tls.identities import Role, TLSError
+from common.tls.serving import accept_tls
 
 _READ: Final = 0
 _WRITE: Final = 1
@@ -72,31 +64,6 @@ _MAX_UNSENT: Final = 4 * 1024 * 1024
 # Backend error storms must not flood the log: the first few per connection are logged, the rest
 # are counted and reported when the client disconnects.
 _MAX_LOGGED_ERRORS: Final = 20
-
-_ERRNO_MAP: Final = {
-    errno.EPERM: Errno.EPERM,
-    errno.EACCES: Errno.EPERM,
-    errno.EROFS: Errno.EPERM,
-    errno.EIO: Errno.EIO,
-    errno.ENOMEM: Errno.ENOMEM,
-    errno.EINVAL: Errno.EINVAL,
-    errno.ENOSPC: Errno.ENOSPC,
-    errno.EDQUOT: Errno.ENOSPC,
-    errno.EFBIG: Errno.ENOSPC,
-    errno.EOVERFLOW: Errno.EOVERFLOW,
-    errno.ENOTSUP: Errno.ENOTSUP,
-    errno.EOPNOTSUPP: Errno.ENOTSUP,
-    errno.ESHUTDOWN: Errno.ESHUTDOWN,
-}
-
-
-def nbd_error_for(exc: BaseException) -> Errno:
-    """The NBD error value to send for a backend exception (EIO when nothing fits better)."""
-    if isinstance(exc, ExportError):
-        return exc.error
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return _ERRNO_MAP.get(exc.errno, Errno.EIO)
-    return Errno.EIO
 
 
 _log = get_logger(__name__)
@@ -667,7 +634,6 @@ class _Connection(asyncio.BufferedProtocol):
     async def _upgrade(self, transport: asyncio.Transport) -> None:
         source = self._server.tls_context
         assert source is not None
-        peer = format_peer(transport.get_extra_info("peername")) or self.peer
         try:
             context = source() if callable(source) else source
         except (TLSError, OSError) as exc:
@@ -676,33 +642,23 @@ class _Connection(asyncio.BufferedProtocol):
             transport.abort()
             return
         try:
-            async with asyncio.timeout(self._server.handshake_timeout):
-                new = await self._loop.start_tls(transport, self, context, server_side=True)
-            if new is None:  # pragma: no cover - only transports without TLS support
-                raise ConnectionResetError("the transport cannot be upgraded to TLS")
-            # The transport's ssl_object, not common.tls.peer_identity: uvloop's TLS transports
-            # are not asyncio.BaseTransport instances, which peer_identity() insists on.
-            ssl_object = new.get_extra_info("ssl_object")
-            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-            if not der:
-                raise TLSIdentityError(
-                    "the client presented no certificate",
-                    reason="no_peer_certificate",
-                    fix="configure the NBD client with a certificate from `replikant certs`",
-                )
-            identity = identity_from_cert(der)
-            if self._server.allowed_roles is not None:
-                require_role(identity, self._server.allowed_roles)
-        except (OSError, TimeoutError, EOFError, TLSIdentityError) as exc:
-            # One tls_handshake_rejected event, in the same words as every other TLS endpoint.
-            describe_tls_error(exc, side="server", peer=peer).log()
+            new, identity = await accept_tls(
+                transport,
+                self,
+                context,
+                allowed_roles=self._server.allowed_roles,
+                handshake_timeout=self._server.handshake_timeout,
+                peer=self.peer,
+            )
+        except TLSError:
+            # accept_tls has logged the one tls_handshake_rejected event and closed the
+            # connection; abort makes sure no half-closed TLS shutdown lingers.
             transport.abort()
-            if self._transport is not transport and self._transport is not None:
-                self._transport.abort()
             return
         self._transport = new
         self._conn.tls_established()
         self._log = self._log.bind(client=str(identity))
+        ssl_object = new.get_extra_info("ssl_object")
         cipher = ssl_object.cipher()
         self._log.info(
             "nbd_tls_established",

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from common.nbd.client import NBDClient, NBDClientError
-from common.nbd.protocol import IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC, ClientFlag, Opt, Rep
+from common.nbd.constants import IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC, ClientFlag, Opt, Rep
 from common.tls import client_context
 from tests.fixtures_pki import Pki, issue_expired, make_pki
 from tests.security.rows import Door
