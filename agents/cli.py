@@ -13,7 +13,8 @@ import click
 
 from agents.control import control_socket_path, read_status
 from agents.errors import AgentError
-from agents.service import export_name, run_agent, socket_path
+from agents.service import run_agent
+from agents.startup import export_name, socket_path
 from common.config import AgentConfig, load_config
 
 _config_option = click.option(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from common.errors import ReplikantError
+from typing import Any
+
+from common.errors import ReplikantError, refusal_body
 
 
 class AgentError(ReplikantError):
@@ -40,3 +42,25 @@ class FencedError(ShipError):
 
 class HookError(AgentError):
     """A freeze/thaw hook failed or timed out (the cut falls back to crash-consistent)."""
+
+
+class SeedError(AgentError):
+    """An export refused or failed; ``code`` and ``status`` become the HTTP error."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str,
+        status: int = 409,
+        fix: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message, fix=fix)
+        self.code = code
+        self.status = status
+        self.details = details or {}
+
+    def body(self) -> dict[str, Any]:
+        """The JSON error body (the broker's shape: error, message, fix, details)."""
+        return refusal_body(self, self.code, self.details)

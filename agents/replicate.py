@@ -1,6 +1,7 @@
-"""Replication of one disk: sequencing, the initial copy, hash-compare resync, and status.
+"""Replication of one disk: the initial copy, hash-compare resync, shipping, and status.
 
-Sequencing (so that resends are harmless, see ``docs/agent.md``):
+Sequencing (so that resends are harmless, see ``docs/agent.md``) is decided by the sans-I/O
+:class:`agents.sequence.Sequencer`; this class does the I/O around it:
 
 - the broker's ``durable_seq`` is the truth. Before the first batch and after *any* failed
   upload, the replicator asks the broker for the replica's state and numbers the next batch
@@ -10,13 +11,14 @@ Sequencing (so that resends are harmless, see ``docs/agent.md``):
   lost), the re-sent blocks simply apply again on top: same contents or newer;
 - persisted state changes only after a durable ack.
 
-Modes: ``initial`` ships the whole disk as FULL batches of at most ``full_batch_bytes`` of
-allocated data each (holes skipped, zero blocks sent as ZERO extents), resumable from the last
-acked chunk; ``verify`` compares block hashes with the replica and marks only the differing
-blocks (when tracking cannot vouch for every change, or to seed from an existing copy);
-``delta`` ships what the dirty map says; ``awaiting_seed`` ships nothing: the disk waits for
-seed media (``replikant seed export``/``import``, see :mod:`agents.seed`) to reach the broker, its
-dirty map tracking every change since the export's cut.
+Modes (:class:`agents.sequence.Mode`): ``initial`` ships the whole disk as FULL batches of at
+most ``full_batch_bytes`` of allocated data each (holes skipped, zero blocks sent as ZERO
+extents), resumable from the last acked chunk; ``verify`` compares block hashes with the replica
+and marks only the differing blocks (when tracking cannot vouch for every change, or to seed
+from an existing copy); ``delta`` ships what the dirty map says; ``awaiting_seed`` ships
+nothing: the disk waits for seed media (``replikant seed export``/``import``, see
+:mod:`agents.seed`) to reach the broker, its dirty map tracking every change since the export's
+cut.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from agents.cut import Cut
 from agents.dirtymap import DATA, BlockMap, Recovery
 from agents.disk import TrackedExport
 from agents.errors import FencedError, ShipError
+from agents.sequence import Mode, SequenceError, Sequencer
 from agents.ship import (
     MAX_EXTENT,
     BatchStats,
@@ -115,8 +118,7 @@ class DiskReplicator:
         self.fenced: str | None = None
         self.refused: str | None = None  # the broker refuses this agent (403): config must change
         self.refused_until = 0.0  # monotonic time of the next attempt while refused
-        self.mode = "delta"
-        self.next_seq = 0
+        self.seq = Sequencer(export.map.guest_ops)
         self._chunk_end = 0
         self.status = DiskStatus()
         self.on_progress: Callable[[DiskReplicator, int, int], None] | None = None
@@ -125,16 +127,19 @@ class DiskReplicator:
         self.seed_export: dict[str, Any] | None = None  # progress while an export writes media
         self._seed_restore: BlockMap | None = None  # the dirty blocks pending before that cut
         self._waiting: tuple[float, str] | None = None  # (monotonic start, what) of a request
-
-        # The first VM cut since this disk's last acked batch at which it had changed (None: no
-        # change pending; 0: pending changes of unknown age, as after a restart). See
-        # first_change_cut in docs/protocol/batch.md.
-        self.change_cut: int | None = 0
-        self._marks_seen = export.map.guest_ops
-        self.broker_cut_id = 0  # the newest VM cut the broker holds durably for this disk
         if self.state is not None:
             self.status.last_acked_seq = self.state.acked_seq
             self.status.last_acked_cut_ns = self.state.last_cut_ns
+
+    @property
+    def mode(self) -> Mode:
+        """What the next batch of this disk is."""
+        return self.seq.mode
+
+    @property
+    def broker_cut_id(self) -> int:
+        """The newest VM cut the broker holds durably for this disk."""
+        return self.seq.broker_cut_id
 
     # -- talking to the broker -------------------------------------------------------------
 
@@ -168,7 +173,7 @@ class DiskReplicator:
             self.log.info("replication_accepted", previously=self.refused)
             self.refused = None
         await self._adopt(rs)
-        self.ready = self.mode != "awaiting_seed"
+        self.ready = self.mode is not Mode.AWAITING_SEED
 
     def record_error(self, exc: ShipError) -> None:
         """Count a failure and show it in status until the next durable ack."""
@@ -193,7 +198,7 @@ class DiskReplicator:
 
     async def _adopt(self, rs: ReplicaState) -> None:
         local = self.state
-        self.broker_cut_id = rs.durable_cut_id
+        self.seq.broker_holds(rs.durable_cut_id)
         if rs.disk_size and rs.disk_size != self.export.size:
             raise FencedError(
                 f"replica of {self.vm.name}/{self.disk.id} has size {rs.disk_size}, the disk "
@@ -226,7 +231,7 @@ class DiskReplicator:
             # Nothing durable at the broker: (re)start the initial copy from the beginning.
             if local is None or local.acked_seq or local.initial_done or local.verify_pending:
                 local = DiskState(str(self.vm.uuid), self.disk.id, self.export.size, rs.generation)
-            self.mode = "initial"
+            mode = Mode.INITIAL
         elif (
             seeded
             or local is None
@@ -255,33 +260,33 @@ class DiskReplicator:
             # Recorded before comparing: a crash in the middle must compare again, since the
             # dirty map alone does not know the differences not found yet.
             local.save(self.state_path)
-            self.mode = "verify"
+            mode = Mode.VERIFY
             self.log.warning("resync_by_hashes", reason=why, durable_seq=rs.durable_seq)
         else:
-            self.mode = "delta" if local.initial_done else "initial"
+            mode = Mode.DELTA if local.initial_done else Mode.INITIAL
         self.state = local
-        self.next_seq = rs.durable_seq + 1
-        if self.mode == "verify":
-            self.change_cut = 0  # the differences found have no known age
+        self.seq.adopt(mode, rs.durable_seq)
+        if mode is Mode.VERIFY:
+            self.seq.unknown_changes()  # the differences found have no known age
             await self._verify()
-            self.mode = "delta"
+            self.seq.adopt(Mode.DELTA, rs.durable_seq)
             self.recovery = Recovery(
                 fresh=False, clean=True, recovered_blocks=0, tracking_lost=None
             )
             local.acked_seq = rs.durable_seq
             local.verify_pending = False
             local.save(self.state_path)
-        elif self.mode != previous_mode or not self.ready:
+        elif mode is not previous_mode or not self.ready:
             self.log.info(
                 "replica_state_adopted",
-                mode=self.mode,
+                mode=mode.value,
                 durable_seq=rs.durable_seq,
                 generation=rs.generation,
                 initial_cursor=local.initial_cursor,
             )
 
     def _await_seed(self, local: DiskState, rs: ReplicaState) -> None:
-        if self.mode != "awaiting_seed":
+        if self.mode is not Mode.AWAITING_SEED:
             self.log.info(
                 "seed_awaited",
                 seq=local.seed_seq or None,
@@ -289,9 +294,8 @@ class DiskReplicator:
                 durable_seq=rs.durable_seq,
                 initial_sync=rs.initial_sync,
             )
-        self.mode = "awaiting_seed"
+        self.seq.adopt(Mode.AWAITING_SEED, rs.durable_seq)
         self.state = local
-        self.next_seq = 0
 
     def _seed_arrived(self, local: DiskState, rs: ReplicaState) -> DiskState:
         """The replica moved past the state it had at the export: imported, or superseded."""
@@ -320,7 +324,7 @@ class DiskReplicator:
         local.save(self.state_path)
         return local
 
-    # -- seed export (agents.seed drives these) ----------------------------------------------
+    # -- seed export (agents.seedexport drives these) ----------------------------------------
 
     def begin_seed_cut(self, cut_time_ns: int, cut_id: int) -> Cut:
         """Freeze the whole disk (allocated data and pending changes) for an export to media.
@@ -350,14 +354,12 @@ class DiskReplicator:
         st.verify_pending = False  # the media holds the whole disk: nothing left to compare
         st.save(self.state_path)
         self.export.end_cut(acked=True)
-        self.change_cut = None
+        self.seq.seed_exported()
         self._drop_seed_restore()
         # Tracking is exact from the cut on, whatever the map recovered at start.
         self.recovery = Recovery(fresh=False, clean=True, recovered_blocks=0, tracking_lost=None)
         self.state = st
-        self.mode = "awaiting_seed"
         self.ready = False
-        self.next_seq = 0
 
     def abort_seed_export(self) -> None:
         """The export failed: the blocks pending before its cut are pending again."""
@@ -401,7 +403,7 @@ class DiskReplicator:
                 "replication": "paused until `replikant seed import` at the recovery site "
                 "(or `replikant seed cancel`)",
             }
-        if self.mode == "awaiting_seed":
+        if self.mode is Mode.AWAITING_SEED:
             return {"state": "awaiting_export"}
         return None
 
@@ -452,16 +454,13 @@ class DiskReplicator:
         Synchronous, in the loop step of the cut, for *every* disk of the VM: a disk left out of
         a cut (not ready) still has to remember that it changed before it.
         """
-        marks = self.export.map.guest_ops
-        if marks != self._marks_seen and self.change_cut is None:
-            self.change_cut = cut_id
-        self._marks_seen = marks
+        self.seq.note_cut(cut_id, self.export.map.guest_ops)
 
     def begin_cut(self, cut_time_ns: int, cut_id: int) -> Cut:
         """Freeze this disk's changes (synchronous; the VM cuts all its disks in one step)."""
         cut = self.export.begin_cut(cut_time_ns, cut_id)
         self.status.last_cut_ns = cut_time_ns
-        if self.mode == "initial":
+        if self.mode is Mode.INITIAL:
             assert self.state is not None
             start = self.state.initial_cursor
             self._chunk_end = self._next_chunk_end(start)
@@ -483,36 +482,13 @@ class DiskReplicator:
     async def ship(self, cut: Cut, consistency: Consistency) -> bool:
         """Send ``cut`` as the next batch; True once durably acked, False after a failure."""
         assert self.state is not None
-        seq = self.next_seq
-        full = self.mode == "initial"
+        seq = self.seq.next_seq
+        full = self.mode is Mode.INITIAL
         log = self.log.bind(seq=seq, generation=self.state.generation)
-        compression = Compression.ZSTD if self.policy.compression == "zstd" else Compression.NONE
         stats = BatchStats()
         started = time.monotonic()
         try:
-            header = make_header(
-                vm_uuid=self.vm.uuid,
-                disk_id=self.disk.id,
-                generation=self.state.generation,
-                seq=seq,
-                cut=cut,
-                consistency=consistency,
-                compression=compression,
-                full=full,
-                max_extent=self.max_extent,
-                # No change pending: the disk stayed as it was up to this very cut.
-                first_change_cut=cut.cut_id if self.change_cut is None else self.change_cut,
-            )
-            body = batch_body(
-                cut,
-                header,
-                level=(
-                    self.policy.initial_compression_level if full else self.policy.compression_level
-                ),
-                bucket=self.bucket,
-                stats=stats,
-                max_extent=self.max_extent,
-            )
+            body = self._batch_body(cut, consistency, seq, full, stats)
             self._waiting = (time.monotonic(), f"uploading batch seq {seq}")
             try:
                 ack = await self.client.upload(
@@ -523,12 +499,10 @@ class DiskReplicator:
                 )
             finally:
                 self._waiting = None
-            if ack.duplicate or ack.seq != seq:
-                raise ShipError(
-                    f"the broker acked seq {ack.seq} (duplicate={ack.duplicate}) for batch {seq}:"
-                    " our numbering was stale",
-                    code="sequence_mismatch",
-                )
+            try:
+                self.seq.check_ack(seq, ack.seq, duplicate=ack.duplicate)
+            except SequenceError as exc:
+                raise ShipError(str(exc), code="sequence_mismatch") from None
         except ShipError as exc:
             self.export.end_cut(acked=False)
             self.ready = False  # ask the broker where it stands before the next attempt
@@ -545,20 +519,18 @@ class DiskReplicator:
             self.ready = False
             raise
         cleared = self.export.end_cut(acked=True)
-        self.change_cut = None  # changes after this cut are noted at the next cuts
-        self.broker_cut_id = max(self.broker_cut_id, cut.cut_id)
+        initial_done = full and self._chunk_end >= self.export.size
+        self.seq.acked(seq, cut.cut_id, initial_done=initial_done)
         if not full:
             self._completing = False
         elapsed = max(time.monotonic() - started, 1e-6)
-        self.next_seq = seq + 1
         st = self.state
         st.acked_seq = seq
         st.last_cut_ns = cut.cut_time_ns
         if full:
             st.initial_cursor = self._chunk_end
-            if self._chunk_end >= self.export.size:
+            if initial_done:
                 st.initial_done = True
-                self.mode = "delta"
                 self._completing = True
         st.save(self.state_path)
         s = self.status
@@ -597,6 +569,32 @@ class DiskReplicator:
             )
         return True
 
+    def _batch_body(
+        self, cut: Cut, consistency: Consistency, seq: int, full: bool, stats: BatchStats
+    ) -> AsyncGenerator[bytes, None]:
+        """The encoded batch ``seq`` of ``cut``, streamed (``stats`` counts what it held)."""
+        assert self.state is not None
+        header = make_header(
+            vm_uuid=self.vm.uuid,
+            disk_id=self.disk.id,
+            generation=self.state.generation,
+            seq=seq,
+            cut=cut,
+            consistency=consistency,
+            compression=Compression.ZSTD if self.policy.compression == "zstd" else Compression.NONE,
+            full=full,
+            max_extent=self.max_extent,
+            first_change_cut=self.seq.first_change_cut(cut.cut_id),
+        )
+        return batch_body(
+            cut,
+            header,
+            level=self.policy.initial_compression_level if full else self.policy.compression_level,
+            bucket=self.bucket,
+            stats=stats,
+            max_extent=self.max_extent,
+        )
+
     def _initial_rate(self, cursor: int) -> tuple[float, float | None]:
         """Disk bytes per second covered by this run of the initial copy, and the ETA.
 
@@ -616,7 +614,7 @@ class DiskReplicator:
     def backlog(self) -> bool:
         """More work is waiting that should not wait for the next interval: the initial copy,
         and right after it the first delta batch, which makes the replica a consistent cut."""
-        return self.ready and (self.mode == "initial" or self._completing)
+        return self.ready and (self.mode is Mode.INITIAL or self._completing)
 
     def stalled(self) -> str | None:
         """What the disk has waited for from the broker for ``STALL_SECONDS`` or more."""
@@ -640,7 +638,7 @@ class DiskReplicator:
             "disk": self.disk.id,
             "export": self.export.name,
             "size": self.export.size,
-            "mode": self.mode,
+            "mode": self.mode.value,
             "ready": self.ready,
             "fenced": self.fenced,
             "refused": self.refused,

@@ -36,6 +36,7 @@ from common.hrl import (
     xxh64_of,
 )
 from common.logs import get_logger
+from common.refusal import Refusal, not_our_service
 from common.tls import IdentityCheckingConnector, TLSIdentityError, describe_client_failure
 
 log = get_logger("agents.ship")
@@ -302,12 +303,13 @@ class BrokerClient:
                 f"broker {url}: {rejection.detail}", fix=rejection.fix, code="unreachable"
             )
         if isinstance(exc, ValueError | aiohttp.ContentTypeError):
-            return ShipError(
-                f"{url} did not answer like a Replikant broker (the reply is not JSON)",
-                fix="check [broker] urls in the agent config: they must be the brokers' "
+            message, fix = not_our_service(
+                url,
+                "broker",
+                "[broker] urls in the agent config: they must be the brokers' "
                 "https:// listen addresses",
-                code="unreachable",
             )
+            return ShipError(message, fix=fix, code="unreachable")
         return ShipError(
             f"broker {url} unreachable or broke off: {type(exc).__name__}: {exc}",
             code="unreachable",
@@ -321,17 +323,17 @@ class BrokerClient:
             body = {}
         if not isinstance(body, dict):
             body = {}
-        code = str(body.get("error", f"http_{resp.status}"))
-        message = str(body.get("message") or body.get("detail") or text[:200] or resp.reason)
-        fix = body.get("fix")
+        refusal = Refusal.from_body(resp.status, body, fallback=text[:200] or str(resp.reason))
         if resp.status in (502, 503, 504):
             self._rotate()  # not the owner (or a proxy in trouble): try another broker next
-        if code in _FENCED:
-            raise FencedError(f"broker {url} refused: {message}", fix=fix, code=code)
+        if refusal.code in _FENCED:
+            raise FencedError(
+                f"broker {url} refused: {refusal.message}", fix=refusal.fix, code=refusal.code
+            )
         raise ShipError(
-            f"broker {url} refused ({resp.status} {code}): {message}",
-            fix=fix,
-            code=code,
+            refusal.sentence(f"broker {url}"),
+            fix=refusal.fix,
+            code=refusal.code,
             status=resp.status,
         )
 
@@ -498,7 +500,7 @@ def make_header(
     """The header for ``cut`` as seq ``seq`` (the extent totals come from planning the cut).
 
     The batch carries ``cut.cut_id``; ``first_change_cut`` is the agent's idleness statement
-    (see :attr:`agents.replicate.DiskReplicator.change_cut`).
+    (see :attr:`agents.sequence.Sequencer.change_cut`).
     """
     count, total = cut.totals(max_extent)
     return BatchHeader(

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import mmap
 import os
 import threading
@@ -34,6 +33,7 @@ import xxhash
 from broker.errors import ApplyVerifyError, BrokerError, FencedError, StoreCorrupt
 from broker.journal import JournalEntry, clean_partials, read_journal
 from broker.points import PointsIndex, PointView, StateInfo
+from broker.space import is_full
 from broker.store import AppliedRecord, Replica, Store, journal_name
 from common.fsio import punch_hole, pwrite_all, start_writeback
 from common.hrl import DEFAULT_LIMITS, BatchHeader, DecodeLimits, Extent, ExtentKind
@@ -129,10 +129,8 @@ class DirectApply:
                 applied_full=True,
                 initial_sync="in_progress",
             )
-            _log.info(
+            self.engine.log.info(
                 "batch_applied",
-                vm=r.meta.vm_name,
-                disk=r.meta.disk_id,
                 seq=header.seq,
                 generation=header.generation,
                 epoch=self._epoch,
@@ -179,6 +177,7 @@ class ReplicaEngine:
     ) -> None:
         self.store = store
         self.replica = replica
+        self.log = _log.bind(vm=replica.meta.vm_name, disk=replica.meta.disk_id)
         self.epoch = epoch
         self.limits = limits
         self.alert = alert
@@ -215,10 +214,8 @@ class ReplicaEngine:
             fresh = code not in self.conditions
             self.conditions[code] = Condition(code, level, message)
         if fresh:
-            _log.error(
+            self.log.error(
                 "replica_alert",
-                vm=self.replica.meta.vm_name,
-                disk=self.replica.meta.disk_id,
                 condition=code,
                 level=level,
                 detail=message,
@@ -243,10 +240,8 @@ class ReplicaEngine:
         with self._cond_lock:
             gone = self.conditions.pop(code, None)
         if gone is not None:
-            _log.info(
+            self.log.info(
                 "replica_alert_cleared",
-                vm=self.replica.meta.vm_name,
-                disk=self.replica.meta.disk_id,
                 condition=code,
             )
             if self.alert is not None:
@@ -346,7 +341,7 @@ class ReplicaEngine:
             seg = self.points.capture(self._fd, entry.ranges(), base, top)
         else:
             # A crash came after the capture: the image may hold part of this batch already.
-            _log.info("undo_reused", vm=r.meta.vm_name, disk=r.meta.disk_id, seq=h.seq)
+            self.log.info("undo_reused", seq=h.seq)
         self.points.publish(seg)  # 3. views switch to the undo before the image changes
         for ext in entry.iter_extents(self.limits):
             self.write_extent(ext, ext_seq=h.seq)
@@ -382,10 +377,8 @@ class ReplicaEngine:
             initial_sync=sync,
         )
         entry.path.unlink(missing_ok=True)
-        _log.info(
+        self.log.info(
             "batch_applied",
-            vm=r.meta.vm_name,
-            disk=r.meta.disk_id,
             seq=h.seq,
             generation=h.generation,
             epoch=epoch,
@@ -451,7 +444,7 @@ class ReplicaEngine:
                 )
                 return  # a deposed owner stops applying for good
             except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                if is_full(exc):
                     self.raise_condition(
                         "storage_full",
                         "critical",

@@ -16,7 +16,6 @@ A journal file is the batch's bytes exactly as received, followed by::
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import struct
@@ -37,10 +36,9 @@ from broker.errors import (
     MalformedBatch,
     SequenceGap,
     StaleGeneration,
-    StorageFullError,
     StoreCorrupt,
 )
-from broker.fsutil import free_bytes
+from broker.space import StoreSpace
 from broker.store import Replica, Store, journal_name
 from common.fsio import fsync_dir, start_writeback, write_all
 from common.hrl import (
@@ -126,7 +124,7 @@ class BatchReceiver:
         self._direct = False
         self.replica = replica
         self.url_identity = url_identity
-        self.min_free_bytes = min_free_bytes
+        self.space = StoreSpace(store.root, min_free_bytes)
         self.max_batch_bytes = max_batch_bytes
         self._decoder = BatchDecoder(limits)
         self._pending: list[bytes] = []
@@ -160,7 +158,7 @@ class BatchReceiver:
                 details={"limit": self.max_batch_bytes, "received": self.received},
             )
         if self._direct:
-            self._check_space(len(chunk))  # the image grows instead of the journal
+            self.space.check(len(chunk), self._doing())  # the image grows instead of the journal
         self._decoder.receive_data(chunk)
         self._drain()
         if self._is_duplicate() or self._direct:
@@ -195,12 +193,8 @@ class BatchReceiver:
             elif isinstance(event, Extent):
                 if self._direct:
                     assert self.direct is not None
-                    try:
+                    with self.space.refusing_when_full(event.length, self._doing()):
                         self.direct.extent(event)
-                    except OSError as exc:
-                        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                            raise self._full(free_bytes(self.store.root), event.length) from None
-                        raise
                     continue
                 self._index += _IDX_ENTRY.pack(event.offset, event.length, int(event.kind))
                 self._count += 1
@@ -275,29 +269,9 @@ class BatchReceiver:
         self.header = h
 
     # -- writing
-    def _check_space(self, incoming: int) -> None:
-        free = free_bytes(self.store.root)
-        if free - incoming < self.min_free_bytes:
-            raise self._full(free, incoming)
-
-    def _full(self, free: int, incoming: int) -> StorageFullError:
-        needed = self.min_free_bytes + incoming
-        return StorageFullError(
-            f"store {self.store.root} has {free} bytes free; journaling batch "
-            f"{self._seq_text()} of {self.replica.label} needs {needed} (reserve "
-            f"{self.min_free_bytes} + {incoming})",
-            fix="free space on the store's file system or move the store; the broker resumes "
-            "by itself",
-            details={
-                "store": str(self.store.root),
-                "free_bytes": free,
-                "needed_bytes": needed,
-                "min_free_bytes": self.min_free_bytes,
-            },
-        )
-
-    def _seq_text(self) -> str:
-        return str(self.header.seq) if self.header is not None else "?"
+    def _doing(self) -> str:
+        seq = str(self.header.seq) if self.header is not None else "?"
+        return f"journaling batch {seq} of {self.replica.label}"
 
     def _open(self) -> None:
         h = self.header
@@ -313,15 +287,11 @@ class BatchReceiver:
 
     def _write(self, chunk: bytes | bytearray) -> None:
         assert self._fd is not None
-        self._check_space(len(chunk))
-        try:
+        self.space.check(len(chunk), self._doing())
+        with self.space.refusing_when_full(len(chunk), self._doing()):
             write_all(self._fd, chunk)
             start_writeback(self._fd, self._written, len(chunk))
             self._written += len(chunk)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise self._full(free_bytes(self.store.root), len(chunk)) from None
-            raise
 
     # -- completion
     def finish(self) -> Receipt:
@@ -342,12 +312,8 @@ class BatchReceiver:
         h = self.header
         if self._direct and self._decoder.done and h is not None:
             assert self.direct is not None
-            try:
+            with self.space.refusing_when_full(4096, self._doing()):
                 self.direct.commit(h)
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise self._full(free_bytes(self.store.root), 4096) from None
-                raise
             self._direct = False
             return Receipt(
                 acked_seq=h.seq,
@@ -367,29 +333,21 @@ class BatchReceiver:
         footer = _IDX_FOOTER.pack(
             _IDX_MAGIC, self.received, self._count, xxhash.xxh3_64_intdigest(index)
         )
-        try:
+        with self.space.refusing_when_full(len(index), self._doing()):
             self._write(index + footer)
             os.fsync(self._fd)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise self._full(free_bytes(self.store.root), len(index)) from None
-            raise
         os.close(self._fd)
         self._fd = None
         final = self._part.with_name(journal_name(h.generation, h.seq))
         os.rename(self._part, final)
         self._part = None
         fsync_dir(final.parent)
-        try:
+        # On ENOSPC the batch is still durable (its journal file proves it after a restart, and
+        # in memory durable_seq is already set): the agent's retry is answered as a duplicate.
+        with self.space.refusing_when_full(4096, self._doing()):
             self.replica.update_meta(
                 durable_seq=h.seq, durable_cut_ns=h.cut_time_ns, durable_cut_id=h.cut_id
             )
-        except OSError as exc:
-            # The batch is durable (its journal file proves it after a restart, and in memory
-            # durable_seq is already set): the agent's retry will be answered as a duplicate.
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise self._full(free_bytes(self.store.root), 4096) from None
-            raise
         _fault_die_before_ack(self.replica)
         return Receipt(
             acked_seq=h.seq, duplicate=False, generation=h.generation, journal_bytes=self.received

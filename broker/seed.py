@@ -33,7 +33,7 @@ from common.fsio import data_segments, pread_exact, punch_hole, pwrite_all
 from common.logs import get_logger
 
 if TYPE_CHECKING:
-    from broker.service import BrokerService
+    from broker.api import Replicas
 
 _log = get_logger("broker.seed")
 
@@ -141,7 +141,7 @@ def _valid_part(part: str) -> bool:
     return True
 
 
-def check_seed(service: BrokerService, disks: list[SeedDisk], expect_vm: str | None) -> None:
+def check_seed(service: Replicas, disks: list[SeedDisk], expect_vm: str | None) -> None:
     """Every refusal, before anything is written."""
     if expect_vm is not None:
         wanted = {d.vm_uuid for d in disks if expect_vm in (d.vm_name, d.vm_uuid)}
@@ -236,7 +236,7 @@ def copy_image(d: SeedDisk, replica: Replica) -> dict[str, int]:
     return {"copied_bytes": copied, "skipped_bytes": skipped}
 
 
-def disk_for_image(service: BrokerService, image: Path, vm: str, disk_id: str) -> SeedDisk:
+def disk_for_image(service: Replicas, image: Path, vm: str, disk_id: str) -> SeedDisk:
     """A raw copy or backup of an enabled disk (no manifest): the replica names the identity."""
     replicas = [r for r in service.store.find_vm(vm) if r.meta.disk_id == disk_id]
     if not replicas:
@@ -273,7 +273,7 @@ def disk_for_image(service: BrokerService, image: Path, vm: str, disk_id: str) -
 
 
 async def import_seed(
-    service: BrokerService,
+    service: Replicas,
     directory: Path,
     *,
     expect_vm: str | None,

@@ -31,6 +31,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from broker.app import build_app
 from broker.apply import AlertHook, Condition, ReplicaEngine
 from broker.errors import (
     BrokerError,
@@ -40,13 +41,14 @@ from broker.errors import (
     StorageFullError,
     UnknownPoint,
 )
-from broker.fsutil import free_bytes
 from broker.hashes import block_hashes
-from broker.ingest import HTTP_LOG, build_app, status_vms
+from broker.httperrors import HTTP_LOG
 from broker.membership import Membership
 from broker.pitexport import PointInTimeExport
 from broker.points import Key, RetentionPolicy, key_text, plan_vm_retention
+from broker.space import StoreSpace
 from broker.store import Replica, Store
+from broker.views import status_vms
 from certs.service import startup_problems
 from common import topics
 from common.config import BrokerConfig, writable_dir_problems
@@ -100,6 +102,7 @@ class BrokerService:
         self.limits = limits
         self.retention_interval = retention_interval
         self.store = Store(config.broker.store)
+        self.space = StoreSpace(self.store.root, config.broker.min_free_bytes)
         self.epoch = 0
         self.engines: dict[tuple[str, str], ReplicaEngine] = {}
         self.conditions: dict[str, Condition] = {}
@@ -420,22 +423,8 @@ class BrokerService:
 
     def check_space(self, *, needed: int, replica: Replica | None = None) -> None:
         """Refuse up front when the store is below its reserve."""
-        reserve = self.config.broker.min_free_bytes
-        free = free_bytes(self.store.root)
-        if free - needed < reserve:
-            label = f" for {replica.label}" if replica is not None else ""
-            raise StorageFullError(
-                f"store {self.store.root} has {free} bytes free; accepting a batch{label} needs "
-                f"{reserve + needed} (reserve {reserve} + {needed})",
-                fix="free space on the store's file system or move the store; the broker "
-                "resumes by itself",
-                details={
-                    "store": str(self.store.root),
-                    "free_bytes": free,
-                    "needed_bytes": reserve + needed,
-                    "min_free_bytes": reserve,
-                },
-            )
+        label = f" for {replica.label}" if replica is not None else ""
+        self.space.check(needed, f"accepting a batch{label}")
 
     def storage_full(self, exc: StorageFullError) -> None:
         """Raise the broker-wide storage_full condition (idempotent)."""
@@ -459,7 +448,7 @@ class BrokerService:
             _log.info(
                 "storage_recovered",
                 store=str(self.store.root),
-                free_bytes=free_bytes(self.store.root),
+                free_bytes=self.space.free(),
             )
             self._alert("alert_cleared", {"condition": "storage_full"})
 
@@ -473,7 +462,7 @@ class BrokerService:
             "site": b.site,
             "epoch": self.epoch,
             "store": str(self.store.root),
-            "free_bytes": free_bytes(self.store.root),
+            "free_bytes": self.space.free(),
             "min_free_bytes": b.min_free_bytes,
             "health": "critical" if "critical" in levels else "warning" if levels else "ok",
             "conditions": [

@@ -4,7 +4,9 @@ JSON lines when stderr is not a terminal (systemd, CI, log shippers), coloured k
 a terminal. The standard library's ``logging`` (aiohttp, aiomqtt, amqtt) is routed through the same
 processors, so one process writes one format. Context such as ``vm``, ``disk``, ``seq``,
 ``generation``, ``epoch`` and ``peer`` is bound with :func:`structlog.contextvars.bind_contextvars`
-or ``log.bind(...)`` and shows up on every event.
+or ``log.bind(...)`` and shows up on every event, a library's stdlib records included
+(``merge_contextvars`` runs for both). Each broker request binds its method, path and peer this
+way, and each agent worker task its VM; per-replica loggers bind vm and disk once.
 """
 
 from __future__ import annotations

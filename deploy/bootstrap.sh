@@ -49,8 +49,8 @@ case "$what" in
         exec replikant lab up --dir "${REPLIKANT_LAB_DIR:-$repo/lab}" "$@"
         ;;
     test)
-        ruff format --check agents broker common certs tests bench
-        ruff check agents broker common certs tests bench
+        ruff format --check agents broker common certs ops tests bench
+        ruff check agents broker common certs ops tests bench
         mypy
         exec pytest "$@"
         ;;

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.service import check_config, policy_for, validate
+from agents.startup import check_config, policy_for, validate
 from certs.records import IssuedCert
 from certs.store import CertStore
 from common.config import AgentConfig, load_config

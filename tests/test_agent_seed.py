@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from agents import seed as seed_mod
+from agents import seedmedia as seed_mod
 from tests.support_agent import (
     MiB,
     control_request,

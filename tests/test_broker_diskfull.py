@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from broker.apply import ReplicaEngine
-from broker.fsutil import free_bytes
 from broker.journal import BatchReceiver
 from broker.service import BrokerService
+from broker.space import free_bytes
 from broker.store import Store
 from common.hrl import DEFAULT_LIMITS, Compression
 from tests.support_broker import PKI, AgentClient, FakeSource, MiB, make_pki

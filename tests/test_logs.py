@@ -49,3 +49,15 @@ def test_level_filters_debug_events() -> None:
     configure_logging(level="warning", stream=out)
     get_logger("replikant.test").info("cut_taken")
     assert out.getvalue() == ""
+
+
+def test_context_variables_reach_library_records_too() -> None:
+    """Context bound as context variables shows up on a stdlib (library) record as well."""
+    out = io.StringIO()
+    configure_logging(level="info", stream=out)
+    with structlog.contextvars.bound_contextvars(peer="replikant://agent/h1", path="/v1/status"):
+        logging.getLogger("aiohttp.server").warning("peer went away")
+    logging.getLogger("aiohttp.server").warning("after the request")
+    inside, after = (json.loads(line) for line in out.getvalue().strip().splitlines()[-2:])
+    assert (inside["peer"], inside["path"]) == ("replikant://agent/h1", "/v1/status")
+    assert "peer" not in after

@@ -13,12 +13,12 @@ from aiohttp import web
 
 from agents.errors import FencedError, ShipError
 from agents.ship import BrokerClient, ReplicaState
-from broker.admin import _repair_line
 from broker.errors import BadRequest
 from certs.check import check_identity
 from certs.store import CertStore
 from common.config import TLSFiles
 from common.tls import MutualTLSSite, client_context, server_context
+from ops.verify import _repair_line
 from tests.fixtures_pki import Pki, make_pki
 from tests.support_agent import stand_in_agent
 from tests.support_broker import admin_cli

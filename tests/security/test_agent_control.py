@@ -24,7 +24,7 @@ import pytest
 
 from agents.control import open_control_socket, read_status
 from agents.errors import AgentError
-from agents.service import check_config
+from agents.startup import check_config
 from common.config import AgentConfig, load_config
 from tests.fixtures_pki import make_pki
 from tests.security.rows import Door

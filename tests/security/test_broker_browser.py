@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from broker.ingest import build_app
+from broker.app import build_app
 from common.hrl import BATCH_CONTENT_TYPE
 from common.tls import client_context
 from tests.security.broker_doors import (

@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 import pytest
 
-from broker.ingest import build_app
+from broker.app import build_app
 from broker.service import BrokerService
 from tests.security.broker_support import raw_request, tree
 from tests.security.rows import Door

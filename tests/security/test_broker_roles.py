@@ -1,6 +1,6 @@
 """Who may use which broker route: agents their own replicas, admins the admin routes.
 
-The routes come from the broker's own router (:func:`broker.ingest.build_app`), so a route
+The routes come from the broker's own router (:func:`broker.app.build_app`), so a route
 added later is attempted here without anyone writing a test for it: every route outside
 ``/v1/replicas/`` is an admin route and must refuse an agent certificate; every replication
 route must refuse a broker certificate and another agent's; the replication routes that change
@@ -9,7 +9,7 @@ state must refuse an admin certificate.
 
 from __future__ import annotations
 
-from broker.ingest import build_app
+from broker.app import build_app
 from common.hrl import BATCH_CONTENT_TYPE
 from common.tls import client_context
 from tests.security.broker_doors import (

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.lab import LabPlan, write_lab_files
+from ops.lab import LabPlan, write_lab_files
 from tests.security.rows import Door
 from tests.security.sandbox import (
     DEPLOY,

@@ -25,18 +25,20 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import click
+import tomli_w
 from rich.console import Console
 from rich.table import Table
 
-from broker.errors import BrokerError
 from certs.store import CertStore
 from common.config import TLSFiles
+from common.errors import ReplikantError
 from common.logs import get_logger
 from common.tls import client_context
 
@@ -52,7 +54,7 @@ PRIMARY_SITE = "primary"
 RECOVERY_SITE = "recovery"
 
 
-class LabError(BrokerError):
+class LabError(ReplikantError):
     """The lab could not be brought up or down."""
 
 
@@ -120,20 +122,12 @@ class LabPlan:
         return self.root / "recovery" / "store"
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    return json.dumps(str(value))
+def _tls_table(tls: TLSFiles) -> dict[str, str]:
+    return {"ca": str(tls.ca), "cert": str(tls.cert), "key": str(tls.key)}
 
 
-def _tls_section(tls: TLSFiles) -> str:
-    return f'[tls]\nca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n'
+def _write_toml(path: Path, doc: dict[str, Any]) -> None:
+    path.write_bytes(tomli_w.dumps(doc).encode())
 
 
 def _make_image(path: Path, size: int, seed: int) -> None:
@@ -162,24 +156,19 @@ def write_lab_files(plan: LabPlan) -> dict[str, Any]:
     pki.issue_broker(CLUSTER, MQTT_NODE, dns=["localhost"], ips=["127.0.0.1"])
 
     vms: list[dict[str, Any]] = []
-    agent_vms = ""
+    agent_vms: list[dict[str, Any]] = []
     for n in range(plan.vms):
         name = f"demo{n + 1}"
         vm_uuid = uuid.uuid4()
         disks = []
-        agent_vms += (
-            f'\n[[vms]]\nname = "{name}"\nuuid = "{vm_uuid}"\npolicy = "lab"\n'
-            f'labels = {{ tier = "demo" }}\n'
-        )
+        agent_disks = []
         for d in range(2 if n == 0 else 1):
             disk_id = f"disk{d}"
             image = root / "primary" / "images" / f"{name}-{disk_id}.img"
             _make_image(image, plan.disk_mib << 20, seed=n * 10 + d)
             export = f"{name}-{disk_id}"
             sock = plan.socket_dir / f"{export}.sock"
-            agent_vms += (
-                f'[[vms.disks]]\nid = "{disk_id}"\nimage = "{image}"\nexport = "{export}"\n'
-            )
+            agent_disks.append({"id": disk_id, "image": str(image), "export": export})
             disks.append(
                 {
                     "id": disk_id,
@@ -188,29 +177,59 @@ def write_lab_files(plan: LabPlan) -> dict[str, Any]:
                     "replica_image": str(plan.store / str(vm_uuid) / disk_id / "replica.img"),
                 }
             )
+        agent_vms.append(
+            {
+                "name": name,
+                "uuid": str(vm_uuid),
+                "policy": "lab",
+                "labels": {"tier": "demo"},
+                "disks": agent_disks,
+            }
+        )
         vms.append({"name": name, "uuid": str(vm_uuid), "primary_site": PRIMARY_SITE,
                     "disks": disks})  # fmt: skip
 
-    (root / "agent.toml").write_text(
-        f'[agent]\nhost = "{AGENT_HOST}"\nsite = "{PRIMARY_SITE}"\n'
-        f'state_dir = "{root / "primary" / "state"}"\n'
-        f'control_socket = "{plan.agent_control_socket}"\n\n'
-        + _tls_section(agent_cert.tls)
-        + f'\n[nbd]\nsocket_dir = "{plan.socket_dir}"\n\n'
-        f'[broker]\nurls = ["{plan.broker_url}"]\ncluster = "{CLUSTER}"\n\n'
-        f"[policies.lab]\ninterval_seconds = {plan.interval}\n" + agent_vms
+    _write_toml(
+        root / "agent.toml",
+        {
+            "agent": {
+                "host": AGENT_HOST,
+                "site": PRIMARY_SITE,
+                "state_dir": str(root / "primary" / "state"),
+                "control_socket": str(plan.agent_control_socket),
+            },
+            "tls": _tls_table(agent_cert.tls),
+            "nbd": {"socket_dir": str(plan.socket_dir)},
+            "broker": {"urls": [plan.broker_url], "cluster": CLUSTER},
+            "policies": {"lab": {"interval_seconds": plan.interval}},
+            "vms": agent_vms,
+        },
     )
-    (root / "broker.toml").write_text(
-        f'[broker]\nnode = "{BROKER_NODE}"\ncluster = "{CLUSTER}"\nsite = "{RECOVERY_SITE}"\n'
-        f'listen = "127.0.0.1:{plan.broker_port}"\nstore = "{plan.store}"\n'
-        f"min_free_bytes = {64 << 20}\n\n"
-        + _tls_section(broker_cert.tls)
-        + f'\n[mqtt]\nurl = "{plan.mqtt_url}"\ntls = true\n\n[authorization]\nmode = "listed"\n'
-        f'agents = ["{AGENT_HOST}"]\n'
+    _write_toml(
+        root / "broker.toml",
+        {
+            "broker": {
+                "node": BROKER_NODE,
+                "cluster": CLUSTER,
+                "site": RECOVERY_SITE,
+                "listen": f"127.0.0.1:{plan.broker_port}",
+                "store": str(plan.store),
+                "min_free_bytes": 64 << 20,
+            },
+            "tls": _tls_table(broker_cert.tls),
+            "mqtt": {"url": plan.mqtt_url, "tls": True},
+            "authorization": {"mode": "listed", "agents": [AGENT_HOST]},
+        },
     )
-    (root / "admin.toml").write_text(
-        f'[admin]\nbrokers = ["{plan.broker_url}"]\nagents = ["{plan.agent_control_socket}"]\n\n'
-        + _tls_section(admin_cert.tls)
+    _write_toml(
+        root / "admin.toml",
+        {
+            "admin": {
+                "brokers": [plan.broker_url],
+                "agents": [str(plan.agent_control_socket)],
+            },
+            "tls": _tls_table(admin_cert.tls),
+        },
     )
     return {
         "mqtt": plan.mqtt_url,
@@ -277,7 +296,10 @@ def _log_tail(plan_root: Path, name: str, lines: int = 15) -> str:
         return "(no log)"
 
 
-async def _wait_until(what: str, check: Any, procs: list[_Proc], root: Path, limit: float) -> Any:
+async def _wait_until(
+    what: str, check: Callable[[], Awaitable[object]], procs: list[_Proc], root: Path, limit: float
+) -> None:
+    """Poll ``check`` until it answers something true; a lab process that dies ends the wait."""
     deadline = time.monotonic() + limit
     last_error = "not checked yet"
     while time.monotonic() < deadline:
@@ -289,9 +311,8 @@ async def _wait_until(what: str, check: Any, procs: list[_Proc], root: Path, lim
                     fix=f"read {root / 'logs' / (proc.name + '.log')}",
                 )
         try:
-            result = await check()
-            if result:
-                return result
+            if await check():
+                return
             last_error = "not ready yet"
         except (OSError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
             last_error = f"{type(exc).__name__}: {exc}"
