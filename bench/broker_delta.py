@@ -217,7 +217,12 @@ def main() -> None:
     parser.add_argument("--size-gib", type=float, default=4.0)
     parser.add_argument("--changed", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--dir", default="/var/tmp/replikant-bench-delta")
+    parser.add_argument(
+        "--dir",
+        default=f"/var/tmp/replikant-bench-delta-{os.getpid()}",
+        help="work directory (removed first, and at the end unless --keep): one per run, so "
+        "two runs never remove each other's files",
+    )
     parser.add_argument(
         "--verify", action="store_true", help="compare replica and source at the end"
     )

@@ -472,7 +472,12 @@ def main() -> None:
         "--scenario", choices=[*SCENARIOS, "all"], help="one of issue 10's lag targets, or all"
     )
     parser.add_argument("--quick", action="store_true", help="1 GiB, 30 s, one round")
-    parser.add_argument("--dir", default="/var/tmp/replikant-bench-lag")
+    parser.add_argument(
+        "--dir",
+        default=f"/var/tmp/replikant-bench-lag-{os.getpid()}",
+        help="work directory (removed first, and at the end unless --keep): one per run, so "
+        "two runs never remove each other's files",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     if args.quick:

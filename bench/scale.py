@@ -209,7 +209,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="seconds of load")
     parser.add_argument("--rate", default="1m", help="fio --rate per disk")
     parser.add_argument("--quick", action="store_true", help="20 s idle, 20 s load")
-    parser.add_argument("--dir", default="/var/tmp/replikant-bench-scale")
+    parser.add_argument(
+        "--dir",
+        default=f"/var/tmp/replikant-bench-scale-{os.getpid()}",
+        help="work directory (removed first, and at the end unless --keep): one per run, so "
+        "two runs never remove each other's files",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     if args.quick:

@@ -358,7 +358,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds (median)")
     parser.add_argument("--interval", type=float, default=1.0, help="the agent's cycle")
     parser.add_argument("--quick", action="store_true", help="256 MiB, 10 s jobs, one round")
-    parser.add_argument("--dir", default="/var/tmp/replikant-bench-writepath")
+    parser.add_argument(
+        "--dir",
+        default=f"/var/tmp/replikant-bench-writepath-{os.getpid()}",
+        help="work directory (removed first, and at the end unless --keep): one per run, so "
+        "two runs never remove each other's files",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     if args.quick:
