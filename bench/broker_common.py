@@ -5,6 +5,7 @@ image generators."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import concurrent.futures
 import http.client
@@ -54,6 +55,17 @@ def check_free_space(path: Path, needed: int) -> None:
             f"{probe} has {human(free)} free, this bench needs {human(needed)}: "
             "pass --dir on a larger filesystem or a smaller size"
         )
+
+
+def add_workdir_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """``--dir`` (one per run by default, so two runs on a shared machine never remove each
+    other's files) and ``--keep``."""
+    parser.add_argument(
+        "--dir",
+        default=f"/var/tmp/replikant-bench-{name}-{os.getpid()}",
+        help="work directory (removed first, and at the end unless --keep)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
 
 
 def free_port() -> int:

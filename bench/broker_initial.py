@@ -66,6 +66,7 @@ from broker_common import (
     MiB,
     Pki,
     Shipper,
+    add_workdir_arguments,
     check_free_space,
     data_ranges,
     free_port,
@@ -674,15 +675,9 @@ def main() -> None:
     parser.add_argument("--size-gib", type=float, default=4.0)
     parser.add_argument("--quick", action="store_true", help="1 GiB, 2 runs")
     parser.add_argument("--mode", choices=["agent", "model", "both"], default="agent")
-    parser.add_argument(
-        "--dir",
-        default=f"/var/tmp/replikant-bench-initial-{os.getpid()}",
-        help="work directory (removed first, and at the end unless --keep): one per run, so "
-        "two runs never remove each other's files",
-    )
     parser.add_argument("--verify", action="store_true", help="also compare the files byte-wise")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs (median)")
-    parser.add_argument("--keep", action="store_true")
+    add_workdir_arguments(parser, "initial")
     parser.add_argument(
         "--profile", type=Path, help="write py-spy stacks of the agent and broker here"
     )

@@ -61,6 +61,7 @@ from broker_common import (
     DiskSpec,
     GiB,
     Pki,
+    add_workdir_arguments,
     check_free_space,
     copy_file,
     human,
@@ -472,13 +473,7 @@ def main() -> None:
         "--scenario", choices=[*SCENARIOS, "all"], help="one of issue 10's lag targets, or all"
     )
     parser.add_argument("--quick", action="store_true", help="1 GiB, 30 s, one round")
-    parser.add_argument(
-        "--dir",
-        default=f"/var/tmp/replikant-bench-lag-{os.getpid()}",
-        help="work directory (removed first, and at the end unless --keep): one per run, so "
-        "two runs never remove each other's files",
-    )
-    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    add_workdir_arguments(parser, "lag")
     args = parser.parse_args()
     if args.quick:
         args.size_gib = min(args.size_gib, 1.0)

@@ -38,6 +38,7 @@ from broker_common import (
     Broker,
     DiskSpec,
     MiB,
+    add_workdir_arguments,
     check_free_space,
     make_pki,
     proc_cpu,
@@ -209,13 +210,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="seconds of load")
     parser.add_argument("--rate", default="1m", help="fio --rate per disk")
     parser.add_argument("--quick", action="store_true", help="20 s idle, 20 s load")
-    parser.add_argument(
-        "--dir",
-        default=f"/var/tmp/replikant-bench-scale-{os.getpid()}",
-        help="work directory (removed first, and at the end unless --keep): one per run, so "
-        "two runs never remove each other's files",
-    )
-    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    add_workdir_arguments(parser, "scale")
     args = parser.parse_args()
     if args.quick:
         args.idle, args.seconds = min(args.idle, 20.0), min(args.seconds, 20.0)

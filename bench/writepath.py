@@ -33,8 +33,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +44,7 @@ from broker_common import (
     Broker,
     DiskSpec,
     MiB,
+    add_workdir_arguments,
     check_free_space,
     make_pki,
     proc_cpu,
@@ -53,7 +52,7 @@ from broker_common import (
     wait_until,
 )
 from broker_lag import Phase, lag_figures, pct, same_contents
-from nbd_fio import make_image, wait_for_socket
+from nbd_fio import make_image, server
 
 GUEST_CPU = "0"  # fio and the server under test
 RECOVERY_CPU = "1"  # the broker
@@ -108,29 +107,6 @@ def fio(uri: str, job: str, size: int, seconds: float) -> dict[str, float]:
         "--refill_buffers", *JOBS[job],
     ]  # fmt: skip
     return parse_fio(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-
-
-@contextmanager
-def peer(kind: str, image: Path, sock: Path) -> Iterator[str]:
-    """qemu-nbd or nbdkit's file plugin on ``image``, on the guest's core; yields its URI."""
-    sock.unlink(missing_ok=True)
-    if kind == "qemu-nbd":
-        cmd = ["qemu-nbd", "-f", "raw", "-t", "-x", "disk", "-k", str(sock),
-               "--cache=writeback", "--aio=threads", str(image)]  # fmt: skip
-    else:
-        cmd = ["nbdkit", "--foreground", "--unix", str(sock), "--exportname", "disk",
-               "file", str(image)]  # fmt: skip
-    proc = subprocess.Popen(["taskset", "-c", GUEST_CPU, *cmd])
-    try:
-        wait_for_socket(sock, proc)
-        yield f"nbd+unix:///disk?socket={sock}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def shipped_data_bytes(log: Path, offset: int) -> int:
@@ -317,7 +293,8 @@ def run(args: argparse.Namespace) -> None:
                     if kind == "ours":
                         sample = ours.run(job, args.seconds)
                     else:
-                        with peer(kind, images[kind], work / f"{kind}.sock") as uri:
+                        sock = work / f"{kind}.sock"
+                        with server(kind, images[kind], sock, cpus=GUEST_CPU) as uri:
                             sample = fio(uri, job, size, args.seconds)
                     samples[job][kind].append(sample)
                     print(
@@ -358,13 +335,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds (median)")
     parser.add_argument("--interval", type=float, default=1.0, help="the agent's cycle")
     parser.add_argument("--quick", action="store_true", help="256 MiB, 10 s jobs, one round")
-    parser.add_argument(
-        "--dir",
-        default=f"/var/tmp/replikant-bench-writepath-{os.getpid()}",
-        help="work directory (removed first, and at the end unless --keep): one per run, so "
-        "two runs never remove each other's files",
-    )
-    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    add_workdir_arguments(parser, "writepath")
     args = parser.parse_args()
     if args.quick:
         args.size_mib, args.seconds, args.rounds = min(args.size_mib, 256), 10.0, 1
