@@ -71,7 +71,7 @@ from broker_common import (
     save_result,
     wait_until,
 )
-from nbd_fio import run_fio, server
+from nbd_fio import mark, run_fio, server
 
 from common.blockhash import file_block_hashes
 from common.config import AgentConfig, load_config
@@ -204,6 +204,7 @@ def phase_ours(broker: Broker, agent: Agent, disk: DiskSpec, args: argparse.Name
         fio = run_fio(agent.nbd_uri(disk), "lag", args.size, args.seconds, fio_options(args))
         end_ns = time.time_ns()
         cpu = proc_cpu(agent.pid) + proc_cpu(broker.proc.pid) - cpu0
+        mark([agent.nbd_uri(disk)])
 
         def last_writes_applied() -> bool:
             return any(r["cut_ns"] > end_ns for r in broker.applied_log(disk.vm_uuid, disk.disk_id))

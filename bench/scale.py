@@ -46,6 +46,7 @@ from broker_common import (
     wait_until,
 )
 from broker_lag import Phase, lag_figures, pct, same_contents
+from nbd_fio import mark
 from writepath import parse_fio_jobs
 
 TARGET_IDLE_PERCENT = 5.0
@@ -146,6 +147,7 @@ def run(args: argparse.Namespace) -> None:
             raise RuntimeError(f"fio failed: {out.stderr[-500:]}")
         load_cpu = (sum(map(proc_cpu, pids)) - cpu0) / ((end_ns - start_ns) / 1e9) * 100
         jobs = parse_fio_jobs(out.stdout)
+        mark(uris)
         wait_until(
             "every replica to catch up",
             lambda: all(any(c > end_ns for c, _ in cyc) for cyc in cycles().values()),

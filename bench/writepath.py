@@ -52,7 +52,7 @@ from broker_common import (
     wait_until,
 )
 from broker_lag import Phase, lag_figures, pct, same_contents
-from nbd_fio import make_image, server
+from nbd_fio import make_image, mark, server
 
 GUEST_CPU = "0"  # fio and the server under test
 RECOVERY_CPU = "1"  # the broker
@@ -168,9 +168,11 @@ class Ours:
         offset = self.agent.log.stat().st_size
         cpu0 = proc_cpu(self.agent.pid)
         start_ns = time.time_ns()
-        out = fio(self.agent.nbd_uri(self.disk), job, self.size, seconds)
+        uri = self.agent.nbd_uri(self.disk)
+        out = fio(uri, job, self.size, seconds)
         end_ns = time.time_ns()
         cpu = proc_cpu(self.agent.pid) - cpu0
+        mark([uri])
         try:
             wait_until(
                 "the replica to catch up",
@@ -199,7 +201,7 @@ class Ours:
 
     def replica_matches(self) -> bool:
         """Once the last cut is applied, the replica's block hashes equal the source's."""
-        now = time.time_ns()
+        now = mark([self.agent.nbd_uri(self.disk)])
         wait_until("a cut after the last job", lambda: any(c > now for c, _ in self.applied()), 60)
         replica = self.broker.store / str(self.disk.vm_uuid) / "disk0" / "replica.img"
         return same_contents(self.image, replica)
