@@ -17,9 +17,11 @@ first), no replication. Same jobs, alternating order every round:
 fio refills its buffers with random bytes, so nothing compresses. Reported per job: IOPS,
 MiB/s, fio completion latency p50/p99; for ours also the write-to-replica lag p50/p99 (the
 bound ``applied[k] - cut[k-1]`` over the cycles that carried load, as ``broker_lag.py``
-defines it), the seconds the replica needed after the load stopped to catch up, data bytes the
-agent shipped (``batch_acked``'s ``data_bytes``, before compression) ÷ bytes fio wrote, and the
-agent's CPU seconds per second of load. At the end the replica's block hashes must equal the
+defines it), the seconds from the end of the load until a cut taken after it was applied (one
+4 KiB marker write after each job makes sure such a cut comes; it counts in the catch-up and
+the shipped bytes), data bytes the agent shipped (``batch_acked``'s ``data_bytes``, before
+compression) ÷ bytes fio wrote, and the agent's CPU seconds per second of load (the agent logs
+at info level here for ``batch_acked``). At the end the replica's block hashes must equal the
 source's. Results: ``bench/results/writepath-*.json``.
 """
 
