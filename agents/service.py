@@ -51,8 +51,23 @@ from common.logs import get_logger
 from common.nbd.backend import FileExport
 from common.nbd.server import NBDServer
 from common.tls import client_context, nbd_server_context
+from common.tls.identities import Identity
+from common.tls.serving import Allowed
 
 log = get_logger("agents.service")
+
+
+def tcp_clients(config: AgentConfig) -> Allowed:
+    """Who may open this agent's exports over ``nbd.tcp_listen``: the identities listed in
+    ``nbd.tcp_clients``, by default only the agent's own (a QEMU on this host using its
+    certificate). A certificate of our CA alone is not enough: brokers, admins and the agents of
+    other hosts hold those too."""
+    uris = config.nbd.tcp_clients or [Identity.agent(config.agent.host).uri]
+    return Allowed(
+        frozenset(uris),
+        fix="add the client's certificate identity to nbd.tcp_clients in agent.toml, or give "
+        "the client a certificate that is listed there",
+    )
 
 
 class Agent:
@@ -106,6 +121,7 @@ class Agent:
                     [*self.exports, *self.plain_exports],
                     tls_context=functools.partial(nbd_server_context, cfg.tls),
                     max_connections=cfg.nbd.max_connections,
+                    allowed_identities=tcp_clients(cfg),
                 )
                 await tcp.serve_tcp(host, port)
                 self.servers.append(tcp)

@@ -201,7 +201,22 @@ class AgentSection(_Strict):
 class NBDSection(_Strict):
     socket_dir: Path
     tcp_listen: str | None = None
+    tcp_clients: list[str] = Field(default_factory=list)
+    """Certificate identities (``replikant://...`` URIs) that may open exports over
+    ``tcp_listen``; empty: only this agent's own identity. Any certificate of our CA is not
+    enough: a broker's or another host's certificate must never read this host's disks."""
     max_connections: int = Field(default=100, ge=1, le=1000)
+
+    @field_validator("tcp_clients")
+    @classmethod
+    def _identity_uris(cls, value: list[str]) -> list[str]:
+        for uri in value:
+            if not uri.startswith("replikant://"):
+                raise ValueError(
+                    f"{uri!r} is not a certificate identity; list URIs such as "
+                    "'replikant://agent/hv2' or 'replikant://admin/alice'"
+                )
+        return value
 
 
 class BrokerTarget(_Strict):
