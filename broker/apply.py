@@ -36,6 +36,7 @@ from broker.fsutil import punch_hole, pwrite_all, start_writeback
 from broker.journal import JournalEntry, clean_partials, read_journal
 from broker.points import PointsIndex, PointView, StateInfo
 from broker.store import AppliedRecord, Replica, Store, journal_name
+from broker.undo import undo_size_bound
 from common.hrl import DEFAULT_LIMITS, BatchHeader, DecodeLimits, Extent, ExtentKind
 from common.logs import get_logger
 
@@ -183,6 +184,10 @@ class ReplicaEngine:
         self.limits = limits
         self.alert = alert
         self.points = PointsIndex(replica.points_dir)
+        self.journal_bound = replica.meta.disk_size
+        """Most bytes of recovery-point data (the service sets it from ``[retention]``)."""
+        self.pinned_over = 0
+        """Bytes the exports' pins kept over the bound at the last capture."""
         self.conditions: dict[str, Condition] = {}
         self._cond_lock = threading.Lock()
         self.ingest_lock = asyncio.Lock()
@@ -342,8 +347,10 @@ class ReplicaEngine:
             first_change_cut=h.first_change_cut,
         )
         seg = self.points.segment_for(top.key)
-        if seg is None:  # 2. undo, exactly once per batch
-            seg = self.points.capture(self._fd, entry.ranges(), base, top)
+        if seg is None:  # 2. undo, exactly once per batch, within the disk's bound
+            ranges = entry.ranges()
+            self.pinned_over = self.points.make_room(undo_size_bound(ranges), self.journal_bound)
+            seg = self.points.capture(self._fd, ranges, base, top)
         else:
             # A crash came after the capture: the image may hold part of this batch already.
             _log.info("undo_reused", vm=r.meta.vm_name, disk=r.meta.disk_id, seq=h.seq)

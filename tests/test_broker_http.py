@@ -15,6 +15,7 @@ import pytest
 from broker.service import BrokerService
 from common.hrl import Compression, ExtentKind
 from tests.support_broker import (
+    NEWEST_ONLY,
     PKI,
     AgentClient,
     FakeSource,
@@ -417,7 +418,7 @@ async def test_retention_task_prunes_by_policy(pki: PKI, tmp_path: Path) -> None
     cfg = make_config(
         pki,
         tmp_path / "store",
-        retention={"any_point_minutes": 0, "hourly_hours": 0, "app_consistent_days": 0},
+        retention={**NEWEST_ONLY, "journal_bound": "1000%"},  # the policy prunes, not the bound
     )
     svc = BrokerService(cfg)
     await svc.start()

@@ -1,0 +1,266 @@
+"""Retention passes: feed each VM's points to the tier planner and carry out its answer.
+
+The planner (:mod:`broker.tiers`) decides without I/O; this module gathers what it needs from
+the replicas' point indexes (sizes, pins, the bound of each disk), applies the answer disk by
+disk, and turns it into the ``journal_over_policy`` alert: raised once when a disk's bound made
+retention keep less than the policy asks (thinned or dropped), or pins alone hold it over;
+cleared when the policy fits again. The hard bound itself is enforced by the applier before
+every capture (:meth:`broker.points.PointsIndex.make_room`); passes thin early so that it
+rarely has to drop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from broker.apply import ReplicaEngine
+from broker.points import Key, PointInfo, VMPoint, key_text, pair_by_cut
+from broker.tiers import Budget, Candidate, Plan, Tier, TierPolicy, plan, tier_of
+from broker.undo import undo_size_bound
+from common.config import BrokerConfig, journal_bound_bytes
+from common.logs import get_logger
+
+_log = get_logger("broker.retention")
+
+PRESSURE: float = 0.75
+"""A disk above this share of its bound gets a retention pass without waiting for the timer."""
+
+
+def tier_policy(config: BrokerConfig) -> TierPolicy:
+    """``[retention]`` as tiers."""
+    r = config.retention
+    return TierPolicy(
+        tiers=(
+            Tier("all", 0.0, r.any_point_minutes * 60),
+            Tier("minute", 60.0, r.minute_hours * 3600),
+            Tier("hour", 3600.0, r.hourly_hours * 3600),
+            Tier("day", 86400.0, r.daily_days * 86400),
+        ),
+        app_consistent_seconds=r.app_consistent_days * 86400,
+    )
+
+
+def bound_for(config: BrokerConfig, vm_uuid: str, disk_size: int) -> int:
+    """The journal bound of one disk: its VM's ``[[vms]] journal_bound``, else ``[retention]``."""
+    bound: int | str = config.retention.journal_bound
+    for vm in config.vms:
+        if str(vm.uuid) == vm_uuid and vm.journal_bound is not None:
+            bound = vm.journal_bound
+    return journal_bound_bytes(bound, disk_size)
+
+
+def merged_cap(disk_size: int) -> int:
+    """The most one merged run of a disk can cost: every byte of it once, plus its index."""
+    return undo_size_bound([(0, disk_size)])
+
+
+def candidates(
+    per_disk: Sequence[Sequence[PointInfo]], pins: Sequence[set[Key]]
+) -> tuple[list[VMPoint], list[Candidate]]:
+    """A VM's points, and each as the planner sees it: per disk, the bytes of its segments from
+    that point's state up to the next point's (states between VM points ride along)."""
+    points = pair_by_cut(per_disk)  # newest first
+    out: list[Candidate] = []
+    for j, point in enumerate(points):
+        costs = []
+        for d, infos in enumerate(per_disk):
+            lo = point.disks[d].state.key
+            hi = points[j - 1].disks[d].state.key if j > 0 else None
+            costs.append(
+                sum(
+                    p.size_bytes
+                    for p in infos
+                    if p.state.key >= lo and (hi is None or p.state.key < hi)
+                )
+            )
+        out.append(
+            Candidate(
+                key=point.cut,
+                cut_ns=point.cut_ns,
+                app=point.consistency == 1,
+                pinned=any(point.disks[d].state.key in pins[d] for d in range(len(per_disk))),
+                costs=tuple(costs),
+            )
+        )
+    return points, out
+
+
+@dataclass
+class Verdict:
+    """What one pass found for one disk (applied to its alert on the event loop)."""
+
+    engine: ReplicaEngine
+    bound: int
+    journal_bytes: int
+    degraded: str | None
+    pinned_over: int
+    churn_bps: float
+    horizon_seconds: float
+
+
+class Retainer:
+    """Runs retention passes and keeps what the alerts need between them."""
+
+    def __init__(self, config: BrokerConfig) -> None:
+        self.config = config
+        self.policy = tier_policy(config)
+        self.last_pass = 0.0
+        self.tiers: dict[tuple[int, int], str] = {}
+        """The tier that kept each VM point at the last pass (for display)."""
+        self._captured: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def configure(self, engine: ReplicaEngine) -> None:
+        """Give a new engine its disk's bound."""
+        m = engine.replica.meta
+        engine.journal_bound = bound_for(self.config, m.vm_uuid, m.disk_size)
+
+    def tier_label(self, point: VMPoint, now_ns: int) -> str:
+        """The tier of a VM point: the last pass's answer, or by age for newer points."""
+        label = self.tiers.get(point.cut)
+        if label is not None:
+            return label
+        t = tier_of((now_ns - point.cut_ns) / 1e9, self.policy)
+        return self.policy.tiers[t].name if t is not None else "app"
+
+    def under_pressure(self, engines: Sequence[ReplicaEngine]) -> bool:
+        """Some disk's recovery points fill most of its bound."""
+        return any(e.points.journal_bytes() > PRESSURE * e.journal_bound for e in engines)
+
+    def run(self, engines: Sequence[ReplicaEngine], now_ns: int) -> list[Verdict]:
+        """One pass over every VM whose disks all have engines (blocking)."""
+        self.last_pass = time.monotonic()
+        by_vm: dict[str, list[ReplicaEngine]] = {}
+        for engine in engines:
+            by_vm.setdefault(engine.replica.meta.vm_uuid, []).append(engine)
+        verdicts: list[Verdict] = []
+        for vm_engines in by_vm.values():
+            verdicts.extend(self._run_vm(vm_engines, now_ns))
+        return verdicts
+
+    def _run_vm(self, engines: list[ReplicaEngine], now_ns: int) -> list[Verdict]:
+        per_disk = [e.points.points(e.state(), include_hidden=True) for e in engines]
+        points, cands = candidates(per_disk, [e.points.pinned() for e in engines])
+        budgets = []
+        for e, infos in zip(engines, per_disk, strict=True):
+            newest = max((p.size_bytes for p in infos[:2]), default=0)  # the next capture's size
+            fixed = e.points.journal_bytes() - e.points.undo_bytes()
+            cap = merged_cap(e.replica.meta.disk_size)
+            budgets.append(Budget(target=max(0, e.journal_bound - newest), cap=cap, fixed=fixed))
+        answer = plan(cands, now_ns, self.policy, budgets) if cands else None
+        if answer is not None:
+            self.tiers.update(answer.keep)
+        verdicts = []
+        for d, engine in enumerate(engines):
+            keep = disk_keep(per_disk[d], points, d, answer)
+            bound = engine.journal_bound
+            dropped, merged = engine.points.apply_retention(keep, bound=bound, cap=budgets[d].cap)
+            journal = engine.points.journal_bytes()
+            if dropped or merged:
+                _log.info(
+                    "retention_applied",
+                    vm=engine.replica.meta.vm_name,
+                    disk=engine.replica.meta.disk_id,
+                    dropped=dropped,
+                    merged=merged,
+                    journal_bytes=journal,
+                    bound_bytes=bound,
+                )
+            verdicts.append(
+                Verdict(
+                    engine=engine,
+                    bound=bound,
+                    journal_bytes=journal,
+                    degraded=_degraded(answer, engine),
+                    pinned_over=max(engine.pinned_over, 0),
+                    churn_bps=self._churn(engine),
+                    horizon_seconds=self.policy.horizon_seconds,
+                )
+            )
+        return verdicts
+
+    def _churn(self, engine: ReplicaEngine) -> float:
+        key = engine.replica.key
+        now, total = time.monotonic(), engine.points.captured_bytes
+        then, before = self._captured.get(key, (now, total))
+        self._captured[key] = (now, total)
+        return (total - before) / (now - then) if now > then else 0.0
+
+
+def _degraded(answer: Plan | None, engine: ReplicaEngine) -> str | None:
+    drops = engine.points.take_forced_drops()
+    if drops:
+        return "dropped"
+    return answer.degraded if answer is not None else None
+
+
+def disk_keep(
+    infos: Sequence[PointInfo], points: Sequence[VMPoint], d: int, answer: Plan | None
+) -> set[Key]:
+    """One disk's states to keep: its state at every kept VM point, its newest state, and every
+    state after the newest VM point (a lagging disk may still complete those cuts)."""
+    kept = answer.keep if answer is not None else {}
+    newest_cut = points[0].cut if points else (0, 0)
+    keep = {p.disks[d].state.key for p in points if p.cut in kept}
+    keep.update(p.state.key for p in infos if p.state.listed and p.state.cut > newest_cut)
+    if infos:
+        keep.add(max(p.state.key for p in infos))
+    return keep
+
+
+def publish(verdicts: Sequence[Verdict], now_ns: int) -> None:
+    """Raise or clear each disk's ``journal_over_policy`` alert (on the event loop: the alert
+    hooks publish to MQTT from there)."""
+    for v in verdicts:
+        e = v.engine
+        if v.degraded is None and not v.pinned_over:
+            e.clear_condition("journal_over_policy")
+            continue
+        oldest = e.points.oldest()
+        age = (now_ns - oldest.cut_ns) / 1e9 if oldest is not None else 0.0
+        held = f"{key_text(oldest.key)} ({age:.0f} s old)" if oldest is not None else "none"
+        m = e.replica.meta
+        why = (
+            f"exports pin {v.pinned_over} bytes beyond it"
+            if v.pinned_over
+            else f"undo churn {v.churn_bps / 1e6:.1f} MB/s"
+        )
+        e.raise_condition(
+            "journal_over_policy",
+            "warning",
+            f"vm {m.vm_name} disk {m.disk_id}: recovery points hit the journal bound of "
+            f"{v.bound} bytes ({why}); the policy asks for points back {v.horizon_seconds:.0f} s, "
+            f"the oldest point held is {held}",
+            fix="raise [retention] journal_bound (or the VM's [[vms]] journal_bound) and give "
+            "the store the space, or keep fewer points; end exports nobody reads",
+            vm=m.vm_name,
+            disk=m.disk_id,
+            oldest_point=held,
+            policy_seconds=v.horizon_seconds,
+            churn_bytes_per_second=round(v.churn_bps),
+            journal_bytes=v.journal_bytes,
+            bound_bytes=v.bound,
+        )
+
+
+def free_store_space(
+    engines: Sequence[ReplicaEngine], enough: Callable[[], bool]
+) -> dict[str, Any]:
+    """Drop the oldest recovery points of the whole store, oldest first, until ``enough()``:
+    points yield before replication does. Returns what went, for the log."""
+    freed = 0
+    count = 0
+    while not enough():
+        owners = [(e.points.oldest(), e) for e in engines]
+        ranked = sorted(((o.cut_ns, e) for o, e in owners if o is not None), key=lambda x: x[0])
+        for _ns, engine in ranked:
+            got = engine.points.drop_oldest(reason="store_low")
+            if got:
+                freed += got
+                count += 1
+                break
+        else:
+            break
+    return {"points_dropped": count, "bytes_freed": freed}

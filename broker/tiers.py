@@ -1,0 +1,188 @@
+"""Which recovery points to keep: retention tiers under a size bound (sans I/O).
+
+The planner sees a VM's points (one cut of every disk, :func:`broker.points.pair_by_cut`), their
+times, and per disk the undo bytes each point costs, and decides which points stay. It never
+reads or writes anything: :meth:`broker.service.BrokerService.run_retention` feeds it and turns
+the answer into drops and merges (:meth:`broker.points.PointsIndex.apply_retention`).
+
+Arithmetic (docs/broker.md "Recovery points and their bound"). A disk's undo segments form a
+chain; keeping points ``k1 < k2 < ...`` merges the segments from ``ki`` up to ``k(i+1)`` into one
+run, and drops everything before ``k1``. A merged run keeps the oldest pre-image of each range,
+so it costs at most the sum of its parts and at most the disk's size (``cap``). The plan's
+estimate of a disk is that upper bound summed over its runs, plus ``fixed`` (bytes no point
+decision can free now: files still read by an export). Degrading when the estimate is over the
+disk's target: thin the finest tier to the next tier's spacing, then the next, ...; then drop
+the oldest points. Pinned points (exported) and the newest point are never given up by thinning;
+only pins survive the drops.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+PointKey = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Tier:
+    """Points younger than ``until_seconds`` (and older than the finer tiers) are kept one per
+    ``every_seconds`` (the newest of each such clock bucket; 0 keeps every point)."""
+
+    name: str
+    every_seconds: float
+    until_seconds: float
+
+
+@dataclass(frozen=True)
+class TierPolicy:
+    """Tiers, finest first (growing ``until_seconds``), and the app-consistent window."""
+
+    tiers: tuple[Tier, ...]
+    app_consistent_seconds: float = 7 * 86400.0
+
+    @property
+    def horizon_seconds(self) -> float:
+        """How far back the policy asks for points."""
+        return max([t.until_seconds for t in self.tiers] + [self.app_consistent_seconds])
+
+
+DEFAULT_TIERS: Final = (
+    Tier("all", 0.0, 10 * 60.0),
+    Tier("minute", 60.0, 2 * 3600.0),
+    Tier("hour", 3600.0, 2 * 86400.0),
+    Tier("day", 86400.0, 30 * 86400.0),
+)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One VM point as the planner sees it."""
+
+    key: PointKey
+    cut_ns: int
+    app: bool
+    pinned: bool
+    costs: tuple[int, ...]
+    """Per disk: undo bytes of the segments from this point up to the next newer point."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One disk's limits: ``target`` for the points' bytes, ``cap`` for one merged run (the
+    disk's size plus index), ``fixed`` bytes no plan can free now."""
+
+    target: int
+    cap: int
+    fixed: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The planner's answer."""
+
+    keep: dict[PointKey, str]
+    """Kept points and the tier that keeps each (``pinned``, ``app``, or a tier's name)."""
+    degraded: str | None
+    """``None``: the policy fits; ``"thinned"``: finer tiers were merged; ``"dropped"``: old
+    points were dropped as well."""
+    estimate: tuple[int, ...]
+    """Per disk, the upper bound of what the kept points cost."""
+    over: tuple[bool, ...]
+    """Per disk: still over its target with everything droppable gone (pins alone exceed)."""
+
+
+def tier_of(age_seconds: float, policy: TierPolicy) -> int | None:
+    """Index of the tier a point of this age belongs to; ``None`` past the last tier."""
+    for i, tier in enumerate(policy.tiers):
+        if age_seconds <= tier.until_seconds:
+            return i
+    return None
+
+
+def policy_keep(
+    points: Sequence[Candidate], now_ns: int, policy: TierPolicy, coarsen: int = 0
+) -> dict[PointKey, str]:
+    """The points the tiers keep, with the tiers below ``coarsen`` thinned to the spacing of
+    tier ``coarsen`` (0: the policy as written)."""
+    ordered = sorted(points, key=lambda p: p.key)
+    keep: dict[PointKey, str] = {}
+    buckets: dict[tuple[int, int], tuple[Candidate, str]] = {}
+    last = len(policy.tiers) - 1
+    for p in ordered:
+        age = (now_ns - p.cut_ns) / 1e9
+        t = tier_of(age, policy)
+        if t is not None:
+            spacing = min(max(t, coarsen), last)
+            every = policy.tiers[spacing].every_seconds
+            if every <= 0:
+                keep[p.key] = policy.tiers[t].name
+            else:
+                # Points come oldest first: the newest point of each bucket wins.
+                bucket = math.floor(p.cut_ns / (every * 1e9))
+                buckets[(spacing, bucket)] = (p, policy.tiers[t].name)
+        if p.app and age <= policy.app_consistent_seconds:
+            keep.setdefault(p.key, "app")
+    for p, name in buckets.values():
+        keep[p.key] = name
+    for p in ordered:
+        if p.pinned:
+            keep[p.key] = "pinned"
+    if ordered and ordered[-1].key not in keep:
+        keep[ordered[-1].key] = "newest"
+    return keep
+
+
+def estimate(
+    points: Sequence[Candidate],
+    kept: set[PointKey] | dict[PointKey, str],
+    budgets: Sequence[Budget],
+) -> tuple[int, ...]:
+    """Per disk, the most the kept points cost once retention has dropped and merged."""
+    ordered = sorted(points, key=lambda p: p.key)
+    out = []
+    for d, budget in enumerate(budgets):
+        total = budget.fixed
+        run = -1  # -1: before the oldest kept point (dropped)
+        for p in ordered:
+            if p.key in kept:
+                if run >= 0:
+                    total += min(run, budget.cap)
+                run = 0
+            if run >= 0:
+                run += p.costs[d]
+        if run >= 0:
+            total += min(run, budget.cap)
+        out.append(total)
+    return tuple(out)
+
+
+def _fits(est: Sequence[int], budgets: Sequence[Budget]) -> bool:
+    return all(e <= b.target for e, b in zip(est, budgets, strict=True))
+
+
+def plan(
+    points: Sequence[Candidate], now_ns: int, policy: TierPolicy, budgets: Sequence[Budget]
+) -> Plan:
+    """Keep what the tiers ask for if it fits every disk's target; else thin the finest tiers
+    first, then drop the oldest points, and report the disks that pins alone keep over."""
+    keep = policy_keep(points, now_ns, policy)
+    est = estimate(points, keep, budgets)
+    if _fits(est, budgets):
+        return Plan(keep, None, est, tuple(False for _ in budgets))
+    for level in range(1, len(policy.tiers)):
+        keep = policy_keep(points, now_ns, policy, coarsen=level)
+        est = estimate(points, keep, budgets)
+        if _fits(est, budgets):
+            return Plan(keep, "thinned", est, tuple(False for _ in budgets))
+    keep = dict(keep)
+    for p in sorted(points, key=lambda c: c.key):
+        if _fits(est, budgets):
+            break
+        if p.key in keep and keep[p.key] != "pinned":
+            del keep[p.key]
+            est = estimate(points, keep, budgets)
+    over = tuple(e > b.target for e, b in zip(est, budgets, strict=True))
+    return Plan(keep, "dropped", est, over)
