@@ -349,12 +349,14 @@ class ReplicaEngine:
         seg = self.points.segment_for(top.key)
         if seg is None:  # 2. undo, exactly once per batch, within the disk's bound
             ranges = entry.ranges()
-            self.pinned_over = self.points.make_room(undo_size_bound(ranges), self.journal_bound)
-            seg = self.points.capture(self._fd, ranges, base, top)
+            with self.points.room_for(undo_size_bound(ranges), self.journal_bound) as over:
+                self.pinned_over = over
+                seg = self.points.capture(self._fd, ranges, base, top)
+                self.points.publish(seg)  # 3. views take the undo before the image changes
         else:
             # A crash came after the capture: the image may hold part of this batch already.
             _log.info("undo_reused", vm=r.meta.vm_name, disk=r.meta.disk_id, seq=h.seq)
-        self.points.publish(seg)  # 3. views switch to the undo before the image changes
+            self.points.publish(seg)
         for ext in entry.iter_extents(self.limits):
             self.write_extent(ext, ext_seq=h.seq)
         os.fdatasync(self._fd)

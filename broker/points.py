@@ -45,6 +45,7 @@ from broker.undo import (
     UndoSegment,
     _add_nonzero,
     _overlapping,
+    cover_bytes,
     merge_all,
     overlay_merge,
     segment_meta,
@@ -340,6 +341,12 @@ class PointsIndex:
             held = sum(f.size for f in self._held)
             return sum(s.size_bytes for s in self._segments) + held + self._writing
 
+    def coverage(self, grain: int) -> dict[Key, int]:
+        """Per segment (by its base state), the grains it covers (:meth:`UndoSegment.coverage`)."""
+        with self._mutex:
+            segs = list(self._segments)
+        return {s.base.key: s.coverage(grain) for s in segs}
+
     def oldest(self) -> StateInfo | None:
         """The oldest state a segment keeps (the oldest point, if it is listed)."""
         with self._mutex:
@@ -369,13 +376,22 @@ class PointsIndex:
             n, self._forced_drops = self._forced_drops, 0
             return n
 
-    def make_room(self, needed: int, bound: int) -> int:
-        """Drop the oldest points until ``needed`` more bytes fit within ``bound``; returns how
-        many bytes the pins keep over it (0: it fits)."""
+    @contextlib.contextmanager
+    def room_for(self, needed: int, bound: int) -> Iterator[int]:
+        """Drop the oldest points until ``needed`` more bytes fit within ``bound``, and hold
+        that room (counted in :meth:`journal_bytes`) while the caller captures and publishes.
+        Yields how many bytes the exports' pins keep over the bound (0: it fits)."""
+        over = 0
         while (over := self.journal_bytes() + needed - bound) > 0:
             if not self.drop_oldest(reason="journal_bound"):
-                return over
-        return 0
+                break
+        with self._mutex:
+            self._writing += needed
+        try:
+            yield max(over, 0)
+        finally:
+            with self._mutex:
+                self._writing -= needed
 
     # -- capture and publish (the applier)
     def capture(
@@ -461,13 +477,13 @@ class PointsIndex:
 
     # -- retention
     def apply_retention(
-        self, keep: set[Key], *, bound: int | None = None, cap: int | None = None
+        self, keep: set[Key], *, bound: int | None = None, grain: int = 4096
     ) -> tuple[int, int]:
         """Drop and merge segments so that only the points in ``keep`` (and pins) remain.
 
         Returns ``(segments dropped, segments merged away)``. The newest state is never a
         segment base, so it is always kept. With a ``bound``, a merge whose output (at most its
-        parts, at most ``cap``) would not fit beside them waits for a later pass.
+        parts, at most what they cover) would not fit beside them waits for a later pass.
         """
         dropped = merged = 0
         with self._mutex:
@@ -486,8 +502,10 @@ class PointsIndex:
         for run in runs:
             if len(run) < 2:
                 continue
-            out = sum(s.size_bytes for s in run)
-            out = min(out, cap) if cap is not None else out
+            cover = 0
+            for seg in run:
+                cover |= seg.coverage(grain)
+            out = min(sum(s.size_bytes for s in run), cover_bytes(cover, grain))
             with self._mutex:
                 if bound is not None and self.journal_bytes() + out > bound:
                     _log.info("undo_merge_deferred", file=run[0].path.name, parts=len(run))

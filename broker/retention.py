@@ -5,7 +5,7 @@ the replicas' point indexes (sizes, pins, the bound of each disk), applies the a
 disk, and turns it into the ``journal_over_policy`` alert: raised once when a disk's bound made
 retention keep less than the policy asks (thinned or dropped), or pins alone hold it over;
 cleared when the policy fits again. The hard bound itself is enforced by the applier before
-every capture (:meth:`broker.points.PointsIndex.make_room`); passes thin early so that it
+every capture (:meth:`broker.points.PointsIndex.room_for`); passes thin early so that it
 rarely has to drop.
 """
 
@@ -57,25 +57,33 @@ def merged_cap(disk_size: int) -> int:
     return undo_size_bound([(0, disk_size)])
 
 
+def grain_for(disk_size: int) -> int:
+    """Coverage grain of a disk: 4 KiB, coarser for disks over 256 MiB (at most 65,536 grains,
+    so a segment's coverage takes at most 64 KiB of memory)."""
+    return max(4096, -(-disk_size // 65536))
+
+
 def candidates(
-    per_disk: Sequence[Sequence[PointInfo]], pins: Sequence[set[Key]]
+    per_disk: Sequence[Sequence[PointInfo]],
+    pins: Sequence[set[Key]],
+    covers: Sequence[dict[Key, int]] | None = None,
 ) -> tuple[list[VMPoint], list[Candidate]]:
-    """A VM's points, and each as the planner sees it: per disk, the bytes of its segments from
-    that point's state up to the next point's (states between VM points ride along)."""
+    """A VM's points, and each as the planner sees it: per disk, the bytes (and the coverage,
+    from ``covers`` by segment base) of its segments from that point's state up to the next
+    point's (states between VM points ride along)."""
     points = pair_by_cut(per_disk)  # newest first
     out: list[Candidate] = []
     for j, point in enumerate(points):
-        costs = []
+        costs, cover = [], []
         for d, infos in enumerate(per_disk):
             lo = point.disks[d].state.key
             hi = points[j - 1].disks[d].state.key if j > 0 else None
-            costs.append(
-                sum(
-                    p.size_bytes
-                    for p in infos
-                    if p.state.key >= lo and (hi is None or p.state.key < hi)
-                )
-            )
+            span = [p for p in infos if p.state.key >= lo and (hi is None or p.state.key < hi)]
+            costs.append(sum(p.size_bytes for p in span))
+            bits = 0
+            for p in span:
+                bits |= covers[d].get(p.state.key, 0) if covers is not None else 0
+            cover.append(bits)
         out.append(
             Candidate(
                 key=point.cut,
@@ -83,6 +91,7 @@ def candidates(
                 app=point.consistency == 1,
                 pinned=any(point.disks[d].state.key in pins[d] for d in range(len(per_disk))),
                 costs=tuple(costs),
+                cover=tuple(cover) if covers is not None else (),
             )
         )
     return points, out
@@ -142,13 +151,16 @@ class Retainer:
 
     def _run_vm(self, engines: list[ReplicaEngine], now_ns: int) -> list[Verdict]:
         per_disk = [e.points.points(e.state(), include_hidden=True) for e in engines]
-        points, cands = candidates(per_disk, [e.points.pinned() for e in engines])
+        grains = [grain_for(e.replica.meta.disk_size) for e in engines]
+        covers = [e.points.coverage(g) for e, g in zip(engines, grains, strict=True)]
+        points, cands = candidates(per_disk, [e.points.pinned() for e in engines], covers)
         budgets = []
-        for e, infos in zip(engines, per_disk, strict=True):
+        for e, infos, grain in zip(engines, per_disk, grains, strict=True):
             newest = max((p.size_bytes for p in infos[:2]), default=0)  # the next capture's size
             fixed = e.points.journal_bytes() - e.points.undo_bytes()
             cap = merged_cap(e.replica.meta.disk_size)
-            budgets.append(Budget(target=max(0, e.journal_bound - newest), cap=cap, fixed=fixed))
+            target = max(0, e.journal_bound - newest)
+            budgets.append(Budget(target=target, cap=cap, fixed=fixed, grain=grain))
         answer = plan(cands, now_ns, self.policy, budgets) if cands else None
         if answer is not None:
             self.tiers.update(answer.keep)
@@ -156,7 +168,7 @@ class Retainer:
         for d, engine in enumerate(engines):
             keep = disk_keep(per_disk[d], points, d, answer)
             bound = engine.journal_bound
-            dropped, merged = engine.points.apply_retention(keep, bound=bound, cap=budgets[d].cap)
+            dropped, merged = engine.points.apply_retention(keep, bound=bound, grain=grains[d])
             journal = engine.points.journal_bytes()
             if dropped or merged:
                 _log.info(

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from broker.undo import cover_bytes
+
 PointKey = tuple[int, int]
 
 
@@ -67,6 +69,9 @@ class Candidate:
     pinned: bool
     costs: tuple[int, ...]
     """Per disk: undo bytes of the segments from this point up to the next newer point."""
+    cover: tuple[int, ...] = ()
+    """Per disk: the grains those segments hold undo for (:meth:`UndoSegment.coverage`), so
+    that a merged run is estimated by what it covers, not by the sum of its parts."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,8 @@ class Budget:
     target: int
     cap: int
     fixed: int = 0
+    grain: int = 0
+    """Bytes per coverage grain (0: the candidates carry no coverage)."""
 
 
 @dataclass(frozen=True)
@@ -135,28 +142,46 @@ def policy_keep(
     return keep
 
 
+def run_costs(
+    points: Sequence[Candidate],
+    kept: set[PointKey] | dict[PointKey, str],
+    budgets: Sequence[Budget],
+) -> list[list[int]]:
+    """Per disk, the most each run costs once merged: one run per kept point, oldest first,
+    from it up to the next kept point (points before the oldest kept one are dropped)."""
+    ordered = sorted(points, key=lambda p: p.key)
+    out: list[list[int]] = []
+    for d, budget in enumerate(budgets):
+        runs: list[int] = []
+        total = cover = 0
+        started = False
+        for p in ordered:
+            if p.key in kept:
+                if started:
+                    runs.append(_run_cost(total, cover, budget))
+                started, total, cover = True, 0, 0
+            if started:
+                total += p.costs[d]
+                cover |= p.cover[d] if p.cover else 0
+        if started:
+            runs.append(_run_cost(total, cover, budget))
+        out.append(runs)
+    return out
+
+
+def _run_cost(total: int, cover: int, budget: Budget) -> int:
+    cost = min(total, budget.cap)
+    return min(cost, cover_bytes(cover, budget.grain)) if budget.grain else cost
+
+
 def estimate(
     points: Sequence[Candidate],
     kept: set[PointKey] | dict[PointKey, str],
     budgets: Sequence[Budget],
 ) -> tuple[int, ...]:
     """Per disk, the most the kept points cost once retention has dropped and merged."""
-    ordered = sorted(points, key=lambda p: p.key)
-    out = []
-    for d, budget in enumerate(budgets):
-        total = budget.fixed
-        run = -1  # -1: before the oldest kept point (dropped)
-        for p in ordered:
-            if p.key in kept:
-                if run >= 0:
-                    total += min(run, budget.cap)
-                run = 0
-            if run >= 0:
-                run += p.costs[d]
-        if run >= 0:
-            total += min(run, budget.cap)
-        out.append(total)
-    return tuple(out)
+    runs = run_costs(points, kept, budgets)
+    return tuple(b.fixed + sum(r) for b, r in zip(budgets, runs, strict=True))
 
 
 def _fits(est: Sequence[int], budgets: Sequence[Budget]) -> bool:
@@ -177,12 +202,22 @@ def plan(
         est = estimate(points, keep, budgets)
         if _fits(est, budgets):
             return Plan(keep, "thinned", est, tuple(False for _ in budgets))
+    # Drop the oldest kept points; one with no pin before it takes its whole run along.
     keep = dict(keep)
-    for p in sorted(points, key=lambda c: c.key):
-        if _fits(est, budgets):
+    runs = run_costs(points, keep, budgets)
+    totals = [b.fixed + sum(r) for b, r in zip(budgets, runs, strict=True)]
+    while not _fits(totals, budgets):
+        order = sorted(keep)
+        victim = next((k for k in order if keep[k] != "pinned"), None)
+        if victim is None:
             break
-        if p.key in keep and keep[p.key] != "pinned":
-            del keep[p.key]
-            est = estimate(points, keep, budgets)
+        del keep[victim]
+        if victim == order[0]:
+            for d, disk_runs in enumerate(runs):
+                totals[d] -= disk_runs.pop(0)
+        else:  # its run joins an older pinned point's run
+            runs = run_costs(points, keep, budgets)
+            totals = [b.fixed + sum(r) for b, r in zip(budgets, runs, strict=True)]
+    est = tuple(totals)
     over = tuple(e > b.target for e, b in zip(est, budgets, strict=True))
     return Plan(keep, "dropped", est, over)

@@ -232,6 +232,19 @@ class UndoSegment:
         self.size_bytes = size_bytes
         self._file = SegmentFile(path, size_bytes)
         self._finalizer = weakref.finalize(self, _finalize_file, self._file)
+        self._coverage: tuple[int, int] | None = None  # (grain, bitset)
+
+    def coverage(self, grain: int) -> int:
+        """The grains of the disk this segment holds undo for, one byte per grain (0 or 1) in an
+        int: ORing those of a run gives what a merge of it covers (see :func:`cover_bytes`)."""
+        if self._coverage is None or self._coverage[0] != grain:
+            top = max((e[1] for e in self.entries), default=0)
+            marks = bytearray((top + grain - 1) // grain)
+            for start, end, _src, _off, _kind in self.entries:
+                first, last = start // grain, (end + grain - 1) // grain
+                marks[first:last] = b"\x01" * (last - first)
+            self._coverage = (grain, int.from_bytes(marks, "little"))
+        return self._coverage[1]
 
     def __repr__(self) -> str:
         return f"UndoSegment({self.path.name})"
@@ -388,3 +401,11 @@ def undo_size_bound(ranges: Sequence[tuple[int, int]]) -> int:
     finest hole/data alternation a file system gives) and per range, and meta plus footer."""
     data = sum(n for _o, n in ranges)
     return data + _ENTRY.size * (data // 4096 + 2 * len(ranges)) + 4096 + _FOOTER.size
+
+
+def cover_bytes(coverage: int, grain: int) -> int:
+    """The most a merged segment covering ``coverage`` (see :meth:`UndoSegment.coverage`) can
+    take: every covered grain as data, an index entry per covered or uncovered stretch (the
+    writer joins neighbouring data), meta and footer."""
+    stretches = (coverage ^ (coverage << 8)).bit_count() + 2
+    return coverage.bit_count() * grain + _ENTRY.size * stretches + 4096 + _FOOTER.size
