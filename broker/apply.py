@@ -186,8 +186,9 @@ class ReplicaEngine:
         self.points = PointsIndex(replica.points_dir)
         self.journal_bound = replica.meta.disk_size
         """Most bytes of recovery-point data (the service sets it from ``[retention]``)."""
-        self.pinned_over = 0
-        """Bytes the exports' pins kept over the bound at the last capture."""
+        self.over_bound = 0
+        """Bytes over the bound the last capture could not free: exports' pins, or a batch
+        whose undo alone is larger than the bound."""
         self.conditions: dict[str, Condition] = {}
         self._cond_lock = threading.Lock()
         self.ingest_lock = asyncio.Lock()
@@ -350,7 +351,7 @@ class ReplicaEngine:
         if seg is None:  # 2. undo, exactly once per batch, within the disk's bound
             ranges = entry.ranges()
             with self.points.room_for(undo_size_bound(ranges), self.journal_bound) as over:
-                self.pinned_over = over
+                self.over_bound = over
                 seg = self.points.capture(self._fd, ranges, base, top)
                 self.points.publish(seg)  # 3. views take the undo before the image changes
         else:

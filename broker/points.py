@@ -31,7 +31,7 @@ import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from broker.errors import StoreCorrupt, UnknownPoint
 from broker.fsutil import data_segments, pread_exact
@@ -235,6 +235,16 @@ class RWLock:
 # The per-replica index of segments
 
 
+MERGE_SHARE: Final = 8
+"""Captures leave this fraction (1/8) of a disk's bound free, so that thinning always has room
+to write a merged segment beside its parts without crossing the bound."""
+
+
+def capture_bound(bound: int) -> int:
+    """What captures may fill of a disk's bound (the rest is merge room)."""
+    return bound - bound // MERGE_SHARE
+
+
 class PointsIndex:
     """The undo segments of one replica, its open views, and the operations on them.
 
@@ -382,6 +392,7 @@ class PointsIndex:
         that room (counted in :meth:`journal_bytes`) while the caller captures and publishes.
         Yields how many bytes the exports' pins keep over the bound (0: it fits)."""
         over = 0
+        bound = capture_bound(bound)
         while (over := self.journal_bytes() + needed - bound) > 0:
             if not self.drop_oldest(reason="journal_bound"):
                 break
@@ -500,27 +511,45 @@ class PointsIndex:
                 else:
                     runs.append([seg])
         for run in runs:
-            if len(run) < 2:
-                continue
-            cover = 0
-            for seg in run:
-                cover |= seg.coverage(grain)
-            out = min(sum(s.size_bytes for s in run), cover_bytes(cover, grain))
+            merged += self._merge_in_room(run, bound, grain)
+        return dropped, merged
+
+    def _merge_in_room(self, run: list[UndoSegment], bound: int | None, grain: int) -> int:
+        """Merge ``run`` into one segment, a prefix at a time when the whole merge's output
+        would not fit within ``bound`` beside its parts (each merge frees room for the next).
+        Returns how many segments went."""
+        merged = 0
+        while len(run) > 1:
+            cover = size = 0
+            take = 0
             with self._mutex:
-                if bound is not None and self.journal_bytes() + out > bound:
-                    _log.info("undo_merge_deferred", file=run[0].path.name, parts=len(run))
-                    continue
+                room = bound - self.journal_bytes() if bound is not None else None
+            for seg in run:
+                nxt = cover | seg.coverage(grain)
+                out = min(size + seg.size_bytes, cover_bytes(nxt, grain))
+                if take >= 1 and room is not None and out > room:
+                    break
+                cover, size, take = nxt, size + seg.size_bytes, take + 1
+            out = min(size, cover_bytes(cover, grain))
+            if take < 2 or (room is not None and out > room):
+                _log.info("undo_merge_deferred", file=run[0].path.name, parts=len(run))
+                break
+            with self._mutex:
                 self._writing += out
             try:
-                merged += self._merge_run(run)
+                new = self._merge_run(run[:take])
             finally:
                 with self._mutex:
                     self._writing -= out
-        return dropped, merged
+            if new is None:
+                break
+            merged += take - 1
+            run = [new, *run[take:]]
+        return merged
 
-    def _merge_run(self, run: list[UndoSegment]) -> int:
-        """Replace consecutive segments by one (oldest undo wins per range); returns how many
-        segments went (0 when the applier dropped some of them for room meanwhile)."""
+    def _merge_run(self, run: list[UndoSegment]) -> UndoSegment | None:
+        """Replace consecutive segments by one (oldest undo wins per range); returns it (None
+        when the applier dropped some of them for room meanwhile)."""
         entries = merge_all([s.entries for s in run])
         writer = SegmentWriter(self.dir, run[0].first, run[-1].top.key)
         try:
@@ -543,7 +572,7 @@ class PointsIndex:
         with self._mutex:
             if any(seg not in self._segments for seg in run):
                 self._retire(new)
-                return 0
+                return None
             first_idx = self._segments.index(run[0])
             self._segments[first_idx : first_idx + len(run)] = [new]
             for seg in run:
@@ -554,7 +583,7 @@ class PointsIndex:
             parts=len(run),
             removed_points=[key_text(s.base.key) for s in run[1:]],
         )
-        return len(run) - 1
+        return new
 
     def drop_all(self) -> None:
         """Forget every segment (a full copy starts over; no listed point depends on them)."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.apply import ReplicaEngine
-from broker.points import Key, PointInfo, VMPoint, key_text, pair_by_cut
+from broker.points import Key, PointInfo, VMPoint, capture_bound, key_text, pair_by_cut
 from broker.tiers import Budget, Candidate, Plan, Tier, TierPolicy, plan, tier_of
 from broker.undo import undo_size_bound
 from common.config import BrokerConfig, journal_bound_bytes
@@ -105,7 +105,7 @@ class Verdict:
     bound: int
     journal_bytes: int
     degraded: str | None
-    pinned_over: int
+    over_bound: int
     churn_bps: float
     horizon_seconds: float
 
@@ -155,11 +155,14 @@ class Retainer:
         covers = [e.points.coverage(g) for e, g in zip(engines, grains, strict=True)]
         points, cands = candidates(per_disk, [e.points.pinned() for e in engines], covers)
         budgets = []
-        for e, infos, grain in zip(engines, per_disk, grains, strict=True):
-            newest = max((p.size_bytes for p in infos[:2]), default=0)  # the next capture's size
+        churn = [self._churn(e) for e in engines]
+        for e, grain, (_rate, since) in zip(engines, grains, churn, strict=True):
+            # Leave room for what the next interval brings (what this one brought, at most half
+            # the bound) so that thinning, not the applier's drops, makes the room.
             fixed = e.points.journal_bytes() - e.points.undo_bytes()
             cap = merged_cap(e.replica.meta.disk_size)
-            target = max(0, e.journal_bound - newest)
+            bound = capture_bound(e.journal_bound)
+            target = max(0, bound - min(since, bound // 2))
             budgets.append(Budget(target=target, cap=cap, fixed=fixed, grain=grain))
         answer = plan(cands, now_ns, self.policy, budgets) if cands else None
         if answer is not None:
@@ -186,19 +189,20 @@ class Retainer:
                     bound=bound,
                     journal_bytes=journal,
                     degraded=_degraded(answer, engine),
-                    pinned_over=max(engine.pinned_over, 0),
-                    churn_bps=self._churn(engine),
+                    over_bound=max(engine.over_bound, 0),
+                    churn_bps=churn[d][0],
                     horizon_seconds=self.policy.horizon_seconds,
                 )
             )
         return verdicts
 
-    def _churn(self, engine: ReplicaEngine) -> float:
+    def _churn(self, engine: ReplicaEngine) -> tuple[float, int]:
+        """Undo bytes per second captured since the last pass, and how many bytes."""
         key = engine.replica.key
         now, total = time.monotonic(), engine.points.captured_bytes
         then, before = self._captured.get(key, (now, total))
         self._captured[key] = (now, total)
-        return (total - before) / (now - then) if now > then else 0.0
+        return ((total - before) / (now - then) if now > then else 0.0), total - before
 
 
 def _degraded(answer: Plan | None, engine: ReplicaEngine) -> str | None:
@@ -227,18 +231,19 @@ def publish(verdicts: Sequence[Verdict], now_ns: int) -> None:
     hooks publish to MQTT from there)."""
     for v in verdicts:
         e = v.engine
-        if v.degraded is None and not v.pinned_over:
+        if v.degraded is None and not v.over_bound:
             e.clear_condition("journal_over_policy")
             continue
         oldest = e.points.oldest()
         age = (now_ns - oldest.cut_ns) / 1e9 if oldest is not None else 0.0
         held = f"{key_text(oldest.key)} ({age:.0f} s old)" if oldest is not None else "none"
         m = e.replica.meta
-        why = (
-            f"exports pin {v.pinned_over} bytes beyond it"
-            if v.pinned_over
-            else f"undo churn {v.churn_bps / 1e6:.1f} MB/s"
-        )
+        if v.over_bound and e.points.pinned():
+            why = f"exports pin {v.over_bound} bytes beyond it"
+        elif v.over_bound:
+            why = f"one batch's undo is {v.over_bound} bytes larger than it"
+        else:
+            why = f"undo churn {v.churn_bps / 1e6:.1f} MB/s"
         e.raise_condition(
             "journal_over_policy",
             "warning",
@@ -247,8 +252,7 @@ def publish(verdicts: Sequence[Verdict], now_ns: int) -> None:
             f"the oldest point held is {held}",
             fix="raise [retention] journal_bound (or the VM's [[vms]] journal_bound) and give "
             "the store the space, or keep fewer points; end exports nobody reads",
-            vm=m.vm_name,
-            disk=m.disk_id,
+            vm_name=m.vm_name,
             oldest_point=held,
             policy_seconds=v.horizon_seconds,
             churn_bytes_per_second=round(v.churn_bps),

@@ -188,36 +188,96 @@ def _fits(est: Sequence[int], budgets: Sequence[Budget]) -> bool:
     return all(e <= b.target for e, b in zip(est, budgets, strict=True))
 
 
+class _Runs:
+    """The kept points' runs, oldest first, with their costs per disk, updated as points go."""
+
+    def __init__(
+        self, points: Sequence[Candidate], kept: dict[PointKey, str], budgets: Sequence[Budget]
+    ) -> None:
+        self.budgets = budgets
+        self.keys: list[PointKey] = []
+        self.sums: list[list[int]] = []
+        self.covers: list[list[int]] = []
+        for p in sorted(points, key=lambda c: c.key):
+            if p.key in kept:
+                self.keys.append(p.key)
+                self.sums.append([0] * len(budgets))
+                self.covers.append([0] * len(budgets))
+            if self.keys:
+                for d in range(len(budgets)):
+                    self.sums[-1][d] += p.costs[d]
+                    self.covers[-1][d] |= p.cover[d] if p.cover else 0
+        self.costs = [self._cost(i) for i in range(len(self.keys))]
+        self.totals = [b.fixed + sum(c[d] for c in self.costs) for d, b in enumerate(budgets)]
+
+    def _cost(self, i: int) -> list[int]:
+        return [
+            _run_cost(self.sums[i][d], self.covers[i][d], b) for d, b in enumerate(self.budgets)
+        ]
+
+    def fits(self) -> bool:
+        return _fits(self.totals, self.budgets)
+
+    def merge_gain(self, key: PointKey) -> float:
+        """The share of the younger run's bytes that merging ``key`` into the run before it
+        saves (0 for the oldest kept point: it has nothing to merge into)."""
+        i = self.keys.index(key)
+        if i == 0:
+            return 0.0
+        before = sum(self.costs[i - 1]) + sum(self.costs[i])
+        merged = sum(
+            _run_cost(self.sums[i - 1][d] + self.sums[i][d], self.covers[i - 1][d] | c, b)
+            for d, (c, b) in enumerate(zip(self.covers[i], self.budgets, strict=True))
+        )
+        return (before - merged) / max(sum(self.costs[i]), 1)
+
+    def remove(self, key: PointKey) -> None:
+        """Give up ``key``: its run merges into the one before, or is dropped if it is first."""
+        i = self.keys.index(key)
+        for d in range(len(self.budgets)):
+            self.totals[d] -= self.costs[i][d]
+        if i > 0:
+            for d in range(len(self.budgets)):
+                self.totals[d] -= self.costs[i - 1][d]
+                self.sums[i - 1][d] += self.sums[i][d]
+                self.covers[i - 1][d] |= self.covers[i][d]
+            self.costs[i - 1] = self._cost(i - 1)
+            for d in range(len(self.budgets)):
+                self.totals[d] += self.costs[i - 1][d]
+        for column in (self.keys, self.sums, self.covers, self.costs):
+            del column[i]
+
+
+MIN_MERGE_GAIN: Final = 0.25
+"""Thinning merges a point away only if that saves this share of its run: merging runs that
+hardly overlap (random writes all over the disk) costs a rewrite and frees nothing."""
+
+
 def plan(
     points: Sequence[Candidate], now_ns: int, policy: TierPolicy, budgets: Sequence[Budget]
 ) -> Plan:
-    """Keep what the tiers ask for if it fits every disk's target; else thin the finest tiers
-    first, then drop the oldest points, and report the disks that pins alone keep over."""
+    """Keep what the tiers ask for if it fits every disk's target. Else thin: merge points of
+    the finest tier away, oldest first, where that saves bytes, then the next tier's; then drop
+    the oldest points. Reports the disks that pins alone keep over their target."""
     keep = policy_keep(points, now_ns, policy)
-    est = estimate(points, keep, budgets)
-    if _fits(est, budgets):
-        return Plan(keep, None, est, tuple(False for _ in budgets))
-    for level in range(1, len(policy.tiers)):
-        keep = policy_keep(points, now_ns, policy, coarsen=level)
-        est = estimate(points, keep, budgets)
-        if _fits(est, budgets):
-            return Plan(keep, "thinned", est, tuple(False for _ in budgets))
-    # Drop the oldest kept points; one with no pin before it takes its whole run along.
-    keep = dict(keep)
-    runs = run_costs(points, keep, budgets)
-    totals = [b.fixed + sum(r) for b, r in zip(budgets, runs, strict=True)]
-    while not _fits(totals, budgets):
-        order = sorted(keep)
-        victim = next((k for k in order if keep[k] != "pinned"), None)
-        if victim is None:
+    runs = _Runs(points, keep, budgets)
+    if runs.fits():
+        return Plan(keep, None, tuple(runs.totals), tuple(False for _ in budgets))
+    newest = max(keep)
+    for tier in policy.tiers:
+        for key in sorted(k for k, label in keep.items() if label == tier.name and k != newest):
+            if runs.fits():
+                break
+            if runs.merge_gain(key) >= MIN_MERGE_GAIN:
+                runs.remove(key)
+                del keep[key]
+    degraded = "thinned"
+    for key in sorted(keep):
+        if runs.fits():
             break
-        del keep[victim]
-        if victim == order[0]:
-            for d, disk_runs in enumerate(runs):
-                totals[d] -= disk_runs.pop(0)
-        else:  # its run joins an older pinned point's run
-            runs = run_costs(points, keep, budgets)
-            totals = [b.fixed + sum(r) for b, r in zip(budgets, runs, strict=True)]
-    est = tuple(totals)
-    over = tuple(e > b.target for e, b in zip(est, budgets, strict=True))
-    return Plan(keep, "dropped", est, over)
+        if keep[key] != "pinned":
+            runs.remove(key)
+            del keep[key]
+            degraded = "dropped"
+    over = tuple(t > b.target for t, b in zip(runs.totals, budgets, strict=True))
+    return Plan(keep, degraded, tuple(runs.totals), over)
