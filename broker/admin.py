@@ -296,12 +296,19 @@ def points(ctx: click.Context, vm: str, as_json: bool) -> None:
         _emit_json(doc)
         return
     table = Table(title=f"Recovery points of {doc['vm']} ({doc.get('uuid', '')})")
-    for col in ("ID", "TIME", "KIND", "SIZE"):
+    for col in ("ID", "TIME", "KIND", "TIER", "SIZE"):
         table.add_column(col)
     for p in doc["points"]:
         kind = Text(p["kind"], style="bold green" if p["kind"] == "app" else "")
-        table.add_row(p["id"], _when(p["time"]), kind, _size(p["size_bytes"]))
-    Console().print(table)
+        table.add_row(p["id"], _when(p["time"]), kind, p.get("tier", ""), _size(p["size_bytes"]))
+    console = Console()
+    console.print(table)
+    for j in doc.get("journal", []):  # each disk's recovery-point data against its bound
+        console.print(
+            f"{j['disk']}: journal {_size(j['bytes'])} of {_size(j['bound_bytes'])} bound "
+            f"(disk {_size(j['disk_bytes'])}), oldest point {j['oldest_point'] or '-'} "
+            f"{_when(j['oldest_time'])}"
+        )
 
 
 # --------------------------------------------------------------------------------------------

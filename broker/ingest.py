@@ -46,6 +46,7 @@ from broker.points import (
     parse_cut,
     parse_key,
 )
+from broker.retention import journal_json
 from broker.store import Replica
 from common.config import NAME_PATTERN
 from common.hrl import BATCH_CONTENT_TYPE
@@ -711,6 +712,7 @@ def _disk_json(service: BrokerService, replica: Replica) -> dict[str, Any]:
         **state_json(service, replica),
         "backlog": engine.backlog(),
         "undo_bytes": engine.points.undo_bytes(),
+        "journal": journal_json(engine),
         "replica_image": str(replica.image),
         "last_cut": state.cut_ns / 1e9 if state.cut_ns else None,
         "conditions": [
@@ -775,7 +777,9 @@ def _vm_points(service: BrokerService, replicas: list[Replica]) -> list[VMPoint]
 def vm_point_list(service: BrokerService, replicas: list[Replica]) -> list[dict[str, Any]]:
     """A VM's points, newest first: the cuts every disk of it has (never a join of seqs)."""
     disk_ids = [r.meta.disk_id for r in replicas]
-    return [p.to_json(disk_ids) for p in _vm_points(service, replicas)]
+    now = time.time_ns()
+    tier = service.retainer.tier_label
+    return [{**p.to_json(disk_ids), "tier": tier(p, now)} for p in _vm_points(service, replicas)]
 
 
 def resolve_vm_point(
@@ -847,6 +851,7 @@ async def vm_points(request: web.Request) -> web.Response:
             "vm": replicas[0].meta.vm_name,
             "uuid": replicas[0].meta.vm_uuid,
             "points": vm_point_list(service, replicas),
+            "journal": [journal_json(service.engine_for(r)) for r in replicas],
         }
     )
 

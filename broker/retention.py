@@ -234,7 +234,8 @@ def publish(verdicts: Sequence[Verdict], now_ns: int) -> None:
         if v.degraded is None and not v.over_bound:
             e.clear_condition("journal_over_policy")
             continue
-        oldest = e.points.oldest()
+        listed = e.points.points(e.state())
+        oldest = listed[-1].state if listed else None
         age = (now_ns - oldest.cut_ns) / 1e9 if oldest is not None else 0.0
         held = f"{key_text(oldest.key)} ({age:.0f} s old)" if oldest is not None else "none"
         m = e.replica.meta
@@ -259,6 +260,21 @@ def publish(verdicts: Sequence[Verdict], now_ns: int) -> None:
             journal_bytes=v.journal_bytes,
             bound_bytes=v.bound,
         )
+
+
+def journal_json(engine: ReplicaEngine) -> dict[str, Any]:
+    """One disk's recovery-point data as status and ``points`` show it."""
+    listed = engine.points.points(engine.state())
+    oldest = listed[-1].state if listed else None
+    m = engine.replica.meta
+    return {
+        "disk": m.disk_id,
+        "bytes": engine.points.journal_bytes(),
+        "bound_bytes": engine.journal_bound,
+        "disk_bytes": m.disk_size,
+        "oldest_point": key_text(oldest.key) if oldest is not None else None,
+        "oldest_time": oldest.cut_ns / 1e9 if oldest is not None and oldest.cut_ns else None,
+    }
 
 
 def free_store_space(
