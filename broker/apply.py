@@ -352,7 +352,10 @@ class ReplicaEngine:
             ranges = entry.ranges()
             with self.points.room_for(undo_size_bound(ranges), self.journal_bound) as over:
                 self.over_bound = over
-                seg = self.points.capture(self._fd, ranges, base, top)
+                if over and not self.points.pinned():  # this batch's undo alone is too big
+                    seg = self.points.capture_marker(base, top)
+                else:
+                    seg = self.points.capture(self._fd, ranges, base, top)
                 self.points.publish(seg)  # 3. views take the undo before the image changes
         else:
             # A crash came after the capture: the image may hold part of this batch already.

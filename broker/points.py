@@ -25,6 +25,7 @@ which size bound: :mod:`broker.tiers`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import weakref
@@ -40,6 +41,7 @@ from broker.undo import (
     _READ_CHUNK,
     KIND_DATA,
     Entry,
+    RWLock,
     SegmentFile,
     SegmentWriter,
     UndoSegment,
@@ -189,46 +191,6 @@ def pair_by_cut(per_disk: Sequence[Iterable[PointInfo]]) -> list[VMPoint]:
         return []
     common = set(maps[0]).intersection(*maps[1:])
     return [VMPoint(cut, tuple(m[cut] for m in maps)) for cut in sorted(common, reverse=True)]
-
-
-# --------------------------------------------------------------------------------------------
-# Reader/writer lock
-
-
-class RWLock:
-    """Many readers or one writer; the applier's publish step is the (brief) writer."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-
-    def acquire_read(self) -> None:
-        """Wait until no writer holds the lock, then join the readers."""
-        with self._cond:
-            while self._writer:
-                self._cond.wait()
-            self._readers += 1
-
-    def release_read(self) -> None:
-        """Leave the readers."""
-        with self._cond:
-            self._readers -= 1
-            if self._readers == 0:
-                self._cond.notify_all()
-
-    def acquire_write(self) -> None:
-        """Wait until nobody holds the lock, then hold it alone."""
-        with self._cond:
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._writer = True
-
-    def release_write(self) -> None:
-        """Release the exclusive hold."""
-        with self._cond:
-            self._writer = False
-            self._cond.notify_all()
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,6 +367,14 @@ class PointsIndex:
                 self._writing -= needed
 
     # -- capture and publish (the applier)
+    def capture_marker(self, base: StateInfo, top: StateInfo) -> UndoSegment:
+        """An empty undo segment for batch ``top`` whose base is no point: for a batch whose
+        undo alone is larger than the bound (nothing older is kept then). It marks the batch
+        as captured, so that a replay after a crash never saves half-applied bytes as the
+        base's contents."""
+        # Hidden like the middle of a full copy: never listed, never opened as a point.
+        return self.capture(-1, [], dataclasses.replace(base, full=True), top)
+
     def capture(
         self,
         image_fd: int,

@@ -90,6 +90,46 @@ class StateInfo:
 
 
 # --------------------------------------------------------------------------------------------
+# Reader/writer lock (views read segments while the applier publishes new ones)
+
+
+class RWLock:
+    """Many readers or one writer; the applier's publish step is the (brief) writer."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    def acquire_read(self) -> None:
+        """Wait until no writer holds the lock, then join the readers."""
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+
+    def release_read(self) -> None:
+        """Leave the readers."""
+        with self._cond:
+            self._readers -= 1
+            if self._readers == 0:
+                self._cond.notify_all()
+
+    def acquire_write(self) -> None:
+        """Wait until nobody holds the lock, then hold it alone."""
+        with self._cond:
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writer = True
+
+    def release_write(self) -> None:
+        """Release the exclusive hold."""
+        with self._cond:
+            self._writer = False
+            self._cond.notify_all()
+
+
+# --------------------------------------------------------------------------------------------
 # Interval arithmetic over overlay entries
 
 
