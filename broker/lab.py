@@ -206,7 +206,7 @@ def write_lab_files(plan: LabPlan) -> dict[str, Any]:
         f"min_free_bytes = {64 << 20}\n\n"
         + _tls_section(broker_cert.tls)
         + f'\n[mqtt]\nurl = "{plan.mqtt_url}"\ntls = true\n\n[authorization]\nmode = "listed"\n'
-        f'agents = ["{AGENT_HOST}"]\n'
+        f'agents = ["{AGENT_HOST}"]\n\n[retention]\njournal_bound = "100%"\n'
     )
     (root / "admin.toml").write_text(
         f'[admin]\nbrokers = ["{plan.broker_url}"]\nagents = ["{plan.agent_control_socket}"]\n\n'
