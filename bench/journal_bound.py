@@ -12,8 +12,8 @@ of 100,000 %, never reached). Every second the bench adds up the replica's ``poi
 Reported per phase: recovery-point bytes ÷ disk bytes (peak of the 1 s samples, and at the end),
 replication lag (write-to-replica bound per loaded cycle, as bench/broker_lag.py defines it),
 the age of the oldest point held at the end, the broker's CPU during the load (what the bound's
-drops, merges and retention passes add shows as the difference), and the merges and drops the
-broker logged. ``--quick``: 60 s per phase.
+drops, merges and retention passes add shows as the difference), and the journal alerts the
+broker raised (its log keeps warnings and errors). ``--quick``: 60 s per phase.
 """
 
 from __future__ import annotations
@@ -146,8 +146,7 @@ def phase(
         "oldest_point_age_s": oldest_age,
         "broker_cpu_pct": 100 * cpu / load_s,
         "fio_iops": fio["iops"],
-        "undo_merged": events(broker.log, "undo_merged"),
-        "undo_dropped": events(broker.log, "undo_dropped"),
+        "alerts": events(broker.log, "replica_alert"),
     }
     shutil.rmtree(broker.store, ignore_errors=True)  # the unbounded store can be large
     return out
@@ -173,7 +172,7 @@ def run(args: argparse.Namespace) -> None:
                 f"p99 {r['lag_p99_s']:.2f} max {r['lag_max_s']:.2f} s over {r['cycles']} cycles; "
                 f"oldest point {r['oldest_point_age_s']:.0f} s old, {r['points_at_end']} points; "
                 f"broker CPU {r['broker_cpu_pct']:.0f} %; fio {r['fio_iops']:.0f} IOPS; "
-                f"merged {r['undo_merged']}, dropped {r['undo_dropped']}",
+                f"journal alerts {r['alerts']}",
                 flush=True,
             )
         saved = save_result(

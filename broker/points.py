@@ -223,8 +223,9 @@ class PointsIndex:
         self._pins: dict[Key, int] = {}
         self._held: list[SegmentFile] = []  # retired files an open view still reads
         self._writing = 0  # bytes reserved for a merge being written
-        self.captured_bytes = 0
-        """Undo bytes captured since start: the churn that fills the bound."""
+        self.churn_bytes = 0
+        """Undo bytes the applied batches asked room for since start: the churn against the
+        bound (a batch too big for it still counts)."""
         self._forced_drops = 0  # points dropped for room (bound, store low), not by policy
 
     # -- loading
@@ -360,6 +361,7 @@ class PointsIndex:
                 break
         with self._mutex:
             self._writing += needed
+            self.churn_bytes += needed
         try:
             yield max(over, 0)
         finally:
@@ -407,7 +409,6 @@ class PointsIndex:
         seg = UndoSegment.load(path)
         if seg is None:  # pragma: no cover - we just wrote and fsynced it
             raise StoreCorrupt(f"undo segment {path} unreadable right after writing it")
-        self.captured_bytes += seg.size_bytes
         return seg
 
     def publish(self, seg: UndoSegment) -> None:

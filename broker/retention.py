@@ -199,7 +199,7 @@ class Retainer:
     def _churn(self, engine: ReplicaEngine) -> tuple[float, int]:
         """Undo bytes per second captured since the last pass, and how many bytes."""
         key = engine.replica.key
-        now, total = time.monotonic(), engine.points.captured_bytes
+        now, total = time.monotonic(), engine.points.churn_bytes
         then, before = self._captured.get(key, (now, total))
         self._captured[key] = (now, total)
         return ((total - before) / (now - then) if now > then else 0.0), total - before
@@ -242,7 +242,7 @@ def publish(verdicts: Sequence[Verdict], now_ns: int) -> None:
         if v.over_bound and e.points.pinned():
             why = f"exports pin {v.over_bound} bytes beyond it"
         elif v.over_bound:
-            why = f"one batch's undo is {v.over_bound} bytes larger than it"
+            why = f"one batch's undo alone needs {v.over_bound} bytes more than it leaves"
         else:
             why = f"undo churn {v.churn_bps / 1e6:.1f} MB/s"
         e.raise_condition(
