@@ -1,13 +1,16 @@
 """Recovery-point data under unthrottled random writes: the journal bound on vs off.
 
     .venv/bin/python bench/journal_bound.py [--quick] [--size-mib 256] [--seconds 300]
-                                            [--interval 1] [--bs 4k] [--dir DIR] [--keep]
+                                            [--interval 1] [--bs 4k] [--hot-mib N]
+                                            [--only on|off|both] [--dir DIR] [--keep]
 
 One random 256 MiB image; a real `replikant broker run` and `replikant agent run` (policy
 interval ``--interval``); after the initial sync, fio writes ``--bs`` random blocks to the
 agent's NBD export as fast as it can (nbd engine, iodepth 4, fresh buffers) for ``--seconds``,
 twice: with ``[retention] journal_bound = "100%"`` (the default) and with the bound off (a bound
-of 100,000 %, never reached). Every second the bench adds up the replica's ``points/`` folder.
+of 100,000 %, never reached); ``--hot-mib N`` confines the writes to the first N MiB (a guest
+that rewrites the same data, where merging pays). Every second the bench adds up the replica's
+``points/`` folder.
 
 Reported per phase: recovery-point bytes ÷ disk bytes (peak of the 1 s samples, and at the end),
 replication lag (write-to-replica bound per loaded cycle, as bench/broker_lag.py defines it),
@@ -110,7 +113,8 @@ def phase(
         cpu0 = proc_cpu(broker.proc.pid)
         start_ns = time.time_ns()
         options = ["--rw=randwrite", f"--bs={args.bs}", "--iodepth=4", "--refill_buffers"]
-        fio = run_fio(agent.nbd_uri(disk), "journal", args.size, args.seconds, options)
+        region = args.hot_mib * MiB if args.hot_mib else args.size
+        fio = run_fio(agent.nbd_uri(disk), "journal", region, args.seconds, options)
         end_ns = time.time_ns()
         cpu = proc_cpu(broker.proc.pid) - cpu0
 
@@ -163,7 +167,7 @@ def run(args: argparse.Namespace) -> None:
         fast_random_file(source, args.size)
         pki = make_pki(work / "pki")
         results = []
-        for bound in ("on", "off"):
+        for bound in ("on", "off") if args.only == "both" else (args.only,):
             r = phase(work, pki, source, bound, args)
             results.append(r)
             print(
@@ -178,7 +182,7 @@ def run(args: argparse.Namespace) -> None:
         saved = save_result(
             "journal_bound",
             {"size_bytes": args.size, "seconds": args.seconds, "bs": args.bs,
-             "interval": args.interval, "phases": results},
+             "hot_mib": args.hot_mib, "interval": args.interval, "phases": results},
         )  # fmt: skip
         print(f"results: {saved}")
     finally:
@@ -193,6 +197,10 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=1.0, help="the policy's cycle")
     parser.add_argument("--bs", default="4k", help="fio block size")
     parser.add_argument("--quick", action="store_true", help="60 s per phase")
+    parser.add_argument(
+        "--hot-mib", type=int, default=0, help="write only the first N MiB (default: all)"
+    )
+    parser.add_argument("--only", choices=("on", "off", "both"), default="both")
     parser.add_argument("--dir", default="/var/tmp/replikant-bench-journal")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()

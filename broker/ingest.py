@@ -777,9 +777,11 @@ def _vm_points(service: BrokerService, replicas: list[Replica]) -> list[VMPoint]
 def vm_point_list(service: BrokerService, replicas: list[Replica]) -> list[dict[str, Any]]:
     """A VM's points, newest first: the cuts every disk of it has (never a join of seqs)."""
     disk_ids = [r.meta.disk_id for r in replicas]
-    now = time.time_ns()
+    now, vm = time.time_ns(), replicas[0].meta.vm_uuid
     tier = service.retainer.tier_label
-    return [{**p.to_json(disk_ids), "tier": tier(p, now)} for p in _vm_points(service, replicas)]
+    return [
+        {**p.to_json(disk_ids), "tier": tier(vm, p, now)} for p in _vm_points(service, replicas)
+    ]
 
 
 def resolve_vm_point(

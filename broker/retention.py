@@ -117,8 +117,8 @@ class Retainer:
         self.config = config
         self.policy = tier_policy(config)
         self.last_pass = 0.0
-        self.tiers: dict[tuple[int, int], str] = {}
-        """The tier that kept each VM point at the last pass (for display)."""
+        self.tiers: dict[tuple[str, tuple[int, int]], str] = {}
+        """The tier that kept each VM point (by VM uuid and cut) at the last pass."""
         self._captured: dict[tuple[str, str], tuple[float, int]] = {}
 
     def configure(self, engine: ReplicaEngine) -> None:
@@ -126,9 +126,9 @@ class Retainer:
         m = engine.replica.meta
         engine.journal_bound = bound_for(self.config, m.vm_uuid, m.disk_size)
 
-    def tier_label(self, point: VMPoint, now_ns: int) -> str:
+    def tier_label(self, vm_uuid: str, point: VMPoint, now_ns: int) -> str:
         """The tier of a VM point: the last pass's answer, or by age for newer points."""
-        label = self.tiers.get(point.cut)
+        label = self.tiers.get((vm_uuid, point.cut))
         if label is not None:
             return label
         t = tier_of((now_ns - point.cut_ns) / 1e9, self.policy)
@@ -145,11 +145,18 @@ class Retainer:
         for engine in engines:
             by_vm.setdefault(engine.replica.meta.vm_uuid, []).append(engine)
         verdicts: list[Verdict] = []
+        tiers: dict[tuple[str, tuple[int, int]], str] = {}
         for vm_engines in by_vm.values():
-            verdicts.extend(self._run_vm(vm_engines, now_ns))
+            verdicts.extend(self._run_vm(vm_engines, now_ns, tiers))
+        self.tiers = tiers
         return verdicts
 
-    def _run_vm(self, engines: list[ReplicaEngine], now_ns: int) -> list[Verdict]:
+    def _run_vm(
+        self,
+        engines: list[ReplicaEngine],
+        now_ns: int,
+        tiers: dict[tuple[str, tuple[int, int]], str],
+    ) -> list[Verdict]:
         per_disk = [e.points.points(e.state(), include_hidden=True) for e in engines]
         grains = [grain_for(e.replica.meta.disk_size) for e in engines]
         covers = [e.points.coverage(g) for e, g in zip(engines, grains, strict=True)]
@@ -166,7 +173,8 @@ class Retainer:
             budgets.append(Budget(target=target, cap=cap, fixed=fixed, grain=grain))
         answer = plan(cands, now_ns, self.policy, budgets) if cands else None
         if answer is not None:
-            self.tiers.update(answer.keep)
+            vm = engines[0].replica.meta.vm_uuid
+            tiers.update(((vm, cut), label) for cut, label in answer.keep.items())
         verdicts = []
         for d, engine in enumerate(engines):
             keep = disk_keep(per_disk[d], points, d, answer)
