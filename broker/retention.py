@@ -164,12 +164,12 @@ class Retainer:
         budgets = []
         churn = [self._churn(e) for e in engines]
         for e, grain, (_rate, since) in zip(engines, grains, churn, strict=True):
-            # Leave room for what the next interval brings (what this one brought, at most half
-            # the bound) so that thinning, not the applier's drops, makes the room.
+            # Leave room for twice what the last interval brought (at most half the bound): the
+            # next pass may come late, and thinning, not the applier's drops, should make room.
             fixed = e.points.journal_bytes() - e.points.undo_bytes()
             cap = merged_cap(e.replica.meta.disk_size)
             bound = capture_bound(e.journal_bound)
-            target = max(0, bound - min(since, bound // 2))
+            target = max(0, bound - min(2 * since, bound // 2))
             budgets.append(Budget(target=target, cap=cap, fixed=fixed, grain=grain))
         answer = plan(cands, now_ns, self.policy, budgets) if cands else None
         if answer is not None:

@@ -61,7 +61,7 @@ from common.tls import Identity, MutualTLSSite, client_context, server_context
 _log = get_logger("broker.service")
 
 RETENTION_INTERVAL: Final = 30.0
-PRESSURE_PASS_INTERVAL: Final = 5.0
+PRESSURE_PASS_INTERVAL: Final = 2.0
 """Seconds between retention passes while some disk's points fill most of its bound."""
 READ_BUFSIZE: Final = 4 * 1024 * 1024
 
