@@ -164,13 +164,15 @@ class Retainer:
         budgets = []
         churn = [self._churn(e) for e in engines]
         for e, grain, (_rate, since) in zip(engines, grains, churn, strict=True):
-            # Leave room for twice what the last interval brought (at most half the bound): the
-            # next pass may come late, and thinning, not the applier's drops, should make room.
+            # Thin ahead by twice what the last interval brought (at most half the bound): the
+            # next pass may come late, and merging, not the applier's drops, should make room.
+            # Drop only what is over the bound now: the applier drops for room itself, and
+            # dropping ahead would lose points a quiet guest never needs to give up.
             fixed = e.points.journal_bytes() - e.points.undo_bytes()
             cap = merged_cap(e.replica.meta.disk_size)
             bound = capture_bound(e.journal_bound)
             target = max(0, bound - min(2 * since, bound // 2))
-            budgets.append(Budget(target=target, cap=cap, fixed=fixed, grain=grain))
+            budgets.append(Budget(target=target, cap=cap, fixed=fixed, grain=grain, limit=bound))
         answer = plan(cands, now_ns, self.policy, budgets) if cands else None
         if answer is not None:
             vm = engines[0].replica.meta.vm_uuid

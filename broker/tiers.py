@@ -84,6 +84,14 @@ class Budget:
     fixed: int = 0
     grain: int = 0
     """Bytes per coverage grain (0: the candidates carry no coverage)."""
+    limit: int | None = None
+    """Where dropping stops (default ``target``): thinning may aim lower than dropping, to make
+    room ahead by merging, without giving up points the bound does not force out yet."""
+
+    @property
+    def drop_to(self) -> int:
+        """The estimate at which dropping stops."""
+        return self.target if self.limit is None else self.limit
 
 
 @dataclass(frozen=True)
@@ -215,8 +223,12 @@ class _Runs:
             _run_cost(self.sums[i][d], self.covers[i][d], b) for d, b in enumerate(self.budgets)
         ]
 
-    def fits(self) -> bool:
-        return _fits(self.totals, self.budgets)
+    def fits(self, *, drop: bool = False) -> bool:
+        """Every disk's total is within its target (``drop``: within where dropping stops)."""
+        return all(
+            t <= (b.drop_to if drop else b.target)
+            for t, b in zip(self.totals, self.budgets, strict=True)
+        )
 
     def merge_gain(self, key: PointKey) -> float:
         """The share of the younger run's bytes that merging ``key`` into the run before it
@@ -258,11 +270,13 @@ def plan(
 ) -> Plan:
     """Keep what the tiers ask for if it fits every disk's target. Else thin: merge points of
     the finest tier away, oldest first, where that saves bytes, then the next tier's; then drop
-    the oldest points. Reports the disks that pins alone keep over their target."""
+    the oldest points until it fits where dropping stops (``Budget.limit``). Reports the disks
+    that pins alone keep over that."""
     keep = policy_keep(points, now_ns, policy)
     runs = _Runs(points, keep, budgets)
     if runs.fits():
         return Plan(keep, None, tuple(runs.totals), tuple(False for _ in budgets))
+    degraded: str | None = None
     newest = max(keep)
     for tier in policy.tiers:
         for key in sorted(k for k, label in keep.items() if label == tier.name and k != newest):
@@ -271,13 +285,13 @@ def plan(
             if runs.merge_gain(key) >= MIN_MERGE_GAIN:
                 runs.remove(key)
                 del keep[key]
-    degraded = "thinned"
+                degraded = "thinned"
     for key in sorted(keep):
-        if runs.fits():
+        if runs.fits(drop=True):
             break
         if keep[key] != "pinned":
             runs.remove(key)
             del keep[key]
             degraded = "dropped"
-    over = tuple(t > b.target for t, b in zip(runs.totals, budgets, strict=True))
+    over = tuple(t > b.drop_to for t, b in zip(runs.totals, budgets, strict=True))
     return Plan(keep, degraded, tuple(runs.totals), over)

@@ -49,7 +49,10 @@ def scenarios(draw: st.DrawFn) -> tuple[list[Candidate], list[Budget]]:
     grain = draw(st.sampled_from([0, 512, 4096]))
     budgets = [
         Budget(
-            target=draw(st.integers(0, 2_000_000)), cap=draw(st.integers(1, 500_000)), grain=grain
+            target=(target := draw(st.integers(0, 2_000_000))),
+            cap=draw(st.integers(1, 500_000)),
+            grain=grain,
+            limit=draw(st.one_of(st.none(), st.integers(target, 3_000_000))),
         )
         for _ in range(disks)
     ]
@@ -59,8 +62,8 @@ def scenarios(draw: st.DrawFn) -> tuple[list[Candidate], list[Budget]]:
 @settings(max_examples=300, deadline=None)
 @given(scenarios())
 def test_plan_keeps_pins_and_fits_or_says_why(case: tuple[list[Candidate], list[Budget]]) -> None:
-    """Pins always stay; a plan that is not over fits every disk's target; over means only pins
-    are left; the estimate never exceeds the parts or the cap per run."""
+    """Pins always stay; a plan that is not over fits where every disk's dropping stops; over
+    means only pins are left; the estimate never exceeds the parts or the cap per run."""
     points, budgets = case
     answer = plan(points, NOW, POLICY, budgets)
     assert {p.key for p in points if p.pinned} <= set(answer.keep)
@@ -69,7 +72,7 @@ def test_plan_keeps_pins_and_fits_or_says_why(case: tuple[list[Candidate], list[
         if answer.over[d]:
             assert all(p.pinned for p in points if p.key in answer.keep)
         else:
-            assert answer.estimate[d] <= budget.target
+            assert answer.estimate[d] <= budget.drop_to
         runs = sum(1 for p in points if p.key in answer.keep)
         assert answer.estimate[d] <= min(sum(p.costs[d] for p in points), runs * budget.cap)
         if budget.grain:  # a merged run never costs more than what it covers
