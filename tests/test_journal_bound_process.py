@@ -135,6 +135,14 @@ async def test_recovery_points_never_cross_the_bound_under_churn(tmp_path: Path)
         assert journal["bytes"] <= SIZE
         assert len(doc["points"]) >= 2, "the bound left no older point at all"
         assert broker.events("undo_dropped"), "the bound never had to act"
+        human = await asyncio.create_subprocess_exec(
+            replikant_exe(), "--config", str(admin), "points", "vm1",
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        text = (await human.communicate())[0].decode()
+        assert "TIER" in text
+        assert "disk0: journal" in text
+        assert "16.0 MiB bound" in text
     finally:
         agent.stop()
         broker.stop()
