@@ -116,7 +116,9 @@ class Retainer:
     def __init__(self, config: BrokerConfig) -> None:
         self.config = config
         self.policy = tier_policy(config)
-        self.last_pass = 0.0
+        self.last_pass = time.monotonic()
+        """When the last pass ran (monotonic): the first comes one interval after start, as
+        before tiers, or sooner under pressure."""
         self.tiers: dict[tuple[str, tuple[int, int]], str] = {}
         """The tier that kept each VM point (by VM uuid and cut) at the last pass."""
         self._captured: dict[tuple[str, str], tuple[float, int]] = {}
