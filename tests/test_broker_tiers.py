@@ -113,7 +113,10 @@ def test_policy_windows_keep_every_minute_hour_and_day() -> None:
     keep = policy_keep(points, NOW, POLICY)
     by_age = {p.key: (NOW - p.cut_ns) // S for p in points}
     assert all(k in keep for k, a in by_age.items() if a <= 600)
-    in_tier = lambda lo, hi: [k for k in keep if lo < by_age[k] <= hi and keep[k] != "app"]  # noqa: E731
+
+    def in_tier(lo: int, hi: int) -> list[tuple[int, int]]:
+        return [k for k in keep if lo < by_age[k] <= hi and keep[k] != "app"]
+
     assert 105 <= len(in_tier(600, 7200)) <= 111  # one per clock minute of 110 minutes
     assert 45 <= len(in_tier(7200, 2 * 86400)) <= 47  # one per clock hour
     assert 27 <= len(in_tier(2 * 86400, 30 * 86400)) <= 29  # one per clock day
