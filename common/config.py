@@ -264,10 +264,43 @@ class Authorization(_Strict):
     agents: list[Name] = Field(default_factory=list)
 
 
+def journal_bound_bytes(bound: int | str, disk_size: int) -> int:
+    """A journal bound (bytes, or ``"N%"`` of the disk) in bytes for a disk of ``disk_size``."""
+    if isinstance(bound, int):
+        return bound
+    return int(disk_size * float(bound.removesuffix("%")) / 100)
+
+
+def _check_bound(value: int | str) -> int | str:
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"journal_bound {value} is negative: give bytes or a percentage")
+        return value
+    text = value.strip()
+    try:
+        pct = float(text.removesuffix("%"))
+    except ValueError:
+        pct = -1.0
+    if not text.endswith("%") or not 0 <= pct <= 100_000:
+        raise ValueError(
+            f"journal_bound {value!r} is neither bytes nor a percentage of the disk: "
+            'write e.g. journal_bound = "100%" or journal_bound = 1073741824'
+        )
+    return text
+
+
 class Retention(_Strict):
-    any_point_minutes: float = Field(default=60.0, ge=0)
-    hourly_hours: float = Field(default=24.0, ge=0)
+    """Recovery points: tiers (each keeps points up to an age, one per its spacing) and the
+    size bound on each disk's recovery-point data (docs/broker.md)."""
+
+    any_point_minutes: float = Field(default=10.0, ge=0)
+    minute_hours: float = Field(default=2.0, ge=0)
+    hourly_hours: float = Field(default=48.0, ge=0)
+    daily_days: float = Field(default=30.0, ge=0)
     app_consistent_days: float = Field(default=7.0, ge=0)
+    journal_bound: int | str = "100%"
+
+    _bound = field_validator("journal_bound")(_check_bound)
 
 
 class BrokerVM(_Strict):
@@ -275,6 +308,10 @@ class BrokerVM(_Strict):
 
     uuid: uuid_mod.UUID
     allowed_agents: list[Name] = Field(default_factory=list)
+    journal_bound: int | str | None = None
+    """This VM's disks' bound instead of ``[retention] journal_bound``."""
+
+    _bound = field_validator("journal_bound")(_check_bound)
 
 
 class BrokerConfig(_Strict):
