@@ -43,10 +43,10 @@ from agents.replicate import DiskReplicator
 from agents.seed import ExportRequest
 from agents.seedexport import cancel_seeds, export_media
 from agents.ship import BrokerClient, TokenBucket
-from agents.startup import export_name, parse_listen, policy_for, socket_path, validate
+from agents.startup import NBD_DEFAULT_HOST, export_name, policy_for, socket_path, validate
 from agents.state import CutClock
 from agents.worker import InitialCopyProgress, VMWorker
-from common.config import AgentConfig, VMConfig
+from common.config import AgentConfig, VMConfig, parse_listen
 from common.logs import get_logger
 from common.nbd.backend import FileExport
 from common.nbd.server import NBDServer
@@ -116,7 +116,7 @@ class Agent:
             for vm in cfg.vms:
                 await self._open_vm(vm)
             if cfg.nbd.tcp_listen is not None:
-                host, port = parse_listen(cfg.nbd.tcp_listen)
+                host, port = parse_listen(cfg.nbd.tcp_listen, default_host=NBD_DEFAULT_HOST)
                 tcp = NBDServer(
                     [*self.exports, *self.plain_exports],
                     tls_context=functools.partial(nbd_server_context, cfg.tls),

@@ -52,7 +52,7 @@ from broker.store import Replica, Store
 from broker.views import status_vms
 from certs.service import startup_problems
 from common import topics
-from common.config import BrokerConfig, writable_dir_problems
+from common.config import BrokerConfig, parse_listen, writable_dir_problems
 from common.errors import ConfigError, refuse_to_start
 from common.fsio import atomic_write_json
 from common.hrl import DEFAULT_LIMITS, DecodeLimits
@@ -83,12 +83,6 @@ def check_config(config: BrokerConfig) -> list[str]:
 def validate(config: BrokerConfig, source: str = "broker config") -> None:
     """Raise :class:`ConfigError` listing every problem of ``config``."""
     refuse_to_start(check_config(config), source=source, service="broker")
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``host:port`` (``[v6]:port``) to a tuple."""
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 class BrokerService:
@@ -148,7 +142,7 @@ class BrokerService:
             app, handle_signals=False, access_log=None, read_bufsize=READ_BUFSIZE, logger=HTTP_LOG
         )
         await self._runner.setup()
-        host, port = parse_listen(self.config.broker.listen)
+        host, port = parse_listen(self.config.broker.listen, default_host="0.0.0.0")
         self._site = MutualTLSSite(self._runner, host, port, server_context(self.config.tls))
         await self._site.start()
         self.url = f"https://{host}:{self._site.port}"
@@ -648,4 +642,4 @@ def load_run_file(store_root: Path) -> dict[str, Any]:
     return data
 
 
-__all__ = ["BrokerService", "load_run_file", "parse_listen"]
+__all__ = ["BrokerService", "load_run_file"]

@@ -99,6 +99,15 @@ def writable_dir_problems(
     return [] if problem is None else [problem]
 
 
+def parse_listen(value: str, *, default_host: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) as a tuple, ``default_host`` when the host is empty
+    (``:8443``); raises ValueError naming the value."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not host:port")
+    return host.strip("[]") or default_host, int(port)
+
+
 class _Strict(BaseModel):
     # Unknown keys are refused: a typo such as `intervall_seconds` must not silently mean default.
     model_config = ConfigDict(extra="forbid", frozen=True)
