@@ -90,6 +90,14 @@ class CowStore:
         offset, length = self._spilled.pop(block)
         return os.pread(self._fd, length, offset)
 
+    def get(self, block: int) -> bytes:
+        """Return the copy of ``block`` and keep it (a later extent of the block needs it)."""
+        data = self._mem.get(block)
+        if data is not None:
+            return data
+        offset, length = self._spilled[block]
+        return os.pread(self._fd, length, offset)
+
     def __len__(self) -> int:
         return len(self._mem) + len(self._spilled)
 
@@ -124,6 +132,8 @@ class Cut:
         self.size = size
         self.block_size = block_size
         self.shift = block_size.bit_length() - 1
+        self.grain = block_size // frozen.gpb
+        self.gshift = self.grain.bit_length() - 1
         self.reader = reader
         self.cow = cow
         self.cut_time_ns = cut_time_ns
@@ -164,19 +174,35 @@ class Cut:
             b0 = lo >> self.shift
             b1 = (hi + self.block_size - 1) >> self.shift
             added += self.frozen.fill_clean(b0, b1, DATA)
+            # A block already pending for a few grains must now ship whole.
+            self.frozen.grains.set(b0 * self.frozen.gpb, b1 * self.frozen.gpb)
         return added
 
     def plan(self, max_data_extent: int) -> Iterator[PlannedExtent]:
-        """Yield the batch's extents in offset order; deterministic, so callable twice."""
+        """Yield the batch's extents in offset order; deterministic, so callable twice.
+
+        A DATA run of blocks yields only its changed grains, adjacent ones merged into one
+        extent; extents never cross a multiple of ``max_data_extent`` (block-aligned chunks).
+        """
         shift = self.shift
+        gshift = self.gshift
+        gpb = self.frozen.gpb
+        size = self.size
         data_blocks = max(max_data_extent >> shift, 1)
         nodata_blocks = MAX_NODATA_EXTENT >> shift
+        grain_runs = self.frozen.grains.runs
         for b0, b1, kind in self.frozen.runs():
-            step = data_blocks if kind == DATA else nodata_blocks
-            for s in range(b0, b1, step):
-                e = min(s + step, b1)
-                offset = s << shift
-                yield PlannedExtent(offset, min(e << shift, self.size) - offset, kind)
+            if kind != DATA:
+                for s in range(b0, b1, nodata_blocks):
+                    offset = s << shift
+                    end = min(min(s + nodata_blocks, b1) << shift, size)
+                    yield PlannedExtent(offset, end - offset, kind)
+                continue
+            for s in range(b0, b1, data_blocks):
+                e = min(s + data_blocks, b1)
+                for g0, g1 in grain_runs(s * gpb, e * gpb):
+                    offset = g0 << gshift
+                    yield PlannedExtent(offset, min(g1 << gshift, size) - offset, DATA)
 
     def totals(self, max_data_extent: int) -> tuple[int, int]:
         """``(extent_count, data_bytes)`` of :meth:`plan`, for the batch header."""
@@ -196,20 +222,29 @@ class Cut:
         happen with no guest request in between.
         """
         shift = self.shift
-        b0 = ext.offset >> shift
-        b1 = (ext.offset + ext.length + self.block_size - 1) >> shift
+        offset = ext.offset
+        end = offset + ext.length
+        b0 = offset >> shift
+        b1 = (end + self.block_size - 1) >> shift
+        # The last block stays unread (DATA or COWED, its copy kept) while a later extent of the
+        # cut still needs some of its grains.
+        done = b1
+        if self.frozen.grains.any((end + self.grain - 1) >> self.gshift, b1 * self.frozen.gpb):
+            done = b1 - 1
         mm = self.frozen.mm
-        data: bytes | bytearray = self.reader(ext.offset, ext.length)
+        data: bytes | bytearray = self.reader(offset, ext.length)
         p = mm.find(_COWED_BYTE, b0, b1)
         if p >= 0:
             buf = bytearray(data)
             while p >= 0:
-                saved = self.cow.take(p)
-                start = (p - b0) << shift
-                buf[start : start + len(saved)] = saved
+                saved = self.cow.take(p) if p < done else self.cow.get(p)
+                at = p << shift
+                lo = max(at, offset)
+                hi = min(at + len(saved), end)
+                buf[lo - offset : hi - offset] = saved[lo - at : hi - at]
                 p = mm.find(_COWED_BYTE, p + 1, b1)
             data = buf
-        mm[b0:b1] = _fill(SENT, b1 - b0)
+        mm[b0:done] = _fill(SENT, done - b0)
         return data
 
     def close(self) -> None:
