@@ -22,8 +22,8 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from agents.dirtymap import COWED, DATA, SENT, TRIM, ZERO, BlockMap, _fill
 from agents.errors import TrackingError
@@ -36,9 +36,12 @@ MAX_NODATA_EXTENT = 1 << 31  # well inside the format's 2^32 - 1, and block alig
 Reader = Callable[[int, int], bytes | bytearray]
 
 
-@dataclass(frozen=True, slots=True)
-class PlannedExtent:
-    """One extent of a batch, as planned from the frozen map (kind DATA, ZERO or TRIM)."""
+class PlannedExtent(NamedTuple):
+    """One extent of a batch, as planned from the frozen map (kind DATA, ZERO or TRIM).
+
+    A named tuple: planning makes one per extent, twice per batch, and a tuple is the cheapest
+    object Python builds.
+    """
 
     offset: int
     length: int
@@ -182,13 +185,13 @@ class Cut:
         """Yield the batch's extents in offset order; deterministic, so callable twice.
 
         A DATA run of blocks yields only its changed grains, adjacent ones merged into one
-        extent; extents never cross a multiple of ``max_data_extent`` (block-aligned chunks).
+        extent; DATA extents never cross a multiple of ``max_data_extent`` (rounded to blocks).
         """
         shift = self.shift
         gshift = self.gshift
         gpb = self.frozen.gpb
         size = self.size
-        data_blocks = max(max_data_extent >> shift, 1)
+        chunk = max(max_data_extent >> shift, 1) * gpb  # grains per DATA extent at most
         nodata_blocks = MAX_NODATA_EXTENT >> shift
         grain_runs = self.frozen.grains.runs
         for b0, b1, kind in self.frozen.runs():
@@ -198,11 +201,14 @@ class Cut:
                     end = min(min(s + nodata_blocks, b1) << shift, size)
                     yield PlannedExtent(offset, end - offset, kind)
                 continue
-            for s in range(b0, b1, data_blocks):
-                e = min(s + data_blocks, b1)
-                for g0, g1 in grain_runs(s * gpb, e * gpb):
-                    offset = g0 << gshift
-                    yield PlannedExtent(offset, min(g1 << gshift, size) - offset, DATA)
+            for first, g1 in grain_runs(b0 * gpb, b1 * gpb):
+                g0 = first
+                border = (g0 // chunk + 1) * chunk
+                while g1 > border:
+                    yield PlannedExtent(g0 << gshift, (border - g0) << gshift, DATA)
+                    g0, border = border, border + chunk
+                offset = g0 << gshift
+                yield PlannedExtent(offset, min(g1 << gshift, size) - offset, DATA)
 
     def totals(self, max_data_extent: int) -> tuple[int, int]:
         """``(extent_count, data_bytes)`` of :meth:`plan`, for the batch header."""
@@ -229,7 +235,9 @@ class Cut:
         # The last block stays unread (DATA or COWED, its copy kept) while a later extent of the
         # cut still needs some of its grains.
         done = b1
-        if self.frozen.grains.any((end + self.grain - 1) >> self.gshift, b1 * self.frozen.gpb):
+        if end & (self.block_size - 1) and self.frozen.grains.any(
+            (end + self.grain - 1) >> self.gshift, b1 * self.frozen.gpb
+        ):
             done = b1 - 1
         mm = self.frozen.mm
         data: bytes | bytearray = self.reader(offset, ext.length)

@@ -44,8 +44,7 @@ def _runs_in_byte(value: int) -> tuple[tuple[int, int], ...]:
 _BYTE_RUNS = tuple(_runs_in_byte(v) for v in range(256))
 
 
-def _full(n: int) -> bytes | memoryview:
-    return memoryview(_FULL)[:n] if n <= len(_FULL) else b"\xff" * n
+_FULL_VIEW = memoryview(_FULL)
 
 
 class GrainBits:
@@ -70,8 +69,10 @@ class GrainBits:
             return
         mm[first] |= head
         mm[last] |= tail
-        if last > first + 1:
-            mm[first + 1 : last] = _full(last - first - 1)
+        # In 64 KiB pieces: no disk-sized temporary for a whole-disk discard.
+        for lo in range(first + 1, last, len(_FULL)):
+            hi = min(lo + len(_FULL), last)
+            mm[lo:hi] = _FULL_VIEW[: hi - lo]
 
     def _window(self, g0: int, g1: int) -> bytearray:
         """The bytes holding grains ``[g0, g1)``, with bits outside the range cleared."""
