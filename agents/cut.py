@@ -49,14 +49,18 @@ class PlannedExtent(NamedTuple):
 
 
 class CowStore:
-    """Cut-time copies of blocks, in memory up to ``memory_limit`` bytes, then in a spill file."""
+    """Cut-time copies of blocks, in memory up to ``memory_limit`` bytes, then in a spill file.
+
+    A copy may cover only part of its block (the changed grains): each is kept with the disk
+    offset it starts at.
+    """
 
     def __init__(self, block_size: int, memory_limit: int, spill_path: Path | None) -> None:
         self.block_size = block_size
         self.memory_limit = memory_limit
         self.spill_path = spill_path
-        self._mem: dict[int, bytes] = {}
-        self._spilled: dict[int, tuple[int, int]] = {}
+        self._mem: dict[int, tuple[int, bytes]] = {}
+        self._spilled: dict[int, tuple[int, int, int]] = {}
         self._fd = -1
         self._spill_end = 0
         self.memory_bytes = 0
@@ -64,11 +68,11 @@ class CowStore:
         self.copied_blocks = 0
         self.spilled_blocks = 0
 
-    def put(self, block: int, data: bytes) -> None:
-        """Keep ``data`` (the cut-time contents of ``block``)."""
+    def put(self, block: int, at: int, data: bytes) -> None:
+        """Keep ``data``: the cut-time contents of ``block`` from disk offset ``at`` on."""
         self.copied_blocks += 1
         if self.memory_bytes + len(data) <= self.memory_limit or self.spill_path is None:
-            self._mem[block] = data
+            self._mem[block] = (at, data)
             self.memory_bytes += len(data)
             self.peak_memory_bytes = max(self.peak_memory_bytes, self.memory_bytes)
             return
@@ -80,26 +84,26 @@ class CowStore:
         written = os.pwrite(self._fd, data, self._spill_end)
         if written != len(data):
             raise TrackingError(f"short write to copy-on-write spill file {self.spill_path}")
-        self._spilled[block] = (self._spill_end, len(data))
+        self._spilled[block] = (at, self._spill_end, len(data))
         self._spill_end += len(data)
         self.spilled_blocks += 1
 
-    def take(self, block: int) -> bytes:
-        """Return and forget the copy of ``block``."""
-        data = self._mem.pop(block, None)
-        if data is not None:
-            self.memory_bytes -= len(data)
-            return data
-        offset, length = self._spilled.pop(block)
-        return os.pread(self._fd, length, offset)
+    def take(self, block: int) -> tuple[int, bytes]:
+        """Return and forget the copy of ``block``: ``(disk offset, data)``."""
+        kept = self._mem.pop(block, None)
+        if kept is not None:
+            self.memory_bytes -= len(kept[1])
+            return kept
+        at, offset, length = self._spilled.pop(block)
+        return at, os.pread(self._fd, length, offset)
 
-    def get(self, block: int) -> bytes:
+    def get(self, block: int) -> tuple[int, bytes]:
         """Return the copy of ``block`` and keep it (a later extent of the block needs it)."""
-        data = self._mem.get(block)
-        if data is not None:
-            return data
-        offset, length = self._spilled[block]
-        return os.pread(self._fd, length, offset)
+        kept = self._mem.get(block)
+        if kept is not None:
+            return kept
+        at, offset, length = self._spilled[block]
+        return at, os.pread(self._fd, length, offset)
 
     def __len__(self) -> int:
         return len(self._mem) + len(self._spilled)
@@ -146,22 +150,34 @@ class Cut:
     # -- called by the export before a guest modification --------------------------------
 
     def preserve(self, b0: int, b1: int) -> None:
-        """Copy aside the unread DATA blocks of ``[b0, b1)`` before a guest request changes them."""
+        """Copy aside the unread DATA blocks of ``[b0, b1)`` before a guest request changes them.
+
+        Only the span of a block's changed grains is copied (what the cut will read of it).
+        """
         mm = self.frozen.mm
         first = mm.find(_DATA_BYTE, b0, b1)
         if first < 0:
             return
         last = mm.rfind(_DATA_BYTE, first, b1)
-        shift = self.shift
-        start = first << shift
+        start = self._span(first)[0]
         # One read for the whole span (bounded by the request size), sliced per block.
-        view = memoryview(self.reader(start, min((last + 1) << shift, self.size) - start))
+        view = memoryview(self.reader(start, self._span(last)[1] - start))
         q = first
         while q >= 0:
-            rel = (q - first) << shift
-            self.cow.put(q, bytes(view[rel : rel + self.block_size]))
+            lo, hi = self._span(q)
+            self.cow.put(q, lo, bytes(view[lo - start : hi - start]))
             mm[q : q + 1] = _COWED_BYTE
             q = mm.find(_DATA_BYTE, q + 1, last + 1)
+
+    def _span(self, block: int) -> tuple[int, int]:
+        """Disk bytes from the first to the end of the last changed grain of ``block``."""
+        gpb = self.frozen.gpb
+        g0 = block * gpb
+        bits = self.frozen.grains.value(g0, g0 + gpb)
+        if not bits:  # cannot happen for a DATA block; the whole block is always right
+            return block << self.shift, min((block + 1) << self.shift, self.size)
+        low = (bits & -bits).bit_length() - 1
+        return (g0 + low) << self.gshift, min((g0 + bits.bit_length()) << self.gshift, self.size)
 
     # -- planning --------------------------------------------------------------------------
 
@@ -245,8 +261,7 @@ class Cut:
         if p >= 0:
             buf = bytearray(data)
             while p >= 0:
-                saved = self.cow.take(p) if p < done else self.cow.get(p)
-                at = p << shift
+                at, saved = self.cow.take(p) if p < done else self.cow.get(p)
                 lo = max(at, offset)
                 hi = min(at + len(saved), end)
                 buf[lo - offset : hi - offset] = saved[lo - at : hi - at]

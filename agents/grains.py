@@ -90,6 +90,10 @@ class GrainBits:
         buf = self._window(g0, g1)
         return buf.count(0) != len(buf)
 
+    def value(self, g0: int, g1: int) -> int:
+        """Grains ``[g0, g1)`` as an integer: bit ``i`` is grain ``g0 + i``."""
+        return int.from_bytes(self._window(g0, g1), "little") >> (g0 & 7)
+
     def or_from(self, other: GrainBits, g0: int, g1: int) -> None:
         """OR ``other``'s bits into this map over the whole bytes that hold ``[g0, g1)``."""
         lo, hi = g0 >> 3, (g1 + 7) >> 3
