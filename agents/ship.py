@@ -412,17 +412,18 @@ async def batch_body(
     extent's compression is awaited before the next record is encoded.
     """
     encoder = BatchEncoder(header, level=level)
-    pending: list[bytes] = [encoder.header_bytes()]
+    # Records and payloads (views of what was read) wait here and are copied once, by the join.
+    pending: list[bytes | memoryview] = [encoder.header_bytes()]
     size = len(pending[0])
     compress = header.compression is Compression.ZSTD
-    inflight: asyncio.Task[bytes] | None = None
+    inflight: asyncio.Task[tuple[bytes, bytes | memoryview]] | None = None
     since_turn = 0  # read work since the NBD clients last had a turn (bytes; extents weigh 4 KiB)
 
-    def add(chunk: bytes) -> bytes | None:
+    def add(parts: tuple[bytes | memoryview, ...]) -> bytes | None:
         """Queue a record; return the coalesced output once it is worth a write."""
         nonlocal size
-        pending.append(chunk)
-        size += len(chunk)
+        pending.extend(parts)
+        size += sum(len(p) for p in parts)
         if size < _FLUSH_AT:
             return None
         out = b"".join(pending)
@@ -449,20 +450,20 @@ async def batch_body(
                     checksum = xxh64_of(read)
             stats.extents += 1
             stats.data_bytes += ext.length
-            records: list[bytes] = []
+            records: list[tuple[bytes | memoryview, ...]] = []
             if inflight is not None:
                 records.append(await inflight)
                 inflight = None
             if data is not None and compress and ext.length >= _THREAD_MIN:
                 inflight = asyncio.create_task(
-                    asyncio.to_thread(encoder.data, ext.offset, data, checksum=checksum)
+                    asyncio.to_thread(encoder.data_parts, ext.offset, data, checksum=checksum)
                 )
             elif data is not None:
-                records.append(encoder.data(ext.offset, data, checksum=checksum))
+                records.append(encoder.data_parts(ext.offset, data, checksum=checksum))
             elif ext.kind in (DATA, ZERO):  # DATA that read as zeroes travels as a ZERO extent
-                records.append(encoder.zero(ext.offset, ext.length))
+                records.append((encoder.zero(ext.offset, ext.length),))
             else:
-                records.append(encoder.trim(ext.offset, ext.length))
+                records.append((encoder.trim(ext.offset, ext.length),))
             since_turn += max(ext.length if ext.kind == DATA else 0, _TURN_BYTES // _TURN_EXTENTS)
             for record in records:
                 out = add(record)
@@ -476,7 +477,7 @@ async def batch_body(
                 since_turn = 0
                 await asyncio.sleep(0)
         if inflight is not None:
-            pending.append(await inflight)  # goes out with the trailer below
+            pending.extend(await inflight)  # goes out with the trailer below
             inflight = None
     finally:
         if inflight is not None:
