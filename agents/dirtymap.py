@@ -63,6 +63,7 @@ _FLAG_SYNC_MARKS = 2
 
 _FILL = 65536  # prebuilt fill buffers cover the common case without allocating per write
 _FILLS = {kind: bytes([kind]) * _FILL for kind in range(6)}
+_FILL_VIEWS = {kind: memoryview(fill) for kind, fill in _FILLS.items()}
 
 # Frozen-map states that mean "this block's data goes in the batch".
 _AS_DATA = bytes.maketrans(bytes([COWED, SENT]), bytes([DATA, DATA]))
@@ -83,8 +84,12 @@ def _assign(mm: mmap.mmap, b0: int, b1: int, kind: int) -> int:
     In pieces of at most 64 KiB, so a whole-disk discard allocates no disk-sized temporaries
     (which the C allocator may keep as resident memory afterwards).
     """
+    if b1 - b0 == 1:  # the common 4 KiB write: item access beats slicing
+        was = mm[b0]
+        mm[b0] = kind
+        return 1 if was == CLEAN else 0
     clean = 0
-    fill = memoryview(_FILLS[kind])
+    fill = _FILL_VIEWS[kind]
     for lo in range(b0, b1, _FILL):
         hi = min(lo + _FILL, b1)
         clean += mm[lo:hi].count(0)
