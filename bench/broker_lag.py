@@ -204,10 +204,10 @@ def phase_ours(broker: Broker, agent: Agent, disk: DiskSpec, args: argparse.Name
         fio = run_fio(agent.nbd_uri(disk), "lag", args.size, args.seconds, fio_options(args))
         end_ns = time.time_ns()
         cpu = proc_cpu(agent.pid) + proc_cpu(broker.proc.pid) - cpu0
-        mark([agent.nbd_uri(disk)])
+        marked = mark([agent.nbd_uri(disk)])
 
         def last_writes_applied() -> bool:
-            return any(r["cut_ns"] > end_ns for r in broker.applied_log(disk.vm_uuid, disk.disk_id))
+            return any(r["cut_ns"] > marked for r in broker.applied_log(disk.vm_uuid, disk.disk_id))
 
         wait_until("the cut after the load", last_writes_applied, 120)
         records = broker.applied_log(disk.vm_uuid, disk.disk_id)

@@ -173,15 +173,15 @@ def run_fio(
 
 
 def mark(uris: list[str]) -> int:
-    """One 4 KiB write to each export; returns the time just before. A disk with no change
-    ships nothing, so after a load there may be no later cut to wait for: with this write there
-    is, and any cut taken after the returned time carries every write acknowledged before it."""
-    before = time.time_ns()
+    """One 4 KiB write to each export; returns the time once all are acknowledged. A disk with
+    no change ships nothing, so after a load there may be no later cut to wait for: with this
+    write there is, and a cut taken after the returned time carries every write before it, the
+    marker included (so the replica then equals the source)."""
     argv = ["fio", "--ioengine=nbd", "--rw=write", "--bs=4k", "--size=4k", "--output-format=json"]
     for i, uri in enumerate(uris):
         argv += [f"--name=mark{i}", f"--uri={uri}"]
     subprocess.run(argv, check=True, capture_output=True)
-    return before
+    return time.time_ns()
 
 
 def main() -> int:

@@ -174,11 +174,11 @@ class Ours:
         out = fio(uri, job, self.size, seconds)
         end_ns = time.time_ns()
         cpu = proc_cpu(self.agent.pid) - cpu0
-        mark([uri])
+        marked = mark([uri])
         try:
             wait_until(
                 "the replica to catch up",
-                lambda: any(c > end_ns for c, _ in self.applied()),
+                lambda: any(c > marked for c, _ in self.applied()),
                 DRAIN_TIMEOUT,
                 every=0.05,
             )
