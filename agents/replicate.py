@@ -611,6 +611,17 @@ class DiskReplicator:
         return rate, eta
 
     @property
+    def unchanged(self) -> bool:
+        """Nothing changed since the last acked batch: the cut needs no batch (agents.current)."""
+        return (
+            self.mode is Mode.DELTA
+            and not self._completing
+            and self.seq.change_cut is None
+            and self.status.last_acked_seq > 0
+            and self.export.map.dirty_bytes == 0
+        )
+
+    @property
     def backlog(self) -> bool:
         """More work is waiting that should not wait for the next interval: the initial copy,
         and right after it the first delta batch, which makes the replica a consistent cut."""

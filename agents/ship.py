@@ -366,6 +366,14 @@ class BrokerClient:
         except (KeyError, TypeError, ValueError):
             raise ShipError(f"the broker's answer to a batch is not an ack: {data!r}") from None
 
+    async def current(self, vm_uuid: UUID, body: dict[str, Any]) -> dict[str, bool]:
+        """``POST`` that idle disks are current as of a cut (agents.current); which were taken."""
+        data, _ = await self._request("POST", f"/v1/vms/{vm_uuid}/current", json=body)
+        disks = data.get("disks") if isinstance(data, dict) else None
+        if not isinstance(disks, dict):
+            raise ShipError(f"the broker's answer to a current statement is malformed: {data!r}")
+        return {str(k): v is True for k, v in disks.items()}
+
     async def hashes(
         self, vm_uuid: UUID, disk_id: str, block_size: int, offset: int, length: int
     ) -> tuple[bytes, int]:

@@ -32,7 +32,7 @@ import xxhash
 
 from broker.errors import ApplyVerifyError, BrokerError, FencedError, StoreCorrupt
 from broker.journal import JournalEntry, clean_partials, read_journal
-from broker.points import PointsIndex, PointView, StateInfo
+from broker.points import PointsIndex, PointView, StateInfo, Unchanged
 from broker.space import is_full
 from broker.store import AppliedRecord, Replica, Store, journal_name
 from common.fsio import punch_hole, pwrite_all, start_writeback
@@ -183,6 +183,8 @@ class ReplicaEngine:
         self.alert = alert
         self.points = PointsIndex(replica.points_dir)
         self.conditions: dict[str, Condition] = {}
+        # The agent's newest "unchanged since" statement (broker.current): memory only.
+        self.current: Unchanged | None = None
         self._cond_lock = threading.Lock()
         self.ingest_lock = asyncio.Lock()
         self._wake = asyncio.Event()

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -219,22 +220,77 @@ class VMPoint:
         }
 
 
-def pair_by_cut(per_disk: Sequence[Iterable[PointInfo]]) -> list[VMPoint]:
+def pair_by_cut(
+    per_disk: Sequence[Iterable[PointInfo]], current: Sequence[Unchanged | None] = ()
+) -> list[VMPoint]:
     """A VM's recovery points, newest first: every cut of which *each* disk has a listed state.
 
     Disks are paired by the cut id their batches carry, never by their sequence numbers: those
     drift apart for good after one lost ack, and a join of them mixes cuts taken at different
     instants (write order across disks broken). A cut some disk lacks (its batch failed and its
-    changes went into the next cut) is no VM point.
+    changes went into the next cut) is no VM point, unless that disk is known unchanged at the
+    cut (decision 004, rules 2 and 3: :func:`_unchanged_spans`); ``current`` holds, per disk, the
+    agent's latest statement that the disk is unchanged (None: none).
     """
+    lists = [list(infos) for infos in per_disk]
     maps = [
-        {p.state.cut: p for p in infos if p.state.listed and p.state.cut_id > 0}
-        for infos in per_disk
+        {p.state.cut: p for p in infos if p.state.listed and p.state.cut_id > 0} for infos in lists
     ]
     if not maps:
         return []
-    common = set(maps[0]).intersection(*maps[1:])
-    return [VMPoint(cut, tuple(m[cut] for m in maps)) for cut in sorted(common, reverse=True)]
+    spans = [
+        _unchanged_spans(infos, current[i] if i < len(current) else None)
+        for i, infos in enumerate(lists)
+    ]
+    out = []
+    for cut in sorted(set().union(*maps), reverse=True):
+        disks = [m.get(cut) or _span_at(sp, cut) for m, sp in zip(maps, spans, strict=True)]
+        if all(d is not None for d in disks):
+            out.append(VMPoint(cut, tuple(d for d in disks if d is not None)))
+    return out
+
+
+@dataclass(frozen=True)
+class Unchanged:
+    """An agent's statement: the disk is as after batch ``seq`` through VM cut ``cut_id``."""
+
+    generation: int
+    seq: int
+    cut_id: int
+    cut_ns: int
+
+
+_Span = tuple[int, int, int, PointInfo]  # generation, first cut id, last cut id, the state
+
+
+def _unchanged_spans(infos: Sequence[PointInfo], current: Unchanged | None) -> list[_Span]:
+    """The cut ids at which the disk is known to be as after a state it has no batch of.
+
+    Rule 2: batch ``S+1`` says it holds no change before ``first_change_cut``, so cuts after
+    ``S``'s and below that are ``S``'s contents. Rule 3: the agent said the newest state still
+    held at a later cut.
+    """
+    chain = sorted(
+        (p for p in infos if p.state.listed and p.state.cut_id > 0), key=lambda p: p.state.key
+    )
+    spans: list[_Span] = []
+    for a, b in itertools.pairwise(chain):
+        sa, sb = a.state, b.state
+        adjacent = sb.generation == sa.generation and sb.seq == sa.seq + 1
+        if adjacent and sb.first_change_cut > sa.cut_id + 1:
+            spans.append((sa.generation, sa.cut_id + 1, sb.first_change_cut - 1, a))
+    if chain and current is not None:
+        last = chain[-1].state
+        if (current.generation, current.seq) == last.key and current.cut_id > last.cut_id:
+            spans.append((last.generation, last.cut_id + 1, current.cut_id, chain[-1]))
+    return spans
+
+
+def _span_at(spans: list[_Span], cut: CutKey) -> PointInfo | None:
+    i = bisect.bisect_right(spans, cut, key=lambda s: (s[0], s[1])) - 1
+    if i >= 0 and spans[i][0] == cut[0] and spans[i][1] <= cut[1] <= spans[i][2]:
+        return spans[i][3]
+    return None
 
 
 # --------------------------------------------------------------------------------------------
