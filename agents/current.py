@@ -25,19 +25,25 @@ class CurrentStatements:
 
     def __init__(self, vm_uuid: uuid.UUID) -> None:
         self.vm_uuid = vm_uuid
-        self.supported = True  # False once the broker answered that it lacks the endpoint
+        # None until the broker answered one statement: meanwhile unchanged disks still ship
+        # (empty) batches, and the statement about them only probes for the endpoint.
+        self.supported: bool | None = None
 
-    def idle(self, ready: list[DiskReplicator]) -> list[DiskReplicator]:
-        """The disks that need no batch at this cut (call in the cut's loop step)."""
-        if not self.supported:
-            return []
-        return [r for r in ready if r.unchanged]
+    def plan(self, ready: list[DiskReplicator]) -> tuple[list[DiskReplicator], bool]:
+        """The unchanged disks at this cut (call in the cut's loop step), and whether they are
+        left out of the cut (else the statement is a probe and they ship as usual)."""
+        if self.supported is False:
+            return [], False
+        return [r for r in ready if r.unchanged], self.supported is True
 
-    async def declare(self, idle: list[DiskReplicator], cut_id: int, cut_ns: int) -> bool:
+    async def declare(
+        self, idle: list[DiskReplicator], cut_id: int, cut_ns: int, *, probe: bool = False
+    ) -> bool:
         """Tell the broker the ``idle`` disks are current at cut ``cut_id``; False on failure.
 
         A disk the broker does not take (it holds another batch than the one named) asks for
-        the replica's state and ships a batch next cycle.
+        the replica's state and ships a batch next cycle. A ``probe`` (the disks ship a batch
+        of this cut anyway) only learns whether the broker has the endpoint.
         """
         if not idle:
             return True
@@ -59,13 +65,18 @@ class CurrentStatements:
         except ShipError as exc:
             if exc.status in (404, 405):
                 log.info("current_statements_unsupported", error=exc.message)
-                self.supported = False
-                return True  # the disks ship (empty) batches from the next cycle on
+                self.supported = False  # the disks ship (empty) batches, as they did so far
+                return True
+            if probe:
+                return True  # the batches of this cut tell what the broker holds
             for rep in idle:
                 rep.ready = False
                 rep.record_error(exc)
                 rep.log.warning("broker_unavailable", error=exc.message, code=exc.code)
             return False
+        if probe:
+            self.supported = True
+            return True
         for rep in idle:
             if taken.get(rep.disk.id, False):
                 rep.status.last_acked_cut_ns = cut_ns

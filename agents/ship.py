@@ -201,6 +201,14 @@ class BrokerClient:
         self._session: aiohttp.ClientSession | None = None
         self._accepted: set[str] = set()  # brokers that answered us: they took our certificate
 
+    def twin(self) -> BrokerClient:
+        """A client for another event loop (an aiohttp session belongs to one), sharing what
+        this one learnt of which brokers accepted our certificate (agents.shiploop)."""
+        other = BrokerClient(self.urls, self._ssl, cluster=self.cluster)
+        other._timeout = self._timeout
+        other._accepted = self._accepted
+        return other
+
     @property
     def url(self) -> str:
         """The broker currently used."""

@@ -114,13 +114,13 @@ class VMWorker:
         if self.current is None:
             self.current = CurrentStatements(self.vm.uuid)
         # An application-consistent cut ships every disk, so that each carries the flag.
-        idle = [] if frozen else self.current.idle(ready)
-        cuts = [(rep, rep.begin_cut(cut_time, cut_id)) for rep in ready if rep not in idle]
+        idle, skip = ([], False) if frozen else self.current.plan(ready)
+        cuts = [(r, r.begin_cut(cut_time, cut_id)) for r in ready if not (skip and r in idle)]
         if frozen:
             await self.hooks.thaw()
         consistency = Consistency.APP if frozen else Consistency.CRASH
         results = await asyncio.gather(
-            self.current.declare(idle, cut_id, cut_time),
+            self.current.declare(idle, cut_id, cut_time, probe=not skip),
             *(rep.ship(cut, consistency) for rep, cut in cuts),
         )
         return all(results)
