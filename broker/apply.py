@@ -43,6 +43,9 @@ _log = get_logger("broker.apply")
 
 Health = Literal["ok", "warning", "critical"]
 _RETRY_MIN: Final = 0.2
+# Start the image's writeback once this much was written since the last start: one call per
+# 4 KiB extent was 40 % of applying a batch of 5,000 of them (issue 10, point 3).
+WRITEBACK_BYTES: Final = 8 << 20
 _RETRY_MAX: Final = 10.0
 
 
@@ -195,6 +198,7 @@ class ReplicaEngine:
         self._image_view = memoryview(self._mmap) if self._mmap is not None else memoryview(b"")
         self.apply_lock = threading.Lock()
         self._stopping = False
+        self._unflushed = 0  # bytes written since writeback was last started
         self._task: asyncio.Task[None] | None = None
         removed = clean_partials(replica)
         if removed:
@@ -396,7 +400,10 @@ class ReplicaEngine:
             return
         assert ext.data is not None
         pwrite_all(fd, ext.data, ext.offset)
-        start_writeback(fd, ext.offset, ext.length)
+        self._unflushed += ext.length
+        if self._unflushed >= WRITEBACK_BYTES:
+            self._unflushed = 0
+            start_writeback(fd, 0, 0)  # every dirty page of the image, in one call
         # Read back through the mmap: the page cache's bytes, hashed without a copy.
         if xxhash.xxh3_64_intdigest(self._image_view[ext.offset : ext.end]) != ext.checksum:
             r = self.replica
