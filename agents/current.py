@@ -2,7 +2,7 @@
 
 A disk with no change since its last acked batch (:attr:`DiskReplicator.unchanged`) is left out
 of the cut; the cycle instead tells the broker, for all such disks of the VM at once, that each
-is still as after its last acked batch at this cut (``POST /v1/vms/{vm_uuid}/current``,
+is still as after its last acked batch at this cut (``POST /v1/replicas/{vm_uuid}/current``,
 docs/protocol/http.md; the broker side is :mod:`broker.current`). That keeps ``lag_seconds``
 and the VM's points current (decision 004, rule 3) without a journaled, fsynced empty batch per
 disk per cycle. A broker without the endpoint gets empty batches as before.
@@ -79,7 +79,7 @@ class CurrentStatements:
             return True
         for rep in idle:
             if taken.get(rep.disk.id, False):
-                rep.status.last_acked_cut_ns = cut_ns
+                rep.status.last_cut_ns = rep.status.last_acked_cut_ns = cut_ns
                 rep.status.last_error = None
             else:
                 rep.ready = False

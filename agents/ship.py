@@ -376,7 +376,7 @@ class BrokerClient:
 
     async def current(self, vm_uuid: UUID, body: dict[str, Any]) -> dict[str, bool]:
         """``POST`` that idle disks are current as of a cut (agents.current); which were taken."""
-        data, _ = await self._request("POST", f"/v1/vms/{vm_uuid}/current", json=body)
+        data, _ = await self._request("POST", f"/v1/replicas/{vm_uuid}/current", json=body)
         disks = data.get("disks") if isinstance(data, dict) else None
         if not isinstance(disks, dict):
             raise ShipError(f"the broker's answer to a current statement is malformed: {data!r}")

@@ -36,7 +36,7 @@ def build_app(service: Admin) -> web.Application:
             web.get("/v1/replicas/{vm_uuid}/{disk_id}", replica_state),
             web.post("/v1/replicas/{vm_uuid}/{disk_id}/batches", upload_batch),
             web.get("/v1/replicas/{vm_uuid}/{disk_id}/hashes", replica_hashes),
-            web.post("/v1/vms/{vm}/current", vm_current),
+            web.post("/v1/replicas/{vm_uuid}/current", vm_current),
             web.get("/v1/status", status),
             web.get("/v1/vms/{vm}/points", vm_points),
             web.get("/v1/vms/{vm}/hashes", vm_hashes),

@@ -1,7 +1,7 @@
 """Idle disks: the agent's statement that a VM's unchanged disks are current as of a cut.
 
 A disk with no change since its last acked batch ships nothing (issue 10, point 6). Instead the
-agent sends one small request per VM and cycle, ``POST /v1/vms/{vm_uuid}/current``
+agent sends one small request per VM and cycle, ``POST /v1/replicas/{vm_uuid}/current``
 (docs/protocol/http.md), naming the cut and, per idle disk, the batch ``(generation, seq)`` it
 is still as after. The broker keeps the newest statement of each replica in memory only
 (nothing journaled, fsynced or logged at info): it feeds ``lag_seconds`` and makes the idle
@@ -40,7 +40,7 @@ class IdleDisk(BaseModel):
 
 
 class CurrentRequest(BaseModel):
-    """Body of ``POST /v1/vms/{vm_uuid}/current``."""
+    """Body of ``POST /v1/replicas/{vm_uuid}/current``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -58,8 +58,10 @@ async def vm_current(request: web.Request) -> web.Response:
     """
     service = request.app[SERVICE_KEY]
     ident = identity_of(request)
-    vm_uuid = names.vm_uuid(request.match_info["vm"], "vm")
+    vm_uuid = names.vm_uuid(request.match_info["vm_uuid"])
     authorise_agent(service.config, ident, vm_uuid)
+    for bound in service.store.vm_disks(vm_uuid):
+        check_source(bound, ident)  # before the body: another host learns nothing from it
     what = f"current-statement body for vm {vm_uuid} is invalid"
     try:
         body = CurrentRequest.model_validate(await json_body(request))

@@ -1,5 +1,5 @@
-"""Issue 10, point 6: the idle-disk statement (``POST /v1/vms/{vm_uuid}/current``) is taken only
-from the replica's own agent, only for the batch the replica holds durably, and only with a
+"""Issue 10, point 6: the idle-disk statement (``POST /v1/replicas/{vm_uuid}/current``) is taken
+only from the replica's own agent, only for the batch the replica holds durably, and only with a
 well-formed body; a refused statement changes nothing the broker reports."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ async def test_current_statements_are_taken_only_from_the_replicas_agent(
     replica = broker.store.get(str(src.vm_uuid), src.disk_id)
     assert replica is not None
     engine = broker.engine_for(replica)
-    path = f"/v1/vms/{src.vm_uuid}/current"
+    path = f"/v1/replicas/{src.vm_uuid}/current"
     good = _statement(src, seq=1, cut_id=5)
     attempts = [
         ("agent h2 states h1's disk current", "h2", good, "application/json", "403"),
