@@ -22,8 +22,8 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from agents.dirtymap import COWED, DATA, SENT, TRIM, ZERO, BlockMap, _fill
 from agents.errors import TrackingError
@@ -36,9 +36,12 @@ MAX_NODATA_EXTENT = 1 << 31  # well inside the format's 2^32 - 1, and block alig
 Reader = Callable[[int, int], bytes | bytearray]
 
 
-@dataclass(frozen=True, slots=True)
-class PlannedExtent:
-    """One extent of a batch, as planned from the frozen map (kind DATA, ZERO or TRIM)."""
+class PlannedExtent(NamedTuple):
+    """One extent of a batch, as planned from the frozen map (kind DATA, ZERO or TRIM).
+
+    A named tuple: planning makes one per extent, twice per batch, and a tuple is the cheapest
+    object Python builds.
+    """
 
     offset: int
     length: int
@@ -46,14 +49,18 @@ class PlannedExtent:
 
 
 class CowStore:
-    """Cut-time copies of blocks, in memory up to ``memory_limit`` bytes, then in a spill file."""
+    """Cut-time copies of blocks, in memory up to ``memory_limit`` bytes, then in a spill file.
+
+    A copy may cover only part of its block (the changed grains): each is kept with the disk
+    offset it starts at.
+    """
 
     def __init__(self, block_size: int, memory_limit: int, spill_path: Path | None) -> None:
         self.block_size = block_size
         self.memory_limit = memory_limit
         self.spill_path = spill_path
-        self._mem: dict[int, bytes] = {}
-        self._spilled: dict[int, tuple[int, int]] = {}
+        self._mem: dict[int, tuple[int, bytes]] = {}
+        self._spilled: dict[int, tuple[int, int, int]] = {}
         self._fd = -1
         self._spill_end = 0
         self.memory_bytes = 0
@@ -61,11 +68,11 @@ class CowStore:
         self.copied_blocks = 0
         self.spilled_blocks = 0
 
-    def put(self, block: int, data: bytes) -> None:
-        """Keep ``data`` (the cut-time contents of ``block``)."""
+    def put(self, block: int, at: int, data: bytes) -> None:
+        """Keep ``data``: the cut-time contents of ``block`` from disk offset ``at`` on."""
         self.copied_blocks += 1
         if self.memory_bytes + len(data) <= self.memory_limit or self.spill_path is None:
-            self._mem[block] = data
+            self._mem[block] = (at, data)
             self.memory_bytes += len(data)
             self.peak_memory_bytes = max(self.peak_memory_bytes, self.memory_bytes)
             return
@@ -77,18 +84,26 @@ class CowStore:
         written = os.pwrite(self._fd, data, self._spill_end)
         if written != len(data):
             raise TrackingError(f"short write to copy-on-write spill file {self.spill_path}")
-        self._spilled[block] = (self._spill_end, len(data))
+        self._spilled[block] = (at, self._spill_end, len(data))
         self._spill_end += len(data)
         self.spilled_blocks += 1
 
-    def take(self, block: int) -> bytes:
-        """Return and forget the copy of ``block``."""
-        data = self._mem.pop(block, None)
-        if data is not None:
-            self.memory_bytes -= len(data)
-            return data
-        offset, length = self._spilled.pop(block)
-        return os.pread(self._fd, length, offset)
+    def take(self, block: int) -> tuple[int, bytes]:
+        """Return and forget the copy of ``block``: ``(disk offset, data)``."""
+        kept = self._mem.pop(block, None)
+        if kept is not None:
+            self.memory_bytes -= len(kept[1])
+            return kept
+        at, offset, length = self._spilled.pop(block)
+        return at, os.pread(self._fd, length, offset)
+
+    def get(self, block: int) -> tuple[int, bytes]:
+        """Return the copy of ``block`` and keep it (a later extent of the block needs it)."""
+        kept = self._mem.get(block)
+        if kept is not None:
+            return kept
+        at, offset, length = self._spilled[block]
+        return at, os.pread(self._fd, length, offset)
 
     def __len__(self) -> int:
         return len(self._mem) + len(self._spilled)
@@ -124,6 +139,8 @@ class Cut:
         self.size = size
         self.block_size = block_size
         self.shift = block_size.bit_length() - 1
+        self.grain = block_size // frozen.gpb
+        self.gshift = self.grain.bit_length() - 1
         self.reader = reader
         self.cow = cow
         self.cut_time_ns = cut_time_ns
@@ -133,22 +150,34 @@ class Cut:
     # -- called by the export before a guest modification --------------------------------
 
     def preserve(self, b0: int, b1: int) -> None:
-        """Copy aside the unread DATA blocks of ``[b0, b1)`` before a guest request changes them."""
+        """Copy aside the unread DATA blocks of ``[b0, b1)`` before a guest request changes them.
+
+        Only the span of a block's changed grains is copied (what the cut will read of it).
+        """
         mm = self.frozen.mm
         first = mm.find(_DATA_BYTE, b0, b1)
         if first < 0:
             return
         last = mm.rfind(_DATA_BYTE, first, b1)
-        shift = self.shift
-        start = first << shift
+        start = self._span(first)[0]
         # One read for the whole span (bounded by the request size), sliced per block.
-        view = memoryview(self.reader(start, min((last + 1) << shift, self.size) - start))
+        view = memoryview(self.reader(start, self._span(last)[1] - start))
         q = first
         while q >= 0:
-            rel = (q - first) << shift
-            self.cow.put(q, bytes(view[rel : rel + self.block_size]))
+            lo, hi = self._span(q)
+            self.cow.put(q, lo, bytes(view[lo - start : hi - start]))
             mm[q : q + 1] = _COWED_BYTE
             q = mm.find(_DATA_BYTE, q + 1, last + 1)
+
+    def _span(self, block: int) -> tuple[int, int]:
+        """Disk bytes from the first to the end of the last changed grain of ``block``."""
+        gpb = self.frozen.gpb
+        g0 = block * gpb
+        bits = self.frozen.grains.value(g0, g0 + gpb)
+        if not bits:  # cannot happen for a DATA block; the whole block is always right
+            return block << self.shift, min((block + 1) << self.shift, self.size)
+        low = (bits & -bits).bit_length() - 1
+        return (g0 + low) << self.gshift, min((g0 + bits.bit_length()) << self.gshift, self.size)
 
     # -- planning --------------------------------------------------------------------------
 
@@ -164,19 +193,38 @@ class Cut:
             b0 = lo >> self.shift
             b1 = (hi + self.block_size - 1) >> self.shift
             added += self.frozen.fill_clean(b0, b1, DATA)
+            # A block already pending for a few grains must now ship whole.
+            self.frozen.grains.set(b0 * self.frozen.gpb, b1 * self.frozen.gpb)
         return added
 
     def plan(self, max_data_extent: int) -> Iterator[PlannedExtent]:
-        """Yield the batch's extents in offset order; deterministic, so callable twice."""
+        """Yield the batch's extents in offset order; deterministic, so callable twice.
+
+        A DATA run of blocks yields only its changed grains, adjacent ones merged into one
+        extent; DATA extents never cross a multiple of ``max_data_extent`` (rounded to blocks).
+        """
         shift = self.shift
-        data_blocks = max(max_data_extent >> shift, 1)
+        gshift = self.gshift
+        gpb = self.frozen.gpb
+        size = self.size
+        chunk = max(max_data_extent >> shift, 1) * gpb  # grains per DATA extent at most
         nodata_blocks = MAX_NODATA_EXTENT >> shift
+        grain_runs = self.frozen.grains.runs
         for b0, b1, kind in self.frozen.runs():
-            step = data_blocks if kind == DATA else nodata_blocks
-            for s in range(b0, b1, step):
-                e = min(s + step, b1)
-                offset = s << shift
-                yield PlannedExtent(offset, min(e << shift, self.size) - offset, kind)
+            if kind != DATA:
+                for s in range(b0, b1, nodata_blocks):
+                    offset = s << shift
+                    end = min(min(s + nodata_blocks, b1) << shift, size)
+                    yield PlannedExtent(offset, end - offset, kind)
+                continue
+            for first, g1 in grain_runs(b0 * gpb, b1 * gpb):
+                g0 = first
+                border = (g0 // chunk + 1) * chunk
+                while g1 > border:
+                    yield PlannedExtent(g0 << gshift, (border - g0) << gshift, DATA)
+                    g0, border = border, border + chunk
+                offset = g0 << gshift
+                yield PlannedExtent(offset, min(g1 << gshift, size) - offset, DATA)
 
     def totals(self, max_data_extent: int) -> tuple[int, int]:
         """``(extent_count, data_bytes)`` of :meth:`plan`, for the batch header."""
@@ -196,20 +244,30 @@ class Cut:
         happen with no guest request in between.
         """
         shift = self.shift
-        b0 = ext.offset >> shift
-        b1 = (ext.offset + ext.length + self.block_size - 1) >> shift
+        offset = ext.offset
+        end = offset + ext.length
+        b0 = offset >> shift
+        b1 = (end + self.block_size - 1) >> shift
+        # The last block stays unread (DATA or COWED, its copy kept) while a later extent of the
+        # cut still needs some of its grains.
+        done = b1
+        if end & (self.block_size - 1) and self.frozen.grains.any(
+            (end + self.grain - 1) >> self.gshift, b1 * self.frozen.gpb
+        ):
+            done = b1 - 1
         mm = self.frozen.mm
-        data: bytes | bytearray = self.reader(ext.offset, ext.length)
+        data: bytes | bytearray = self.reader(offset, ext.length)
         p = mm.find(_COWED_BYTE, b0, b1)
         if p >= 0:
             buf = bytearray(data)
             while p >= 0:
-                saved = self.cow.take(p)
-                start = (p - b0) << shift
-                buf[start : start + len(saved)] = saved
+                at, saved = self.cow.take(p) if p < done else self.cow.get(p)
+                lo = max(at, offset)
+                hi = min(at + len(saved), end)
+                buf[lo - offset : hi - offset] = saved[lo - at : hi - at]
                 p = mm.find(_COWED_BYTE, p + 1, b1)
             data = buf
-        mm[b0:b1] = _fill(SENT, b1 - b0)
+        mm[b0:done] = _fill(SENT, done - b0)
         return data
 
     def close(self) -> None:

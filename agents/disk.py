@@ -262,7 +262,7 @@ class TrackedExport(ExportBase):
         Synchronous: call it in the same loop step as the cut it must match. Reading it with
         :meth:`agents.cut.Cut.read` releases the copies as it goes.
         """
-        frozen = BlockMap(self.map.nblocks)
+        frozen = self.map.new_map()
         frozen.set_range(0, self.map.nblocks, DATA)
         snap = Cut(
             frozen,

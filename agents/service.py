@@ -44,16 +44,31 @@ from agents.seed import ExportRequest
 from agents.seedexport import cancel_seeds, export_media
 from agents.ship import BrokerClient, TokenBucket
 from agents.shiploop import ShipLoop, Uploader
-from agents.startup import export_name, parse_listen, policy_for, socket_path, validate
+from agents.startup import NBD_DEFAULT_HOST, export_name, policy_for, socket_path, validate
 from agents.state import CutClock
 from agents.worker import InitialCopyProgress, VMWorker
-from common.config import AgentConfig, VMConfig
+from common.config import AgentConfig, VMConfig, parse_listen
 from common.logs import get_logger
 from common.nbd.backend import FileExport
 from common.nbd.server import NBDServer
 from common.tls import client_context, nbd_server_context
+from common.tls.identities import Identity
+from common.tls.serving import Allowed
 
 log = get_logger("agents.service")
+
+
+def tcp_clients(config: AgentConfig) -> Allowed:
+    """Who may open this agent's exports over ``nbd.tcp_listen``: the identities listed in
+    ``nbd.tcp_clients``, by default only the agent's own (a QEMU on this host using its
+    certificate). A certificate of our CA alone is not enough: brokers, admins and the agents of
+    other hosts hold those too."""
+    uris = config.nbd.tcp_clients or [Identity.agent(config.agent.host).uri]
+    return Allowed(
+        frozenset(uris),
+        fix="add the client's certificate identity to nbd.tcp_clients in agent.toml, or give "
+        "the client a certificate that is listed there",
+    )
 
 
 class Agent:
@@ -104,11 +119,12 @@ class Agent:
             for vm in cfg.vms:
                 await self._open_vm(vm)
             if cfg.nbd.tcp_listen is not None:
-                host, port = parse_listen(cfg.nbd.tcp_listen)
+                host, port = parse_listen(cfg.nbd.tcp_listen, default_host=NBD_DEFAULT_HOST)
                 tcp = NBDServer(
                     [*self.exports, *self.plain_exports],
                     tls_context=functools.partial(nbd_server_context, cfg.tls),
                     max_connections=cfg.nbd.max_connections,
+                    allowed_identities=tcp_clients(cfg),
                 )
                 await tcp.serve_tcp(host, port)
                 self.servers.append(tcp)

@@ -44,6 +44,10 @@ log = get_logger("agents.ship")
 MAX_EXTENT = 1024 * 1024  # extents are read (atomically, in the loop) one at a time: keep short
 _THREAD_MIN = 256 * 1024  # compress bigger extents in a worker thread
 _FLUSH_AT = 256 * 1024  # coalesce small records into chunks of about this size
+# Let the NBD clients in after about this much read work (bytes, or extents for tiny ones): a
+# loop turn per 4 KiB extent would cost more than the extent itself.
+_TURN_BYTES = 64 * 1024
+_TURN_EXTENTS = 16
 
 # Errors whose cause will not go away by retrying the same thing: the operator must act.
 _FENCED = frozenset({"stale_generation", "identity_conflict", "wrong_identity"})
@@ -424,16 +428,18 @@ async def batch_body(
     extent's compression is awaited before the next record is encoded.
     """
     encoder = BatchEncoder(header, level=level)
-    pending: list[bytes] = [encoder.header_bytes()]
+    # Records and payloads (views of what was read) wait here and are copied once, by the join.
+    pending: list[bytes | memoryview] = [encoder.header_bytes()]
     size = len(pending[0])
     compress = header.compression is Compression.ZSTD
-    inflight: asyncio.Task[bytes] | None = None
+    inflight: asyncio.Task[tuple[bytes, bytes | memoryview]] | None = None
+    since_turn = 0  # read work since the NBD clients last had a turn (bytes; extents weigh 4 KiB)
 
-    def add(chunk: bytes) -> bytes | None:
+    def add(parts: tuple[bytes | memoryview, ...]) -> bytes | None:
         """Queue a record; return the coalesced output once it is worth a write."""
         nonlocal size
-        pending.append(chunk)
-        size += len(chunk)
+        pending.extend(parts)
+        size += sum(len(p) for p in parts)
         if size < _FLUSH_AT:
             return None
         out = b"".join(pending)
@@ -460,33 +466,34 @@ async def batch_body(
                     checksum = xxh64_of(read)
             stats.extents += 1
             stats.data_bytes += ext.length
-            records: list[bytes] = []
+            records: list[tuple[bytes | memoryview, ...]] = []
             if inflight is not None:
                 records.append(await inflight)
                 inflight = None
             if data is not None and compress and ext.length >= _THREAD_MIN:
                 inflight = asyncio.create_task(
-                    asyncio.to_thread(encoder.data, ext.offset, data, checksum=checksum)
+                    asyncio.to_thread(encoder.data_parts, ext.offset, data, checksum=checksum)
                 )
             elif data is not None:
-                records.append(encoder.data(ext.offset, data, checksum=checksum))
+                records.append(encoder.data_parts(ext.offset, data, checksum=checksum))
             elif ext.kind in (DATA, ZERO):  # DATA that read as zeroes travels as a ZERO extent
-                records.append(encoder.zero(ext.offset, ext.length))
+                records.append((encoder.zero(ext.offset, ext.length),))
             else:
-                records.append(encoder.trim(ext.offset, ext.length))
-            sent = False
+                records.append((encoder.trim(ext.offset, ext.length),))
+            since_turn += max(ext.length if ext.kind == DATA else 0, _TURN_BYTES // _TURN_EXTENTS)
             for record in records:
                 out = add(record)
                 if out is not None:
                     if bucket is not None:
                         await bucket.take(len(out))
-                    sent = True
+                    since_turn = 0
                     yield out
-            if not sent:
-                # Give the NBD clients a turn between extents even when nothing is sent yet.
+            if since_turn >= _TURN_BYTES:
+                # Give the NBD clients a turn even when nothing is sent yet.
+                since_turn = 0
                 await asyncio.sleep(0)
         if inflight is not None:
-            pending.append(await inflight)  # goes out with the trailer below
+            pending.extend(await inflight)  # goes out with the trailer below
             inflight = None
     finally:
         if inflight is not None:

@@ -21,6 +21,7 @@ from common.config import (
     Policy,
     VMConfig,
     access_problem,
+    parse_listen,
     path_problem,
     writable_dir_problems,
 )
@@ -28,6 +29,7 @@ from common.errors import refuse_to_start
 from common.tls import Identity, TLSError, client_context
 
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
+NBD_DEFAULT_HOST = "127.0.0.1"  # `nbd.tcp_listen = ":10809"` listens on loopback only
 
 
 def export_name(vm: VMConfig, disk: DiskConfig) -> str:
@@ -51,14 +53,6 @@ def policy_for(config: AgentConfig, vm: VMConfig) -> Policy | None:
         if policy.selector and all(vm.labels.get(k) == v for k, v in policy.selector.items()):
             return policy
     return config.policies.get("default", Policy())
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """``host:port`` (``[v6]:port`` too) as a tuple; raises ValueError."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{value!r} is not host:port")
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 _PATH_FIX = "give an absolute path without '..' components (e.g. /var/lib/replikant)"
@@ -97,7 +91,7 @@ def check_config(config: AgentConfig) -> list[str]:
             problems.append(f"broker.urls: {url!r} must be an https:// URL (mutual TLS)")
     if config.nbd.tcp_listen is not None:
         try:
-            parse_listen(config.nbd.tcp_listen)
+            parse_listen(config.nbd.tcp_listen, default_host=NBD_DEFAULT_HOST)
         except ValueError as exc:
             problems.append(f"nbd.tcp_listen: {exc}")
     if _check_path("agent.state_dir", config.agent.state_dir, problems):

@@ -15,7 +15,14 @@ from broker.authz import json_body, require_admin
 from broker.errors import BadRequest, UnknownVM
 from broker.httperrors import body_error
 from broker.ingest import hashes_response
-from broker.views import resolve_vm_point, state_json, status_vms, vm_point_list, vm_replicas
+from broker.views import (
+    journal_json,
+    resolve_vm_point,
+    state_json,
+    status_vms,
+    vm_point_list,
+    vm_replicas,
+)
 from common.config import NAME_PATTERN
 from common.logs import get_logger
 
@@ -39,6 +46,7 @@ async def vm_points(request: web.Request) -> web.Response:
             "vm": replicas[0].meta.vm_name,
             "uuid": replicas[0].meta.vm_uuid,
             "points": vm_point_list(service, replicas),
+            "journal": [journal_json(service.engine_for(r)) for r in replicas],
         }
     )
 

@@ -15,11 +15,18 @@ from aiohttp import web
 if TYPE_CHECKING:
     from broker.apply import Condition, ReplicaEngine
     from broker.errors import StorageFullError
-    from broker.points import Key
+    from broker.points import Key, VMPoint
     from broker.store import Replica, Store
     from common.config import BrokerConfig
     from common.hrl import DecodeLimits
     from common.tls import Identity
+
+
+class TierLabels(Protocol):
+    """The retention tiers' view of points: what the points listing shows per point."""
+
+    def tier_label(self, vm_uuid: str, point: VMPoint, now_ns: int) -> str:
+        """The tier VM point ``point`` of VM ``vm_uuid`` belongs to at ``now_ns``."""
 
 
 class Replicas(Protocol):
@@ -44,6 +51,10 @@ class Replicas(Protocol):
     @property
     def conditions(self) -> dict[str, Condition]:
         """Broker-wide conditions (storage full, ...), by code."""
+
+    @property
+    def retainer(self) -> TierLabels:
+        """Retention passes: which tier each point is in."""
 
     def engine_for(self, replica: Replica) -> ReplicaEngine:
         """The apply engine of ``replica``, started if it was not running."""

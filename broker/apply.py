@@ -32,9 +32,11 @@ import xxhash
 
 from broker.errors import ApplyVerifyError, BrokerError, FencedError, StoreCorrupt
 from broker.journal import JournalEntry, clean_partials, read_journal
-from broker.points import PointsIndex, PointView, StateInfo, Unchanged
+from broker.points import PointsIndex, PointView, StateInfo
 from broker.space import is_full
 from broker.store import AppliedRecord, Replica, Store, journal_name
+from broker.unchanged import Unchanged
+from broker.undo import undo_size_bound
 from common.fsio import punch_hole, pwrite_all, start_writeback
 from common.hrl import DEFAULT_LIMITS, BatchHeader, DecodeLimits, Extent, ExtentKind
 from common.logs import get_logger
@@ -185,6 +187,11 @@ class ReplicaEngine:
         self.limits = limits
         self.alert = alert
         self.points = PointsIndex(replica.points_dir)
+        self.journal_bound = replica.meta.disk_size
+        """Most bytes of recovery-point data (the service sets it from ``[retention]``)."""
+        self.over_bound = 0
+        """Bytes over the bound the last capture could not free: exports' pins, or a batch
+        whose undo alone is larger than the bound."""
         self.conditions: dict[str, Condition] = {}
         # The agent's newest "unchanged since" statement (broker.current): memory only.
         self.current: Unchanged | None = None
@@ -343,12 +350,19 @@ class ReplicaEngine:
             first_change_cut=h.first_change_cut,
         )
         seg = self.points.segment_for(top.key)
-        if seg is None:  # 2. undo, exactly once per batch
-            seg = self.points.capture(self._fd, entry.ranges(), base, top)
+        if seg is None:  # 2. undo, exactly once per batch, within the disk's bound
+            ranges = entry.ranges()
+            with self.points.room_for(undo_size_bound(ranges), self.journal_bound) as over:
+                self.over_bound = over
+                if over and not self.points.pinned():  # this batch's undo alone is too big
+                    seg = self.points.capture_marker(base, top)
+                else:
+                    seg = self.points.capture(self._fd, ranges, base, top)
+                self.points.publish(seg)  # 3. views take the undo before the image changes
         else:
             # A crash came after the capture: the image may hold part of this batch already.
             self.log.info("undo_reused", seq=h.seq)
-        self.points.publish(seg)  # 3. views switch to the undo before the image changes
+            self.points.publish(seg)
         for ext in entry.iter_extents(self.limits):
             self.write_extent(ext, ext_seq=h.seq)
         os.fdatasync(self._fd)

@@ -20,7 +20,8 @@ from broker.api import SERVICE_KEY
 from broker.authz import authorise_agent, check_source, identity_of, json_body
 from broker.errors import BadRequest
 from broker.httperrors import body_error
-from broker.points import StateInfo, Unchanged
+from broker.unchanged import Unchanged
+from broker.undo import StateInfo
 from common.config import NAME_PATTERN
 from common.logs import get_logger
 

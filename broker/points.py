@@ -1,4 +1,4 @@
-"""Recovery points: undo segments, copy-free "disk as of point P" views, and retention.
+"""Recovery points: the per-replica index of undo segments, and copy-free "disk as of P" views.
 
 Design (docs/decisions/001-undo-segments-for-recovery-points.md):
 
@@ -18,67 +18,51 @@ Design (docs/decisions/001-undo-segments-for-recovery-points.md):
   view (under a short exclusive lock) *before* the image is written, so a view never sees a byte
   of a batch newer than its point.
 
-Segment file layout (``points/undo-G1.S1-G2.S2.dat``, all integers big-endian)::
-
-    data area      the saved bytes of DATA entries, back to back
-    index          count x (offset u64, length u64, file_offset u64, kind u8, 7 zero bytes)
-    meta           JSON: base and top point descriptions
-    footer (40 B)  magic "RKUNDOv1", index offset u64, count u64, meta length u64,
-                   xxh3_64(index + meta) u64
-
-A segment is complete exactly when its footer is valid; only complete segments are used, and the
-applier writes the image only after the segment is complete and fsynced.
+Segment file format and overlay arithmetic: :mod:`broker.undo`; which points to keep, and within
+which size bound: :mod:`broker.tiers`.
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-import itertools
-import json
-import math
+import dataclasses
 import os
-import re
-import struct
 import threading
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Protocol
-
-import xxhash
+from typing import Any, Final
 
 from broker.errors import StoreCorrupt, UnknownPoint
-from common.fsio import data_segments, fsync_dir, is_zero, pread_exact
+from broker.unchanged import Unchanged, span_at, unchanged_spans
+from broker.undo import (
+    _NAME_RE,
+    _READ_CHUNK,
+    KIND_DATA,
+    Entry,
+    RWLock,
+    SegmentFile,
+    SegmentWriter,
+    UndoSegment,
+    _add_nonzero,
+    _overlapping,
+    cover_bytes,
+    merge_all,
+    overlay_merge,
+    segment_meta,
+)
+
+# Re-exported: the rest of the broker names states and keys through this module.
+from broker.undo import KIND_ZERO as KIND_ZERO  # noqa: PLC0414
+from broker.undo import CutKey as CutKey  # noqa: PLC0414
+from broker.undo import Key as Key  # noqa: PLC0414
+from broker.undo import StateInfo as StateInfo  # noqa: PLC0414
+from broker.undo import key_text as key_text  # noqa: PLC0414
+from common.fsio import data_segments, pread_exact
 from common.logs import get_logger
 
 _log = get_logger("broker.points")
-
-Key = tuple[int, int]
-"""A state of the disk: ``(generation, seq)`` of the last batch applied to reach it."""
-
-KIND_DATA: Final = 0
-KIND_ZERO: Final = 1
-
-_MAGIC: Final = b"RKUNDOv1"
-_FOOTER = struct.Struct(">8sQQQQ")
-_ENTRY = struct.Struct(">QQQB7x")
-_READ_CHUNK: Final = 8 * 1024 * 1024
-_ZERO_GRAIN: Final = 64 * 1024
-_NAME_RE: Final = re.compile(r"^undo-(\d+)\.(\d+)-(\d+)\.(\d+)\.dat$")
-
-# An overlay entry: [start, end) comes from ``src`` at ``src_off`` (DATA) or reads as zero.
-Entry = tuple[int, int, "UndoSegment | None", int, int]
-
-
-CutKey = tuple[int, int]
-"""A VM point: ``(generation, cut_id)`` of the cut every disk of the VM has."""
-
-
-def key_text(key: Key) -> str:
-    """The id of one disk's state as users see it: ``"G-S"`` (generation-seq)."""
-    return f"{key[0]}-{key[1]}"
 
 
 def parse_key(text: str) -> Key:
@@ -112,34 +96,6 @@ def parse_cut(text: str) -> CutKey:
         f"{text[:64]!r} is not a VM point id{hint}",
         fix="VM point ids look like 1:1042 (generation:cut); `replikant points VM` lists them",
     )
-
-
-@dataclass(frozen=True)
-class StateInfo:
-    """What is known about one state of the disk: its key and the cut that produced it."""
-
-    generation: int
-    seq: int
-    cut_ns: int
-    consistency: int
-    full: bool
-    cut_id: int = 0  # the VM cut the batch belonged to (0: none: never part of a VM point)
-    first_change_cut: int = 0  # the batch's idleness statement (docs/protocol/batch.md)
-
-    @property
-    def key(self) -> Key:
-        """``(generation, seq)``."""
-        return self.generation, self.seq
-
-    @property
-    def cut(self) -> CutKey:
-        """``(generation, cut_id)``: the VM point this state can be part of."""
-        return self.generation, self.cut_id
-
-    @property
-    def listed(self) -> bool:
-        """A usable recovery point: a real cut, not the empty disk or the middle of a full copy."""
-        return self.seq > 0 and not self.full
 
 
 @dataclass(frozen=True)
@@ -228,361 +184,36 @@ def pair_by_cut(
     Disks are paired by the cut id their batches carry, never by their sequence numbers: those
     drift apart for good after one lost ack, and a join of them mixes cuts taken at different
     instants (write order across disks broken). A cut some disk lacks (its batch failed and its
-    changes went into the next cut) is no VM point, unless that disk is known unchanged at the
-    cut (decision 004, rules 2 and 3: :func:`_unchanged_spans`); ``current`` holds, per disk, the
-    agent's latest statement that the disk is unchanged (None: none).
+    changes went into the next cut) is no VM point, unless that disk is known unchanged at it
+    (:mod:`broker.unchanged`; ``current`` holds each disk's newest agent statement, or None).
     """
     lists = [list(infos) for infos in per_disk]
-    maps = [
-        {p.state.cut: p for p in infos if p.state.listed and p.state.cut_id > 0} for infos in lists
-    ]
+    maps = [{p.state.cut: p for p in ps if p.state.listed and p.state.cut_id > 0} for ps in lists]
     if not maps:
         return []
     spans = [
-        _unchanged_spans(infos, current[i] if i < len(current) else None)
-        for i, infos in enumerate(lists)
+        unchanged_spans(ps, current[i] if i < len(current) else None) for i, ps in enumerate(lists)
     ]
     out = []
     for cut in sorted(set().union(*maps), reverse=True):
-        disks = [m.get(cut) or _span_at(sp, cut) for m, sp in zip(maps, spans, strict=True)]
+        disks = [m.get(cut) or span_at(sp, cut) for m, sp in zip(maps, spans, strict=True)]
         if all(d is not None for d in disks):
             out.append(VMPoint(cut, tuple(d for d in disks if d is not None)))
     return out
 
 
-@dataclass(frozen=True)
-class Unchanged:
-    """An agent's statement: the disk is as after batch ``seq`` through VM cut ``cut_id``."""
-
-    generation: int
-    seq: int
-    cut_id: int
-    cut_ns: int
-
-
-_Span = tuple[int, int, int, PointInfo]  # generation, first cut id, last cut id, the state
-
-
-def _unchanged_spans(infos: Sequence[PointInfo], current: Unchanged | None) -> list[_Span]:
-    """The cut ids at which the disk is known to be as after a state it has no batch of.
-
-    Rule 2: batch ``S+1`` says it holds no change before ``first_change_cut``, so cuts after
-    ``S``'s and below that are ``S``'s contents. Rule 3: the agent said the newest state still
-    held at a later cut.
-    """
-    chain = sorted(
-        (p for p in infos if p.state.listed and p.state.cut_id > 0), key=lambda p: p.state.key
-    )
-    spans: list[_Span] = []
-    for a, b in itertools.pairwise(chain):
-        sa, sb = a.state, b.state
-        adjacent = sb.generation == sa.generation and sb.seq == sa.seq + 1
-        if adjacent and sb.first_change_cut > sa.cut_id + 1:
-            spans.append((sa.generation, sa.cut_id + 1, sb.first_change_cut - 1, a))
-    if chain and current is not None:
-        last = chain[-1].state
-        if (current.generation, current.seq) == last.key and current.cut_id > last.cut_id:
-            spans.append((last.generation, last.cut_id + 1, current.cut_id, chain[-1]))
-    return spans
-
-
-def _span_at(spans: list[_Span], cut: CutKey) -> PointInfo | None:
-    i = bisect.bisect_right(spans, cut, key=lambda s: (s[0], s[1])) - 1
-    if i >= 0 and spans[i][0] == cut[0] and spans[i][1] <= cut[1] <= spans[i][2]:
-        return spans[i][3]
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# Reader/writer lock
-
-
-class RWLock:
-    """Many readers or one writer; the applier's publish step is the (brief) writer."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-
-    def acquire_read(self) -> None:
-        """Wait until no writer holds the lock, then join the readers."""
-        with self._cond:
-            while self._writer:
-                self._cond.wait()
-            self._readers += 1
-
-    def release_read(self) -> None:
-        """Leave the readers."""
-        with self._cond:
-            self._readers -= 1
-            if self._readers == 0:
-                self._cond.notify_all()
-
-    def acquire_write(self) -> None:
-        """Wait until nobody holds the lock, then hold it alone."""
-        with self._cond:
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._writer = True
-
-    def release_write(self) -> None:
-        """Release the exclusive hold."""
-        with self._cond:
-            self._writer = False
-            self._cond.notify_all()
-
-
-# --------------------------------------------------------------------------------------------
-# Interval arithmetic over overlay entries
-
-
-def _fragment(entry: Entry, start: int, end: int) -> Entry:
-    s, _e, src, off, kind = entry
-    return (start, end, src, off + (start - s) if kind == KIND_DATA else 0, kind)
-
-
-def overlay_merge(older: list[Entry], newer: list[Entry]) -> list[Entry]:
-    """``older`` plus the parts of ``newer`` that ``older`` does not cover, sorted by offset.
-
-    Both inputs are sorted and non-overlapping; so is the result. "Older wins" is what reading a
-    point needs: the undo from the oldest batch after the point holds the point's bytes.
-    """
-    if not older:
-        return list(newer)
-    if not newer:
-        return list(older)
-    fragments: list[Entry] = []
-    i = 0
-    n_old = len(older)
-    for entry in newer:
-        s, e = entry[0], entry[1]
-        while i < n_old and older[i][1] <= s:
-            i += 1
-        pos = s
-        j = i
-        while pos < e:
-            if j < n_old and older[j][0] < e:
-                o_start, o_end = older[j][0], older[j][1]
-                if o_start > pos:
-                    fragments.append(_fragment(entry, pos, o_start))
-                pos = max(pos, o_end)
-                j += 1
-            else:
-                fragments.append(_fragment(entry, pos, e))
-                pos = e
-    if not fragments:
-        return list(older)
-    out = older + fragments
-    out.sort(key=lambda x: x[0])
-    return out
-
-
-def merge_all(levels: list[list[Entry]]) -> list[Entry]:
-    """Overlay-merge entry lists given oldest first, pairwise (O(n log k), not O(n k))."""
-    if not levels:
-        return []
-    while len(levels) > 1:
-        nxt = [
-            overlay_merge(levels[k], levels[k + 1]) if k + 1 < len(levels) else levels[k]
-            for k in range(0, len(levels), 2)
-        ]
-        levels = nxt
-    return levels[0]
-
-
-def _overlapping(entries: list[Entry], offset: int, end: int) -> Iterator[Entry]:
-    """Entries intersecting ``[offset, end)``, in order."""
-    idx = bisect.bisect_right(entries, offset, key=lambda x: x[0]) - 1
-    idx = max(idx, 0)
-    n = len(entries)
-    while idx < n and entries[idx][0] < end:
-        if entries[idx][1] > offset:
-            yield entries[idx]
-        idx += 1
-
-
-# --------------------------------------------------------------------------------------------
-# Undo segments
-
-
-def segment_name(first: Key, top: Key) -> str:
-    """File name of the segment covering batches ``first..top``."""
-    return f"undo-{first[0]}.{first[1]}-{top[0]}.{top[1]}.dat"
-
-
-def _state_from_json(data: dict[str, Any]) -> StateInfo:
-    return StateInfo(
-        generation=int(data["generation"]),
-        seq=int(data["seq"]),
-        cut_ns=int(data["cut_ns"]),
-        consistency=int(data["consistency"]),
-        full=bool(data["full"]),
-        # Segments written before cut ids existed have none: such states are no VM point.
-        cut_id=int(data.get("cut_id", 0)),
-        first_change_cut=int(data.get("first_change_cut", 0)),
-    )
-
-
-class _FileState:
-    """The open descriptor of a segment, shared with its finalizer (which closes/unlinks it)."""
-
-    __slots__ = ("fd", "lock", "path", "retired")
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd: int | None = None
-        self.retired = False
-        self.lock = threading.Lock()
-
-
-def _finalize_file(state: _FileState) -> None:
-    if state.fd is not None:
-        os.close(state.fd)
-        state.fd = None
-    if state.retired:
-        # Deferred unlink: a view still reading the old data kept this segment alive until now.
-        state.path.unlink(missing_ok=True)
-
-
-class UndoSegment:
-    """One complete undo file: its entries (in memory) and its base/top states.
-
-    Once retired (merged into a bigger segment, or dropped by retention) the file is deleted as
-    soon as no view references the segment any more.
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        first: Key,
-        base: StateInfo,
-        top: StateInfo,
-        entries: list[Entry],
-        size_bytes: int,
-    ) -> None:
-        self.path = path
-        self.first = first
-        self.base = base
-        self.top = top
-        self.entries = entries
-        self.size_bytes = size_bytes
-        self._file = _FileState(path)
-        self._finalizer = weakref.finalize(self, _finalize_file, self._file)
-
-    def __repr__(self) -> str:
-        return f"UndoSegment({self.path.name})"
-
-    @property
-    def data_bytes(self) -> int:
-        """Bytes of saved data."""
-        return sum(e[1] - e[0] for e in self.entries if e[4] == KIND_DATA)
-
-    def pread(self, length: int, offset: int) -> bytes:
-        """Read saved bytes at ``offset`` of the data area."""
-        st = self._file
-        with st.lock:
-            if st.fd is None:
-                st.fd = os.open(st.path, os.O_RDONLY | os.O_CLOEXEC)
-            fd = st.fd
-        return pread_exact(fd, length, offset)
-
-    def retire(self) -> None:
-        """Delete the file once nothing reads it (now, if nothing does)."""
-        self._file.retired = True
-        # Entries point back at their segment: break that cycle so that reference counting
-        # frees (and so unlinks) the segment as soon as the last view lets go of it.
-        self.entries = []
-
-    def release(self) -> None:
-        """Close the descriptor now (index shutdown); retired files are then unlinked."""
-        self._finalizer()
-
-    @classmethod
-    def load(cls, path: Path) -> UndoSegment | None:
-        """Open a segment file; ``None`` if it is incomplete (no valid footer)."""
-        try:
-            with path.open("rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                if size < _FOOTER.size:
-                    return None
-                fh.seek(size - _FOOTER.size)
-                magic, index_off, count, meta_len, checksum = _FOOTER.unpack(fh.read(_FOOTER.size))
-                if magic != _MAGIC or index_off + count * _ENTRY.size + meta_len != (
-                    size - _FOOTER.size
-                ):
-                    return None
-                fh.seek(index_off)
-                blob = fh.read(count * _ENTRY.size + meta_len)
-        except FileNotFoundError:
-            return None
-        if xxhash.xxh3_64_intdigest(blob) != checksum:
-            return None
-        meta = json.loads(blob[count * _ENTRY.size :])
-        seg = cls(
-            path, (0, 0), _state_from_json(meta["base"]), _state_from_json(meta["top"]), [], 0
-        )
-        entries: list[Entry] = []
-        for i in range(count):
-            off, length, file_off, kind = _ENTRY.unpack_from(blob, i * _ENTRY.size)
-            entries.append((off, off + length, seg if kind == KIND_DATA else None, file_off, kind))
-        seg.entries = entries
-        seg.first = (int(meta["first"][0]), int(meta["first"][1]))
-        seg.size_bytes = size
-        return seg
-
-
-class _SegmentWriter:
-    """Writes one segment file: data first, then index, meta and footer, then fsync."""
-
-    def __init__(self, directory: Path, first: Key, top: Key) -> None:
-        self.final = directory / segment_name(first, top)
-        self.tmp = directory / (self.final.name + ".tmp")
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        self._fh = os.fdopen(fd, "wb")
-        self._pos = 0
-        self.raw: list[tuple[int, int, int, int]] = []  # (offset, length, file_off, kind)
-
-    def add_data(self, offset: int, data: bytes | memoryview) -> None:
-        self._fh.write(data)
-        self.raw.append((offset, len(data), self._pos, KIND_DATA))
-        self._pos += len(data)
-
-    def add_zero(self, offset: int, length: int) -> None:
-        last = self.raw[-1] if self.raw else None
-        if last is not None and last[3] == KIND_ZERO and last[0] + last[1] == offset:
-            self.raw[-1] = (last[0], last[1] + length, 0, KIND_ZERO)
-        else:
-            self.raw.append((offset, length, 0, KIND_ZERO))
-
-    def finish(self, meta: dict[str, Any]) -> Path:
-        index = b"".join(_ENTRY.pack(o, n, f, k) for o, n, f, k in self.raw)
-        meta_bytes = json.dumps(meta, sort_keys=True).encode()
-        blob = index + meta_bytes
-        self._fh.write(blob)
-        self._fh.write(
-            _FOOTER.pack(
-                _MAGIC, self._pos, len(self.raw), len(meta_bytes), xxhash.xxh3_64_intdigest(blob)
-            )
-        )
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        os.replace(self.tmp, self.final)
-        fsync_dir(self.final.parent)
-        return self.final
-
-    def abort(self) -> None:
-        self._fh.close()
-        self.tmp.unlink(missing_ok=True)
-
-
-def _segment_meta(first: Key, base: StateInfo, top: StateInfo) -> dict[str, Any]:
-    return {"first": list(first), "base": asdict(base), "top": asdict(top)}
-
-
 # --------------------------------------------------------------------------------------------
 # The per-replica index of segments
+
+
+MERGE_SHARE: Final = 8
+"""Captures leave this fraction (1/8) of a disk's bound free, so that thinning always has room
+to write a merged segment beside its parts without crossing the bound."""
+
+
+def capture_bound(bound: int) -> int:
+    """What captures may fill of a disk's bound (the rest is merge room)."""
+    return bound - bound // MERGE_SHARE
 
 
 class PointsIndex:
@@ -599,6 +230,12 @@ class PointsIndex:
         self._segments: list[UndoSegment] = []
         self._views: weakref.WeakSet[PointView] = weakref.WeakSet()
         self._pins: dict[Key, int] = {}
+        self._held: list[SegmentFile] = []  # retired files an open view still reads
+        self._writing = 0  # bytes reserved for a merge being written
+        self.churn_bytes = 0
+        """Undo bytes the applied batches asked room for since start: the churn against the
+        bound (a batch too big for it still counts)."""
+        self._forced_drops = 0  # points dropped for room (bound, store low), not by policy
 
     # -- loading
     def load(self, applied: StateInfo) -> None:
@@ -674,11 +311,81 @@ class PointsIndex:
         return [p for p in out if include_hidden or p.state.listed]
 
     def undo_bytes(self) -> int:
-        """Bytes of undo data on disk."""
+        """Bytes of the segments that hold points."""
         with self._mutex:
             return sum(s.size_bytes for s in self._segments)
 
+    def journal_bytes(self) -> int:
+        """All recovery-point bytes on disk: segments, retired files an export still reads, and
+        a merge being written (what the disk's bound limits)."""
+        with self._mutex:
+            self._held = [f for f in self._held if not f.gone]
+            held = sum(f.size for f in self._held)
+            return sum(s.size_bytes for s in self._segments) + held + self._writing
+
+    def coverage(self, grain: int) -> dict[Key, int]:
+        """Per segment (by its base state), the grains it covers (:meth:`UndoSegment.coverage`)."""
+        with self._mutex:
+            segs = list(self._segments)
+        return {s.base.key: s.coverage(grain) for s in segs}
+
+    def oldest(self) -> StateInfo | None:
+        """The oldest state a segment keeps (the oldest point, if it is listed)."""
+        with self._mutex:
+            return self._segments[0].base if self._segments else None
+
+    def _retire(self, seg: UndoSegment) -> None:
+        file = seg.retire()
+        if not file.gone:
+            self._held.append(file)
+
+    def drop_oldest(self, *, reason: str) -> int:
+        """Drop the oldest segment unless an export pins its point; returns its bytes (0: none
+        could go). The point at its base is gone; its data was only needed for that point."""
+        with self._mutex:
+            if not self._segments or self._segments[0].base.key in self._pins:
+                return 0
+            seg = self._segments.pop(0)
+            self._retire(seg)
+            if reason != "retention":
+                self._forced_drops += 1
+        _log.info("undo_dropped", file=seg.path.name, point=key_text(seg.base.key), reason=reason)
+        return seg.size_bytes
+
+    def take_forced_drops(self) -> int:
+        """Points dropped for room since the last call (not by the retention policy)."""
+        with self._mutex:
+            n, self._forced_drops = self._forced_drops, 0
+            return n
+
+    @contextlib.contextmanager
+    def room_for(self, needed: int, bound: int) -> Iterator[int]:
+        """Drop the oldest points until ``needed`` more bytes fit within ``bound``, and hold
+        that room (counted in :meth:`journal_bytes`) while the caller captures and publishes.
+        Yields how many bytes the exports' pins keep over the bound (0: it fits)."""
+        over = 0
+        bound = capture_bound(bound)
+        while (over := self.journal_bytes() + needed - bound) > 0:
+            if not self.drop_oldest(reason="journal_bound"):
+                break
+        with self._mutex:
+            self._writing += needed
+            self.churn_bytes += needed
+        try:
+            yield max(over, 0)
+        finally:
+            with self._mutex:
+                self._writing -= needed
+
     # -- capture and publish (the applier)
+    def capture_marker(self, base: StateInfo, top: StateInfo) -> UndoSegment:
+        """An empty undo segment for batch ``top`` whose base is no point: for a batch whose
+        undo alone is larger than the bound (nothing older is kept then). It marks the batch
+        as captured, so that a replay after a crash never saves half-applied bytes as the
+        base's contents."""
+        # Hidden like the middle of a full copy: never listed, never opened as a point.
+        return self.capture(-1, [], dataclasses.replace(base, full=True), top)
+
     def capture(
         self,
         image_fd: int,
@@ -691,7 +398,7 @@ class PointsIndex:
         Holes and zero blocks are recorded as zero entries (no data). The file is complete
         and fsynced when this returns; it is not yet visible to views (see :meth:`publish`).
         """
-        writer = _SegmentWriter(self.dir, top.key, top.key)
+        writer = SegmentWriter(self.dir, top.key, top.key)
         try:
             for offset, length in ranges:
                 for start, run, allocated in data_segments(image_fd, offset, length):
@@ -704,7 +411,7 @@ class PointsIndex:
                         data = pread_exact(image_fd, n, pos)
                         _add_nonzero(writer, pos, data)
                         pos += n
-            path = writer.finish(_segment_meta(top.key, base, top))
+            path = writer.finish(segment_meta(top.key, base, top))
         except BaseException:
             writer.abort()
             raise
@@ -760,20 +467,21 @@ class PointsIndex:
             return set(self._pins)
 
     # -- retention
-    def apply_retention(self, keep: set[Key]) -> tuple[int, int]:
+    def apply_retention(
+        self, keep: set[Key], *, bound: int | None = None, grain: int = 4096
+    ) -> tuple[int, int]:
         """Drop and merge segments so that only the points in ``keep`` (and pins) remain.
 
         Returns ``(segments dropped, segments merged away)``. The newest state is never a
-        segment base, so it is always kept.
+        segment base, so it is always kept. With a ``bound``, a merge whose output (at most its
+        parts, at most what they cover) would not fit beside them waits for a later pass.
         """
         dropped = merged = 0
         with self._mutex:
             keep = keep | set(self._pins)
             # 1. Drop from the oldest end: deleting a file is all it costs.
             while self._segments and self._segments[0].base.key not in keep:
-                seg = self._segments.pop(0)
-                seg.retire()
-                _log.info("undo_dropped", file=seg.path.name, point=key_text(seg.base.key))
+                self.drop_oldest(reason="retention")
                 dropped += 1
             # 2. Merge each run of segments whose inner bases are not kept.
             runs: list[list[UndoSegment]] = []
@@ -783,15 +491,47 @@ class PointsIndex:
                 else:
                     runs.append([seg])
         for run in runs:
-            if len(run) > 1:
-                self._merge_run(run)
-                merged += len(run) - 1
+            merged += self._merge_in_room(run, bound, grain)
         return dropped, merged
 
-    def _merge_run(self, run: list[UndoSegment]) -> None:
-        """Replace consecutive segments by one (oldest undo wins per range)."""
+    def _merge_in_room(self, run: list[UndoSegment], bound: int | None, grain: int) -> int:
+        """Merge ``run`` into one segment, a prefix at a time when the whole merge's output
+        would not fit within ``bound`` beside its parts (each merge frees room for the next).
+        Returns how many segments went."""
+        merged = 0
+        while len(run) > 1:
+            cover = size = 0
+            take = 0
+            with self._mutex:
+                room = bound - self.journal_bytes() if bound is not None else None
+            for seg in run:
+                nxt = cover | seg.coverage(grain)
+                out = min(size + seg.size_bytes, cover_bytes(nxt, grain))
+                if take >= 1 and room is not None and out > room:
+                    break
+                cover, size, take = nxt, size + seg.size_bytes, take + 1
+            out = min(size, cover_bytes(cover, grain))
+            if take < 2 or (room is not None and out > room):
+                _log.info("undo_merge_deferred", file=run[0].path.name, parts=len(run))
+                break
+            with self._mutex:
+                self._writing += out
+            try:
+                new = self._merge_run(run[:take])
+            finally:
+                with self._mutex:
+                    self._writing -= out
+            if new is None:
+                break
+            merged += take - 1
+            run = [new, *run[take:]]
+        return merged
+
+    def _merge_run(self, run: list[UndoSegment]) -> UndoSegment | None:
+        """Replace consecutive segments by one (oldest undo wins per range); returns it (None
+        when the applier dropped some of them for room meanwhile)."""
         entries = merge_all([s.entries for s in run])
-        writer = _SegmentWriter(self.dir, run[0].first, run[-1].top.key)
+        writer = SegmentWriter(self.dir, run[0].first, run[-1].top.key)
         try:
             for start, end, src, src_off, kind in entries:
                 if kind == KIND_ZERO or src is None:
@@ -802,7 +542,7 @@ class PointsIndex:
                     n = min(_READ_CHUNK, end - pos)
                     writer.add_data(pos, src.pread(n, src_off + (pos - start)))
                     pos += n
-            path = writer.finish(_segment_meta(run[0].first, run[0].base, run[-1].top))
+            path = writer.finish(segment_meta(run[0].first, run[0].base, run[-1].top))
         except BaseException:
             writer.abort()
             raise
@@ -810,22 +550,26 @@ class PointsIndex:
         if new is None:  # pragma: no cover
             raise StoreCorrupt(f"merged undo segment {path} unreadable right after writing it")
         with self._mutex:
+            if any(seg not in self._segments for seg in run):
+                self._retire(new)
+                return None
             first_idx = self._segments.index(run[0])
             self._segments[first_idx : first_idx + len(run)] = [new]
-        for seg in run:
-            seg.retire()
+            for seg in run:
+                self._retire(seg)
         _log.info(
             "undo_merged",
             file=path.name,
             parts=len(run),
             removed_points=[key_text(s.base.key) for s in run[1:]],
         )
+        return new
 
     def drop_all(self) -> None:
         """Forget every segment (a full copy starts over; no listed point depends on them)."""
         with self._mutex:
             for seg in self._segments:
-                seg.retire()
+                self._retire(seg)
             self._segments = []
 
     def close(self) -> None:
@@ -845,33 +589,6 @@ def _preadinto(fd: int, buf: memoryview, offset: int) -> None:
             buf[got:] = bytes(len(buf) - got)
             return
         got += n
-
-
-def _add_nonzero(writer: _SegmentWriter, offset: int, data: bytes) -> None:
-    """Record ``data`` at ``offset``, as zero entries where whole 64 KiB grains are zero."""
-    if is_zero(data):
-        writer.add_zero(offset, len(data))
-        return
-    view = memoryview(data)
-    run_start = 0
-    run_zero: bool | None = None
-    for pos in range(0, len(data), _ZERO_GRAIN):
-        grain_zero = is_zero(view[pos : pos + _ZERO_GRAIN])
-        if run_zero is None:
-            run_zero = grain_zero
-        elif grain_zero != run_zero:
-            _flush_run(writer, offset, view, run_start, pos, run_zero)
-            run_start, run_zero = pos, grain_zero
-    _flush_run(writer, offset, view, run_start, len(data), bool(run_zero))
-
-
-def _flush_run(
-    writer: _SegmentWriter, offset: int, view: memoryview, start: int, end: int, zero: bool
-) -> None:
-    if zero:
-        writer.add_zero(offset + start, end - start)
-    else:
-        writer.add_data(offset + start, view[start:end])
 
 
 def _neg(key: Key) -> Key:
@@ -967,91 +684,3 @@ class PointView:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-# --------------------------------------------------------------------------------------------
-# Retention policy
-
-
-@dataclass(frozen=True)
-class RetentionPolicy:
-    """``[retention]`` of broker.toml in seconds."""
-
-    any_point_seconds: float
-    hourly_seconds: float
-    app_consistent_seconds: float
-
-
-class Retainable(Protocol):
-    """What retention looks at: a disk state (:class:`StateInfo`) or a VM point."""
-
-    @property
-    def key(self) -> tuple[int, int]:
-        """Ordered: newer points have larger keys."""
-
-    @property
-    def listed(self) -> bool:
-        """A recovery point operators see (others are kept only when newest)."""
-
-    @property
-    def cut_ns(self) -> int:
-        """When the point was cut."""
-
-    @property
-    def consistency(self) -> int:
-        """1 for application-consistent."""
-
-
-def plan_retention(
-    states: Iterable[Retainable], now_ns: int, policy: RetentionPolicy
-) -> set[tuple[int, int]]:
-    """Which points to keep: every point in the any-point window, the newest point of each
-    clock hour in the hourly window, app-consistent points for their own window, and always the
-    newest state. Hidden states (the empty disk, mid-full-copy) are kept only if newest.
-    """
-    items = sorted(states, key=lambda s: s.key)
-    keep: set[tuple[int, int]] = set()
-    if not items:
-        return keep
-    keep.add(items[-1].key)
-    hour_best: dict[int, Retainable] = {}
-    for st in items:
-        if not st.listed:
-            continue
-        age = (now_ns - st.cut_ns) / 1e9
-        if age <= policy.any_point_seconds:
-            keep.add(st.key)
-            continue
-        if st.consistency == 1 and age <= policy.app_consistent_seconds:
-            keep.add(st.key)
-        if age <= policy.any_point_seconds + policy.hourly_seconds:
-            bucket = math.floor(st.cut_ns / 3.6e12)
-            best = hour_best.get(bucket)
-            if best is None or st.key > best.key:
-                hour_best[bucket] = st
-    keep.update(s.key for s in hour_best.values())
-    return keep
-
-
-def plan_vm_retention(
-    per_disk: Sequence[Sequence[PointInfo]], now_ns: int, policy: RetentionPolicy
-) -> list[set[Key]]:
-    """Per disk of one VM, the states to keep: its state at every VM point the policy keeps,
-    its newest state, and every state after the newest VM point.
-
-    The policy is applied to VM points, never disk by disk: a disk that kept another hour's
-    point than its sibling would leave that hour with no VM point at all. States after the
-    newest VM point are the cuts a lagging disk has not reached yet; dropping them would lose
-    VM points that appear when it does.
-    """
-    points = pair_by_cut(per_disk)
-    kept = plan_retention(points, now_ns, policy)
-    newest_cut = points[0].cut if points else (0, 0)
-    out: list[set[Key]] = []
-    for i, infos in enumerate(per_disk):
-        keep = {points[j].disks[i].state.key for j in range(len(points)) if points[j].cut in kept}
-        keep.update(p.state.key for p in infos if p.state.listed and p.state.cut > newest_cut)
-        if infos:
-            keep.add(max(p.state.key for p in infos))
-        out.append(keep)
-    return out

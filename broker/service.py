@@ -45,13 +45,14 @@ from broker.hashes import block_hashes
 from broker.httperrors import HTTP_LOG
 from broker.membership import Membership
 from broker.pitexport import PointInTimeExport
-from broker.points import Key, RetentionPolicy, key_text, plan_vm_retention
+from broker.points import Key, key_text
+from broker.retention import Retainer, free_store_space, publish
 from broker.space import StoreSpace
 from broker.store import Replica, Store
 from broker.views import status_vms
 from certs.service import startup_problems
 from common import topics
-from common.config import BrokerConfig, writable_dir_problems
+from common.config import BrokerConfig, parse_listen, writable_dir_problems
 from common.errors import ConfigError, refuse_to_start
 from common.fsio import atomic_write_json
 from common.hrl import DEFAULT_LIMITS, DecodeLimits
@@ -63,6 +64,8 @@ from common.tls import Identity, MutualTLSSite, client_context, server_context
 _log = get_logger("broker.service")
 
 RETENTION_INTERVAL: Final = 30.0
+PRESSURE_PASS_INTERVAL: Final = 2.0
+"""Seconds between retention passes while some disk's points fill most of its bound."""
 READ_BUFSIZE: Final = 4 * 1024 * 1024
 
 
@@ -82,12 +85,6 @@ def validate(config: BrokerConfig, source: str = "broker config") -> None:
     refuse_to_start(check_config(config), source=source, service="broker")
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``host:port`` (``[v6]:port``) to a tuple."""
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 class BrokerService:
     """The broker's live state, shared by the HTTP handlers, the appliers and the CLI."""
 
@@ -101,6 +98,7 @@ class BrokerService:
         self.config = config
         self.limits = limits
         self.retention_interval = retention_interval
+        self.retainer = Retainer(config)
         self.store = Store(config.broker.store)
         self.space = StoreSpace(self.store.root, config.broker.min_free_bytes)
         self.epoch = 0
@@ -144,7 +142,7 @@ class BrokerService:
             app, handle_signals=False, access_log=None, read_bufsize=READ_BUFSIZE, logger=HTTP_LOG
         )
         await self._runner.setup()
-        host, port = parse_listen(self.config.broker.listen)
+        host, port = parse_listen(self.config.broker.listen, default_host="0.0.0.0")
         self._site = MutualTLSSite(self._runner, host, port, server_context(self.config.tls))
         await self._site.start()
         self.url = f"https://{host}:{self._site.port}"
@@ -333,6 +331,7 @@ class BrokerService:
                 limits=self.limits,
                 alert=self._alert,
             )
+            self.retainer.configure(engine)
             self.engines[replica.key] = engine
             engine.start()
         return engine
@@ -423,8 +422,16 @@ class BrokerService:
 
     def check_space(self, *, needed: int, replica: Replica | None = None) -> None:
         """Refuse up front when the store is below its reserve."""
+        space = self.space
+        if space.free() - needed < space.reserve:
+            # Recovery points yield before replication does: old undo goes before any 507.
+            gone = free_store_space(
+                list(self.engines.values()), lambda: space.free() - needed >= space.reserve
+            )
+            if gone["points_dropped"]:
+                _log.warning("store_low_points_dropped", store=str(space.root), **gone)
         label = f" for {replica.label}" if replica is not None else ""
-        self.space.check(needed, f"accepting a batch{label}")
+        space.check(needed, f"accepting a batch{label}")
 
     def storage_full(self, exc: StorageFullError) -> None:
         """Raise the broker-wide storage_full condition (idempotent)."""
@@ -473,52 +480,37 @@ class BrokerService:
         }
 
     # -- retention
-    def retention_policy(self) -> RetentionPolicy:
-        """``[retention]`` in seconds."""
-        r = self.config.retention
-        return RetentionPolicy(
-            any_point_seconds=r.any_point_minutes * 60,
-            hourly_seconds=r.hourly_hours * 3600,
-            app_consistent_seconds=r.app_consistent_days * 86400,
-        )
-
-    def run_retention(self, now_ns: int | None = None) -> None:
-        """Prune and thin every VM's points (blocking; the retention task runs it).
-
-        The policy picks VM points; each disk keeps its state at every kept one
-        (:func:`broker.points.plan_vm_retention`).
-        """
+    def run_retention(self, now_ns: int | None = None) -> list[Any]:
+        """Thin and prune every VM's points within each disk's bound (blocking; the retention
+        task runs it): :class:`broker.retention.Retainer`. Returns the per-disk verdicts."""
         now_ns = now_ns if now_ns is not None else time.time_ns()
-        policy = self.retention_policy()
-        by_vm: dict[str, list[ReplicaEngine]] = {}
-        for engine in list(self.engines.values()):
-            by_vm.setdefault(engine.replica.meta.vm_uuid, []).append(engine)
         disks: dict[str, int] = {}
         for replica in self.store.replicas():
             disks[replica.meta.vm_uuid] = disks.get(replica.meta.vm_uuid, 0) + 1
-        for vm_uuid, engines in by_vm.items():
-            if len(engines) != disks.get(vm_uuid):
-                continue  # a disk being seeded has no engine now: VM points need every disk
-            infos = [e.points.points(e.state(), include_hidden=True) for e in engines]
-            plans = plan_vm_retention(infos, now_ns, policy)
-            for engine, keep in zip(engines, plans, strict=True):
-                dropped, merged = engine.points.apply_retention(keep)
-                if dropped or merged:
-                    _log.info(
-                        "retention_applied",
-                        vm=engine.replica.meta.vm_name,
-                        disk=engine.replica.meta.disk_id,
-                        dropped=dropped,
-                        merged=merged,
-                        undo_bytes=engine.points.undo_bytes(),
-                    )
+        engines = list(self.engines.values())
+        live: dict[str, int] = {}
+        for e in engines:
+            live[e.replica.meta.vm_uuid] = live.get(e.replica.meta.vm_uuid, 0) + 1
+        # A disk being seeded has no engine now: VM points need every disk.
+        engines = [
+            e for e in engines if live[e.replica.meta.vm_uuid] == disks.get(e.replica.meta.vm_uuid)
+        ]
+        return self.retainer.run(engines, now_ns)
 
     async def _retention_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.retention_interval)
+            await asyncio.sleep(1.0)
+            since = time.monotonic() - self.retainer.last_pass
+            engines = list(self.engines.values())
+            if since < self.retention_interval and not (
+                since >= PRESSURE_PASS_INTERVAL and self.retainer.under_pressure(engines)
+            ):
+                continue
             try:
-                await asyncio.to_thread(self.run_retention)
+                verdicts = await asyncio.to_thread(self.run_retention)
+                publish(verdicts, time.time_ns())
             except (OSError, BrokerError) as exc:
+                self.retainer.last_pass = time.monotonic()
                 _log.error("retention_failed", error=str(exc))
             if "storage_full" in self.conditions:
                 with contextlib.suppress(StorageFullError):
@@ -650,4 +642,4 @@ def load_run_file(store_root: Path) -> dict[str, Any]:
     return data
 
 
-__all__ = ["BrokerService", "load_run_file", "parse_listen"]
+__all__ = ["BrokerService", "load_run_file"]

@@ -117,6 +117,21 @@ def point_pending(engine: ReplicaEngine, key: Key) -> bool:
     return False
 
 
+def journal_json(engine: ReplicaEngine) -> dict[str, Any]:
+    """One disk's recovery-point data against its bound, as status and ``points`` show it."""
+    listed = engine.points.points(engine.state())
+    oldest = listed[-1].state if listed else None
+    m = engine.replica.meta
+    return {
+        "disk": m.disk_id,
+        "bytes": engine.points.journal_bytes(),
+        "bound_bytes": engine.journal_bound,
+        "disk_bytes": m.disk_size,
+        "oldest_point": key_text(oldest.key) if oldest is not None else None,
+        "oldest_time": oldest.cut_ns / 1e9 if oldest is not None and oldest.cut_ns else None,
+    }
+
+
 def _disk_json(service: Replicas, replica: Replica) -> dict[str, Any]:
     engine = service.engine_for(replica)
     m = replica.meta
@@ -125,6 +140,7 @@ def _disk_json(service: Replicas, replica: Replica) -> dict[str, Any]:
         **state_json(service, replica),
         "backlog": engine.backlog(),
         "undo_bytes": engine.points.undo_bytes(),
+        "journal": journal_json(engine),
         "replica_image": str(replica.image),
         "last_cut": (current_cut_ns(engine.current, state) / 1e9) if state.cut_ns else None,
         "conditions": [
@@ -191,7 +207,11 @@ def _vm_points(service: Replicas, replicas: list[Replica]) -> list[VMPoint]:
 def vm_point_list(service: Replicas, replicas: list[Replica]) -> list[dict[str, Any]]:
     """A VM's points, newest first: the cuts every disk of it has (never a join of seqs)."""
     disk_ids = [r.meta.disk_id for r in replicas]
-    return [p.to_json(disk_ids) for p in _vm_points(service, replicas)]
+    now, vm = time.time_ns(), replicas[0].meta.vm_uuid
+    tier = service.retainer.tier_label
+    return [
+        {**p.to_json(disk_ids), "tier": tier(vm, p, now)} for p in _vm_points(service, replicas)
+    ]
 
 
 def resolve_vm_point(

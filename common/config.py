@@ -99,6 +99,15 @@ def writable_dir_problems(
     return [] if problem is None else [problem]
 
 
+def parse_listen(value: str, *, default_host: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) as a tuple, ``default_host`` when the host is empty
+    (``:8443``); raises ValueError naming the value."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not host:port")
+    return host.strip("[]") or default_host, int(port)
+
+
 class _Strict(BaseModel):
     # Unknown keys are refused: a typo such as `intervall_seconds` must not silently mean default.
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -202,7 +211,22 @@ class AgentSection(_Strict):
 class NBDSection(_Strict):
     socket_dir: Path
     tcp_listen: str | None = None
+    tcp_clients: list[str] = Field(default_factory=list)
+    """Certificate identities (``replikant://...`` URIs) that may open exports over
+    ``tcp_listen``; empty: only this agent's own identity. Any certificate of our CA is not
+    enough: a broker's or another host's certificate must never read this host's disks."""
     max_connections: int = Field(default=100, ge=1, le=1000)
+
+    @field_validator("tcp_clients")
+    @classmethod
+    def _identity_uris(cls, value: list[str]) -> list[str]:
+        for uri in value:
+            if not uri.startswith("replikant://"):
+                raise ValueError(
+                    f"{uri!r} is not a certificate identity; list URIs such as "
+                    "'replikant://agent/hv2' or 'replikant://admin/alice'"
+                )
+        return value
 
 
 class BrokerTarget(_Strict):
@@ -250,10 +274,43 @@ class Authorization(_Strict):
     agents: list[Name] = Field(default_factory=list)
 
 
+def journal_bound_bytes(bound: int | str, disk_size: int) -> int:
+    """A journal bound (bytes, or ``"N%"`` of the disk) in bytes for a disk of ``disk_size``."""
+    if isinstance(bound, int):
+        return bound
+    return int(disk_size * float(bound.removesuffix("%")) / 100)
+
+
+def _check_bound(value: int | str) -> int | str:
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"journal_bound {value} is negative: give bytes or a percentage")
+        return value
+    text = value.strip()
+    try:
+        pct = float(text.removesuffix("%"))
+    except ValueError:
+        pct = -1.0
+    if not text.endswith("%") or not 0 <= pct <= 100_000:
+        raise ValueError(
+            f"journal_bound {value!r} is neither bytes nor a percentage of the disk: "
+            'write e.g. journal_bound = "100%" or journal_bound = 1073741824'
+        )
+    return text
+
+
 class Retention(_Strict):
-    any_point_minutes: float = Field(default=60.0, ge=0)
-    hourly_hours: float = Field(default=24.0, ge=0)
+    """Recovery points: tiers (each keeps points up to an age, one per its spacing) and the
+    size bound on each disk's recovery-point data (docs/broker.md)."""
+
+    any_point_minutes: float = Field(default=10.0, ge=0)
+    minute_hours: float = Field(default=2.0, ge=0)
+    hourly_hours: float = Field(default=48.0, ge=0)
+    daily_days: float = Field(default=30.0, ge=0)
     app_consistent_days: float = Field(default=7.0, ge=0)
+    journal_bound: int | str = "100%"
+
+    _bound = field_validator("journal_bound")(_check_bound)
 
 
 class BrokerVM(_Strict):
@@ -261,6 +318,10 @@ class BrokerVM(_Strict):
 
     uuid: uuid_mod.UUID
     allowed_agents: list[Name] = Field(default_factory=list)
+    journal_bound: int | str | None = None
+    """This VM's disks' bound instead of ``[retention] journal_bound``."""
+
+    _bound = field_validator("journal_bound")(_check_bound)
 
 
 class BrokerConfig(_Strict):

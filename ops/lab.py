@@ -219,6 +219,7 @@ def write_lab_files(plan: LabPlan) -> dict[str, Any]:
             "tls": _tls_table(broker_cert.tls),
             "mqtt": {"url": plan.mqtt_url, "tls": True},
             "authorization": {"mode": "listed", "agents": [AGENT_HOST]},
+            "retention": {"journal_bound": "100%"},
         },
     )
     _write_toml(

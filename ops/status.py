@@ -58,7 +58,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def points(ctx: click.Context, vm: str, as_json: bool) -> None:
-    """Recovery points of VM (name or UUID), newest first: time, kind, size."""
+    """Recovery points of VM (name or UUID), newest first: time, kind, tier, size; then each
+    disk's journal bytes against its bound and its oldest point."""
     config = admin_config(ctx)
 
     async def go() -> dict[str, Any]:
@@ -72,9 +73,16 @@ def points(ctx: click.Context, vm: str, as_json: bool) -> None:
         emit_json(doc)
         return
     table = Table(title=f"Recovery points of {doc['vm']} ({doc.get('uuid', '')})")
-    for col in ("ID", "TIME", "KIND", "SIZE"):
+    for col in ("ID", "TIME", "KIND", "TIER", "SIZE"):
         table.add_column(col)
     for p in doc["points"]:
         kind = Text(p["kind"], style="bold green" if p["kind"] == "app" else "")
-        table.add_row(p["id"], when(p["time"]), kind, size_text(p["size_bytes"]))
-    Console().print(table)
+        table.add_row(p["id"], when(p["time"]), kind, p.get("tier", ""), size_text(p["size_bytes"]))
+    console = Console()
+    console.print(table)
+    for j in doc.get("journal", []):  # each disk's recovery-point data against its bound
+        console.print(
+            f"{j['disk']}: journal {size_text(j['bytes'])} of {size_text(j['bound_bytes'])} bound "
+            f"(disk {size_text(j['disk_bytes'])}), oldest point {j['oldest_point'] or '-'} "
+            f"{when(j['oldest_time'])}"
+        )

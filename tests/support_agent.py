@@ -457,6 +457,7 @@ def write_agent_config(
     policy_extra: str = "",
     extra_policies: str = "",
     tcp_listen: str | None = None,
+    tcp_clients: list[str] | None = None,
 ) -> Path:
     """Write an agent.toml that protects ``vms`` and ships to ``broker_urls``."""
     agent_tls = pki.agent.tls
@@ -477,6 +478,8 @@ def write_agent_config(
         lines.insert(3, f'control_socket = "{control_socket}"')
     if tcp_listen:
         lines.append(f'tcp_listen = "{tcp_listen}"')
+    if tcp_clients is not None:
+        lines.append("tcp_clients = [" + ", ".join(f'"{c}"' for c in tcp_clients) + "]")
     lines += [
         "",
         "[broker]",

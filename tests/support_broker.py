@@ -197,6 +197,16 @@ def make_pki(root: Path) -> PKI:
     return PKI(root, broker.tls, agents, admin.tls, foreign.tls)
 
 
+NEWEST_ONLY: dict[str, float] = {
+    "any_point_minutes": 0,
+    "minute_hours": 0,
+    "hourly_hours": 0,
+    "daily_days": 0,
+    "app_consistent_days": 0,
+}
+"""``[retention]`` that keeps only the newest point (every tier empty)."""
+
+
 def make_config(pki: PKI, store: Path, **over: object) -> BrokerConfig:
     """An in-process broker's config: node b1 of cluster c1 on an ephemeral port."""
     data: dict[str, object] = {

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from agents.service import tcp_clients
 from agents.startup import check_config, policy_for, validate
 from certs.records import IssuedCert
 from certs.store import CertStore
@@ -266,3 +267,18 @@ def test_image_locked_by_another_process_is_a_problem(tmp_path: Path, pki: Pki) 
     assert f"image {img} is in use by another process" in problem
     assert "replikant agent attach-args VM" in problem
     assert _problems(path) == []  # released with the other process
+
+
+def test_tcp_clients_default_to_the_agents_own_identity(tmp_path: Path, pki: Pki) -> None:
+    """Without nbd.tcp_clients only this agent's identity may use the TCP listener; a list
+    replaces that default, and an entry that is not a certificate identity is refused."""
+    img = make_image(tmp_path / "a.img", MiB)
+    vms = [VMSpec("vm1", [DiskSpec("d0", img)])]
+    default = load_config(_config(tmp_path, pki, vms, tcp_listen="127.0.0.1:1"), AgentConfig)
+    assert tcp_clients(default).uris == {"replikant://agent/h1"}
+    listed = load_config(
+        _config(tmp_path, pki, vms, tcp_clients=["replikant://admin/alice"]), AgentConfig
+    )
+    assert tcp_clients(listed).uris == {"replikant://admin/alice"}
+    with pytest.raises(ConfigError, match="not a certificate identity"):
+        load_config(_config(tmp_path, pki, vms, tcp_clients=["hv2"]), AgentConfig)

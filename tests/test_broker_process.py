@@ -100,7 +100,13 @@ async def test_cli_status_and_points_json(
     assert res.returncode == 0, res.stderr
     pts = json.loads(res.stdout)
     assert [p["id"] for p in pts["points"]] == ["1:3", "1:2", "1:1"]
-    assert all({"id", "time", "kind", "size_bytes"} <= set(p) for p in pts["points"])
+    assert all({"id", "time", "kind", "size_bytes", "tier"} <= set(p) for p in pts["points"])
+    # Each disk's recovery-point data against its bound (default: 100 % of the disk).
+    (journal,) = pts["journal"]
+    assert journal["bound_bytes"] == journal["disk_bytes"] == 2 * MiB
+    assert 0 < journal["bytes"] <= journal["bound_bytes"]
+    assert journal["oldest_point"] == "1-1"
+    assert vm["disks"][0]["journal"]["bound_bytes"] == 2 * MiB
     # Human output: roles are words with their own symbols, never a bare colour.
     res = await asyncio.to_thread(cli, admin, "status")
     assert res.returncode == 0, res.stderr

@@ -20,7 +20,6 @@ from broker.errors import (
     StorageFullError,
 )
 from broker.journal import BatchReceiver, Receipt
-from broker.points import RetentionPolicy, StateInfo, plan_retention
 from broker.store import Replica, Store
 from common.hrl import DEFAULT_LIMITS
 from tests.support_broker import FakeSource, MiB
@@ -66,8 +65,14 @@ def journal(
         raise
 
 
-def engine(store: Store, replica: Replica, epoch: int = EPOCH) -> ReplicaEngine:
-    return ReplicaEngine(store, replica, epoch=lambda: epoch)
+def engine(
+    store: Store, replica: Replica, epoch: int = EPOCH, bound: int = 1 << 40
+) -> ReplicaEngine:
+    # Unbounded by default: these tests keep more undo than their small disks' size on purpose
+    # (tests/test_journal_bound.py proves the bound).
+    eng = ReplicaEngine(store, replica, epoch=lambda: epoch)
+    eng.journal_bound = bound
+    return eng
 
 
 def sync_state(replica: Replica) -> str:
@@ -326,30 +331,6 @@ def test_retention_drops_and_merges(tmp_path: Path) -> None:
         assert view.read(0, src.disk_size) == src.cuts[4].image
 
 
-def test_plan_retention_windows() -> None:
-    """Any-point window keeps all; older ones thin to hourly; app points last longer."""
-    hour = 3600 * 10**9
-    now = 100 * hour
-    states = []
-    for seq, minutes_ago in enumerate(range(0, 6 * 60, 10), start=1):
-        states.append(StateInfo(1, seq, now - minutes_ago * 60 * 10**9, 0, False))
-    states.append(StateInfo(1, 0, now - 7 * hour, 0, False))
-    app = StateInfo(1, 999, now - 30 * hour, 1, False)
-    states.append(app)
-    states.sort(key=lambda s: s.cut_ns)
-    policy = RetentionPolicy(
-        any_point_seconds=3600, hourly_seconds=3 * 3600, app_consistent_seconds=48 * 3600
-    )
-    keep = plan_retention(states, now, policy)
-    recent = {s.key for s in states if now - s.cut_ns <= hour and s.seq}
-    assert recent <= keep
-    assert app.key in keep
-    older = [s for s in states if hour < now - s.cut_ns <= 4 * hour]
-    hours = {s.cut_ns // hour for s in older}
-    assert len([s for s in older if s.key in keep]) == len(hours)
-    assert all(s.key not in keep for s in states if now - s.cut_ns > 4 * hour and s is not app)
-
-
 def test_full_batches_are_hidden_until_first_delta(tmp_path: Path) -> None:
     """Points after FULL (initial copy) batches are not listed; the first delta completes sync."""
     store = make_store(tmp_path)
@@ -395,4 +376,5 @@ def test_example_config_is_valid() -> None:
     root = Path(__file__).resolve().parent.parent
     cfg = load_config(root / "deploy" / "broker.example.toml", BrokerConfig)
     assert cfg.broker.node == "b1"
-    assert cfg.retention.any_point_minutes == 60
+    assert cfg.retention.any_point_minutes == 10
+    assert cfg.retention.journal_bound == "100%"

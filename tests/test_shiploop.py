@@ -52,8 +52,9 @@ async def _encode(cut: Cut, header_cut: Cut, seq: int, abandon_after: int) -> li
     return chunks
 
 
+@pytest.mark.parametrize("small", [False, True], ids=["any-writes", "4k-writes"])
 async def test_batches_encoded_on_the_shipping_loop_equal_the_image_at_their_cut(
-    tmp_path: Path,
+    tmp_path: Path, small: bool
 ) -> None:
     """Under a guest storm, reads hop to the home loop, and each batch equals its cut's image."""
     rng = random.Random(77)
@@ -73,7 +74,7 @@ async def test_batches_encoded_on_the_shipping_loop_equal_the_image_at_their_cut
     replica = bytearray(image.read_bytes())
     ship = ShipLoop()
     stop = asyncio.Event()
-    guest = asyncio.create_task(_guest(export, stop, rng))
+    guest = asyncio.create_task(_guest(export, stop, rng, small=small))
     seq = applied = abandoned = copied = 0
     try:
         for _ in range(30):

@@ -20,16 +20,10 @@ from hypothesis import strategies as st
 from agents.errors import TrackingError
 from agents.state import CutClock
 from broker.errors import UnknownPoint
-from broker.points import (
-    PointInfo,
-    RetentionPolicy,
-    StateInfo,
-    Unchanged,
-    cut_text,
-    pair_by_cut,
-    parse_cut,
-    plan_vm_retention,
-)
+from broker.points import PointInfo, StateInfo, cut_text, pair_by_cut, parse_cut
+from broker.retention import candidates, disk_keep
+from broker.tiers import Budget, Tier, TierPolicy, plan
+from broker.unchanged import Unchanged
 
 HOUR = 3600 * 10**9
 
@@ -161,9 +155,7 @@ def test_vm_point_ids_are_generation_colon_cut(text: str) -> None:
 def test_vm_retention_keeps_every_disks_state_of_a_kept_point() -> None:
     """Retention picks VM points (the hourly one too), and each disk keeps its own state of it."""
     now = 100 * HOUR
-    policy = RetentionPolicy(
-        any_point_seconds=0, hourly_seconds=48 * 3600, app_consistent_seconds=0
-    )
+    policy = TierPolicy((Tier("hour", 3600.0, 48 * 3600),), app_consistent_seconds=0)
     # disk0 lost an ack at cut 2 (so it is one seq ahead); disk1's batch of cut 2 failed.
     d0 = [
         StateInfo(1, s, now - (10 - c) * HOUR // 4, 0, False, cut_id=c)
@@ -176,7 +168,9 @@ def test_vm_retention_keeps_every_disks_state_of_a_kept_point() -> None:
     infos = [
         [PointInfo(s, 1, latest=s is chain[-1]) for s in reversed(chain)] for chain in (d0, d1)
     ]
-    keep0, keep1 = plan_vm_retention(infos, now, policy)
+    vm_points, cands = candidates(infos, [set(), set()])
+    answer = plan(cands, now, policy, [Budget(target=1 << 40, cap=1 << 40)] * 2)
+    keep0, keep1 = (disk_keep(infos[d], vm_points, d, answer) for d in (0, 1))
     points = {p.cut[1]: p for p in pair_by_cut(infos)}
     assert set(points) == {1, 3, 4, 5}
     kept_cuts = {c for c, p in points.items() if p.disks[0].state.key in keep0}

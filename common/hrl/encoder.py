@@ -125,6 +125,18 @@ class BatchEncoder:
         ``checksum``, if given, is the xxh3 the caller took when it read the block; it is
         checked against ``data`` so corruption between the read and the encoding is caught.
         """
+        return b"".join(self.data_parts(offset, data, checksum=checksum))
+
+    def data_parts(
+        self,
+        offset: int,
+        data: bytes | bytearray | memoryview,
+        *,
+        checksum: int | None = None,
+    ) -> tuple[bytes, bytes | memoryview]:
+        """Like :meth:`data`, as ``(record, payload)``: a caller that joins many records into
+        one write saves a copy of every payload (uncompressed, the payload is a view of
+        ``data``, which must then stay unchanged until it is sent)."""
         view = memoryview(data)
         if view.itemsize != 1 or view.ndim != 1:
             view = view.cast("B")
@@ -142,7 +154,7 @@ class BatchEncoder:
         payload: bytes | memoryview = view if self._cctx is None else self._cctx.compress(view)
         record = self._record(offset, length, ExtentKind.DATA, len(payload), xxh)
         self._position += len(payload)
-        return b"".join((record, payload))
+        return record, payload
 
     def zero(self, offset: int, length: int) -> bytes:
         """Return one ZERO record: ``length`` bytes at ``offset`` read as zeroes."""

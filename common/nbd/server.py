@@ -45,7 +45,7 @@ from common.nbd.events import (
 )
 from common.nbd.protocol import ServerConnection
 from common.tls.identities import Role, TLSError
-from common.tls.serving import accept_tls
+from common.tls.serving import Allowed, accept_tls
 
 _READ: Final = 0
 _WRITE: Final = 1
@@ -81,8 +81,8 @@ class NBDServer:
     empty TLS 1.2 session cache, so no client can resume a session without its certificate being
     verified again (OpenSSL's session-ID cache cannot be switched off from Python). The function
     is called once here, so that unreadable certificate files fail at start-up. A TLS client must
-    present a certificate carrying a Replikant identity, and with ``allowed_roles`` one of those
-    roles; refusals are logged as ``tls_handshake_rejected`` like everywhere else.
+    present a certificate with a Replikant identity (of ``allowed_roles``, one of
+    ``allowed_identities``, when given); refusals are logged as ``tls_handshake_rejected``.
     """
 
     def __init__(
@@ -95,6 +95,7 @@ class NBDServer:
         default_export: str | None = None,
         flush_threads: int = 4,
         allowed_roles: Collection[Role] | None = None,
+        allowed_identities: Allowed | None = None,
     ) -> None:
         self._exports: dict[str, Export] = {}
         items: Iterable[tuple[str, Export]] = (
@@ -111,6 +112,7 @@ class NBDServer:
         self.handshake_timeout = handshake_timeout
         self.default_export = default_export
         self.allowed_roles = allowed_roles
+        self.allowed_identities = allowed_identities
         self._executor = ThreadPoolExecutor(
             max_workers=flush_threads, thread_name_prefix="nbd-flush"
         )
@@ -647,6 +649,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self,
                 context,
                 allowed_roles=self._server.allowed_roles,
+                allowed=self._server.allowed_identities,
                 handshake_timeout=self._server.handshake_timeout,
                 peer=self.peer,
             )

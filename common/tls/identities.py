@@ -46,7 +46,8 @@ class TLSIdentityError(TLSError):
     """A peer certificate carries no usable identity, or the identity is not allowed here.
 
     ``reason`` is one of ``no_peer_certificate``, ``no_identity``, ``bad_identity``,
-    ``wrong_role`` or ``wrong_cluster``; ``identity`` is the peer's, when it has one.
+    ``wrong_role``, ``wrong_cluster`` or ``not_listed``; ``identity`` is the peer's, when it has
+    one.
     """
 
     def __init__(
@@ -211,6 +212,20 @@ def require_role(
             reason="wrong_cluster",
             fix=f"issue the peer a certificate with `replikant certs issue broker --cluster "
             f"{cluster}` or connect it to its own cluster",
+            identity=identity,
+        )
+    return identity
+
+
+def require_listed(identity: Identity, allowed: Collection[str], *, fix: str) -> Identity:
+    """Return ``identity`` if its URI is one of ``allowed``; else :class:`TLSIdentityError`
+    (reason ``not_listed``) whose fix is ``fix``. For surfaces where a role is not narrow
+    enough: any certificate of our CA is not yet a licence to read a disk."""
+    if identity.uri not in allowed:
+        raise TLSIdentityError(
+            f"peer {identity} is not among the identities allowed here ({', '.join(allowed)})",
+            reason="not_listed",
+            fix=fix,
             identity=identity,
         )
     return identity

@@ -18,6 +18,7 @@ import asyncio
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Collection, Coroutine
+from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
 from common.logs import get_logger
@@ -28,6 +29,7 @@ from common.tls.identities import (
     TLSError,
     TLSIdentityError,
     peer_identity,
+    require_listed,
     require_role,
 )
 
@@ -37,10 +39,25 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 _log = get_logger("common.tls")
 
 
+@dataclass(frozen=True)
+class Allowed:
+    """Exactly which identities (URIs) may pass, for surfaces where a role is too wide, and
+    what a refused peer's operator should do about it."""
+
+    uris: frozenset[str]
+    fix: str
+
+
 def check_identity(
-    source: object, allowed_roles: Collection[Role] | None, *, side: Side, peer: str | None
+    source: object,
+    allowed_roles: Collection[Role] | None,
+    *,
+    side: Side,
+    peer: str | None,
+    allowed: Allowed | None = None,
 ) -> Identity:
-    """Return the TLS peer's identity if it holds one of ``allowed_roles`` (any, when ``None``).
+    """Return the TLS peer's identity if it holds one of ``allowed_roles`` (any, when ``None``)
+    and, when ``allowed`` is given, is one of its identities.
 
     On refusal logs one ``tls_handshake_rejected`` event and raises :class:`TLSHandshakeError`;
     closing the connection is the caller's job.
@@ -49,6 +66,8 @@ def check_identity(
         identity = peer_identity(source)
         if allowed_roles is not None:
             require_role(identity, allowed_roles)
+        if allowed is not None:
+            require_listed(identity, sorted(allowed.uris), fix=allowed.fix)
     except TLSIdentityError as exc:
         rejection = describe_tls_error(exc, side=side, peer=peer)
         rejection.log()
@@ -64,6 +83,7 @@ async def accept_tls(
     allowed_roles: Collection[Role] | None = None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
     peer: str | None = None,
+    allowed: Allowed | None = None,
 ) -> tuple[asyncio.Transport, Identity]:
     """Run the server side of the TLS handshake on an open connection.
 
@@ -88,7 +108,9 @@ async def accept_tls(
         transport.close()
         raise TLSError("the transport cannot be upgraded to TLS", reason="handshake_failed")
     try:
-        identity = check_identity(tls_transport, allowed_roles, side="server", peer=peer)
+        identity = check_identity(
+            tls_transport, allowed_roles, side="server", peer=peer, allowed=allowed
+        )
     except TLSHandshakeError:
         tls_transport.close()
         raise

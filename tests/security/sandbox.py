@@ -269,6 +269,24 @@ def _private_mounts(writable: Sequence[Path], proc: str | None) -> None:
         _check(libc.mount(None, point.encode(), None, flags, None), f"read-only {point}")
 
 
+_CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def _private_tmp(libc: ctypes.CDLL) -> None:
+    """Mount an empty /tmp, as PrivateTmp does. A checkout that itself lies under /tmp (a CI
+    clone) is bound back in at its own path first: under systemd the code lives in /usr or /opt,
+    never in the private /tmp, so hiding it would test a layout no unit has."""
+    keep = _CHECKOUT if _CHECKOUT.is_relative_to("/tmp") else None
+    fd = os.open(keep, os.O_PATH | os.O_DIRECTORY) if keep is not None else None
+    _check(libc.mount(b"tmpfs", b"/tmp", b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=1777"),
+           "PrivateTmp")  # fmt: skip
+    if keep is not None and fd is not None:
+        keep.mkdir(parents=True)
+        source = f"/proc/self/fd/{fd}".encode()
+        _check(libc.mount(source, bytes(keep), None, _MS_BIND | _MS_REC, None), f"bind {keep}")
+        os.close(fd)
+
+
 def sandboxed(
     unit: UnitFile, argv: Sequence[str], *, paths: Mapping[str, Sequence[Path]], log: IO[bytes]
 ) -> subprocess.Popen[bytes]:
@@ -294,8 +312,7 @@ def sandboxed(
         if strict or private_tmp or proc:
             _private_mounts(writable if strict else [], proc)
         if private_tmp:
-            _check(libc.mount(b"tmpfs", b"/tmp", b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=1777"),
-                   "PrivateTmp")  # fmt: skip
+            _private_tmp(libc)
         if drop_all_capabilities:
             for cap in range(last_cap + 1):
                 _check(libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0), f"drop capability {cap}")

@@ -23,6 +23,7 @@ from broker.service import BrokerService
 from common.errors import ConfigError
 from tests.security.rows import Door
 from tests.support_broker import (
+    NEWEST_ONLY,
     PKI,
     AgentClient,
     BrokerProcess,
@@ -81,7 +82,7 @@ async def test_every_file_is_private_after_replication_exports_and_retention(
         tmp_path / "store",
         nbd_socket_dir=str(tmp_path / "nbd"),
         nbd_socket_group=SOCKET_GROUP,
-        retention={"any_point_minutes": 0, "hourly_hours": 0, "app_consistent_days": 0},
+        retention=NEWEST_ONLY,
     )
     svc = BrokerService(cfg)
     await svc.start()

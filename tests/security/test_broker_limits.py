@@ -14,7 +14,7 @@ import pytest
 from broker.service import BrokerService
 from tests.security.broker_support import raw_request
 from tests.security.rows import Door
-from tests.support_broker import PKI, AgentClient, FakeSource, MiB, running_broker
+from tests.support_broker import NEWEST_ONLY, PKI, AgentClient, FakeSource, MiB, running_broker
 
 SURFACE = "broker HTTPS"
 
@@ -24,7 +24,7 @@ async def broker(pki: PKI, tmp_path: Path) -> AsyncIterator[BrokerService]:
     async with running_broker(
         pki,
         tmp_path / "store",
-        retention={"any_point_minutes": 0, "hourly_hours": 0, "app_consistent_days": 0},
+        retention=NEWEST_ONLY,
     ) as svc:
         yield svc
 

@@ -1,9 +1,11 @@
 """The agent's NBD TCP listener (``nbd.tcp_listen``): STARTTLS first, then a certificate of our
 CA over TLS, or no export, no name and no byte of the disk.
 
-The agent runs as a real process (``replikant agent run``) serving one VM's disk; a valid
-broker certificate reads the disk through the listener first, so each refusal is of a listener
-that works. TLS 1.2 is not attempted here: the NBD spec requires it, so whether NBD accepts it
+The agent runs as a real process (``replikant agent run``) serving one VM's disk with
+``nbd.tcp_clients`` naming one admin identity; that certificate reads the disk through the
+listener first, so each refusal is of a listener that works. A certificate of our CA that is not
+listed (a broker's, the agent's own) is refused too: the CA signs more than disk readers.
+TLS 1.2 is not attempted here: the NBD spec requires it, so whether NBD accepts it
 is the NBD layer's decision; TLS 1.1 and below must never get in.
 """
 
@@ -99,6 +101,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
         state_dir=tmp / "state",
         socket_dir=tmp / "s",
         tcp_listen=f"127.0.0.1:{port}",
+        tcp_clients=[pki.admin.identity.uri],
     )
     proc = ReplikantProc(["agent", "run", "--config", str(cfg)], tmp / "agent.log")
     proc.start()
@@ -156,8 +159,8 @@ def rep_name(rep: int) -> str:
 
 
 async def test_the_listener_serves_a_valid_certificate(agent: Agent) -> None:
-    """The control: our broker certificate gets through STARTTLS and reads the disk's bytes."""
-    tls = client_context(agent.pki.broker.tls)
+    """The control: the listed admin certificate gets through STARTTLS and reads the disk."""
+    tls = client_context(agent.pki.admin.tls)
     async with await NBDClient.open_tcp("127.0.0.1", agent.port, EXPORT, tls=tls) as client:
         assert client.info.size == SIZE
         assert await client.read(SIZE - 4096, 4096) == bytes([SIZE // (1024 * 1024)]) * 4096
@@ -233,8 +236,18 @@ def _tls11(agent: Agent) -> ssl.SSLContext:
     return ctx
 
 
+def _broker(agent: Agent) -> ssl.SSLContext:
+    return client_context(agent.pki.broker.tls)
+
+
+def _own_agent(agent: Agent) -> ssl.SSLContext:
+    return client_context(agent.pki.agent.tls)
+
+
 CLIENTS = {
     "no client certificate": (_no_certificate, "no_client_certificate"),
+    "a valid broker certificate of our CA, not in nbd.tcp_clients": (_broker, "not_listed"),
+    "the agent's own certificate, not in nbd.tcp_clients": (_own_agent, "not_listed"),
     "a broker certificate of another CA": (_foreign, "unknown_ca"),
     "an expired agent certificate of our CA": (_expired, "certificate_expired"),
     "a valid broker certificate, client capped at TLS 1.1": (_tls11, "protocol_version"),
@@ -243,8 +256,9 @@ CLIENTS = {
 
 @pytest.mark.parametrize("client", list(CLIENTS))
 async def test_starttls_with_a_bad_client(agent: Agent, door: Door, client: str) -> None:
-    """After STARTTLS, a client without a certificate, with another CA's or an expired one, or
-    limited to TLS 1.1 never negotiates the export nor reads a byte of it."""
+    """After STARTTLS, a client without a certificate, with another CA's, an expired one, one
+    of our CA that nbd.tcp_clients does not list, or limited to TLS 1.1 never negotiates the
+    export nor reads a byte of it."""
     make, want = CLIENTS[client]
     seen = len(agent.rejections())
     before = agent.digest()
