@@ -13,13 +13,12 @@ for the disk's next batch (its ``first_change_cut``, rule 2).
 from __future__ import annotations
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from broker import names
 from broker.api import SERVICE_KEY
-from broker.authz import authorise_agent, check_source, identity_of, json_body
-from broker.errors import BadRequest
-from broker.httperrors import body_error
+from broker.authz import authorise_agent, check_source, identity_of
+from broker.httperrors import model_body
 from broker.unchanged import Unchanged
 from broker.undo import StateInfo
 from common.config import NAME_PATTERN
@@ -64,12 +63,7 @@ async def vm_current(request: web.Request) -> web.Response:
     for bound in service.store.vm_disks(vm_uuid):
         check_source(bound, ident)  # before the body: another host learns nothing from it
     what = f"current-statement body for vm {vm_uuid} is invalid"
-    try:
-        body = CurrentRequest.model_validate(await json_body(request))
-    except ValidationError as exc:
-        raise body_error(what, exc) from None
-    except ValueError as exc:
-        raise BadRequest(f"{what}: not JSON ({exc})") from None
+    body = await model_body(request, CurrentRequest, what)
     service.check_owner()
     taken: dict[str, bool] = {}
     for disk in body.disks:
