@@ -45,6 +45,7 @@ from agents.ship import (
     batch_body,
     make_header,
 )
+from agents.shiploop import Uploader
 from agents.state import DiskState
 from common.blockhash import block_hash
 from common.config import DiskConfig, Policy, VMConfig
@@ -99,8 +100,10 @@ class DiskReplicator:
         bucket: TokenBucket | None = None,
         full_batch_bytes: int = FULL_BATCH_BYTES,
         max_extent: int = MAX_EXTENT,
+        uploader: Uploader | None = None,
     ) -> None:
         self.vm = vm
+        self.uploader = uploader  # uploads on the shipping loop (decision 025); None: this loop
         self.disk = disk
         self.export = export
         self.policy = policy
@@ -491,7 +494,7 @@ class DiskReplicator:
             body = self._batch_body(cut, consistency, seq, full, stats)
             self._waiting = (time.monotonic(), f"uploading batch seq {seq}")
             try:
-                ack = await self.client.upload(
+                ack = await (self.uploader or self.client).upload(
                     self.vm.uuid,
                     self.disk.id,
                     body,
@@ -587,7 +590,8 @@ class DiskReplicator:
             first_change_cut=self.seq.first_change_cut(cut.cut_id),
         )
         return batch_body(
-            cut,
+            # Read on this (the NBD) loop, encoded and sent on the shipping loop's thread.
+            self.uploader.view(cut) if self.uploader else cut,
             header,
             level=self.policy.initial_compression_level if full else self.policy.compression_level,
             bucket=self.bucket,
@@ -609,6 +613,17 @@ class DiskReplicator:
         rate = (cursor - first) / (now - since) if now > since else 0.0
         eta = (self.export.size - cursor) / rate if rate > 0 else None
         return rate, eta
+
+    @property
+    def unchanged(self) -> bool:
+        """Nothing changed since the last acked batch: the cut needs no batch (agents.current)."""
+        return (
+            self.mode is Mode.DELTA
+            and not self._completing
+            and self.seq.change_cut is None
+            and self.status.last_acked_seq > 0
+            and self.export.map.dirty_bytes == 0
+        )
 
     @property
     def backlog(self) -> bool:

@@ -43,6 +43,7 @@ from agents.replicate import DiskReplicator
 from agents.seed import ExportRequest
 from agents.seedexport import cancel_seeds, export_media
 from agents.ship import BrokerClient, TokenBucket
+from agents.shiploop import ShipLoop, Uploader
 from agents.startup import NBD_DEFAULT_HOST, export_name, policy_for, socket_path, validate
 from agents.state import CutClock
 from agents.worker import InitialCopyProgress, VMWorker
@@ -81,6 +82,7 @@ class Agent:
         self.workers: list[VMWorker] = []
         self.replicators: list[DiskReplicator] = []
         self.client: BrokerClient | None = None
+        self.uploader: Uploader | None = None  # batches go out on their own loop (decision 025)
         self._runner: web.AppRunner | None = None
         self._lock_fd = -1
         self.control_socket = control_socket_path(config)
@@ -112,6 +114,7 @@ class Agent:
         self.client = BrokerClient(
             cfg.broker.urls, client_context(cfg.tls), cluster=cfg.broker.cluster
         )
+        self.uploader = Uploader(ShipLoop(), self.client.twin())
         try:
             for vm in cfg.vms:
                 await self._open_vm(vm)
@@ -189,6 +192,7 @@ class Agent:
                 site=cfg.agent.site,
                 host=cfg.agent.host,
                 bucket=bucket,
+                uploader=self.uploader,
             )
             rep.on_progress = self.progress.update
             reps.append(rep)
@@ -387,6 +391,9 @@ class Agent:
         self.plain_exports.clear()
         if self.client is not None:
             await self.client.close()
+        if self.uploader is not None:
+            await self.uploader.close()
+            self.uploader = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

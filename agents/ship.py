@@ -205,6 +205,14 @@ class BrokerClient:
         self._session: aiohttp.ClientSession | None = None
         self._accepted: set[str] = set()  # brokers that answered us: they took our certificate
 
+    def twin(self) -> BrokerClient:
+        """A client for another event loop (an aiohttp session belongs to one), sharing what
+        this one learnt of which brokers accepted our certificate (agents.shiploop)."""
+        other = BrokerClient(self.urls, self._ssl, cluster=self.cluster)
+        other._timeout = self._timeout
+        other._accepted = self._accepted
+        return other
+
     @property
     def url(self) -> str:
         """The broker currently used."""
@@ -369,6 +377,14 @@ class BrokerClient:
             return Ack(seq=int(data["acked_seq"]), duplicate=bool(data.get("duplicate", False)))
         except (KeyError, TypeError, ValueError):
             raise ShipError(f"the broker's answer to a batch is not an ack: {data!r}") from None
+
+    async def current(self, vm_uuid: UUID, body: dict[str, Any]) -> dict[str, bool]:
+        """``POST`` that idle disks are current as of a cut (agents.current); which were taken."""
+        data, _ = await self._request("POST", f"/v1/replicas/{vm_uuid}/current", json=body)
+        disks = data.get("disks") if isinstance(data, dict) else None
+        if not isinstance(disks, dict):
+            raise ShipError(f"the broker's answer to a current statement is malformed: {data!r}")
+        return {str(k): v is True for k, v in disks.items()}
 
     async def hashes(
         self, vm_uuid: UUID, disk_id: str, block_size: int, offset: int, length: int

@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from agents.current import CurrentStatements
 from agents.cut import Cut
 from agents.errors import ShipError
 from agents.hooks import FreezeHooks
@@ -41,6 +42,7 @@ class VMWorker:
     cycles: int = 0
     backoff: Backoff = field(default_factory=lambda: Backoff(base=0.5, cap=30.0))
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one cycle (or verify) at a time
+    current: CurrentStatements | None = None  # idle disks' statements (made on first use)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Cycle until ``stop`` is set; failures back off, the dirty map keeps collecting.
@@ -109,11 +111,18 @@ class VMWorker:
         # of any of the VM's disks falls between them.
         cut_id = self.next_cut_id()
         cut_time = time.time_ns()
-        cuts = [(rep, rep.begin_cut(cut_time, cut_id)) for rep in ready]
+        if self.current is None:
+            self.current = CurrentStatements(self.vm.uuid)
+        # An application-consistent cut ships every disk, so that each carries the flag.
+        idle, skip = ([], False) if frozen else self.current.plan(ready)
+        cuts = [(r, r.begin_cut(cut_time, cut_id)) for r in ready if not (skip and r in idle)]
         if frozen:
             await self.hooks.thaw()
         consistency = Consistency.APP if frozen else Consistency.CRASH
-        results = await asyncio.gather(*(rep.ship(cut, consistency) for rep, cut in cuts))
+        results = await asyncio.gather(
+            self.current.declare(idle, cut_id, cut_time, probe=not skip),
+            *(rep.ship(cut, consistency) for rep, cut in cuts),
+        )
         return all(results)
 
     def next_cut_id(self) -> int:

@@ -5,18 +5,21 @@ a client that goes away, a request aiohttp cannot parse and a bug each get one e
 from __future__ import annotations
 
 import logging
-from typing import Final
+from typing import Final, TypeVar
 
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestPayloadError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+from broker.authz import json_body
 from broker.errors import BadRequest, BrokerError
 from common.logs import get_logger
 from common.tls import TLSIdentityError, peer_identity
+
+M = TypeVar("M", bound=BaseModel)
 
 _log = get_logger("broker.ingest")
 
@@ -98,6 +101,17 @@ def peer_text(request: web.Request) -> str | None:
         return str(peer_identity(request))
     except (TLSIdentityError, TypeError):
         return None
+
+
+async def model_body(request: web.Request, model: type[M], what: str) -> M:
+    """The request's JSON body (:func:`broker.authz.json_body`) as ``model``; a 400 naming
+    ``what`` and the field at fault otherwise."""
+    try:
+        return model.model_validate(await json_body(request))
+    except ValidationError as exc:
+        raise body_error(what, exc) from None
+    except ValueError as exc:
+        raise BadRequest(f"{what}: not JSON ({exc})") from None
 
 
 def body_error(what: str, exc: ValidationError) -> BadRequest:

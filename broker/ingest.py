@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from broker import names
 from broker.api import SERVICE_KEY, Ingest
-from broker.authz import authorise_agent, check_generation, check_source, identity_of, json_body
+from broker.authz import authorise_agent, check_generation, check_source, identity_of
 from broker.errors import (
     BadRequest,
     BatchTooLarge,
@@ -29,7 +29,7 @@ from broker.errors import (
     StorageFullError,
     UploadInProgress,
 )
-from broker.httperrors import CLIENT_GONE, body_error, json_error, reason_text
+from broker.httperrors import CLIENT_GONE, json_error, model_body, reason_text
 from broker.journal import BatchReceiver, Receipt
 from broker.points import parse_cut, parse_key
 from broker.store import Replica
@@ -105,12 +105,7 @@ async def enable_replica(request: web.Request) -> web.Response:
     disk_id = _disk_id(request)
     authorise_agent(service.config, ident, vm_uuid)
     what = f"PUT body for vm {vm_uuid} disk {disk_id} is invalid"
-    try:
-        body = EnableRequest.model_validate(await json_body(request))
-    except ValidationError as exc:
-        raise body_error(what, exc) from None
-    except ValueError as exc:
-        raise BadRequest(f"{what}: not JSON ({exc})") from None
+    body = await model_body(request, EnableRequest, what)
     service.check_owner()
     replica = service.store.get(vm_uuid, disk_id)
     if replica is not None:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from broker.errors import StoreCorrupt, UnknownPoint
+from broker.unchanged import Unchanged, span_at, unchanged_spans
 from broker.undo import (
     _NAME_RE,
     _READ_CHUNK,
@@ -175,22 +176,30 @@ class VMPoint:
         }
 
 
-def pair_by_cut(per_disk: Sequence[Iterable[PointInfo]]) -> list[VMPoint]:
+def pair_by_cut(
+    per_disk: Sequence[Iterable[PointInfo]], current: Sequence[Unchanged | None] = ()
+) -> list[VMPoint]:
     """A VM's recovery points, newest first: every cut of which *each* disk has a listed state.
 
     Disks are paired by the cut id their batches carry, never by their sequence numbers: those
     drift apart for good after one lost ack, and a join of them mixes cuts taken at different
     instants (write order across disks broken). A cut some disk lacks (its batch failed and its
-    changes went into the next cut) is no VM point.
+    changes went into the next cut) is no VM point, unless that disk is known unchanged at it
+    (:mod:`broker.unchanged`; ``current`` holds each disk's newest agent statement, or None).
     """
-    maps = [
-        {p.state.cut: p for p in infos if p.state.listed and p.state.cut_id > 0}
-        for infos in per_disk
-    ]
+    lists = [list(infos) for infos in per_disk]
+    maps = [{p.state.cut: p for p in ps if p.state.listed and p.state.cut_id > 0} for ps in lists]
     if not maps:
         return []
-    common = set(maps[0]).intersection(*maps[1:])
-    return [VMPoint(cut, tuple(m[cut] for m in maps)) for cut in sorted(common, reverse=True)]
+    spans = [
+        unchanged_spans(ps, current[i] if i < len(current) else None) for i, ps in enumerate(lists)
+    ]
+    out = []
+    for cut in sorted(set().union(*maps), reverse=True):
+        disks = [m.get(cut) or span_at(sp, cut) for m, sp in zip(maps, spans, strict=True)]
+        if all(d is not None for d in disks):
+            out.append(VMPoint(cut, tuple(d for d in disks if d is not None)))
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -375,6 +375,11 @@ class Store:
         with self._lock:
             return self._replicas.get((vm_uuid, disk_id))
 
+    def vm_disks(self, vm_uuid: str) -> list[Replica]:
+        """Every disk of VM ``vm_uuid``, unsorted (cheap enough for a check on every request)."""
+        with self._lock:
+            return [r for (v, _d), r in self._replicas.items() if v == vm_uuid]
+
     def find_vm(self, vm: str) -> list[Replica]:
         """Every disk of the VM named ``vm`` (a name or a UUID)."""
         return [r for r in self.replicas() if vm in (r.meta.vm_name, r.meta.vm_uuid)]

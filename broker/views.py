@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker import names
 from broker.api import Replicas
+from broker.current import current_cut_ns
 from broker.errors import UnknownPoint, UnknownVM
 from broker.points import (
     CutKey,
@@ -141,7 +142,7 @@ def _disk_json(service: Replicas, replica: Replica) -> dict[str, Any]:
         "undo_bytes": engine.points.undo_bytes(),
         "journal": journal_json(engine),
         "replica_image": str(replica.image),
-        "last_cut": state.cut_ns / 1e9 if state.cut_ns else None,
+        "last_cut": (current_cut_ns(engine.current, state) / 1e9) if state.cut_ns else None,
         "conditions": [
             {"code": c.code, "level": c.level, "message": c.message}
             for c in engine.conditions.values()
@@ -195,10 +196,12 @@ def _vm_latest_point(service: Replicas, replicas: list[Replica]) -> dict[str, An
 
 def _vm_points(service: Replicas, replicas: list[Replica]) -> list[VMPoint]:
     per_disk = []
+    current = []
     for replica in replicas:
         engine = service.engine_for(replica)
         per_disk.append(engine.points.points(engine.state()))
-    return pair_by_cut(per_disk)
+        current.append(engine.current)
+    return pair_by_cut(per_disk, current)
 
 
 def vm_point_list(service: Replicas, replicas: list[Replica]) -> list[dict[str, Any]]:

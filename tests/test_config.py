@@ -63,7 +63,7 @@ def test_every_problem_is_named_with_its_key_path(tmp_path: Path) -> None:
         load_config(path, AgentConfig)
     text = str(caught.value)
     assert f"{path}: agent.host: Field required" in text
-    assert "policies.fast.interval_seconds: Input should be greater than or equal to 1" in text
+    assert "policies.fast.interval_seconds: Input should be greater than or equal to 0.25" in text
     assert "policies.fast.intervall: Extra inputs are not permitted" in text
     assert "vms[0].uuid:" in text
     assert len(caught.value.problems) == 4

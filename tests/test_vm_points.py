@@ -23,6 +23,7 @@ from broker.errors import UnknownPoint
 from broker.points import PointInfo, StateInfo, cut_text, pair_by_cut, parse_cut
 from broker.retention import candidates, disk_keep
 from broker.tiers import Budget, Tier, TierPolicy, plan
+from broker.unchanged import Unchanged
 
 HOUR = 3600 * 10**9
 
@@ -113,6 +114,33 @@ def test_states_without_a_cut_id_or_hidden_are_never_vm_points() -> None:
     assert pair_by_cut([[legacy], [legacy]]) == []
     assert pair_by_cut([[full], [other]]) == []
     assert [p.id for p in pair_by_cut([[other], [other]])] == ["1:9"]
+
+
+def _state(seq: int, cut: int, first_change: int = 0) -> PointInfo:
+    return PointInfo(
+        StateInfo(1, seq, cut, 0, False, cut_id=cut, first_change_cut=first_change), 0, latest=False
+    )
+
+
+def test_an_unchanged_disk_joins_the_points_of_cuts_it_has_no_batch_of() -> None:
+    """Decision 004 rules 2 and 3: a disk known unchanged at a cut pairs with its prior state."""
+    busy = [_state(s, s) for s in range(1, 11)]  # cuts 1..10, one batch each
+    # The idle disk: batch 1 at cut 1, then batch 2 at cut 8 whose first change came at cut 6.
+    idle = [_state(1, 1), _state(2, 8, first_change=6)]
+    ids = [p.id for p in pair_by_cut([busy, idle])]
+    assert ids == ["1:8", "1:5", "1:4", "1:3", "1:2", "1:1"]  # 6, 7: changed, no batch of them
+    by_id = {p.id: p for p in pair_by_cut([busy, idle])}
+    assert by_id["1:5"].disks[1].id == "1-1"
+    # Rule 3: the agent said batch 2 still holds through cut 9 (not 10): 1:9 exists, 1:10 not.
+    stated = Unchanged(generation=1, seq=2, cut_id=9, cut_ns=9)
+    ids = [p.id for p in pair_by_cut([busy, idle], [None, stated])]
+    assert ids[:2] == ["1:9", "1:8"]
+    # A statement about another batch than the disk's newest says nothing.
+    stale = Unchanged(generation=1, seq=1, cut_id=10, cut_ns=10)
+    assert next(p.id for p in pair_by_cut([busy, idle], [None, stale])) == "1:8"
+    # No first-change statement (0: unknown age): only exact cuts pair.
+    unknown = [_state(1, 1), _state(2, 8)]
+    assert [p.id for p in pair_by_cut([busy, unknown])] == ["1:8", "1:1"]
 
 
 @pytest.mark.parametrize("text", ["1-42", "42", "1:", ":4", "1:0", "a:b", "1:2:3", "1:" + "9" * 50])

@@ -78,6 +78,11 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("GET", _REPLICA + "/hashes"): Route(
         "agent", (_p("vm_uuid"), _p("disk_id"), Name("query", "point", "point"))
     ),
+    ("POST", "/v1/replicas/{vm_uuid}/current"): Route(
+        "agent",
+        (_p("vm_uuid"),),
+        {"cut_id": 5, "cut_time_ns": 1, "disks": [{"disk_id": "disk0", "generation": 1, "seq": 1}]},
+    ),
     ("GET", "/v1/status"): Route("admin", ()),
     ("GET", "/v1/vms/{vm}/points"): Route("admin", (_p("vm"),)),
     ("GET", "/v1/vms/{vm}/hashes"): Route(

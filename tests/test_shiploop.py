@@ -1,0 +1,121 @@
+"""Shipping on its own loop (decision 025): the hand-off keeps every cut point-in-time.
+
+Batches are encoded on the shipping loop's thread while a guest hammers overlapping blocks on
+the NBD (home) loop. Every plan step and every extent read must run on the home loop's thread,
+where they cannot interleave with a guest request's copy-on-write; each batch, applied in order,
+must equal the image recorded in the loop step of its cut; an abandoned batch must never read
+its released cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+from agents.cut import Cut
+from agents.disk import TrackedExport
+from agents.ship import BatchStats, batch_body, make_header
+from agents.shiploop import LoopCut, ShipLoop
+from common.hrl import Compression, Consistency
+from tests.support_agent import MiB, make_image
+from tests.test_agent_cut import _apply, _guest
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def _encode(cut: Cut, header_cut: Cut, seq: int, abandon_after: int) -> list[bytes]:
+    """Run on the shipping loop: the batch body of ``cut`` (its first chunks only, if asked)."""
+    header = make_header(
+        vm_uuid=uuid.UUID(int=1),
+        disk_id="d",
+        generation=1,
+        seq=seq,
+        cut=header_cut,
+        consistency=Consistency.CRASH,
+        compression=Compression.ZSTD,
+        full=False,
+        max_extent=64 * 1024,
+    )
+    body = batch_body(cut, header, level=1, bucket=None, stats=BatchStats(), max_extent=64 * 1024)
+    chunks: list[bytes] = []
+    async for chunk in body:
+        chunks.append(chunk)
+        await asyncio.sleep(0.001)  # let the guest run on the home loop meanwhile
+        if abandon_after and len(chunks) >= abandon_after:
+            await body.aclose()
+            break
+    return chunks
+
+
+@pytest.mark.parametrize("small", [False, True], ids=["any-writes", "4k-writes"])
+async def test_batches_encoded_on_the_shipping_loop_equal_the_image_at_their_cut(
+    tmp_path: Path, small: bool
+) -> None:
+    """Under a guest storm, reads hop to the home loop, and each batch equals its cut's image."""
+    rng = random.Random(77)
+    size = 4 * MiB
+    image = make_image(tmp_path / "d.img", size, fill=lambda i: rng.randbytes(MiB))
+    home_thread = threading.get_ident()
+    readers: set[int] = set()
+    export = TrackedExport(
+        image,
+        "d",
+        block_size=4096,
+        map_path=tmp_path / "d.map",
+        cow_memory_limit=64 * 1024,
+        spill_path=tmp_path / "d.cow",
+    )
+    export.open()
+    replica = bytearray(image.read_bytes())
+    ship = ShipLoop()
+    stop = asyncio.Event()
+    guest = asyncio.create_task(_guest(export, stop, rng, small=small))
+    seq = applied = abandoned = copied = 0
+    try:
+        for _ in range(30):
+            await asyncio.sleep(rng.uniform(0, 0.01))
+            cut = export.begin_cut()
+            snapshot = image.read_bytes()  # same loop step as the cut: the point in time
+            inner = cut.reader
+            cut.reader = lambda off, n, inner=inner: (
+                readers.add(threading.get_ident()),
+                inner(off, n),
+            )[1]
+            abandon = rng.random() < 0.25
+            chunks = await ship.run(
+                _encode(LoopCut(cut, asyncio.get_running_loop()), cut, seq + 1, 2 if abandon else 0)
+            )
+            copied += cut.cow.copied_blocks
+            if abandon:
+                export.end_cut(acked=False)
+                abandoned += 1
+                continue
+            got, _full = _apply(replica, b"".join(chunks))
+            assert got == seq + 1
+            seq = got
+            export.end_cut(acked=True)
+            applied += 1
+            assert replica == snapshot, f"batch {seq} differs from the image at its cut"
+        # A read that reaches the home loop after its cut was released fails the stream.
+        cut = export.begin_cut()
+        export.write(0, memoryview(b"x" * 4096), False)
+        view = LoopCut(cut, asyncio.get_running_loop())
+        planned = await ship.run(asyncio.to_thread(lambda: list(view.plan(64 * 1024))))
+        export.end_cut(acked=False)
+        with pytest.raises(ConnectionAbortedError):
+            await ship.run(asyncio.to_thread(view.read, planned[0]))
+    finally:
+        stop.set()
+        ops = await guest
+        await ship.close()
+        export.close()
+    assert readers == {home_thread}, "a cut was read off the home loop"
+    assert applied > 15
+    assert abandoned > 2
+    assert copied > 50, "copy-on-write was never exercised"
+    assert ops > 500
