@@ -120,7 +120,9 @@ def lag_figures(phase: Phase, step: float = 0.1) -> dict[str, list[float]]:
     cycles = phase.cycles
     for (prev_cut, _), (cut, applied) in itertools.pairwise(cycles):
         if cut > phase.start_ns and prev_cut < phase.end_ns:  # the cycle carried load writes
-            bound.append((applied - prev_cut) / 1e9)
+            # An idle disk ships nothing, so the batch before the load's first may be far older
+            # than the load: no load write is older than its start.
+            bound.append((applied - max(prev_cut, phase.start_ns)) / 1e9)
             pipeline.append((applied - cut) / 1e9)
     sampled = []
     t = phase.start_ns
@@ -145,10 +147,11 @@ def growth(phase: Phase, window: float) -> tuple[float, float]:
     for (prev_cut, _), (cut, applied) in itertools.pairwise(phase.cycles):
         if not (cut > phase.start_ns and prev_cut < phase.end_ns):
             continue
+        lag = (applied - max(prev_cut, phase.start_ns)) / 1e9
         if cut <= lo:
-            first.append((applied - prev_cut) / 1e9)
+            first.append(lag)
         if cut > hi:
-            last.append((applied - prev_cut) / 1e9)
+            last.append(lag)
     return pct(first, 99), pct(last, 99)
 
 

@@ -70,8 +70,15 @@ def steady_phase(lags: list[float], interval: float = 1.0) -> broker_lag.Phase:
 def test_lag_bound_is_apply_minus_previous_cut() -> None:
     """The write-to-replica bound of a loaded cycle is applied[k] - cut[k-1]."""
     figs = broker_lag.lag_figures(steady_phase([0.2, 0.3, 0.4, 0.5]))
-    assert [round(v, 6) for v in figs["write_to_replica"]] == [1.3, 1.4, 1.5]
+    assert [round(v, 6) for v in figs["write_to_replica"]] == [0.8, 1.4, 1.5]
     assert [round(v, 6) for v in figs["pipeline"]] == [0.3, 0.4, 0.5]
+
+
+def test_lag_bound_starts_no_earlier_than_the_load() -> None:
+    """After an idle gap with no batches, the first loaded cycle counts from the load's start."""
+    cycles = [(0, S // 10), (20 * S, 20 * S + S // 2), (21 * S, 21 * S + S // 2)]
+    phase = broker_lag.Phase(cycles, 19 * S + S // 2, 21 * S, [], {}, 0.0, True)
+    assert [round(v, 6) for v in broker_lag.lag_figures(phase)["write_to_replica"]] == [1.0, 1.5]
 
 
 def test_growth_compares_first_and_last_windows() -> None:
