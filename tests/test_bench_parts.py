@@ -68,7 +68,7 @@ def steady_phase(lags: list[float], interval: float = 1.0) -> broker_lag.Phase:
 
 
 def test_lag_bound_is_apply_minus_previous_cut() -> None:
-    """The write-to-replica bound of a loaded cycle is applied[k] - cut[k-1]."""
+    """A loaded cycle's bound is applied[k] - cut[k-1], from the load's start at the earliest."""
     figs = broker_lag.lag_figures(steady_phase([0.2, 0.3, 0.4, 0.5]))
     assert [round(v, 6) for v in figs["write_to_replica"]] == [0.8, 1.4, 1.5]
     assert [round(v, 6) for v in figs["pipeline"]] == [0.3, 0.4, 0.5]
