@@ -5,6 +5,7 @@ image generators."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import concurrent.futures
 import http.client
@@ -56,6 +57,17 @@ def check_free_space(path: Path, needed: int) -> None:
         )
 
 
+def add_workdir_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """``--dir`` (one per run by default, so two runs on a shared machine never remove each
+    other's files) and ``--keep``."""
+    parser.add_argument(
+        "--dir",
+        default=f"/var/tmp/replikant-bench-{name}-{os.getpid()}",
+        help="work directory (removed first, and at the end unless --keep)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+
+
 def free_port() -> int:
     """A free TCP port."""
     with socket.socket() as s:
@@ -73,13 +85,13 @@ class Pki:
     admin: TLSFiles
 
 
-def make_pki(root: Path) -> Pki:
-    """A CA, a broker (IP SAN 127.0.0.1), an agent and an admin."""
+def make_pki(root: Path, broker_ip: str = "127.0.0.1") -> Pki:
+    """A CA, a broker (IP SAN ``broker_ip``), an agent and an admin."""
     from certs.store import CertStore
 
     store = CertStore.init(root, force=True)
     return Pki(
-        broker=store.issue_broker("c1", "b1", ips=["127.0.0.1"], overwrite=True).tls,
+        broker=store.issue_broker("c1", "b1", ips=[broker_ip], overwrite=True).tls,
         agent=store.issue_agent("h1", overwrite=True).tls,
         admin=store.issue_admin("bench", overwrite=True).tls,
     )
@@ -90,10 +102,17 @@ def tls_toml(tls: TLSFiles) -> str:
     return f'[tls]\nca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n'
 
 
-def _replikant_argv(*args: str) -> list[str]:
-    level = os.environ.get("BENCH_LOG", "warning")
+def _replikant_argv(
+    *args: str, cpus: str | None = None, netns: str | None = None, level: str | None = None
+) -> list[str]:
+    """``replikant ARGS`` with JSON logs, pinned with ``taskset -c CPUS`` and run in the network
+    namespace ``netns`` when given (both exec, so the process id stays the daemon's)."""
+    level = level or os.environ.get("BENCH_LOG", "warning")
     exe = str(Path(sys.executable).parent / "replikant")
-    return [exe, "--log-json", "--log-level", level, *args]
+    wrap = (["ip", "netns", "exec", netns] if netns else []) + (
+        ["taskset", "-c", cpus] if cpus else []
+    )
+    return [*wrap, exe, "--log-json", "--log-level", level, *args]
 
 
 def _stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 60) -> None:
@@ -122,8 +141,18 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float, every: float
 class Broker:
     """``replikant broker run`` as a subprocess."""
 
-    def __init__(self, workdir: Path, pki: Pki, store: Path) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        pki: Pki,
+        store: Path,
+        *,
+        cpus: str | None = None,
+        netns: str | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.store = store
+        self.cpus, self.netns = cpus, netns
         self.port = free_port()
         self.config = workdir / "broker.toml"
         self.config.write_text(
@@ -131,7 +160,7 @@ class Broker:
 [broker]
 node = "b1"
 cluster = "c1"
-listen = "127.0.0.1:{self.port}"
+listen = "{host}:{self.port}"
 store = "{store}"
 min_free_bytes = 0
 {tls_toml(pki.broker)}[retention]
@@ -150,7 +179,15 @@ any_point_minutes = 600
         run.unlink(missing_ok=True)
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                _replikant_argv("broker", "run", "--config", str(self.config), *extra),
+                _replikant_argv(
+                    "broker",
+                    "run",
+                    "--config",
+                    str(self.config),
+                    *extra,
+                    cpus=self.cpus,
+                    netns=self.netns,
+                ),
                 stdout=out,
                 stderr=out,
             )
@@ -251,8 +288,12 @@ class Agent:
         interval: float = 1.0,
         block_size: int = 65536,
         cluster: str = "c1",
+        cpus: str | None = None,
+        netns: str | None = None,
+        log_level: str | None = None,
     ) -> None:
         self.workdir = workdir
+        self.cpus, self.netns, self.log_level = cpus, netns, log_level
         self.disks = disks
         self.socket_dir = workdir / "nbd"
         self.config = workdir / "agent.toml"
@@ -287,7 +328,15 @@ class Agent:
         with self.log.open("ab") as out:
             self.started = time.perf_counter()
             self.proc = subprocess.Popen(
-                _replikant_argv("agent", "run", "--config", str(self.config)),
+                _replikant_argv(
+                    "agent",
+                    "run",
+                    "--config",
+                    str(self.config),
+                    cpus=self.cpus,
+                    netns=self.netns,
+                    level=self.log_level,
+                ),
                 stdout=out,
                 stderr=out,
             )

@@ -37,6 +37,7 @@ from broker_common import (
     GiB,
     Pki,
     Shipper,
+    add_workdir_arguments,
     check_free_space,
     copy_file,
     fast_random_file,
@@ -217,11 +218,10 @@ def main() -> None:
     parser.add_argument("--size-gib", type=float, default=4.0)
     parser.add_argument("--changed", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--dir", default="/var/tmp/replikant-bench-delta")
     parser.add_argument(
         "--verify", action="store_true", help="compare replica and source at the end"
     )
-    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    add_workdir_arguments(parser, "delta")
     parser.add_argument("--quick", action="store_true", help="a 1 GiB disk")
     args = parser.parse_args()
     if args.quick:

@@ -72,10 +72,15 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 
 
 @contextmanager
 def server(
-    kind: str, image: Path, sock: Path, procs: list[subprocess.Popen[bytes]] | None = None
+    kind: str,
+    image: Path,
+    sock: Path,
+    procs: list[subprocess.Popen[bytes]] | None = None,
+    cpus: str | None = None,
 ) -> Iterator[str]:
-    """Run one server on ``image``; yields the NBD URI of its export (and appends the server's
-    process to ``procs`` when given)."""
+    """Run one server (``ours``, ``qemu-nbd`` or ``nbdkit``'s file plugin) on ``image``, pinned
+    with ``taskset -c CPUS`` when given; yields the NBD URI of its export (and appends the
+    server's process to ``procs`` when given)."""
     if sock.exists():
         sock.unlink()
     if kind == "ours":
@@ -83,12 +88,15 @@ def server(
             sys.executable, "-m", "common.nbd.serve", os.fspath(image),
             "--socket", os.fspath(sock), "--name", "disk", "--log-level", "warning",
         ]  # fmt: skip
+    elif kind == "nbdkit":
+        cmd = ["nbdkit", "--foreground", "--unix", os.fspath(sock), "--exportname", "disk",
+               "file", os.fspath(image)]  # fmt: skip
     else:
         cmd = [
             "qemu-nbd", "-f", "raw", "-t", "-x", "disk", "-k", os.fspath(sock),
             "--cache=writeback", "--aio=threads", os.fspath(image),
         ]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO)
+    proc = subprocess.Popen(["taskset", "-c", cpus, *cmd] if cpus else cmd, cwd=REPO)
     if procs is not None:
         procs.append(proc)
     try:
@@ -162,6 +170,18 @@ def run_fio(
         "mib_s": float(write["bw"]) / 1024,
         "clat_p99_ms": float(p99) / 1e6,
     }
+
+
+def mark(uris: list[str]) -> int:
+    """One 4 KiB write to each export; returns the time once all are acknowledged. A disk with
+    no change ships nothing, so after a load there may be no later cut to wait for: with this
+    write there is, and a cut taken after the returned time carries every write before it, the
+    marker included (so the replica then equals the source)."""
+    argv = ["fio", "--ioengine=nbd", "--rw=write", "--bs=4k", "--size=4k", "--output-format=json"]
+    for i, uri in enumerate(uris):
+        argv += [f"--name=mark{i}", f"--uri={uri}"]
+    subprocess.run(argv, check=True, capture_output=True)
+    return time.time_ns()
 
 
 def main() -> int:

@@ -19,6 +19,9 @@ command -v nbdcopy >/dev/null 2>&1 || need_pkgs+=(libnbd-bin)
 command -v fio >/dev/null 2>&1 || need_pkgs+=(fio)
 command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 command -v rsync >/dev/null 2>&1 || need_pkgs+=(rsync)
+# bench/writepath.py's second peer (nbdkit's file plugin) and the shaped link of broker_initial.py.
+command -v nbdkit >/dev/null 2>&1 || need_pkgs+=(nbdkit)
+command -v tc >/dev/null 2>&1 || need_pkgs+=(iproute2)
 # systemd-analyze scores the units, systemd-sysusers creates their users (tests/security).
 command -v systemd-analyze >/dev/null 2>&1 || need_pkgs+=(systemd)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)

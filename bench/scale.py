@@ -1,0 +1,225 @@
+"""One agent protecting 100 small sparse disks at 1 s cycles: idle cost, then lag under load.
+
+    .venv/bin/python bench/scale.py [--quick] [--disks 100] [--disk-mib 64] [--idle 60]
+                                     [--seconds 60] [--rate 1m] [--dir DIR] [--keep]
+
+A real `replikant broker run` and `replikant agent run` (mTLS, policy interval 1 s) protect
+``--disks`` sparse images, each in a VM of its own. Once every disk has finished its initial
+sync (and a few cycles passed), the bench measures:
+
+- idle: CPU seconds of the agent and the broker together per second over ``--idle`` seconds,
+  as a percentage of one core (target < 5 %);
+- load: one fio process, one job per disk, 4 KiB random writes at ``--rate`` per second each
+  (queue depth 1, random buffers), for ``--seconds``; then per disk the write-to-replica bound
+  ``applied[k] - cut[k-1]`` over the cycles that carried load (as ``broker_lag.py`` defines it),
+  its p99 per disk (target ≤ 1.5 s for every disk), fio's achieved rate and the CPU of both.
+
+At the end every replica's block hashes must equal its source's. There is no peer here: nothing
+else protects 100 disks on one host in a way this machine can run; the figures are absolute.
+Results: ``bench/results/scale-*.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from broker_common import (
+    Agent,
+    Broker,
+    DiskSpec,
+    MiB,
+    add_workdir_arguments,
+    check_free_space,
+    make_pki,
+    proc_cpu,
+    save_result,
+    wait_until,
+)
+from broker_lag import Phase, lag_figures, pct, same_contents
+from nbd_fio import mark
+from writepath import parse_fio_jobs
+
+TARGET_IDLE_PERCENT = 5.0
+TARGET_P99 = 1.5
+
+
+def fio_argv(uris: list[str], size: int, rate: str, seconds: float) -> list[str]:
+    """One fio process, one job per disk (threads, so 100 jobs stay cheap to start)."""
+    argv = [
+        "fio", "--ioengine=nbd", "--thread", "--rw=randwrite", "--bs=4k", "--iodepth=1",
+        f"--rate={rate}", f"--size={size}", f"--runtime={seconds}", "--time_based",
+        "--refill_buffers", "--output-format=json",
+    ]  # fmt: skip
+    for i, uri in enumerate(uris):
+        argv += [f"--name=d{i}", f"--uri={uri}"]
+    return argv
+
+
+def per_disk_lag(
+    cycles: dict[str, list[tuple[int, int]]], start_ns: int, end_ns: int
+) -> dict[str, float]:
+    """Each disk's p99 of the write-to-replica bound over its loaded cycles."""
+    out = {}
+    for name, cyc in cycles.items():
+        bound = lag_figures(Phase(cyc, start_ns, end_ns, [], {}, 0.0, True))["write_to_replica"]
+        out[name] = pct(bound, 99)
+    return out
+
+
+def summary(p99s: dict[str, float]) -> dict[str, Any]:
+    """Worst, median and count of disks within the target."""
+    values = sorted(p99s.values())
+    return {
+        "worst_p99": values[-1],
+        "median_p99": pct(values, 50),
+        "disks_within_target": sum(v <= TARGET_P99 for v in values),
+        "disks": len(values),
+    }
+
+
+def run(args: argparse.Namespace) -> None:
+    work = Path(args.dir)
+    size = args.disk_mib * MiB
+    # written data lands twice (source and replica); the images are sparse
+    check_free_space(work.parent, 2 * args.disks * size + 1024 * MiB)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    disks = []
+    for i in range(args.disks):
+        image = work / "images" / f"vm{i:03d}.img"
+        image.parent.mkdir(exist_ok=True)
+        with image.open("wb") as fh:
+            fh.truncate(size)
+        disks.append(DiskSpec(f"vm{i:03d}", image))
+    pki = make_pki(work / "pki")
+    broker = Broker(work, pki, work / "store")
+    agent = Agent(work, pki, f"https://127.0.0.1:{broker.port}", disks, interval=1.0)
+
+    def cycles() -> dict[str, list[tuple[int, int]]]:
+        return {
+            d.vm: [
+                (r["cut_ns"], r["applied_ns"])
+                for r in broker.applied_log(d.vm_uuid, d.disk_id)
+                if not r["full"]
+            ]
+            for d in disks
+        }
+
+    try:
+        broker.start()
+        agent.start()
+        t0 = time.monotonic()
+        wait_until(
+            f"the initial sync of {args.disks} disks",
+            lambda: sum(d["initial_sync"] == "complete" for d in all_disks(broker)) == len(disks),
+            900,
+            every=1.0,
+        )
+        print(f"  {args.disks} disks synced in {time.monotonic() - t0:.1f} s", flush=True)
+        time.sleep(5)  # past the syncs' last batches
+        assert broker.proc is not None
+        pids = (agent.pid, broker.proc.pid)
+        cpu0, t0 = sum(map(proc_cpu, pids)), time.monotonic()
+        time.sleep(args.idle)
+        idle = (sum(map(proc_cpu, pids)) - cpu0) / (time.monotonic() - t0) * 100
+        print(f"  idle: agent + broker {idle:.2f} % of one core", flush=True)
+        uris = [agent.nbd_uri(d) for d in disks]
+        cpu0 = sum(map(proc_cpu, pids))
+        start_ns = time.time_ns()
+        out = subprocess.run(
+            fio_argv(uris, size, args.rate, args.seconds),
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        end_ns = time.time_ns()
+        if out.returncode:
+            raise RuntimeError(f"fio failed: {out.stderr[-500:]}")
+        load_cpu = (sum(map(proc_cpu, pids)) - cpu0) / ((end_ns - start_ns) / 1e9) * 100
+        jobs = parse_fio_jobs(out.stdout)
+        marked = mark(uris)
+        wait_until(
+            "every replica to catch up",
+            lambda: all(any(c > marked for c, _ in cyc) for cyc in cycles().values()),
+            600,
+            every=0.5,
+        )
+        caught_up_s = (time.time_ns() - end_ns) / 1e9  # the marker write included
+        p99s = per_disk_lag(cycles(), start_ns, end_ns)
+        same = all(
+            same_contents(d.image, broker.store / str(d.vm_uuid) / d.disk_id / "replica.img")
+            for d in disks
+        )
+    finally:
+        agent.stop()
+        broker.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    s = summary(p99s)
+    mib_s = sum(j["mib_s"] for j in jobs)
+    print(
+        f"\n{args.disks} disks of {args.disk_mib} MiB, 1 s cycles\n"
+        f"idle: agent + broker {idle:.2f} % of one core (target < {TARGET_IDLE_PERCENT:g} %): "
+        f"{'ok' if idle < TARGET_IDLE_PERCENT else 'MISS'}\n"
+        f"load: fio {mib_s:.1f} MiB/s in total ({args.rate}/s asked per disk), agent + broker "
+        f"{load_cpu:.0f} % of one core; all replicas caught up {caught_up_s:.1f} s after\n"
+        f"lag p99 per disk: worst {s['worst_p99']:.2f} s, median {s['median_p99']:.2f} s; "
+        f"{s['disks_within_target']}/{s['disks']} disks ≤ {TARGET_P99} s: "
+        f"{'ok' if s['disks_within_target'] == s['disks'] else 'MISS'}\n"
+        f"every replica == its source: {same}"
+    )
+    saved = save_result(
+        "scale",
+        {
+            "disks": args.disks,
+            "disk_bytes": size,
+            "idle_seconds": args.idle,
+            "load_seconds": args.seconds,
+            "rate_per_disk": args.rate,
+            "load_average": os.getloadavg(),
+            "idle_percent_of_core": idle,
+            "load_percent_of_core": load_cpu,
+            "fio_mib_s_total": mib_s,
+            "caught_up_s": caught_up_s,
+            "lag_p99_per_disk": p99s,
+            "summary": s,
+            "replicas_match": same,
+        },
+    )
+    print(f"results: {saved}")
+
+
+def all_disks(broker: Broker) -> list[dict[str, Any]]:
+    """Every disk record of the broker's status (only those the agent announced so far)."""
+    return [disk for vm in broker.status()["vms"] for disk in vm["disks"]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--disks", type=int, default=100)
+    parser.add_argument("--disk-mib", type=int, default=64, help="size of each sparse disk")
+    parser.add_argument("--idle", type=float, default=60.0, help="seconds of idle measurement")
+    parser.add_argument("--seconds", type=float, default=60.0, help="seconds of load")
+    parser.add_argument("--rate", default="1m", help="fio --rate per disk")
+    parser.add_argument("--quick", action="store_true", help="20 s idle, 20 s load")
+    add_workdir_arguments(parser, "scale")
+    args = parser.parse_args()
+    if args.quick:
+        args.idle, args.seconds = min(args.idle, 20.0), min(args.seconds, 20.0)
+    if shutil.which("fio") is None:
+        parser.error("fio is not installed (Debian: fio)")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

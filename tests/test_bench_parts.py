@@ -1,0 +1,137 @@
+"""The pure parts of the write-path benches: fio's JSON, percentiles, lag bounds, growth, the
+ratio table and the target verdicts (the benches themselves are run by hand, not by the suite)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import broker_lag  # noqa: E402
+import scale  # noqa: E402
+import writepath  # noqa: E402
+
+S = 1_000_000_000
+
+
+def fio_output(*jobs: tuple[float, float, int, int, int]) -> str:
+    """What fio's nbd engine prints: a line, then the JSON document."""
+    doc = {
+        "jobs": [
+            {
+                "write": {
+                    "iops": iops,
+                    "bw": bw_kib,
+                    "io_bytes": io_bytes,
+                    "clat_ns": {"percentile": {"50.000000": p50, "99.000000": p99}},
+                }
+            }
+            for iops, bw_kib, io_bytes, p50, p99 in jobs
+        ]
+    }
+    return "fio: connected to NBD server\n" + json.dumps(doc)
+
+
+def test_parse_fio_reads_every_job() -> None:
+    """IOPS, MiB/s, latency percentiles in ms and bytes come out of each job of fio's JSON."""
+    out = fio_output((5120.0, 20480.0, 1 << 30, 230_000, 4_880_000), (10.0, 1024.0, 4096, 1, 2))
+    first, second = writepath.parse_fio_jobs(out)
+    assert first == {
+        "iops": 5120.0,
+        "mib_s": 20.0,
+        "clat_p50_ms": 0.23,
+        "clat_p99_ms": 4.88,
+        "bytes": float(1 << 30),
+    }
+    assert second["mib_s"] == 1.0
+    assert writepath.parse_fio(out) == first
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    """pct is the linear interpolation between closest ranks, and NaN for no values."""
+    values = [float(v) for v in range(1, 101)]
+    assert broker_lag.pct(values, 50) == 50.5
+    assert abs(broker_lag.pct(values, 99) - 99.01) < 1e-9
+    assert broker_lag.pct([3.0], 99) == 3.0
+    assert broker_lag.pct([], 99) != broker_lag.pct([], 99)  # NaN
+
+
+def steady_phase(lags: list[float], interval: float = 1.0) -> broker_lag.Phase:
+    """Cuts every ``interval`` s from t=0; cut k applied lags[k] s after it; load from 0.5 s to
+    the last cut."""
+    cycles = [(int(k * interval * S), int((k * interval + lag) * S)) for k, lag in enumerate(lags)]
+    end = cycles[-1][0] - S // 2
+    return broker_lag.Phase(cycles, S // 2, end, [], {}, 0.0, True)
+
+
+def test_lag_bound_is_apply_minus_previous_cut() -> None:
+    """A loaded cycle's bound is applied[k] - cut[k-1], from the load's start at the earliest."""
+    figs = broker_lag.lag_figures(steady_phase([0.2, 0.3, 0.4, 0.5]))
+    assert [round(v, 6) for v in figs["write_to_replica"]] == [0.8, 1.4, 1.5]
+    assert [round(v, 6) for v in figs["pipeline"]] == [0.3, 0.4, 0.5]
+
+
+def test_lag_bound_starts_no_earlier_than_the_load() -> None:
+    """After an idle gap with no batches, the first loaded cycle counts from the load's start."""
+    cycles = [(0, S // 10), (20 * S, 20 * S + S // 2), (21 * S, 21 * S + S // 2)]
+    phase = broker_lag.Phase(cycles, 19 * S + S // 2, 21 * S, [], {}, 0.0, True)
+    assert [round(v, 6) for v in broker_lag.lag_figures(phase)["write_to_replica"]] == [1.0, 1.5]
+
+
+def test_growth_compares_first_and_last_windows() -> None:
+    """A lag that climbs over the run shows a last-window p99 above the first-window p99."""
+    flat = broker_lag.growth(steady_phase([0.3] * 12), window=3.0)
+    assert abs(flat[0] - flat[1]) < 1e-9
+    first, last = broker_lag.growth(steady_phase([0.1 * k for k in range(12)]), window=3.0)
+    assert last > first + 0.2
+
+
+def test_targets_follow_the_interval() -> None:
+    """1 s cycles are held to 1.5 s, shorter ones to 0.6 s."""
+    assert broker_lag.target_p99(1.0) == 1.5
+    assert broker_lag.target_p99(0.25) == 0.6
+
+
+def medians(ours: dict[str, float], qemu: dict[str, float]) -> dict[str, object]:
+    """A median table with the same figures for every job and nbdkit at twice qemu-nbd."""
+    nbdkit = {k: 2 * v for k, v in qemu.items()}
+    return {job: {"ours": ours, "qemu-nbd": qemu, "nbdkit": nbdkit} for job in writepath.JOBS}
+
+
+def test_ratio_table_and_verdicts() -> None:
+    """Ratios are ours ÷ peer, and each target holds or misses on the right side of its bound."""
+    qemu = {"iops": 100.0, "mib_s": 10.0, "clat_p50_ms": 1.0, "clat_p99_ms": 2.0}
+    good = dict(qemu, shipped_per_written=1.1, lag_p99_s=1.2)
+    rows = writepath.ratio_rows(medians(good, qemu))
+    iops = next(r for r in rows if r["job"] == "randwrite-4k-qd32" and r["figure"] == "iops")
+    assert iops["÷ qemu-nbd"] == 1.0
+    assert iops["÷ nbdkit"] == 0.5
+    assert all(holds for _, _, holds in writepath.verdicts(medians(good, qemu)))
+    bad = dict(qemu, iops=90.0, mib_s=9.0, clat_p99_ms=3.2, shipped_per_written=9.0, lag_p99_s=2.4)
+    assert not any(holds for _, _, holds in writepath.verdicts(medians(bad, qemu)))
+
+
+def test_shipped_bytes_count_only_acked_deltas_after_the_offset(tmp_path: Path) -> None:
+    """data_bytes of non-FULL batch_acked lines after the offset are summed; others ignored."""
+    log = tmp_path / "agent.log"
+    before = json.dumps({"event": "batch_acked", "full": False, "data_bytes": 999}) + "\n"
+    lines = [
+        {"event": "batch_acked", "full": False, "data_bytes": 4096},
+        {"event": "batch_acked", "full": True, "data_bytes": 1 << 20},
+        {"event": "cut_taken", "data_bytes": 7},
+        {"event": "batch_acked", "full": False, "data_bytes": 8192},
+    ]
+    log.write_text(before + "".join(json.dumps(x) + "\n" for x in lines) + "not json\n")
+    assert writepath.shipped_data_bytes(log, len(before)) == 12288
+
+
+def test_scale_summary_counts_disks_within_target() -> None:
+    """The scale summary gives the worst and median p99 and how many disks meet 1.5 s."""
+    s = scale.summary({"a": 0.9, "b": 1.4, "c": 2.0})
+    assert s == {"worst_p99": 2.0, "median_p99": 1.4, "disks_within_target": 2, "disks": 3}
+    argv = scale.fio_argv(["nbd+unix:///a", "nbd+unix:///b"], 1 << 20, "1m", 5)
+    assert argv.count("--uri=nbd+unix:///a") == 1
+    assert "--name=d1" in argv
