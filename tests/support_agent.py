@@ -590,6 +590,24 @@ def admin_config(path: Path, pki: Pki, broker_url: str, agent_sockets: list[str]
     return path
 
 
+def agent_process(
+    tmp_path: Path, *, pki: Pki, broker_urls: list[str], vms: list[VMSpec], **options: Any
+) -> ReplikantProc:
+    """``replikant agent run`` (not yet started) for ``vms``, laid out the usual way under
+    ``tmp_path``: agent.toml, state/, sock/ (export ``vm-disk`` at ``sock/vm-disk.sock``) and
+    agent.log; ``options`` go to :func:`write_agent_config`."""
+    cfg = write_agent_config(
+        tmp_path / "agent.toml",
+        pki=pki,
+        broker_urls=broker_urls,
+        vms=vms,
+        state_dir=tmp_path / "state",
+        socket_dir=tmp_path / "sock",
+        **options,
+    )
+    return ReplikantProc(["agent", "run", "--config", str(cfg)], tmp_path / "agent.log")
+
+
 class ReplikantProc:
     """A replikant sub-command as a subprocess, logging JSON to a file."""
 

@@ -36,11 +36,11 @@ from tests.support_agent import (
     NBDClientError,
     ReplikantProc,
     VMSpec,
+    agent_process,
     broker_config,
     export_ready,
     free_port,
     make_image,
-    write_agent_config,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -204,16 +204,13 @@ async def test_fifty_kill9_under_write_load_converge_without_full_copy(
     )
     vm = VMSpec("vm1", [DiskSpec("disk0", image)])
     url = f"https://127.0.0.1:{bport}"
-    cfg = write_agent_config(
-        tmp_path / "agent.toml",
+    agent = agent_process(
+        tmp_path,
         pki=pki,
         broker_urls=[url],
         vms=[vm],
-        state_dir=tmp_path / "state",
-        socket_dir=tmp_path / "sock",
         interval=1.0,
     )
-    agent = ReplikantProc(["agent", "run", "--config", str(cfg)], tmp_path / "agent.log")
     sock = tmp_path / "sock" / "vm1-disk0.sock"
     export = "vm1-disk0"
     replica_dir = store / str(vm.uuid) / "disk0"

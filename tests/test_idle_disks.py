@@ -28,11 +28,11 @@ from tests.support_agent import (
     MiniNBD,
     ReplikantProc,
     VMSpec,
+    agent_process,
     broker_config,
     export_ready,
     free_port,
     make_image,
-    write_agent_config,
 )
 from tests.test_multidisk_points import Admin, _wait
 
@@ -92,17 +92,14 @@ async def test_idle_disk_ships_nothing_and_points_keep_coming(tmp_path: Path) ->
         "vm1",
         [DiskSpec("busy", make_image(tmp_path / "busy.img", SIZE)), DiskSpec("idle", idle_image)],
     )
-    cfg = write_agent_config(
-        tmp_path / "agent.toml",
+    agent = agent_process(
+        tmp_path,
         pki=pki,
         broker_urls=[url],
         vms=[vm],
-        state_dir=tmp_path / "state",
-        socket_dir=tmp_path / "sock",
         interval=0.25,
         policy_extra="block_size = 4096",
     )
-    agent = ReplikantProc(["agent", "run", "--config", str(cfg)], tmp_path / "agent.log")
     sock = tmp_path / "sock" / "vm1-busy.sock"
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_context(pki.admin.tls)))
     admin = Admin(url, http)

@@ -21,6 +21,7 @@ from tests.support_agent import (
     ReplikantProc,
     VMSpec,
     admin_config,
+    agent_process,
     broker_config,
     export_ready,
     free_port,
@@ -28,7 +29,6 @@ from tests.support_agent import (
     replikant_exe,
     same_file,
     wait_for,
-    write_agent_config,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -83,16 +83,13 @@ async def test_recovery_points_never_cross_the_bound_under_churn(tmp_path: Path)
     image = make_image(tmp_path / "disk0.img", SIZE, fill=lambda i: rng.randbytes(MiB))
     vm = VMSpec("vm1", [DiskSpec("disk0", image)])
     url = f"https://127.0.0.1:{port}"
-    cfg = write_agent_config(
-        tmp_path / "agent.toml",
+    agent = agent_process(
+        tmp_path,
         pki=pki,
         broker_urls=[url],
         vms=[vm],
-        state_dir=tmp_path / "state",
-        socket_dir=tmp_path / "sock",
         interval=1.0,
     )
-    agent = ReplikantProc(["agent", "run", "--config", str(cfg)], tmp_path / "agent.log")
     sock, export = tmp_path / "sock" / "vm1-disk0.sock", "vm1-disk0"
     replica_dir = store / str(vm.uuid) / "disk0"
     broker.start()

@@ -40,11 +40,11 @@ from tests.support_agent import (
     NBDClientError,
     ReplikantProc,
     VMSpec,
+    agent_process,
     broker_config,
     export_ready,
     free_port,
     make_image,
-    write_agent_config,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -171,18 +171,15 @@ async def test_vm_points_keep_write_order_across_lost_acks(
         "vm1",
         [DiskSpec(d, make_image(tmp_path / f"{d}.img", SIZE)) for d in ("disk0", "disk1")],
     )
-    cfg = write_agent_config(
-        tmp_path / "agent.toml",
+    agent = agent_process(
+        tmp_path,
         pki=pki,
         broker_urls=[url],
         vms=[vm],
-        state_dir=tmp_path / "state",
-        socket_dir=tmp_path / "sock",
         interval=1.0,
         # Uncompressed, disk1's filler makes its batches megabytes long: slower than disk0's.
         policy_extra='block_size = 4096\ncompression = "none"',
     )
-    agent = ReplikantProc(["agent", "run", "--config", str(cfg)], tmp_path / "agent.log")
     socks = (tmp_path / "sock" / "vm1-disk0.sock", tmp_path / "sock" / "vm1-disk1.sock")
     exports = ("vm1-disk0", "vm1-disk1")
     writer = OrderedWriter(socks, exports)
