@@ -17,16 +17,49 @@ import contextlib
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
 import aiomqtt
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from common.errors import ConfigError
 from common.logs import get_logger
 from common.tls import Rejection, describe_tls_error
 
 log = get_logger("replikant.mqtt")
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Subscription(Generic[M]):
+    """Messages on ``topic_filter`` decoded as ``model`` and handed to ``handler(topic, record)``;
+    an empty retained payload (a cleared record) arrives as ``None``."""
+
+    topic_filter: str
+    model: type[M]
+    handler: Callable[[str, M | None], None]
+
+    def deliver(self, topic: str, payload: bytes) -> bool:
+        """Validate and hand over one message; an invalid one is logged and dropped (a peer from
+        another release, or a forger, must never crash a daemon). Returns whether delivered."""
+        if not payload:
+            self.handler(topic, None)
+            return True
+        try:
+            record = self.model.model_validate_json(payload)
+        except ValidationError as exc:
+            log.warning(
+                "mqtt_message_dropped",
+                topic=topic,
+                model=self.model.__name__,
+                error=exc.errors(include_url=False, include_input=False)[:3],
+                fix="check that every daemon on this MQTT broker runs the same Replikant release",
+            )
+            return False
+        self.handler(topic, record)
+        return True
 
 
 @dataclass(frozen=True)
@@ -110,11 +143,24 @@ class MQTTLink:
         self._connected = asyncio.Event()
         self._reconnect_max = reconnect_max_seconds
         self.on_connect: list[Callable[[], None]] = []
+        self._subscriptions: list[Subscription[Any]] = []
 
     def set_will(self, topic: str, record: BaseModel) -> None:
         """What the MQTT broker publishes (retained) for us if we vanish; takes effect on the
         next connect."""
         self._will = (topic, record)
+
+    def subscribe(
+        self, topic_filter: str, model: type[M], handler: Callable[[str, M | None], None]
+    ) -> None:
+        """Receive validated ``model`` records on ``topic_filter`` from the next (re)connect on;
+        retained records arrive first, so a newcomer learns the current state at once."""
+        self._subscriptions.append(Subscription(topic_filter, model, handler))
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        for sub in self._subscriptions:
+            if aiomqtt.Topic(topic).matches(sub.topic_filter):
+                sub.deliver(topic, payload)
 
     @property
     def connected(self) -> bool:
@@ -177,9 +223,13 @@ class MQTTLink:
                         await client.publish(topic, payload, qos=1, retain=True)
                     for callback in self.on_connect:
                         callback()
-                    # Reading messages is how aiomqtt notices a dead connection.
-                    async for _ in client.messages:
-                        pass
+                    for sub in self._subscriptions:
+                        await client.subscribe(sub.topic_filter, qos=1)
+                    # Reading messages is also how aiomqtt notices a dead connection.
+                    async for message in client.messages:
+                        payload = message.payload
+                        if isinstance(payload, bytes | bytearray):
+                            self._dispatch(message.topic.value, bytes(payload))
             except aiomqtt.MqttError as exc:
                 why: dict[str, str] = {}
                 if not connected:

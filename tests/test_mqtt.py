@@ -144,3 +144,50 @@ def test_an_mqtts_url_without_a_certificate_is_refused() -> None:
     """An mqtts:// URL with no certificate to present names the missing setting."""
     with pytest.raises(ConfigError, match=r"\[mqtt\] tls = true"):
         MQTTLink("mqtts://127.0.0.1:8883", client_id="b1")
+
+
+async def test_subscriptions_get_retained_records_and_drop_invalid_ones(pki: Pki) -> None:
+    """A subscriber receives the retained record at once, validated; an invalid payload on the
+    same topic is logged as dropped and never reaches the handler or crashes the link."""
+    port = free_port()
+    ready = asyncio.Event()
+    server = asyncio.create_task(serve_embedded("127.0.0.1", port, _mqtt_server_cert(pki), ready))
+    tls = client_context(pki.broker.tls)
+    url = f"mqtts://127.0.0.1:{port}"
+    publisher = MQTTLink(url, client_id="b1", tls_context=tls)
+    subscriber = MQTTLink(url, client_id="b2", tls_context=tls)
+    got: list[topics.OwnerRecord | None] = []
+    arrived = asyncio.Event()
+
+    def receive(_topic: str, record: topics.OwnerRecord | None) -> None:
+        got.append(record)
+        arrived.set()
+
+    subscriber.subscribe(topics.owner("dr"), topics.OwnerRecord, receive)
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        async with asyncio.timeout(10):
+            await ready.wait()
+        tasks.append(asyncio.create_task(publisher.run()))
+        async with asyncio.timeout(10):
+            await publisher.wait_connected()
+        owner = topics.OwnerRecord(node="b1", epoch=4)
+        await publisher.publish_retained(topics.owner("dr"), owner)
+        tasks.append(asyncio.create_task(subscriber.run()))
+        async with asyncio.timeout(10):
+            await arrived.wait()
+        assert got == [owner]
+        with structlog.testing.capture_logs() as logs:
+            await publisher._send(topics.owner("dr"), b'{"node": "b9", "epoch": -1}', retain=False)
+            for _ in range(200):
+                if any(e["event"] == "mqtt_message_dropped" for e in logs):
+                    break
+                await asyncio.sleep(0.05)
+            assert any(e["event"] == "mqtt_message_dropped" for e in logs)
+        assert got == [owner]
+        assert subscriber.connected
+    finally:
+        for t in (*tasks, server):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
