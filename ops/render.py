@@ -49,7 +49,10 @@ def merge_status(docs: list[dict[str, Any]]) -> dict[str, Any]:
             seen = by_uuid.get(vm["uuid"])
             if seen is None:
                 by_uuid[vm["uuid"]] = dict(vm)
+            elif vm.get("generation", 0) >= seen.get("generation", 0):
+                # The broker at the newer generation knows the newer truth (after a failover).
+                by_uuid[vm["uuid"]] = {**vm, "roles": {**seen["roles"], **vm["roles"]}}
             else:
-                seen["roles"] = {**seen["roles"], **vm["roles"]}
+                seen["roles"] = {**vm["roles"], **seen["roles"]}
     vms = sorted(by_uuid.values(), key=lambda v: v["name"])
     return {"vms": vms, "brokers": [d.get("broker") for d in docs]}
