@@ -96,6 +96,7 @@ class Agent:
         self._stops: dict[str, asyncio.Event] = {}  # each running worker's own stop
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._running = False
+        self.pending: dict[str, str] = {}  # VMs with a failover command in progress here
 
     def _lock(self) -> None:
         self.config.agent.state_dir.mkdir(parents=True, exist_ok=True)
@@ -325,6 +326,19 @@ class Agent:
         """One failover act on ``vm`` at this site (see ``POST /v1/vms/{vm}/role``)."""
         key, state_dir = str(vm.uuid), self.config.agent.state_dir
         now = self.roles[key]
+        if act == "begin":
+            # One failover command of a VM at a time: a second one is refused, not raced.
+            if key in self.pending:
+                raise AgentError(
+                    f"vm {vm.name} is {now.role} at site {self.config.agent.site}: a failover "
+                    f"command on it is already in progress here ({self.pending[key]})",
+                    fix="wait for it to finish (or fail), then look at `replikant status`",
+                )
+            self.pending[key] = f"since {time.strftime('%H:%M:%S')}"
+            return now
+        if act == "end":
+            self.pending.pop(key, None)
+            return now
         legal = {
             "promote": ("REPLICA",),
             "replicate": ("PRIMARY",),
@@ -375,8 +389,9 @@ class Agent:
         return role
 
     async def _role(self, request: web.Request) -> web.Response:
-        """POST /v1/vms/{vm}/role {"act": A, "generation": N}: promote | replicate | quiesce |
-        resume | demote this site's copy of the VM (the failover commands' steps)."""
+        """POST /v1/vms/{vm}/role {"act": A, "generation": N}: begin | end (a failover command's
+        marker) | promote | replicate | quiesce | resume | demote this site's copy of the VM (the
+        failover commands' steps)."""
         worker_vm = next(
             (v for v in self.config.vms if request.match_info["vm"] in (v.name, str(v.uuid))),
             None,
@@ -387,13 +402,14 @@ class Agent:
         try:
             body = await request.json()
             act, generation = str(body["act"]), int(body.get("generation", 0))
-            if act not in ("promote", "replicate", "quiesce", "resume", "demote"):
+            if act not in ("begin", "end", "promote", "replicate", "quiesce", "resume", "demote"):
                 raise ValueError(act)
         except (ValueError, KeyError, TypeError):
             return refusal(
                 400,
                 "bad_request",
-                'expected {"act": "promote|replicate|quiesce|resume|demote", "generation": N}',
+                'expected {"act": "begin|end|promote|replicate|quiesce|resume|demote", '
+                '"generation": N}',
                 "send one of the acts",
             )
         try:
