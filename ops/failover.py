@@ -23,6 +23,7 @@ import click
 from common.errors import ReplikantError
 from common.roles import Command, Facts, RoleRefused, State, VMRole, plan
 from ops.client import AdminClient, AdminError, admin_config, emit_json, refusal
+from ops.render import merge_status
 from ops.verify import compare_hashes
 
 SURVEY_SECONDS = 5.0
@@ -165,6 +166,41 @@ async def survey(client: AdminClient, vm: str) -> Survey:
         site.agent_vm = next((v for v in doc.get("vms", []) if vm in (v["name"], v["uuid"])), None)
         site.agent_disks = [d for d in doc["disks"] if vm in (d["vm"], d["vm_uuid"])]
     return Survey(vm, sites, down)
+
+
+async def site_status(client: AdminClient) -> dict[str, Any]:
+    """``status``'s document across sites: every broker that answers (one that does not is listed
+    in ``unreachable``; none answering is an error), with each agent's own role of its VMs laid
+    over what the brokers say (an old primary knows best that it is FENCED)."""
+    docs, down, first_error = [], [], None
+    for url in client.config.admin.brokers:
+        try:
+            status, body, _ = await client.request("GET", url.rstrip("/") + "/v1/status")
+        except AdminError as exc:
+            first_error = first_error or exc
+            down.append(url)
+            continue
+        if status >= 400:
+            raise refusal(url, status, body)
+        docs.append(body)
+    if not docs:
+        assert first_error is not None
+        raise first_error
+    doc = merge_status(docs)
+    by_uuid = {vm["uuid"]: vm for vm in doc["vms"]}
+    for sock in client.config.admin.agents:
+        got = await _reach(client.agent(sock, "GET", "/v1/status"))
+        if got is None or got[0] != 200:
+            down.append(sock)
+            continue
+        for held in got[1].get("vms", []):
+            vm = by_uuid.get(held["uuid"])
+            site = got[1]["site"]
+            if vm is None or vm["roles"].get(site) == "FAILED-OVER":
+                continue
+            vm["roles"] = {**vm["roles"], site: held["role"]}
+    doc["unreachable"] = down
+    return doc
 
 
 def _refused(exc: RoleRefused) -> AdminError:

@@ -12,6 +12,8 @@ ROLE_STYLE: dict[str, tuple[str, str]] = {
     "PRIMARY": ("▲ PRIMARY", "bold green"),
     "REPLICA": ("▽ REPLICA", "bold cyan"),
     "TEST": ("◆ TEST", "bold magenta reverse"),
+    "FAILED-OVER": ("△ FAILED-OVER", "bold yellow"),
+    "FENCED": ("✕ FENCED", "bold red reverse"),
 }
 HEALTH_STYLE = {"ok": "green", "warning": "yellow", "critical": "bold red"}
 
