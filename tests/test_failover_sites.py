@@ -216,5 +216,7 @@ def test_unplanned_failover_fences_the_old_site_and_reverse_ships_only_differenc
     _wait("both sites byte-identical", lambda: _same(lab))
     # The promoted agent's replicators started at the promotion: all they shipped is the reverse.
     shipped = asyncio.run(_agent_shipped(lab["sites"]["recovery"]["agent_control_socket"]))
-    assert differing <= shipped <= 1.1 * differing, (shipped, differing)
+    # At least the random blocks written at the recovery site travel (blocks that differ only
+    # because the old primary wrote over a hole go back as payload-free ZERO extents).
+    assert 3 * BLOCK <= shipped <= 1.1 * differing, (shipped, differing)
     assert _roles(lab) == {"primary": "REPLICA", "recovery": "PRIMARY"}
