@@ -133,6 +133,18 @@ def add_sites(
         },
         RECOVERY_SITE: {"broker_url": lab["broker_url"], "agent_control_socket": str(control)},
     }
+    _write_daemons(root, lab, cli, mqtt_argv, primary_url, control)
+
+
+def _write_daemons(
+    root: Path,
+    lab: dict[str, Any],
+    cli: list[str],
+    mqtt_argv: list[str],
+    primary_url: str,
+    control: Path,
+) -> None:
+    """``sites.json``: each site's daemons in start order, with how to tell each is ready."""
     mqtt_port = int(lab["mqtt"].rsplit(":", 1)[1])
 
     def run(name: str, config: str, ready: dict[str, Any]) -> dict[str, Any]:
