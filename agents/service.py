@@ -59,6 +59,8 @@ from common.tls.serving import Allowed
 
 log = get_logger("agents.service")
 
+FENCE_PROBE = 2.0  # seconds a starting agent waits for its broker's view of each VM's generation
+
 
 def tcp_clients(config: AgentConfig) -> Allowed:
     """Who may open this agent's exports over ``nbd.tcp_listen``: the identities listed in
@@ -125,9 +127,11 @@ class Agent:
         self.uploader = Uploader(ShipLoop(), self.client.twin())
         try:
             for vm in cfg.vms:
-                role = RoleRecord.load(cfg.agent.state_dir, vm)
-                self.roles[str(vm.uuid)] = role
-                if role.role != "REPLICA":
+                self.roles[str(vm.uuid)] = RoleRecord.load(cfg.agent.state_dir, vm)
+            # Before serving a single write: was a VM failed over while this agent was down?
+            await asyncio.gather(*(self._learn_generation(vm) for vm in cfg.vms))
+            for vm in cfg.vms:
+                if self.roles[str(vm.uuid)].role != "REPLICA":
                     await self._open_vm(vm)
             if cfg.nbd.tcp_listen is not None:
                 host, port = parse_listen(cfg.nbd.tcp_listen, default_host=NBD_DEFAULT_HOST)
@@ -221,6 +225,29 @@ class Agent:
             if role.replicating and self._running:
                 self._launch(worker)
 
+    async def _learn_generation(self, vm: VMConfig) -> None:
+        """Fence a PRIMARY VM whose replica moved to a newer generation while we were down.
+
+        Asked once at start, briefly: a broker that does not answer within ``FENCE_PROBE``
+        seconds leaves the VM serving (the replication loop learns it on its first answer)."""
+        key = str(vm.uuid)
+        disk = next((d for d in vm.disks if not d.exclude), None)
+        if self.roles[key].role != "PRIMARY" or disk is None or self.client is None:
+            return
+        local = DiskState.load(self.config.agent.state_dir / key / f"{disk.id}.json")
+        if local is None:
+            return
+        try:
+            rs = await asyncio.wait_for(self.client.state(vm.uuid, disk.id), FENCE_PROBE)
+        except (ShipError, TimeoutError, OSError):
+            return
+        if rs.generation > local.generation:
+            self._fence_vm(
+                vm,
+                f"the replica is at generation {rs.generation}, this disk at "
+                f"{local.generation}: the VM was failed over",
+            )
+
     def _launch(self, worker: VMWorker) -> None:
         """Run ``worker``'s loop until the agent stops or the VM leaves this site."""
         key = str(worker.vm.uuid)
@@ -233,19 +260,21 @@ class Agent:
         """The broker answers for a newer generation: fence every disk of the VM, for good."""
         if code != "stale_generation":
             return  # an identity refusal: the operator fixes the configuration, no failover
-        key = str(rep.vm.uuid)
+        self._fence_vm(rep.vm, reason)
+
+    def _fence_vm(self, vm: VMConfig, reason: str) -> None:
+        """Persist FENCED for ``vm`` and make every export of it refuse writes from now on."""
+        key = str(vm.uuid)
         role = self.roles[key]
         if role.role == "FENCED":
             return
         self.roles[key] = RoleRecord("FENCED", role.generation, reason, replicating=False)
-        self.roles[key].save(self.config.agent.state_dir, rep.vm)
-        message = fence_reason(rep.vm.name, reason)
+        self.roles[key].save(self.config.agent.state_dir, vm)
+        message = fence_reason(vm.name, reason)
         for other in self.replicators:
-            if other.vm.uuid == rep.vm.uuid:
+            if other.vm.uuid == vm.uuid:
                 other.fenced = other.export.fenced = message
-        log.error(
-            "vm_fenced", vm=rep.vm.name, reason=reason, fix=f"replikant reverse {rep.vm.name}"
-        )
+        log.error("vm_fenced", vm=vm.name, reason=reason, fix=f"replikant reverse {vm.name}")
 
     async def _serve(self, export: TrackedExport | FileExport, sock: Path, vm: VMConfig) -> None:
         server = NBDServer(

@@ -195,8 +195,10 @@ def test_unplanned_failover_fences_the_old_site_and_reverse_ships_only_differenc
     _write_ok(d0["nbd_uris"]["recovery"], 3 << 20, os.urandom(3 * BLOCK), tmp_path)
     started = _run("lab", "start", "--dir", lab["root"], "--site", "primary")
     assert started.returncode == 0, started.stderr
-    _wait("the old primary to learn it is fenced", lambda: _roles(lab).get("primary") == "FENCED")
+    # The agent asked its broker before serving: fenced from its first request on, no window.
     refused = _write(d0["nbd_uris"]["primary"], 0, b"y" * 4096, tmp_path)
+    assert "Operation not permitted" in refused.stdout + refused.stderr, refused
+    assert _roles(lab).get("primary") == "FENCED"
     assert "Operation not permitted" in refused.stdout + refused.stderr, refused
     restarted = json.loads((Path(lab["root"]) / "lab.json").read_text())["pids"]["primary"]
     for pid in restarted:  # a restart keeps it fenced: the role is on disk
