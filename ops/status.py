@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ops.client import AdminClient, admin_config, emit_json, run
-from ops.failover import site_status
+from ops.switchover import site_status
 from ops.render import HEALTH_STYLE, role_text, size_text, when
 
 
