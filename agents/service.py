@@ -39,6 +39,7 @@ from agents.control import (
 from agents.dirtymap import DATA
 from agents.disk import TrackedExport
 from agents.errors import AgentError, SeedError, ShipError
+from agents.guests import Guests
 from agents.hooks import FreezeHooks
 from agents.replicate import DiskReplicator
 from agents.roles import RoleRecord, fence_reason
@@ -53,6 +54,7 @@ from common.config import AgentConfig, VMConfig, parse_listen
 from common.logs import get_logger
 from common.nbd.backend import FileExport
 from common.nbd.server import NBDServer
+from common.roles import State, VMRole
 from common.tls import client_context, nbd_server_context
 from common.tls.identities import Identity
 from common.tls.serving import Allowed
@@ -98,6 +100,8 @@ class Agent:
         self._stops: dict[str, asyncio.Event] = {}  # each running worker's own stop
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._running = False
+        # The guests' drivers start a VM only where its role here lets it run (FENCED: never).
+        self.guests = Guests(config, role_of=self.vm_role)
         self.pending: dict[str, str] = {}  # VMs with a failover command in progress here
 
     def _lock(self) -> None:
@@ -248,6 +252,11 @@ class Agent:
                 f"{local.generation}: the VM was failed over",
             )
 
+    def vm_role(self, vm: VMConfig) -> VMRole:
+        """The VM's role here as the state machine of :mod:`common.roles` names it."""
+        record = self.roles.get(str(vm.uuid)) or RoleRecord.load(self.config.agent.state_dir, vm)
+        return VMRole(vm.name, self.config.agent.site, State(record.role), record.generation)
+
     def _launch(self, worker: VMWorker) -> None:
         """Run ``worker``'s loop until the agent stops or the VM leaves this site."""
         key = str(worker.vm.uuid)
@@ -295,6 +304,7 @@ class Agent:
         app.router.add_post("/v1/seed/export", self._seed_export)
         app.router.add_post("/v1/seed/cancel", self._seed_cancel)
         app.router.add_post("/v1/vms/{vm}/role", self._role)
+        self.guests.routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         sock = open_control_socket(self.control_socket, control_gid(self.config))

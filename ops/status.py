@@ -10,8 +10,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ops.client import AdminClient, admin_config, emit_json, run
-from ops.switchover import site_status
 from ops.render import HEALTH_STYLE, role_text, size_text, when
+from ops.switchover import site_status
 
 
 @click.command()

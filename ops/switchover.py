@@ -1,4 +1,5 @@
-"""`replikant failover planned|unplanned|commit|cancel VM` and `replikant reverse VM`.
+"""`replikant failover planned|unplanned|commit|cancel VM` and `replikant reverse VM` (added to
+the ``failover`` group of :mod:`ops.failover`, which holds test failover).
 
 Each command surveys both sites (every broker and agent of the admin config answers with its
 site), works out the VM's role at each with :mod:`common.roles` (which refuses an illegal command
@@ -23,6 +24,7 @@ import click
 from common.errors import ReplikantError
 from common.roles import Command, Facts, RoleRefused, State, VMRole, plan
 from ops.client import AdminClient, AdminError, admin_config, emit_json, refusal
+from ops.failover import failover
 from ops.render import merge_status
 from ops.verify import compare_hashes
 
@@ -41,6 +43,7 @@ class Site:
     broker_vm: dict[str, Any] | None = None
     agent_vm: dict[str, Any] | None = None
     agent_disks: list[dict[str, Any]] = field(default_factory=list)
+    guest: bool = False  # the agent here runs the VM's guest (a [vms.hypervisor] section)
 
     def role(self, vm: str) -> VMRole | None:
         """The VM's role here, or None when this site holds nothing of it."""
@@ -124,6 +127,18 @@ class Run:
         doc: dict[str, Any] = body
         return doc
 
+    async def guest(self, site: Site, act: str) -> None:
+        """Start or stop the VM's guest at ``site`` through its hypervisor driver, if it has one
+        there (without one, the VM's writers are whatever uses its NBD exports)."""
+        if not site.guest:
+            return
+        assert site.agent is not None
+        status, body = await self.client.agent(site.agent, "POST", f"/v1/guests/{self.vm}/{act}")
+        if status >= 400:
+            raise refusal(site.agent, status, body)
+        self.step(f"site {site.name}: guest {'started' if act == 'start' else 'shut down'}",
+                  state=body.get("state"))  # fmt: skip
+
     async def broker(self, site: Site, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """One POST to ``site``'s broker; a refusal raises."""
         assert site.broker is not None
@@ -165,6 +180,11 @@ async def survey(client: AdminClient, vm: str) -> Survey:
         site.agent, site.agent_host = sock, doc["host"]
         site.agent_vm = next((v for v in doc.get("vms", []) if vm in (v["name"], v["uuid"])), None)
         site.agent_disks = [d for d in doc["disks"] if vm in (d["vm"], d["vm_uuid"])]
+        guests = await _reach(client.agent(sock, "GET", "/v1/guests"))
+        if guests is not None and guests[0] == 200:
+            site.guest = any(
+                g["name"] == vm and not g["standby"] for g in guests[1].get("guests", [])
+            )
     return Survey(vm, sites, down)
 
 
@@ -307,6 +327,7 @@ async def planned(run: Run, s: Survey) -> None:
     _need(s, dst, f"site {dst.name}")
     await run.agent(dst, "begin")
     try:
+        await run.guest(src, "stop")
         await run.agent(src, "quiesce")
         run.step(f"site {src.name}: writers stopped (exports refuse writes)")
         try:
@@ -321,6 +342,7 @@ async def planned(run: Run, s: Survey) -> None:
         run.step(f"site {dst.name}: broker handed the replica over", generation=generation)
         await run.agent(dst, "promote", generation)
         run.step(f"site {dst.name}: agent serves the VM's disks (PRIMARY)")
+        await run.guest(dst, "start")
         await run.broker(dst, f"/v1/vms/{run.vm}/failover", {"action": "commit"})
         await _hand_images_back(run, src, dst, generation)
     finally:
@@ -357,6 +379,7 @@ async def unplanned(run: Run, s: Survey, point: str) -> None:
                  generation=after.generation)  # fmt: skip
         await run.agent(dst, "promote", after.generation)
         run.step(f"site {dst.name}: agent serves the VM's disks (FAILED-OVER, uncommitted)")
+        await run.guest(dst, "start")
     finally:
         await run.agent(dst, "end")
 
@@ -378,6 +401,7 @@ async def settle(run: Run, s: Survey, action: str) -> None:
         run.step(f"site {site.name}: failover committed (PRIMARY)")
         return
     old = _need(s, s.other(site), "the old primary site (cancel gives the VM back to it)")
+    await run.guest(site, "stop")
     await run.agent(site, "demote", role.generation)
     run.step(f"site {site.name}: agent stopped serving the VM (REPLICA)")
     await run.broker(site, f"/v1/vms/{run.vm}/failover", {"action": "cancel"})
@@ -456,11 +480,6 @@ def _command(
         emit_json(doc)
     if doc["result"] != "ok":
         ctx.exit(1)
-
-
-@click.group()
-def failover() -> None:
-    """Move a VM to the other site: planned, unplanned, then commit or cancel."""
 
 
 _json = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
