@@ -136,8 +136,10 @@ class Run:
         status, body = await self.client.agent(site.agent, "POST", f"/v1/guests/{self.vm}/{act}")
         if status >= 400:
             raise refusal(site.agent, status, body)
-        self.step(f"site {site.name}: guest {'started' if act == 'start' else 'shut down'}",
-                  state=body.get("state"))  # fmt: skip
+        shown = {k: body[k] for k in ("state", "how", "seconds") if k in body}
+        self.step(
+            f"site {site.name}: guest {'started' if act == 'start' else 'shut down'}", **shown
+        )
 
     async def broker(self, site: Site, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """One POST to ``site``'s broker; a refusal raises."""

@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -141,15 +142,17 @@ class QemuDriver:
                 stale.unlink()
         argv = self.argv(disks, isolated=isolated)
         started = time.monotonic()
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await proc.communicate()
+        # Its messages go to a file, not a pipe: under uvloop (the agent's loop) a pipe that the
+        # daemonized qemu inherits keeps communicate() waiting long after the parent exited.
+        with tempfile.TemporaryFile() as messages:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=messages, stderr=messages
+            )
+            await proc.wait()
+            messages.seek(0)
+            err = messages.read()
         if proc.returncode != 0:
-            text = (err or out).decode(errors="replace").strip()
+            text = err.decode(errors="replace").strip()
             log.warning("guest_start_failed", vm=self.vm, code=proc.returncode, error=text)
             raise HypervisorError(
                 f"vm {self.vm}: qemu did not start (exit {proc.returncode}): {text}",
