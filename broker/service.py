@@ -235,6 +235,7 @@ class BrokerService:
         # The Last Will marks us offline if we vanish without a clean leave.
         link.set_will(topics.member(b.cluster, b.node), membership.member_record(online=False))
         self.membership = membership
+        self.test_copies.publish = membership.publish_once
         loop = asyncio.get_running_loop()
 
         pending: set[asyncio.Task[None]] = set()

@@ -133,26 +133,33 @@ class QemuDriver:
         if current.state == "running":
             raise HypervisorError(
                 f"vm {self.vm}: its guest already runs here (pid {current.pid})",
-                fix=f"stop it first (`replikant guest stop {self.vm}`)",
+                fix="stop it first (POST /v1/guests/VM/stop on the agent's control socket; "
+                "`replikant failover stop-test VM` for a test copy)",
             )
         private_run_dir(self.run_dir)
-        for stale in (self.qmp, self.pidfile, self.console):
+        for stale in (self.qmp, self.pidfile, self.console, self.run_dir / "start.log"):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
         argv = self.argv(disks, isolated=isolated)
         started = time.monotonic()
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        # qemu's messages go to a file, not a pipe: the daemonized qemu inherits the pipe until
+        # it redirects its stdio, and uvloop (the agent's loop) then waits on it for good.
+        log_path = self.run_dir / "start.log"
+        fd = os.open(
+            log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
         )
-        out, err = await proc.communicate()
-        if proc.returncode != 0:
-            text = (err or out).decode(errors="replace").strip()
-            log.warning("guest_start_failed", vm=self.vm, code=proc.returncode, error=text)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd
+            )
+        finally:
+            os.close(fd)
+        code = await proc.wait()
+        if code != 0:
+            text = log_path.read_text(errors="replace").strip()
+            log.warning("guest_start_failed", vm=self.vm, code=code, error=text)
             raise HypervisorError(
-                f"vm {self.vm}: qemu did not start (exit {proc.returncode}): {text}",
+                f"vm {self.vm}: qemu did not start (exit {code}): {text}",
                 fix="check the VM's [hypervisor] settings and that its disks are served",
             )
         # qemu's -daemonize sets umask 027 itself; the 0700 directory kept the files private
