@@ -19,6 +19,7 @@ so a CI run needs no network once bootstrapped.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -98,6 +99,28 @@ class GuestImage:
         words = ["console=ttyS0", "panic=-1", "quiet", "loglevel=3"]
         words += [f"rk.{k}={v}" for k, v in ops.items()]
         return " ".join(words)
+
+    def settings(self, **ops: str | int) -> dict[str, object]:
+        """A test guest's qemu settings (``[vms.hypervisor]``): NVMe disk, direct kernel boot,
+        no reboot on panic, 192 MiB."""
+        return {
+            "driver": "qemu",
+            "machine": "pc",
+            "memory_mib": 192,
+            "disk_bus": "nvme",
+            "kernel": str(self.kernel),
+            "initrd": str(self.initrd),
+            "append": self.append(**ops),
+            "extra_args": ["-no-reboot"],
+            "stop_timeout_seconds": 20,
+        }
+
+    def toml(self, section: str, **ops: str | int) -> str:
+        """The same settings as agent.toml lines under ``[section]``."""
+        lines = [f"\n[{section}]"] + [
+            f"{k} = {json.dumps(v)}" for k, v in self.settings(**ops).items()
+        ]
+        return "\n".join(lines) + "\n"
 
 
 def _package() -> str:

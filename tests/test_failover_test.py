@@ -33,11 +33,11 @@ from tests.support_agent import (
     export_ready,
     free_port,
     make_image,
-    replikant_exe,
     wait_for,
     write_agent_config,
 )
-from tests.support_guest import GuestImage, console_value, guest_image, pattern, sha256
+from tests.support_broker import admin_cli
+from tests.support_guest import GuestImage, console_value, pattern, sha256
 from tests.support_mqtt import mosquitto
 
 pytestmark = [pytest.mark.timeout(180)]
@@ -45,12 +45,6 @@ pytestmark = [pytest.mark.timeout(180)]
 OFF = 2 * MiB
 LEN = 128 * 1024
 VMS_TOPIC = "replikant/v1/vms/#"
-
-
-@pytest.fixture(scope="session")
-def guest() -> GuestImage:
-    """One kernel and initramfs for every guest of the session."""
-    return guest_image()
 
 
 @pytest.fixture
@@ -74,21 +68,6 @@ async def retained(port: int, topic: str = VMS_TOPIC, window: float = 1.5) -> di
     return out
 
 
-async def cli(admin: Path, *args: str) -> tuple[int, str, str]:
-    """`replikant --config admin.toml ARGS` as a process: (exit code, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        replikant_exe(),
-        "--config",
-        str(admin),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 def recovery_agent(
     root: Path, pki: Pki, broker_url: str, guest: GuestImage, vm: VMSpec
 ) -> ReplikantProc:
@@ -103,14 +82,9 @@ def recovery_agent(
         socket_dir=root / "sock",
         control_socket=root / "ctl" / "agent.sock",
     )
-    append = guest.append(op="read", off=OFF, len=LEN)
     text = cfg.read_text().replace('host = "h1"', 'host = "h1"\nsite = "recovery"', 1)
-    text += (
-        f'\n[[standby]]\nname = "web1"\nuuid = "{vm.uuid}"\n'
-        f'[standby.hypervisor]\ndriver = "qemu"\nmachine = "pc"\nmemory_mib = 192\n'
-        f'disk_bus = "nvme"\nkernel = "{guest.kernel}"\ninitrd = "{guest.initrd}"\n'
-        f'append = "{append}"\nextra_args = ["-no-reboot"]\n'
-    )
+    text += f'\n[[standby]]\nname = "web1"\nuuid = "{vm.uuid}"\n'
+    text += guest.toml("standby.hypervisor", op="read", off=OFF, len=LEN)
     cfg.write_text(text)
     return ReplikantProc(["agent", "run", "--config", str(cfg)], root / "agent.log")
 
@@ -150,7 +124,9 @@ async def test_failover_test_from_an_older_point_then_stop_test_leaves_nothing(
         await _latest_point(admin, lambda p: p != point)
         await wait_for((tmp_path / "dr" / "ctl" / "agent.sock").exists, "the standby agent")
 
-        code, out, err = await cli(admin, "failover", "test", "web1", "--point", point, "--json")
+        code, out, err = await admin_cli(
+            admin, "failover", "test", "web1", "--point", point, "--json"
+        )
         assert code == 0, out + err
         doc = json.loads(out)
         steps = {s["step"]: s for s in doc["vms"][0]["steps"]}
@@ -175,12 +151,12 @@ async def test_failover_test_from_an_older_point_then_stop_test_leaves_nothing(
         assert overlays
         assert all(o.exists() for o in overlays)
 
-        again = await cli(admin, "failover", "test", "web1")
+        again = await admin_cli(admin, "failover", "test", "web1")
         assert again[0] == 1
         assert "vm web1 is TEST at site recovery" in again[1]
         assert "replikant failover stop-test web1" in again[1]
 
-        code, out, err = await cli(admin, "failover", "stop-test", "web1")
+        code, out, err = await admin_cli(admin, "failover", "stop-test", "web1")
         assert code == 0, out + err
         assert "TEST -> REPLICA" in out
 
@@ -198,7 +174,7 @@ async def test_failover_test_from_an_older_point_then_stop_test_leaves_nothing(
             lambda: _role(mqtt_port, web1.uuid, "recovery") == "REPLICA", "REPLICA again"
         )
 
-        code, out, _ = await cli(admin, "failover", "stop-test", "web1")
+        code, out, _ = await admin_cli(admin, "failover", "stop-test", "web1")
         assert code == 1
         assert "vm web1 is REPLICA at site recovery" in out
         assert "no test copy here" in out

@@ -33,7 +33,6 @@ from tests.support_agent import (
 from tests.support_guest import (
     GuestImage,
     console_value,
-    guest_image,
     pattern,
     sha256,
     wait_console,
@@ -45,35 +44,9 @@ OFF = 1 * MiB
 LEN = 256 * 1024
 
 
-@pytest.fixture(scope="session")
-def guest() -> GuestImage:
-    """One kernel and initramfs for every guest of the session."""
-    return guest_image()
-
-
 def qemu_settings(guest: GuestImage, **ops: str | int) -> QemuSettings:
-    """A test guest's settings: NVMe disk, direct kernel boot, no reboot on panic."""
-    return QemuSettings(
-        driver="qemu",
-        machine="pc",
-        memory_mib=192,
-        disk_bus="nvme",
-        kernel=guest.kernel,
-        initrd=guest.initrd,
-        append=guest.append(**ops),
-        extra_args=["-no-reboot"],
-        stop_timeout_seconds=20,
-    )
-
-
-def hypervisor_toml(section: str, guest: GuestImage, **ops: str | int) -> str:
-    """agent.toml lines of a test guest's qemu settings under ``[section]``."""
-    return (
-        f'\n[{section}]\ndriver = "qemu"\nmachine = "pc"\nmemory_mib = 192\ndisk_bus = "nvme"\n'
-        f'kernel = "{guest.kernel}"\ninitrd = "{guest.initrd}"\n'
-        f'append = "{guest.append(**ops)}"\nextra_args = ["-no-reboot"]\n'
-        "stop_timeout_seconds = 20\n"
-    )
+    """A test guest's settings as the driver takes them."""
+    return QemuSettings.model_validate(guest.settings(**ops))
 
 
 async def test_agent_starts_its_guest_which_writes_and_the_replica_gets_its_bytes(
@@ -102,9 +75,9 @@ async def test_agent_starts_its_guest_which_writes_and_the_replica_gets_its_byte
     cfg = tmp_path / "agent.toml"
     cfg.write_text(
         cfg.read_text()
-        + hypervisor_toml("vms.hypervisor", guest, op="write", off=OFF, len=LEN, seed="guest")
+        + guest.toml("vms.hypervisor", op="write", off=OFF, len=LEN, seed="guest")
         + f'\n[[standby]]\nname = "db1"\nuuid = "{uuid.uuid4()}"\n'
-        + hypervisor_toml("standby.hypervisor", guest, op="read", off=0, len=4096)
+        + guest.toml("standby.hypervisor", op="read", off=0, len=4096)
     )
     replica = store / str(vm.uuid) / "disk0" / "replica.img"
     console = tmp_path / "state" / "guests" / "web1" / "main" / "console.log"

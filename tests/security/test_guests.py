@@ -20,16 +20,10 @@ from common.hypervisorconfig import CommandSettings, QemuSettings
 from tests.security.rows import Door
 from tests.security.test_agent_control import _CONNECT, _OPEN, as_nobody, expect_eacces
 from tests.support_agent import make_image, wait_for
-from tests.support_guest import GuestImage, guest_image, wait_console
+from tests.support_guest import GuestImage, wait_console
 
 pytestmark = pytest.mark.timeout(120)
 SURFACE = "guest (qemu driver)"
-
-
-@pytest.fixture(scope="module")
-def guest() -> GuestImage:
-    """The test guest's kernel and initramfs."""
-    return guest_image()
 
 
 @pytest.fixture
@@ -52,16 +46,11 @@ async def test_another_user_cannot_drive_or_read_a_running_guest(
     server = await asyncio.create_subprocess_exec(
         "qemu-nbd", "--persistent", "-f", "raw", "-x", "d", "--socket", str(sock), str(image)
     )
-    settings = QemuSettings(
-        driver="qemu",
-        machine="pc",
-        memory_mib=192,
-        disk_bus="nvme",
-        kernel=guest.kernel,
-        initrd=guest.initrd,
-        append=guest.append(op="read", off=0, len=4096),
-        network_args=["-nic", "user,model=virtio-net-pci"],
-        extra_args=["-no-reboot"],
+    settings = QemuSettings.model_validate(
+        {
+            **guest.settings(op="read", off=0, len=4096),
+            "network_args": ["-nic", "user,model=virtio-net-pci"],
+        }
     )
     driver = QemuDriver("sec1", settings, base / "run" / "sec1")
     try:
