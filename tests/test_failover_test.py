@@ -102,7 +102,7 @@ async def test_failover_test_from_an_older_point_then_stop_test_leaves_nothing(
     broker = ReplikantProc(["broker", "run", "--config", str(bcfg)], tmp_path / "broker.log")
     burl = f"https://127.0.0.1:{bport}"
     image = make_image(tmp_path / "d.img", 8 * MiB)
-    web1 = VMSpec("web1", [DiskSpec("disk0", image)])
+    web1 = VMSpec("web1", [DiskSpec("disk0", image)], labels={"tier": "web"})
     primary = agent_process(tmp_path, pki=pki, broker_urls=[burl], vms=[web1], interval=0.5)
     standby = recovery_agent(tmp_path / "dr", pki, burl, guest, web1)
     admin = admin_config(
@@ -124,10 +124,18 @@ async def test_failover_test_from_an_older_point_then_stop_test_leaves_nothing(
         await _latest_point(admin, lambda p: p != point)
         await wait_for((tmp_path / "dr" / "ctl" / "agent.sock").exists, "the standby agent")
 
-        code, out, err = await admin_cli(
-            admin, "failover", "test", "web1", "--point", point, "--json"
+        # Two operators at once: one test copy starts, the other is refused naming the role.
+        runs = await asyncio.gather(
+            *(
+                admin_cli(admin, "failover", "test", "web1", "--point", point, "--json")
+                for _ in "ab"
+            )
         )
-        assert code == 0, out + err
+        assert sorted(code for code, _, _ in runs) == [0, 1], runs
+        (out,) = [o for code, o, _ in runs if code == 0]
+        (refused,) = [json.loads(o)["vms"][0]["error"] for code, o, _ in runs if code == 1]
+        assert "vm web1 is" in refused
+        assert "at site recovery" in refused
         doc = json.loads(out)
         steps = {s["step"]: s for s in doc["vms"][0]["steps"]}
         assert steps["broker"]["role"] == "TEST"
@@ -156,8 +164,9 @@ async def test_failover_test_from_an_older_point_then_stop_test_leaves_nothing(
         assert "vm web1 is TEST at site recovery" in again[1]
         assert "replikant failover stop-test web1" in again[1]
 
-        code, out, err = await admin_cli(admin, "failover", "stop-test", "web1")
+        code, out, err = await admin_cli(admin, "failover", "stop-test", "--selector", "tier=web")
         assert code == 0, out + err
+        assert "web1: broker" in out
         assert "TEST -> REPLICA" in out
 
         leftovers = {
