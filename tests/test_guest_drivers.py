@@ -97,6 +97,7 @@ async def test_agent_starts_its_guest_which_writes_and_the_replica_gets_its_byte
             return replica.exists() and replica.read_bytes()[OFF : OFF + LEN] == want
 
         await wait_for(replicated, "the guest's bytes at the replica")
+        await wait_for(lambda: "RK-READY" in _text(console), "the guest's power button")
         code, stopped = await control_request(ctl, "POST", "/v1/guests/web1/stop", {})
         assert code == 200, stopped
         assert stopped["how"] == "powerdown"
