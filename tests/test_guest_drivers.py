@@ -237,3 +237,19 @@ async def test_command_driver_passes_disks_without_a_shell(tmp_path: Path) -> No
     assert (await driver.status()).state == "stopped"
     with pytest.raises(HypervisorError, match="names no disk"):
         driver.expand(["{disk:nope}"], [])
+
+
+async def test_unreadable_pid_file_is_unknown_and_blocks_a_second_start(tmp_path: Path) -> None:
+    """A pid file that cannot be read makes the state unknown, and start refuses rather than
+    booting a second guest on the same disks."""
+    driver = QemuDriver("web1", QemuSettings(driver="qemu"), tmp_path / "run")
+    assert (await driver.status()).state == "stopped"
+    driver.run_dir.mkdir(mode=0o700)
+    driver.pidfile.write_text("garbage")
+    status = await driver.status()
+    assert status.state == "unknown"
+    assert "garbage" in status.detail
+    with pytest.raises(HypervisorError, match="cannot tell whether its guest runs"):
+        await driver.start([GuestDisk("d", "nbd+unix:///d?socket=/nonexistent")], isolated=True)
+    with pytest.raises(HypervisorError, match="cannot tell"):
+        await driver.stop()

@@ -130,9 +130,11 @@ class QemuDriver:
     async def start(self, disks: Sequence[GuestDisk], *, isolated: bool) -> GuestStatus:
         """Start qemu; returns once it runs (or raises with qemu's message)."""
         current = await self.status()
-        if current.state == "running":
+        if current.state != "stopped":
             raise HypervisorError(
-                f"vm {self.vm}: its guest already runs here (pid {current.pid})",
+                f"vm {self.vm}: its guest already runs here (pid {current.pid})"
+                if current.state == "running"
+                else f"vm {self.vm}: cannot tell whether its guest runs ({current.detail})",
                 fix="stop it first (POST /v1/guests/VM/stop on the agent's control socket; "
                 "`replikant failover stop-test VM` for a test copy)",
             )
@@ -178,18 +180,18 @@ class QemuDriver:
         )
         return status
 
-    def _pid(self) -> int | None:
-        try:
-            return int(self.pidfile.read_text().strip())
-        except (OSError, ValueError):
-            return None
-
     async def status(self) -> GuestStatus:
-        """running (with the pid), or stopped; unknown when a pid file names a process we
-        cannot tell about."""
-        pid = self._pid()
-        if pid is None:
+        """running (with the pid) or stopped; unknown when the pid file cannot be read (so
+        nobody may conclude the guest is down and start a second one on the same disks)."""
+        try:
+            text = self.pidfile.read_text().strip()
+        except FileNotFoundError:
             return GuestStatus("stopped")
+        except OSError as exc:
+            return GuestStatus("unknown", None, f"pid file {self.pidfile}: {exc.strerror}")
+        if not text.isdigit():
+            return GuestStatus("unknown", None, f"pid file {self.pidfile} holds {text[:20]!r}")
+        pid = int(text)
         if process_alive(pid, str(self.qmp)):
             return GuestStatus("running", pid)
         return GuestStatus("stopped", None, f"pid {pid} of the last run has ended")
@@ -199,8 +201,14 @@ class QemuDriver:
         stop_timeout_seconds), then SIGKILL."""
         limit = self.settings.stop_timeout_seconds if grace is None else grace
         started = time.monotonic()
-        pid = self._pid()
-        if pid is None or not process_alive(pid, str(self.qmp)):
+        current = await self.status()
+        if current.state == "unknown":
+            raise HypervisorError(
+                f"vm {self.vm}: cannot tell whether its guest runs ({current.detail})",
+                fix=f"check {self.run_dir} and the qemu processes by hand",
+            )
+        pid = current.pid
+        if pid is None:
             return StopResult("already-stopped", 0.0)
         try:
             await qmp_execute(self.qmp, "system_powerdown")
