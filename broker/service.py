@@ -235,7 +235,6 @@ class BrokerService:
         # The Last Will marks us offline if we vanish without a clean leave.
         link.set_will(topics.member(b.cluster, b.node), membership.member_record(online=False))
         self.membership = membership
-        self.test_copies.publish = membership.publish_once
         loop = asyncio.get_running_loop()
 
         pending: set[asyncio.Task[None]] = set()
@@ -250,6 +249,7 @@ class BrokerService:
                 pending.add(task)
                 task.add_done_callback(pending.discard)
 
+        self.test_copies.publish = membership.publish_once
         self.add_alert_hook(publish_alert)
         self._tasks.append(loop.create_task(link.run()))
         self._tasks.append(loop.create_task(membership.run()))
