@@ -87,7 +87,6 @@ class Agent:
         self._runner: web.AppRunner | None = None
         self._lock_fd = -1
         self.control_socket = control_socket_path(config)
-        self.guests = Guests(config)
         self.started_ns = time.time_ns()
         self.progress = InitialCopyProgress()
         self._seed_task: asyncio.Task[dict[str, Any]] | None = None
@@ -222,7 +221,7 @@ class Agent:
         app.router.add_post("/v1/vms/{vm}/repair", self._repair)
         app.router.add_post("/v1/seed/export", self._seed_export)
         app.router.add_post("/v1/seed/cancel", self._seed_cancel)
-        self.guests.routes(app)
+        Guests(self.config).routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         sock = open_control_socket(self.control_socket, control_gid(self.config))
