@@ -55,13 +55,14 @@ class Guests:
         return VMRole(vm.name, self.config.agent.site, State.PRIMARY, 0)
 
     def routes(self, app: web.Application) -> None:
-        """Add the guest routes to the control application."""
+        """Add the guest routes to the control application: each one a thin wrapper of the
+        public method of the same job, so another transport (MQTT requests) can call those."""
         app.router.add_get("/v1/guests", self._list)
-        app.router.add_get("/v1/guests/{vm}", self._one)
-        app.router.add_post("/v1/guests/{vm}/start", self._start)
-        app.router.add_post("/v1/guests/{vm}/stop", self._stop)
-        app.router.add_post("/v1/guests/{vm}/test", self._test_start)
-        app.router.add_delete("/v1/guests/{vm}/test", self._test_stop)
+        app.router.add_get("/v1/guests/{vm}", _route(self.status))
+        app.router.add_post("/v1/guests/{vm}/start", _route(self.start))
+        app.router.add_post("/v1/guests/{vm}/stop", _route(self.stop))
+        app.router.add_post("/v1/guests/{vm}/test", _route(self.start_test))
+        app.router.add_delete("/v1/guests/{vm}/test", _route(self.stop_test))
 
     def _find(self, name: str) -> VMConfig | StandbyVM | None:
         for vm in self.config.vms:
@@ -101,8 +102,7 @@ class Guests:
         vms += self.config.standby
         return web.json_response({"guests": [await self.describe(v) for v in vms]})
 
-    def _vm(self, request: web.Request) -> VMConfig | StandbyVM:
-        name = request.match_info["vm"]
+    def _vm(self, name: str) -> VMConfig | StandbyVM:
         vm = self._find(name)
         if vm is None:
             raise _Refused(
@@ -113,17 +113,13 @@ class Guests:
             )
         return vm
 
-    async def _one(self, request: web.Request) -> web.Response:
-        return await _answer(lambda: self._describe_req(request))
+    async def status(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        """The VM's driver and each instance's state."""
+        return await self.describe(self._vm(name))
 
-    async def _describe_req(self, request: web.Request) -> dict[str, Any]:
-        return await self.describe(self._vm(request))
-
-    async def _start(self, request: web.Request) -> web.Response:
-        return await _answer(lambda: self.start_main(self._vm(request)))
-
-    async def start_main(self, vm: VMConfig | StandbyVM) -> dict[str, Any]:
+    async def start(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
         """Start the VM's own guest on this agent's exports, if its role lets it run here."""
+        vm = self._vm(name)
         if isinstance(vm, StandbyVM):
             role = VMRole(vm.name, self.config.agent.site, State.REPLICA, 0)
         else:
@@ -142,47 +138,39 @@ class Guests:
             status = await self.driver(vm, MAIN).start(disks, isolated=False)
         return {"vm": vm.name, "instance": MAIN, "role": role.state.value, **status.json()}
 
-    async def _stop(self, request: web.Request) -> web.Response:
-        async def go() -> dict[str, Any]:
-            vm = self._vm(request)
-            body = await request.json() if request.can_read_body else {}
-            grace = body.get("grace_seconds") if isinstance(body, dict) else None
-            if grace is not None and not (isinstance(grace, int | float) and 0 <= grace <= 3600):
-                raise _Refused(
-                    400,
-                    "bad_request",
-                    "grace_seconds must be a number of seconds between 0 and 3600",
-                    'send e.g. {"grace_seconds": 30}',
-                )
-            async with self._lock(vm.name):
-                result = await self.driver(vm, MAIN).stop(grace=grace)
-            return {"vm": vm.name, "instance": MAIN, **result.json()}
+    async def stop(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Power the VM's guest down (``grace_seconds``, default its stop timeout), then kill."""
+        vm = self._vm(name)
+        grace = args.get("grace_seconds")
+        if grace is not None and not (isinstance(grace, int | float) and 0 <= grace <= 3600):
+            raise _Refused(
+                400,
+                "bad_request",
+                "grace_seconds must be a number of seconds between 0 and 3600",
+                'send e.g. {"grace_seconds": 30}',
+            )
+        async with self._lock(vm.name):
+            result = await self.driver(vm, MAIN).stop(grace=grace)
+        return {"vm": vm.name, "instance": MAIN, **result.json()}
 
-        return await _answer(go)
+    async def start_test(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Boot an isolated test copy (no NIC) on ``args["disks"]``: {disk id: NBD URI}."""
+        vm = self._vm(name)
+        disks = _test_disks(args)
+        async with self._lock(vm.name):
+            status = await self.driver(vm, TEST).start(disks, isolated=True)
+        log.info("test_copy_started", vm=vm.name, pid=status.pid, disks=len(disks))
+        return {"vm": vm.name, "instance": TEST, "isolated": True, **status.json()}
 
-    async def _test_start(self, request: web.Request) -> web.Response:
-        async def go() -> dict[str, Any]:
-            vm = self._vm(request)
-            body = await request.json()
-            disks = _test_disks(body)
-            async with self._lock(vm.name):
-                status = await self.driver(vm, TEST).start(disks, isolated=True)
-            log.info("test_copy_started", vm=vm.name, pid=status.pid, disks=len(disks))
-            return {"vm": vm.name, "instance": TEST, "isolated": True, **status.json()}
-
-        return await _answer(go)
-
-    async def _test_stop(self, request: web.Request) -> web.Response:
-        async def go() -> dict[str, Any]:
-            vm = self._vm(request)
-            async with self._lock(vm.name):
-                drv = self.driver(vm, TEST)
-                result = await drv.stop(grace=TEST_STOP_GRACE)
-                await asyncio.to_thread(_remove_run_dir, drv.run_dir)
-            log.info("test_copy_removed", vm=vm.name, how=result.how)
-            return {"vm": vm.name, "instance": TEST, "removed": str(drv.run_dir), **result.json()}
-
-        return await _answer(go)
+    async def stop_test(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Stop the test copy and remove its run directory (QMP socket, pid file, console)."""
+        vm = self._vm(name)
+        async with self._lock(vm.name):
+            drv = self.driver(vm, TEST)
+            result = await drv.stop(grace=TEST_STOP_GRACE)
+            await asyncio.to_thread(_remove_run_dir, drv.run_dir)
+        log.info("test_copy_removed", vm=vm.name, how=result.how)
+        return {"vm": vm.name, "instance": TEST, "removed": str(drv.run_dir), **result.json()}
 
     def _lock(self, vm: str) -> asyncio.Lock:
         return self._locks.setdefault(vm, asyncio.Lock())
@@ -220,9 +208,32 @@ def _remove_run_dir(path: Path) -> None:
         parent.rmdir()
 
 
-async def _answer(work: Callable[[], Awaitable[dict[str, Any]]]) -> web.Response:
+Job = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def _route(job: Job) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The control route of ``job``: the VM from the path, the arguments from the JSON body."""
+
+    async def handler(request: web.Request) -> web.Response:
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return refusal(
+                400,
+                "bad_request",
+                "the body must be a JSON object",
+                "send {} or the arguments docs/protocol/http.md names",
+            )
+        return await _answer(job(request.match_info["vm"], body))
+
+    return handler
+
+
+async def _answer(work: Awaitable[dict[str, Any]]) -> web.Response:
     try:
-        return web.json_response(await work())
+        return web.json_response(await work)
     except _Refused as exc:
         log.warning("guest_request_refused", code=exc.code, message=exc.message)
         return refusal(exc.status, exc.code, exc.message, exc.fix)

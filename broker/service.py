@@ -249,6 +249,7 @@ class BrokerService:
                 pending.add(task)
                 task.add_done_callback(pending.discard)
 
+        self.test_copies.publish = membership.publish_once
         self.add_alert_hook(publish_alert)
         self._tasks.append(loop.create_task(link.run()))
         self._tasks.append(loop.create_task(membership.run()))

@@ -8,11 +8,16 @@ VM while the first one still creates or removes its exports.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.logs import get_logger
 from common.roles import RoleBook
+
+_log = get_logger("broker.testcopies")
 
 
 @dataclass
@@ -42,7 +47,21 @@ class TestCopies:
     def __init__(self, site: str) -> None:
         self.book = RoleBook(site)
         self.copies: dict[str, TestCopy] = {}
+        # Set by the broker when it publishes on MQTT: a role change is announced at once, so
+        # that when the command returns the retained record already says so.
+        self.publish: Callable[[], Awaitable[int]] | None = None
 
     def is_test(self, vm: str) -> bool:
         """Whether ``vm`` runs as a TEST copy from this site."""
         return vm in self.copies
+
+    async def announce(self) -> None:
+        """Publish the changed role now (MQTT is advisory: a failure only waits for the next
+        periodic publish, and is logged)."""
+        if self.publish is None:
+            return
+        try:
+            async with asyncio.timeout(2):
+                await self.publish()
+        except Exception as exc:  # any MQTT failure: the periodic publish tries again
+            _log.warning("role_publish_deferred", error=str(exc) or type(exc).__name__)

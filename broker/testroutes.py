@@ -96,6 +96,7 @@ async def start_test(request: web.Request) -> web.Response:
     m = replicas[0].meta
     tests.copies[role.vm] = TestCopy(role.vm, m.vm_uuid, point_id, exports)
     after = tests.book.finish(transition)
+    await tests.announce()
     _log.info("test_failover_started", vm=role.vm, point=point_id, exports=len(exports))
     return web.json_response(
         {
@@ -128,6 +129,7 @@ async def stop_test(request: web.Request) -> web.Response:
         raise
     del tests.copies[role.vm]
     after = tests.book.finish(transition)
+    await tests.announce()
     _log.info("test_failover_stopped", vm=role.vm, point=copy.point)
     return web.json_response(
         {

@@ -71,11 +71,18 @@ async def _broker(client: AdminClient, method: str, path: str, **kw: Any) -> tup
 
 
 async def _guest_agent(client: AdminClient, vm: str) -> str:
-    """The control socket of the agent that can run ``vm``'s guest."""
+    """The control socket of the agent that runs ``vm``'s test copy: the one whose copy runs,
+    else one that lists the VM as standby (never its own primary's agent)."""
+    standby = []
     for sock in client.config.admin.agents:
         status, body = await client.agent(sock, "GET", "/v1/guests")
-        if status == 200 and any(g["name"] == vm for g in body.get("guests", [])):
-            return sock
+        for g in body.get("guests", []) if status == 200 else []:
+            if g["name"] == vm and g["instances"]["test"]["state"] == "running":
+                return sock
+            if g["name"] == vm and g["standby"]:
+                standby.append(sock)
+    if standby:
+        return standby[0]
     raise AdminError(
         f"no agent in [admin] agents can run a guest of vm {vm}",
         fix="give the recovery site's agent a [[standby]] entry for it (name, uuid, "

@@ -9,8 +9,9 @@ line says and reports on the serial console:
 - ``rk.op=read rk.off=N rk.len=N``: print ``RK-HASH <sha256 of the region>``;
 - ``rk.op=run rk.off=N rk.seed=S``: rewrite the region every ``rk.every`` seconds (``RK-TICK k``);
 - always: ``RK-NET`` lines (every interface and route the guest has), then, with
-  ``rk.then=poweroff``, sync and power off; otherwise wait for the ACPI power button (QMP
-  ``system_powerdown``), print ``RK-BYE``, sync and power off.
+  ``rk.then=poweroff``, sync and power off; otherwise open the ACPI power button, print
+  ``RK-READY`` (a power-down from now on is seen), wait for it (QMP ``system_powerdown``),
+  print ``RK-BYE``, sync and power off.
 
 ``python -m tests.support_guest`` fetches the kernel into the cache (deploy/bootstrap.sh calls it),
 so a CI run needs no network once bootstrapped.
@@ -19,6 +20,7 @@ so a CI run needs no network once bootstrapped.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -70,7 +72,8 @@ if [ "$(arg rk.then)" = poweroff ]; then sync; poweroff -f; fi
 for e in /sys/class/input/event*; do
     [ "$(cat $e/device/name 2>/dev/null)" = "Power Button" ] && btn=/dev/input/${e##*/}
 done
-if [ -n "$btn" ]; then head -c 1 "$btn" > /dev/null; else while true; do sleep 60; done; fi
+if [ -n "$btn" ]; then exec 3< "$btn"; say "RK-READY"; head -c 1 <&3 > /dev/null
+else say "RK-NOBUTTON"; while true; do sleep 60; done; fi
 say "RK-BYE"; sync; poweroff -f
 """
 
@@ -98,6 +101,28 @@ class GuestImage:
         words = ["console=ttyS0", "panic=-1", "quiet", "loglevel=3"]
         words += [f"rk.{k}={v}" for k, v in ops.items()]
         return " ".join(words)
+
+    def settings(self, **ops: str | int) -> dict[str, object]:
+        """A test guest's qemu settings (``[vms.hypervisor]``): NVMe disk, direct kernel boot,
+        no reboot on panic, 192 MiB."""
+        return {
+            "driver": "qemu",
+            "machine": "pc",
+            "memory_mib": 192,
+            "disk_bus": "nvme",
+            "kernel": str(self.kernel),
+            "initrd": str(self.initrd),
+            "append": self.append(**ops),
+            "extra_args": ["-no-reboot"],
+            "stop_timeout_seconds": 20,
+        }
+
+    def toml(self, section: str, **ops: str | int) -> str:
+        """The same settings as agent.toml lines under ``[section]``."""
+        lines = [f"\n[{section}]"] + [
+            f"{k} = {json.dumps(v)}" for k, v in self.settings(**ops).items()
+        ]
+        return "\n".join(lines) + "\n"
 
 
 def _package() -> str:

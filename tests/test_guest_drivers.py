@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from tests.support_agent import (
     VMSpec,
     agent_process,
     broker_config,
-    export_ready,
+    control_request,
     free_port,
     make_image,
     wait_for,
@@ -32,7 +33,6 @@ from tests.support_agent import (
 from tests.support_guest import (
     GuestImage,
     console_value,
-    guest_image,
     pattern,
     sha256,
     wait_console,
@@ -44,31 +44,16 @@ OFF = 1 * MiB
 LEN = 256 * 1024
 
 
-@pytest.fixture(scope="session")
-def guest() -> GuestImage:
-    """One kernel and initramfs for every guest of the session."""
-    return guest_image()
-
-
 def qemu_settings(guest: GuestImage, **ops: str | int) -> QemuSettings:
-    """A test guest's settings: NVMe disk, direct kernel boot, no reboot on panic."""
-    return QemuSettings(
-        driver="qemu",
-        machine="pc",
-        memory_mib=192,
-        disk_bus="nvme",
-        kernel=guest.kernel,
-        initrd=guest.initrd,
-        append=guest.append(**ops),
-        extra_args=["-no-reboot"],
-        stop_timeout_seconds=20,
-    )
+    """A test guest's settings as the driver takes them."""
+    return QemuSettings.model_validate(guest.settings(**ops))
 
 
-async def test_guest_writes_through_agent_export_and_replica_gets_its_bytes(
+async def test_agent_starts_its_guest_which_writes_and_the_replica_gets_its_bytes(
     tmp_path: Path, guest: GuestImage
 ) -> None:
-    """A guest on the agent's tracked NBD export writes; the broker's replica holds its bytes."""
+    """Through the agent's control socket a guest boots on the tracked export and writes; the
+    broker's replica holds its bytes; stop powers it down; a standby VM may not start."""
     pki = make_pki(tmp_path / "pki")
     store = tmp_path / "store"
     bport = free_port()
@@ -78,41 +63,61 @@ async def test_guest_writes_through_agent_export_and_replica_gets_its_bytes(
     )
     image = make_image(tmp_path / "d.img", 8 * MiB)
     vm = VMSpec("web1", [DiskSpec("disk0", image)])
+    ctl = tmp_path / "ctl" / "agent.sock"
     agent = agent_process(
-        tmp_path, pki=pki, broker_urls=[f"https://127.0.0.1:{bport}"], vms=[vm], interval=0.5
+        tmp_path,
+        pki=pki,
+        broker_urls=[f"https://127.0.0.1:{bport}"],
+        vms=[vm],
+        interval=0.5,
+        control_socket=ctl,
     )
-    sock = tmp_path / "sock" / "web1-disk0.sock"
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        cfg.read_text()
+        + guest.toml("vms.hypervisor", op="write", off=OFF, len=LEN, seed="guest")
+        + f'\n[[standby]]\nname = "db1"\nuuid = "{uuid.uuid4()}"\n'
+        + guest.toml("standby.hypervisor", op="read", off=0, len=4096)
+    )
     replica = store / str(vm.uuid) / "disk0" / "replica.img"
+    console = tmp_path / "state" / "guests" / "web1" / "main" / "console.log"
     broker.start()
     agent.start()
-    driver = QemuDriver(
-        "web1",
-        qemu_settings(guest, op="write", off=OFF, len=LEN, seed="guest-bytes"),
-        tmp_path / "run" / "web1",
-    )
     try:
-        await wait_for(lambda: export_ready(sock, "web1-disk0"), "the agent's export")
-        uri = f"nbd+unix:///web1-disk0?socket={sock}"
-        status = await driver.start([GuestDisk("disk0", uri)], isolated=True)
-        assert status.state == "running"
-        assert status.pid is not None
-        text = wait_console(driver.console, "RK-DONE")
-        assert "RK-NET link lo" in text
-        want = pattern("guest-bytes", LEN)
+        await wait_for(ctl.exists, "the agent's control socket")
+        code, started = await control_request(ctl, "POST", "/v1/guests/web1/start", {})
+        assert code == 200, started
+        assert started["state"] == "running"
+        assert started["role"] == "PRIMARY"
+        await wait_for(lambda: "RK-DONE" in _text(console), "the guest's write")
+        want = pattern("guest", LEN)
         assert image.read_bytes()[OFF : OFF + LEN] == want
 
         def replicated() -> bool:
             return replica.exists() and replica.read_bytes()[OFF : OFF + LEN] == want
 
         await wait_for(replicated, "the guest's bytes at the replica")
-        result = await driver.stop()
-        assert result.how == "powerdown", wait_console(driver.console, "RK")
-        assert "RK-BYE" in driver.console.read_text()
-        assert (await driver.status()).state == "stopped"
+        await wait_for(lambda: "RK-READY" in _text(console), "the guest's power button")
+        code, stopped = await control_request(ctl, "POST", "/v1/guests/web1/stop", {})
+        assert code == 200, stopped
+        assert stopped["how"] == "powerdown"
+        assert "RK-BYE" in _text(console)
+        code, listing = await control_request(ctl, "GET", "/v1/guests")
+        states = {g["name"]: g["instances"]["main"]["state"] for g in listing["guests"]}
+        assert states == {"web1": "stopped", "db1": "stopped"}
+        code, refused = await control_request(ctl, "POST", "/v1/guests/db1/start", {})
+        assert code == 409
+        assert refused["error"] == "wrong_role"
+        assert "vm db1 is REPLICA at site primary" in refused["message"]
+        assert "replikant failover test db1" in refused["fix"]
     finally:
-        await driver.stop(grace=0.1)
+        await control_request(ctl, "POST", "/v1/guests/web1/stop", {"grace_seconds": 0})
         agent.stop()
         broker.stop()
+
+
+def _text(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 async def test_stop_kills_a_guest_that_ignores_powerdown_and_files_are_private(
@@ -232,3 +237,19 @@ async def test_command_driver_passes_disks_without_a_shell(tmp_path: Path) -> No
     assert (await driver.status()).state == "stopped"
     with pytest.raises(HypervisorError, match="names no disk"):
         driver.expand(["{disk:nope}"], [])
+
+
+async def test_unreadable_pid_file_is_unknown_and_blocks_a_second_start(tmp_path: Path) -> None:
+    """A pid file that cannot be read makes the state unknown, and start refuses rather than
+    booting a second guest on the same disks."""
+    driver = QemuDriver("web1", QemuSettings(driver="qemu"), tmp_path / "run")
+    assert (await driver.status()).state == "stopped"
+    driver.run_dir.mkdir(mode=0o700)
+    driver.pidfile.write_text("garbage")
+    status = await driver.status()
+    assert status.state == "unknown"
+    assert "garbage" in status.detail
+    with pytest.raises(HypervisorError, match="cannot tell whether its guest runs"):
+        await driver.start([GuestDisk("d", "nbd+unix:///d?socket=/nonexistent")], isolated=True)
+    with pytest.raises(HypervisorError, match="cannot tell"):
+        await driver.stop()

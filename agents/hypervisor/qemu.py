@@ -14,7 +14,6 @@ import fcntl
 import json
 import os
 import signal
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -131,31 +130,38 @@ class QemuDriver:
     async def start(self, disks: Sequence[GuestDisk], *, isolated: bool) -> GuestStatus:
         """Start qemu; returns once it runs (or raises with qemu's message)."""
         current = await self.status()
-        if current.state == "running":
+        if current.state != "stopped":
             raise HypervisorError(
-                f"vm {self.vm}: its guest already runs here (pid {current.pid})",
-                fix=f"stop it first (`replikant guest stop {self.vm}`)",
+                f"vm {self.vm}: its guest already runs here (pid {current.pid})"
+                if current.state == "running"
+                else f"vm {self.vm}: cannot tell whether its guest runs ({current.detail})",
+                fix="stop it first (POST /v1/guests/VM/stop on the agent's control socket; "
+                "`replikant failover stop-test VM` for a test copy)",
             )
         private_run_dir(self.run_dir)
-        for stale in (self.qmp, self.pidfile, self.console):
+        for stale in (self.qmp, self.pidfile, self.console, self.run_dir / "start.log"):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
         argv = self.argv(disks, isolated=isolated)
         started = time.monotonic()
-        # Its messages go to a file, not a pipe: under uvloop (the agent's loop) a pipe that the
-        # daemonized qemu inherits keeps communicate() waiting long after the parent exited.
-        with tempfile.TemporaryFile() as messages:
+        # qemu's messages go to a file, not a pipe: the daemonized qemu inherits the pipe until
+        # it redirects its stdio, and uvloop (the agent's loop) then waits on it for good.
+        log_path = self.run_dir / "start.log"
+        fd = os.open(
+            log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=messages, stderr=messages
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd
             )
-            await proc.wait()
-            messages.seek(0)
-            err = messages.read()
-        if proc.returncode != 0:
-            text = err.decode(errors="replace").strip()
-            log.warning("guest_start_failed", vm=self.vm, code=proc.returncode, error=text)
+        finally:
+            os.close(fd)
+        code = await proc.wait()
+        if code != 0:
+            text = log_path.read_text(errors="replace").strip()
+            log.warning("guest_start_failed", vm=self.vm, code=code, error=text)
             raise HypervisorError(
-                f"vm {self.vm}: qemu did not start (exit {proc.returncode}): {text}",
+                f"vm {self.vm}: qemu did not start (exit {code}): {text}",
                 fix="check the VM's [hypervisor] settings and that its disks are served",
             )
         # qemu's -daemonize sets umask 027 itself; the 0700 directory kept the files private
@@ -174,18 +180,18 @@ class QemuDriver:
         )
         return status
 
-    def _pid(self) -> int | None:
-        try:
-            return int(self.pidfile.read_text().strip())
-        except (OSError, ValueError):
-            return None
-
     async def status(self) -> GuestStatus:
-        """running (with the pid), or stopped; unknown when a pid file names a process we
-        cannot tell about."""
-        pid = self._pid()
-        if pid is None:
+        """running (with the pid) or stopped; unknown when the pid file cannot be read (so
+        nobody may conclude the guest is down and start a second one on the same disks)."""
+        try:
+            text = self.pidfile.read_text().strip()
+        except FileNotFoundError:
             return GuestStatus("stopped")
+        except OSError as exc:
+            return GuestStatus("unknown", None, f"pid file {self.pidfile}: {exc.strerror}")
+        if not text.isdigit():
+            return GuestStatus("unknown", None, f"pid file {self.pidfile} holds {text[:20]!r}")
+        pid = int(text)
         if process_alive(pid, str(self.qmp)):
             return GuestStatus("running", pid)
         return GuestStatus("stopped", None, f"pid {pid} of the last run has ended")
@@ -195,8 +201,14 @@ class QemuDriver:
         stop_timeout_seconds), then SIGKILL."""
         limit = self.settings.stop_timeout_seconds if grace is None else grace
         started = time.monotonic()
-        pid = self._pid()
-        if pid is None or not process_alive(pid, str(self.qmp)):
+        current = await self.status()
+        if current.state == "unknown":
+            raise HypervisorError(
+                f"vm {self.vm}: cannot tell whether its guest runs ({current.detail})",
+                fix=f"check {self.run_dir} and the qemu processes by hand",
+            )
+        pid = current.pid
+        if pid is None:
             return StopResult("already-stopped", 0.0)
         try:
             await qmp_execute(self.qmp, "system_powerdown")
