@@ -114,7 +114,8 @@ async def promote(
             )
         try:
             async with asyncio.timeout(drain_seconds):
-                while any(e.backlog() for e in engines):
+                # Polled: the appliers signal progress per disk, and this waits for all of them.
+                while any(e.backlog() for e in engines):  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
         except TimeoutError:
             busy = {e.replica.meta.disk_id: e.backlog() for e in engines if e.backlog()}

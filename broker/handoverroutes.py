@@ -36,9 +36,7 @@ def _answer(request: web.Request, replicas: list[Any]) -> web.Response:
             "vm": replicas[0].meta.vm_name,
             "uuid": replicas[0].meta.vm_uuid,
             "failover": replicas[0].meta.handed_over,
-            "disks": [
-                {**state_json(service, r), "image": str(r.image)} for r in replicas
-            ],
+            "disks": [{**state_json(service, r), "image": str(r.image)} for r in replicas],
         }
     )
 

@@ -91,7 +91,8 @@ async def test_planned_failover_moves_a_running_guest_with_its_data(lab: dict[st
     recovery = lab["sites"]["recovery"]["agent_control_socket"]
 
     refused = await _guest_call(recovery, "POST", "/v1/guests/demo1/start")
-    assert refused[0] == 409 and "REPLICA" in refused[1]["message"], refused
+    assert refused[0] == 409, refused
+    assert "REPLICA" in refused[1]["message"], refused
     started = await _guest_call(primary, "POST", "/v1/guests/demo1/start")
     assert started[0] == 200, started
     main = root / "primary" / "state" / "guests" / "demo1" / "main" / "console.log"
@@ -110,6 +111,7 @@ async def test_planned_failover_moves_a_running_guest_with_its_data(lab: dict[st
     assert console_value(text, "RK-HASH") == sha256(pattern("before-switch", LEN))
     assert _roles(lab) == {"primary": "REPLICA", "recovery": "PRIMARY"}
     again = await _guest_call(primary, "POST", "/v1/guests/demo1/start")
-    assert again[0] == 409 and "REPLICA" in again[1]["message"], again
+    assert again[0] == 409, again
+    assert "REPLICA" in again[1]["message"], again
     stopped = await _guest_call(recovery, "POST", "/v1/guests/demo1/stop")
     assert stopped[0] == 200, stopped

@@ -4,7 +4,6 @@ promoted VM cannot be promoted again by a second, concurrent failover."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
@@ -54,7 +53,7 @@ async def test_adopt_refuses_links_relative_paths_and_other_files(
             observed=f"{seen}; {world.store_text(before)}",
             refused=status == 400 and not world.damage(before),
         )
-    assert os.path.getsize(real) == MiB
+    assert real.stat().st_size == MiB
 
 
 async def test_a_second_promotion_of_one_vm_is_refused(world: BrokerWorld, door: Door) -> None:
