@@ -12,23 +12,28 @@ import json
 import os
 import signal
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
-import tomli_w
 
 from tests.support_guest import (
-    GuestImage,
     console_value,
     guest_image,
     pattern,
     sha256,
     wait_console,
 )
-from tests.test_failover_sites import _cli, _roles, _run, _same, _steps, lab
+from tests.test_failover_sites import (
+    _cli,
+    _guest_call,
+    _roles,
+    _run,
+    _same,
+    _steps,
+    _with_guest,
+    lab,
+)
 
 __all__ = ["lab"]
 
@@ -36,22 +41,6 @@ pytestmark = [pytest.mark.timeout(180)]
 
 OFF = 1 << 20
 LEN = 256 * 1024
-
-
-def _with_guest(config: Path, guest: GuestImage, **ops: str | int) -> None:
-    doc = tomllib.loads(config.read_text())
-    doc["vms"][0]["hypervisor"] = {
-        "driver": "qemu",
-        "machine": "pc",
-        "memory_mib": 192,
-        "disk_bus": "nvme",
-        "kernel": str(guest.kernel),
-        "initrd": str(guest.initrd),
-        "append": guest.append(**ops),
-        "extra_args": ["-no-reboot"],
-        "stop_timeout_seconds": 20,
-    }
-    config.write_bytes(tomli_w.dumps(doc).encode())
 
 
 def _restart_agents(lab: dict[str, Any]) -> None:
@@ -69,14 +58,6 @@ def _restart_agents(lab: dict[str, Any]) -> None:
         assert res.returncode == 0, res.stderr
 
 
-async def _guest_call(sock: str, method: str, path: str) -> tuple[int, Any]:
-    async with (
-        aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=sock)) as s,
-        s.request(method, "http://agent" + path, json={}) as resp,
-    ):
-        return resp.status, await resp.json()
-
-
 @pytest.mark.qemu
 @pytest.mark.slow
 async def test_planned_failover_moves_a_running_guest_with_its_data(lab: dict[str, Any]) -> None:
@@ -90,28 +71,30 @@ async def test_planned_failover_moves_a_running_guest_with_its_data(lab: dict[st
     primary = lab["sites"]["primary"]["agent_control_socket"]
     recovery = lab["sites"]["recovery"]["agent_control_socket"]
 
-    refused = await _guest_call(recovery, "POST", "/v1/guests/demo1/start")
-    assert refused[0] == 409, refused
-    assert "REPLICA" in refused[1]["message"], refused
-    started = await _guest_call(primary, "POST", "/v1/guests/demo1/start")
-    assert started[0] == 200, started
-    main = root / "primary" / "state" / "guests" / "demo1" / "main" / "console.log"
-    wait_console(main, "RK-DONE")
+    try:
+        refused = await _guest_call(recovery, "POST", "/v1/guests/demo1/start")
+        assert refused[0] == 409, refused
+        assert "REPLICA" in refused[1]["message"], refused
+        started = await _guest_call(primary, "POST", "/v1/guests/demo1/start")
+        assert started[0] == 200, started
+        main = root / "primary" / "state" / "guests" / "demo1" / "main" / "console.log"
+        wait_console(main, "RK-DONE")
 
-    steps = _steps(_cli(lab, "failover", "planned", "demo1", "--json"))
-    names = [s["step"] for s in steps]
-    assert "site primary: guest shut down" in names
-    assert "site recovery: guest started" in names
-    assert next(s for s in steps if s["step"] == "site primary: guest shut down")["how"] == (
-        "powerdown"
-    )
-    assert _same(lab)
-    moved = root / "recovery" / "state" / "guests" / "demo1" / "main" / "console.log"
-    text = wait_console(moved, "RK-HASH")
-    assert console_value(text, "RK-HASH") == sha256(pattern("before-switch", LEN))
-    assert _roles(lab) == {"primary": "REPLICA", "recovery": "PRIMARY"}
-    again = await _guest_call(primary, "POST", "/v1/guests/demo1/start")
-    assert again[0] == 409, again
-    assert "REPLICA" in again[1]["message"], again
-    stopped = await _guest_call(recovery, "POST", "/v1/guests/demo1/stop")
-    assert stopped[0] == 200, stopped
+        steps = _steps(_cli(lab, "failover", "planned", "demo1", "--json"))
+        names = [s["step"] for s in steps]
+        assert "site primary: guest shut down" in names
+        assert "site recovery: guest started" in names
+        assert next(s for s in steps if s["step"] == "site primary: guest shut down")["how"] == (
+            "powerdown"
+        )
+        assert _same(lab)
+        moved = root / "recovery" / "state" / "guests" / "demo1" / "main" / "console.log"
+        text = wait_console(moved, "RK-HASH")
+        assert console_value(text, "RK-HASH") == sha256(pattern("before-switch", LEN))
+        assert _roles(lab) == {"primary": "REPLICA", "recovery": "PRIMARY"}
+        again = await _guest_call(primary, "POST", "/v1/guests/demo1/start")
+        assert again[0] == 409, again
+        assert "REPLICA" in again[1]["message"], again
+    finally:
+        for sock in (primary, recovery):  # no guest outlives the test, whatever failed
+            await _guest_call(sock, "POST", "/v1/guests/demo1/stop")

@@ -16,10 +16,15 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+import tomli_w
+
+from tests.support_guest import GuestImage, guest_image
 
 REPLIKANT = str(Path(sys.executable).with_name("replikant"))
 BLOCK = 64 * 1024
@@ -113,14 +118,36 @@ def _shipped(steps: list[dict[str, Any]]) -> int:
 
 
 async def _agent_shipped(sock: str) -> int:
-    import aiohttp
-
     async with (
         aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=sock)) as s,
         s.get("http://agent/v1/status") as resp,
     ):
         doc = await resp.json()
     return sum(int(d["bytes_shipped"]) for d in doc["disks"])
+
+
+def _with_guest(config: Path, guest: GuestImage, **ops: str | int) -> None:
+    doc = tomllib.loads(config.read_text())
+    doc["vms"][0]["hypervisor"] = {
+        "driver": "qemu",
+        "machine": "pc",
+        "memory_mib": 192,
+        "disk_bus": "nvme",
+        "kernel": str(guest.kernel),
+        "initrd": str(guest.initrd),
+        "append": guest.append(**ops),
+        "extra_args": ["-no-reboot"],
+        "stop_timeout_seconds": 20,
+    }
+    config.write_bytes(tomli_w.dumps(doc).encode())
+
+
+async def _guest_call(sock: str, method: str, path: str) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=sock)) as s,
+        s.request(method, "http://agent" + path, json={}) as resp,
+    ):
+        return resp.status, await resp.json()
 
 
 @pytest.mark.qemu
@@ -199,12 +226,19 @@ def test_unplanned_failover_fences_the_old_site_and_reverse_ships_only_differenc
     assert "FAILED-OVER" in loser[2] or "in progress" in loser[2] or "already" in loser[2], loser
 
     _write_ok(d0["nbd_uris"]["recovery"], 3 << 20, os.urandom(3 * BLOCK), tmp_path)
+    # The old site comes back with a guest configured for the VM: its start must be refused.
+    _with_guest(Path(lab["root"]) / "agent.toml", guest_image(), op="read", off=0, len=4096)
     started = _run("lab", "start", "--dir", lab["root"], "--site", "primary")
     assert started.returncode == 0, started.stderr
     # The agent asked its broker before serving: fenced from its first request on, no window.
     refused = _write(d0["nbd_uris"]["primary"], 0, b"y" * 4096, tmp_path)
     assert "Operation not permitted" in refused.stdout + refused.stderr, refused
     assert _roles(lab).get("primary") == "FENCED"
+    sock = lab["sites"]["primary"]["agent_control_socket"]
+    status, body = asyncio.run(_guest_call(sock, "POST", "/v1/guests/demo1/start"))
+    assert status == 409, body
+    assert "FENCED" in body["message"], body
+    assert "replikant reverse demo1" in body["fix"], body
     assert "Operation not permitted" in refused.stdout + refused.stderr, refused
     restarted = json.loads((Path(lab["root"]) / "lab.json").read_text())["pids"]["primary"]
     for pid in restarted:  # a restart keeps it fenced: the role is on disk
