@@ -24,15 +24,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from broker.api import Admin
+from broker.apply import ReplicaEngine
 from broker.errors import BadRequest, BrokerError, IdentityConflict, StaleGeneration
+from broker.points import Key
 from broker.store import Replica
+from broker.views import resolve_vm_point
 from common.config import NAME_PATTERN
+from common.fsio import pread_exact, pwrite_all
 from common.logs import get_logger
 from common.tls import Identity
 
 _log = get_logger("broker.handover")
 
 DRAIN_SECONDS = 60.0
+ROLLBACK_CHUNK = 4 * 1024 * 1024
 
 
 class FailoverState(BrokerError):
@@ -47,6 +52,7 @@ class PromoteRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     generation: int = Field(ge=2)
+    point: str = Field(default="latest", max_length=64)  # "latest" or a VM point id "G:C"
 
 
 class SettleRequest(BaseModel):
@@ -88,9 +94,12 @@ async def promote(
     admin: Identity,
     generation: int,
     *,
+    point: str = "latest",
     drain_seconds: float = DRAIN_SECONDS,
-) -> None:
-    """Drain, raise the generation, stop applying, and hand the image over (all disks or none)."""
+) -> dict[str, int]:
+    """Drain, roll back to ``point`` unless it is the latest, raise the generation, stop
+    applying, and hand the image over (all disks or none). Returns the bytes rolled back per
+    disk."""
     first = replicas[0].meta
     engines = [service.engine_for(r) for r in replicas]
     async with contextlib.AsyncExitStack() as stack:
@@ -125,6 +134,14 @@ async def promote(
                 fix="see the broker's log for the apply error, then retry the failover",
                 details={"backlog": busy},
             ) from None
+        rolled: dict[str, int] = {}
+        if point != "latest":
+            # A point of every disk at one cut (refused, naming the fix, if there is none).
+            _, keys = resolve_vm_point(service, replicas, point)
+            for engine, key in zip(engines, keys, strict=True):
+                rolled[engine.replica.meta.disk_id] = await asyncio.to_thread(
+                    _roll_back, engine, key
+                )
         for engine in engines:
             await engine.stop()
             service.engines.pop(engine.replica.key, None)
@@ -140,9 +157,33 @@ async def promote(
         vm_uuid=first.vm_uuid,
         disks=[r.meta.disk_id for r in replicas],
         generation=generation,
+        point=point,
+        rolled_back_bytes=rolled,
         images=[str(r.image) for r in replicas],
         admin=admin.uri,
     )
+    return rolled
+
+
+def _roll_back(engine: ReplicaEngine, key: Key) -> int:
+    """Write into the image the blocks where it differs from its state ``key`` (the point's
+    view reads them from undo data, which these writes do not touch); returns the bytes."""
+    view = engine.open_view(key)
+    fd, size, block = engine.image_fd, engine.replica.meta.disk_size, engine.replica.meta.block_size
+    written = 0
+    try:
+        for offset in range(0, size, ROLLBACK_CHUNK):
+            n = min(ROLLBACK_CHUNK, size - offset)
+            want, have = view.read(offset, n), pread_exact(fd, n, offset)
+            for i in range(0, n, block):
+                piece = want[i : i + block]
+                if piece != have[i : i + block]:
+                    pwrite_all(fd, piece, offset + i)
+                    written += len(piece)
+        os.fdatasync(fd)
+    finally:
+        view.close()
+    return written
 
 
 async def settle(replicas: list[Replica], admin: Identity, action: str) -> None:

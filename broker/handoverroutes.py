@@ -29,10 +29,11 @@ async def _body(request: web.Request, model: type[M], what: str) -> M:
         raise BadRequest(f"{what} is not JSON ({exc})") from None
 
 
-def _answer(request: web.Request, replicas: list[Any]) -> web.Response:
+def _answer(request: web.Request, replicas: list[Any], **extra: Any) -> web.Response:
     service = request.app[SERVICE_KEY]
     return web.json_response(
         {
+            **extra,
             "vm": replicas[0].meta.vm_name,
             "uuid": replicas[0].meta.vm_uuid,
             "failover": replicas[0].meta.handed_over,
@@ -48,8 +49,8 @@ async def promote_vm(request: web.Request) -> web.Response:
     replicas = vm_replicas(service, request.match_info["vm"])
     body = await _body(request, PromoteRequest, "promotion")
     service.check_owner()
-    await promote(service, replicas, admin, body.generation)
-    return _answer(request, replicas)
+    rolled = await promote(service, replicas, admin, body.generation, point=body.point)
+    return _answer(request, replicas, point=body.point, rolled_back_bytes=rolled)
 
 
 async def settle_vm(request: web.Request) -> web.Response:

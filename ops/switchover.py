@@ -17,6 +17,7 @@ import base64
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import click
@@ -351,6 +352,36 @@ async def planned(run: Run, s: Survey) -> None:
         await run.agent(dst, "end")
 
 
+async def _point_id(run: Run, site: Site, point: str) -> str:
+    """``latest``, a point id ``G:C`` as given, or the newest point at or before a time (unix
+    seconds or ISO 8601) among those ``site``'s broker retains."""
+    if point == "latest" or (":" in point and point.replace(":", "").isdigit()):
+        return point
+    try:
+        when = float(point)
+    except ValueError:
+        try:
+            when = datetime.fromisoformat(point).timestamp()
+        except ValueError:
+            raise AdminError(
+                f"--point {point!r} is neither latest, a point id G:C nor a time",
+                fix="`replikant points VM` lists the point ids and times",
+            ) from None
+    assert site.broker is not None
+    status, doc, _ = await run.client.request("GET", f"{site.broker}/v1/vms/{run.vm}/points")
+    if status >= 400:
+        raise refusal(site.broker, status, doc)
+    older = [p for p in doc["points"] if p["time"] <= when]
+    if not older:
+        raise AdminError(
+            f"vm {run.vm} has no retained point at or before {point}",
+            fix=f"`replikant points {run.vm}` lists the retained points",
+        )
+    chosen = max(older, key=lambda p: p["time"])
+    run.step("point chosen", point=chosen["id"], time=chosen["time"])
+    return str(chosen["id"])
+
+
 async def unplanned(run: Run, s: Survey, point: str) -> None:
     """The primary is gone: promote the replica at the latest point."""
     dst = s.where(State.REPLICA)
@@ -366,19 +397,17 @@ async def unplanned(run: Run, s: Survey, point: str) -> None:
         if roles:
             plan(roles[0], Command.UNPLANNED)
         raise AdminError(f"vm {run.vm}: no reachable site holds its replica ({s.down()})")
-    if point != "latest":
-        raise AdminError(
-            f"--point {point}: promoting an older point than the latest is not supported yet",
-            fix="use --point latest (every durable batch applied)",
-        )
     role = dst.role(run.vm)
     assert role is not None
+    point = await _point_id(run, dst, point)
     after = plan(role, Command.UNPLANNED, Facts(point=point)).after
     await run.agent(dst, "begin")
     try:
-        await run.broker(dst, f"/v1/vms/{run.vm}/promote", {"generation": after.generation})
-        run.step(f"site {dst.name}: broker applied its journal and handed the replica over",
-                 generation=after.generation)  # fmt: skip
+        body = {"generation": after.generation, "point": point}
+        done = await run.broker(dst, f"/v1/vms/{run.vm}/promote", body)
+        run.step(f"site {dst.name}: broker applied its journal, rolled back to {point} and "
+                 "handed the replica over", generation=after.generation,
+                 rolled_back_bytes=sum(done.get("rolled_back_bytes", {}).values()))  # fmt: skip
         await run.agent(dst, "promote", after.generation)
         run.step(f"site {dst.name}: agent serves the VM's disks (FAILED-OVER, uncommitted)")
         await run.guest(dst, "start")
@@ -499,7 +528,12 @@ def planned_cmd(ctx: click.Context, vm: str, as_json: bool) -> None:
 
 @failover.command("unplanned")
 @click.argument("vm")
-@click.option("--point", default="latest", show_default=True, help="latest (others: not yet).")
+@click.option(
+    "--point",
+    default="latest",
+    show_default=True,
+    help="latest, a point id G:C, or a time (unix seconds or ISO 8601): the newest point then.",
+)
 @_json
 @click.pass_context
 def unplanned_cmd(ctx: click.Context, vm: str, point: str, as_json: bool) -> None:

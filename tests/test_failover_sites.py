@@ -264,3 +264,38 @@ def test_unplanned_failover_fences_the_old_site_and_reverse_ships_only_differenc
     # because the old primary wrote over a hole go back as payload-free ZERO extents).
     assert 3 * BLOCK <= shipped <= 1.1 * differing, (shipped, differing)
     assert _roles(lab) == {"primary": "REPLICA", "recovery": "PRIMARY"}
+
+
+def _points(lab: dict[str, Any]) -> list[dict[str, Any]]:
+    res = _cli(lab, "points", "demo1", "--json")
+    assert res.returncode == 0, res.stderr
+    points: list[dict[str, Any]] = json.loads(res.stdout)["points"]
+    return points
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+def test_unplanned_failover_to_an_older_point_starts_from_that_points_data(
+    lab: dict[str, Any], tmp_path: Path
+) -> None:
+    """`failover unplanned --point ID` starts the VM at the recovery site with exactly that
+    point's data: a later write the replica already held is rolled back."""
+    d0 = lab["vms"][0]["disks"][0]
+    first, later = os.urandom(2 * BLOCK), os.urandom(2 * BLOCK)
+    _write_ok(d0["nbd_uris"]["primary"], 1 << 20, first, tmp_path)
+    _wait("the first write at the recovery site", lambda: _same(lab))
+    point = _points(lab)[0]["id"]
+    before = Path(d0["replica_image"]).read_bytes()[2 << 20 : (2 << 20) + 2 * BLOCK]
+    _write_ok(d0["nbd_uris"]["primary"], 2 << 20, later, tmp_path)
+    _wait("the later write at the recovery site", lambda: _same(lab))
+    assert _points(lab)[0]["id"] != point
+    for pid in lab["pids"]["primary"]:
+        os.kill(pid, signal.SIGKILL)
+
+    steps = _steps(_cli(lab, "failover", "unplanned", "demo1", "--point", point, "--json"))
+    rolled = next(s for s in steps if "rolled_back_bytes" in s)["rolled_back_bytes"]
+    assert rolled == 2 * BLOCK
+    image = Path(d0["replica_image"]).read_bytes()
+    assert image[1 << 20 : (1 << 20) + 2 * BLOCK] == first
+    assert image[2 << 20 : (2 << 20) + 2 * BLOCK] == before
+    assert _roles(lab)["recovery"] == "FAILED-OVER"
