@@ -52,7 +52,7 @@ class PromoteRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     generation: int = Field(ge=2)
-    point: str = Field(default="latest", max_length=64)  # "latest" or a VM point id "G:C"
+    point: str = Field(default="latest", pattern=r"^(latest|[0-9]{1,18}:[0-9]{1,18})$")
 
 
 class SettleRequest(BaseModel):
