@@ -299,3 +299,26 @@ def test_unplanned_failover_to_an_older_point_starts_from_that_points_data(
     assert image[1 << 20 : (1 << 20) + 2 * BLOCK] == first
     assert image[2 << 20 : (2 << 20) + 2 * BLOCK] == before
     assert _roles(lab)["recovery"] == "FAILED-OVER"
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+def test_cancel_gives_the_vm_back_to_the_old_primary_and_discards_the_recovery_writes(
+    lab: dict[str, Any], tmp_path: Path
+) -> None:
+    """`failover cancel` needs the old primary's site; once it is back, the VM is PRIMARY there
+    again, the recovery site's writes are discarded and replication resumes."""
+    d0 = lab["vms"][0]["disks"][0]
+    for pid in lab["pids"]["primary"]:
+        os.kill(pid, signal.SIGKILL)
+    _steps(_cli(lab, "failover", "unplanned", "demo1", "--json"))
+    _write_ok(d0["nbd_uris"]["recovery"], 1 << 20, os.urandom(2 * BLOCK), tmp_path)
+    early = _cli(lab, "failover", "cancel", "demo1")
+    assert early.returncode == 1
+    assert "cannot be reached" in early.stderr, early.stderr
+    assert _run("lab", "start", "--dir", lab["root"], "--site", "primary").returncode == 0
+    _steps(_cli(lab, "failover", "cancel", "demo1", "--json"))
+    _wait("the replica resynced from the old primary", lambda: _same(lab))
+    assert _roles(lab) == {"primary": "PRIMARY", "recovery": "REPLICA"}
+    _write_ok(d0["nbd_uris"]["primary"], 2 << 20, os.urandom(BLOCK), tmp_path)
+    _wait("replication from the primary site again", lambda: _same(lab))
