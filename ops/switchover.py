@@ -405,8 +405,9 @@ async def unplanned(run: Run, s: Survey, point: str) -> None:
     try:
         body = {"generation": after.generation, "point": point}
         done = await run.broker(dst, f"/v1/vms/{run.vm}/promote", body)
-        run.step(f"site {dst.name}: broker applied its journal, rolled back to {point} and "
-                 "handed the replica over", generation=after.generation,
+        back = "" if point == "latest" else f", rolled back to {point}"
+        run.step(f"site {dst.name}: broker applied its journal{back} and handed the replica over",
+                 generation=after.generation,
                  rolled_back_bytes=sum(done.get("rolled_back_bytes", {}).values()))  # fmt: skip
         await run.agent(dst, "promote", after.generation)
         run.step(f"site {dst.name}: agent serves the VM's disks (FAILED-OVER, uncommitted)")
