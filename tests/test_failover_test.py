@@ -124,6 +124,14 @@ async def test_failover_test_from_an_older_point_then_stop_test_leaves_nothing(
         await _latest_point(admin, lambda p: p != point)
         await wait_for((tmp_path / "dr" / "ctl" / "agent.sock").exists, "the standby agent")
 
+        # No agent can run the copy: the broker's TEST role and exports are rolled back.
+        lonely = admin_config(tmp_path / "lonely.toml", pki, burl, [])
+        code, out, _ = await admin_cli(lonely, "failover", "test", "web1", "--json")
+        assert code == 1
+        assert "no agent in [admin] agents can run a guest of vm web1" in out
+        assert [s["step"] for s in json.loads(out)["vms"][0]["steps"]] == ["broker", "rollback"]
+        assert await _exports(admin) == []
+
         # Two operators at once: one test copy starts, the other is refused naming the role.
         runs = await asyncio.gather(
             *(
