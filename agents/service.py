@@ -38,6 +38,7 @@ from agents.control import (
 from agents.dirtymap import DATA
 from agents.disk import TrackedExport
 from agents.errors import AgentError, SeedError, ShipError
+from agents.guests import Guests
 from agents.hooks import FreezeHooks
 from agents.replicate import DiskReplicator
 from agents.seed import ExportRequest
@@ -220,6 +221,7 @@ class Agent:
         app.router.add_post("/v1/vms/{vm}/repair", self._repair)
         app.router.add_post("/v1/seed/export", self._seed_export)
         app.router.add_post("/v1/seed/cancel", self._seed_cancel)
+        Guests(self.config).routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         sock = open_control_socket(self.control_socket, control_gid(self.config))

@@ -8,6 +8,7 @@ daemon then serves.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from common.config import (
     writable_dir_problems,
 )
 from common.errors import refuse_to_start
+from common.hypervisorconfig import QemuSettings
 from common.tls import Identity, TLSError, client_context
 
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
@@ -148,6 +150,40 @@ def check_config(config: AgentConfig) -> list[str]:
                 )
             if _check_path(f"vms[{i}].disks[{j}].image", disk.image, problems):
                 problems.extend(f"{dwhere}: {p}" for p in _check_image(disk.image, disk.exclude))
+    return problems + _check_guests(config)
+
+
+def _check_guests(config: AgentConfig) -> list[str]:
+    """[[standby]] names and uuids are unique and unlike [[vms]]; every hypervisor's programs
+    and boot files exist (a failover must not be the first to find out they do not)."""
+    problems: list[str] = []
+    taken = {vm.name: f"vms ({vm.name})" for vm in config.vms}
+    taken.update({str(vm.uuid): f"vms ({vm.name})" for vm in config.vms})
+    guests = [(f"vms[{i}].hypervisor", vm.hypervisor) for i, vm in enumerate(config.vms)]
+    for i, sb in enumerate(config.standby):
+        where = f"standby[{i}] ({sb.name})"
+        for key in (sb.name, str(sb.uuid)):
+            if key in taken:
+                problems.append(f"{where}: {key} is already used by {taken[key]}")
+            taken[key] = where
+        guests.append((f"standby[{i}].hypervisor", sb.hypervisor))
+    for where, hv in guests:
+        if hv is None:
+            continue
+        programs = (
+            [hv.binary] if isinstance(hv, QemuSettings) else [hv.start[0], hv.stop[0], hv.status[0]]
+        )
+        problems += [
+            f"{where}: program {prog!r} is not found or not executable"
+            for prog in programs
+            if shutil.which(prog) is None
+        ]
+        if isinstance(hv, QemuSettings):
+            problems += [
+                f"{where}: {path} does not exist"
+                for path in (hv.kernel, hv.initrd)
+                if path is not None and not path.is_file()
+            ]
     return problems
 
 

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from broker.errors import StorageFullError
     from broker.points import Key, VMPoint
     from broker.store import Replica, Store
+    from broker.testcopies import TestCopies
     from common.config import BrokerConfig
     from common.hrl import DecodeLimits
     from common.tls import Identity
@@ -55,6 +56,10 @@ class Replicas(Protocol):
     @property
     def retainer(self) -> TierLabels:
         """Retention passes: which tier each point is in."""
+
+    @property
+    def test_copies(self) -> TestCopies:
+        """The VMs this site runs as TEST copies (test failover)."""
 
     def engine_for(self, replica: Replica) -> ReplicaEngine:
         """The apply engine of ``replica``, started if it was not running."""

@@ -19,6 +19,7 @@ from broker.authz import no_browser_writes
 from broker.current import vm_current
 from broker.httperrors import errors_middleware
 from broker.ingest import enable_replica, replica_hashes, replica_state, upload_batch
+from broker.testroutes import ROUTES as TEST_ROUTES
 from common.logs import get_logger
 
 _log = get_logger("broker.app")
@@ -45,6 +46,7 @@ def build_app(service: Admin) -> web.Application:
             web.get("/v1/exports", list_exports),
             web.delete("/v1/exports/{name}", delete_export),
             web.post("/v1/seed/import", seed_import),
+            *TEST_ROUTES,
         ]
     )
     return app

@@ -49,6 +49,7 @@ from broker.points import Key, key_text
 from broker.retention import Retainer, free_store_space, publish
 from broker.space import StoreSpace
 from broker.store import Replica, Store
+from broker.testcopies import TestCopies
 from broker.views import status_vms
 from certs.service import startup_problems
 from common import topics
@@ -106,6 +107,7 @@ class BrokerService:
         self.conditions: dict[str, Condition] = {}
         self._hooks: list[AlertHook] = []
         self.exports: dict[str, PointInTimeExport] = {}
+        self.test_copies = TestCopies(config.broker.site)
         self._export_meta: dict[str, dict[str, Any]] = {}
         self.nbd = NBDServer(max_connections=100)
         self.nbd_socket = _socket_path(
@@ -247,6 +249,7 @@ class BrokerService:
                 pending.add(task)
                 task.add_done_callback(pending.discard)
 
+        self.test_copies.publish = membership.publish_once
         self.add_alert_hook(publish_alert)
         self._tasks.append(loop.create_task(link.run()))
         self._tasks.append(loop.create_task(membership.run()))

@@ -175,6 +175,8 @@ def vm_status(service: Replicas, replicas: list[Replica], now: float) -> dict[st
         roles[first.source_site] = "PRIMARY"
     roles[service.config.broker.site] = "REPLICA"
     last = _vm_latest_point(service, replicas)
+    if service.test_copies.is_test(first.vm_name):
+        roles[service.config.broker.site] = "TEST"
     return {
         "name": first.vm_name,
         "uuid": first.vm_uuid,

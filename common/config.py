@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from common.errors import ConfigError
+from common.hypervisorconfig import HypervisorConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -173,6 +174,15 @@ class VMConfig(_Strict):
     policy: Name | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     disks: list[DiskConfig] = Field(min_length=1)
+    hypervisor: HypervisorConfig | None = None
+
+
+class StandbyVM(_Strict):
+    """A VM this host does not protect but may run from another site's replica (a test copy)."""
+
+    name: Name
+    uuid: uuid_mod.UUID
+    hypervisor: HypervisorConfig
 
 
 class AgentSection(_Strict):
@@ -243,6 +253,7 @@ class AgentConfig(_Strict):
     broker: BrokerTarget
     policies: dict[Name, Policy] = Field(default_factory=lambda: {"default": Policy()})
     vms: list[VMConfig] = Field(default_factory=list)
+    standby: list[StandbyVM] = Field(default_factory=list)
 
 
 class BrokerSection(_Strict):

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 ROOT = "replikant/v1"
 
-Role = Literal["PRIMARY", "REPLICA", "TEST"]
+Role = Literal["PRIMARY", "REPLICA", "TEST", "FAILED-OVER", "FENCED"]
 Health = Literal["ok", "warning", "critical"]
 
 

@@ -22,6 +22,10 @@ command -v rsync >/dev/null 2>&1 || need_pkgs+=(rsync)
 # bench/writepath.py's second peer (nbdkit's file plugin) and the shaped link of broker_initial.py.
 command -v nbdkit >/dev/null 2>&1 || need_pkgs+=(nbdkit)
 command -v tc >/dev/null 2>&1 || need_pkgs+=(iproute2)
+# Real test guests (tests/support_guest.py): qemu runs them, busybox is their whole userland.
+command -v qemu-system-x86_64 >/dev/null 2>&1 || need_pkgs+=(qemu-system-x86)
+# (a dynamic busybox cannot run in the initramfs: ldd fails only on a static one)
+{ [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1; } || need_pkgs+=(busybox-static)
 # systemd-analyze scores the units, systemd-sysusers creates their users (tests/security).
 command -v systemd-analyze >/dev/null 2>&1 || need_pkgs+=(systemd)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
@@ -44,6 +48,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     touch "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
+# The test guests' Debian cloud kernel: downloaded and unpacked into .cache/guest, never installed
+# into /boot (apt-get download needs no root).
+if [ ! -f "$repo/.cache/guest/kernel/vmlinuz" ] && ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ]; then apt-get update -qq; else sudo apt-get update -qq; fi
+fi
+"$venv/bin/python" -m tests.support_guest >/dev/null
 
 what="${1:-}"
 [ $# -gt 0 ] && shift

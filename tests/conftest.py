@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
+from tests.support_guest import GuestImage, guest_image
+
 
 @pytest.fixture(autouse=True)
 def _isolated_logging() -> Iterator[None]:
@@ -40,3 +42,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             f"skipped under CI ({reason}): CI must run every test; make deploy/bootstrap.sh "
             "install what this test needs"
         )
+
+
+@pytest.fixture(scope="session")
+def guest() -> GuestImage:
+    """One kernel and initramfs for every real test guest of the session (support_guest.py)."""
+    return guest_image()

@@ -282,3 +282,31 @@ def test_tcp_clients_default_to_the_agents_own_identity(tmp_path: Path, pki: Pki
     assert tcp_clients(listed).uris == {"replikant://admin/alice"}
     with pytest.raises(ConfigError, match="not a certificate identity"):
         load_config(_config(tmp_path, pki, vms, tcp_clients=["hv2"]), AgentConfig)
+
+
+def test_guest_settings_are_checked(tmp_path: Path, pki: Pki) -> None:
+    """A standby reusing a VM's name, a missing qemu binary or kernel, a NIC in extra_args and a
+    shell line instead of an argv list are each named with where they are."""
+    img = make_image(tmp_path / "a.img", MiB)
+    vm = VMSpec("vm1", [DiskSpec("d0", img)])
+    path = _config(tmp_path, pki, [vm])
+    base = path.read_text()
+    path.write_text(
+        base
+        + '[vms.hypervisor]\ndriver = "qemu"\nbinary = "no-such-qemu"\n'
+        + f'kernel = "{tmp_path}/vmlinuz"\n'
+        + f'\n[[standby]]\nname = "vm1"\nuuid = "{uuid.uuid4()}"\n'
+        + '[standby.hypervisor]\ndriver = "command"\nstart = ["true"]\nstop = ["true"]\n'
+        + 'status = ["/bin/false"]\n'
+    )
+    problems = _problems(path)
+    assert any("standby[0] (vm1): vm1 is already used by vms (vm1)" in p for p in problems)
+    assert any("vms[0].hypervisor: program 'no-such-qemu'" in p for p in problems)
+    assert any(f"vms[0].hypervisor: {tmp_path}/vmlinuz does not exist" in p for p in problems)
+    assert len(problems) == 3, problems
+    path.write_text(base + '[vms.hypervisor]\ndriver = "qemu"\nextra_args = ["-nic", "user"]\n')
+    with pytest.raises(ConfigError, match="network_args"):
+        load_config(path, AgentConfig)
+    path.write_text(base + '[vms.hypervisor]\ndriver = "command"\nstart = "virsh start x"\n')
+    with pytest.raises(ConfigError, match="start"):
+        load_config(path, AgentConfig)

@@ -95,6 +95,11 @@ ROUTES: dict[tuple[str, str], Route] = {
         "admin", (_p("vm"), Name("body", "point", "point")), {"point": "latest"}
     ),
     ("GET", "/v1/exports"): Route("admin", ()),
+    ("POST", "/v1/vms/{vm}/test"): Route(
+        "admin", (_p("vm"), Name("body", "point", "point")), {"point": "latest"}
+    ),
+    ("DELETE", "/v1/vms/{vm}/test"): Route("admin", (_p("vm"),)),
+    ("GET", "/v1/tests"): Route("admin", ()),
     ("DELETE", "/v1/exports/{name}"): Route("admin", (_p("name"),)),
     ("POST", "/v1/seed/import"): Route(
         "admin",
