@@ -59,7 +59,7 @@ from common.hrl import DEFAULT_LIMITS, DecodeLimits
 from common.logs import get_logger
 from common.mqtt import MQTTLink
 from common.nbd.server import NBDServer
-from common.tls import Identity, MutualTLSSite, client_context, server_context
+from common.tls import Identity, MutualTLSSite, server_context
 
 _log = get_logger("broker.service")
 
@@ -216,10 +216,11 @@ class BrokerService:
     def _start_membership(self, url: str) -> None:
         """Announce this broker, its owner epoch and every VM's roles on the MQTT control plane."""
         b = self.config.broker
-        link = MQTTLink(
+        link = MQTTLink.for_daemon(
             url,
             client_id=f"replikant-broker-{b.cluster}-{b.node}",
-            tls_context=client_context(self.config.tls) if self.config.mqtt.use_tls else None,
+            tls=self.config.tls,
+            use_tls=self.config.mqtt.use_tls,
         )
         membership = Membership(
             link,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pwd
 import shutil
@@ -13,11 +14,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 
 from common.config import TLSFiles
 from common.mqttbroker import mosquitto_acl, mosquitto_config
+from common.signedrecord import Verifier
+from common.tls.identities import Identity
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -67,13 +71,13 @@ def mosquitto(tmp: Path, port: int | None = None) -> Iterator[int]:
 
 @contextmanager
 def mosquitto_tls(
-    tmp: Path, server: TLSFiles, brokers: list[tuple[str, str]], port: int | None = None
+    tmp: Path, server: TLSFiles, clients: list[Identity], port: int | None = None
 ) -> Iterator[int]:
     """Run a real Mosquitto configured as deploy/mosquitto.conf (mutual TLS, certificate subjects
-    as user names, the ACL for ``brokers`` as ``(cluster, node)``) and yield its port."""
+    as user names, the ACL for ``clients``) and yield its port."""
     port = port or free_port()
     acl = tmp / f"mosquitto-{port}.acl"
-    acl.write_text(mosquitto_acl(brokers))
+    acl.write_text(mosquitto_acl(clients))
     conf = tmp / f"mosquitto-{port}.conf"
     # Started by root, Mosquitto would switch to its own user, who cannot read the test's key.
     user = pwd.getpwuid(os.geteuid()).pw_name
@@ -97,3 +101,8 @@ async def read_retained(
         except TimeoutError:
             return None
     return None
+
+
+def record_of(ca: Path, topic: str, payload: bytes) -> Any:
+    """The JSON record inside a daemon's signed envelope, after checking it against ``ca``."""
+    return json.loads(Verifier.from_file(ca).open(topic, payload).record)
