@@ -181,7 +181,7 @@ class Verifier:
         except InvalidSignature:
             raise ForgedRecord("signature does not match", identity) from None
         if not may_publish(identity, topic):
-            raise ForgedRecord(f"a {identity.role} may not publish on this topic", identity)
+            raise ForgedRecord(f"{identity} may not publish on this topic", identity)
         order = (env.session, env.seq)
         key = (topic, identity.uri)
         last = self._last.get(key)

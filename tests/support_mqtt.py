@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pwd
@@ -11,16 +12,18 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
 
 from common.config import TLSFiles
-from common.mqttbroker import mosquitto_acl, mosquitto_config
+from common.mqtt import MQTTLink
+from common.mqttbroker import mosquitto_acl, mosquitto_config, serve_embedded
 from common.signedrecord import Verifier
+from common.tls import TLSMaterial
 from common.tls.identities import Identity
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -106,3 +109,34 @@ async def read_retained(
 def record_of(ca: Path, topic: str, payload: bytes) -> Any:
     """The JSON record inside a daemon's signed envelope, after checking it against ``ca``."""
     return json.loads(Verifier.from_file(ca).open(topic, payload).record)
+
+
+@asynccontextmanager
+async def embedded(cert: TLSMaterial) -> AsyncIterator[int]:
+    """Run the lab's embedded MQTT broker (mutual TLS, no ACL) in this loop; yield its port."""
+    port = free_port()
+    ready = asyncio.Event()
+    task = asyncio.create_task(serve_embedded("127.0.0.1", port, cert, ready))
+    try:
+        async with asyncio.timeout(10):
+            await ready.wait()
+        yield port
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@asynccontextmanager
+async def running(link: MQTTLink, *, connected: bool = True) -> AsyncIterator[MQTTLink]:
+    """Run ``link`` (waiting until it is connected, unless told not to) and stop it after."""
+    task = asyncio.create_task(link.run())
+    try:
+        if connected:
+            async with asyncio.timeout(15):
+                await link.wait_connected()
+        yield link
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

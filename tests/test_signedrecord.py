@@ -55,8 +55,8 @@ def test_forgeries_are_refused_with_their_reason(pki: Pki, tmp_path: Path) -> No
             topics.host("expired-h"), b"{}", session=10, seq=1
         ),
         "not a signed envelope": RECORD,
-        "agent may not publish": _signer(pki.agent).sign(OWNER, RECORD, session=10, seq=1),
-        "admin may not publish": _signer(pki.admin).sign(OWNER, RECORD, session=10, seq=1),
+        "agent/h1 may not publish": _signer(pki.agent).sign(OWNER, RECORD, session=10, seq=1),
+        "admin/alice may not publish": _signer(pki.admin).sign(OWNER, RECORD, session=10, seq=1),
     }
     for why, payload in cases.items():
         topic = topics.host("expired-h") if "valid now" in why else OWNER
