@@ -229,6 +229,20 @@ class NBDSection(_Strict):
         return value
 
 
+class MQTTSection(_Strict):
+    """The control plane. Without a URL the daemon stays off MQTT (a broker runs alone, an agent
+    ships to ``[broker] urls`` and answers no requests)."""
+
+    url: str | None = None
+    tls: bool = False
+
+    @property
+    def use_tls(self) -> bool:
+        """Whether to connect with TLS and this daemon's [tls] certificate: ``tls = true`` or an
+        ``mqtts://`` URL asks for it (the MQTT brokers we ship accept nothing else)."""
+        return self.tls or (self.url or "").startswith("mqtts://")
+
+
 class BrokerTarget(_Strict):
     urls: list[str] = Field(min_length=1)
     cluster: Name
@@ -241,6 +255,7 @@ class AgentConfig(_Strict):
     tls: TLSFiles
     nbd: NBDSection
     broker: BrokerTarget
+    mqtt: MQTTSection = MQTTSection()
     policies: dict[Name, Policy] = Field(default_factory=lambda: {"default": Policy()})
     vms: list[VMConfig] = Field(default_factory=list)
 
@@ -252,19 +267,6 @@ class BrokerSection(_Strict):
     listen: str = "127.0.0.1:8443"
     store: Path
     min_free_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
-
-
-class MQTTSection(_Strict):
-    """The control plane. Without a URL the broker runs alone and publishes nothing."""
-
-    url: str | None = None
-    tls: bool = False
-
-    @property
-    def use_tls(self) -> bool:
-        """Whether to connect with TLS and this daemon's [tls] certificate: ``tls = true`` or an
-        ``mqtts://`` URL asks for it (the MQTT brokers we ship accept nothing else)."""
-        return self.tls or (self.url or "").startswith("mqtts://")
 
 
 class Authorization(_Strict):

@@ -283,7 +283,6 @@ class MQTTLink:
                 async with client:
                     connected = True
                     self._client = client
-                    self._connected.set()
                     delay = 0.2
                     log.info("mqtt_connected", host=self.address.host, port=self.address.port)
                     for topic, payload in list(self._retained.items()):
@@ -292,6 +291,9 @@ class MQTTLink:
                         callback()
                     for sub in self._subscriptions:
                         await client.subscribe(sub.topic_filter, qos=1)
+                    # Connected only now: a request sent from here on finds our reply topic
+                    # subscribed (the MQTT broker handles one client's packets in order).
+                    self._connected.set()
                     # Reading messages is also how aiomqtt notices a dead connection.
                     async for message in client.messages:
                         payload = message.payload

@@ -169,6 +169,9 @@ class Request(_Message):
     id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     command: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
     args: dict[str, Any] = Field(default_factory=dict)
+    expires: float
+    """Seconds since the epoch after which the request is ignored (a captured request cannot be
+    replayed to a daemon that restarted)."""
 
 
 class Response(_Message):
