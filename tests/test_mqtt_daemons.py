@@ -153,8 +153,8 @@ def _writer(sock: Path, export: str, stop: threading.Event, seed: int) -> int:
 
 async def test_a_mosquitto_restart_under_load_loses_nothing(site: Site) -> None:
     """Mosquitto dies and comes back while a guest writes: the broker and the agent reconnect
-    and re-publish their retained records, and the writes made during the outage reach the
-    replica byte-identical."""
+    and re-publish their retained records, the agent knows the owner's URL from the signed
+    records, and the writes made during the outage reach the replica byte-identical."""
     bport = free_port()
     store = site.tmp / "store"
     broker = ReplikantProc(
@@ -197,6 +197,9 @@ async def test_a_mosquitto_restart_under_load_loses_nothing(site: Site) -> None:
             assert after[member]["online"] is True, after
             assert after[topics.host("h1")]["online"] is True, after
             await wait_for(lambda: same_file(replica, site.image), "the writes of the outage")
+            # The agent learned the owner's URL from the broker's signed owner + member records.
+            learned = {e["url"] for e in agent.events("owner_learned")}
+            assert learned == {f"https://127.0.0.1:{bport}"}, learned
             for proc in (broker, agent):
                 connects = proc.events("mqtt_connected")
                 assert len(connects) >= 2, f"{proc.args[0]} did not reconnect: {connects}"
