@@ -202,6 +202,7 @@ def write_lab_files(plan: LabPlan) -> dict[str, Any]:
             "tls": _tls_table(agent_cert.tls),
             "nbd": {"socket_dir": str(plan.socket_dir)},
             "broker": {"urls": [plan.broker_url], "cluster": CLUSTER},
+            "mqtt": {"url": plan.mqtt_url, "tls": True},
             "policies": {"lab": {"interval_seconds": plan.interval}},
             "vms": agent_vms,
         },
