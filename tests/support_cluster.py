@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import time
@@ -15,12 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiomqtt
 
 from common import topics
 from common.tls import client_context
 from tests.fixtures_pki import Pki
-from tests.support_agent import free_port, replikant_exe
+from tests.support_agent import MiB, MiniNBD, free_port, replikant_exe
 
 CLUSTER = "c1"
 
@@ -201,3 +203,69 @@ def applied_log(replica_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def same(a: Path, b: Path) -> bool:
+    try:
+        return a.read_bytes() == b.read_bytes()
+    except FileNotFoundError:
+        return False
+
+
+async def replica_state(
+    http: aiohttp.ClientSession, urls: list[str], path: str
+) -> dict[str, object]:
+    """The replica's state from whichever member serves it now."""
+    for url in urls:
+        try:
+            async with http.get(url + path) as resp:
+                if resp.status == 200:
+                    doc: dict[str, object] = await resp.json()
+                    return doc
+        except aiohttp.ClientError:
+            continue
+    return {}
+
+
+async def converge(
+    http: aiohttp.ClientSession, urls: list[str], path: str, replica: Path, image: Path
+) -> int:
+    """Wait until the replica equals the image with everything durable applied; durable seq."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        st = await replica_state(http, urls, path)
+        if (
+            st
+            and st["applied_seq"] == st["durable_seq"]
+            and await asyncio.to_thread(same, replica, image)
+        ):
+            return int(str(st["durable_seq"]))
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"replica did not converge: {await replica_state(http, urls, path)}")
+
+
+def write_burst(sock: Path, export: str, rng: random.Random, mib: int, size: int) -> None:
+    """An incompressible write of ``mib`` MiB (its batch takes a while to upload)."""
+    nbd = MiniNBD(sock, export, timeout=10)
+    try:
+        base = rng.randrange(0, size - mib * MiB, 4096)
+        for k in range(mib * 4):
+            nbd.write(base + k * 256 * 1024, rng.randbytes(256 * 1024))
+    finally:
+        nbd.close()
+
+
+def events_since(log: Path, offset: int, name: str) -> list[dict[str, object]]:
+    """JSON events called ``name`` logged after byte ``offset`` of ``log``."""
+    with log.open("rb") as fh:
+        fh.seek(offset)
+        raw = fh.read()
+    out = []
+    for line in raw.splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and doc.get("event") == name:
+            out.append(doc)
+    return out

@@ -10,7 +10,6 @@ applied exactly once.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import signal
 import time
@@ -24,12 +23,21 @@ from tests.fixtures_pki import make_pki
 from tests.support_agent import (
     DiskSpec,
     MiB,
-    MiniNBD,
     VMSpec,
     agent_process,
     make_image,
 )
-from tests.support_cluster import CLUSTER, Member, applied_log, make_members, watch_owner
+from tests.support_cluster import (
+    CLUSTER,
+    Member,
+    applied_log,
+    converge,
+    events_since,
+    make_members,
+    same,
+    watch_owner,
+    write_burst,
+)
 from tests.support_mqtt import mosquitto_tls
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(300)]
@@ -37,54 +45,6 @@ pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(300)]
 ROUNDS = 20
 SIZE = 32 * MiB
 TAKEOVER_LIMIT = 5.0
-
-
-def _same(a: Path, b: Path) -> bool:
-    try:
-        return a.read_bytes() == b.read_bytes()
-    except FileNotFoundError:
-        return False
-
-
-async def _state(http: aiohttp.ClientSession, urls: list[str], path: str) -> dict[str, object]:
-    """The replica's state from whichever member serves it now."""
-    for url in urls:
-        try:
-            async with http.get(url + path) as resp:
-                if resp.status == 200:
-                    doc: dict[str, object] = await resp.json()
-                    return doc
-        except aiohttp.ClientError:
-            continue
-    return {}
-
-
-async def _converge(
-    http: aiohttp.ClientSession, urls: list[str], path: str, replica: Path, image: Path
-) -> int:
-    """Wait until the replica equals the image with everything durable applied; durable seq."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        st = await _state(http, urls, path)
-        if (
-            st
-            and st["applied_seq"] == st["durable_seq"]
-            and await asyncio.to_thread(_same, replica, image)
-        ):
-            return int(str(st["durable_seq"]))
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"replica did not converge: {await _state(http, urls, path)}")
-
-
-def _write_burst(sock: Path, export: str, rng: random.Random, mib: int) -> None:
-    """An incompressible write of ``mib`` MiB (its batch takes a while to upload)."""
-    nbd = MiniNBD(sock, export, timeout=10)
-    try:
-        base = rng.randrange(0, SIZE - mib * MiB, 4096)
-        for k in range(mib * 4):
-            nbd.write(base + k * 256 * 1024, rng.randbytes(256 * 1024))
-    finally:
-        nbd.close()
 
 
 def _by_node(members: list[Member], node: str) -> Member:
@@ -124,14 +84,14 @@ async def test_kill9_of_the_owner_mid_upload_twenty_times(tmp_path: Path) -> Non
                     await m.wait_up()
                 _, first = await watch.new_owner(0, 30)
                 agent.start()
-                await _converge(http, urls, path, replica_dir / "replica.img", image)
+                await converge(http, urls, path, replica_dir / "replica.img", image)
                 takeovers: list[float] = []
                 in_flight = 0
                 for _ in range(ROUNDS):
                     owner = watch.current()
                     assert owner is not None
                     victim = _by_node(members, owner.node)
-                    await asyncio.to_thread(_write_burst, sock, export, rng, 3)
+                    await asyncio.to_thread(write_burst, sock, export, rng, 3, SIZE)
                     await asyncio.sleep(rng.uniform(0.3, 0.6))  # the cut, then mid-upload
                     killed_at = agent.log.stat().st_size
                     killed = time.monotonic()
@@ -143,19 +103,19 @@ async def test_kill9_of_the_owner_mid_upload_twenty_times(tmp_path: Path) -> Non
                     await victim.wait_up()
                     # The agent resumes: it ships (and gets acked) what is written after the kill.
                     mark = agent.log.stat().st_size
-                    await asyncio.to_thread(_write_burst, sock, export, rng, 1)
+                    await asyncio.to_thread(write_burst, sock, export, rng, 1, SIZE)
                     deadline = time.monotonic() + 30
-                    while not _events_since(agent.log, mark, "batch_acked"):
+                    while not events_since(agent.log, mark, "batch_acked"):
                         assert time.monotonic() < deadline, f"agent did not resume: {agent.log}"
                         await asyncio.sleep(0.05)
                     # In flight: an upload broke off (a refused connect is a later attempt).
                     if any(
                         "Cannot connect" not in str(e.get("error"))
                         and e.get("code") in ("connection_reset", "unreachable")
-                        for e in _events_since(agent.log, killed_at, "batch_failed")
+                        for e in events_since(agent.log, killed_at, "batch_failed")
                     ):
                         in_flight += 1
-                await _converge(http, urls, path, replica_dir / "replica.img", image)
+                await converge(http, urls, path, replica_dir / "replica.img", image)
                 assert agent.stop() == 0
         finally:
             await http.close()
@@ -174,19 +134,4 @@ async def test_kill9_of_the_owner_mid_upload_twenty_times(tmp_path: Path) -> Non
     acked = {int(e["seq"]) for e in agent.events("batch_acked")}
     assert acked <= set(seqs), "an acked batch was never applied"
     assert first.epoch >= 1
-    assert _same(replica_dir / "replica.img", image)
-
-
-def _events_since(log: Path, offset: int, name: str) -> list[dict[str, object]]:
-    with log.open("rb") as fh:
-        fh.seek(offset)
-        raw = fh.read()
-    out = []
-    for line in raw.splitlines():
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(doc, dict) and doc.get("event") == name:
-            out.append(doc)
-    return out
+    assert same(replica_dir / "replica.img", image)
