@@ -11,6 +11,7 @@ same scene makes it apply a batch the new owner had applied already.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import signal
 import time
@@ -20,8 +21,16 @@ import aiohttp
 import pytest
 
 from common.tls import client_context
-from tests.fixtures_pki import make_pki
-from tests.support_agent import DiskSpec, MiB, VMSpec, agent_process, make_image
+from tests.fixtures_pki import Pki, make_pki
+from tests.support_agent import (
+    DiskSpec,
+    MiB,
+    VMSpec,
+    agent_process,
+    make_image,
+    replikant_exe,
+    run_tool,
+)
 from tests.support_cluster import (
     CLUSTER,
     applied_log,
@@ -100,11 +109,29 @@ async def _freeze_scene(tmp_path: Path, *, fence: bool) -> tuple[list[dict[str, 
                 if fence:
                     await converge(http, urls, path, replica_dir / "replica.img", image)
                     assert b1.events("replica_alert"), "b1 had no apply refused by the fence"
+                    _check_cluster_status(tmp_path, pki, urls, successor.node, successor.epoch)
             finally:
                 agent.kill9()
                 for m in members:
                     m.stop()
     return applied_log(replica_dir), first.epoch, frozen_ns
+
+
+def _check_cluster_status(tmp: Path, pki: Pki, urls: list[str], owner: str, epoch: int) -> None:
+    """`replikant cluster status --json` names the new owner, its epoch and three members."""
+    admin = tmp / "admin.toml"
+    tls = pki.admin.tls
+    brokers = ", ".join(f'"{u}"' for u in urls)
+    admin.write_text(
+        f'[admin]\nbrokers = [{brokers}]\n\n[tls]\nca = "{tls.ca}"\ncert = "{tls.cert}"\n'
+        f'key = "{tls.key}"\n'
+    )
+    out = run_tool(replikant_exe(), "--config", str(admin), "cluster", "status", "--json")
+    assert out.returncode == 0, out.stderr
+    (c1,) = json.loads(out.stdout)["clusters"]
+    assert (c1["name"], c1["owner"], c1["epoch"]) == (CLUSTER, owner, epoch)
+    assert [m["node"] for m in c1["members"]] == ["b1", "b2", "b3"]
+    assert all(m["online"] and m["url"] in urls for m in c1["members"]), c1
 
 
 async def _applied_by(replica_dir: Path, epoch: int, seq: int) -> None:
