@@ -245,6 +245,7 @@ class BrokerService:
     async def end_owning(self) -> None:
         """Stop serving: appliers finish the batch in hand, exports go; whatever a straggler
         still writes is refused by the store's fence once another member claims."""
+        was = self.serving or bool(self.engines)
         self.serving = False
         for name in list(self.exports):
             await self.remove_export(name)
@@ -260,7 +261,8 @@ class BrokerService:
             engine.close()
         self.store.forget()
         self._write_run_file()
-        _log.info("owner_stopped_serving", epoch=self.epoch, node=self.config.broker.node)
+        if was:
+            _log.info("owner_stopped_serving", epoch=self.epoch, node=self.config.broker.node)
 
     def _start_membership(self, url: str) -> None:
         """Announce this broker, its owner epoch and every VM's roles on the MQTT control plane."""
