@@ -16,6 +16,7 @@ import pytest
 from common import topics
 from common.hrl import BATCH_CONTENT_TYPE, Compression
 from common.tls import client_context
+from tests.support_agent import wait_until
 from tests.support_broker import (
     PKI,
     AgentClient,
@@ -143,6 +144,8 @@ async def test_mqtt_alerts_name_a_fix(pki: PKI, tmp_path: Path) -> None:
             assert svc.membership is not None
             async with asyncio.timeout(10):
                 await svc.membership.link.wait_connected()
+            # With MQTT the broker serves once elected owner (decision 031).
+            await wait_until(lambda: svc.serving, within=20)
             src.mutate()
             async with AgentClient(svc.url, pki.agents["h1"]) as agent:
                 status, err = await agent.post(src, src.cut().body)

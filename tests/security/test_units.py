@@ -124,6 +124,18 @@ def _start(role: str, plan: LabPlan, log: Path) -> subprocess.Popen[bytes]:
         )
 
 
+def _start_mqtt(plan: LabPlan, log: Path) -> subprocess.Popen[bytes]:
+    """The lab's embedded MQTT broker: with MQTT in its config a broker serves only once elected
+    owner over it (decision 031)."""
+    tls = plan.mqtt_tls
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [REPLIKANT, "--log-json", "lab", "mqtt", "--port", str(plan.mqtt_port),
+             "--ca", str(tls.ca), "--cert", str(tls.cert), "--key", str(tls.key)],
+            stdout=out, stderr=out,
+        )  # fmt: skip
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -163,8 +175,9 @@ def test_daemons_replicate_as_their_units_users(
         print("no mount namespaces here: ProtectSystem=strict and PrivateTmp are not emulated")
     logs = plan.root / "logs"
     vm = lab["vms"][0]  # type: ignore[index]
-    procs = [_start("broker", plan, logs / "broker.log")]
+    procs = [_start_mqtt(plan, logs / "mqtt.log")]
     try:
+        procs.append(_start("broker", plan, logs / "broker.log"))
         procs.append(_start("agent", plan, logs / "agent.log"))
         for disk in vm["disks"]:
             _wait_equal(Path(disk["source_image"]), Path(disk["replica_image"]), procs, logs)
