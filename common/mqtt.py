@@ -198,14 +198,14 @@ class MQTTLink:
         """As :meth:`subscribe`, and the handler also learns who signed each record."""
         self._subscriptions.append(Subscription(topic_filter, model, handler))
 
-    def _dispatch(self, topic: str, payload: bytes) -> None:
+    def _dispatch(self, topic: str, payload: bytes, *, retained: bool = False) -> None:
         subs = [s for s in self._subscriptions if aiomqtt.Topic(topic).matches(s.topic_filter)]
         if not subs:
             return
         signer: Identity | None = None
         if self._verifier is not None and payload:
             try:
-                verified = self._verifier.open(topic, payload)
+                verified = self._verifier.open(topic, payload, retained=retained)
             except ForgedRecord as exc:
                 log.warning(
                     "mqtt_record_forged",
@@ -298,7 +298,9 @@ class MQTTLink:
                     async for message in client.messages:
                         payload = message.payload
                         if isinstance(payload, bytes | bytearray):
-                            self._dispatch(message.topic.value, bytes(payload))
+                            self._dispatch(
+                                message.topic.value, bytes(payload), retained=message.retain
+                            )
             except aiomqtt.MqttError as exc:
                 why: dict[str, str] = {}
                 if not connected:

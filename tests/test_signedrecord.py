@@ -74,8 +74,9 @@ def test_forgeries_are_refused_with_their_reason(pki: Pki, tmp_path: Path) -> No
 
 
 def test_replays_never_move_a_receiver_backwards(pki: Pki) -> None:
-    """A genuine record older than one already accepted from the same signer is dropped; the
-    last will supersedes its own session and is superseded by the next one."""
+    """A genuine record older than one already accepted from the same signer is dropped, the
+    last one accepted passes again only as a retained record on resubscription; the last will
+    supersedes its own session and is superseded by the next one."""
     verifier = Verifier.from_file(pki.ca)
     broker = _signer(pki.broker)
     member = topics.member("c1", "b1")
@@ -87,6 +88,11 @@ def test_replays_never_move_a_receiver_backwards(pki: Pki) -> None:
     verifier.open(member, second)
     with pytest.raises(StaleRecord):
         verifier.open(member, first)
+    with pytest.raises(StaleRecord):
+        verifier.open(member, first, retained=True)
+    with pytest.raises(StaleRecord):
+        verifier.open(member, second)  # the same record pushed again: a replay
+    assert verifier.open(member, second, retained=True).order == (10.0, 2)  # a resubscription
     verifier.open(member, will)
     with pytest.raises(StaleRecord):
         verifier.open(member, second)
