@@ -8,6 +8,10 @@ The MQTT brokers we run (Mosquitto with deploy/mosquitto.conf, the lab's embedde
 mutual TLS with our CA's certificates. aiomqtt reports a refused handshake as a bare
 "Operation timed out", so after a failed connect over TLS the link opens one TLS connection
 itself to learn why and logs it as ``tls_handshake_rejected`` with the fix.
+
+A daemon's link (:meth:`MQTTLink.for_daemon`) signs every message with the daemon's key and
+checks every message it receives (:mod:`common.signedrecord`), so subscribers only ever see
+genuine, current records whatever the MQTT server lets through (docs/protocol/mqtt.md).
 """
 
 from __future__ import annotations
