@@ -16,6 +16,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
+from broker.api import Replicas
 from broker.election import (
     Action,
     Claim,
@@ -41,23 +42,14 @@ from broker.errors import BrokerError, NotOwner
 from broker.routing import ClusterView, MemberInfo, MemberRef, OwnerRouter, Router
 from broker.store import Store
 from common import topics
-from common.config import BrokerConfig
 from common.logs import get_logger
 from common.mqtt import MQTTLink
 
 _log = get_logger("broker.cluster")
 
 
-class Owning(Protocol):
-    """What the driver needs of the broker service."""
-
-    @property
-    def config(self) -> BrokerConfig:
-        """The broker's configuration."""
-
-    @property
-    def store(self) -> Store:
-        """The shared replica store."""
+class Owning(Replicas, Protocol):
+    """What the driver needs of the broker service (its configuration and store, and:)."""
 
     @property
     def serving(self) -> bool:
