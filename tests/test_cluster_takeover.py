@@ -40,7 +40,7 @@ from tests.support_cluster import (
 )
 from tests.support_mqtt import mosquitto_tls
 
-pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.mosquitto, pytest.mark.slow, pytest.mark.timeout(300)]
 
 ROUNDS = 20
 SIZE = 32 * MiB
