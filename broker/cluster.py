@@ -179,6 +179,8 @@ class ClusterMember:
                 _log.warning("owner_elected", node=self.node, cluster=self.cluster, epoch=epoch)
                 self._spawn(self._begin(epoch))
             case StopServing(epoch=epoch, reason=reason):
+                # Our record must not come back with the next reconnect (Mosquitto restarted).
+                self.link.forget_retained(topics.owner(self.cluster))
                 _log.warning(
                     "owner_stepped_down",
                     node=self.node,
