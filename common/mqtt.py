@@ -246,6 +246,11 @@ class MQTTLink:
             self._retained[topic] = payload
         await self._send(topic, payload, retain=True)
 
+    def forget_retained(self, topic: str) -> None:
+        """Stop re-publishing ``topic`` on reconnect, without clearing what the MQTT broker
+        holds (a record that is no longer ours to assert, but that a newer one may replace)."""
+        self._retained.pop(topic, None)
+
     async def publish(self, topic: str, record: BaseModel) -> None:
         """Publish a non-retained message; dropped with a log event when disconnected."""
         await self._send(topic, record.model_dump_json().encode(), retain=False)

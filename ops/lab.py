@@ -2,8 +2,9 @@
 
 `lab up` makes a PKI with the certificate helper, starts an MQTT broker (embedded amqtt, or
 Mosquitto when asked; either accepts only mutual TLS with the lab's certificates), a recovery-site
-broker and a source-site agent with demo VMs, waits until every demo disk has finished its initial
-replication, and writes `DIR/lab.json` (the contract outside scripts rely on). `lab down` stops
+cluster of `--brokers` members on one store (default 2, `ops/labcluster.py`) and a source-site
+agent with demo VMs, waits until every demo disk has finished its initial replication, and writes
+`DIR/lab.json` (the contract outside scripts rely on; `brokers` lists the members). `lab down` stops
 what `lab up` started and removes the directory.
 
 The lab runs every daemon as its own process, the way they run in production, so what works in the

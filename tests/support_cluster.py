@@ -256,19 +256,3 @@ def write_burst(sock: Path, export: str, rng: random.Random, mib: int, size: int
             nbd.write(base + k * 256 * 1024, rng.randbytes(256 * 1024))
     finally:
         nbd.close()
-
-
-def events_since(log: Path, offset: int, name: str) -> list[dict[str, object]]:
-    """JSON events called ``name`` logged after byte ``offset`` of ``log``."""
-    with log.open("rb") as fh:
-        fh.seek(offset)
-        raw = fh.read()
-    out = []
-    for line in raw.splitlines():
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(doc, dict) and doc.get("event") == name:
-            out.append(doc)
-    return out

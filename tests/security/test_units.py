@@ -17,10 +17,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from ops.lab import LabPlan, write_lab_files
 from tests.security.rows import Door
@@ -95,9 +97,14 @@ def lab_files() -> Iterator[tuple[LabPlan, dict[str, object]]]:
     # Not under pytest's tmp_path: its parents are 0700 root, which no daemon user can enter.
     base = Path(tempfile.mkdtemp(prefix="replikant-units-", dir="/var/tmp"))
     base.chmod(0o755)
-    plan = LabPlan(root=base / "lab", vms=1, disk_mib=8, interval=1.0, mqtt_kind="embedded")
+    plan = LabPlan(base / "lab", vms=1, disk_mib=8, interval=1.0, mqtt_kind="embedded", brokers=1)
     plan.root.mkdir()
     lab = write_lab_files(plan)
+    # No MQTT server here: the broker runs alone (a cluster member would wait to be elected).
+    broker_toml = plan.root / "broker.toml"
+    doc = tomllib.loads(broker_toml.read_text())
+    del doc["mqtt"]
+    broker_toml.write_text(tomli_w.dumps(doc))
     install_lab_files(plan)
     try:
         yield plan, lab
@@ -122,18 +129,6 @@ def _start(role: str, plan: LabPlan, log: Path) -> subprocess.Popen[bytes]:
             paths=paths,
             log=out,
         )
-
-
-def _start_mqtt(plan: LabPlan, log: Path) -> subprocess.Popen[bytes]:
-    """The lab's embedded MQTT broker: with MQTT in its config a broker serves only once elected
-    owner over it (decision 031)."""
-    tls = plan.mqtt_tls
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [REPLIKANT, "--log-json", "lab", "mqtt", "--port", str(plan.mqtt_port),
-             "--ca", str(tls.ca), "--cert", str(tls.cert), "--key", str(tls.key)],
-            stdout=out, stderr=out,
-        )  # fmt: skip
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -175,9 +170,8 @@ def test_daemons_replicate_as_their_units_users(
         print("no mount namespaces here: ProtectSystem=strict and PrivateTmp are not emulated")
     logs = plan.root / "logs"
     vm = lab["vms"][0]  # type: ignore[index]
-    procs = [_start_mqtt(plan, logs / "mqtt.log")]
+    procs = [_start("broker", plan, logs / "broker.log")]
     try:
-        procs.append(_start("broker", plan, logs / "broker.log"))
         procs.append(_start("agent", plan, logs / "agent.log"))
         for disk in vm["disks"]:
             _wait_equal(Path(disk["source_image"]), Path(disk["replica_image"]), procs, logs)
