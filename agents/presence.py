@@ -29,8 +29,8 @@ log = get_logger("agents.presence")
 class Follower(Protocol):
     """Whoever ships to the owner: told the owner's URL when a verified owner record moves."""
 
-    def follow(self, url: str) -> None:
-        """Send from now on to the broker at ``url``."""
+    def follow(self, url: str) -> bool:
+        """Send from now on to the broker at ``url``; whether it is followed."""
 
 
 class Presence:
@@ -95,10 +95,9 @@ class Presence:
         self.owner = record
         if known is not None and (known.url, known.epoch) == (record.url, record.epoch):
             return  # a renewal
+        following = self._follower is not None and self._follower.follow(record.url)
         log.info("owner_learned", node=record.node, epoch=record.epoch, url=record.url,
-                 following=self._follower is not None)  # fmt: skip
-        if self._follower is not None:
-            self._follower.follow(record.url)
+                 following=following)  # fmt: skip
 
     async def run(self) -> None:
         """Publish presence and stay connected until cancelled."""

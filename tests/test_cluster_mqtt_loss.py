@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from common.tls.identities import Identity
 from tests.fixtures_pki import make_pki
 from tests.support_agent import free_port
 from tests.support_cluster import CLUSTER, make_members, watch_owner
@@ -22,7 +23,7 @@ async def test_owner_steps_down_without_mqtt_and_a_member_is_elected_after(tmp_p
     with a higher epoch, and the old record is never re-published."""
     pki = make_pki(tmp_path / "pki")
     mqtt_cert = pki.store.issue_broker(CLUSTER, "mqtt", dns=["localhost"], ips=["127.0.0.1"]).tls
-    nodes = [(CLUSTER, "b1"), (CLUSTER, "b2")]
+    nodes = [Identity.broker(CLUSTER, "b1"), Identity.broker(CLUSTER, "b2")]
     port = free_port()
     members, _ = make_members(tmp_path, pki, tmp_path / "store", port, 2)
     try:
