@@ -120,6 +120,8 @@ class BrokerService:
         self.cluster: ClusterMember | None = None
         self.serving = False
         """Owner with the store loaded: journals replayed, appliers running, agents accepted."""
+        self.taking_over: set[str] = set()
+        """VMs (uuids) whose replicas a deposed owner is still writing: refused until loaded."""
 
     # -- lifecycle
     async def start(self) -> None:
@@ -193,18 +195,36 @@ class BrokerService:
         """Own the store under ``epoch`` (claimed already): reload it (waiting out a deposed
         owner's write in progress), replay every journal and accept agents."""
         self.epoch = epoch
-        await asyncio.to_thread(self.store.load)
+        busy = await asyncio.to_thread(self.store.load, wait=not self.config.mqtt.url)
         for replica in self.store.replicas():
             self.engine_for(replica)
+        self.taking_over = {d.parent.name for d in busy}
         self.serving = True
         self._write_run_file()
-        _log.info("owner_serving", epoch=epoch, replicas=len(self.engines))
+        _log.info("owner_serving", epoch=epoch, replicas=len(self.engines), waiting=len(busy))
+        if busy:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._take_over(busy)))
+
+    async def _take_over(self, busy: list[Path]) -> None:
+        """Load the replicas a deposed owner was still writing once it is done (resumed and
+        refused by the fence, or killed); the others are served meanwhile."""
+        epoch = self.epoch
+        while busy and self.serving and self.epoch == epoch:
+            await asyncio.sleep(0.2)
+            for disk_dir in list(busy):
+                replica = await asyncio.to_thread(self.store.load_replica, disk_dir)
+                if replica is not None and self.serving and self.epoch == epoch:
+                    busy.remove(disk_dir)
+                    self.engine_for(replica)
+                    _log.info("takeover_replica_loaded", replica=replica.label, epoch=epoch)
+            self.taking_over = {d.parent.name for d in busy}
 
     async def end_owning(self) -> None:
         """Stop serving: appliers finish the batch in hand, exports go; whatever a straggler
         still writes is refused by the store's fence once another member claims."""
         was = self.serving or bool(self.engines)
         self.serving = False
+        self.taking_over = set()
         for name in list(self.exports):
             await self.remove_export(name)
         engines, self.engines = list(self.engines.values()), {}
@@ -312,6 +332,13 @@ class BrokerService:
         member that does; refuse writes once another broker claimed a higher epoch."""
         if self.cluster is not None:
             self.cluster.check_serving(vm_uuid)
+        if vm_uuid in self.taking_over:
+            raise NotOwner(
+                f"broker {self.config.broker.node} owns the cluster but a deposed owner is still "
+                f"writing vm {vm_uuid}; it is taken over once that write ends",
+                fix="retry shortly; if it lasts, resume or kill the previous owner's process",
+                details={"epoch": self.epoch, "owner_url": self.advertised_url},
+            )
         stored = self.store.stored_epoch()
         if stored > self.epoch:
             raise NotOwner(
