@@ -17,14 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import grp
-import hashlib
 import json
 import os
 import secrets
 import signal
-import stat
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Final
@@ -45,7 +41,7 @@ from broker.errors import (
 from broker.hashes import block_hashes
 from broker.httperrors import HTTP_LOG
 from broker.membership import Membership
-from broker.pitexport import PointInTimeExport
+from broker.pitexport import PointInTimeExport, prepare_socket_dir, socket_path
 from broker.points import Key, key_text
 from broker.retention import Retainer, free_store_space, publish
 from broker.space import StoreSpace
@@ -55,7 +51,7 @@ from broker.views import vm_site_records
 from certs.service import startup_problems
 from common import topics
 from common.config import BrokerConfig, parse_listen, writable_dir_problems
-from common.errors import ConfigError, refuse_to_start
+from common.errors import refuse_to_start
 from common.fsio import atomic_write_json
 from common.hrl import DEFAULT_LIMITS, DecodeLimits
 from common.logs import get_logger
@@ -116,7 +112,7 @@ class BrokerService:
         self._export_meta: dict[str, dict[str, Any]] = {}
         self.nbd = NBDServer(max_connections=100)
         nbd_dir = b.store / (f".nbd-{b.node}" if clustered else ".nbd")
-        self.nbd_socket = _socket_path((config.nbd_socket_dir or nbd_dir) / "pit.sock")
+        self.nbd_socket = socket_path((config.nbd_socket_dir or nbd_dir) / "pit.sock")
         self._runner: web.AppRunner | None = None
         self._site: MutualTLSSite | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -126,6 +122,8 @@ class BrokerService:
         self.cluster: ClusterMember | None = None
         self.serving = False
         """Owner with the store loaded: journals replayed, appliers running, agents accepted."""
+        self.taking_over: set[str] = set()
+        """VMs (uuids) whose replicas a deposed owner is still writing: refused until loaded."""
 
     # -- lifecycle
     async def start(self) -> None:
@@ -141,9 +139,9 @@ class BrokerService:
         if not self.config.mqtt.url:
             epoch = await asyncio.to_thread(self.store.claim_next_epoch, self.config.broker.node)
             await self.begin_owning(epoch)
-        gid = self._prepare_socket_dir()
+        gid = prepare_socket_dir(self.nbd_socket.parent, self.config.nbd_socket_group)
         await self.nbd.serve_unix(self.nbd_socket, mode=0o660)
-        if os.lstat(self.nbd_socket).st_gid != gid:  # see _prepare_socket_dir: chown only if needed
+        if os.lstat(self.nbd_socket).st_gid != gid:  # chown only if needed (see there)
             os.chown(self.nbd_socket, -1, gid, follow_symlinks=False)
         app = build_app(self)
         # A deep read buffer (aiohttp pauses the socket at 2x read_bufsize): the network keeps
@@ -170,44 +168,6 @@ class BrokerService:
             replicas=len(self.engines),
             nbd_socket=str(self.nbd_socket),
         )
-
-    def _prepare_socket_dir(self) -> int:
-        """Make the NBD socket's directory ours, 0750, group ``nbd_socket_group`` (default: our
-        own group); returns that group id. Who may open point-in-time exports is decided here:
-        the broker's user and that group (the socket is 0660), nobody else."""
-        directory = self.nbd_socket.parent
-        group = self.config.nbd_socket_group
-        try:
-            gid = grp.getgrnam(group).gr_gid if group else os.getegid()
-        except KeyError:
-            raise ConfigError(
-                f"nbd_socket_group {group!r} is not a group on this host",
-                fix="create the group or change nbd_socket_group in broker.toml",
-            ) from None
-        directory.mkdir(mode=0o750, parents=True, exist_ok=True)
-        st = os.lstat(directory)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-            # Someone else made it (e.g. under /tmp): they could swap the socket for theirs.
-            raise ConfigError(
-                f"NBD socket directory {directory} is not a directory owned by this broker's "
-                f"user (uid {os.geteuid()})",
-                fix="remove it, or set nbd_socket_dir in broker.toml to a directory the broker "
-                "owns",
-            )
-        # chown only when needed: the unit's system-call filter (~@privileged) refuses chown
-        # outright, and a directory we just made already carries our own group.
-        if st.st_gid != gid:
-            try:
-                os.chown(directory, -1, gid, follow_symlinks=False)
-            except PermissionError:
-                name = group or _group_name(gid)
-                raise ConfigError(
-                    f"the broker's user may not give {directory} to group {name!r}",
-                    fix=f"add the broker's user to group {name!r}, or change nbd_socket_group",
-                ) from None
-        # The group's way in: read and search, never write (it cannot plant a socket of its own).
-        os.chmod(directory, 0o750)  # noqa: S103
-        return gid
 
     def _write_run_file(self) -> None:
         """``.run/<node>.json`` for this broker, and ``.run/broker.json`` while it serves (the
@@ -237,18 +197,36 @@ class BrokerService:
         """Own the store under ``epoch`` (claimed already): reload it (waiting out a deposed
         owner's write in progress), replay every journal and accept agents."""
         self.epoch = epoch
-        await asyncio.to_thread(self.store.load)
+        busy = await asyncio.to_thread(self.store.load, wait=not self.config.mqtt.url)
         for replica in self.store.replicas():
             self.engine_for(replica)
+        self.taking_over = {d.parent.name for d in busy}
         self.serving = True
         self._write_run_file()
-        _log.info("owner_serving", epoch=epoch, replicas=len(self.engines))
+        _log.info("owner_serving", epoch=epoch, replicas=len(self.engines), waiting=len(busy))
+        if busy:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._take_over(busy)))
+
+    async def _take_over(self, busy: list[Path]) -> None:
+        """Load the replicas a deposed owner was still writing once it is done (resumed and
+        refused by the fence, or killed); the others are served meanwhile."""
+        epoch = self.epoch
+        while busy and self.serving and self.epoch == epoch:
+            await asyncio.sleep(0.2)
+            for disk_dir in list(busy):
+                replica = await asyncio.to_thread(self.store.load_replica, disk_dir)
+                if replica is not None and self.serving and self.epoch == epoch:
+                    busy.remove(disk_dir)
+                    self.engine_for(replica)
+                    _log.info("takeover_replica_loaded", replica=replica.label, epoch=epoch)
+            self.taking_over = {d.parent.name for d in busy}
 
     async def end_owning(self) -> None:
         """Stop serving: appliers finish the batch in hand, exports go; whatever a straggler
         still writes is refused by the store's fence once another member claims."""
         was = self.serving or bool(self.engines)
         self.serving = False
+        self.taking_over = set()
         for name in list(self.exports):
             await self.remove_export(name)
         engines, self.engines = list(self.engines.values()), {}
@@ -358,6 +336,13 @@ class BrokerService:
         member that does; refuse writes once another broker claimed a higher epoch."""
         if self.cluster is not None:
             self.cluster.check_serving(vm_uuid)
+        if vm_uuid in self.taking_over:
+            raise NotOwner(
+                f"broker {self.config.broker.node} owns the cluster but a deposed owner is still "
+                f"writing vm {vm_uuid}; it is taken over once that write ends",
+                fix="retry shortly; if it lasts, resume or kill the previous owner's process",
+                details={"epoch": self.epoch, "owner_url": self.advertised_url},
+            )
         stored = self.store.stored_epoch()
         if stored > self.epoch:
             raise NotOwner(
@@ -668,23 +653,6 @@ class BrokerService:
 
         raw = (Path(image[0]), image[1], image[2]) if image is not None else None
         return await import_seed(self, Path(directory), expect_vm=expect_vm, image=raw)
-
-
-def _group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
-
-
-def _socket_path(path: Path) -> Path:
-    """``path``, or a short stand-in when it exceeds the 107-byte limit of unix socket names."""
-    if len(os.fsencode(path)) <= 100:
-        return path
-    digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:16]
-    short = Path(tempfile.gettempdir()) / f"replikant-{digest}" / path.name
-    _log.warning("nbd_socket_path_shortened", wanted=str(path), using=str(short))
-    return short
 
 
 def load_run_file(store_root: Path, node: str | None = None) -> dict[str, Any]:

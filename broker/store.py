@@ -43,6 +43,10 @@ from common.logs import get_logger
 _log = get_logger("broker.store")
 
 META_FORMAT = 1
+_WRITER_FIX: Final = (
+    "a deposed owner is still writing this replica (or is frozen): resume or kill that broker "
+    "process and its takeover completes"
+)
 NO_FENCE: Final = "REPLIKANT_TEST_NO_FENCE"
 """Test hook (docs/security.md): ``1`` turns the owner-epoch fence off, so that a test can show
 the damage it prevents. Never set in production."""
@@ -235,10 +239,12 @@ class Store:
         if load:
             self.load()
 
-    def load(self) -> None:
+    def load(self, *, wait: bool = True) -> list[Path]:
         """Read every replica from disk (again: a member that becomes the owner reloads what
-        the previous owner wrote). Waits, per replica, for a deposed owner's write section in
-        progress to end (:meth:`writing`), so nothing it still writes is read half-done."""
+        the previous owner wrote). A replica a deposed owner is still writing (its write
+        section, :meth:`writing`) is waited for, so nothing is read half-done; with
+        ``wait=False`` it is skipped instead, and its directory returned for
+        :meth:`load_replica` later."""
         (self.root / ".overlays").mkdir(mode=0o700, exist_ok=True)
         self._overlays.mkdir(mode=0o700, exist_ok=True)
         for stale in self._overlays.iterdir():
@@ -247,7 +253,13 @@ class Store:
                 stale.unlink(missing_ok=True)
         with self._lock:
             self._replicas.clear()
-        self._load()
+        return self._load(wait)
+
+    def load_replica(self, disk_dir: Path) -> Replica | None:
+        """Load one replica :meth:`load` skipped, once its writer is gone (``None``: not yet)."""
+        if self.fence_enabled and not self._barrier(disk_dir, wait=False):
+            return None
+        return self._load_replica(disk_dir)
 
     def forget(self) -> None:
         """Drop every replica from memory (a member that stops owning)."""
@@ -335,21 +347,21 @@ class Store:
             os.close(fd)  # closing releases the flock
 
     @staticmethod
-    def _barrier(disk_dir: Path) -> None:
+    def _barrier(disk_dir: Path, *, wait: bool) -> bool:
+        """Wait out (or, without ``wait``, test for) a write section on the replica."""
         fd = os.open(
             disk_dir / ".fence", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
         )
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
             except BlockingIOError:
-                _log.warning(
-                    "takeover_waiting_for_writer",
-                    replica=str(disk_dir),
-                    fix="a deposed owner is still writing this replica (or is frozen): resume or "
-                    "kill that broker process and the takeover completes",
-                )
+                if not wait:
+                    return False
+                _log.warning("takeover_waiting_for_writer", replica=str(disk_dir), fix=_WRITER_FIX)
                 fcntl.flock(fd, fcntl.LOCK_EX)
+                return True
         finally:
             os.close(fd)
 
@@ -375,7 +387,8 @@ class Store:
             replica.update_meta(epoch=epoch)
 
     # -- replicas
-    def _load(self) -> None:
+    def _load(self, wait: bool) -> list[Path]:
+        busy: list[Path] = []
         for vm_dir in sorted(self.root.iterdir()):
             if vm_dir.name.startswith(".") or vm_dir.is_symlink() or not vm_dir.is_dir():
                 continue
@@ -391,19 +404,28 @@ class Store:
                 if disk_dir.is_symlink() or not _valid(names.disk_id, disk_dir.name):
                     _log.warning("store_entry_ignored", path=str(disk_dir), reason="not a disk")
                     continue
-                if self.fence_enabled:
-                    self._barrier(disk_dir)
-                meta_path = disk_dir / "meta.json"
-                try:
-                    meta = ReplicaMeta.from_json(read_json(meta_path))
-                except (OSError, ValueError, TypeError) as exc:
-                    raise StoreCorrupt(
-                        f"replica directory {disk_dir} has an unreadable meta.json ({exc})",
-                        fix="restore meta.json from backup or remove the directory",
-                    ) from None
-                replica = Replica(disk_dir, meta)
-                self._recover_counters(replica)
-                self._replicas[replica.key] = replica
+                if self.fence_enabled and not self._barrier(disk_dir, wait=wait):
+                    _log.warning(
+                        "takeover_waiting_for_writer", replica=str(disk_dir), fix=_WRITER_FIX
+                    )
+                    busy.append(disk_dir)
+                    continue
+                self._load_replica(disk_dir)
+        return busy
+
+    def _load_replica(self, disk_dir: Path) -> Replica:
+        try:
+            meta = ReplicaMeta.from_json(read_json(disk_dir / "meta.json"))
+        except (OSError, ValueError, TypeError) as exc:
+            raise StoreCorrupt(
+                f"replica directory {disk_dir} has an unreadable meta.json ({exc})",
+                fix="restore meta.json from backup or remove the directory",
+            ) from None
+        replica = Replica(disk_dir, meta)
+        self._recover_counters(replica)
+        with self._lock:
+            self._replicas[replica.key] = replica
+        return replica
 
     def _recover_counters(self, replica: Replica) -> None:
         """Bring meta's counters up to what the audit log and the journal prove durable."""

@@ -111,8 +111,9 @@ async def _freeze_scene(tmp_path: Path, *, fence: bool) -> tuple[list[dict[str, 
                     await converge(http, urls, path, replica_dir / "replica.img", image)
                     assert b1.events("replica_alert"), "b1 had no apply refused by the fence"
                     new = next(m for m in members if m.node == successor.node)
-                    # The successor's load waited for b1's write section, frozen mid-apply.
+                    # The successor took that replica over only once b1's frozen write ended.
                     assert new.events("takeover_waiting_for_writer"), new.log
+                    assert new.events("takeover_replica_loaded"), new.log
                     _check_cluster_status(tmp_path, pki, urls, successor.node, successor.epoch)
             finally:
                 agent.kill9()
