@@ -41,6 +41,7 @@ from agents.disk import TrackedExport
 from agents.errors import AgentError, SeedError, ShipError
 from agents.guests import Guests
 from agents.hooks import FreezeHooks
+from agents.presence import Presence
 from agents.replicate import DiskReplicator
 from agents.roles import RoleRecord, fence_reason
 from agents.seed import ExportRequest
@@ -103,6 +104,8 @@ class Agent:
         # The guests' drivers start a VM only where its role here lets it run (FENCED: never).
         self.guests = Guests(config, role_of=self.vm_role)
         self.pending: dict[str, str] = {}  # VMs with a failover command in progress here
+        self.presence: Presence | None = None
+        self._presence_task: asyncio.Task[None] | None = None
 
     def _lock(self) -> None:
         self.config.agent.state_dir.mkdir(parents=True, exist_ok=True)
@@ -148,6 +151,8 @@ class Agent:
                 await tcp.serve_tcp(host, port)
                 self.servers.append(tcp)
             await self._start_control()
+            if cfg.mqtt.url:
+                self._start_presence()
         except BaseException:
             await self.stop(clean=True)
             raise
@@ -159,6 +164,22 @@ class Agent:
             control_socket=str(self.control_socket),
             pid=os.getpid(),
         )
+
+    def _start_presence(self) -> None:
+        self.presence = Presence(self.config, status=self.status, follower=self.client)
+        self._presence_task = asyncio.get_running_loop().create_task(self.presence.run())
+
+    async def _stop_presence(self) -> None:
+        if self.presence is None or self._presence_task is None:
+            return
+        if self.presence.link.connected:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await self.presence.leave()
+        self._presence_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._presence_task
+        self._presence_task = None
 
     async def _open_vm(self, vm: VMConfig) -> None:
         cfg = self.config
@@ -597,6 +618,7 @@ class Agent:
             self._seed_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._seed_task
+        await self._stop_presence()
         for server in self.servers:
             await server.close()
         self.servers.clear()

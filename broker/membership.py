@@ -61,15 +61,11 @@ class Membership:
         )
 
     async def publish_once(self) -> int:
-        """Publish membership, ownership and every VM record that changed; return how many."""
+        """Publish membership and every VM record that changed; return how many. (The owner
+        record is the election's: :mod:`broker.cluster`.)"""
         await self.link.publish_retained(
             topics.member(self.cluster, self.node), self.member_record(online=True)
         )
-        epoch = self._epoch()
-        if epoch >= 1:
-            await self.link.publish_retained(
-                topics.owner(self.cluster), topics.OwnerRecord(node=self.node, epoch=epoch)
-            )
         changed = 0
         for vm_uuid, site, record in self._snapshot():
             topic = topics.vm_site(vm_uuid, site)
@@ -82,6 +78,11 @@ class Membership:
     async def run(self) -> None:
         """Keep the records fresh until cancelled; re-publish everything after a reconnect."""
         self.link.on_connect.append(self._published.clear)
+        # Remembered by the link while it connects, and sent first thing: the other members
+        # must see us before they settle on who stands first (decision 031).
+        await self.link.publish_retained(
+            topics.member(self.cluster, self.node), self.member_record(online=True)
+        )
         while True:
             if self.link.connected:
                 await self.publish_once()

@@ -10,12 +10,17 @@ every other cluster from the view. Partial cluster writes copy the cluster from 
 
 from __future__ import annotations
 
+import grp
+import hashlib
 import os
+import stat
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
 from broker.points import PointView
+from common.errors import ConfigError
 from common.fsio import pread_exact, punch_hole, pwrite_all
 from common.logs import get_logger
 from common.nbd.backend import ExportBase
@@ -189,3 +194,56 @@ class PointInTimeExport(ExportBase):
         self.overlay.close()
         self.view.close()
         _log.info("pit_export_closed", export=self.name)
+
+
+def prepare_socket_dir(directory: Path, group: str | None) -> int:
+    """Make the NBD socket's ``directory`` ours, 0750, group ``group`` (``nbd_socket_group``;
+    default: our own group); returns that group id. Who may open point-in-time exports is decided
+    here: the broker's user and that group (the socket is 0660), nobody else."""
+    try:
+        gid = grp.getgrnam(group).gr_gid if group else os.getegid()
+    except KeyError:
+        raise ConfigError(
+            f"nbd_socket_group {group!r} is not a group on this host",
+            fix="create the group or change nbd_socket_group in broker.toml",
+        ) from None
+    directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        # Someone else made it (e.g. under /tmp): they could swap the socket for theirs.
+        raise ConfigError(
+            f"NBD socket directory {directory} is not a directory owned by this broker's "
+            f"user (uid {os.geteuid()})",
+            fix="remove it, or set nbd_socket_dir in broker.toml to a directory the broker owns",
+        )
+    # chown only when needed: the unit's system-call filter (~@privileged) refuses chown
+    # outright, and a directory we just made already carries our own group.
+    if st.st_gid != gid:
+        try:
+            os.chown(directory, -1, gid, follow_symlinks=False)
+        except PermissionError:
+            name = group or _group_name(gid)
+            raise ConfigError(
+                f"the broker's user may not give {directory} to group {name!r}",
+                fix=f"add the broker's user to group {name!r}, or change nbd_socket_group",
+            ) from None
+    # The group's way in: read and search, never write (it cannot plant a socket of its own).
+    os.chmod(directory, 0o750)  # noqa: S103
+    return gid
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def socket_path(path: Path) -> Path:
+    """``path``, or a short stand-in when it exceeds the 107-byte limit of unix socket names."""
+    if len(os.fsencode(path)) <= 100:
+        return path
+    digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:16]
+    short = Path(tempfile.gettempdir()) / f"replikant-{digest}" / path.name
+    _log.warning("nbd_socket_path_shortened", wanted=str(path), using=str(short))
+    return short

@@ -4,8 +4,12 @@ Layout under the store root (``[broker] store`` in ``broker.toml``)::
 
     store.json                      the owner-epoch fence of this store (invariant 7)
     .lock                           flock()ed for the fence's read-compare-write
-    .overlays/                      private copy-on-write files of point-in-time exports
+    .overlays/[<node>/]             private copy-on-write files of point-in-time exports
+    .run/                           each running broker's address (``<node>.json``, the owner's
+                                    also as ``broker.json``)
     <vm-uuid>/<disk-id>/
+        .fence                      flock()ed shared by every write section, exclusively by a new
+                                    owner before it loads the replica (decision 031)
         replica.img                 sparse image of the disk, ``disk_size`` bytes
         meta.json                   identity, generation, durable/applied seq, epoch, sync state
         applied.log                 append-only audit: one JSON line per applied batch (the commit)
@@ -29,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from broker import names
 from broker.errors import BrokerError, FencedError, IdentityConflict, StoreCorrupt
@@ -39,6 +43,13 @@ from common.logs import get_logger
 _log = get_logger("broker.store")
 
 META_FORMAT = 1
+_WRITER_FIX: Final = (
+    "a deposed owner is still writing this replica (or is frozen): resume or kill that broker "
+    "process and its takeover completes"
+)
+NO_FENCE: Final = "REPLIKANT_TEST_NO_FENCE"
+"""Test hook (docs/security.md): ``1`` turns the owner-epoch fence off, so that a test can show
+the damage it prevents. Never set in production."""
 InitialSync = Literal["pending", "seeded", "in_progress", "complete"]
 
 
@@ -222,16 +233,44 @@ class Store:
     deposed owner that still believes it owns cannot write.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, overlays: Path | None = None, load: bool = True) -> None:
         self.root = root
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        (root / ".overlays").mkdir(mode=0o700, exist_ok=True)
-        for stale in (root / ".overlays").iterdir():
-            # Exports do not survive a restart; their private overlays are garbage now.
-            stale.unlink(missing_ok=True)
+        self._overlays = overlays or root / ".overlays"
         self._replicas: dict[tuple[str, str], Replica] = {}
         self._lock = threading.Lock()
-        self._load()
+        self.fence_enabled = os.environ.get(NO_FENCE) != "1"
+        if not self.fence_enabled:
+            _log.critical("fence_disabled", store=str(root), hook=NO_FENCE)
+        if load:
+            self.load()
+
+    def load(self, *, wait: bool = True) -> list[Path]:
+        """Read every replica from disk (again: a member that becomes the owner reloads what
+        the previous owner wrote). A replica a deposed owner is still writing (its write
+        section, :meth:`writing`) is waited for, so nothing is read half-done; with
+        ``wait=False`` it is skipped instead, and its directory returned for
+        :meth:`load_replica` later."""
+        (self.root / ".overlays").mkdir(mode=0o700, exist_ok=True)
+        self._overlays.mkdir(mode=0o700, exist_ok=True)
+        for stale in self._overlays.iterdir():
+            # Exports do not survive a restart; their private overlays are garbage now.
+            if stale.is_file() or stale.is_symlink():
+                stale.unlink(missing_ok=True)
+        with self._lock:
+            self._replicas.clear()
+        return self._load(wait)
+
+    def load_replica(self, disk_dir: Path) -> Replica | None:
+        """Load one replica :meth:`load` skipped, once its writer is gone (``None``: not yet)."""
+        if self.fence_enabled and not self._barrier(disk_dir, wait=False):
+            return None
+        return self._load_replica(disk_dir)
+
+    def forget(self) -> None:
+        """Drop every replica from memory (a member that stops owning)."""
+        with self._lock:
+            self._replicas.clear()
 
     # -- epoch fence
     @property
@@ -294,6 +333,44 @@ class Store:
         _log.info("epoch_claimed", epoch=epoch, node=node, store=str(self.root))
         return epoch
 
+    @contextlib.contextmanager
+    def writing(self, replica: Replica, epoch: int) -> Iterator[None]:
+        """A write section on ``replica`` under owner ``epoch``: holds the replica's ``.fence``
+        lock shared and checks the fence inside it. A new owner takes that lock exclusively
+        after its claim (:meth:`load`), so a section that began before the claim has ended by
+        then, and one that begins after it sees the new epoch and is refused (decision 031)."""
+        if not self.fence_enabled:
+            yield
+            return
+        fd = os.open(
+            replica.path / ".fence", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            self.check_epoch(epoch, replica)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    @staticmethod
+    def _barrier(disk_dir: Path, *, wait: bool) -> bool:
+        """Wait out (or, without ``wait``, test for) a write section on the replica."""
+        fd = os.open(
+            disk_dir / ".fence", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if not wait:
+                    return False
+                _log.warning("takeover_waiting_for_writer", replica=str(disk_dir), fix=_WRITER_FIX)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                return True
+        finally:
+            os.close(fd)
+
     def check_epoch(self, epoch: int, replica: Replica | None = None) -> None:
         """Refuse (:class:`FencedError`) a write stamped with an epoch older than the store's.
 
@@ -301,6 +378,8 @@ class Store:
         one durably *before* the caller writes anything (a fenced owner then finds the higher
         epoch next to the data even if ``store.json`` were lost).
         """
+        if not self.fence_enabled:
+            return
         stored = self.stored_epoch()
         floor = max(stored, replica.meta.epoch if replica is not None else 0)
         if epoch < floor:
@@ -314,7 +393,8 @@ class Store:
             replica.update_meta(epoch=epoch)
 
     # -- replicas
-    def _load(self) -> None:
+    def _load(self, wait: bool) -> list[Path]:
+        busy: list[Path] = []
         for vm_dir in sorted(self.root.iterdir()):
             if vm_dir.name.startswith(".") or vm_dir.is_symlink() or not vm_dir.is_dir():
                 continue
@@ -330,17 +410,28 @@ class Store:
                 if disk_dir.is_symlink() or not _valid(names.disk_id, disk_dir.name):
                     _log.warning("store_entry_ignored", path=str(disk_dir), reason="not a disk")
                     continue
-                meta_path = disk_dir / "meta.json"
-                try:
-                    meta = ReplicaMeta.from_json(read_json(meta_path))
-                except (OSError, ValueError, TypeError) as exc:
-                    raise StoreCorrupt(
-                        f"replica directory {disk_dir} has an unreadable meta.json ({exc})",
-                        fix="restore meta.json from backup or remove the directory",
-                    ) from None
-                replica = Replica(disk_dir, meta)
-                self._recover_counters(replica)
-                self._replicas[replica.key] = replica
+                if self.fence_enabled and not self._barrier(disk_dir, wait=wait):
+                    _log.warning(
+                        "takeover_waiting_for_writer", replica=str(disk_dir), fix=_WRITER_FIX
+                    )
+                    busy.append(disk_dir)
+                    continue
+                self._load_replica(disk_dir)
+        return busy
+
+    def _load_replica(self, disk_dir: Path) -> Replica:
+        try:
+            meta = ReplicaMeta.from_json(read_json(disk_dir / "meta.json"))
+        except (OSError, ValueError, TypeError) as exc:
+            raise StoreCorrupt(
+                f"replica directory {disk_dir} has an unreadable meta.json ({exc})",
+                fix="restore meta.json from backup or remove the directory",
+            ) from None
+        replica = Replica(disk_dir, meta)
+        self._recover_counters(replica)
+        with self._lock:
+            self._replicas[replica.key] = replica
+        return replica
 
     def _recover_counters(self, replica: Replica) -> None:
         """Bring meta's counters up to what the audit log and the journal prove durable."""
@@ -467,13 +558,18 @@ class Store:
         """Take group and world access off every file and directory of the store (one made by
         an older broker or under a looser umask); returns ``(files, dirs)`` changed.
 
-        ``skip`` (the NBD socket directory, whose modes the service sets itself) is left alone.
+        ``skip`` (the NBD socket directory, whose modes the service sets itself) is left alone,
+        and so is every member's default socket directory (``.nbd``, ``.nbd-<node>``).
         Links are never followed: a planted link cannot make us chmod something else.
         """
         files = dirs = 0
         for top, subdirs, filenames in os.walk(self.root):
             here = Path(top)
-            subdirs[:] = [d for d in subdirs if skip is None or here / d != skip]
+            subdirs[:] = [
+                d
+                for d in subdirs
+                if here / d != skip and not (here == self.root and d.startswith(".nbd"))
+            ]
             dirs += _tighten(here, os.O_RDONLY | os.O_DIRECTORY)
             for name in filenames:
                 mode = os.lstat(here / name).st_mode
@@ -484,7 +580,7 @@ class Store:
 
     def overlay_dir(self) -> Path:
         """Where point-in-time exports keep their private copy-on-write files."""
-        return self.root / ".overlays"
+        return self._overlays
 
 
 def journal_name(generation: int, seq: int) -> str:

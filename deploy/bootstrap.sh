@@ -50,6 +50,9 @@ fi
 export PATH="$venv/bin:$PATH"
 # The test guests' Debian cloud kernel: downloaded and unpacked into .cache/guest, never installed
 # into /boot (apt-get download needs no root).
+if [ ! -f "$repo/.cache/guest/kernel/vmlinuz" ] && ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ]; then apt-get update -qq; else sudo apt-get update -qq; fi
+fi
 "$venv/bin/python" -m tests.support_guest >/dev/null
 
 what="${1:-}"

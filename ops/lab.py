@@ -2,8 +2,9 @@
 
 `lab up` makes a PKI with the certificate helper, starts an MQTT broker (embedded amqtt, or
 Mosquitto when asked; either accepts only mutual TLS with the lab's certificates), a recovery-site
-broker and a source-site agent with demo VMs, waits until every demo disk has finished its initial
-replication, and writes `DIR/lab.json` (the contract outside scripts rely on). `lab down` stops
+cluster of `--brokers` members on one store (default 2, `ops/labcluster.py`) and a source-site
+agent with demo VMs, waits until every demo disk has finished its initial replication, and writes
+`DIR/lab.json` (the contract outside scripts rely on; `brokers` lists the members). `lab down` stops
 what `lab up` started and removes the directory.
 
 The lab runs every daemon as its own process, the way they run in production, so what works in the
@@ -41,7 +42,8 @@ from common.config import TLSFiles
 from common.errors import ReplikantError
 from common.logs import get_logger
 from common.tls import client_context
-from ops import labsites
+from common.tls.identities import Identity
+from ops import labcluster, labsites
 
 log = get_logger("replikant.lab")
 
@@ -86,9 +88,14 @@ class LabPlan:
     disk_mib: int
     interval: float
     mqtt_kind: str
+    brokers: int = 2
     mqtt_port: int = field(default_factory=_free_port)
     broker_port: int = field(default_factory=_free_port)
     primary_broker_port: int = field(default_factory=_free_port)
+    members: list[labcluster.LabMember] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.members = labcluster.plan_members(self.root, self.broker_port, self.brokers)
 
     @property
     def pki(self) -> Path:
@@ -203,6 +210,7 @@ def write_lab_files(plan: LabPlan) -> dict[str, Any]:
             "tls": _tls_table(agent_cert.tls),
             "nbd": {"socket_dir": str(plan.socket_dir)},
             "broker": {"urls": [plan.broker_url], "cluster": CLUSTER},
+            "mqtt": {"url": plan.mqtt_url, "tls": True},
             "policies": {"lab": {"interval_seconds": plan.interval}},
             "vms": agent_vms,
         },
@@ -234,6 +242,7 @@ def write_lab_files(plan: LabPlan) -> dict[str, Any]:
             "tls": _tls_table(admin_cert.tls),
         },
     )
+    labcluster.write_member_configs(root, plan.pki, CLUSTER, plan.members)
     return {
         "mqtt": plan.mqtt_url,
         "config": str(root / "admin.toml"),
@@ -334,10 +343,12 @@ def _mqtt_argv(plan: LabPlan) -> list[str]:
     """How the lab's MQTT broker runs (Mosquitto's configuration is written here)."""
     mqtt_tls = plan.mqtt_tls
     if plan.mqtt_kind == "mosquitto":
-        from common.mqttbroker import mosquitto_acl, mosquitto_config  # noqa: PLC0415 (amqtt)
+        from common.mqttbroker import mosquitto_config  # noqa: PLC0415 (amqtt)
+        from ops.deploy import pki_acl  # noqa: PLC0415 (amqtt)
 
         acl = plan.root / "mosquitto.acl"
-        acl.write_text(mosquitto_acl([(CLUSTER, BROKER_NODE)]))
+        # The same ACL `replikant deploy mosquitto-config` renders, for the lab's PKI.
+        acl.write_text(pki_acl(plan.pki, server=Identity.broker(CLUSTER, MQTT_NODE)))
         conf = plan.root / "mosquitto.conf"
         # Mosquitto started by root switches to its own user, which cannot read the lab's
         # key: it runs as the lab's user instead.
@@ -418,6 +429,9 @@ async def _bring_up(plan: LabPlan, lab: dict[str, Any], limit: float) -> list[_P
                     return resp.status == 200
 
             await _wait_until("the broker's HTTPS endpoint", broker_up, procs, plan.root, limit)
+            for m in plan.members[1:]:  # b1 first: it stands first in the election
+                argv = [*cmd, "broker", "run", "--config", str(m.config)]
+                procs.append(_start(plan, labcluster.process_name(m), argv))
             procs.append(
                 _start(
                     plan, "agent", [*cmd, "agent", "run", "--config", str(plan.root / "agent.toml")]
@@ -426,17 +440,8 @@ async def _bring_up(plan: LabPlan, lab: dict[str, Any], limit: float) -> list[_P
             wanted = {(vm["uuid"], d["id"]) for vm in lab["vms"] for d in vm["disks"]}
 
             async def replicated() -> bool:
-                async with session.get(f"{plan.broker_url}/v1/status") as resp:
-                    body = await resp.json()
-                done = set()
-                for vm in body.get("vms", []):
-                    for disk in vm.get("disks", []):
-                        if (
-                            disk.get("initial_sync") == "complete"
-                            and disk.get("applied_seq", 0) > 0
-                        ):
-                            done.add((vm["uuid"], disk["disk_id"]))
-                return wanted <= done
+                urls = [m.url for m in plan.members]
+                return await labcluster.replicated(session, urls, wanted)
 
             await _wait_until(
                 "the initial replication of every demo disk", replicated, procs, plan.root, limit
@@ -510,6 +515,13 @@ def lab() -> None:
     default="embedded",
     show_default=True,
 )
+@click.option(
+    "--brokers",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 9),
+    help="Members of the recovery cluster (one store).",
+)
 @click.option("--detach", is_flag=True, help="Return once all is up; `lab down` stops it.")
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for readiness.")
 def up(
@@ -518,10 +530,12 @@ def up(
     disk_mib: int,
     interval: float,
     mqtt_kind: str,
+    brokers: int,
     detach: bool,
     timeout: float,
 ) -> None:
-    """Bring up MQTT, a broker and an agent with demo VMs whose disks replicate."""
+    """Bring up MQTT, a recovery cluster of brokers and an agent with demo VMs whose disks
+    replicate."""
     root = directory.resolve()
     if (root / PIDS_FILE).exists():
         raise LabError(
@@ -534,7 +548,7 @@ def up(
             fix="choose a new or empty --dir",
         )
     console = Console(stderr=True)
-    plan = LabPlan(root=root, vms=vms, disk_mib=disk_mib, interval=interval, mqtt_kind=mqtt_kind)
+    plan = LabPlan(root, vms, disk_mib, interval, mqtt_kind, brokers)
     root.mkdir(parents=True, exist_ok=True)
     lab_info = write_lab_files(plan)
     labsites.add_sites(
@@ -544,6 +558,7 @@ def up(
         primary_broker_port=plan.primary_broker_port,
         interval=interval,
         mqtt_argv=_mqtt_argv(plan),
+        members=[(labcluster.process_name(m), m.config, m.url) for m in plan.members],
     )
     try:
         with console.status("starting MQTT, broker and agent; replicating demo disks..."):
@@ -555,6 +570,7 @@ def up(
         ) from None
     lab_info["processes"] = {p.name: p.pid for p in procs}
     lab_info["pids"] = labsites.pids_by_site(root, lab_info["processes"])
+    lab_info["brokers"] = labcluster.brokers_json(CLUSTER, plan.members, lab_info["processes"])
     (root / LAB_FILE).write_text(json.dumps(lab_info, indent=2) + "\n")
     _print_summary(console, lab_info, root)
     log.debug("lab_up", dir=str(root), vms=vms)

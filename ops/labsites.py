@@ -55,6 +55,7 @@ def add_sites(
     primary_broker_port: int,
     interval: float,
     mqtt_argv: list[str],
+    members: list[tuple[str, Path, str]],
 ) -> None:
     """Write the primary site's broker and the recovery site's agent, extend ``admin.toml`` to
     both sites, and add the site fields to ``lab`` (``sites``, ``nbd_uris`` per disk)."""
@@ -133,34 +134,36 @@ def add_sites(
         },
         RECOVERY_SITE: {"broker_url": lab["broker_url"], "agent_control_socket": str(control)},
     }
-    _write_daemons(root, lab, cli, mqtt_argv, primary_url, control)
+    _write_daemons(root, cli, mqtt_argv, members, primary_url, (control, lab))
 
 
 def _write_daemons(
     root: Path,
-    lab: dict[str, Any],
     cli: list[str],
     mqtt_argv: list[str],
+    members: list[tuple[str, Path, str]],
     primary_url: str,
-    control: Path,
+    agents: tuple[Path, dict[str, Any]],
 ) -> None:
-    """``sites.json``: each site's daemons in start order, with how to tell each is ready."""
+    """``sites.json``: each site's daemons in start order, with how to tell each is ready
+    (``members``: the recovery cluster's brokers as ``(process name, config, url)``)."""
+    control, lab = agents
     mqtt_port = int(lab["mqtt"].rsplit(":", 1)[1])
 
-    def run(name: str, config: str, ready: dict[str, Any]) -> dict[str, Any]:
+    def run(name: str, config: Path, ready: dict[str, Any]) -> dict[str, Any]:
         kind = "broker" if name.startswith("broker") else "agent"
-        argv = [*cli, kind, "run", "--config", str(root / config)]
+        argv = [*cli, kind, "run", "--config", str(config)]
         return {"name": name, "argv": argv, "ready": ready}
 
     daemons = {
         RECOVERY_SITE: [
             {"name": "mqtt", "argv": mqtt_argv, "ready": {"tls_port": mqtt_port}},
-            run("broker", "broker.toml", {"https": lab["broker_url"]}),
-            run("agent-recovery", "agent-recovery.toml", {"unix": str(control)}),
+            *(run(name, config, {"https": url}) for name, config, url in members),
+            run("agent-recovery", root / "agent-recovery.toml", {"unix": str(control)}),
         ],
         PRIMARY_SITE: [
-            run("broker-primary", "broker-primary.toml", {"https": primary_url}),
-            run("agent", "agent.toml", {"unix": lab["agent_control_socket"]}),
+            run("broker-primary", root / "broker-primary.toml", {"https": primary_url}),
+            run("agent", root / "agent.toml", {"unix": lab["agent_control_socket"]}),
         ],
     }
     (root / SITES_FILE).write_text(json.dumps(daemons, indent=1))

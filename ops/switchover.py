@@ -171,8 +171,11 @@ async def survey(client: AdminClient, vm: str) -> Survey:
             continue
         doc = got[1]
         site = sites.setdefault(doc["broker"]["site"], Site(doc["broker"]["site"]))
-        site.broker = base
-        site.broker_vm = next((v for v in doc["vms"] if vm in (v["name"], v["uuid"])), None)
+        found = next((v for v in doc["vms"] if vm in (v["name"], v["uuid"])), None)
+        # Of a cluster's members, the one that reports the VM serves it (its owner); a standby
+        # reports no VMs.
+        if found is not None or site.broker is None:
+            site.broker, site.broker_vm = base, found
     for sock in client.config.admin.agents:
         got = await _reach(client.agent(sock, "GET", "/v1/status"))
         if got is None or got[0] != 200:

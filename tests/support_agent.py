@@ -113,8 +113,11 @@ class ReplicaRecord:
         }
 
 
-def _error(status: int, code: str, message: str, fix: str = "") -> web.Response:
-    return web.json_response({"error": code, "message": message, "fix": fix}, status=status)
+def _error(
+    status: int, code: str, message: str, fix: str = "", details: dict[str, Any] | None = None
+) -> web.Response:
+    body = {"error": code, "message": message, "fix": fix, "details": details or {}}
+    return web.json_response(body, status=status)
 
 
 def _forbidden(code: str) -> web.Response:
@@ -130,6 +133,7 @@ class Receiver:
         self.replicas: dict[tuple[str, str], ReplicaRecord] = {}
         self.lose_acks = 0  # apply durably, then drop the connection instead of answering
         self.refuse = False  # answer every request 503 not_owner
+        self.redirect: str | None = None  # answer every request 503 not_owner naming this owner
         self.forbid: str | None = None  # answer every PUT and batch 403 with this error code
         self.reject_batches = 0  # answer the next N batches 503 before reading them
         self.lose_only_nonempty = False  # lose_acks spares batches that carry no extents
@@ -211,6 +215,9 @@ class Receiver:
         self.requests.append(("GET", request.path))
         if self.refuse:
             return _error(503, "not_owner", "refusing on purpose")
+        if self.redirect is not None:
+            details = {"owner": "b2", "owner_url": self.redirect, "epoch": 2}
+            return _error(503, "not_owner", "b2 serves this VM", details=details)
         rec = self._find(request)
         if rec is None:
             return _error(404, "unknown_vm", "not enabled")
@@ -458,8 +465,10 @@ def write_agent_config(
     extra_policies: str = "",
     tcp_listen: str | None = None,
     tcp_clients: list[str] | None = None,
+    mqtt_url: str | None = None,
 ) -> Path:
-    """Write an agent.toml that protects ``vms`` and ships to ``broker_urls``."""
+    """Write an agent.toml that protects ``vms`` and ships to ``broker_urls`` (and joins the
+    control plane at ``mqtt_url`` with its certificate, when given)."""
     agent_tls = pki.agent.tls
     lines = [
         "[agent]",
@@ -485,6 +494,7 @@ def write_agent_config(
         "[broker]",
         "urls = [" + ", ".join(f'"{u}"' for u in broker_urls) + "]",
         'cluster = "c1"',
+        *(["", "[mqtt]", f'url = "{mqtt_url}"', "tls = true"] if mqtt_url else []),
         "",
         "[policies.default]",
         f"interval_seconds = {interval}",
@@ -558,9 +568,13 @@ async def wait_until(
 # -- real processes ------------------------------------------------------------------------
 
 
-def broker_config(path: Path, pki: Pki, store: Path, port: int) -> Path:
-    """A broker.toml for ``replikant broker run`` with this PKI's broker certificate."""
+def broker_config(
+    path: Path, pki: Pki, store: Path, port: int, *, mqtt_url: str | None = None
+) -> Path:
+    """A broker.toml for ``replikant broker run`` with this PKI's broker certificate (on the
+    control plane at ``mqtt_url`` when given)."""
     tls = pki.broker.tls
+    mqtt = f'\n[mqtt]\nurl = "{mqtt_url}"\ntls = true\n' if mqtt_url else ""
     path.write_text(
         f"""
 [broker]
@@ -574,7 +588,7 @@ min_free_bytes = 0
 ca = "{tls.ca}"
 cert = "{tls.cert}"
 key = "{tls.key}"
-"""
+{mqtt}"""
     )
     return path
 
@@ -671,3 +685,21 @@ def export_ready(sock: Path, export: str) -> bool:
     except (OSError, NBDClientError):
         return False
     return True
+
+
+def log_events(
+    log: Path, name: str, start: int = 0, end: int | None = None
+) -> list[dict[str, Any]]:
+    """The JSON events called ``name`` in bytes ``start:end`` of a daemon's log."""
+    with log.open("rb") as fh:
+        fh.seek(start)
+        raw = fh.read() if end is None else fh.read(end - start)
+    out = []
+    for line in raw.splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and doc.get("event") == name:
+            out.append(doc)
+    return out

@@ -16,6 +16,7 @@ import pytest
 from common import topics
 from common.hrl import BATCH_CONTENT_TYPE, Compression
 from common.tls import client_context
+from tests.support_agent import wait_until
 from tests.support_broker import (
     PKI,
     AgentClient,
@@ -27,7 +28,7 @@ from tests.support_broker import (
     make_pki,
     running_broker,
 )
-from tests.support_mqtt import mosquitto
+from tests.support_mqtt import mosquitto, record_of
 
 BROKER_SECTION = {"node": "b1", "cluster": "c1", "site": "recovery", "listen": "127.0.0.1:0"}
 
@@ -143,6 +144,7 @@ async def test_mqtt_alerts_name_a_fix(pki: PKI, tmp_path: Path) -> None:
             assert svc.membership is not None
             async with asyncio.timeout(10):
                 await svc.membership.link.wait_connected()
+            await wait_until(lambda: svc.serving)  # a member with MQTT serves once elected
             src.mutate()
             async with AgentClient(svc.url, pki.agents["h1"]) as agent:
                 status, err = await agent.post(src, src.cut().body)
@@ -150,7 +152,7 @@ async def test_mqtt_alerts_name_a_fix(pki: PKI, tmp_path: Path) -> None:
             async with asyncio.timeout(10):
                 message = await anext(aiter(reader.messages))
     assert isinstance(message.payload, bytes)
-    record = json.loads(message.payload)
+    record = record_of(pki.broker.ca, topics.alerts("c1"), message.payload)
     assert record["kind"] == "storage_full"
     assert "store" in record["message"]
     assert record["fix"]

@@ -378,3 +378,22 @@ def test_example_config_is_valid() -> None:
     assert cfg.broker.node == "b1"
     assert cfg.retention.any_point_minutes == 10
     assert cfg.retention.journal_bound == "100%"
+
+
+def test_a_new_owner_takes_a_replica_over_only_after_its_write_section(tmp_path: Path) -> None:
+    """A replica inside the old owner's write section is skipped by the new owner's load and
+    loaded once the section ends; a section begun after the claim is refused."""
+    old = make_store(tmp_path)
+    replica = enable(old, FakeSource(disk_size=MiB))
+    with old.writing(replica, EPOCH):
+        new = Store(old.root, load=False)
+        new.claim_epoch(EPOCH + 1, "node2")
+        busy = new.load(wait=False)
+        assert busy == [replica.path]
+        assert new.get(*replica.key) is None
+        assert new.load_replica(replica.path) is None
+    taken = new.load_replica(replica.path)
+    assert taken is not None
+    assert taken.key == replica.key
+    with pytest.raises(FencedError), old.writing(replica, EPOCH):
+        pass

@@ -38,7 +38,7 @@ from tests.support_agent import (
 )
 from tests.support_broker import admin_cli
 from tests.support_guest import GuestImage, console_value, pattern, sha256
-from tests.support_mqtt import mosquitto
+from tests.support_mqtt import mosquitto, record_of
 
 pytestmark = [pytest.mark.timeout(180)]
 
@@ -54,9 +54,12 @@ def mqtt_port(tmp_path: Path) -> Iterator[int]:
         yield port
 
 
-async def retained(port: int, topic: str = VMS_TOPIC, window: float = 1.5) -> dict[str, str]:
-    """Every retained record under ``topic`` a fresh subscriber gets: {topic: payload}."""
-    out: dict[str, str] = {}
+async def retained(
+    port: int, ca: Path, topic: str = VMS_TOPIC, window: float = 1.5
+) -> dict[str, Any]:
+    """Every retained record under ``topic`` a fresh subscriber gets, checked against ``ca``
+    (daemons publish signed envelopes): {topic: record}."""
+    out: dict[str, Any] = {}
     async with aiomqtt.Client("127.0.0.1", port, identifier="lister") as client:
         await client.subscribe(topic, qos=1)
         with contextlib.suppress(TimeoutError):
@@ -64,7 +67,7 @@ async def retained(port: int, topic: str = VMS_TOPIC, window: float = 1.5) -> di
                 async for message in client.messages:
                     assert isinstance(message.payload, bytes)
                     if message.payload:
-                        out[str(message.topic)] = message.payload.decode()
+                        out[str(message.topic)] = record_of(ca, str(message.topic), message.payload)
     return out
 
 
@@ -124,6 +127,14 @@ async def test_failover_test_from_an_older_point_then_stop_test_leaves_nothing(
         await _latest_point(admin, lambda p: p != point)
         await wait_for((tmp_path / "dr" / "ctl" / "agent.sock").exists, "the standby agent")
 
+        # No agent can run the copy: the broker's TEST role and exports are rolled back.
+        lonely = admin_config(tmp_path / "lonely.toml", pki, burl, [])
+        code, out, _ = await admin_cli(lonely, "failover", "test", "web1", "--json")
+        assert code == 1
+        assert "no agent in [admin] agents can run a guest of vm web1" in out
+        assert [s["step"] for s in json.loads(out)["vms"][0]["steps"]] == ["broker", "rollback"]
+        assert await _exports(admin) == []
+
         # Two operators at once: one test copy starts, the other is refused naming the role.
         runs = await asyncio.gather(
             *(
@@ -153,7 +164,8 @@ async def test_failover_test_from_an_older_point_then_stop_test_leaves_nothing(
         await asyncio.to_thread(_write, sock, newer)
         await wait_for(lambda: _region(replica) == newer, "replication during the test")
         await wait_for(
-            lambda: _role(mqtt_port, web1.uuid, "recovery") == "TEST", "the retained TEST role"
+            lambda: _role(mqtt_port, pki.ca, web1.uuid, "recovery") == "TEST",
+            "the retained TEST role",
         )
         overlays = [Path(e["overlay"]) for e in await _exports(admin)]
         assert overlays
@@ -175,12 +187,12 @@ async def test_failover_test_from_an_older_point_then_stop_test_leaves_nothing(
             "overlay files": [str(o) for o in overlays if o.exists()],
             "exports": await _exports(admin),
             "retained TEST records": [
-                t for t, p in (await retained(mqtt_port)).items() if '"TEST"' in p
+                t for t, r in (await retained(mqtt_port, pki.ca)).items() if r["role"] == "TEST"
             ],
         }
         assert not any(leftovers.values()), leftovers
         await wait_for(
-            lambda: _role(mqtt_port, web1.uuid, "recovery") == "REPLICA", "REPLICA again"
+            lambda: _role(mqtt_port, pki.ca, web1.uuid, "recovery") == "REPLICA", "REPLICA again"
         )
 
         code, out, _ = await admin_cli(admin, "failover", "stop-test", "web1")
@@ -213,10 +225,10 @@ def _text(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def _role(port: int, vm_uuid: object, site: str) -> str | None:
-    records = asyncio.run(retained(port, f"replikant/v1/vms/{vm_uuid}/sites/{site}", 1.0))
-    for payload in records.values():
-        role: str = json.loads(payload)["role"]
+def _role(port: int, ca: Path, vm_uuid: object, site: str) -> str | None:
+    records = asyncio.run(retained(port, ca, f"replikant/v1/vms/{vm_uuid}/sites/{site}", 1.0))
+    for record in records.values():
+        role: str = record["role"]
         return role
     return None
 

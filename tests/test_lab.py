@@ -14,6 +14,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
+from common.signedrecord import Verifier
 from common.tls import client_context
 
 REPLIKANT = str(Path(sys.executable).with_name("replikant"))
@@ -38,7 +39,10 @@ async def _retained(url: str, pki: Path, topic: str, wanted: set[str]) -> dict[s
         await c.subscribe(topic, qos=1)
         async for message in c.messages:
             assert isinstance(message.payload, bytes)
-            seen[str(message.topic)] = message.payload
+            # The daemons sign what they publish: keep the verified record.
+            seen[str(message.topic)] = (
+                Verifier.from_file(pki / "ca.crt").open(str(message.topic), message.payload).record
+            )
             if wanted <= seen.keys():
                 return seen
     return seen
@@ -125,7 +129,10 @@ def test_lab_replicates_writes_byte_for_byte_and_cleans_up(tmp_path: Path) -> No
         vm_topic = f"replikant/v1/vms/{lab['vms'][0]['uuid']}/sites"
         owner_topic = "replikant/v1/clusters/dr/owner"
         member_topic = "replikant/v1/clusters/dr/members/b1"
-        wanted = {f"{vm_topic}/recovery", f"{vm_topic}/primary", owner_topic, member_topic}
+        host_topic = "replikant/v1/hosts/" + json.loads(agent.stdout)["host"]
+        wanted = {
+            f"{vm_topic}/recovery", f"{vm_topic}/primary", owner_topic, member_topic, host_topic,
+        }  # fmt: skip
         records = asyncio.run(_retained(lab["mqtt"], Path(lab["pki"]), "replikant/v1/#", wanted))
         site = json.loads(records[f"{vm_topic}/recovery"])
         assert (site["role"], site["name"]) == ("REPLICA", lab["vms"][0]["name"])
@@ -135,6 +142,22 @@ def test_lab_replicates_writes_byte_for_byte_and_cleans_up(tmp_path: Path) -> No
         assert owner["epoch"] >= 1
         member = json.loads(records[member_topic])
         assert member["online"] is True
+        assert json.loads(records[host_topic])["online"] is True  # the agent's [mqtt] presence
+
+        # A recovery cluster of two members (the default) on one store; the agent lists both.
+        assert [(b["node"], b["cluster"]) for b in lab["brokers"]] == [("b1", "dr"), ("b2", "dr")]
+        assert all(
+            b["url"].startswith("https://127.0.0.1:") and b["pid"] > 0 for b in lab["brokers"]
+        )
+        agent_toml = (lab_dir / "agent.toml").read_text()
+        assert all(b["url"] in agent_toml for b in lab["brokers"])
+        cluster = _run("--config", lab["config"], "cluster", "status", "--json", timeout=30)
+        assert cluster.returncode == 0, cluster.stderr
+        clusters = {c["name"]: c for c in json.loads(cluster.stdout)["clusters"]}
+        assert sorted(clusters) == ["dr", "dr-primary"]  # the primary site's broker: its own
+        dr = clusters["dr"]
+        assert (dr["name"], dr["owner"], dr["epoch"]) == ("dr", "b1", owner["epoch"])
+        assert [(m["node"], m["online"]) for m in dr["members"]] == [("b1", True), ("b2", True)]
     finally:
         pids = json.loads((lab_dir / "pids.json").read_text())
         down = _run("lab", "down", "--dir", str(lab_dir), timeout=60)

@@ -16,6 +16,7 @@ from common.errors import ConfigError
 from common.mqtt import MQTTAddress, MQTTLink
 from common.mqttbroker import serve_embedded
 from common.tls import client_context
+from common.tls.identities import Identity
 from tests.fixtures_pki import Pki, make_pki
 from tests.support_mqtt import free_port, mosquitto, mosquitto_tls, read_retained
 
@@ -95,7 +96,7 @@ async def test_embedded_broker_carries_retained_records(pki: Pki) -> None:
         task = asyncio.create_task(link.run())
         async with asyncio.timeout(10):
             await link.wait_connected()
-        owner = topics.OwnerRecord(node="b1", epoch=7)
+        owner = topics.OwnerRecord(node="b1", epoch=7, url="https://127.0.0.1:8443", seq=1)
         await link.publish_retained(topics.owner("dr"), owner)
         payload = await _read_retained(port, topics.owner("dr"), client_context(pki.admin.tls))
         assert topics.OwnerRecord.model_validate_json(payload) == owner
@@ -113,7 +114,7 @@ async def test_a_refused_certificate_is_logged_with_its_reason(pki: Pki, tmp_pat
     unknown CA) and the fix instead."""
     other = make_pki(tmp_path / "other")
     foreign = client_context((pki.ca, other.broker.cert_path, other.broker.key_path))
-    with mosquitto_tls(tmp_path, _mqtt_server_cert(pki), [("c1", "b1")]) as port:
+    with mosquitto_tls(tmp_path, _mqtt_server_cert(pki), [Identity.broker("c1", "b1")]) as port:
         link = MQTTLink(
             f"mqtts://127.0.0.1:{port}",
             client_id="b1",
@@ -171,7 +172,7 @@ async def test_subscriptions_get_retained_records_and_drop_invalid_ones(pki: Pki
         tasks.append(asyncio.create_task(publisher.run()))
         async with asyncio.timeout(10):
             await publisher.wait_connected()
-        owner = topics.OwnerRecord(node="b1", epoch=4)
+        owner = topics.OwnerRecord(node="b1", epoch=4, url="https://127.0.0.1:8443", seq=1)
         await publisher.publish_retained(topics.owner("dr"), owner)
         tasks.append(asyncio.create_task(subscriber.run()))
         async with asyncio.timeout(10):
