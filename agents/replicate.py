@@ -172,7 +172,7 @@ class DiskReplicator:
         except ShipError as exc:
             if exc.code in REFUSED_CODES:
                 self.refuse(exc)
-            if isinstance(exc, FencedError):
+            if exc.code == "stale_generation":  # the VM was failed over (others: refusals)
                 self.fence(str(exc), exc.code)
             raise
         finally:
