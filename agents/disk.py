@@ -32,6 +32,8 @@ from common.fsio import (
     fallocate,
 )
 from common.nbd.backend import ExportBase, FileExport
+from common.nbd.constants import Errno
+from common.nbd.errors import ExportError
 
 IN_USE_FIX = (
     "stop the other user; VMs must attach through the agent's NBD export: "
@@ -137,6 +139,14 @@ class TrackedExport(ExportBase):
         self.snapshots: list[Cut] = []  # whole-disk point-in-time views (verify)
         self.clients = 0
         self._trim_punches = True
+        # Why writes are refused (the VM is fenced or being failed over), or None: reads go on.
+        self.fenced: str | None = None
+
+    def _check_writable(self) -> None:
+        if self.fenced is not None:
+            # EPERM: the client's error says the write was not allowed; the server's log line
+            # (nbd_backend_error) carries this message, with what to run.
+            raise ExportError(Errno.EPERM, f"export {self.name} refuses writes: {self.fenced}")
 
     def open(self) -> Recovery:
         """Open the persisted map and load what it recorded (call before serving)."""
@@ -160,6 +170,7 @@ class TrackedExport(ExportBase):
         return self.inner.read(offset, length)
 
     def _before(self, offset: int, length: int, kind: int) -> None:
+        self._check_writable()
         if self.cut is not None or self.snapshots:
             b0, b1 = self.map.blocks(offset, length)
             if self.cut is not None:
@@ -178,6 +189,7 @@ class TrackedExport(ExportBase):
         if not length:
             return
         if not self._trim_punches:
+            self._check_writable()
             return  # trim is a hint and the contents stay as they were: nothing changed
         self._before(offset, length, TRIM)
         try:

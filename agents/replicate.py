@@ -119,6 +119,9 @@ class DiskReplicator:
         self.state = DiskState.load(state_path)
         self.ready = False
         self.fenced: str | None = None
+        # Called once the broker shows the VM was failed over (a newer generation): the agent
+        # then fences the VM's exports and persists it (decision 041).
+        self.on_fenced: Callable[[DiskReplicator, str, str], None] | None = None
         self.refused: str | None = None  # the broker refuses this agent (403): config must change
         self.refused_until = 0.0  # monotonic time of the next attempt while refused
         self.seq = Sequencer(export.map.guest_ops)
@@ -169,6 +172,8 @@ class DiskReplicator:
         except ShipError as exc:
             if exc.code in REFUSED_CODES:
                 self.refuse(exc)
+            if exc.code == "stale_generation":  # the VM was failed over (others: refusals)
+                self.fence(str(exc), exc.code)
             raise
         finally:
             self._waiting = None
@@ -177,6 +182,13 @@ class DiskReplicator:
             self.refused = None
         await self._adopt(rs)
         self.ready = self.mode is not Mode.AWAITING_SEED
+
+    def fence(self, reason: str, code: str | None) -> None:
+        """Stop replicating this disk until an operator acts (``code`` says why: a newer
+        generation at the broker, ``stale_generation``, means the VM was failed over)."""
+        self.fenced = reason
+        if self.on_fenced is not None:
+            self.on_fenced(self, reason, code or "")
 
     def record_error(self, exc: ShipError) -> None:
         """Count a failure and show it in status until the next durable ack."""
@@ -214,6 +226,7 @@ class DiskReplicator:
                 f"the replica is at generation {rs.generation}, this disk at {local.generation}: "
                 "the VM was failed over"
             )
+            self.fence(self.fenced, "stale_generation")
             raise FencedError(self.fenced, fix="reverse replication", code="stale_generation")
         if local is not None and local.seed_seq:
             if rs.durable_seq in (0, local.seed_base_seq):
@@ -514,7 +527,7 @@ class DiskReplicator:
                 self.refuse(exc)
                 return False
             if isinstance(exc, FencedError):
-                self.fenced = str(exc)
+                self.fence(str(exc), exc.code)
             log.warning("batch_failed", error=exc.message, code=exc.code, status=exc.status)
             return False
         except BaseException:

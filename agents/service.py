@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -42,22 +43,26 @@ from agents.guests import Guests
 from agents.hooks import FreezeHooks
 from agents.presence import Presence
 from agents.replicate import DiskReplicator
+from agents.roles import RoleRecord, fence_reason
 from agents.seed import ExportRequest
 from agents.seedexport import cancel_seeds, export_media
 from agents.ship import BrokerClient, TokenBucket
 from agents.shiploop import ShipLoop, Uploader
 from agents.startup import NBD_DEFAULT_HOST, export_name, policy_for, socket_path, validate
-from agents.state import CutClock
+from agents.state import CutClock, DiskState
 from agents.worker import InitialCopyProgress, VMWorker
 from common.config import AgentConfig, VMConfig, parse_listen
 from common.logs import get_logger
 from common.nbd.backend import FileExport
 from common.nbd.server import NBDServer
+from common.roles import State, VMRole
 from common.tls import client_context, nbd_server_context
 from common.tls.identities import Identity
 from common.tls.serving import Allowed
 
 log = get_logger("agents.service")
+
+FENCE_PROBE = 2.0  # seconds a starting agent waits for its broker's view of each VM's generation
 
 
 def tcp_clients(config: AgentConfig) -> Allowed:
@@ -91,6 +96,14 @@ class Agent:
         self.started_ns = time.time_ns()
         self.progress = InitialCopyProgress()
         self._seed_task: asyncio.Task[dict[str, Any]] | None = None
+        self.roles: dict[str, RoleRecord] = {}  # by VM uuid (agents.roles)
+        self.vm_servers: dict[str, list[NBDServer]] = {}  # the unix-socket servers of each VM
+        self._stops: dict[str, asyncio.Event] = {}  # each running worker's own stop
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._running = False
+        # The guests' drivers start a VM only where its role here lets it run (FENCED: never).
+        self.guests = Guests(config, role_of=self.vm_role)
+        self.pending: dict[str, str] = {}  # VMs with a failover command in progress here
         self.presence: Presence | None = None
         self._presence_task: asyncio.Task[None] | None = None
 
@@ -121,7 +134,12 @@ class Agent:
         self.uploader = Uploader(ShipLoop(), self.client.twin())
         try:
             for vm in cfg.vms:
-                await self._open_vm(vm)
+                self.roles[str(vm.uuid)] = RoleRecord.load(cfg.agent.state_dir, vm)
+            # Before serving a single write: was a VM failed over while this agent was down?
+            await asyncio.gather(*(self._learn_generation(vm) for vm in cfg.vms))
+            for vm in cfg.vms:
+                if self.roles[str(vm.uuid)].role != "REPLICA":
+                    await self._open_vm(vm)
             if cfg.nbd.tcp_listen is not None:
                 host, port = parse_listen(cfg.nbd.tcp_listen, default_host=NBD_DEFAULT_HOST)
                 tcp = NBDServer(
@@ -170,13 +188,14 @@ class Agent:
         rate = policy.bandwidth_limit_mbps * 1_000_000 / 8
         bucket = TokenBucket(rate) if rate > 0 else None
         reps: list[DiskReplicator] = []
+        role = self.roles[str(vm.uuid)]
         for disk in vm.disks:
             name = export_name(vm, disk)
             sock = socket_path(cfg, name)
             if disk.exclude:
                 plain = FileExport(disk.image, name, description=f"{vm.name}/{disk.id} (excluded)")
                 self.plain_exports.append(plain)
-                await self._serve(plain, sock)
+                await self._serve(plain, sock, vm)
                 log.info("disk_excluded", vm=vm.name, disk=disk.id, export=name)
                 continue
             base = cfg.agent.state_dir / str(vm.uuid)
@@ -217,15 +236,77 @@ class Agent:
                 uploader=self.uploader,
             )
             rep.on_progress = self.progress.update
+            rep.on_fenced = self._on_fenced
+            if role.role == "FENCED":
+                export.fenced = rep.fenced = fence_reason(vm.name, role.reason)
             reps.append(rep)
             self.replicators.append(rep)
-            await self._serve(export, sock)
-        if reps:
+            await self._serve(export, sock, vm)
+        if reps and role.role == "PRIMARY":
             # Disk ids cannot start with "_", so the VM's own file never meets a disk's.
             cuts = CutClock(cfg.agent.state_dir / str(vm.uuid) / "_cuts.json")
-            self.workers.append(VMWorker(vm, policy, reps, FreezeHooks(policy, vm=vm.name), cuts))
+            worker = VMWorker(vm, policy, reps, FreezeHooks(policy, vm=vm.name), cuts)
+            self.workers.append(worker)
+            if role.replicating and self._running:
+                self._launch(worker)
 
-    async def _serve(self, export: TrackedExport | FileExport, sock: Path) -> None:
+    async def _learn_generation(self, vm: VMConfig) -> None:
+        """Fence a PRIMARY VM whose replica moved to a newer generation while we were down.
+
+        Asked once at start, briefly: a broker that does not answer within ``FENCE_PROBE``
+        seconds leaves the VM serving (the replication loop learns it on its first answer)."""
+        key = str(vm.uuid)
+        disk = next((d for d in vm.disks if not d.exclude), None)
+        if self.roles[key].role != "PRIMARY" or disk is None or self.client is None:
+            return
+        local = DiskState.load(self.config.agent.state_dir / key / f"{disk.id}.json")
+        if local is None:
+            return
+        try:
+            rs = await asyncio.wait_for(self.client.state(vm.uuid, disk.id), FENCE_PROBE)
+        except (ShipError, TimeoutError, OSError):
+            return
+        if rs.generation > local.generation:
+            self._fence_vm(
+                vm,
+                f"the replica is at generation {rs.generation}, this disk at "
+                f"{local.generation}: the VM was failed over",
+            )
+
+    def vm_role(self, vm: VMConfig) -> VMRole:
+        """The VM's role here as the state machine of :mod:`common.roles` names it."""
+        record = self.roles.get(str(vm.uuid)) or RoleRecord.load(self.config.agent.state_dir, vm)
+        return VMRole(vm.name, self.config.agent.site, State(record.role), record.generation)
+
+    def _launch(self, worker: VMWorker) -> None:
+        """Run ``worker``'s loop until the agent stops or the VM leaves this site."""
+        key = str(worker.vm.uuid)
+        if key in self._tasks or not self.roles[key].replicating:
+            return
+        self._stops[key] = asyncio.Event()
+        self._tasks[key] = asyncio.create_task(worker.run(self._stops[key]))
+
+    def _on_fenced(self, rep: DiskReplicator, reason: str, code: str) -> None:
+        """The broker answers for a newer generation: fence every disk of the VM, for good."""
+        if code != "stale_generation":
+            return  # an identity refusal: the operator fixes the configuration, no failover
+        self._fence_vm(rep.vm, reason)
+
+    def _fence_vm(self, vm: VMConfig, reason: str) -> None:
+        """Persist FENCED for ``vm`` and make every export of it refuse writes from now on."""
+        key = str(vm.uuid)
+        role = self.roles[key]
+        if role.role == "FENCED":
+            return
+        self.roles[key] = RoleRecord("FENCED", role.generation, reason, replicating=False)
+        self.roles[key].save(self.config.agent.state_dir, vm)
+        message = fence_reason(vm.name, reason)
+        for other in self.replicators:
+            if other.vm.uuid == vm.uuid:
+                other.fenced = other.export.fenced = message
+        log.error("vm_fenced", vm=vm.name, reason=reason, fix=f"replikant reverse {vm.name}")
+
+    async def _serve(self, export: TrackedExport | FileExport, sock: Path, vm: VMConfig) -> None:
         server = NBDServer(
             [export],
             default_export=export.name,
@@ -234,6 +315,7 @@ class Agent:
         )
         await server.serve_unix(sock, mode=0o660)
         self.servers.append(server)
+        self.vm_servers.setdefault(str(vm.uuid), []).append(server)
 
     async def _start_control(self) -> None:
         app = web.Application(middlewares=[guard])
@@ -242,7 +324,8 @@ class Agent:
         app.router.add_post("/v1/vms/{vm}/repair", self._repair)
         app.router.add_post("/v1/seed/export", self._seed_export)
         app.router.add_post("/v1/seed/cancel", self._seed_cancel)
-        Guests(self.config).routes(app)
+        app.router.add_post("/v1/vms/{vm}/role", self._role)
+        self.guests.routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         sock = open_control_socket(self.control_socket, control_gid(self.config))
@@ -257,6 +340,10 @@ class Agent:
             "uptime_seconds": round((time.time_ns() - self.started_ns) / 1e9, 1),
             "broker": self.client.url if self.client else None,
             "disks": [rep.snapshot() for rep in self.replicators],
+            "vms": [
+                {"name": vm.name, "uuid": str(vm.uuid), **asdict(self.roles[str(vm.uuid)])}
+                for vm in self.config.vms
+            ],
             "excluded": [e.name for e in self.plain_exports],
         }
 
@@ -279,6 +366,128 @@ class Agent:
             ),
             content_type="application/json",
         )
+
+    async def _close_vm(self, vm: VMConfig) -> None:
+        """Stop the VM's loop, stop serving its disks and close them: the images are free."""
+        key = str(vm.uuid)
+        if key in self._tasks:
+            self._stops.pop(key).set()
+            await self._tasks.pop(key)
+        for server in self.vm_servers.pop(key, []):
+            await server.close()
+            self.servers.remove(server)
+        for rep in [r for r in self.replicators if r.vm.uuid == vm.uuid]:
+            self.replicators.remove(rep)
+            self.exports.remove(rep.export)
+            rep.export.close(clean=True)
+        self.workers = [w for w in self.workers if w.vm.uuid != vm.uuid]
+
+    async def change_role(self, vm: VMConfig, act: str, generation: int) -> RoleRecord:
+        """One failover act on ``vm`` at this site (see ``POST /v1/vms/{vm}/role``)."""
+        key, state_dir = str(vm.uuid), self.config.agent.state_dir
+        now = self.roles[key]
+        if act == "begin":
+            # One failover command of a VM at a time: a second one is refused, not raced.
+            if key in self.pending:
+                raise AgentError(
+                    f"vm {vm.name} is {now.role} at site {self.config.agent.site}: a failover "
+                    f"command on it is already in progress here ({self.pending[key]})",
+                    fix="wait for it to finish (or fail), then look at `replikant status`",
+                )
+            self.pending[key] = f"since {time.strftime('%H:%M:%S')}"
+            return now
+        if act == "end":
+            self.pending.pop(key, None)
+            return now
+        legal = {
+            "promote": ("REPLICA",),
+            "replicate": ("PRIMARY",),
+            "quiesce": ("PRIMARY",),
+            "resume": ("PRIMARY", "FENCED"),
+            "demote": ("PRIMARY", "FENCED"),
+        }[act]
+        if now.role not in legal:
+            raise AgentError(
+                f"vm {vm.name} is {now.role} at site {self.config.agent.site} (generation "
+                f"{now.generation}): `{act}` needs it {' or '.join(legal)}",
+                fix="`replikant status` shows the VM's roles; `replikant failover` and "
+                "`replikant reverse` change them",
+            )
+        if act == "quiesce":
+            for rep in self.replicators:
+                if rep.vm.uuid == vm.uuid:
+                    rep.export.fenced = (
+                        "it is being failed over (planned); `replikant "
+                        f"failover cancel {vm.name}` gives it back"
+                    )
+            return now
+        if act in ("resume", "demote"):
+            await self._close_vm(vm)
+        if act == "promote" or (act == "resume" and generation > now.generation):
+            for disk in vm.disks:
+                # The image is this disk at the new generation: replication state starts over
+                # (the replica at the old primary's site is compared by hashes).
+                fresh = DiskState(str(vm.uuid), disk.id, disk.image.stat().st_size, generation)
+                fresh.save(state_dir / key / f"{disk.id}.json")
+        role = {
+            "promote": RoleRecord("PRIMARY", generation, replicating=False),
+            "replicate": RoleRecord("PRIMARY", now.generation, replicating=True),
+            "resume": RoleRecord("PRIMARY", max(generation, now.generation)),
+            "demote": RoleRecord("REPLICA", max(generation, now.generation)),
+        }[act]
+        role.save(state_dir, vm)
+        self.roles[key] = role
+        if act in ("promote", "resume"):
+            await self._open_vm(vm)
+        elif act == "replicate":
+            for worker in self.workers:
+                if worker.vm.uuid == vm.uuid:
+                    self._launch(worker)
+        log.warning(
+            "vm_role_changed", vm=vm.name, act=act, role=role.role, generation=role.generation
+        )
+        return role
+
+    async def _role(self, request: web.Request) -> web.Response:
+        """POST /v1/vms/{vm}/role {"act": A, "generation": N}: begin | end (a failover command's
+        marker) | promote | replicate | quiesce | resume | demote this site's copy of the VM (the
+        failover commands' steps)."""
+        worker_vm = next(
+            (v for v in self.config.vms if request.match_info["vm"] in (v.name, str(v.uuid))),
+            None,
+        )
+        if worker_vm is None:
+            self._worker(request)  # the unknown_vm refusal
+            raise AssertionError("unreachable")
+        try:
+            body = await request.json()
+            act, generation = str(body["act"]), int(body.get("generation", 0))
+            if act not in ("begin", "end", "promote", "replicate", "quiesce", "resume", "demote"):
+                raise ValueError(act)
+        except (ValueError, KeyError, TypeError):
+            return refusal(
+                400,
+                "bad_request",
+                'expected {"act": "begin|end|promote|replicate|quiesce|resume|demote", '
+                '"generation": N}',
+                "send one of the acts",
+            )
+        try:
+            role = await self.change_role(worker_vm, act, generation)
+        except AgentError as exc:
+            log.warning("role_change_refused", vm=worker_vm.name, act=act, error=exc.message)
+            return refusal(409, "wrong_role", exc.message, exc.fix or "", vm=worker_vm.name)
+        except OSError as exc:
+            return refusal(500, "role_change_failed", str(exc), "see the agent's log")
+        exports = [
+            {
+                "disk_id": d.id,
+                "image": str(d.image),
+                "socket": str(socket_path(self.config, export_name(worker_vm, d))),
+            }
+            for d in worker_vm.disks
+        ]
+        return web.json_response({"vm": worker_vm.name, **asdict(role), "disks": exports})
 
     async def _verify(self, request: web.Request) -> web.Response:
         worker = self._worker(request)
@@ -387,10 +596,20 @@ class Agent:
             return web.json_response(exc.body(), status=exc.status)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Run the VM loops until ``stop`` is set."""
-        async with asyncio.TaskGroup() as tg:
-            for worker in self.workers:
-                tg.create_task(worker.run(stop))
+        """Run the VM loops until ``stop`` is set (VMs promoted meanwhile join them)."""
+        self._running = True
+        for worker in self.workers:
+            self._launch(worker)
+        await stop.wait()
+        self._running = False
+        for event in self._stops.values():
+            event.set()
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        self._stops.clear()
+        for result in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                raise result
 
     async def stop(self, *, clean: bool = True) -> None:
         """Stop serving, then persist every map exactly (a clean stop)."""

@@ -148,6 +148,8 @@ def check_config(config: AgentConfig) -> list[str]:
                 problems.append(
                     f"{dwhere}: socket path {sock} is longer than {_UNIX_PATH_MAX} bytes"
                 )
+            if vm.initial_role == "REPLICA":
+                continue  # the broker creates the replica image; it is checked at promotion
             if _check_path(f"vms[{i}].disks[{j}].image", disk.image, problems):
                 problems.extend(f"{dwhere}: {p}" for p in _check_image(disk.image, disk.exclude))
     return problems + _check_guests(config)

@@ -17,6 +17,7 @@ from broker.adminroutes import (
 from broker.api import SERVICE_KEY, Admin
 from broker.authz import no_browser_writes
 from broker.current import vm_current
+from broker.handoverroutes import adopt_vm, promote_vm, settle_vm
 from broker.httperrors import errors_middleware
 from broker.ingest import enable_replica, replica_hashes, replica_state, upload_batch
 from broker.testroutes import ROUTES as TEST_ROUTES
@@ -42,6 +43,9 @@ def build_app(service: Admin) -> web.Application:
             web.get("/v1/vms/{vm}/points", vm_points),
             web.get("/v1/vms/{vm}/hashes", vm_hashes),
             web.post("/v1/vms/{vm}/source", set_source),
+            web.post("/v1/vms/{vm}/promote", promote_vm),
+            web.post("/v1/vms/{vm}/failover", settle_vm),
+            web.post("/v1/vms/{vm}/adopt", adopt_vm),
             web.post("/v1/vms/{vm}/exports", create_exports),
             web.get("/v1/exports", list_exports),
             web.delete("/v1/exports/{name}", delete_export),

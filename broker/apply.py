@@ -217,7 +217,7 @@ class ReplicaEngine:
         self.ingest_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._progress = asyncio.Condition()
-        self._fd = os.open(replica.image, os.O_RDWR | os.O_CLOEXEC)
+        self._fd = os.open(replica.image, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         size = replica.meta.disk_size
         self._mmap = mmap.mmap(self._fd, size, prot=mmap.PROT_READ) if size else None
         self._image_view = memoryview(self._mmap) if self._mmap is not None else memoryview(b"")

@@ -82,6 +82,12 @@ class ReplicaMeta:
     initial_sync: InitialSync = "pending"
     created_ns: int = 0
     seed: dict[str, Any] | None = None
+    # Failover (decision 041): the image was handed to this site's agent at ``generation``
+    # ("uncommitted" until `failover commit`, then "committed"); nothing applies into it then.
+    handed_over: Literal["", "uncommitted", "committed"] = ""
+    # A replica adopted by `replikant reverse` applies into the old primary's own image file,
+    # outside the store ("": the store's ``replica.img``).
+    image_path: str = ""
     format: int = META_FORMAT
 
     @classmethod
@@ -126,8 +132,8 @@ class Replica:
     # -- paths
     @property
     def image(self) -> Path:
-        """The sparse replica image."""
-        return self.path / "replica.img"
+        """The replica image: the store's sparse file, or the old primary's adopted image."""
+        return Path(self.meta.image_path) if self.meta.image_path else self.path / "replica.img"
 
     @property
     def journal_dir(self) -> Path:
@@ -488,6 +494,7 @@ class Store:
         source_site: str = "",
         labels: dict[str, str] | None = None,
         rpo_seconds: float | None = None,
+        image_path: str = "",
     ) -> tuple[Replica, bool]:
         """Return the replica of ``(vm_uuid, disk_id)``, creating it if absent.
 
@@ -532,6 +539,7 @@ class Store:
                 labels=dict(labels or {}),
                 rpo_seconds=rpo_seconds,
                 created_ns=time.time_ns(),
+                image_path=image_path,
             )
             try:
                 _make_replica_dir(tmp, meta)
@@ -596,6 +604,10 @@ def _make_replica_dir(tmp: Path, meta: ReplicaMeta) -> None:
     tmp.mkdir(mode=0o700)
     (tmp / "journal").mkdir(mode=0o700)
     (tmp / "points").mkdir(mode=0o700)
+    if meta.image_path:
+        atomic_write_json(tmp / "meta.json", asdict(meta))
+        fsync_dir(tmp)
+        return
     fd = os.open(
         tmp / "replica.img",
         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,

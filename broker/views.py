@@ -173,9 +173,15 @@ def vm_status(service: Replicas, replicas: list[Replica], now: float) -> dict[st
     if health == "ok" and any(d["initial_sync"] != "complete" for d in disks):
         health = "warning"
     roles: dict[str, str] = {}
-    if first.source_site:
-        roles[first.source_site] = "PRIMARY"
-    roles[service.config.broker.site] = "REPLICA"
+    if first.handed_over:
+        # The image belongs to this site's agent now (decision 041); the old primary's role is
+        # what its own site reports.
+        here = "FAILED-OVER" if first.handed_over == "uncommitted" else "PRIMARY"
+        roles[service.config.broker.site] = here
+    else:
+        if first.source_site:
+            roles[first.source_site] = "PRIMARY"
+        roles[service.config.broker.site] = "REPLICA"
     last = _vm_latest_point(service, replicas)
     if service.test_copies.is_test(first.vm_name):
         roles[service.config.broker.site] = "TEST"

@@ -174,6 +174,11 @@ class VMConfig(_Strict):
     policy: Name | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     disks: list[DiskConfig] = Field(min_length=1)
+    initial_role: Literal["PRIMARY", "REPLICA"] = Field(
+        default="PRIMARY",
+        description="the VM's role at this site until a failover changes it: REPLICA on the "
+        "recovery site's agent, whose images are replicas the broker owns until a promotion",
+    )
     hypervisor: HypervisorConfig | None = None
 
 

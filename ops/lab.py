@@ -43,7 +43,7 @@ from common.errors import ReplikantError
 from common.logs import get_logger
 from common.tls import client_context
 from common.tls.identities import Identity
-from ops import labcluster
+from ops import labcluster, labsites
 
 log = get_logger("replikant.lab")
 
@@ -91,6 +91,7 @@ class LabPlan:
     brokers: int = 2
     mqtt_port: int = field(default_factory=_free_port)
     broker_port: int = field(default_factory=_free_port)
+    primary_broker_port: int = field(default_factory=_free_port)
     members: list[labcluster.LabMember] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -261,8 +262,12 @@ class _Proc:
 
 
 def _start(plan: LabPlan, name: str, argv: list[str]) -> _Proc:
-    logfile = (plan.root / "logs" / f"{name}.log").open("ab")
-    env = dict(os.environ, REPLIKANT_LAB=str(plan.root))
+    return _start_in(plan.root, name, argv)
+
+
+def _start_in(root: Path, name: str, argv: list[str]) -> _Proc:
+    logfile = (root / "logs" / f"{name}.log").open("ab")
+    env = dict(os.environ, REPLIKANT_LAB=str(root))
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -270,11 +275,11 @@ def _start(plan: LabPlan, name: str, argv: list[str]) -> _Proc:
         stderr=subprocess.STDOUT,
         start_new_session=True,  # the lab outlives `lab up --detach`; `lab down` stops it
         env=env,
-        cwd=plan.root,
+        cwd=root,
     )
     logfile.close()
     # Recorded at once, so `lab down` can stop what a failed `lab up` left behind.
-    pids_path = plan.root / PIDS_FILE
+    pids_path = root / PIDS_FILE
     pids = json.loads(pids_path.read_text()) if pids_path.exists() else []
     pids_path.write_text(json.dumps([*pids, proc.pid]))
     # debug: on a terminal the spinner and the summary say this; the log keeps it for scripts.
@@ -334,42 +339,73 @@ async def _wait_until(
     )
 
 
+def _mqtt_argv(plan: LabPlan) -> list[str]:
+    """How the lab's MQTT broker runs (Mosquitto's configuration is written here)."""
+    mqtt_tls = plan.mqtt_tls
+    if plan.mqtt_kind == "mosquitto":
+        from common.mqttbroker import mosquitto_config  # noqa: PLC0415 (amqtt)
+        from ops.deploy import pki_acl  # noqa: PLC0415 (amqtt)
+
+        acl = plan.root / "mosquitto.acl"
+        # The same ACL `replikant deploy mosquitto-config` renders, for the lab's PKI.
+        acl.write_text(pki_acl(plan.pki, server=Identity.broker(CLUSTER, MQTT_NODE)))
+        conf = plan.root / "mosquitto.conf"
+        # Mosquitto started by root switches to its own user, which cannot read the lab's
+        # key: it runs as the lab's user instead.
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        conf.write_text(
+            mosquitto_config("127.0.0.1", plan.mqtt_port, mqtt_tls, acl_file=acl, user=user)
+        )
+        return [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)]
+    tls_args = ["--ca", mqtt_tls.ca, "--cert", mqtt_tls.cert, "--key", mqtt_tls.key]
+    return [*_replikant(), "lab", "mqtt", "--port", str(plan.mqtt_port), *map(str, tls_args)]
+
+
+def _admin_context(root: Path) -> Any:
+    admin = root / "pki" / "admins"
+    return client_context(
+        TLSFiles(ca=root / "pki" / "ca.crt", cert=admin / "lab.crt", key=admin / "lab.key")
+    )
+
+
+async def _start_daemons(
+    root: Path, daemons: list[dict[str, Any]], procs: list[_Proc], limit: float
+) -> None:
+    """Start each daemon of a site (:mod:`ops.labsites`) and wait until it answers."""
+    ssl_ctx = _admin_context(root)
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=5), connector=aiohttp.TCPConnector(ssl=ssl_ctx)
+    ) as session:
+        for daemon in daemons:
+            procs.append(_start_in(root, daemon["name"], daemon["argv"]))
+            ready = daemon["ready"]
+
+            async def answers(ready: dict[str, Any] = ready) -> bool:
+                if "https" in ready:
+                    async with session.get(f"{ready['https']}/v1/status") as resp:
+                        return resp.status == 200
+                if "unix" in ready:
+                    async with (
+                        aiohttp.ClientSession(
+                            connector=aiohttp.UnixConnector(path=ready["unix"])
+                        ) as agent,
+                        agent.get("http://agent/v1/status") as resp,
+                    ):
+                        return resp.status == 200
+                port = int(ready["tls_port"])
+                _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ssl_ctx)
+                writer.close()
+                return True
+
+            await _wait_until(daemon["name"], answers, procs, root, limit)
+
+
 async def _bring_up(plan: LabPlan, lab: dict[str, Any], limit: float) -> list[_Proc]:
     cmd = _replikant()
     procs: list[_Proc] = []
     try:
-        admin_tls = TLSFiles(
-            ca=plan.pki / "ca.crt",
-            cert=plan.pki / "admins" / "lab.crt",
-            key=plan.pki / "admins" / "lab.key",
-        )
-        ssl_ctx = client_context(admin_tls)
-        mqtt_tls = plan.mqtt_tls
-        if plan.mqtt_kind == "mosquitto":
-            from common.mqttbroker import mosquitto_config  # noqa: PLC0415 (amqtt)
-            from ops.deploy import pki_acl  # noqa: PLC0415 (amqtt)
-
-            acl = plan.root / "mosquitto.acl"
-            # The same ACL `replikant deploy mosquitto-config` renders, for the lab's PKI.
-            acl.write_text(pki_acl(plan.pki, server=Identity.broker(CLUSTER, MQTT_NODE)))
-            conf = plan.root / "mosquitto.conf"
-            # Mosquitto started by root switches to its own user, which cannot read the lab's
-            # key: it runs as the lab's user instead.
-            user = pwd.getpwuid(os.geteuid()).pw_name
-            conf.write_text(
-                mosquitto_config("127.0.0.1", plan.mqtt_port, mqtt_tls, acl_file=acl, user=user)
-            )
-            binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-            procs.append(_start(plan, "mqtt", [binary, "-c", str(conf)]))
-        else:
-            tls_args = ["--ca", mqtt_tls.ca, "--cert", mqtt_tls.cert, "--key", mqtt_tls.key]
-            procs.append(
-                _start(
-                    plan,
-                    "mqtt",
-                    [*cmd, "lab", "mqtt", "--port", str(plan.mqtt_port), *map(str, tls_args)],
-                )
-            )
+        ssl_ctx = _admin_context(plan.root)
+        procs.append(_start(plan, "mqtt", _mqtt_argv(plan)))
 
         async def mqtt_up() -> bool:
             # A whole mutual-TLS handshake: a bare TCP probe would be logged as a refused client.
@@ -409,6 +445,14 @@ async def _bring_up(plan: LabPlan, lab: dict[str, Any], limit: float) -> list[_P
 
             await _wait_until(
                 "the initial replication of every demo disk", replicated, procs, plan.root, limit
+            )
+        # The other half of each site: the primary site's broker (reverse replication) and the
+        # recovery site's agent (serves a VM once it is promoted there).
+        extra = {"broker-primary", "agent-recovery"}
+        for site in (labsites.PRIMARY_SITE, labsites.RECOVERY_SITE):
+            daemons = labsites.site_daemons(plan.root, site)
+            await _start_daemons(
+                plan.root, [d for d in daemons if d["name"] in extra], procs, limit
             )
     except BaseException:
         _stop([p.pid for p in procs])
@@ -507,6 +551,15 @@ def up(
     plan = LabPlan(root, vms, disk_mib, interval, mqtt_kind, brokers)
     root.mkdir(parents=True, exist_ok=True)
     lab_info = write_lab_files(plan)
+    labsites.add_sites(
+        root,
+        lab_info,
+        cli=_replikant(),
+        primary_broker_port=plan.primary_broker_port,
+        interval=interval,
+        mqtt_argv=_mqtt_argv(plan),
+        members=[(labcluster.process_name(m), m.config, m.url) for m in plan.members],
+    )
     try:
         with console.status("starting MQTT, broker and agent; replicating demo disks..."):
             procs = asyncio.run(_bring_up(plan, lab_info, timeout))
@@ -516,6 +569,7 @@ def up(
             fix=f"read {root / 'logs'}, then `replikant lab down --dir {root}` removes it",
         ) from None
     lab_info["processes"] = {p.name: p.pid for p in procs}
+    lab_info["pids"] = labsites.pids_by_site(root, lab_info["processes"])
     lab_info["brokers"] = labcluster.brokers_json(CLUSTER, plan.members, lab_info["processes"])
     (root / LAB_FILE).write_text(json.dumps(lab_info, indent=2) + "\n")
     _print_summary(console, lab_info, root)
@@ -556,6 +610,28 @@ def down(directory: Path) -> None:
             fix="pass the --dir that `replikant lab up` was given",
         )
     _down(root, Console(stderr=True))
+
+
+@lab.command("start")
+@click.option("--dir", "directory", type=click.Path(path_type=Path, file_okay=False), required=True)
+@click.option("--site", required=True, help="The site whose daemons start again.")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for readiness.")
+def start(directory: Path, site: str, timeout: float) -> None:
+    """Start SITE's daemons again (after they were killed), from the state they left on disk."""
+    root = directory.resolve()
+    if not (root / LAB_FILE).exists():
+        raise LabError(f"{root} holds no lab (no {LAB_FILE})", fix="pass the --dir of `lab up`")
+    lab_info = json.loads((root / LAB_FILE).read_text())
+    running = {n: p for n, p in lab_info.get("processes", {}).items() if _alive(p)}
+    daemons = [d for d in labsites.site_daemons(root, site) if d["name"] not in running]
+    procs: list[_Proc] = []
+    asyncio.run(_start_daemons(root, daemons, procs, timeout))
+    lab_info["processes"] = {**lab_info.get("processes", {}), **{p.name: p.pid for p in procs}}
+    lab_info["pids"] = labsites.pids_by_site(root, lab_info["processes"])
+    (root / LAB_FILE).write_text(json.dumps(lab_info, indent=2) + "\n")
+    Console(stderr=True).print(
+        f"site {site}: started {', '.join(p.name for p in procs) or 'nothing'}"
+    )
 
 
 @lab.command("mqtt", hidden=True)

@@ -12,6 +12,8 @@ ROLE_STYLE: dict[str, tuple[str, str]] = {
     "PRIMARY": ("▲ PRIMARY", "bold green"),
     "REPLICA": ("▽ REPLICA", "bold cyan"),
     "TEST": ("◆ TEST", "bold magenta reverse"),
+    "FAILED-OVER": ("△ FAILED-OVER", "bold yellow"),
+    "FENCED": ("✕ FENCED", "bold red reverse"),
 }
 HEALTH_STYLE = {"ok": "green", "warning": "yellow", "critical": "bold red"}
 
@@ -49,7 +51,10 @@ def merge_status(docs: list[dict[str, Any]]) -> dict[str, Any]:
             seen = by_uuid.get(vm["uuid"])
             if seen is None:
                 by_uuid[vm["uuid"]] = dict(vm)
+            elif vm.get("generation", 0) >= seen.get("generation", 0):
+                # The broker at the newer generation knows the newer truth (after a failover).
+                by_uuid[vm["uuid"]] = {**vm, "roles": {**seen["roles"], **vm["roles"]}}
             else:
-                seen["roles"] = {**seen["roles"], **vm["roles"]}
+                seen["roles"] = {**vm["roles"], **seen["roles"]}
     vms = sorted(by_uuid.values(), key=lambda v: v["name"])
     return {"vms": vms, "brokers": [d.get("broker") for d in docs]}

@@ -10,7 +10,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ops.client import AdminClient, admin_config, emit_json, run
-from ops.render import HEALTH_STYLE, merge_status, role_text, size_text, when
+from ops.render import HEALTH_STYLE, role_text, size_text, when
+from ops.switchover import site_status
 
 
 @click.command()
@@ -22,7 +23,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
     async def go() -> dict[str, Any]:
         async with AdminClient(config) as client:
-            return merge_status(await client.broker_json("/v1/status"))
+            return await site_status(client)
 
     doc = run(go)
     if as_json:
@@ -43,6 +44,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
         )
     console = Console()
     console.print(table)
+    for where in doc["unreachable"]:
+        console.print(f"[bold red]not reachable: {where}[/]")
     for b in doc["brokers"]:
         if b and b.get("conditions"):
             for c in b["conditions"]:

@@ -153,7 +153,9 @@ def test_lab_replicates_writes_byte_for_byte_and_cleans_up(tmp_path: Path) -> No
         assert all(b["url"] in agent_toml for b in lab["brokers"])
         cluster = _run("--config", lab["config"], "cluster", "status", "--json", timeout=30)
         assert cluster.returncode == 0, cluster.stderr
-        (dr,) = json.loads(cluster.stdout)["clusters"]
+        clusters = {c["name"]: c for c in json.loads(cluster.stdout)["clusters"]}
+        assert sorted(clusters) == ["dr", "dr-primary"]  # the primary site's broker: its own
+        dr = clusters["dr"]
         assert (dr["name"], dr["owner"], dr["epoch"]) == ("dr", "b1", owner["epoch"])
         assert [(m["node"], m["online"]) for m in dr["members"]] == [("b1", True), ("b2", True)]
     finally:

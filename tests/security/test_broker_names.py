@@ -95,6 +95,35 @@ ROUTES: dict[tuple[str, str], Route] = {
         "admin", (_p("vm"), Name("body", "point", "point")), {"point": "latest"}
     ),
     ("GET", "/v1/exports"): Route("admin", ()),
+    ("POST", "/v1/vms/{vm}/promote"): Route(
+        "admin", (_p("vm"), Name("body", "point", "point")), {"generation": 2, "point": "1:1"}
+    ),
+    ("POST", "/v1/vms/{vm}/failover"): Route(
+        "admin", (_p("vm"), Name("body", "action", "action")), {"action": "commit"}
+    ),
+    ("POST", "/v1/vms/{vm}/adopt"): Route(
+        "admin",
+        (
+            _p("vm"),
+            Name("body", "vm_uuid", "vm_uuid"),
+            Name("body", "source_host", "source_host"),
+            Name("body", "source_site", "source_site"),
+        ),
+        {
+            "vm_uuid": str(uuid.uuid4()),
+            "generation": 2,
+            "source_host": "h2",
+            "source_site": "recovery",
+            "disks": [
+                {
+                    "disk_id": "disk0",
+                    "image": "/nonexistent.img",
+                    "disk_size": MiB,
+                    "block_size": 65536,
+                }
+            ],
+        },
+    ),
     ("POST", "/v1/vms/{vm}/test"): Route(
         "admin", (_p("vm"), Name("body", "point", "point")), {"point": "latest"}
     ),
