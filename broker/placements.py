@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from broker import names
-from broker.errors import FencedError, NotOwner
+from broker.errors import BrokerError, FencedError, NotOwner
 from broker.store import Replica, Store
 from common.fsio import atomic_write_json, fsync_dir, read_json
 from common.logs import get_logger
@@ -92,6 +92,17 @@ class PlacementBook:
                 record = self.get(entry.name[: -len(".json")])
                 if record is not None:
                     out[record.vm_uuid] = record
+        return out
+
+    def vms(self) -> list[str]:
+        """Every VM with a directory in the store, whichever member created it."""
+        out = []
+        for entry in os.scandir(self.store.root):
+            if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
+                try:
+                    out.append(names.vm_uuid(entry.name))
+                except BrokerError:
+                    continue  # not a VM: Store._load logs what it ignores
         return out
 
     def assign(
