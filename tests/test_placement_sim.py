@@ -63,13 +63,13 @@ def _records(root: Path) -> dict[str, PlacementRecord]:
     return PlacementBook(Store(root), "observer").all()
 
 
-async def _until(what: str, check: object, timeout: float) -> float:
+async def _until(what: str, check: object, limit: float) -> float:
     """Poll ``check()`` until true; returns the seconds it took."""
     assert callable(check)
     start = time.monotonic()
     while not check():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s")
+        if time.monotonic() - start > limit:
+            raise AssertionError(f"{what}: not within {limit} s")
         await asyncio.sleep(0.1)
     return time.monotonic() - start
 
@@ -88,7 +88,7 @@ async def test_thousand_vms_on_three_members(tmp_path: Path) -> None:
         (root / str(uuid.uuid4())).mkdir(mode=0o700)
     certs = {n: pki.store.issue_broker("c1", n, ips=["127.0.0.1"]).tls for n in NODES}
     observer = Observer()
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+    procs: dict[str, asyncio.subprocess.Process] = {}
     with mosquitto_tls(tmp_path, server, [("c1", n) for n in NODES]) as port:
         watch = asyncio.create_task(observer.run(port, client_context(pki.admin.tls)))
         try:
@@ -96,9 +96,12 @@ async def test_thousand_vms_on_three_members(tmp_path: Path) -> None:
                 tls = certs[node]
                 args = [str(root), str(port), "c1", node, str(tls.ca), str(tls.cert), str(tls.key)]
                 with (tmp_path / f"{node}.log").open("wb") as log:
-                    procs[node] = subprocess.Popen(
-                        [sys.executable, "-m", "tests.sim_member", *args]
-                        + (["--owner"] if node == "n1" else []),
+                    procs[node] = await asyncio.create_subprocess_exec(
+                        sys.executable,
+                        "-m",
+                        "tests.sim_member",
+                        *args,
+                        *(["--owner"] if node == "n1" else []),
                         stdout=log,
                         stderr=subprocess.STDOUT,
                         cwd=Path(__file__).parent.parent,
@@ -168,5 +171,6 @@ async def test_thousand_vms_on_three_members(tmp_path: Path) -> None:
             with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                 await watch
             for proc in procs.values():
-                proc.kill()
-                proc.wait()
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
