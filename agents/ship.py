@@ -180,7 +180,9 @@ class BrokerClient:
     """The agent side of ``docs/protocol/http.md``, over HTTPS with mutual TLS.
 
     ``urls`` are the brokers of the target cluster; a refused connection or a ``not_owner``
-    answer moves on to the next one for the following request. Over TLS, every server must
+    answer moves on to the next one for the following request, unless the refusal names the
+    member to use (``details.owner_url``): then that one is followed (:meth:`follow`) until it
+    fails, and the rotation over ``urls`` resumes. Over TLS, every server must
     present a broker identity (of ``cluster``, when given) before a request goes out; another
     identity is a permanent refusal (:class:`FencedError`, code ``wrong_role`` /
     ``wrong_cluster``).
@@ -204,6 +206,7 @@ class BrokerClient:
         )
         self._session: aiohttp.ClientSession | None = None
         self._accepted: set[str] = set()  # brokers that answered us: they took our certificate
+        self._followed: str | None = None
 
     def twin(self) -> BrokerClient:
         """A client for another event loop (an aiohttp session belongs to one), sharing what
@@ -211,14 +214,30 @@ class BrokerClient:
         other = BrokerClient(self.urls, self._ssl, cluster=self.cluster)
         other._timeout = self._timeout
         other._accepted = self._accepted
+        other._followed = self._followed
         return other
 
     @property
     def url(self) -> str:
         """The broker currently used."""
-        return self.urls[self._current]
+        return self._followed or self.urls[self._current]
+
+    def follow(self, url: str) -> None:
+        """Send the next requests to ``url`` (the member a broker or the owner record named),
+        until it fails; it must present a broker identity of our cluster like any other."""
+        url = url.rstrip("/")
+        if not url.startswith("https://"):
+            log.warning("broker_redirect_ignored", url=url, reason="not an https:// URL")
+            return
+        if url != self.url:
+            log.info("broker_followed", url=url, previous=self.url)
+        self._followed = url
 
     def _rotate(self) -> None:
+        if self._followed is not None:
+            # The followed member failed us: back to the configured list, from where we were.
+            self._followed = None
+            return
         self._current = (self._current + 1) % len(self.urls)
 
     def _get_session(self) -> aiohttp.ClientSession:
@@ -336,7 +355,14 @@ class BrokerClient:
         if not isinstance(body, dict):
             body = {}
         refusal = Refusal.from_body(resp.status, body, fallback=text[:200] or str(resp.reason))
-        if resp.status in (502, 503, 504):
+        details = body.get("details")
+        owner_url = details.get("owner_url") if isinstance(details, dict) else None
+        if refusal.code == "not_owner" and isinstance(owner_url, str) and owner_url:
+            if owner_url.rstrip("/") == url.split("/v1/", 1)[0]:
+                self._rotate()  # it names itself (still taking over): ask the others meanwhile
+            else:
+                self.follow(owner_url)  # the member says who serves us: go there next
+        elif resp.status in (502, 503, 504):
             self._rotate()  # not the owner (or a proxy in trouble): try another broker next
         if refusal.code in _FENCED:
             raise FencedError(

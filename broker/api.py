@@ -70,8 +70,9 @@ class Ingest(Replicas, Protocol):
     def limits(self) -> DecodeLimits:
         """Limits the batch decoder enforces."""
 
-    def check_owner(self) -> None:
-        """Raise :class:`broker.errors.FencedError` unless this broker owns the store."""
+    def check_owner(self, vm_uuid: str | None = None) -> None:
+        """Raise :class:`broker.errors.NotOwner` unless this broker serves the VM now (the
+        refusal names the member that does), or :class:`broker.errors.FencedError`."""
 
     def storage_full(self, exc: StorageFullError) -> None:
         """Raise the broker-wide storage_full condition."""

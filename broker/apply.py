@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+import structlog
 import xxhash
 
 from broker.errors import ApplyVerifyError, BrokerError, FencedError, StoreCorrupt
@@ -79,6 +80,7 @@ class DirectApply:
         self.engine = engine
         self._held = False
         self._epoch = 0
+        self._section = contextlib.ExitStack()
 
     def begin(self, header: BatchHeader) -> bool:
         """Take the batch if the replica is in initial sync with no listed point."""
@@ -89,9 +91,11 @@ class DirectApply:
             return False
         try:
             self._epoch = e.epoch()
-            e.store.check_epoch(self._epoch, e.replica)
+            # The image is written as the batch streams in: one write section until release.
+            self._section.enter_context(e.store.writing(e.replica, self._epoch))
             e.points.drop_all()  # only hidden (mid-copy) states: nothing listed to keep
         except BaseException:
+            self._section.close()
             e.apply_lock.release()
             raise
         self._held = True
@@ -148,7 +152,20 @@ class DirectApply:
         """Let the applier run again."""
         if self._held:
             self._held = False
+            self._section.close()
             self.engine.apply_lock.release()
+
+
+SLOW_APPLY: Final = "REPLIKANT_TEST_SLOW_APPLY"
+"""Test hook (docs/security.md): seconds to pause inside each apply's write section, so that a
+test can freeze an owner with work in hand. Never set in production."""
+
+
+def _fault_slow_apply(log: structlog.stdlib.BoundLogger, seq: int) -> None:
+    delay = os.environ.get(SLOW_APPLY)
+    if delay:
+        log.warning("apply_slowed_for_test", seq=seq, seconds=float(delay), hook=SLOW_APPLY)
+        time.sleep(float(delay))
 
 
 def applied_state(replica: Replica) -> StateInfo:
@@ -328,7 +345,6 @@ class ReplicaEngine:
 
     def _apply_locked(self, entry: JournalEntry) -> None:
         r = self.replica
-        h = entry.header
         if entry.key != self.next_key():
             if entry.key <= (r.meta.applied_generation, r.meta.applied_seq):
                 entry.path.unlink(missing_ok=True)
@@ -338,7 +354,14 @@ class ReplicaEngine:
                 f"{self.next_key()}"
             )
         epoch = self.epoch()
-        self.store.check_epoch(epoch, r)  # 1. fence (adopts a higher epoch before writing)
+        # 1. fence: the whole apply is one write section (adopts a higher epoch before writing).
+        with self.store.writing(r, epoch):
+            self._apply_fenced(entry, epoch)
+
+    def _apply_fenced(self, entry: JournalEntry, epoch: int) -> None:
+        r = self.replica
+        h = entry.header
+        _fault_slow_apply(self.log, h.seq)
         base = self.state()
         top = StateInfo(
             h.generation,

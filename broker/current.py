@@ -64,7 +64,7 @@ async def vm_current(request: web.Request) -> web.Response:
         check_source(bound, ident)  # before the body: another host learns nothing from it
     what = f"current-statement body for vm {vm_uuid} is invalid"
     body = await model_body(request, CurrentRequest, what)
-    service.check_owner()
+    service.check_owner(vm_uuid)
     taken: dict[str, bool] = {}
     for disk in body.disks:
         replica = service.store.get(vm_uuid, disk.disk_id)

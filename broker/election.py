@@ -27,33 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from common.config import ElectionSection
 
-
-class ElectionTimings(BaseModel):
-    """Seconds; ``[election]`` in broker.toml. The defaults put a new owner in place within
-    about 2.5 s of a silent death (lease + a tick) and at once after a crash the MQTT broker
-    notices (the last will)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    lease: float = Field(default=2.0, gt=0, le=60)
-    renew: float = Field(default=0.5, gt=0, le=30)
-    stagger: float = Field(default=0.5, ge=0, le=30)
-    settle: float = Field(default=1.0, ge=0, le=60)
-    hold_down: float = Field(default=5.0, ge=0, le=600)
-    tick: float = Field(default=0.1, gt=0, le=5)
-
-    @model_validator(mode="after")
-    def _renew_within_lease(self) -> ElectionTimings:
-        if self.renew * 2 > self.lease:
-            raise ValueError(
-                f"renew ({self.renew} s) must be at most half the lease ({self.lease} s), or "
-                "members would declare a live owner dead between two renewals"
-            )
-        if self.tick > self.renew:
-            raise ValueError(f"tick ({self.tick} s) must not exceed renew ({self.renew} s)")
-        return self
+ElectionTimings = ElectionSection
+"""The timings (``[election]`` in broker.toml, :class:`common.config.ElectionSection`)."""
 
 
 class Role(Enum):

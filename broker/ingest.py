@@ -106,7 +106,7 @@ async def enable_replica(request: web.Request) -> web.Response:
     authorise_agent(service.config, ident, vm_uuid)
     what = f"PUT body for vm {vm_uuid} disk {disk_id} is invalid"
     body = await model_body(request, EnableRequest, what)
-    service.check_owner()
+    service.check_owner(vm_uuid)
     replica = service.store.get(vm_uuid, disk_id)
     if replica is not None:
         m = replica.meta
@@ -151,6 +151,7 @@ async def replica_state(request: web.Request) -> web.Response:
     vm_uuid = _vm_uuid(request)
     if ident.role != "admin":
         authorise_agent(service.config, ident, vm_uuid)
+    service.check_owner(vm_uuid)  # a standby knows no replica: it names the one that does
     replica = replica_of(service, vm_uuid, _disk_id(request))
     if ident.role != "admin":
         check_source(replica, ident)
@@ -184,7 +185,7 @@ async def upload_batch(request: web.Request) -> web.Response:
                 details={"limit": limit, "content_length": request.content_length},
             )
         service.check_space(needed=request.content_length or 0, replica=replica)
-        service.check_owner()
+        service.check_owner(vm_uuid)
         engine = service.engine_for(replica)
         receipt = await _journal(service, engine, request, limit, progress)
     except (*CLIENT_GONE, asyncio.CancelledError) as exc:
@@ -261,7 +262,7 @@ async def _journal(
             f"{IDLE_TIMEOUT:.0f} s without data",
         ) from None
     try:
-        # The per-VM fence (decision 032) before anything is journaled, and again before the ack.
+        # The per-VM fence (decision 032) before anything is journaled (finish checks it again).
         await asyncio.to_thread(placement_fence, service.store, replica)
     except BaseException:
         engine.ingest_lock.release()
@@ -274,6 +275,7 @@ async def _journal(
         min_free_bytes=service.config.broker.min_free_bytes,
         max_batch_bytes=limit,
         direct=engine.direct_sink(),
+        epoch=service.epoch,
     )
     try:
         chunks: list[bytes] = []
@@ -303,7 +305,6 @@ async def _journal(
                     break
             if not chunk:
                 break
-        await asyncio.to_thread(placement_fence, service.store, replica)
         receipt = await asyncio.to_thread(rx.finish)
     except BaseException:
         await asyncio.to_thread(rx.abort)
@@ -321,6 +322,7 @@ async def replica_hashes(request: web.Request) -> web.Response:
     vm_uuid = _vm_uuid(request)
     if ident.role != "admin":
         authorise_agent(service.config, ident, vm_uuid)
+    service.check_owner(vm_uuid)
     replica = replica_of(service, vm_uuid, _disk_id(request))
     if ident.role != "admin":
         # Block hashes tell about the disk's contents: only its own source may read them.

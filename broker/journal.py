@@ -16,6 +16,7 @@ A journal file is the batch's bytes exactly as received, followed by::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import struct
@@ -118,8 +119,11 @@ class BatchReceiver:
         min_free_bytes: int,
         max_batch_bytes: int,
         direct: DirectSink | None = None,
+        epoch: int | None = None,
     ) -> None:
         self.store = store
+        self.epoch = epoch
+        """The owner epoch the batch is made durable under (``None``: no fence, for tools)."""
         self.direct = direct
         self._direct = False
         self.replica = replica
@@ -338,16 +342,22 @@ class BatchReceiver:
             os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
-        final = self._part.with_name(journal_name(h.generation, h.seq))
-        os.rename(self._part, final)
-        self._part = None
-        fsync_dir(final.parent)
-        # On ENOSPC the batch is still durable (its journal file proves it after a restart, and
-        # in memory durable_seq is already set): the agent's retry is answered as a duplicate.
-        with self.space.refusing_when_full(4096, self._doing()):
-            self.replica.update_meta(
-                durable_seq=h.seq, durable_cut_ns=h.cut_time_ns, durable_cut_id=h.cut_id
-            )
+        with contextlib.ExitStack() as section:
+            if self.epoch is not None:
+                # A deposed owner must not publish a journal file or write meta.json over the
+                # new owner's (decision 031).
+                section.enter_context(self.store.writing(self.replica, self.epoch))
+            final = self._part.with_name(journal_name(h.generation, h.seq))
+            os.rename(self._part, final)
+            self._part = None
+            fsync_dir(final.parent)
+            # On ENOSPC the batch is still durable (its journal file proves it after a restart,
+            # and in memory durable_seq is already set): the agent's retry is answered as a
+            # duplicate.
+            with self.space.refusing_when_full(4096, self._doing()):
+                self.replica.update_meta(
+                    durable_seq=h.seq, durable_cut_ns=h.cut_time_ns, durable_cut_id=h.cut_id
+                )
         _fault_die_before_ack(self.replica)
         return Receipt(
             acked_seq=h.seq, duplicate=False, generation=h.generation, journal_bytes=self.received

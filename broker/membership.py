@@ -61,15 +61,11 @@ class Membership:
         )
 
     async def publish_once(self) -> int:
-        """Publish membership, ownership and every VM record that changed; return how many."""
+        """Publish membership and every VM record that changed; return how many. (The owner
+        record is the election's: :mod:`broker.cluster`.)"""
         await self.link.publish_retained(
             topics.member(self.cluster, self.node), self.member_record(online=True)
         )
-        epoch = self._epoch()
-        if epoch >= 1:
-            await self.link.publish_retained(
-                topics.owner(self.cluster), topics.OwnerRecord(node=self.node, epoch=epoch)
-            )
         changed = 0
         for vm_uuid, site, record in self._snapshot():
             topic = topics.vm_site(vm_uuid, site)

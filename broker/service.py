@@ -4,9 +4,10 @@
 SIGTERM/SIGINT, then stops gracefully: no new connections, uploads in flight finish or are
 dropped (never acked), each applier finishes the batch it is applying, exports are removed.
 
-The owner epoch (invariant 7): a single broker claims ``max(stored) + 1`` at startup. The
-cluster election (MQTT, later) sets :attr:`BrokerService.epoch` through :meth:`set_epoch`; every
-journal and apply is checked against the store's fence with it.
+The owner epoch (invariant 7): a broker without MQTT claims ``max(stored) + 1`` at start-up and
+owns its store. With MQTT it is a cluster member (:mod:`broker.cluster`, decision 031): it serves
+only once elected (:meth:`BrokerService.begin_owning`), and stops when it steps down; every
+journal and apply is checked against the store's fence with :attr:`BrokerService.epoch`.
 
 Alerts: :meth:`add_alert_hook` registers a callback ``(event, fields)`` fired when a condition
 is raised or cleared (storage full, apply failure, fenced); the MQTT layer publishes them.
@@ -25,7 +26,6 @@ import signal
 import stat
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Final
 
@@ -33,6 +33,7 @@ from aiohttp import web
 
 from broker.app import build_app
 from broker.apply import AlertHook, Condition, ReplicaEngine
+from broker.cluster import ClusterMember
 from broker.errors import (
     BrokerError,
     IdentityConflict,
@@ -49,7 +50,7 @@ from broker.points import Key, key_text
 from broker.retention import Retainer, free_store_space, publish
 from broker.space import StoreSpace
 from broker.store import Replica, Store
-from broker.views import status_vms
+from broker.views import vm_site_records
 from certs.service import startup_problems
 from common import topics
 from common.config import BrokerConfig, parse_listen, writable_dir_problems
@@ -99,7 +100,11 @@ class BrokerService:
         self.limits = limits
         self.retention_interval = retention_interval
         self.retainer = Retainer(config)
-        self.store = Store(config.broker.store)
+        b = config.broker
+        clustered = config.mqtt.url is not None
+        # Members share the store: what is one broker's own is kept apart by node name.
+        overlays = b.store / ".overlays" / b.node if clustered else None
+        self.store = Store(b.store, overlays=overlays, load=False)
         self.space = StoreSpace(self.store.root, config.broker.min_free_bytes)
         self.epoch = 0
         self.engines: dict[tuple[str, str], ReplicaEngine] = {}
@@ -108,19 +113,22 @@ class BrokerService:
         self.exports: dict[str, PointInTimeExport] = {}
         self._export_meta: dict[str, dict[str, Any]] = {}
         self.nbd = NBDServer(max_connections=100)
-        self.nbd_socket = _socket_path(
-            (config.nbd_socket_dir or config.broker.store / ".nbd") / "pit.sock"
-        )
+        nbd_dir = b.store / (f".nbd-{b.node}" if clustered else ".nbd")
+        self.nbd_socket = _socket_path((config.nbd_socket_dir or nbd_dir) / "pit.sock")
         self._runner: web.AppRunner | None = None
         self._site: MutualTLSSite | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.url = ""
         self.started_ns = time.time_ns()
         self.membership: Membership | None = None
+        self.cluster: ClusterMember | None = None
+        self.serving = False
+        """Owner with the store loaded: journals replayed, appliers running, agents accepted."""
 
     # -- lifecycle
     async def start(self) -> None:
-        """Claim the epoch, replay journals, listen for HTTPS and NBD."""
+        """Claim the epoch and replay journals (alone; a cluster member waits to be elected),
+        listen for HTTPS and NBD."""
         files, dirs = await asyncio.to_thread(
             self.store.tighten_permissions, skip=self.nbd_socket.parent
         )
@@ -128,9 +136,9 @@ class BrokerService:
             _log.warning(
                 "store_permissions_tightened", store=str(self.store.root), files=files, dirs=dirs
             )
-        self.epoch = await asyncio.to_thread(self.store.claim_next_epoch, self.config.broker.node)
-        for replica in self.store.replicas():
-            self.engine_for(replica)
+        if not self.config.mqtt.url:
+            epoch = await asyncio.to_thread(self.store.claim_next_epoch, self.config.broker.node)
+            await self.begin_owning(epoch)
         gid = self._prepare_socket_dir()
         await self.nbd.serve_unix(self.nbd_socket, mode=0o660)
         if os.lstat(self.nbd_socket).st_gid != gid:  # see _prepare_socket_dir: chown only if needed
@@ -200,18 +208,59 @@ class BrokerService:
         return gid
 
     def _write_run_file(self) -> None:
+        """``.run/<node>.json`` for this broker, and ``.run/broker.json`` while it serves (the
+        store's owner: what :func:`load_run_file` reads)."""
+        if not self.url:
+            return
         run = self.store.root / ".run"
         run.mkdir(mode=0o700, exist_ok=True)
-        atomic_write_json(
-            run / "broker.json",
-            {
-                "pid": os.getpid(),
-                "url": self.url,
-                "epoch": self.epoch,
-                "node": self.config.broker.node,
-                "nbd_socket": str(self.nbd_socket),
-            },
-        )
+        doc = {
+            "pid": os.getpid(),
+            "url": self.url,
+            "epoch": self.epoch,
+            "node": self.config.broker.node,
+            "nbd_socket": str(self.nbd_socket),
+            "serving": self.serving,
+        }
+        atomic_write_json(run / f"{self.config.broker.node}.json", doc)
+        if self.serving:
+            atomic_write_json(run / "broker.json", doc)
+
+    @property
+    def advertised_url(self) -> str:
+        """Where other members send agents to reach this broker."""
+        return self.config.broker.url or self.url
+
+    async def begin_owning(self, epoch: int) -> None:
+        """Own the store under ``epoch`` (claimed already): reload it (waiting out a deposed
+        owner's write in progress), replay every journal and accept agents."""
+        self.epoch = epoch
+        await asyncio.to_thread(self.store.load)
+        for replica in self.store.replicas():
+            self.engine_for(replica)
+        self.serving = True
+        self._write_run_file()
+        _log.info("owner_serving", epoch=epoch, replicas=len(self.engines))
+
+    async def end_owning(self) -> None:
+        """Stop serving: appliers finish the batch in hand, exports go; whatever a straggler
+        still writes is refused by the store's fence once another member claims."""
+        self.serving = False
+        for name in list(self.exports):
+            await self.remove_export(name)
+        engines, self.engines = list(self.engines.values()), {}
+        await asyncio.gather(*(e.stop() for e in engines))
+        for engine in engines:
+            try:  # an upload in flight still uses the engine's descriptors
+                async with asyncio.timeout(60):
+                    await engine.ingest_lock.acquire()
+            except TimeoutError:
+                _log.error("engine_left_open", replica=engine.replica.label)
+                continue
+            engine.close()
+        self.store.forget()
+        self._write_run_file()
+        _log.info("owner_stopped_serving", epoch=self.epoch, node=self.config.broker.node)
 
     def _start_membership(self, url: str) -> None:
         """Announce this broker, its owner epoch and every VM's roles on the MQTT control plane."""
@@ -228,11 +277,12 @@ class BrokerService:
             site=b.site,
             url=self.url,
             epoch=lambda: self.epoch,
-            snapshot=self._vm_site_records,
+            snapshot=lambda: vm_site_records(self),
         )
         # The Last Will marks us offline if we vanish without a clean leave.
         link.set_will(topics.member(b.cluster, b.node), membership.member_record(online=False))
         self.membership = membership
+        self.cluster = ClusterMember(self, link)
         loop = asyncio.get_running_loop()
 
         pending: set[asyncio.Task[None]] = set()
@@ -250,26 +300,15 @@ class BrokerService:
         self.add_alert_hook(publish_alert)
         self._tasks.append(loop.create_task(link.run()))
         self._tasks.append(loop.create_task(membership.run()))
-
-    def _vm_site_records(self) -> list[tuple[uuid.UUID, str, topics.VMSiteRecord]]:
-        out: list[tuple[uuid.UUID, str, topics.VMSiteRecord]] = []
-        for vm in status_vms(self):
-            last = vm.get("last_point")
-            for site, role in vm["roles"].items():
-                record = topics.VMSiteRecord(
-                    name=vm["name"],
-                    role=role,
-                    generation=vm["generation"],
-                    health=vm["health"],
-                    lag_seconds=vm["lag_seconds"],
-                    last_point=last["id"] if last else None,
-                )
-                out.append((uuid.UUID(vm["uuid"]), site, record))
-        return out
+        self._tasks.append(loop.create_task(self.cluster.run()))
 
     async def stop(self) -> None:
         """Graceful shutdown."""
         _log.info("broker_stopping")
+        if self.cluster is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await self.cluster.leave()
         if self.membership is not None and self.membership.link.connected:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2):
@@ -281,13 +320,13 @@ class BrokerService:
                 await task
         if self._runner is not None:
             await self._runner.cleanup()
-        for name in list(self.exports):
-            await self.remove_export(name)
+        await self.end_owning()
         await self.nbd.close()
-        await asyncio.gather(*(e.stop() for e in self.engines.values()))
-        for engine in self.engines.values():
-            engine.close()
-        (self.store.root / ".run" / "broker.json").unlink(missing_ok=True)
+        run = self.store.root / ".run"
+        (run / f"{self.config.broker.node}.json").unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            if load_run_file(self.store.root).get("pid") == os.getpid():
+                (run / "broker.json").unlink()
         _log.info("broker_stopped")
 
     async def run(self) -> None:
@@ -308,8 +347,11 @@ class BrokerService:
         self.store.claim_epoch(epoch, self.config.broker.node)
         self.epoch = epoch
 
-    def check_owner(self) -> None:
-        """Refuse writes once another broker claimed a higher epoch on our store."""
+    def check_owner(self, vm_uuid: str | None = None) -> None:
+        """Refuse unless this broker serves (the VM): a cluster member that does not names the
+        member that does; refuse writes once another broker claimed a higher epoch."""
+        if self.cluster is not None:
+            self.cluster.check_serving(vm_uuid)
         stored = self.store.stored_epoch()
         if stored > self.epoch:
             raise NotOwner(
@@ -477,6 +519,7 @@ class BrokerService:
                 for c in self.conditions.values()
             ],
             "exports": len(self.exports),
+            "cluster_view": self.cluster.json() if self.cluster is not None else None,
         }
 
     # -- retention
@@ -500,6 +543,8 @@ class BrokerService:
     async def _retention_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
+            if not self.serving:
+                continue  # retention writes the store: the owner's job alone
             since = time.monotonic() - self.retainer.last_pass
             engines = list(self.engines.values())
             if since < self.retention_interval and not (
@@ -636,9 +681,11 @@ def _socket_path(path: Path) -> Path:
     return short
 
 
-def load_run_file(store_root: Path) -> dict[str, Any]:
-    """The running broker's ``.run/broker.json`` (url, pid, epoch, nbd socket)."""
-    data: dict[str, Any] = json.loads((store_root / ".run" / "broker.json").read_text())
+def load_run_file(store_root: Path, node: str | None = None) -> dict[str, Any]:
+    """The store owner's ``.run/broker.json`` (url, pid, epoch, nbd socket), or with ``node``
+    that member's ``.run/<node>.json``."""
+    name = f"{node}.json" if node is not None else "broker.json"
+    data: dict[str, Any] = json.loads((store_root / ".run" / name).read_text())
     return data
 
 

@@ -4,8 +4,12 @@ Layout under the store root (``[broker] store`` in ``broker.toml``)::
 
     store.json                      the owner-epoch fence of this store (invariant 7)
     .lock                           flock()ed for the fence's read-compare-write
-    .overlays/                      private copy-on-write files of point-in-time exports
+    .overlays/[<node>/]             private copy-on-write files of point-in-time exports
+    .run/                           each running broker's address (``<node>.json``, the owner's
+                                    also as ``broker.json``)
     <vm-uuid>/<disk-id>/
+        .fence                      flock()ed shared by every write section, exclusively by a new
+                                    owner before it loads the replica (decision 031)
         replica.img                 sparse image of the disk, ``disk_size`` bytes
         meta.json                   identity, generation, durable/applied seq, epoch, sync state
         applied.log                 append-only audit: one JSON line per applied batch (the commit)
@@ -29,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from broker import names
 from broker.errors import BrokerError, FencedError, IdentityConflict, StoreCorrupt
@@ -39,6 +43,9 @@ from common.logs import get_logger
 _log = get_logger("broker.store")
 
 META_FORMAT = 1
+NO_FENCE: Final = "REPLIKANT_TEST_NO_FENCE"
+"""Test hook (docs/security.md): ``1`` turns the owner-epoch fence off, so that a test can show
+the damage it prevents. Never set in production."""
 InitialSync = Literal["pending", "seeded", "in_progress", "complete"]
 
 
@@ -216,19 +223,39 @@ class Store:
     deposed owner that still believes it owns cannot write.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, overlays: Path | None = None, load: bool = True) -> None:
         self.root = root
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        (root / ".overlays").mkdir(mode=0o700, exist_ok=True)
-        for stale in (root / ".overlays").iterdir():
-            # Exports do not survive a restart; their private overlays are garbage now.
-            stale.unlink(missing_ok=True)
+        self._overlays = overlays or root / ".overlays"
         self._replicas: dict[tuple[str, str], Replica] = {}
         self._lock = threading.Lock()
         # The per-VM fence of a cluster that spreads VMs over members (broker/placements.py):
         # True when it governs the replica (and let it write), raising when it refuses.
         self.vm_fence: Callable[[Replica], bool] | None = None
+        self.fence_enabled = os.environ.get(NO_FENCE) != "1"
+        if not self.fence_enabled:
+            _log.critical("fence_disabled", store=str(root), hook=NO_FENCE)
+        if load:
+            self.load()
+
+    def load(self) -> None:
+        """Read every replica from disk (again: a member that becomes the owner reloads what
+        the previous owner wrote). Waits, per replica, for a deposed owner's write section in
+        progress to end (:meth:`writing`), so nothing it still writes is read half-done."""
+        (self.root / ".overlays").mkdir(mode=0o700, exist_ok=True)
+        self._overlays.mkdir(mode=0o700, exist_ok=True)
+        for stale in self._overlays.iterdir():
+            # Exports do not survive a restart; their private overlays are garbage now.
+            if stale.is_file() or stale.is_symlink():
+                stale.unlink(missing_ok=True)
+        with self._lock:
+            self._replicas.clear()
         self._load()
+
+    def forget(self) -> None:
+        """Drop every replica from memory (a member that stops owning)."""
+        with self._lock:
+            self._replicas.clear()
 
     # -- epoch fence
     @property
@@ -292,6 +319,35 @@ class Store:
         _log.info("epoch_claimed", epoch=epoch, node=node, store=str(self.root))
         return epoch
 
+    @contextlib.contextmanager
+    def writing(self, replica: Replica, epoch: int) -> Iterator[None]:
+        """A write section on ``replica`` under owner ``epoch``: holds the replica's ``.fence``
+        lock shared and checks the fence inside it. A new owner takes that lock exclusively
+        after its claim (:meth:`load`), so a section that began before the claim has ended by
+        then, and one that begins after it sees the new epoch and is refused (decision 031)."""
+        if not self.fence_enabled:
+            yield
+            return
+        fd = os.open(
+            replica.path / ".fence", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            self.check_epoch(epoch, replica)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    @staticmethod
+    def _barrier(disk_dir: Path) -> None:
+        fd = os.open(
+            disk_dir / ".fence", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        finally:
+            os.close(fd)
+
     def check_epoch(self, epoch: int, replica: Replica | None = None) -> None:
         """Refuse (:class:`FencedError`) a write stamped with an epoch older than the store's.
 
@@ -300,6 +356,8 @@ class Store:
         epoch next to the data even if ``store.json`` were lost). A VM placed on a member
         (:attr:`vm_fence`, decision 032) is fenced by its placement token instead.
         """
+        if not self.fence_enabled:
+            return
         if replica is not None and self.vm_fence is not None and self.vm_fence(replica):
             return
         stored = self.stored_epoch()
@@ -331,6 +389,8 @@ class Store:
                 if disk_dir.is_symlink() or not _valid(names.disk_id, disk_dir.name):
                     _log.warning("store_entry_ignored", path=str(disk_dir), reason="not a disk")
                     continue
+                if self.fence_enabled:
+                    self._barrier(disk_dir)
                 meta_path = disk_dir / "meta.json"
                 try:
                     meta = ReplicaMeta.from_json(read_json(meta_path))
@@ -379,6 +439,8 @@ class Store:
         for disk_dir in sorted(vm_dir.iterdir()) if vm_dir.is_dir() else []:
             if disk_dir.is_symlink() or not _valid(names.disk_id, disk_dir.name):
                 continue  # hidden (.creating) and foreign entries: _load says why at start
+            # The member the VM was moved from may be inside a write section: wait it out.
+            self._barrier(disk_dir)
             replica = Replica(disk_dir, ReplicaMeta.from_json(read_json(disk_dir / "meta.json")))
             self._recover_counters(replica)
             fresh.append(replica)
@@ -483,13 +545,18 @@ class Store:
         """Take group and world access off every file and directory of the store (one made by
         an older broker or under a looser umask); returns ``(files, dirs)`` changed.
 
-        ``skip`` (the NBD socket directory, whose modes the service sets itself) is left alone.
+        ``skip`` (the NBD socket directory, whose modes the service sets itself) is left alone,
+        and so is every member's default socket directory (``.nbd``, ``.nbd-<node>``).
         Links are never followed: a planted link cannot make us chmod something else.
         """
         files = dirs = 0
         for top, subdirs, filenames in os.walk(self.root):
             here = Path(top)
-            subdirs[:] = [d for d in subdirs if skip is None or here / d != skip]
+            subdirs[:] = [
+                d
+                for d in subdirs
+                if here / d != skip and not (here == self.root and d.startswith(".nbd"))
+            ]
             dirs += _tighten(here, os.O_RDONLY | os.O_DIRECTORY)
             for name in filenames:
                 mode = os.lstat(here / name).st_mode
@@ -500,7 +567,7 @@ class Store:
 
     def overlay_dir(self) -> Path:
         """Where point-in-time exports keep their private copy-on-write files."""
-        return self.root / ".overlays"
+        return self._overlays
 
 
 def placement_fence(store: Store, replica: Replica) -> None:

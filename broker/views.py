@@ -5,6 +5,7 @@ state, VM status, VM points) and the lookups behind them, read through the narro
 from __future__ import annotations
 
 import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from broker import names
@@ -21,6 +22,7 @@ from broker.points import (
     parse_cut,
 )
 from broker.store import Replica
+from common import topics
 
 if TYPE_CHECKING:
     from broker.apply import ReplicaEngine
@@ -265,3 +267,21 @@ def vm_replicas(service: Replicas, vm: str) -> list[Replica]:
             details={"vm": vm},
         )
     return found
+
+
+def vm_site_records(service: Replicas) -> list[tuple[uuid.UUID, str, topics.VMSiteRecord]]:
+    """Every VM's retained record per site, as the control plane publishes them."""
+    out: list[tuple[uuid.UUID, str, topics.VMSiteRecord]] = []
+    for vm in status_vms(service):
+        last = vm.get("last_point")
+        for site, role in vm["roles"].items():
+            record = topics.VMSiteRecord(
+                name=vm["name"],
+                role=role,
+                generation=vm["generation"],
+                health=vm["health"],
+                lag_seconds=vm["lag_seconds"],
+                last_point=last["id"] if last else None,
+            )
+            out.append((uuid.UUID(vm["uuid"]), site, record))
+    return out

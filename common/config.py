@@ -252,6 +252,8 @@ class BrokerSection(_Strict):
     listen: str = "127.0.0.1:8443"
     store: Path
     min_free_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    url: str | None = Field(default=None, pattern=r"^https://[^/?#\s]+$")
+    """The address other members send agents to (default: ``https://`` + ``listen``)."""
 
 
 class MQTTSection(_Strict):
@@ -313,6 +315,38 @@ class Retention(_Strict):
     _bound = field_validator("journal_bound")(_check_bound)
 
 
+class ElectionSection(_Strict):
+    """``[election]``: the owner election's timings in seconds (decision 031). The defaults put
+    a new owner in place about ``lease`` + a tick after a silent death, and at once after a crash
+    the MQTT broker notices (the last will)."""
+
+    lease: float = Field(default=2.0, gt=0, le=60)
+    """Members declare an owner dead when its record was not renewed for this long."""
+    renew: float = Field(default=0.5, gt=0, le=30)
+    """The owner renews its record this often (and re-reads the store's fence)."""
+    stagger: float = Field(default=0.5, ge=0, le=30)
+    """Each candidate after the first (sorted node names) waits this much more."""
+    settle: float = Field(default=1.0, ge=0, le=60)
+    """A member stands only after being connected to MQTT this long."""
+    hold_down: float = Field(default=5.0, ge=0, le=600)
+    """A member that stepped down stands again only after this long."""
+    tick: float = Field(default=0.1, gt=0, le=5)
+    """How often the election looks at the clock."""
+
+    @model_validator(mode="after")
+    def _renew_within_lease(self) -> ElectionSection:
+        if self.renew * 2 > self.lease:
+            raise ValueError(
+                f"[election] renew ({self.renew} s) must be at most half the lease "
+                f"({self.lease} s), or members would declare a live owner dead between renewals"
+            )
+        if self.tick > self.renew:
+            raise ValueError(
+                f"[election] tick ({self.tick} s) must not exceed renew ({self.renew} s)"
+            )
+        return self
+
+
 class BrokerVM(_Strict):
     """Per-VM overrides at the broker (authorisation by VM)."""
 
@@ -332,6 +366,7 @@ class BrokerConfig(_Strict):
     mqtt: MQTTSection = MQTTSection()
     authorization: Authorization = Authorization()
     retention: Retention = Retention()
+    election: ElectionSection = ElectionSection()
     vms: list[BrokerVM] = Field(default_factory=list)
     nbd_socket_dir: Path | None = None
     nbd_socket_group: str | None = None

@@ -70,10 +70,14 @@ class MemberRecord(_Message):
 
 
 class OwnerRecord(_Message):
-    """The owner of a cluster and its fencing epoch."""
+    """The owner of a cluster, its fencing epoch, where agents reach it, and its renewal count
+    (the owner re-publishes every ``[election] renew`` seconds with ``seq`` + 1; a record that
+    stops changing for ``lease`` seconds is a dead owner's)."""
 
     node: str
     epoch: int = Field(ge=1)
+    url: str = Field(pattern=r"^https://")
+    seq: int = Field(ge=1)
 
 
 class VMSiteRecord(_Message):

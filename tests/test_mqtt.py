@@ -95,7 +95,7 @@ async def test_embedded_broker_carries_retained_records(pki: Pki) -> None:
         task = asyncio.create_task(link.run())
         async with asyncio.timeout(10):
             await link.wait_connected()
-        owner = topics.OwnerRecord(node="b1", epoch=7)
+        owner = topics.OwnerRecord(node="b1", epoch=7, url="https://127.0.0.1:8443", seq=1)
         await link.publish_retained(topics.owner("dr"), owner)
         payload = await _read_retained(port, topics.owner("dr"), client_context(pki.admin.tls))
         assert topics.OwnerRecord.model_validate_json(payload) == owner
@@ -171,7 +171,7 @@ async def test_subscriptions_get_retained_records_and_drop_invalid_ones(pki: Pki
         tasks.append(asyncio.create_task(publisher.run()))
         async with asyncio.timeout(10):
             await publisher.wait_connected()
-        owner = topics.OwnerRecord(node="b1", epoch=4)
+        owner = topics.OwnerRecord(node="b1", epoch=4, url="https://127.0.0.1:8443", seq=1)
         await publisher.publish_retained(topics.owner("dr"), owner)
         tasks.append(asyncio.create_task(subscriber.run()))
         async with asyncio.timeout(10):
