@@ -67,6 +67,8 @@ class ClusterPlacement:
         self.settle = settle if settle is not None else SETTLE_ROUNDS * interval
         self._owned: tuple[int, float] | None = None  # (epoch, since when, monotonic)
         self._on_change = on_change
+        self.sweep: Callable[[], Awaitable[None]] | None = None
+        """Called every interval on every member (the broker keeps its appliers in step)."""
         self.members: dict[str, topics.MemberRecord] = {}
         self.placed: dict[str, topics.PlacementMessage] = {}
         self.serving: set[str] = set()
@@ -92,11 +94,11 @@ class ClusterPlacement:
             return
         self.placed[vm] = message
         if (message.node == self.node) != (vm in self.serving):
-            task = asyncio.get_running_loop().create_task(self._reconcile(vm))
+            task = asyncio.get_running_loop().create_task(self.reconcile(vm))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
 
-    async def _reconcile(self, vm: str) -> None:
+    async def reconcile(self, vm: str) -> None:
         """Serve ``vm`` exactly when the store places it here (MQTT only said to look)."""
         async with self._lock:
             record = await asyncio.to_thread(self.book.adopt, vm)
@@ -116,7 +118,7 @@ class ClusterPlacement:
         records = await asyncio.to_thread(self.book.all)
         for vm, record in sorted(records.items()):
             if record.node == self.node:
-                await self._reconcile(vm)
+                await self.reconcile(vm)
         return len(self.serving)
 
     # -- what agents are told
@@ -200,11 +202,13 @@ class ClusterPlacement:
         while True:
             # Sleep first: the retained membership records arrive before the first round.
             await asyncio.sleep(self.interval)
-            if self.link.connected:
-                try:
+            try:
+                if self.link.connected:
                     await self.round()
-                except OSError as exc:
-                    _log.error("placement_round_failed", node=self.node, error=str(exc))
+                if self.sweep is not None:
+                    await self.sweep()
+            except OSError as exc:
+                _log.error("placement_round_failed", node=self.node, error=str(exc))
 
     async def close(self) -> None:
         """Cancel reconciliations in flight."""

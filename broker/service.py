@@ -48,6 +48,8 @@ from broker.membership import Membership
 from broker.pitexport import PointInTimeExport
 from broker.points import Key, key_text
 from broker.retention import Retainer, free_store_space, publish
+from broker.scaleout import ScaleOut
+from broker.scaleout import attach as attach_scaleout
 from broker.space import StoreSpace
 from broker.store import Replica, Store
 from broker.views import vm_site_records
@@ -122,6 +124,7 @@ class BrokerService:
         self.started_ns = time.time_ns()
         self.membership: Membership | None = None
         self.cluster: ClusterMember | None = None
+        self.scaleout: ScaleOut | None = None
         self.serving = False
         """Owner with the store loaded: journals replayed, appliers running, agents accepted."""
 
@@ -283,6 +286,9 @@ class BrokerService:
         link.set_will(topics.member(b.cluster, b.node), membership.member_record(online=False))
         self.membership = membership
         self.cluster = ClusterMember(self, link)
+        if b.placement == "spread":
+            self.scaleout = attach_scaleout(self, link)
+            self._tasks.append(asyncio.get_running_loop().create_task(self.scaleout.run()))
         loop = asyncio.get_running_loop()
 
         pending: set[asyncio.Task[None]] = set()
@@ -350,6 +356,8 @@ class BrokerService:
     def check_owner(self, vm_uuid: str | None = None) -> None:
         """Refuse unless this broker serves (the VM): a cluster member that does not names the
         member that does; refuse writes once another broker claimed a higher epoch."""
+        if self.scaleout is not None and self.scaleout.serves(vm_uuid):
+            return  # placed here: the store's per-VM fence decides at each write (decision 032)
         if self.cluster is not None:
             self.cluster.check_serving(vm_uuid)
         stored = self.store.stored_epoch()

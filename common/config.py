@@ -254,6 +254,9 @@ class BrokerSection(_Strict):
     min_free_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     url: str | None = Field(default=None, pattern=r"^https://[^/?#\s]+$")
     """The address other members send agents to (default: ``https://`` + ``listen``)."""
+    placement: Literal["owner", "spread"] = "owner"
+    """With MQTT: ``owner`` applies every VM on the cluster's owner; ``spread`` places VMs on
+    the members (decision 032)."""
 
 
 class MQTTSection(_Strict):

@@ -1,0 +1,147 @@
+"""A cluster member that serves the VMs placed on it (``[broker] placement = "spread"``,
+decision 032), beside the owner's role of decision 031.
+
+:func:`attach` gives a broker with MQTT its placement state (:class:`broker.placing.
+ClusterPlacement`), installs the store's per-VM fence and routes agents to the member each VM is
+placed on (:class:`PlacementRouter`, through the routing seam). :class:`ScaleOut` keeps the
+broker's appliers in step with the store's records: it starts a VM's engines once this member
+adopted the VM's placement (after re-reading its replicas, which another member may have
+written) and stops them once the VM is placed elsewhere. A VM not placed yet (enabled a moment
+ago) is the owner's, under the owner-epoch fence, until the owner's next round places it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from broker.apply import ReplicaEngine
+from broker.cluster import ClusterMember
+from broker.placements import PlacementBook
+from broker.placing import ClusterPlacement
+from broker.routing import ClusterView, MemberRef
+from broker.store import Replica, Store
+from common.config import BrokerConfig
+from common.logs import get_logger
+from common.mqtt import MQTTLink
+
+_log = get_logger("broker.scaleout")
+
+
+class Member(Protocol):
+    """What scale-out needs of the broker (``broker/service.py:BrokerService``)."""
+
+    config: BrokerConfig
+    store: Store
+    engines: dict[tuple[str, str], ReplicaEngine]
+    epoch: int
+    serving: bool
+    cluster: ClusterMember | None
+
+    @property
+    def advertised_url(self) -> str:
+        """Where other members send agents to reach this broker."""
+
+    def engine_for(self, replica: Replica) -> ReplicaEngine:
+        """The live engine of a replica (created and started on first use)."""
+
+
+class PlacementRouter:
+    """Routing seam (:mod:`broker.routing`): the member a VM is placed on while it is online;
+    an unplaced VM, or one whose member is gone, goes to the owner."""
+
+    def __init__(self, placement: ClusterPlacement) -> None:
+        self.placement = placement
+
+    def route(self, vm_uuid: str, view: ClusterView) -> MemberRef | None:
+        """The member the VM is placed on, else the owner."""
+        placed = self.placement.route(vm_uuid)
+        if placed is None:
+            return view.owner
+        node, url = placed
+        member = view.members.get(node)
+        if node != view.self_node and (member is None or not member.online):
+            return view.owner  # its member is gone: the owner's next round moves it
+        epoch = view.owner.epoch if view.owner is not None else 0
+        return MemberRef(node, member.url if member is not None and member.url else url, epoch)
+
+
+class ScaleOut:
+    """Starts and stops this member's appliers as placements come and go (module docstring)."""
+
+    def __init__(self, service: Member, link: MQTTLink) -> None:
+        self.service = service
+        b = service.config.broker
+        self.book = PlacementBook(service.store, b.node)
+        service.store.vm_fence = self.book.check
+        self.placement = ClusterPlacement(
+            link,
+            self.book,
+            cluster=b.cluster,
+            url=service.advertised_url,
+            owner_epoch=self._owner_epoch,
+            on_change=self._changed,
+        )
+        self.placement.sweep = self.sweep
+
+    async def run(self) -> None:
+        """The placement rounds and sweeps, until cancelled."""
+        await self.placement.run()
+
+    def serves(self, vm_uuid: str | None) -> bool:
+        """Whether this member serves ``vm_uuid`` as its placed member (its engines run)."""
+        return (
+            vm_uuid is not None
+            and vm_uuid in self.placement.serving
+            and any(k[0] == vm_uuid for k in self.service.engines)
+        )
+
+    def _owner_epoch(self) -> int | None:
+        s = self.service
+        if not s.serving or s.epoch < 1:
+            return None
+        return s.epoch
+
+    async def _changed(self, vm_uuid: str, mine: bool) -> None:
+        await self._stop_engines(vm_uuid)
+        if mine:
+            replicas = await asyncio.to_thread(self.service.store.reload_vm, vm_uuid)
+            for replica in replicas:
+                self.service.engine_for(replica)
+            _log.info("placed_vm_served", vm_uuid=vm_uuid, disks=len(replicas))
+
+    async def _stop_engines(self, vm_uuid: str) -> None:
+        engines = self.service.engines
+        for key in [k for k in engines if k[0] == vm_uuid]:
+            engine = engines.pop(key)
+            await engine.stop()
+            async with engine.ingest_lock:  # an upload in flight still uses its descriptors
+                engine.close()
+
+    async def sweep(self) -> None:
+        """Bring the appliers in line with the store: engines of VMs placed elsewhere stop (an
+        owner loads every replica when elected), VMs placed here get theirs back (a step-down
+        stops every engine)."""
+        local = {k[0] for k in self.service.engines}
+        serving = self.placement.serving
+        for vm in sorted(serving - local):
+            await self._changed(vm, mine=True)
+        for vm in sorted(local - serving):
+            record = await asyncio.to_thread(self.book.get, vm)
+            if record is None:
+                continue  # not placed yet: the owner's, under the owner-epoch fence
+            if record.node == self.book.node:
+                await self.placement.reconcile(vm)
+            else:
+                await self._stop_engines(vm)
+
+
+def attach(service: Member, link: MQTTLink) -> ScaleOut:
+    """Give ``service`` the placement of decision 032 (call once its cluster member exists)."""
+    scale = ScaleOut(service, link)
+    if service.cluster is not None:
+        service.cluster.router = PlacementRouter(scale.placement)
+    return scale
+
+
+__all__ = ["PlacementRouter", "ScaleOut", "attach"]
