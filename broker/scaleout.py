@@ -1,7 +1,7 @@
 """A cluster member that serves the VMs placed on it (``[broker] placement = "spread"``,
 decision 032), beside the owner's role of decision 031.
 
-:func:`attach` gives a broker with MQTT its placement state (:class:`broker.placing.
+:meth:`ScaleOut.attach` gives a broker with MQTT its placement state (:class:`broker.placing.
 ClusterPlacement`), installs the store's per-VM fence and routes agents to the member each VM is
 placed on (:class:`PlacementRouter`, through the routing seam). :class:`ScaleOut` keeps the
 broker's appliers in step with the store's records: it starts a VM's engines once this member
@@ -84,6 +84,14 @@ class ScaleOut:
         )
         self.placement.sweep = self.sweep
 
+    @classmethod
+    def attach(cls, service: Member, link: MQTTLink) -> ScaleOut:
+        """Give ``service`` the placement of decision 032 (once its cluster member exists)."""
+        scale = cls(service, link)
+        if service.cluster is not None:
+            service.cluster.router = PlacementRouter(scale.placement)
+        return scale
+
     async def run(self) -> None:
         """The placement rounds and sweeps, until cancelled."""
         await self.placement.run()
@@ -136,12 +144,4 @@ class ScaleOut:
                 await self._stop_engines(vm)
 
 
-def attach(service: Member, link: MQTTLink) -> ScaleOut:
-    """Give ``service`` the placement of decision 032 (call once its cluster member exists)."""
-    scale = ScaleOut(service, link)
-    if service.cluster is not None:
-        service.cluster.router = PlacementRouter(scale.placement)
-    return scale
-
-
-__all__ = ["PlacementRouter", "ScaleOut", "attach"]
+__all__ = ["PlacementRouter", "ScaleOut"]

@@ -34,6 +34,7 @@ from aiohttp import web
 from broker.app import build_app
 from broker.apply import AlertHook, Condition, ReplicaEngine
 from broker.cluster import ClusterMember
+from broker.colocation import colocation_problems
 from broker.errors import (
     BrokerError,
     IdentityConflict,
@@ -49,7 +50,6 @@ from broker.pitexport import PointInTimeExport
 from broker.points import Key, key_text
 from broker.retention import Retainer, free_store_space, publish
 from broker.scaleout import ScaleOut
-from broker.scaleout import attach as attach_scaleout
 from broker.space import StoreSpace
 from broker.store import Replica, Store
 from broker.views import vm_site_records
@@ -80,7 +80,7 @@ def check_config(config: BrokerConfig) -> list[str]:
     problems += writable_dir_problems(b.store, "broker.store", create=False)
     if config.nbd_socket_dir is not None:
         problems += writable_dir_problems(config.nbd_socket_dir, "nbd_socket_dir", create=False)
-    return problems
+    return problems + colocation_problems(config)
 
 
 def validate(config: BrokerConfig, source: str = "broker config") -> None:
@@ -287,7 +287,7 @@ class BrokerService:
         self.membership = membership
         self.cluster = ClusterMember(self, link)
         if b.placement == "spread":
-            self.scaleout = attach_scaleout(self, link)
+            self.scaleout = ScaleOut.attach(self, link)
             self._tasks.append(asyncio.get_running_loop().create_task(self.scaleout.run()))
         loop = asyncio.get_running_loop()
 

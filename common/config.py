@@ -257,6 +257,11 @@ class BrokerSection(_Strict):
     placement: Literal["owner", "spread"] = "owner"
     """With MQTT: ``owner`` applies every VM on the cluster's owner; ``spread`` places VMs on
     the members (decision 032)."""
+    host_agent_config: Path | None = Path("/etc/replikant/agent.toml")
+    """The config of an agent on this host, if any: the store must not share storage with the
+    disks it protects (broker/colocation.py)."""
+    allow_shared_storage: bool = False
+    """Start even when the store shares storage with this host's protected disks (a lab)."""
 
 
 class MQTTSection(_Strict):
