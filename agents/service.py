@@ -39,6 +39,7 @@ from agents.dirtymap import DATA
 from agents.disk import TrackedExport
 from agents.errors import AgentError, SeedError, ShipError
 from agents.hooks import FreezeHooks
+from agents.presence import Follower, Presence
 from agents.replicate import DiskReplicator
 from agents.seed import ExportRequest
 from agents.seedexport import cancel_seeds, export_media
@@ -89,6 +90,8 @@ class Agent:
         self.started_ns = time.time_ns()
         self.progress = InitialCopyProgress()
         self._seed_task: asyncio.Task[dict[str, Any]] | None = None
+        self.presence: Presence | None = None
+        self._presence_task: asyncio.Task[None] | None = None
 
     def _lock(self) -> None:
         self.config.agent.state_dir.mkdir(parents=True, exist_ok=True)
@@ -129,6 +132,8 @@ class Agent:
                 await tcp.serve_tcp(host, port)
                 self.servers.append(tcp)
             await self._start_control()
+            if cfg.mqtt.url:
+                self._start_presence()
         except BaseException:
             await self.stop(clean=True)
             raise
@@ -140,6 +145,25 @@ class Agent:
             control_socket=str(self.control_socket),
             pid=os.getpid(),
         )
+
+    def _start_presence(self) -> None:
+        # BrokerClient.follow (issue 12, election) moves shipping to a new owner; until the
+        # client has it, the agent still learns and logs the owner.
+        follower = self.client if isinstance(self.client, Follower) else None
+        self.presence = Presence(self.config, status=self.status, follower=follower)
+        self._presence_task = asyncio.get_running_loop().create_task(self.presence.run())
+
+    async def _stop_presence(self) -> None:
+        if self.presence is None or self._presence_task is None:
+            return
+        if self.presence.link.connected:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await self.presence.leave()
+        self._presence_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._presence_task
+        self._presence_task = None
 
     async def _open_vm(self, vm: VMConfig) -> None:
         cfg = self.config
@@ -376,6 +400,7 @@ class Agent:
             self._seed_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._seed_task
+        await self._stop_presence()
         for server in self.servers:
             await server.close()
         self.servers.clear()

@@ -62,7 +62,7 @@ from common.hrl import DEFAULT_LIMITS, DecodeLimits
 from common.logs import get_logger
 from common.mqtt import MQTTLink
 from common.nbd.server import NBDServer
-from common.tls import Identity, MutualTLSSite, client_context, server_context
+from common.tls import Identity, MutualTLSSite, server_context
 
 _log = get_logger("broker.service")
 
@@ -268,10 +268,11 @@ class BrokerService:
     def _start_membership(self, url: str) -> None:
         """Announce this broker, its owner epoch and every VM's roles on the MQTT control plane."""
         b = self.config.broker
-        link = MQTTLink(
+        link = MQTTLink.for_daemon(
             url,
             client_id=f"replikant-broker-{b.cluster}-{b.node}",
-            tls_context=client_context(self.config.tls) if self.config.mqtt.use_tls else None,
+            tls=self.config.tls,
+            use_tls=self.config.mqtt.use_tls,
         )
         membership = Membership(
             link,
@@ -286,9 +287,7 @@ class BrokerService:
         link.set_will(topics.member(b.cluster, b.node), membership.member_record(online=False))
         self.membership = membership
         self.cluster = ClusterMember(self, link)
-        if b.placement == "spread":
-            self.scaleout = ScaleOut.attach(self, link)
-            self._tasks.append(asyncio.get_running_loop().create_task(self.scaleout.run()))
+        self.scaleout = ScaleOut.attach(self, link) if b.placement == "spread" else None
         loop = asyncio.get_running_loop()
 
         pending: set[asyncio.Task[None]] = set()
@@ -306,7 +305,7 @@ class BrokerService:
         self.add_alert_hook(publish_alert)
         self._tasks.append(loop.create_task(link.run()))
         self._tasks.append(loop.create_task(membership.run()))
-        self._tasks.append(loop.create_task(self.cluster.run()))
+        self._tasks += [loop.create_task(t.run()) for t in (self.cluster, self.scaleout) if t]
 
     async def stop(self) -> None:
         """Graceful shutdown."""

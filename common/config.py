@@ -229,6 +229,20 @@ class NBDSection(_Strict):
         return value
 
 
+class MQTTSection(_Strict):
+    """The control plane. Without a URL the daemon stays off MQTT (a broker runs alone, an agent
+    ships to ``[broker] urls`` and answers no requests)."""
+
+    url: str | None = None
+    tls: bool = False
+
+    @property
+    def use_tls(self) -> bool:
+        """Whether to connect with TLS and this daemon's [tls] certificate: ``tls = true`` or an
+        ``mqtts://`` URL asks for it (the MQTT brokers we ship accept nothing else)."""
+        return self.tls or (self.url or "").startswith("mqtts://")
+
+
 class BrokerTarget(_Strict):
     urls: list[str] = Field(min_length=1)
     cluster: Name
@@ -241,6 +255,7 @@ class AgentConfig(_Strict):
     tls: TLSFiles
     nbd: NBDSection
     broker: BrokerTarget
+    mqtt: MQTTSection = MQTTSection()
     policies: dict[Name, Policy] = Field(default_factory=lambda: {"default": Policy()})
     vms: list[VMConfig] = Field(default_factory=list)
 
@@ -262,19 +277,6 @@ class BrokerSection(_Strict):
     disks it protects (broker/colocation.py)."""
     allow_shared_storage: bool = False
     """Start even when the store shares storage with this host's protected disks (a lab)."""
-
-
-class MQTTSection(_Strict):
-    """The control plane. Without a URL the broker runs alone and publishes nothing."""
-
-    url: str | None = None
-    tls: bool = False
-
-    @property
-    def use_tls(self) -> bool:
-        """Whether to connect with TLS and this daemon's [tls] certificate: ``tls = true`` or an
-        ``mqtts://`` URL asks for it (the MQTT brokers we ship accept nothing else)."""
-        return self.tls or (self.url or "").startswith("mqtts://")
 
 
 class Authorization(_Strict):

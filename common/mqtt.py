@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -23,29 +24,37 @@ from urllib.parse import urlsplit
 import aiomqtt
 from pydantic import BaseModel, ValidationError
 
+from common.config import TLSFiles
 from common.errors import ConfigError
 from common.logs import get_logger
-from common.tls import Rejection, describe_tls_error
+from common.signedrecord import WILL_SEQ, ForgedRecord, Signer, StaleRecord, Verifier
+from common.tls import Rejection, client_context, describe_tls_error
+from common.tls.identities import Identity
 
 log = get_logger("replikant.mqtt")
 
 M = TypeVar("M", bound=BaseModel)
 
 
+Handler = Callable[[str, M | None, Identity | None], None]
+"""``handler(topic, record, signer)``: ``signer`` is who signed it (``None`` on a link without a
+verifier, and for a cleared record, which MQTT carries as an empty payload nobody signs)."""
+
+
 @dataclass(frozen=True)
 class Subscription(Generic[M]):
-    """Messages on ``topic_filter`` decoded as ``model`` and handed to ``handler(topic, record)``;
-    an empty retained payload (a cleared record) arrives as ``None``."""
+    """Messages on ``topic_filter`` decoded as ``model`` and handed to the handler; an empty
+    retained payload (a cleared record) arrives as ``None``."""
 
     topic_filter: str
     model: type[M]
-    handler: Callable[[str, M | None], None]
+    handler: Handler[M]
 
-    def deliver(self, topic: str, payload: bytes) -> bool:
+    def deliver(self, topic: str, payload: bytes, signer: Identity | None = None) -> bool:
         """Validate and hand over one message; an invalid one is logged and dropped (a peer from
         another release, or a forger, must never crash a daemon). Returns whether delivered."""
         if not payload:
-            self.handler(topic, None)
+            self.handler(topic, None, None)
             return True
         try:
             record = self.model.model_validate_json(payload)
@@ -58,7 +67,7 @@ class Subscription(Generic[M]):
                 fix="check that every daemon on this MQTT broker runs the same Replikant release",
             )
             return False
-        self.handler(topic, record)
+        self.handler(topic, record, signer)
         return True
 
 
@@ -117,7 +126,9 @@ class MQTTLink:
     """A long-lived MQTT connection that publishes retained records and survives outages.
 
     ``retained`` is re-published on every (re)connect; ``will`` is what the broker publishes for
-    us if we vanish (membership going offline).
+    us if we vanish (membership going offline). With a ``signer`` every message goes out as a
+    signed envelope (:mod:`common.signedrecord`); with a ``verifier`` every message received is
+    checked and a forged or replayed one never reaches a handler.
     """
 
     def __init__(
@@ -128,6 +139,8 @@ class MQTTLink:
         tls_context: ssl.SSLContext | None = None,
         will: tuple[str, BaseModel] | None = None,
         reconnect_max_seconds: float = 10.0,
+        signer: Signer | None = None,
+        verifier: Verifier | None = None,
     ) -> None:
         self.address = MQTTAddress.parse(url)
         if self.address.tls and tls_context is None:
@@ -144,6 +157,30 @@ class MQTTLink:
         self._reconnect_max = reconnect_max_seconds
         self.on_connect: list[Callable[[], None]] = []
         self._subscriptions: list[Subscription[Any]] = []
+        self.signer = signer
+        self._verifier = verifier
+        self._session = 0.0
+        self._seq = 0
+
+    @classmethod
+    def for_daemon(cls, url: str, *, client_id: str, tls: TLSFiles, use_tls: bool) -> MQTTLink:
+        """A daemon's link: TLS with its certificate when ``use_tls``, and always signing with
+        its key and verifying against its CA, so no forged record reaches it."""
+        return cls(
+            url,
+            client_id=client_id,
+            tls_context=client_context(tls) if use_tls else None,
+            signer=Signer.from_files(tls.cert, tls.key),
+            verifier=Verifier.from_file(tls.ca),
+        )
+
+    def _wire(self, topic: str, payload: bytes, *, will: bool = False) -> bytes:
+        if self.signer is None or not payload:
+            return payload
+        if will:
+            return self.signer.sign(topic, payload, session=self._session, seq=WILL_SEQ)
+        self._seq += 1
+        return self.signer.sign(topic, payload, session=self._session, seq=self._seq)
 
     def set_will(self, topic: str, record: BaseModel) -> None:
         """What the MQTT broker publishes (retained) for us if we vanish; takes effect on the
@@ -155,12 +192,37 @@ class MQTTLink:
     ) -> None:
         """Receive validated ``model`` records on ``topic_filter`` from the next (re)connect on;
         retained records arrive first, so a newcomer learns the current state at once."""
+        self.subscribe_signed(topic_filter, model, lambda t, r, _signer: handler(t, r))
+
+    def subscribe_signed(self, topic_filter: str, model: type[M], handler: Handler[M]) -> None:
+        """As :meth:`subscribe`, and the handler also learns who signed each record."""
         self._subscriptions.append(Subscription(topic_filter, model, handler))
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
-        for sub in self._subscriptions:
-            if aiomqtt.Topic(topic).matches(sub.topic_filter):
-                sub.deliver(topic, payload)
+        subs = [s for s in self._subscriptions if aiomqtt.Topic(topic).matches(s.topic_filter)]
+        if not subs:
+            return
+        signer: Identity | None = None
+        if self._verifier is not None and payload:
+            try:
+                verified = self._verifier.open(topic, payload)
+            except ForgedRecord as exc:
+                log.warning(
+                    "mqtt_record_forged",
+                    topic=topic,
+                    claimed=exc.claimed.uri if exc.claimed else None,
+                    reason=exc.reason,
+                    fix="find who holds that certificate (or who publishes without one) and "
+                    "revoke it; Mosquitto's ACL (replikant deploy mosquitto-config) stops "
+                    "certified clients from writing other daemons' topics",
+                )
+                return
+            except StaleRecord as exc:
+                log.info("mqtt_record_replayed", topic=topic, reason=str(exc))
+                return
+            signer, payload = verified.signer, verified.record
+        for sub in subs:
+            sub.deliver(topic, payload, signer)
 
     @property
     def connected(self) -> bool:
@@ -190,18 +252,23 @@ class MQTTLink:
             log.debug("mqtt_publish_deferred", topic=topic)
             return
         try:
-            await client.publish(topic, payload, qos=1, retain=retain)
+            await client.publish(topic, self._wire(topic, payload), qos=1, retain=retain)
         except aiomqtt.MqttError as exc:
             log.warning("mqtt_publish_failed", topic=topic, error=str(exc))
 
     async def run(self) -> None:
         """Connect and stay connected until cancelled, backing off between attempts."""
         delay = 0.2
-        will = None
-        if self._will is not None:
-            topic, record = self._will
-            will = aiomqtt.Will(topic, record.model_dump_json().encode(), qos=1, retain=True)
         while True:
+            # Each connection is a new signing session, later than every earlier one (also
+            # within one clock tick), so its will and records supersede the last session's.
+            self._session = max(time.time(), self._session + 1e-6)
+            self._seq = 0
+            will = None
+            if self._will is not None:
+                topic, record = self._will
+                payload = self._wire(topic, record.model_dump_json().encode(), will=True)
+                will = aiomqtt.Will(topic, payload, qos=1, retain=True)
             client = aiomqtt.Client(
                 self.address.host,
                 self.address.port,
@@ -216,15 +283,17 @@ class MQTTLink:
                 async with client:
                     connected = True
                     self._client = client
-                    self._connected.set()
                     delay = 0.2
                     log.info("mqtt_connected", host=self.address.host, port=self.address.port)
                     for topic, payload in list(self._retained.items()):
-                        await client.publish(topic, payload, qos=1, retain=True)
+                        await client.publish(topic, self._wire(topic, payload), qos=1, retain=True)
                     for callback in self.on_connect:
                         callback()
                     for sub in self._subscriptions:
                         await client.subscribe(sub.topic_filter, qos=1)
+                    # Connected only now: a request sent from here on finds our reply topic
+                    # subscribed (the MQTT broker handles one client's packets in order).
+                    self._connected.set()
                     # Reading messages is also how aiomqtt notices a dead connection.
                     async for message in client.messages:
                         payload = message.payload

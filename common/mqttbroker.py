@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final
 
 from amqtt.broker import Broker
 from amqtt.contexts import ListenerType
 
+from common import topics
 from common.config import TLSFiles
 from common.logs import get_logger
 from common.tls import (
@@ -48,10 +50,17 @@ Mosquitto and deploy/mosquitto.conf both carry them (tests/security checks both)
 
 
 def mosquitto_config(
-    host: str, port: int, tls: TLSFiles, *, acl_file: Path | None = None, user: str | None = None
+    host: str,
+    port: int,
+    tls: TLSFiles,
+    *,
+    acl_file: Path | None = None,
+    user: str | None = None,
+    persistence: Path | None = None,
 ) -> str:
-    """A Mosquitto configuration for one TLS listener on ``host:port`` (lab and tests: no
-    persistence), with ``acl_file`` when given.
+    """A Mosquitto configuration for one TLS listener on ``host:port`` (an empty ``host``: every
+    address), with ``acl_file`` when given; retained records are kept in ``persistence`` when
+    given (production), else only in memory (lab and tests).
 
     ``user``: who Mosquitto runs as when started by root (by default it switches to the user
     ``mosquitto``, which cannot read a lab's private key); the lab passes the user that owns it.
@@ -59,8 +68,12 @@ def mosquitto_config(
     lines = [
         *([f"user {user}"] if user else []),
         "per_listener_settings false",
-        "persistence false",
-        f"listener {port} {host}",
+        *(
+            ["persistence true", f"persistence_location {persistence}/"]
+            if persistence
+            else ["persistence false"]
+        ),
+        f"listener {port} {host}".rstrip(),
         f"cafile {tls.ca}",
         f"certfile {tls.cert}",
         f"keyfile {tls.key}",
@@ -117,17 +130,24 @@ class MutualTLSBroker(Broker):  # type: ignore[misc]  # amqtt ships no type info
         return await start_tls_server(connected, address, port, self._tls)
 
 
-def mosquitto_acl(brokers: list[tuple[str, str]]) -> str:
-    """The ACL for deploy/mosquitto.conf: everyone authenticated reads, broker ``(cluster, node)``
-    writes its cluster's records and the VM records (deploy/mosquitto.acl is this for dr/b1)."""
-    lines = ["pattern read replikant/v1/#"]
-    for cluster, node in brokers:
-        # The subject `replikant certs` writes (certs/issue.py), as Mosquitto prints it (RFC 2253).
-        lines += [
-            f"user CN={node}.{cluster},OU=broker,O=Replikant",
-            f"topic readwrite replikant/v1/clusters/{cluster}/#",
-            "topic readwrite replikant/v1/vms/#",
-        ]
+def mosquitto_user(identity: Identity) -> str:
+    """The MQTT user name Mosquitto derives from ``identity``'s certificate
+    (``use_subject_as_username``: the subject `replikant certs` writes, as RFC 2253 prints it)."""
+    common = f"{identity.name}.{identity.cluster}" if identity.cluster else identity.name
+    return f"CN={common},OU={identity.role},O=Replikant"
+
+
+def mosquitto_acl(identities: Iterable[Identity]) -> str:
+    """The ACL for Mosquitto: everyone authenticated reads, and each identity writes only the
+    topics :data:`common.topics.PUBLISHERS` gives its role (the receivers' signature check
+    applies the same table). Identities not listed read and never write."""
+    lines = [
+        # Mosquitto warns that this pattern names neither %u nor %c: it is meant for everyone.
+        f"pattern read {topics.ROOT}/#",
+    ]
+    for identity in sorted(set(identities), key=lambda i: i.uri):
+        lines += ["", f"# {identity.uri}", f"user {mosquitto_user(identity)}"]
+        lines += [f"topic write {f}" for f in topics.publish_filters(identity)]
     return "\n".join(lines) + "\n"
 
 

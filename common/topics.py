@@ -8,9 +8,12 @@ models below so that a broker from another release fails loudly, not subtly.
 from __future__ import annotations
 
 import uuid
-from typing import Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from common.tls.identities import Identity
+from common.tls.identities import Role as PeerRole
 
 ROOT = "replikant/v1"
 
@@ -51,6 +54,60 @@ def placements(cluster: str) -> str:
 def alerts(cluster: str) -> str:
     """Not retained: alerts raised by the cluster's brokers (storage full, fenced, ...)."""
     return f"{ROOT}/clusters/{cluster}/alerts"
+
+
+def host(name: str) -> str:
+    """Retained: an agent host's presence (online, VMs, disks), cleared by its last will."""
+    return f"{ROOT}/hosts/{name}"
+
+
+def requests(name: str) -> str:
+    """Not retained: command requests to the agent on host ``name``."""
+    return f"{ROOT}/hosts/{name}/requests"
+
+
+def replies(requester: Identity) -> str:
+    """Not retained: answers to ``requester``'s requests (one topic per requester)."""
+    return f"{ROOT}/replies/{requester.role}/{requester.label}"
+
+
+PUBLISHERS: Final[tuple[tuple[PeerRole, str], ...]] = (
+    ("broker", "clusters/{cluster}/#"),
+    ("broker", "vms/#"),
+    ("broker", "hosts/+/requests"),
+    ("broker", "replies/#"),
+    ("agent", "hosts/{name}"),
+    ("agent", "replies/#"),
+    ("admin", "hosts/+/requests"),
+)
+"""Who may publish where, below :data:`ROOT`: ``{cluster}`` and ``{name}`` are the publisher's
+own. The receivers' check (:func:`may_publish`) and Mosquitto's ACL
+(:func:`common.mqttbroker.mosquitto_acl`) are both made from this one table."""
+
+
+def publish_filters(identity: Identity) -> list[str]:
+    """The topic filters ``identity`` may publish on."""
+    return [
+        f"{ROOT}/" + pattern.format(cluster=identity.cluster, name=identity.name)
+        for role, pattern in PUBLISHERS
+        if role == identity.role
+    ]
+
+
+def matches(topic: str, topic_filter: str) -> bool:
+    """Whether ``topic`` matches the MQTT ``topic_filter`` (``+`` one level, ``#`` the rest)."""
+    levels = topic.split("/")
+    for i, want in enumerate(topic_filter.split("/")):
+        if want == "#":
+            return True
+        if i >= len(levels) or (want != "+" and want != levels[i]):
+            return False
+    return len(levels) == len(topic_filter.split("/"))
+
+
+def may_publish(identity: Identity, topic: str) -> bool:
+    """Whether a record on ``topic`` signed by ``identity`` is believable."""
+    return any(matches(topic, f) for f in publish_filters(identity))
 
 
 class _Message(BaseModel):
@@ -99,6 +156,46 @@ class AlertRecord(_Message):
     message: str
     fix: str = Field(min_length=1)
     at: float
+
+
+class HostVM(_Message):
+    """One VM an agent protects, as that agent knows it."""
+
+    name: str
+    uuid: uuid.UUID
+    role: Role
+    disks: list[str]
+
+
+class HostRecord(_Message):
+    """An agent host's presence; its last will says ``online: false``."""
+
+    host: str
+    site: str
+    online: bool
+    since: float
+    vms: list[HostVM]
+
+
+class Request(_Message):
+    """A command to one daemon; the answer goes to :func:`replies` of the signer."""
+
+    id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    command: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    args: dict[str, Any] = Field(default_factory=dict)
+    expires: float
+    """Seconds since the epoch after which the request is ignored (a captured request cannot be
+    replayed to a daemon that restarted)."""
+
+
+class Response(_Message):
+    """The answer to :class:`Request` ``id``: a result, or an error with its fix."""
+
+    id: str
+    ok: bool
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    fix: str | None = None
 
 
 class PlacementMessage(_Message):

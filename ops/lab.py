@@ -41,6 +41,7 @@ from common.config import TLSFiles
 from common.errors import ReplikantError
 from common.logs import get_logger
 from common.tls import client_context
+from common.tls.identities import Identity
 
 log = get_logger("replikant.lab")
 
@@ -336,10 +337,12 @@ async def _bring_up(plan: LabPlan, lab: dict[str, Any], limit: float) -> list[_P
         ssl_ctx = client_context(admin_tls)
         mqtt_tls = plan.mqtt_tls
         if plan.mqtt_kind == "mosquitto":
-            from common.mqttbroker import mosquitto_acl, mosquitto_config  # noqa: PLC0415 (amqtt)
+            from common.mqttbroker import mosquitto_config  # noqa: PLC0415 (amqtt)
+            from ops.deploy import pki_acl  # noqa: PLC0415 (amqtt)
 
             acl = plan.root / "mosquitto.acl"
-            acl.write_text(mosquitto_acl([(CLUSTER, BROKER_NODE)]))
+            # The same ACL `replikant deploy mosquitto-config` renders, for the lab's PKI.
+            acl.write_text(pki_acl(plan.pki, server=Identity.broker(CLUSTER, MQTT_NODE)))
             conf = plan.root / "mosquitto.conf"
             # Mosquitto started by root switches to its own user, which cannot read the lab's
             # key: it runs as the lab's user instead.

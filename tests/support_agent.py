@@ -458,8 +458,10 @@ def write_agent_config(
     extra_policies: str = "",
     tcp_listen: str | None = None,
     tcp_clients: list[str] | None = None,
+    mqtt_url: str | None = None,
 ) -> Path:
-    """Write an agent.toml that protects ``vms`` and ships to ``broker_urls``."""
+    """Write an agent.toml that protects ``vms`` and ships to ``broker_urls`` (and joins the
+    control plane at ``mqtt_url`` with its certificate, when given)."""
     agent_tls = pki.agent.tls
     lines = [
         "[agent]",
@@ -485,6 +487,7 @@ def write_agent_config(
         "[broker]",
         "urls = [" + ", ".join(f'"{u}"' for u in broker_urls) + "]",
         'cluster = "c1"',
+        *(["", "[mqtt]", f'url = "{mqtt_url}"', "tls = true"] if mqtt_url else []),
         "",
         "[policies.default]",
         f"interval_seconds = {interval}",
@@ -558,9 +561,13 @@ async def wait_until(
 # -- real processes ------------------------------------------------------------------------
 
 
-def broker_config(path: Path, pki: Pki, store: Path, port: int) -> Path:
-    """A broker.toml for ``replikant broker run`` with this PKI's broker certificate."""
+def broker_config(
+    path: Path, pki: Pki, store: Path, port: int, *, mqtt_url: str | None = None
+) -> Path:
+    """A broker.toml for ``replikant broker run`` with this PKI's broker certificate (on the
+    control plane at ``mqtt_url`` when given)."""
     tls = pki.broker.tls
+    mqtt = f'\n[mqtt]\nurl = "{mqtt_url}"\ntls = true\n' if mqtt_url else ""
     path.write_text(
         f"""
 [broker]
@@ -574,7 +581,7 @@ min_free_bytes = 0
 ca = "{tls.ca}"
 cert = "{tls.cert}"
 key = "{tls.key}"
-"""
+{mqtt}"""
     )
     return path
 

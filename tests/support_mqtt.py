@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import pwd
 import shutil
@@ -10,14 +12,19 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 
 from common.config import TLSFiles
-from common.mqttbroker import mosquitto_acl, mosquitto_config
+from common.mqtt import MQTTLink
+from common.mqttbroker import mosquitto_acl, mosquitto_config, serve_embedded
+from common.signedrecord import Verifier
+from common.tls import TLSMaterial
+from common.tls.identities import Identity
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -67,13 +74,13 @@ def mosquitto(tmp: Path, port: int | None = None) -> Iterator[int]:
 
 @contextmanager
 def mosquitto_tls(
-    tmp: Path, server: TLSFiles, brokers: list[tuple[str, str]], port: int | None = None
+    tmp: Path, server: TLSFiles, clients: list[Identity], port: int | None = None
 ) -> Iterator[int]:
     """Run a real Mosquitto configured as deploy/mosquitto.conf (mutual TLS, certificate subjects
-    as user names, the ACL for ``brokers`` as ``(cluster, node)``) and yield its port."""
+    as user names, the ACL for ``clients``) and yield its port."""
     port = port or free_port()
     acl = tmp / f"mosquitto-{port}.acl"
-    acl.write_text(mosquitto_acl(brokers))
+    acl.write_text(mosquitto_acl(clients))
     conf = tmp / f"mosquitto-{port}.conf"
     # Started by root, Mosquitto would switch to its own user, who cannot read the test's key.
     user = pwd.getpwuid(os.geteuid()).pw_name
@@ -97,3 +104,39 @@ async def read_retained(
         except TimeoutError:
             return None
     return None
+
+
+def record_of(ca: Path, topic: str, payload: bytes) -> Any:
+    """The JSON record inside a daemon's signed envelope, after checking it against ``ca``."""
+    return json.loads(Verifier.from_file(ca).open(topic, payload).record)
+
+
+@asynccontextmanager
+async def embedded(cert: TLSMaterial) -> AsyncIterator[int]:
+    """Run the lab's embedded MQTT broker (mutual TLS, no ACL) in this loop; yield its port."""
+    port = free_port()
+    ready = asyncio.Event()
+    task = asyncio.create_task(serve_embedded("127.0.0.1", port, cert, ready))
+    try:
+        async with asyncio.timeout(10):
+            await ready.wait()
+        yield port
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@asynccontextmanager
+async def running(link: MQTTLink, *, connected: bool = True) -> AsyncIterator[MQTTLink]:
+    """Run ``link`` (waiting until it is connected, unless told not to) and stop it after."""
+    task = asyncio.create_task(link.run())
+    try:
+        if connected:
+            async with asyncio.timeout(15):
+                await link.wait_connected()
+        yield link
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

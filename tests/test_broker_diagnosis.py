@@ -27,7 +27,7 @@ from tests.support_broker import (
     make_pki,
     running_broker,
 )
-from tests.support_mqtt import mosquitto
+from tests.support_mqtt import mosquitto, record_of
 
 BROKER_SECTION = {"node": "b1", "cluster": "c1", "site": "recovery", "listen": "127.0.0.1:0"}
 
@@ -150,7 +150,7 @@ async def test_mqtt_alerts_name_a_fix(pki: PKI, tmp_path: Path) -> None:
             async with asyncio.timeout(10):
                 message = await anext(aiter(reader.messages))
     assert isinstance(message.payload, bytes)
-    record = json.loads(message.payload)
+    record = record_of(pki.broker.ca, topics.alerts("c1"), message.payload)
     assert record["kind"] == "storage_full"
     assert "store" in record["message"]
     assert record["fix"]

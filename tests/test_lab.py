@@ -14,6 +14,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
+from common.signedrecord import Verifier
 from common.tls import client_context
 
 REPLIKANT = str(Path(sys.executable).with_name("replikant"))
@@ -38,7 +39,10 @@ async def _retained(url: str, pki: Path, topic: str, wanted: set[str]) -> dict[s
         await c.subscribe(topic, qos=1)
         async for message in c.messages:
             assert isinstance(message.payload, bytes)
-            seen[str(message.topic)] = message.payload
+            # The daemons sign what they publish: keep the verified record.
+            seen[str(message.topic)] = (
+                Verifier.from_file(pki / "ca.crt").open(str(message.topic), message.payload).record
+            )
             if wanted <= seen.keys():
                 return seen
     return seen

@@ -16,6 +16,7 @@ from common.errors import ConfigError
 from common.mqtt import MQTTAddress, MQTTLink
 from common.mqttbroker import serve_embedded
 from common.tls import client_context
+from common.tls.identities import Identity
 from tests.fixtures_pki import Pki, make_pki
 from tests.support_mqtt import free_port, mosquitto, mosquitto_tls, read_retained
 
@@ -113,7 +114,7 @@ async def test_a_refused_certificate_is_logged_with_its_reason(pki: Pki, tmp_pat
     unknown CA) and the fix instead."""
     other = make_pki(tmp_path / "other")
     foreign = client_context((pki.ca, other.broker.cert_path, other.broker.key_path))
-    with mosquitto_tls(tmp_path, _mqtt_server_cert(pki), [("c1", "b1")]) as port:
+    with mosquitto_tls(tmp_path, _mqtt_server_cert(pki), [Identity.broker("c1", "b1")]) as port:
         link = MQTTLink(
             f"mqtts://127.0.0.1:{port}",
             client_id="b1",

@@ -22,7 +22,7 @@ from broker.placement import Member, Placer
 from broker.placements import PlacementBook, PlacementRecord
 from broker.store import Store
 from common import topics
-from common.tls import client_context
+from common.tls import Identity, client_context
 from tests.fixtures_pki import make_pki
 from tests.sim_member import HEARTBEAT
 from tests.support_mqtt import mosquitto_tls
@@ -89,7 +89,7 @@ async def test_thousand_vms_on_three_members(tmp_path: Path) -> None:
     certs = {n: pki.store.issue_broker("c1", n, ips=["127.0.0.1"]).tls for n in NODES}
     observer = Observer()
     procs: dict[str, asyncio.subprocess.Process] = {}
-    with mosquitto_tls(tmp_path, server, [("c1", n) for n in NODES]) as port:
+    with mosquitto_tls(tmp_path, server, [Identity.broker("c1", n) for n in NODES]) as port:
         watch = asyncio.create_task(observer.run(port, client_context(pki.admin.tls)))
         try:
             for node in ["n2", "n3", "n1"]:  # the owner last: it finds the others online

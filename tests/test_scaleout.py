@@ -15,6 +15,7 @@ import pytest
 from broker.service import BrokerService
 from certs.store import CertStore
 from common.config import BrokerConfig, TLSFiles
+from common.tls import Identity
 from tests.support_broker import PKI, AgentClient, FakeSource, make_pki
 from tests.support_mqtt import mosquitto_tls
 
@@ -55,7 +56,7 @@ async def _members(tmp_path: Path) -> AsyncIterator[tuple[PKI, dict[str, BrokerS
     server = ca.issue_broker("c1", "mqtt", dns=["localhost"], ips=["127.0.0.1"]).tls
     certs = {"b1": pki.broker, "b2": ca.issue_broker("c1", "b2", ips=["127.0.0.1"]).tls}
     store = tmp_path / "store"
-    with mosquitto_tls(tmp_path, server, [("c1", n) for n in certs]) as port:
+    with mosquitto_tls(tmp_path, server, [Identity.broker("c1", n) for n in certs]) as port:
         services = {n: BrokerService(_config(pki, t, n, store, port)) for n, t in certs.items()}
         try:
             for svc in services.values():

@@ -16,9 +16,12 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
+from certs.store import CertStore
 from common.mqtt import MQTTAddress, tls_rejection
-from common.mqttbroker import MOSQUITTO_TLS, mosquitto_acl, serve_embedded
+from common.mqttbroker import MOSQUITTO_TLS, serve_embedded
 from common.tls import client_context
+from common.tls.identities import Identity
+from ops.deploy import render
 from tests.fixtures_pki import Pki, make_pki
 from tests.security.rows import Door
 from tests.support_mqtt import free_port, mosquitto_tls, read_retained
@@ -33,7 +36,7 @@ REAL = "replikant/v1/clusters/c1/members/b1"
 async def _server(kind: str, pki: Pki, tmp: Path) -> AsyncIterator[int]:
     cert = pki.store.issue_broker("c1", "mqtt", dns=["localhost"], ips=["127.0.0.1"]).tls
     if kind == "mosquitto":
-        with mosquitto_tls(tmp, cert, [("c1", "b1")]) as port:
+        with mosquitto_tls(tmp, cert, [Identity.broker("c1", "b1")]) as port:
             yield port
         return
     port = free_port()
@@ -124,18 +127,22 @@ async def test_mqtt_refuses_clients_without_our_certificate(
             )
 
 
-def test_shipped_mosquitto_files_match_what_the_tests_run() -> None:
-    """deploy/mosquitto.conf carries every line that makes Mosquitto refuse clients without our
-    certificate, and deploy/mosquitto.acl is the ACL the tests run (for broker dr/b1)."""
+def test_shipped_mosquitto_files_match_what_the_tests_run(tmp_path: Path) -> None:
+    """deploy/mosquitto.conf and deploy/mosquitto.acl are exactly what `replikant deploy
+    mosquitto-config` renders for their example PKI, carry every line that makes Mosquitto refuse
+    clients without our certificate, and are written 0640."""
+    store = CertStore.init(tmp_path / "pki")
+    store.issue_broker("dr", "b1")
+    store.issue_broker("dr", "mqtt", dns=["mqtt.example"])
+    store.issue_agent("hv1")
+    store.issue_admin("alice")
+    written = render(tmp_path / "pki", tmp_path / "out")
+    for path in written:
+        assert path.read_text() == (DEPLOY / path.name).read_text(), f"re-render {path.name}"
+        assert path.stat().st_mode & 0o777 == 0o640
     conf = {line.strip() for line in (DEPLOY / "mosquitto.conf").read_text().splitlines()}
     missing = [line for line in MOSQUITTO_TLS if line not in conf]
     assert not missing, f"deploy/mosquitto.conf lacks {missing}"
-    acl = [
-        line.strip()
-        for line in (DEPLOY / "mosquitto.acl").read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
-    assert acl == mosquitto_acl([("dr", "b1")]).splitlines()
 
 
 @pytest.fixture

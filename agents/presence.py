@@ -1,0 +1,123 @@
+"""The agent on the MQTT control plane (``[mqtt]`` in agent.toml): presence, requests, the owner.
+
+- Presence: ``replikant/v1/hosts/{host}`` retained (online, VMs, disks), re-published on every
+  reconnect; the last will says offline, a clean stop says so itself.
+- Requests: answers ``status`` (host, VMs, disks, roles as this agent knows them) over
+  :mod:`common.mqttrpc`; more commands are one ``self.rpc.command(...)`` each.
+- The owner: follows its cluster's retained owner record (with the owner's URL from its
+  membership record) and hands the URL to the broker client, so no agent needs a config change
+  when the owner moves. Only signed, verified records count (:mod:`common.signedrecord`), and an
+  owner record never moves the agent back to a lower epoch than one it has seen.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+from common import topics
+from common.config import AgentConfig
+from common.logs import get_logger
+from common.mqtt import MQTTLink
+from common.mqttrpc import RPCServer
+from common.tls.identities import Identity
+
+log = get_logger("agents.presence")
+
+
+@runtime_checkable
+class Follower(Protocol):
+    """Whoever ships to the owner: told the owner's URL when a verified owner record moves."""
+
+    def follow(self, url: str) -> None:
+        """Send from now on to the broker at ``url``."""
+
+
+class Presence:
+    """One agent's MQTT link, presence record, request server and owner following."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        status: Callable[[], dict[str, Any]],
+        follower: Follower | None,
+    ) -> None:
+        assert config.mqtt.url is not None
+        self.config = config
+        self.host = config.agent.host
+        self.link = MQTTLink.for_daemon(
+            config.mqtt.url,
+            client_id=f"replikant-agent-{self.host}",
+            tls=config.tls,
+            use_tls=config.mqtt.use_tls,
+        )
+        self._since = time.time()
+        self._status = status
+        self._follower = follower
+        self.owner: topics.OwnerRecord | None = None
+        self.owner_url: str | None = None
+        self._members: dict[str, str] = {}
+        self.link.set_will(topics.host(self.host), self.record(online=False))
+        self.rpc = RPCServer(self.link, topics.requests(self.host))
+        self.rpc.command("status", self._answer_status)
+        cluster = config.broker.cluster
+        self.link.subscribe(topics.owner(cluster), topics.OwnerRecord, self._on_owner)
+        self.link.subscribe(topics.members(cluster), topics.MemberRecord, self._on_member)
+
+    def record(self, *, online: bool) -> topics.HostRecord:
+        """This host's presence record."""
+        return topics.HostRecord(
+            host=self.host,
+            site=self.config.agent.site,
+            online=online,
+            since=self._since,
+            vms=[
+                topics.HostVM(
+                    name=vm.name,
+                    uuid=vm.uuid,
+                    role="PRIMARY",
+                    disks=[d.id for d in vm.disks if not d.exclude],
+                )
+                for vm in self.config.vms
+            ],
+        )
+
+    async def _answer_status(self, _args: dict[str, Any], _requester: Identity) -> dict[str, Any]:
+        vms = [vm.model_dump(mode="json") for vm in self.record(online=True).vms]
+        return {**self._status(), "vms": vms}
+
+    def _on_member(self, _topic: str, record: topics.MemberRecord | None) -> None:
+        if record is not None:
+            self._members[record.node] = record.url
+            self._follow()
+
+    def _on_owner(self, _topic: str, record: topics.OwnerRecord | None) -> None:
+        if record is None:
+            return
+        if self.owner is not None and record.epoch < self.owner.epoch:
+            log.info("owner_record_ignored", node=record.node, epoch=record.epoch,
+                     known_epoch=self.owner.epoch, reason="older epoch")  # fmt: skip
+            return
+        self.owner = record
+        self._follow()
+
+    def _follow(self) -> None:
+        url = self._members.get(self.owner.node) if self.owner is not None else None
+        if url is None or url == self.owner_url or self.owner is None:
+            return
+        self.owner_url = url
+        log.info("owner_learned", node=self.owner.node, epoch=self.owner.epoch, url=url,
+                 following=self._follower is not None)  # fmt: skip
+        if self._follower is not None:
+            self._follower.follow(url)
+
+    async def run(self) -> None:
+        """Publish presence and stay connected until cancelled."""
+        await self.link.publish_retained(topics.host(self.host), self.record(online=True))
+        await self.link.run()
+
+    async def leave(self) -> None:
+        """A clean stop: presence offline (the last will covers the unclean ones)."""
+        await self.link.publish_retained(topics.host(self.host), self.record(online=False))
