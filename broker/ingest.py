@@ -169,6 +169,7 @@ async def upload_batch(request: web.Request) -> web.Response:
     progress = UploadProgress()
     try:
         authorise_agent(service.config, ident, vm_uuid)
+        service.check_owner(vm_uuid)  # a member that does not know the VM names the one that does
         replica = replica_of(service, vm_uuid, disk_id)
         log = log.bind(vm=replica.meta.vm_name, generation=replica.meta.generation)
         check_source(replica, ident)

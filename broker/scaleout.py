@@ -74,6 +74,9 @@ class ScaleOut:
         b = service.config.broker
         self.book = PlacementBook(service.store, b.node)
         service.store.vm_fence = self.book.check
+        # A placed VM is loaded (and applied) only through adoption here, never by the owner's
+        # load of the whole store.
+        service.store.placed_apart = self._placed_apart
         self.placement = ClusterPlacement(
             link,
             self.book,
@@ -104,6 +107,9 @@ class ScaleOut:
             and any(k[0] == vm_uuid for k in self.service.engines)
         )
 
+    def _placed_apart(self, vm_uuid: str) -> bool:
+        return self.book.get(vm_uuid) is not None
+
     def _owner_epoch(self) -> int | None:
         s = self.service
         if not s.serving or s.epoch < 1:
@@ -112,7 +118,9 @@ class ScaleOut:
 
     async def _changed(self, vm_uuid: str, mine: bool) -> None:
         await self._stop_engines(vm_uuid)
-        if mine:
+        if not mine:
+            self.service.store.forget_vm(vm_uuid)
+        else:
             replicas = await asyncio.to_thread(self.service.store.reload_vm, vm_uuid)
             for replica in replicas:
                 self.service.engine_for(replica)
@@ -142,6 +150,7 @@ class ScaleOut:
                 await self.placement.reconcile(vm)
             else:
                 await self._stop_engines(vm)
+                self.service.store.forget_vm(vm)
 
 
 __all__ = ["PlacementRouter", "ScaleOut"]

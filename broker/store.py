@@ -232,6 +232,8 @@ class Store:
         # The per-VM fence of a cluster that spreads VMs over members (broker/placements.py):
         # True when it governs the replica (and let it write), raising when it refuses.
         self.vm_fence: Callable[[Replica], bool] | None = None
+        # VMs that member placement serves apart (broker/scaleout.py): load() leaves them out.
+        self.placed_apart: Callable[[str], bool] | None = None
         self.fence_enabled = os.environ.get(NO_FENCE) != "1"
         if not self.fence_enabled:
             _log.critical("fence_disabled", store=str(root), hook=NO_FENCE)
@@ -380,6 +382,8 @@ class Store:
             if not _valid(names.vm_uuid, vm_dir.name):
                 _log.warning("store_entry_ignored", path=str(vm_dir), reason="not a VM UUID")
                 continue
+            if self.placed_apart is not None and self.placed_apart(vm_dir.name):
+                continue
             for disk_dir in sorted(vm_dir.iterdir()):
                 if disk_dir.name.startswith("."):
                     if disk_dir.name.endswith(".creating") and not disk_dir.is_symlink():
@@ -449,6 +453,12 @@ class Store:
                 del self._replicas[key]
             self._replicas.update((r.key, r) for r in fresh)
         return fresh
+
+    def forget_vm(self, vm_uuid: str) -> None:
+        """Drop VM ``vm_uuid``'s disks from memory (placed on another member)."""
+        with self._lock:
+            for key in [k for k in self._replicas if k[0] == vm_uuid]:
+                del self._replicas[key]
 
     def replicas(self) -> list[Replica]:
         """Every replica, sorted by VM name then disk."""

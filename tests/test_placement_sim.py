@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import aiomqtt
@@ -63,9 +64,8 @@ def _records(root: Path) -> dict[str, PlacementRecord]:
     return PlacementBook(Store(root), "observer").all()
 
 
-async def _until(what: str, check: object, limit: float) -> float:
+async def until(what: str, check: Callable[[], bool], limit: float = 30) -> float:
     """Poll ``check()`` until true; returns the seconds it took."""
-    assert callable(check)
     start = time.monotonic()
     while not check():
         if time.monotonic() - start > limit:
@@ -108,7 +108,7 @@ async def test_thousand_vms_on_three_members(tmp_path: Path) -> None:
                     )
             for node in procs:
                 log_path = tmp_path / f"{node}.log"
-                await _until(
+                await until(
                     f"{node} connected", lambda p=log_path: b"\nready\n" in p.read_bytes(), 20
                 )
             placer = Placer()
@@ -119,13 +119,13 @@ async def test_thousand_vms_on_three_members(tmp_path: Path) -> None:
                 loads = Counter(r.node for r in records.values())
                 return len(records) == VMS and placer.within_threshold(members, loads)
 
-            took = await _until("1,000 VMs placed and balanced", balanced, 30)
+            took = await until("1,000 VMs placed and balanced", balanced, 30)
             first = _records(root)
             loads = Counter(r.node for r in first.values())
             bounds = placer.bounds(members, VMS)
             assert all(bounds[n][0] <= loads[n] <= bounds[n][1] for n in NODES), (loads, bounds)
             assert set(first) == set(PlacementBook(Store(root), "observer").vms())
-            await _until(
+            await until(
                 "every placement retained", lambda: observer.count("placements", 0) >= VMS, 10
             )
 
@@ -144,7 +144,7 @@ async def test_thousand_vms_on_three_members(tmp_path: Path) -> None:
             victims = {vm for vm, r in first.items() if r.node == "n3"}
             os.kill(procs["n3"].pid, signal.SIGKILL)
             killed = time.monotonic()
-            replaced = await _until(
+            replaced = await until(
                 "n3's VMs re-placed",
                 lambda: not any(r.node == "n3" for r in _records(root).values()),
                 15,
@@ -153,7 +153,7 @@ async def test_thousand_vms_on_three_members(tmp_path: Path) -> None:
             moved = {vm for vm in after if after[vm].token != first[vm].token}
             assert moved == victims
             assert all(after[vm].token > first[vm].token for vm in moved)
-            await _until(
+            await until(
                 "the moves announced",
                 lambda: observer.count("placements", killed) >= len(victims),
                 10,
