@@ -206,7 +206,8 @@ class BrokerClient:
         )
         self._session: aiohttp.ClientSession | None = None
         self._accepted: set[str] = set()  # brokers that answered us: they took our certificate
-        self._followed: str | None = None
+        # [followed URL] or []: shared with twins, so a redirect learnt on one loop holds for all.
+        self._followed: list[str] = []
         # Where each VM was sent last (decision 032: a cluster spreads VMs over its members), so
         # the VMs of one host served by two members do not bounce the host between them.
         self._by_vm: dict[str, str] = {}
@@ -224,7 +225,7 @@ class BrokerClient:
     @property
     def url(self) -> str:
         """The broker currently used."""
-        return self._followed or self.urls[self._current]
+        return self._followed[0] if self._followed else self.urls[self._current]
 
     def follow(self, url: str) -> None:
         """Send the next requests to ``url`` (the member a broker or the owner record named),
@@ -235,12 +236,12 @@ class BrokerClient:
             return
         if url != self.url:
             log.info("broker_followed", url=url, previous=self.url)
-        self._followed = url
+        self._followed[:] = [url]
 
     def _rotate(self) -> None:
-        if self._followed is not None:
+        if self._followed:
             # The followed member failed us: back to the configured list, from where we were.
-            self._followed = None
+            self._followed.clear()
             return
         self._current = (self._current + 1) % len(self.urls)
 

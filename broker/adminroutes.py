@@ -119,6 +119,7 @@ async def seed_import(request: web.Request) -> web.Response:
         names.name(vm, "vm")
     if raw is not None:
         names.disk_id(raw[2], "disk")
+    service.check_owner()  # a standby member must not write the shared store
     result = await service.seed_import(directory, expect_vm=vm, image=raw)
     return web.json_response(result)
 

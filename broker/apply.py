@@ -157,8 +157,9 @@ class DirectApply:
 
 
 SLOW_APPLY: Final = "REPLIKANT_TEST_SLOW_APPLY"
-"""Test hook (docs/security.md): seconds to pause inside each apply's write section, so that a
-test can freeze an owner with work in hand. Never set in production."""
+"""Test hook (docs/security.md): seconds to pause inside each apply's write section, after the
+data is written and before the commit, so that a test can freeze an owner with work in hand.
+Never set in production."""
 
 
 def _fault_slow_apply(log: structlog.stdlib.BoundLogger, seq: int) -> None:
@@ -361,7 +362,6 @@ class ReplicaEngine:
     def _apply_fenced(self, entry: JournalEntry, epoch: int) -> None:
         r = self.replica
         h = entry.header
-        _fault_slow_apply(self.log, h.seq)
         base = self.state()
         top = StateInfo(
             h.generation,
@@ -389,6 +389,7 @@ class ReplicaEngine:
         for ext in entry.iter_extents(self.limits):
             self.write_extent(ext, ext_seq=h.seq)
         os.fdatasync(self._fd)
+        _fault_slow_apply(self.log, h.seq)
         self.store.check_epoch(epoch, r)  # a takeover during the writes must not be committed over
         # 4. commit: the audit line is the single point where the batch becomes applied.
         r.append_applied(

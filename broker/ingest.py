@@ -169,7 +169,7 @@ async def upload_batch(request: web.Request) -> web.Response:
     progress = UploadProgress()
     try:
         authorise_agent(service.config, ident, vm_uuid)
-        service.check_owner(vm_uuid)  # a member that does not know the VM names the one that does
+        service.check_owner(vm_uuid)
         replica = replica_of(service, vm_uuid, disk_id)
         log = log.bind(vm=replica.meta.vm_name, generation=replica.meta.generation)
         check_source(replica, ident)
@@ -186,7 +186,6 @@ async def upload_batch(request: web.Request) -> web.Response:
                 details={"limit": limit, "content_length": request.content_length},
             )
         service.check_space(needed=request.content_length or 0, replica=replica)
-        service.check_owner(vm_uuid)
         engine = service.engine_for(replica)
         receipt = await _journal(service, engine, request, limit, progress)
     except (*CLIENT_GONE, asyncio.CancelledError) as exc:

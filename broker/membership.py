@@ -78,6 +78,11 @@ class Membership:
     async def run(self) -> None:
         """Keep the records fresh until cancelled; re-publish everything after a reconnect."""
         self.link.on_connect.append(self._published.clear)
+        # Remembered by the link while it connects, and sent first thing: the other members
+        # must see us before they settle on who stands first (decision 031).
+        await self.link.publish_retained(
+            topics.member(self.cluster, self.node), self.member_record(online=True)
+        )
         while True:
             if self.link.connected:
                 await self.publish_once()

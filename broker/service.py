@@ -248,6 +248,7 @@ class BrokerService:
     async def end_owning(self) -> None:
         """Stop serving: appliers finish the batch in hand, exports go; whatever a straggler
         still writes is refused by the store's fence once another member claims."""
+        was = self.serving or bool(self.engines)
         self.serving = False
         for name in list(self.exports):
             await self.remove_export(name)
@@ -263,7 +264,8 @@ class BrokerService:
             engine.close()
         self.store.forget()
         self._write_run_file()
-        _log.info("owner_stopped_serving", epoch=self.epoch, node=self.config.broker.node)
+        if was:
+            _log.info("owner_stopped_serving", epoch=self.epoch, node=self.config.broker.node)
 
     def _start_membership(self, url: str) -> None:
         """Announce this broker, its owner epoch and every VM's roles on the MQTT control plane."""
@@ -353,8 +355,7 @@ class BrokerService:
         self.epoch = epoch
 
     def check_owner(self, vm_uuid: str | None = None) -> None:
-        """Refuse unless this broker serves (the VM): a cluster member that does not names the
-        member that does; refuse writes once another broker claimed a higher epoch."""
+        """Refuse, naming who does, unless this broker serves the VM (placed here, or owner)."""
         if self.scaleout is not None and self.scaleout.serves(vm_uuid):
             return  # placed here: the store's per-VM fence decides at each write (decision 032)
         if self.cluster is not None:

@@ -119,12 +119,14 @@ class AdminClient:
         )
 
     async def broker_json(self, path: str, *, method: str = "GET", **kw: Any) -> list[Any]:
-        """The answers of every broker that knows ``path`` (404s skipped)."""
+        """The answers of every broker that knows ``path`` (404s skipped, and a cluster's
+        standby members' ``not_owner``: the owner answers for them)."""
         out = []
         errors = []
         for base in self.config.admin.brokers:
             status, body, _ = await self.request(method, base.rstrip("/") + path, **kw)
-            if status == 404:
+            standby = status == 503 and isinstance(body, dict) and body.get("error") == "not_owner"
+            if status == 404 or standby:
                 errors.append(body)
                 continue
             if status >= 400:

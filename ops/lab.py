@@ -42,6 +42,7 @@ from common.errors import ReplikantError
 from common.logs import get_logger
 from common.tls import client_context
 from common.tls.identities import Identity
+from ops import labcluster
 
 log = get_logger("replikant.lab")
 
@@ -86,8 +87,13 @@ class LabPlan:
     disk_mib: int
     interval: float
     mqtt_kind: str
+    brokers: int = 2
     mqtt_port: int = field(default_factory=_free_port)
     broker_port: int = field(default_factory=_free_port)
+    members: list[labcluster.LabMember] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.members = labcluster.plan_members(self.root, self.broker_port, self.brokers)
 
     @property
     def pki(self) -> Path:
@@ -233,6 +239,7 @@ def write_lab_files(plan: LabPlan) -> dict[str, Any]:
             "tls": _tls_table(admin_cert.tls),
         },
     )
+    labcluster.write_member_configs(root, plan.pki, CLUSTER, plan.members)
     return {
         "mqtt": plan.mqtt_url,
         "config": str(root / "admin.toml"),
@@ -341,7 +348,8 @@ async def _bring_up(plan: LabPlan, lab: dict[str, Any], limit: float) -> list[_P
             from ops.deploy import pki_acl  # noqa: PLC0415 (amqtt)
 
             acl = plan.root / "mosquitto.acl"
-            # The same ACL `replikant deploy mosquitto-config` renders, for the lab's PKI.
+            # The same ACL `replikant deploy mosquitto-config` renders, for the lab's PKI (its
+            # members' certificates included).
             acl.write_text(pki_acl(plan.pki, server=Identity.broker(CLUSTER, MQTT_NODE)))
             conf = plan.root / "mosquitto.conf"
             # Mosquitto started by root switches to its own user, which cannot read the lab's
@@ -384,6 +392,9 @@ async def _bring_up(plan: LabPlan, lab: dict[str, Any], limit: float) -> list[_P
                     return resp.status == 200
 
             await _wait_until("the broker's HTTPS endpoint", broker_up, procs, plan.root, limit)
+            for m in plan.members[1:]:  # b1 first: it stands first in the election
+                argv = [*cmd, "broker", "run", "--config", str(m.config)]
+                procs.append(_start(plan, labcluster.process_name(m), argv))
             procs.append(
                 _start(
                     plan, "agent", [*cmd, "agent", "run", "--config", str(plan.root / "agent.toml")]
@@ -392,17 +403,8 @@ async def _bring_up(plan: LabPlan, lab: dict[str, Any], limit: float) -> list[_P
             wanted = {(vm["uuid"], d["id"]) for vm in lab["vms"] for d in vm["disks"]}
 
             async def replicated() -> bool:
-                async with session.get(f"{plan.broker_url}/v1/status") as resp:
-                    body = await resp.json()
-                done = set()
-                for vm in body.get("vms", []):
-                    for disk in vm.get("disks", []):
-                        if (
-                            disk.get("initial_sync") == "complete"
-                            and disk.get("applied_seq", 0) > 0
-                        ):
-                            done.add((vm["uuid"], disk["disk_id"]))
-                return wanted <= done
+                urls = [m.url for m in plan.members]
+                return await labcluster.replicated(session, urls, wanted)
 
             await _wait_until(
                 "the initial replication of every demo disk", replicated, procs, plan.root, limit
@@ -468,6 +470,13 @@ def lab() -> None:
     default="embedded",
     show_default=True,
 )
+@click.option(
+    "--brokers",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 9),
+    help="Members of the recovery cluster (one store).",
+)
 @click.option("--detach", is_flag=True, help="Return once all is up; `lab down` stops it.")
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for readiness.")
 def up(
@@ -476,10 +485,12 @@ def up(
     disk_mib: int,
     interval: float,
     mqtt_kind: str,
+    brokers: int,
     detach: bool,
     timeout: float,
 ) -> None:
-    """Bring up MQTT, a broker and an agent with demo VMs whose disks replicate."""
+    """Bring up MQTT, a recovery cluster of brokers and an agent with demo VMs whose disks
+    replicate."""
     root = directory.resolve()
     if (root / PIDS_FILE).exists():
         raise LabError(
@@ -492,7 +503,7 @@ def up(
             fix="choose a new or empty --dir",
         )
     console = Console(stderr=True)
-    plan = LabPlan(root=root, vms=vms, disk_mib=disk_mib, interval=interval, mqtt_kind=mqtt_kind)
+    plan = LabPlan(root, vms, disk_mib, interval, mqtt_kind, brokers)
     root.mkdir(parents=True, exist_ok=True)
     lab_info = write_lab_files(plan)
     try:
@@ -504,6 +515,7 @@ def up(
             fix=f"read {root / 'logs'}, then `replikant lab down --dir {root}` removes it",
         ) from None
     lab_info["processes"] = {p.name: p.pid for p in procs}
+    lab_info["brokers"] = labcluster.brokers_json(CLUSTER, plan.members, lab_info["processes"])
     (root / LAB_FILE).write_text(json.dumps(lab_info, indent=2) + "\n")
     _print_summary(console, lab_info, root)
     log.debug("lab_up", dir=str(root), vms=vms)

@@ -113,8 +113,11 @@ class ReplicaRecord:
         }
 
 
-def _error(status: int, code: str, message: str, fix: str = "") -> web.Response:
-    return web.json_response({"error": code, "message": message, "fix": fix}, status=status)
+def _error(
+    status: int, code: str, message: str, fix: str = "", details: dict[str, Any] | None = None
+) -> web.Response:
+    body = {"error": code, "message": message, "fix": fix, "details": details or {}}
+    return web.json_response(body, status=status)
 
 
 def _forbidden(code: str) -> web.Response:
@@ -130,6 +133,7 @@ class Receiver:
         self.replicas: dict[tuple[str, str], ReplicaRecord] = {}
         self.lose_acks = 0  # apply durably, then drop the connection instead of answering
         self.refuse = False  # answer every request 503 not_owner
+        self.redirect: str | None = None  # answer every request 503 not_owner naming this owner
         self.forbid: str | None = None  # answer every PUT and batch 403 with this error code
         self.reject_batches = 0  # answer the next N batches 503 before reading them
         self.lose_only_nonempty = False  # lose_acks spares batches that carry no extents
@@ -211,6 +215,9 @@ class Receiver:
         self.requests.append(("GET", request.path))
         if self.refuse:
             return _error(503, "not_owner", "refusing on purpose")
+        if self.redirect is not None:
+            details = {"owner": "b2", "owner_url": self.redirect, "epoch": 2}
+            return _error(503, "not_owner", "b2 serves this VM", details=details)
         rec = self._find(request)
         if rec is None:
             return _error(404, "unknown_vm", "not enabled")

@@ -13,6 +13,7 @@ import os
 import shutil
 import struct
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +25,13 @@ import xxhash
 from click.testing import CliRunner
 
 from agents.cli import agent as agent_cli
+from agents.errors import ShipError
 from agents.replicate import DiskReplicator
 from agents.service import Agent
-from agents.ship import TokenBucket
+from agents.ship import BrokerClient, TokenBucket
 from common.config import AgentConfig, load_config
 from common.hrl import ExtentKind
+from common.tls import client_context
 from tests.fixtures_pki import Pki, make_pki
 from tests.support_agent import (
     DiskSpec,
@@ -481,3 +484,33 @@ async def test_refused_batch_is_not_fenced(rig: Rig) -> None:
     await wait_until(lambda: rig.rep.refused is not None, within=10)
     assert rig.rep.fenced is None
     assert rig.rep.refused_until > time.monotonic() + 50
+
+
+async def test_client_follows_the_member_a_refusal_names(tmp_path: Path) -> None:
+    """A `not_owner` refusal naming `owner_url` sends the next request there (even a member not
+    in `[broker] urls`); when that member fails, the client falls back to its list."""
+    pki = make_pki(tmp_path / "pki")
+    standby = Receiver(tmp_path / "standby", pki)
+    owner = Receiver(tmp_path / "owner", pki)
+    await standby.start()
+    await owner.start()
+    standby.redirect = owner.url
+    vm_uuid = uuid.uuid4()
+    body = {"vm_name": "vm1", "disk_size": MiB, "block_size": 65536}
+    client = BrokerClient([standby.url], client_context(pki.agent.tls), cluster="c1")
+    try:
+        with pytest.raises(ShipError) as refused:
+            await client.state(vm_uuid, "disk0")
+        assert refused.value.code == "not_owner"
+        assert client.url == owner.url
+        state = await client.enable(vm_uuid, "disk0", body)
+        assert state.durable_seq == 0
+        assert ("PUT", f"/v1/replicas/{vm_uuid}/disk0") in owner.requests
+        await owner.stop()
+        with pytest.raises(ShipError):
+            await client.state(vm_uuid, "disk0")
+        assert client.url == standby.url
+    finally:
+        await client.close()
+        await standby.stop()
+        await owner.stop()

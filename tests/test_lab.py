@@ -139,6 +139,19 @@ def test_lab_replicates_writes_byte_for_byte_and_cleans_up(tmp_path: Path) -> No
         assert owner["epoch"] >= 1
         member = json.loads(records[member_topic])
         assert member["online"] is True
+
+        # A recovery cluster of two members (the default) on one store; the agent lists both.
+        assert [(b["node"], b["cluster"]) for b in lab["brokers"]] == [("b1", "dr"), ("b2", "dr")]
+        assert all(
+            b["url"].startswith("https://127.0.0.1:") and b["pid"] > 0 for b in lab["brokers"]
+        )
+        agent_toml = (lab_dir / "agent.toml").read_text()
+        assert all(b["url"] in agent_toml for b in lab["brokers"])
+        cluster = _run("--config", lab["config"], "cluster", "status", "--json", timeout=30)
+        assert cluster.returncode == 0, cluster.stderr
+        (dr,) = json.loads(cluster.stdout)["clusters"]
+        assert (dr["name"], dr["owner"], dr["epoch"]) == ("dr", "b1", owner["epoch"])
+        assert [(m["node"], m["online"]) for m in dr["members"]] == [("b1", True), ("b2", True)]
     finally:
         pids = json.loads((lab_dir / "pids.json").read_text())
         down = _run("lab", "down", "--dir", str(lab_dir), timeout=60)

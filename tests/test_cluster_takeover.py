@@ -1,0 +1,137 @@
+"""Owner takeover in a real cluster: Mosquitto with mutual TLS, three `replikant broker run`
+members on one store, one real agent shipping to them through `[broker] urls`.
+
+The owner is killed with SIGKILL while a batch is being uploaded, twenty times; each time a new
+owner's record must appear within 5 s of the kill, the agent must resume on it, and at the end
+the sequence audit (`applied.log`) and the replica's bytes must show that every acked batch was
+applied exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from common.tls import client_context
+from tests.fixtures_pki import make_pki
+from tests.support_agent import (
+    DiskSpec,
+    MiB,
+    VMSpec,
+    agent_process,
+    make_image,
+)
+from tests.support_cluster import (
+    CLUSTER,
+    Member,
+    applied_log,
+    converge,
+    events_since,
+    make_members,
+    same,
+    watch_owner,
+    write_burst,
+)
+from tests.support_mqtt import mosquitto_tls
+
+pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(300)]
+
+ROUNDS = 20
+SIZE = 32 * MiB
+TAKEOVER_LIMIT = 5.0
+
+
+def _by_node(members: list[Member], node: str) -> Member:
+    return next(m for m in members if m.node == node)
+
+
+async def test_kill9_of_the_owner_mid_upload_twenty_times(tmp_path: Path) -> None:
+    """Twenty kill -9s of the owner mid-upload: a new owner within 5 s each time, the agent
+    resumes, every acked batch is applied exactly once and the replica equals the source."""
+    rng = random.Random(12)
+    pki = make_pki(tmp_path / "pki")
+    store = tmp_path / "store"
+    mqtt_cert = pki.store.issue_broker(CLUSTER, "mqtt", dns=["localhost"], ips=["127.0.0.1"]).tls
+    nodes = [(CLUSTER, f"b{i}") for i in (1, 2, 3)]
+    image = make_image(tmp_path / "disk0.img", SIZE, fill=lambda i: rng.randbytes(MiB))
+    vm = VMSpec("vm1", [DiskSpec("disk0", image)])
+    replica_dir = store / str(vm.uuid) / "disk0"
+    path = f"/v1/replicas/{vm.uuid}/disk0"
+    sock, export = tmp_path / "sock" / "vm1-disk0.sock", "vm1-disk0"
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_context(pki.admin.tls)))
+    with mosquitto_tls(tmp_path, mqtt_cert, nodes) as mqtt_port:
+        members, urls = make_members(tmp_path, pki, store, mqtt_port, 3)
+        # 40 Mbit/s: a 3 MiB batch takes ~0.6 s to upload, a window the kill can hit.
+        agent = agent_process(
+            tmp_path,
+            pki=pki,
+            broker_urls=urls,
+            vms=[vm],
+            interval=0.25,
+            policy_extra="bandwidth_limit_mbps = 40.0\n",
+        )
+        try:
+            async with watch_owner(pki, mqtt_port) as watch:
+                for m in members:
+                    m.start()
+                for m in members:
+                    await m.wait_up()
+                _, first = await watch.new_owner(0, 30)
+                agent.start()
+                await converge(http, urls, path, replica_dir / "replica.img", image)
+                takeovers: list[float] = []
+                in_flight = 0
+                for _ in range(ROUNDS):
+                    owner = watch.current()
+                    assert owner is not None
+                    victim = _by_node(members, owner.node)
+                    await asyncio.to_thread(write_burst, sock, export, rng, 3, SIZE)
+                    await asyncio.sleep(rng.uniform(0.3, 0.6))  # the cut, then mid-upload
+                    killed_at = agent.log.stat().st_size
+                    killed = time.monotonic()
+                    victim.signal(signal.SIGKILL)
+                    at, new = await watch.new_owner(owner.epoch, 30)
+                    takeovers.append(at - killed)
+                    assert new.node != victim.node
+                    victim.start()
+                    await victim.wait_up()
+                    # The agent resumes: it ships (and gets acked) what is written after the kill.
+                    mark = agent.log.stat().st_size
+                    await asyncio.to_thread(write_burst, sock, export, rng, 1, SIZE)
+                    deadline = time.monotonic() + 30
+                    while not events_since(agent.log, mark, "batch_acked"):
+                        assert time.monotonic() < deadline, f"agent did not resume: {agent.log}"
+                        await asyncio.sleep(0.05)
+                    # In flight: an upload broke off (a refused connect is a later attempt).
+                    if any(
+                        "Cannot connect" not in str(e.get("error"))
+                        and e.get("code") in ("connection_reset", "unreachable")
+                        for e in events_since(agent.log, killed_at, "batch_failed")
+                    ):
+                        in_flight += 1
+                await converge(http, urls, path, replica_dir / "replica.img", image)
+                assert agent.stop() == 0
+        finally:
+            await http.close()
+            agent.kill9()
+            for m in members:
+                m.stop()
+    print(f"takeover seconds: {sorted(round(t, 2) for t in takeovers)}; in flight: {in_flight}")
+    assert max(takeovers) <= TAKEOVER_LIMIT, takeovers
+    assert in_flight >= ROUNDS // 2, f"only {in_flight} kills hit an upload in flight"
+    applied = applied_log(replica_dir)
+    seqs = [int(r["seq"]) for r in applied]
+    assert seqs == list(range(1, len(seqs) + 1)), "a batch was applied twice or skipped"
+    epochs = [int(r["epoch"]) for r in applied]
+    assert epochs == sorted(epochs), "an older owner applied after a newer one"
+    assert len(set(epochs)) >= ROUNDS // 2, "the batches were not applied by changing owners"
+    acked = {int(e["seq"]) for e in agent.events("batch_acked")}
+    assert acked <= set(seqs), "an acked batch was never applied"
+    assert first.epoch >= 1
+    assert same(replica_dir / "replica.img", image)
