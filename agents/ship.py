@@ -287,7 +287,8 @@ class BrokerClient:
                 return await resp.read(), dict(resp.headers)
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError, TLSIdentityError) as exc:
             accepted = base in self._accepted
-            if self._by_vm.pop(vm, None) is None:
+            self._by_vm.pop(vm, None)
+            if base == self.url:  # a VM's own member failing says nothing of the others
                 self._rotate()
             raise self._network_error(
                 url,
