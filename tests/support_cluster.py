@@ -23,6 +23,7 @@ from common import topics
 from common.tls import client_context
 from tests.fixtures_pki import Pki
 from tests.support_agent import MiB, MiniNBD, free_port, replikant_exe
+from tests.support_mqtt import record_of
 
 CLUSTER = "c1"
 
@@ -184,7 +185,8 @@ async def watch_owner(pki: Pki, mqtt_port: int) -> AsyncIterator[OwnerWatch]:
                     async for message in client.messages:
                         payload = message.payload
                         if isinstance(payload, bytes) and payload:
-                            rec = topics.OwnerRecord.model_validate_json(payload)
+                            record = record_of(pki.ca, topics.owner(CLUSTER), payload)
+                            rec = topics.OwnerRecord.model_validate(record)
                             watch.seen.append((time.monotonic(), rec))
             await asyncio.sleep(0.2)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from common.tls import client_context
+from common.tls import Identity, client_context
 from tests.fixtures_pki import Pki, make_pki
 from tests.support_agent import (
     DiskSpec,
@@ -59,7 +59,7 @@ async def _freeze_scene(tmp_path: Path, *, fence: bool) -> tuple[list[dict[str, 
     replica_dir = store / str(vm.uuid) / "disk0"
     path = f"/v1/replicas/{vm.uuid}/disk0"
     sock, export = tmp_path / "sock" / "vm1-disk0.sock", "vm1-disk0"
-    nodes = [(CLUSTER, f"b{i}") for i in (1, 2, 3)]
+    nodes = [Identity.broker(CLUSTER, f"b{i}") for i in (1, 2, 3)]
     with mosquitto_tls(tmp_path, mqtt_cert, nodes) as mqtt_port:
         members, urls = make_members(tmp_path, pki, store, mqtt_port, 3)
         b1 = members[0]

@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from common.tls import client_context
+from common.tls import Identity, client_context
 from tests.fixtures_pki import make_pki
 from tests.support_agent import (
     DiskSpec,
@@ -58,7 +58,7 @@ async def test_kill9_of_the_owner_mid_upload_twenty_times(tmp_path: Path) -> Non
     pki = make_pki(tmp_path / "pki")
     store = tmp_path / "store"
     mqtt_cert = pki.store.issue_broker(CLUSTER, "mqtt", dns=["localhost"], ips=["127.0.0.1"]).tls
-    nodes = [(CLUSTER, f"b{i}") for i in (1, 2, 3)]
+    nodes = [Identity.broker(CLUSTER, f"b{i}") for i in (1, 2, 3)]
     image = make_image(tmp_path / "disk0.img", SIZE, fill=lambda i: rng.randbytes(MiB))
     vm = VMSpec("vm1", [DiskSpec("disk0", image)])
     replica_dir = store / str(vm.uuid) / "disk0"
