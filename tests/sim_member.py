@@ -2,10 +2,11 @@
 
 It runs the broker's real control-plane code (``broker.membership.Membership``, the placement
 rounds of ``broker.placing.ClusterPlacement`` over ``broker.placements.PlacementBook`` on the
-shared store) on a real MQTT server over mutual TLS, without HTTPS ingest or appliers: 1,000
-VMs x 3 full brokers (an engine each) would not fit the suite's time budget, and placement is
-what is simulated here. ``python -m tests.sim_member STORE PORT CLUSTER NODE CA CERT KEY
-[--owner]``; it prints ``ready`` once connected and runs until killed.
+shared store) on a real MQTT server over mutual TLS with signed records, without HTTPS ingest
+or appliers: 1,000 VMs x 3 full brokers (an engine each) would not fit the suite's time budget,
+and placement is what is simulated here.
+``python -m tests.sim_member STORE PORT CLUSTER NODE CA CERT KEY [--owner]`` prints ``ready``
+once connected and runs until killed.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from broker.placements import PlacementBook
 from broker.placing import ClusterPlacement
 from broker.store import Store
 from common import topics
+from common.config import TLSFiles
 from common.mqtt import MQTTLink
-from common.tls import client_context
 
 HEARTBEAT = 1.0
 ROUND = 0.5
@@ -35,10 +36,12 @@ async def main(argv: list[str]) -> None:
     epoch = store.claim_next_epoch(node) if owner else 0
     book = PlacementBook(store, node)
     store.vm_fence = book.check
-    link = MQTTLink(
+    # Signed and checked like a broker's own link: the message sizes are the real ones.
+    link = MQTTLink.for_daemon(
         f"mqtts://127.0.0.1:{port}",
         client_id=f"sim-{node}",
-        tls_context=client_context((Path(ca), Path(cert), Path(key))),
+        tls=TLSFiles(ca=Path(ca), cert=Path(cert), key=Path(key)),
+        use_tls=True,
     )
     url = f"https://sim-{node}.invalid:8443"
     membership = Membership(
@@ -62,7 +65,7 @@ async def main(argv: list[str]) -> None:
         cluster=cluster,
         url=url,
         owner_epoch=owner_epoch,
-        placer=Placer(max_moves=100),
+        placer=Placer(),
         interval=ROUND,
     )
     tasks = [asyncio.create_task(t) for t in (link.run(), membership.run())]

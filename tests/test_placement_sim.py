@@ -39,6 +39,7 @@ class Observer:
 
     def __init__(self) -> None:
         self.seen: list[tuple[float, str]] = []
+        self.sizes: dict[str, list[int]] = {}
 
     async def run(self, port: int, tls: object) -> None:
         """Subscribe to the whole tree until cancelled."""
@@ -53,6 +54,8 @@ class Observer:
             async for message in client.messages:
                 kind = message.topic.value.split("/")[4]  # members, owner, placements, ...
                 self.seen.append((time.monotonic(), kind))
+                size = len(message.topic.value) + len(bytes(message.payload or b""))  # type: ignore[arg-type]
+                self.sizes.setdefault(kind, []).append(size)
 
     def count(self, kind: str, since: float, until: float | None = None) -> int:
         """Messages of ``kind`` in ``[since, until)``."""
@@ -79,7 +82,7 @@ async def until(what: str, check: Callable[[], bool], limit: float = 30) -> floa
 async def test_thousand_vms_on_three_members(tmp_path: Path) -> None:
     """1,000 VMs end up on exactly one of three members each, balanced within the threshold; a
     SIGKILLed member's VMs (and no other) are re-placed within seconds; the message rates match
-    docs/scale.md's formulas within RATE_FACTOR."""
+    docs/scale.md's formulas (and a placement's size) within RATE_FACTOR."""
     pki = make_pki(tmp_path / "pki")
     server = pki.store.issue_broker("c1", "mqtt", dns=["localhost"], ips=["127.0.0.1"]).tls
     root = tmp_path / "store"
@@ -139,6 +142,9 @@ async def test_thousand_vms_on_three_members(tmp_path: Path) -> None:
             expected = len(NODES) / HEARTBEAT * window
             assert expected / RATE_FACTOR <= heartbeats <= expected * RATE_FACTOR, heartbeats
             assert observer.count("placements", start, end) == 0
+            # docs/scale.md's retained state: ~1,050 bytes a signed placement with its topic.
+            per_placement = sum(observer.sizes["placements"]) / len(observer.sizes["placements"])
+            assert 1050 / RATE_FACTOR <= per_placement <= 1050 * RATE_FACTOR, per_placement
 
             # A member dies: its VMs, and only its VMs, move within the bound.
             victims = {vm for vm, r in first.items() if r.node == "n3"}
@@ -163,7 +169,8 @@ async def test_thousand_vms_on_three_members(tmp_path: Path) -> None:
             print(
                 f"\nsim: placed {VMS} VMs in {took:.1f} s, loads {dict(loads)}; heartbeats "
                 f"{heartbeats / window:.1f}/s (formula {expected / window:.1f}/s); n3's "
-                f"{len(victims)} VMs re-placed {replaced:.1f} s after SIGKILL"
+                f"{len(victims)} VMs re-placed {replaced:.1f} s after SIGKILL; "
+                f"{per_placement:.0f} bytes a placement"
             )
             assert replaced < 5.0
         finally:
