@@ -4,8 +4,8 @@
   reconnect; the last will says offline, a clean stop says so itself.
 - Requests: answers ``status`` (host, VMs, disks, roles as this agent knows them) over
   :mod:`common.mqttrpc`; more commands are one ``self.rpc.command(...)`` each.
-- The owner: follows its cluster's retained owner record (with the owner's URL from its
-  membership record) and hands the URL to the broker client, so no agent needs a config change
+- The owner: follows its cluster's retained owner record and hands the owner's URL to the
+  broker client (:meth:`agents.ship.BrokerClient.follow`), so no agent needs a config change
   when the owner moves. Only signed, verified records count (:mod:`common.signedrecord`), and an
   owner record never moves the agent back to a lower epoch than one it has seen.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 from common import topics
 from common.config import AgentConfig
@@ -26,12 +26,11 @@ from common.tls.identities import Identity
 log = get_logger("agents.presence")
 
 
-@runtime_checkable
 class Follower(Protocol):
     """Whoever ships to the owner: told the owner's URL when a verified owner record moves."""
 
-    def follow(self, url: str) -> None:
-        """Send from now on to the broker at ``url``."""
+    def follow(self, url: str) -> bool:
+        """Send from now on to the broker at ``url``; whether it is followed."""
 
 
 class Presence:
@@ -57,14 +56,11 @@ class Presence:
         self._status = status
         self._follower = follower
         self.owner: topics.OwnerRecord | None = None
-        self.owner_url: str | None = None
-        self._members: dict[str, str] = {}
         self.link.set_will(topics.host(self.host), self.record(online=False))
         self.rpc = RPCServer(self.link, topics.requests(self.host))
         self.rpc.command("status", self._answer_status)
         cluster = config.broker.cluster
         self.link.subscribe(topics.owner(cluster), topics.OwnerRecord, self._on_owner)
-        self.link.subscribe(topics.members(cluster), topics.MemberRecord, self._on_member)
 
     def record(self, *, online: bool) -> topics.HostRecord:
         """This host's presence record."""
@@ -88,30 +84,20 @@ class Presence:
         vms = [vm.model_dump(mode="json") for vm in self.record(online=True).vms]
         return {**self._status(), "vms": vms}
 
-    def _on_member(self, _topic: str, record: topics.MemberRecord | None) -> None:
-        if record is not None:
-            self._members[record.node] = record.url
-            self._follow()
-
     def _on_owner(self, _topic: str, record: topics.OwnerRecord | None) -> None:
         if record is None:
             return
-        if self.owner is not None and record.epoch < self.owner.epoch:
+        known = self.owner
+        if known is not None and record.epoch < known.epoch:
             log.info("owner_record_ignored", node=record.node, epoch=record.epoch,
-                     known_epoch=self.owner.epoch, reason="older epoch")  # fmt: skip
+                     known_epoch=known.epoch, reason="older epoch")  # fmt: skip
             return
         self.owner = record
-        self._follow()
-
-    def _follow(self) -> None:
-        url = self._members.get(self.owner.node) if self.owner is not None else None
-        if url is None or url == self.owner_url or self.owner is None:
-            return
-        self.owner_url = url
-        log.info("owner_learned", node=self.owner.node, epoch=self.owner.epoch, url=url,
-                 following=self._follower is not None)  # fmt: skip
-        if self._follower is not None:
-            self._follower.follow(url)
+        if known is not None and (known.url, known.epoch) == (record.url, record.epoch):
+            return  # a renewal
+        following = self._follower is not None and self._follower.follow(record.url)
+        log.info("owner_learned", node=record.node, epoch=record.epoch, url=record.url,
+                 following=following)  # fmt: skip
 
     async def run(self) -> None:
         """Publish presence and stay connected until cancelled."""

@@ -39,7 +39,7 @@ from agents.dirtymap import DATA
 from agents.disk import TrackedExport
 from agents.errors import AgentError, SeedError, ShipError
 from agents.hooks import FreezeHooks
-from agents.presence import Follower, Presence
+from agents.presence import Presence
 from agents.replicate import DiskReplicator
 from agents.seed import ExportRequest
 from agents.seedexport import cancel_seeds, export_media
@@ -147,10 +147,7 @@ class Agent:
         )
 
     def _start_presence(self) -> None:
-        # BrokerClient.follow (issue 12, election) moves shipping to a new owner; until the
-        # client has it, the agent still learns and logs the owner.
-        follower = self.client if isinstance(self.client, Follower) else None
-        self.presence = Presence(self.config, status=self.status, follower=follower)
+        self.presence = Presence(self.config, status=self.status, follower=self.client)
         self._presence_task = asyncio.get_running_loop().create_task(self.presence.run())
 
     async def _stop_presence(self) -> None:

@@ -227,16 +227,18 @@ class BrokerClient:
         """The broker currently used."""
         return self._followed[0] if self._followed else self.urls[self._current]
 
-    def follow(self, url: str) -> None:
+    def follow(self, url: str) -> bool:
         """Send the next requests to ``url`` (the member a broker or the owner record named),
-        until it fails; it must present a broker identity of our cluster like any other."""
+        until it fails; it must present a broker identity of our cluster like any other.
+        Returns whether it is followed (only ``https://`` URLs are)."""
         url = url.rstrip("/")
         if not url.startswith("https://"):
             log.warning("broker_redirect_ignored", url=url, reason="not an https:// URL")
-            return
+            return False
         if url != self.url:
             log.info("broker_followed", url=url, previous=self.url)
         self._followed[:] = [url]
+        return True
 
     def _rotate(self) -> None:
         if self._followed:
@@ -366,13 +368,13 @@ class BrokerClient:
         details = body.get("details")
         owner_url = details.get("owner_url") if isinstance(details, dict) else None
         if refusal.code == "not_owner" and isinstance(owner_url, str) and owner_url:
-            if owner_url.rstrip("/") == url.split("/v1/", 1)[0]:
+            # The member says who serves us: go there next. One that names itself is still
+            # taking over: ask the others meanwhile.
+            if owner_url.rstrip("/") == url.split("/v1/", 1)[0] or not self.follow(owner_url):
                 self._by_vm.pop(vm, None)
-                self._rotate()  # it names itself (still taking over): ask the others meanwhile
-            else:
-                self.follow(owner_url)  # the member says who serves us: go there next
-                if vm and owner_url.startswith("https://"):
-                    self._by_vm[vm] = owner_url.rstrip("/")
+                self._rotate()
+            elif vm:
+                self._by_vm[vm] = owner_url.rstrip("/")
         elif resp.status in (502, 503, 504):
             self._by_vm.pop(vm, None)
             self._rotate()  # not the owner (or a proxy in trouble): try another broker next

@@ -16,6 +16,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
+from broker.api import Replicas
 from broker.election import (
     Action,
     Claim,
@@ -41,23 +42,14 @@ from broker.errors import BrokerError, NotOwner
 from broker.routing import ClusterView, MemberInfo, MemberRef, OwnerRouter, Router
 from broker.store import Store
 from common import topics
-from common.config import BrokerConfig
 from common.logs import get_logger
 from common.mqtt import MQTTLink
 
 _log = get_logger("broker.cluster")
 
 
-class Owning(Protocol):
-    """What the driver needs of the broker service."""
-
-    @property
-    def config(self) -> BrokerConfig:
-        """The broker's configuration."""
-
-    @property
-    def store(self) -> Store:
-        """The shared replica store."""
+class Owning(Replicas, Protocol):
+    """What the driver needs of the broker service (its configuration and store, and:)."""
 
     @property
     def serving(self) -> bool:
@@ -187,6 +179,8 @@ class ClusterMember:
                 _log.warning("owner_elected", node=self.node, cluster=self.cluster, epoch=epoch)
                 self._spawn(self._begin(epoch))
             case StopServing(epoch=epoch, reason=reason):
+                # Our record must not come back with the next reconnect (Mosquitto restarted).
+                self.link.forget_retained(topics.owner(self.cluster))
                 _log.warning(
                     "owner_stepped_down",
                     node=self.node,

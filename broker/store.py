@@ -346,7 +346,16 @@ class Store:
             disk_dir / ".fence", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
         )
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                _log.warning(
+                    "takeover_waiting_for_writer",
+                    replica=str(disk_dir),
+                    fix="a deposed owner is still writing this replica (or is frozen): resume or "
+                    "kill that broker process and the takeover completes",
+                )
+                fcntl.flock(fd, fcntl.LOCK_EX)
         finally:
             os.close(fd)
 

@@ -8,6 +8,10 @@ The MQTT brokers we run (Mosquitto with deploy/mosquitto.conf, the lab's embedde
 mutual TLS with our CA's certificates. aiomqtt reports a refused handshake as a bare
 "Operation timed out", so after a failed connect over TLS the link opens one TLS connection
 itself to learn why and logs it as ``tls_handshake_rejected`` with the fix.
+
+A daemon's link (:meth:`MQTTLink.for_daemon`) signs every message with the daemon's key and
+checks every message it receives (:mod:`common.signedrecord`), so subscribers only ever see
+genuine, current records whatever the MQTT server lets through (docs/protocol/mqtt.md).
 """
 
 from __future__ import annotations
@@ -198,14 +202,14 @@ class MQTTLink:
         """As :meth:`subscribe`, and the handler also learns who signed each record."""
         self._subscriptions.append(Subscription(topic_filter, model, handler))
 
-    def _dispatch(self, topic: str, payload: bytes) -> None:
+    def _dispatch(self, topic: str, payload: bytes, *, retained: bool = False) -> None:
         subs = [s for s in self._subscriptions if aiomqtt.Topic(topic).matches(s.topic_filter)]
         if not subs:
             return
         signer: Identity | None = None
         if self._verifier is not None and payload:
             try:
-                verified = self._verifier.open(topic, payload)
+                verified = self._verifier.open(topic, payload, retained=retained)
             except ForgedRecord as exc:
                 log.warning(
                     "mqtt_record_forged",
@@ -241,6 +245,11 @@ class MQTTLink:
         else:
             self._retained[topic] = payload
         await self._send(topic, payload, retain=True)
+
+    def forget_retained(self, topic: str) -> None:
+        """Stop re-publishing ``topic`` on reconnect, without clearing what the MQTT broker
+        holds (a record that is no longer ours to assert, but that a newer one may replace)."""
+        self._retained.pop(topic, None)
 
     async def publish(self, topic: str, record: BaseModel) -> None:
         """Publish a non-retained message; dropped with a log event when disconnected."""
@@ -298,7 +307,9 @@ class MQTTLink:
                     async for message in client.messages:
                         payload = message.payload
                         if isinstance(payload, bytes | bytearray):
-                            self._dispatch(message.topic.value, bytes(payload))
+                            self._dispatch(
+                                message.topic.value, bytes(payload), retained=message.retain
+                            )
             except aiomqtt.MqttError as exc:
                 why: dict[str, str] = {}
                 if not connected:

@@ -9,7 +9,8 @@ with its own TLS private key over ``(topic, payload, session, seq)`` and carryin
 2. the signature over exactly this topic and payload verifies with that certificate's key,
 3. the certificate's identity may publish on that topic (:func:`common.topics.may_publish`),
 4. it is newer than the last record this signer put on this topic (``(session, seq)``), so a
-   replayed genuine record never moves a receiver backwards.
+   replayed genuine record never moves a receiver backwards (the last one itself passes again
+   only as the retained record a (re)subscription gets).
 
 Anything else raises :class:`ForgedRecord` (1-3) or :class:`StaleRecord` (4). ``session`` is when
 the signer's MQTT connection began and ``seq`` counts its messages in that connection; its last
@@ -163,9 +164,13 @@ class Verifier:
                 fix="point [tls] ca at the CA's ca.crt (`replikant certs init`)",
             ) from None
 
-    def open(self, topic: str, payload: bytes) -> Verified:
+    def open(self, topic: str, payload: bytes, *, retained: bool = False) -> Verified:
         """Return the verified record in ``payload``; raise :class:`ForgedRecord` or
-        :class:`StaleRecord`."""
+        :class:`StaleRecord`.
+
+        ``retained``: the MQTT server hands it over as the topic's retained record (on a
+        (re)subscribe), so the very record accepted last is state, not a replay; a record merely
+        equal to the last one that is pushed to a live subscription is a replay."""
         try:
             env = Envelope.model_validate_json(payload)
         except ValidationError:
@@ -185,7 +190,7 @@ class Verifier:
         order = (env.session, env.seq)
         key = (topic, identity.uri)
         last = self._last.get(key)
-        if last is not None and order <= last:
+        if last is not None and (order < last or (order == last and not retained)):
             raise StaleRecord(f"{identity} already published {last} here, this is {order}")
         self._last[key] = order
         return Verified(identity, env.record.encode(), order)

@@ -2,8 +2,9 @@
 
 `lab up` makes a PKI with the certificate helper, starts an MQTT broker (embedded amqtt, or
 Mosquitto when asked; either accepts only mutual TLS with the lab's certificates), a recovery-site
-broker and a source-site agent with demo VMs, waits until every demo disk has finished its initial
-replication, and writes `DIR/lab.json` (the contract outside scripts rely on). `lab down` stops
+cluster of `--brokers` members on one store (default 2, `ops/labcluster.py`) and a source-site
+agent with demo VMs, waits until every demo disk has finished its initial replication, and writes
+`DIR/lab.json` (the contract outside scripts rely on; `brokers` lists the members). `lab down` stops
 what `lab up` started and removes the directory.
 
 The lab runs every daemon as its own process, the way they run in production, so what works in the
@@ -208,6 +209,7 @@ def write_lab_files(plan: LabPlan) -> dict[str, Any]:
             "tls": _tls_table(agent_cert.tls),
             "nbd": {"socket_dir": str(plan.socket_dir)},
             "broker": {"urls": [plan.broker_url], "cluster": CLUSTER},
+            "mqtt": {"url": plan.mqtt_url, "tls": True},
             "policies": {"lab": {"interval_seconds": plan.interval}},
             "vms": agent_vms,
         },
@@ -348,8 +350,7 @@ async def _bring_up(plan: LabPlan, lab: dict[str, Any], limit: float) -> list[_P
             from ops.deploy import pki_acl  # noqa: PLC0415 (amqtt)
 
             acl = plan.root / "mosquitto.acl"
-            # The same ACL `replikant deploy mosquitto-config` renders, for the lab's PKI (its
-            # members' certificates included).
+            # The same ACL `replikant deploy mosquitto-config` renders, for the lab's PKI.
             acl.write_text(pki_acl(plan.pki, server=Identity.broker(CLUSTER, MQTT_NODE)))
             conf = plan.root / "mosquitto.conf"
             # Mosquitto started by root switches to its own user, which cannot read the lab's

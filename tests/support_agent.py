@@ -685,3 +685,21 @@ def export_ready(sock: Path, export: str) -> bool:
     except (OSError, NBDClientError):
         return False
     return True
+
+
+def log_events(
+    log: Path, name: str, start: int = 0, end: int | None = None
+) -> list[dict[str, Any]]:
+    """The JSON events called ``name`` in bytes ``start:end`` of a daemon's log."""
+    with log.open("rb") as fh:
+        fh.seek(start)
+        raw = fh.read() if end is None else fh.read(end - start)
+    out = []
+    for line in raw.splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and doc.get("event") == name:
+            out.append(doc)
+    return out

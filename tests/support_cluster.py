@@ -185,7 +185,8 @@ async def watch_owner(pki: Pki, mqtt_port: int) -> AsyncIterator[OwnerWatch]:
                     async for message in client.messages:
                         payload = message.payload
                         if isinstance(payload, bytes) and payload:
-                            record = record_of(pki.ca, topics.owner(CLUSTER), payload)
+                            # Daemons sign their records: read the verified one.
+                            record = record_of(pki.ca, str(message.topic), payload)
                             rec = topics.OwnerRecord.model_validate(record)
                             watch.seen.append((time.monotonic(), rec))
             await asyncio.sleep(0.2)
@@ -255,19 +256,3 @@ def write_burst(sock: Path, export: str, rng: random.Random, mib: int, size: int
             nbd.write(base + k * 256 * 1024, rng.randbytes(256 * 1024))
     finally:
         nbd.close()
-
-
-def events_since(log: Path, offset: int, name: str) -> list[dict[str, object]]:
-    """JSON events called ``name`` logged after byte ``offset`` of ``log``."""
-    with log.open("rb") as fh:
-        fh.seek(offset)
-        raw = fh.read()
-    out = []
-    for line in raw.splitlines():
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(doc, dict) and doc.get("event") == name:
-            out.append(doc)
-    return out

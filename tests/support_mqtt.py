@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import ssl
@@ -94,13 +95,16 @@ async def read_retained(
 ) -> bytes | None:
     """The retained record on ``topic`` as a fresh subscriber sees it within ``window`` seconds
     (``None``: there is none)."""
-    async with aiomqtt.Client("127.0.0.1", port, identifier="reader", tls_context=tls) as client:
+    # A fresh client id each time: amqtt may hand a reused id the old session's messages.
+    reader = f"reader-{secrets.token_hex(4)}"
+    async with aiomqtt.Client("127.0.0.1", port, identifier=reader, tls_context=tls) as client:
         await client.subscribe(topic, qos=1)
         try:
             async with asyncio.timeout(window):
                 async for message in client.messages:
                     assert isinstance(message.payload, bytes)
-                    return message.payload
+                    if message.topic.matches(topic):
+                        return message.payload
         except TimeoutError:
             return None
     return None

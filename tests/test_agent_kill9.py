@@ -40,6 +40,7 @@ from tests.support_agent import (
     broker_config,
     export_ready,
     free_port,
+    log_events,
     make_image,
 )
 
@@ -162,22 +163,6 @@ async def _converge(
         await asyncio.sleep(0.02)
 
 
-def _acked_events(log: Path, start: int, end: int | None = None) -> list[dict[str, Any]]:
-    """The ``batch_acked`` events one agent process logged (bytes ``start:end`` of its log)."""
-    with log.open("rb") as fh:
-        fh.seek(start)
-        raw = fh.read() if end is None else fh.read(end - start)
-    out = []
-    for line in raw.splitlines():
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(doc, dict) and doc.get("event") == "batch_acked":
-            out.append(doc)
-    return out
-
-
 @pytest.mark.parametrize(
     ("kills", "pages"),
     [(KILLS, (1, 1, 2, 4, 16)), (15, (1,))],
@@ -265,7 +250,9 @@ async def test_fifty_kill9_under_write_load_converge_without_full_copy(
     assert not any(r["full"] for r in applied[first_delta:]), "a FULL copy happened after a kill"
     # The agents' side agrees: every acked batch is applied, and no FULL one after the first life.
     ends = [s for s, _ in lives[1:]] + [None]
-    shipped = [_acked_events(agent.log, s, e) for (s, _), e in zip(lives, ends, strict=True)]
+    shipped = [
+        log_events(agent.log, "batch_acked", s, e) for (s, _), e in zip(lives, ends, strict=True)
+    ]
     assert {int(e["seq"]) for life in shipped for e in life} <= set(seqs)
     assert not any(e["full"] for life in shipped[1:] for e in life), "a FULL batch after a kill"
     # Each restart shipped (until its convergence) at most the regions written since the last

@@ -16,6 +16,7 @@ import pytest
 from common import topics
 from common.hrl import BATCH_CONTENT_TYPE, Compression
 from common.tls import client_context
+from tests.support_agent import wait_until
 from tests.support_broker import (
     PKI,
     AgentClient,
@@ -143,6 +144,7 @@ async def test_mqtt_alerts_name_a_fix(pki: PKI, tmp_path: Path) -> None:
             assert svc.membership is not None
             async with asyncio.timeout(10):
                 await svc.membership.link.wait_connected()
+            await wait_until(lambda: svc.serving)  # a member with MQTT serves once elected
             src.mutate()
             async with AgentClient(svc.url, pki.agents["h1"]) as agent:
                 status, err = await agent.post(src, src.cut().body)

@@ -20,7 +20,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from common.tls import Identity, client_context
+from common.tls import client_context
+from common.tls.identities import Identity
 from tests.fixtures_pki import Pki, make_pki
 from tests.support_agent import (
     DiskSpec,
@@ -42,7 +43,7 @@ from tests.support_cluster import (
 )
 from tests.support_mqtt import mosquitto_tls
 
-pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.mosquitto, pytest.mark.slow, pytest.mark.timeout(180)]
 
 SIZE = 8 * MiB
 SLOW = 1.5
@@ -109,6 +110,9 @@ async def _freeze_scene(tmp_path: Path, *, fence: bool) -> tuple[list[dict[str, 
                 if fence:
                     await converge(http, urls, path, replica_dir / "replica.img", image)
                     assert b1.events("replica_alert"), "b1 had no apply refused by the fence"
+                    new = next(m for m in members if m.node == successor.node)
+                    # The successor's load waited for b1's write section, frozen mid-apply.
+                    assert new.events("takeover_waiting_for_writer"), new.log
                     _check_cluster_status(tmp_path, pki, urls, successor.node, successor.epoch)
             finally:
                 agent.kill9()

@@ -18,13 +18,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from common.tls import Identity, client_context
+from common.tls import client_context
+from common.tls.identities import Identity
 from tests.fixtures_pki import make_pki
 from tests.support_agent import (
     DiskSpec,
     MiB,
     VMSpec,
     agent_process,
+    log_events,
     make_image,
 )
 from tests.support_cluster import (
@@ -32,7 +34,6 @@ from tests.support_cluster import (
     Member,
     applied_log,
     converge,
-    events_since,
     make_members,
     same,
     watch_owner,
@@ -40,7 +41,7 @@ from tests.support_cluster import (
 )
 from tests.support_mqtt import mosquitto_tls
 
-pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.mosquitto, pytest.mark.slow, pytest.mark.timeout(300)]
 
 ROUNDS = 20
 SIZE = 32 * MiB
@@ -105,14 +106,14 @@ async def test_kill9_of_the_owner_mid_upload_twenty_times(tmp_path: Path) -> Non
                     mark = agent.log.stat().st_size
                     await asyncio.to_thread(write_burst, sock, export, rng, 1, SIZE)
                     deadline = time.monotonic() + 30
-                    while not events_since(agent.log, mark, "batch_acked"):
+                    while not log_events(agent.log, "batch_acked", mark):
                         assert time.monotonic() < deadline, f"agent did not resume: {agent.log}"
                         await asyncio.sleep(0.05)
                     # In flight: an upload broke off (a refused connect is a later attempt).
                     if any(
                         "Cannot connect" not in str(e.get("error"))
                         and e.get("code") in ("connection_reset", "unreachable")
-                        for e in events_since(agent.log, killed_at, "batch_failed")
+                        for e in log_events(agent.log, "batch_failed", killed_at)
                     ):
                         in_flight += 1
                 await converge(http, urls, path, replica_dir / "replica.img", image)

@@ -129,7 +129,10 @@ def test_lab_replicates_writes_byte_for_byte_and_cleans_up(tmp_path: Path) -> No
         vm_topic = f"replikant/v1/vms/{lab['vms'][0]['uuid']}/sites"
         owner_topic = "replikant/v1/clusters/dr/owner"
         member_topic = "replikant/v1/clusters/dr/members/b1"
-        wanted = {f"{vm_topic}/recovery", f"{vm_topic}/primary", owner_topic, member_topic}
+        host_topic = "replikant/v1/hosts/" + json.loads(agent.stdout)["host"]
+        wanted = {
+            f"{vm_topic}/recovery", f"{vm_topic}/primary", owner_topic, member_topic, host_topic,
+        }  # fmt: skip
         records = asyncio.run(_retained(lab["mqtt"], Path(lab["pki"]), "replikant/v1/#", wanted))
         site = json.loads(records[f"{vm_topic}/recovery"])
         assert (site["role"], site["name"]) == ("REPLICA", lab["vms"][0]["name"])
@@ -139,6 +142,7 @@ def test_lab_replicates_writes_byte_for_byte_and_cleans_up(tmp_path: Path) -> No
         assert owner["epoch"] >= 1
         member = json.loads(records[member_topic])
         assert member["online"] is True
+        assert json.loads(records[host_topic])["online"] is True  # the agent's [mqtt] presence
 
         # A recovery cluster of two members (the default) on one store; the agent lists both.
         assert [(b["node"], b["cluster"]) for b in lab["brokers"]] == [("b1", "dr"), ("b2", "dr")]

@@ -98,8 +98,8 @@ async def admin_rpc(site: Site) -> AsyncIterator[RPCClient]:
 
 async def test_status_request_answers_and_a_down_host_times_out(site: Site) -> None:
     """A real agent with [mqtt] publishes its presence and answers a status request with its
-    host, VMs, disks and roles; a request to a host that is down times out naming the host, and
-    a clean stop leaves the agent's presence offline."""
+    host, VMs, disks and roles; a request to a host that never ran, or to this one once
+    stopped, times out naming the host, and a clean stop leaves the agent's presence offline."""
     agent = agent_process(
         site.tmp,
         pki=site.pki,
@@ -126,7 +126,9 @@ async def test_status_request_answers_and_a_down_host_times_out(site: Site) -> N
                     await rpc.call(Identity.agent("h2"), "status", within=2)
                 with pytest.raises(RPCError, match="unknown command 'reboot'"):
                     await rpc.call(H1, "reboot", within=10)
-            assert agent.stop() == 0
+                assert agent.stop() == 0
+                with pytest.raises(RPCError, match=r"replikant://agent/h1 did not answer"):
+                    await rpc.call(H1, "status", within=2)
             presence = await site.retained(topics.host("h1"))
             assert presence is not None
             assert presence["online"] is False

@@ -17,7 +17,11 @@ from tests.fixtures_pki import Pki, issue_expired, make_pki, pki
 __all__ = ["pki"]
 
 OWNER = topics.owner("c1")
-RECORD = topics.OwnerRecord(node="b1", epoch=4).model_dump_json().encode()
+RECORD = (
+    topics.OwnerRecord(node="b1", epoch=4, url="https://127.0.0.1:8443", seq=1)
+    .model_dump_json()
+    .encode()
+)
 
 
 def _signer(issued: object) -> Signer:
@@ -44,7 +48,9 @@ def test_forgeries_are_refused_with_their_reason(pki: Pki, tmp_path: Path) -> No
     verifier = Verifier.from_file(pki.ca)
     broker = _signer(pki.broker)
     wire = broker.sign(OWNER, RECORD, session=10.0, seq=1)
-    forged_record = topics.OwnerRecord(node="evil", epoch=99).model_dump_json()
+    forged_record = topics.OwnerRecord(
+        node="evil", epoch=99, url="https://evil.example:8443", seq=1
+    ).model_dump_json()
     other = make_pki(tmp_path / "other")
     bad_sig = base64.b64encode(b"\x30\x06\x02\x01\x01\x02\x01\x01").decode()
     cases = {
@@ -68,8 +74,9 @@ def test_forgeries_are_refused_with_their_reason(pki: Pki, tmp_path: Path) -> No
 
 
 def test_replays_never_move_a_receiver_backwards(pki: Pki) -> None:
-    """A genuine record older than one already accepted from the same signer is dropped; the
-    last will supersedes its own session and is superseded by the next one."""
+    """A genuine record older than one already accepted from the same signer is dropped, the
+    last one accepted passes again only as a retained record on resubscription; the last will
+    supersedes its own session and is superseded by the next one."""
     verifier = Verifier.from_file(pki.ca)
     broker = _signer(pki.broker)
     member = topics.member("c1", "b1")
@@ -81,6 +88,11 @@ def test_replays_never_move_a_receiver_backwards(pki: Pki) -> None:
     verifier.open(member, second)
     with pytest.raises(StaleRecord):
         verifier.open(member, first)
+    with pytest.raises(StaleRecord):
+        verifier.open(member, first, retained=True)
+    with pytest.raises(StaleRecord):
+        verifier.open(member, second)  # the same record pushed again: a replay
+    assert verifier.open(member, second, retained=True).order == (10.0, 2)  # a resubscription
     verifier.open(member, will)
     with pytest.raises(StaleRecord):
         verifier.open(member, second)

@@ -18,13 +18,13 @@ import pytest
 
 from certs.store import CertStore
 from common.mqtt import MQTTAddress, tls_rejection
-from common.mqttbroker import MOSQUITTO_TLS, serve_embedded
+from common.mqttbroker import MOSQUITTO_TLS
 from common.tls import client_context
 from common.tls.identities import Identity
 from ops.deploy import render
 from tests.fixtures_pki import Pki, make_pki
 from tests.security.rows import Door
-from tests.support_mqtt import free_port, mosquitto_tls, read_retained
+from tests.support_mqtt import embedded, mosquitto_tls, read_retained
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 GHOST = "replikant/v1/vms/6f1c2a5e-8f57-4c3e-9a43-0c8f7f8f5d21/sites/ghost"
@@ -39,17 +39,8 @@ async def _server(kind: str, pki: Pki, tmp: Path) -> AsyncIterator[int]:
         with mosquitto_tls(tmp, cert, [Identity.broker("c1", "b1")]) as port:
             yield port
         return
-    port = free_port()
-    ready = asyncio.Event()
-    task = asyncio.create_task(serve_embedded("127.0.0.1", port, cert, ready))
-    try:
-        async with asyncio.timeout(10):
-            await ready.wait()
+    async with embedded(cert) as port:
         yield port
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def _publish(port: int, tls: ssl.SSLContext | None, topic: str, who: str) -> str:

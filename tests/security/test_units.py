@@ -17,10 +17,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from ops.lab import LabPlan, write_lab_files
 from tests.security.rows import Door
@@ -95,9 +97,14 @@ def lab_files() -> Iterator[tuple[LabPlan, dict[str, object]]]:
     # Not under pytest's tmp_path: its parents are 0700 root, which no daemon user can enter.
     base = Path(tempfile.mkdtemp(prefix="replikant-units-", dir="/var/tmp"))
     base.chmod(0o755)
-    plan = LabPlan(root=base / "lab", vms=1, disk_mib=8, interval=1.0, mqtt_kind="embedded")
+    plan = LabPlan(base / "lab", vms=1, disk_mib=8, interval=1.0, mqtt_kind="embedded", brokers=1)
     plan.root.mkdir()
     lab = write_lab_files(plan)
+    # No MQTT server here: the broker runs alone (a cluster member would wait to be elected).
+    broker_toml = plan.root / "broker.toml"
+    doc = tomllib.loads(broker_toml.read_text())
+    del doc["mqtt"]
+    broker_toml.write_text(tomli_w.dumps(doc))
     install_lab_files(plan)
     try:
         yield plan, lab
