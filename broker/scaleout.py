@@ -86,6 +86,7 @@ class ScaleOut:
             on_change=self._changed,
         )
         self.placement.sweep = self.sweep
+        self._changing = asyncio.Lock()
 
     @classmethod
     def attach(cls, service: Member, link: MQTTLink) -> ScaleOut:
@@ -117,10 +118,13 @@ class ScaleOut:
         return s.epoch
 
     async def _changed(self, vm_uuid: str, mine: bool) -> None:
-        await self._stop_engines(vm_uuid)
-        if not mine:
-            self.service.store.forget_vm(vm_uuid)
-        else:
+        # One change at a time: two interleaved reloads would leave an engine on one copy of a
+        # replica's meta and the store on another.
+        async with self._changing:
+            await self._stop_engines(vm_uuid)
+            if not mine:
+                self.service.store.forget_vm(vm_uuid)
+                return
             replicas = await asyncio.to_thread(self.service.store.reload_vm, vm_uuid)
             for replica in replicas:
                 self.service.engine_for(replica)
@@ -149,8 +153,7 @@ class ScaleOut:
             if record.node == self.book.node:
                 await self.placement.reconcile(vm)
             else:
-                await self._stop_engines(vm)
-                self.service.store.forget_vm(vm)
+                await self._changed(vm, mine=False)
 
 
 __all__ = ["PlacementRouter", "ScaleOut"]
