@@ -66,6 +66,9 @@ class ClusterPlacement:
         # A new owner that has not heard the members yet would take every VM as an orphan.
         self.settle = settle if settle is not None else SETTLE_ROUNDS * interval
         self._owned: tuple[int, float] | None = None  # (epoch, since when, monotonic)
+        # The owner is the records' only writer: it reads them all once per ownership, then
+        # keeps them (10,000 small files every round would load a shared file system).
+        self._records: dict[str, PlacementRecord] | None = None
         self._on_change = on_change
         self.sweep: Callable[[], Awaitable[None]] | None = None
         """Called every interval on every member (the broker keeps its appliers in step)."""
@@ -142,12 +145,16 @@ class ClusterPlacement:
         epoch = self._owner_epoch()
         if epoch is None:
             self._owned = None
+            self._records = None
             return None
         if self._owned is None or self._owned[0] != epoch:
             self._owned = (epoch, time.monotonic())
+            self._records = None
         if time.monotonic() - self._owned[1] < self.settle:
             return None
-        records = await asyncio.to_thread(self.book.all)
+        if self._records is None:
+            self._records = await asyncio.to_thread(self.book.all)
+        records = self._records
         vms = await asyncio.to_thread(self.book.vms)
         plan = self.placer.plan(self.online(), vms, {vm: r.node for vm, r in records.items()})
         if plan.moves:
@@ -157,6 +164,7 @@ class ClusterPlacement:
                     self.book.assign, wanted, epoch=epoch, owner=self.node
                 )
             except FencedError as exc:
+                self._records = None
                 _log.warning(
                     "placement_round_fenced", node=self.node, epoch=epoch, error=exc.message
                 )
@@ -208,6 +216,7 @@ class ClusterPlacement:
                 if self.sweep is not None:
                     await self.sweep()
             except OSError as exc:
+                self._records = None  # a round that failed half-way: read the store again
                 _log.error("placement_round_failed", node=self.node, error=str(exc))
 
     async def close(self) -> None:
