@@ -10,11 +10,12 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from broker.service import BrokerService
 from common.config import BrokerConfig, TLSFiles
-from common.tls import Identity
+from common.tls import Identity, client_context
 from tests.fixtures_pki import Pki, make_pki
 from tests.support_agent import (
     DiskSpec,
@@ -81,9 +82,9 @@ def _meta(store: Path, src: FakeSource) -> dict[str, object]:
 @pytest.mark.slow
 async def test_each_vm_is_served_by_its_member_and_moves_when_it_leaves(tmp_path: Path) -> None:
     """The owner places two VMs on two members; a VM's batch is refused by the other member with
-    503 not_owner naming the right one, accepted and applied byte-identically by its member; when
-    that member leaves, its VM is re-placed on the survivor, which applies the next batch on top
-    (one audit line per batch, across both members)."""
+    503 not_owner naming the right one, accepted and applied byte-identically by its member (which
+    also takes the operator's rebind); when that member leaves, its VM is re-placed on the
+    survivor, which applies the next batch on top (one audit line per batch, across both)."""
     async with _members(tmp_path) as (pki, svc):
         await until("an owner", lambda: any(s.serving for s in svc.values()))
         owner = next(n for n, s in svc.items() if s.serving)
@@ -117,6 +118,15 @@ async def test_each_vm_is_served_by_its_member_and_moves_when_it_leaves(tmp_path
         await until("applied by its member", lambda: _meta(store, src)["applied_seq"] == 1)
         image = store / vm / src.disk_id / "replica.img"
         assert image.read_bytes() == cut.image
+        # An operator's act on the VM (a rebind) is the serving member's too.
+        admin = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=client_context(pki.admin.tls))
+        )
+        async with (
+            admin,
+            admin.post(f"{svc[other].url}/v1/vms/{vm}/source", json={"host": "h1"}) as resp,
+        ):
+            assert resp.status == 200, await resp.text()
 
         await svc[other].stop()  # a clean leave: its membership goes offline at once
         owner_scale = scale[owner]
