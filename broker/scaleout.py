@@ -13,7 +13,7 @@ ago) is the owner's, under the owner-epoch fence, until the owner's next round p
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import Final, Protocol
 
 from broker.apply import ReplicaEngine
 from broker.cluster import ClusterMember
@@ -26,6 +26,9 @@ from common.logs import get_logger
 from common.mqtt import MQTTLink
 
 _log = get_logger("broker.scaleout")
+
+RECHECK_SWEEPS: Final = 5
+"""Every this many sweeps a member re-reads the records of all the VMs it serves."""
 
 
 class Member(Protocol):
@@ -87,6 +90,7 @@ class ScaleOut:
         )
         self.placement.sweep = self.sweep
         self._changing = asyncio.Lock()
+        self._sweeps = 0
 
     @classmethod
     def attach(cls, service: Member, link: MQTTLink) -> ScaleOut:
@@ -121,6 +125,10 @@ class ScaleOut:
         # One change at a time: two interleaved reloads would leave an engine on one copy of a
         # replica's meta and the store on another.
         async with self._changing:
+            if mine and any(k[0] == vm_uuid for k in self.service.engines):
+                # Already applied here (the owner, before it placed the VM on itself): this
+                # member has been its only writer, its replicas in memory are current.
+                return
             await self._stop_engines(vm_uuid)
             if not mine:
                 self.service.store.forget_vm(vm_uuid)
@@ -154,6 +162,26 @@ class ScaleOut:
                 await self.placement.reconcile(vm)
             else:
                 await self._changed(vm, mine=False)
+        await self._recheck(serving & local)
+
+    async def _recheck(self, served: set[str]) -> None:
+        """A VM whose placement changed under us (a move away and back we did not hear of)
+        is refused by the fence: serve it afresh. Checked for VMs whose apply is failing every
+        sweep, for all every ``RECHECK_SWEEPS`` sweeps."""
+        self._sweeps += 1
+        failing = {k[0] for k, e in self.service.engines.items() if "apply_failed" in e.conditions}
+        look = served if self._sweeps % RECHECK_SWEEPS == 0 else served & failing
+        for vm in sorted(look):
+            record = await asyncio.to_thread(self.book.get, vm)
+            if record is not None and (record.node, record.token) == (
+                self.book.node,
+                self.book.held(vm),
+            ):
+                continue
+            await self._changed(vm, mine=False)
+            self.placement.serving.discard(vm)
+            self.book.release(vm)
+            await self.placement.reconcile(vm)  # adopts again if the VM is still ours
 
 
 __all__ = ["PlacementRouter", "ScaleOut"]
