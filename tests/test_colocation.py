@@ -4,6 +4,7 @@ replicate as usual, and a broker refuses a store on the storage of the disks it 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from tests.support_agent import (
     free_port,
     make_image,
     replikant_exe,
+    wait_for,
 )
 
 SIZE = 4 * MiB
@@ -118,7 +120,7 @@ def test_backing_disks_follow_partitions_and_device_mapper(tmp_path: Path) -> No
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_agent_and_broker_in_one_site_replicate_byte_identically(tmp_path: Path) -> None:
+async def test_agent_and_broker_in_one_site_replicate_byte_identically(tmp_path: Path) -> None:
     """A real agent and a real broker on this host, both in site dc1, the store apart from the
     image: the initial copy and a later write reach the replica byte for byte."""
     pki = make_pki(tmp_path / "pki")
@@ -136,15 +138,17 @@ def test_agent_and_broker_in_one_site_replicate_byte_identically(tmp_path: Path)
     broker.start()
     agent.start()
     try:
-        _wait_for(lambda: replica.exists() and replica.read_bytes() == image.read_bytes(), 60)
+        await wait_for(
+            lambda: replica.exists() and replica.read_bytes() == image.read_bytes(), "copy", 60
+        )
         sock = tmp_path / "sock" / "vm1-d0.sock"
-        _wait_for(lambda: export_ready(sock, "vm1-d0"), 20)
+        await wait_for(lambda: export_ready(sock, "vm1-d0"), "the export", 20)
         nbd = MiniNBD(sock, "vm1-d0")
         try:
             nbd.write(MiB + 4096, b"same site " * 400, fua=True)
         finally:
             nbd.close()
-        _wait_for(lambda: replica.read_bytes() == image.read_bytes(), 30)
+        await wait_for(lambda: replica.read_bytes() == image.read_bytes(), "the write", 30)
         assert b"same site " in replica.read_bytes()
         meta = (store / str(vm.uuid) / "d0" / "meta.json").read_text()
         assert '"source_site": "dc1"' in meta
@@ -153,13 +157,4 @@ def test_agent_and_broker_in_one_site_replicate_byte_identically(tmp_path: Path)
     finally:
         agent.kill9()
         broker.kill9()
-        subprocess.run(["rm", "-rf", str(store)], check=False)
-
-
-def _wait_for(check: object, within: float) -> None:
-    assert callable(check)
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within} s")
-        time.sleep(0.1)
+        shutil.rmtree(store, ignore_errors=True)
