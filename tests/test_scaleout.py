@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from broker.scaleout import RECHECK_SWEEPS
 from broker.service import BrokerService
 from common.config import BrokerConfig, TLSFiles
 from common.tls import Identity, client_context
@@ -83,8 +84,9 @@ def _meta(store: Path, src: FakeSource) -> dict[str, object]:
 async def test_each_vm_is_served_by_its_member_and_moves_when_it_leaves(tmp_path: Path) -> None:
     """The owner places two VMs on two members; a VM's batch is refused by the other member with
     503 not_owner naming the right one, accepted and applied byte-identically by its member (which
-    also takes the operator's rebind); when that member leaves, its VM is re-placed on the
-    survivor, which applies the next batch on top (one audit line per batch, across both)."""
+    also takes the operator's rebind, and after a placement change it missed, serves the VM again
+    once a sweep re-reads it); when that member leaves, its VM is re-placed on the survivor, which
+    applies the next batch on top (one audit line per batch, across both)."""
     async with _members(tmp_path) as (pki, svc):
         await until("an owner", lambda: any(s.serving for s in svc.values()))
         owner = next(n for n, s in svc.items() if s.serving)
@@ -128,18 +130,38 @@ async def test_each_vm_is_served_by_its_member_and_moves_when_it_leaves(tmp_path
         ):
             assert resp.status == 200, await resp.text()
 
-        await svc[other].stop()  # a clean leave: its membership goes offline at once
+        # A move away and back that the member never heard of (written straight to the store):
+        # its token is stale, so the fence refuses its next batch until a sweep re-reads the
+        # record and serves the VM afresh.
         owner_scale = scale[owner]
         assert owner_scale is not None
+        for node in (owner, other):
+            owner_scale.book.assign([(vm, node)], epoch=svc[owner].epoch, owner=owner)
+        src.mutate()
+        cut = src.cut()
+        async with AgentClient(svc[other].url, pki.agent.tls) as agent:
+            status, body = await agent.post(src, cut.body)
+            assert (status, body["error"], body["details"]["placed_on"]) == (
+                503,
+                "not_owner",
+                other,
+            )
+            for _ in range(RECHECK_SWEEPS):
+                await other_scale.sweep()
+            assert other_scale.book.held(vm) == (svc[owner].epoch, 3)
+            assert await agent.ship(src, cut) == 2
+        await until("applied after the re-read", lambda: _meta(store, src)["applied_seq"] == 2)
+
+        await svc[other].stop()  # a clean leave: its membership goes offline at once
         await until("re-placed on the survivor", lambda: vm in owner_scale.placement.serving)
         src.mutate()
         cut = src.cut()
         async with AgentClient(svc[owner].url, pki.agent.tls) as agent:
-            assert await agent.ship(src, cut) == 2
-        await until("applied by the survivor", lambda: _meta(store, src)["applied_seq"] == 2)
+            assert await agent.ship(src, cut) == 3
+        await until("applied by the survivor", lambda: _meta(store, src)["applied_seq"] == 3)
         assert image.read_bytes() == cut.image
         audit = (store / vm / src.disk_id / "applied.log").read_text().splitlines()
-        assert [json.loads(line)["seq"] for line in audit] == [1, 2]
+        assert [json.loads(line)["seq"] for line in audit] == [1, 2, 3]
 
 
 def _images_match(store: Path, vms: list[VMSpec]) -> bool:
