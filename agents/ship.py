@@ -208,6 +208,9 @@ class BrokerClient:
         self._accepted: set[str] = set()  # brokers that answered us: they took our certificate
         # [followed URL] or []: shared with twins, so a redirect learnt on one loop holds for all.
         self._followed: list[str] = []
+        # Where each VM was sent last (decision 032: a cluster spreads VMs over its members), so
+        # the VMs of one host served by two members do not bounce the host between them.
+        self._by_vm: dict[str, str] = {}
 
     def twin(self) -> BrokerClient:
         """A client for another event loop (an aiohttp session belongs to one), sharing what
@@ -216,6 +219,7 @@ class BrokerClient:
         other._timeout = self._timeout
         other._accepted = self._accepted
         other._followed = self._followed
+        other._by_vm = self._by_vm
         return other
 
     @property
@@ -269,7 +273,8 @@ class BrokerClient:
     async def _request(
         self, method: str, path: str, *, expect: str = "json", what: str = "", **kwargs: Any
     ) -> tuple[Any, dict[str, str]]:
-        base = self.url
+        vm = path.split("/")[3] if path.startswith("/v1/replicas/") else ""
+        base = self._by_vm.get(vm) or self.url
         url = base + path
         exchange = Exchange()
         try:
@@ -278,13 +283,15 @@ class BrokerClient:
             ) as resp:
                 self._accepted.add(base)
                 if resp.status >= 400:
-                    await self._refusal(resp, url)
+                    await self._refusal(resp, url, vm)
                 if expect == "json":
                     return await resp.json(content_type=None), dict(resp.headers)
                 return await resp.read(), dict(resp.headers)
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError, TLSIdentityError) as exc:
             accepted = base in self._accepted
-            self._rotate()
+            self._by_vm.pop(vm, None)
+            if base == self.url:  # a VM's own member failing says nothing of the others
+                self._rotate()
             raise self._network_error(
                 url,
                 exc,
@@ -349,7 +356,7 @@ class BrokerClient:
             code="unreachable",
         )
 
-    async def _refusal(self, resp: aiohttp.ClientResponse, url: str) -> None:
+    async def _refusal(self, resp: aiohttp.ClientResponse, url: str, vm: str = "") -> None:
         text = await resp.text()
         try:
             body = json.loads(text)
@@ -364,8 +371,12 @@ class BrokerClient:
             # The member says who serves us: go there next. One that names itself is still
             # taking over: ask the others meanwhile.
             if owner_url.rstrip("/") == url.split("/v1/", 1)[0] or not self.follow(owner_url):
+                self._by_vm.pop(vm, None)
                 self._rotate()
+            elif vm:
+                self._by_vm[vm] = owner_url.rstrip("/")
         elif resp.status in (502, 503, 504):
+            self._by_vm.pop(vm, None)
             self._rotate()  # not the owner (or a proxy in trouble): try another broker next
         if refusal.code in _FENCED:
             raise FencedError(

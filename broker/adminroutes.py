@@ -144,7 +144,7 @@ async def set_source(request: web.Request) -> web.Response:
             'the body names nothing to change: give "host", "generation" or both',
             details={"field": "(body)", "rule": "host and/or generation"},
         )
-    service.check_owner()
+    service.check_owner(replicas[0].meta.vm_uuid)  # its placed member, or the owner
     await service.change_source(replicas, admin, host=body.host, generation=body.generation)
     return web.json_response(
         {"vm": replicas[0].meta.vm_name, "disks": [state_json(service, r) for r in replicas]}

@@ -111,7 +111,7 @@ class DirectApply:
         r = e.replica
         try:
             os.fdatasync(e.image_fd)
-            e.store.check_epoch(self._epoch)
+            e.store.check_epoch(self._epoch, r)
             r.append_applied(
                 AppliedRecord(
                     generation=header.generation,
@@ -390,7 +390,7 @@ class ReplicaEngine:
             self.write_extent(ext, ext_seq=h.seq)
         os.fdatasync(self._fd)
         _fault_slow_apply(self.log, h.seq)
-        self.store.check_epoch(epoch)  # a takeover during the writes must not be committed over
+        self.store.check_epoch(epoch, r)  # a takeover during the writes must not be committed over
         # 4. commit: the audit line is the single point where the batch becomes applied.
         r.append_applied(
             AppliedRecord(

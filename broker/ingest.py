@@ -32,7 +32,7 @@ from broker.errors import (
 from broker.httperrors import CLIENT_GONE, json_error, model_body, reason_text
 from broker.journal import BatchReceiver, Receipt
 from broker.points import parse_cut, parse_key
-from broker.store import Replica
+from broker.store import Replica, placement_fence
 from broker.views import cut_pending, disk_key_at_cut, point_pending, replica_of, state_json
 from common.config import NAME_PATTERN
 from common.hrl import BATCH_CONTENT_TYPE
@@ -261,6 +261,12 @@ async def _journal(
             fix="retry shortly; a stalled upload is dropped after "
             f"{IDLE_TIMEOUT:.0f} s without data",
         ) from None
+    try:
+        # The per-VM fence (decision 032) before anything is journaled (finish checks it again).
+        await asyncio.to_thread(placement_fence, service.store, replica)
+    except BaseException:
+        engine.ingest_lock.release()
+        raise
     rx = BatchReceiver(
         service.store,
         replica,

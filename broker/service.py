@@ -30,6 +30,7 @@ from aiohttp import web
 from broker.app import build_app
 from broker.apply import AlertHook, Condition, ReplicaEngine
 from broker.cluster import ClusterMember
+from broker.colocation import colocation_problems
 from broker.errors import (
     BrokerError,
     IdentityConflict,
@@ -44,6 +45,7 @@ from broker.membership import Membership
 from broker.pitexport import PointInTimeExport, prepare_socket_dir, socket_path
 from broker.points import Key, key_text
 from broker.retention import Retainer, free_store_space, publish
+from broker.scaleout import ScaleOut
 from broker.space import StoreSpace
 from broker.store import Replica, Store
 from broker.testcopies import TestCopies
@@ -75,7 +77,7 @@ def check_config(config: BrokerConfig) -> list[str]:
     problems += writable_dir_problems(b.store, "broker.store", create=False)
     if config.nbd_socket_dir is not None:
         problems += writable_dir_problems(config.nbd_socket_dir, "nbd_socket_dir", create=False)
-    return problems
+    return problems + colocation_problems(config)
 
 
 def validate(config: BrokerConfig, source: str = "broker config") -> None:
@@ -120,6 +122,7 @@ class BrokerService:
         self.started_ns = time.time_ns()
         self.membership: Membership | None = None
         self.cluster: ClusterMember | None = None
+        self.scaleout: ScaleOut | None = None
         self.serving = False
         """Owner with the store loaded: journals replayed, appliers running, agents accepted."""
         self.taking_over: set[str] = set()
@@ -266,6 +269,7 @@ class BrokerService:
         link.set_will(topics.member(b.cluster, b.node), membership.member_record(online=False))
         self.membership = membership
         self.cluster = ClusterMember(self, link)
+        self.scaleout = ScaleOut.attach(self, link) if b.placement == "spread" else None
         loop = asyncio.get_running_loop()
 
         pending: set[asyncio.Task[None]] = set()
@@ -284,7 +288,7 @@ class BrokerService:
         self.add_alert_hook(publish_alert)
         self._tasks.append(loop.create_task(link.run()))
         self._tasks.append(loop.create_task(membership.run()))
-        self._tasks.append(loop.create_task(self.cluster.run()))
+        self._tasks += [loop.create_task(t.run()) for t in (self.cluster, self.scaleout) if t]
 
     async def stop(self) -> None:
         """Graceful shutdown."""
@@ -332,8 +336,9 @@ class BrokerService:
         self.epoch = epoch
 
     def check_owner(self, vm_uuid: str | None = None) -> None:
-        """Refuse unless this broker serves (the VM): a cluster member that does not names the
-        member that does; refuse writes once another broker claimed a higher epoch."""
+        """Refuse, naming who does, unless this broker serves the VM (placed here, or owner)."""
+        if self.scaleout is not None and self.scaleout.serves(vm_uuid):
+            return  # placed here: the store's per-VM fence decides at each write (decision 032)
         if self.cluster is not None:
             self.cluster.check_serving(vm_uuid)
         if vm_uuid in self.taking_over:

@@ -239,6 +239,11 @@ class Store:
         self._overlays = overlays or root / ".overlays"
         self._replicas: dict[tuple[str, str], Replica] = {}
         self._lock = threading.Lock()
+        # The per-VM fence of a cluster that spreads VMs over members (broker/placements.py):
+        # True when it governs the replica (and let it write), raising when it refuses.
+        self.vm_fence: Callable[[Replica], bool] | None = None
+        # VMs that member placement serves apart (broker/scaleout.py): load() leaves them out.
+        self.placed_apart: Callable[[str], bool] | None = None
         self.fence_enabled = os.environ.get(NO_FENCE) != "1"
         if not self.fence_enabled:
             _log.critical("fence_disabled", store=str(root), hook=NO_FENCE)
@@ -278,7 +283,8 @@ class Store:
         return self.root / "store.json"
 
     @contextlib.contextmanager
-    def _fence_lock(self) -> Iterator[None]:
+    def fence_lock(self) -> Iterator[None]:
+        """The exclusive lock of every read-compare-write of the fences (owner and per-VM)."""
         fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -307,7 +313,7 @@ class Store:
         Re-claiming the stored epoch by the node that holds it is allowed (idempotent restart of
         a claim). Returns ``epoch``.
         """
-        with self._fence_lock():
+        with self.fence_lock():
             stored = self.stored_epoch()
             owner = self.stored_owner()
             if epoch < stored or (epoch == stored and owner not in (None, node)):
@@ -325,7 +331,7 @@ class Store:
 
     def claim_next_epoch(self, node: str) -> int:
         """Claim ``max(stored) + 1``: what a single broker does at startup."""
-        with self._fence_lock():
+        with self.fence_lock():
             epoch = self.stored_epoch() + 1
             atomic_write_json(
                 self._fence_path, {"epoch": epoch, "owner": node, "claimed_ns": time.time_ns()}
@@ -376,9 +382,12 @@ class Store:
 
         With ``replica``, also compare against the epoch that last wrote it, and adopt a higher
         one durably *before* the caller writes anything (a fenced owner then finds the higher
-        epoch next to the data even if ``store.json`` were lost).
+        epoch next to the data even if ``store.json`` were lost). A VM placed on a member
+        (:attr:`vm_fence`, decision 032) is fenced by its placement token instead.
         """
         if not self.fence_enabled:
+            return
+        if replica is not None and self.vm_fence is not None and self.vm_fence(replica):
             return
         stored = self.stored_epoch()
         floor = max(stored, replica.meta.epoch if replica is not None else 0)
@@ -400,6 +409,8 @@ class Store:
                 continue
             if not _valid(names.vm_uuid, vm_dir.name):
                 _log.warning("store_entry_ignored", path=str(vm_dir), reason="not a VM UUID")
+                continue
+            if self.placed_apart is not None and self.placed_apart(vm_dir.name):
                 continue
             for disk_dir in sorted(vm_dir.iterdir()):
                 if disk_dir.name.startswith("."):
@@ -460,6 +471,31 @@ class Store:
         if changes:
             _log.info("replica_counters_recovered", replica=replica.label, **changes)
             replica.update_meta(**changes)
+
+    def reload_vm(self, vm_uuid: str) -> list[Replica]:
+        """Re-read VM ``vm_uuid``'s disks from the store: another cluster member may have created
+        or written them since we loaded (decision 032). Returns the fresh replicas."""
+        vm_dir = names.inside(self.root, names.vm_uuid(vm_uuid))
+        fresh: list[Replica] = []
+        for disk_dir in sorted(vm_dir.iterdir()) if vm_dir.is_dir() else []:
+            if disk_dir.is_symlink() or not _valid(names.disk_id, disk_dir.name):
+                continue  # hidden (.creating) and foreign entries: _load says why at start
+            # The member the VM was moved from may be inside a write section: wait it out.
+            self._barrier(disk_dir, wait=True)
+            replica = Replica(disk_dir, ReplicaMeta.from_json(read_json(disk_dir / "meta.json")))
+            self._recover_counters(replica)
+            fresh.append(replica)
+        with self._lock:
+            for key in [k for k in self._replicas if k[0] == vm_uuid]:
+                del self._replicas[key]
+            self._replicas.update((r.key, r) for r in fresh)
+        return fresh
+
+    def forget_vm(self, vm_uuid: str) -> None:
+        """Drop VM ``vm_uuid``'s disks from memory (placed on another member)."""
+        with self._lock:
+            for key in [k for k in self._replicas if k[0] == vm_uuid]:
+                del self._replicas[key]
 
     def replicas(self) -> list[Replica]:
         """Every replica, sorted by VM name then disk."""
@@ -581,6 +617,13 @@ class Store:
     def overlay_dir(self) -> Path:
         """Where point-in-time exports keep their private copy-on-write files."""
         return self._overlays
+
+
+def placement_fence(store: Store, replica: Replica) -> None:
+    """Run the per-VM fence of decision 032 alone (the journal path: the owner fence of an
+    owner-only cluster is the ingest's owner check)."""
+    if store.vm_fence is not None:
+        store.vm_fence(replica)
 
 
 def journal_name(generation: int, seq: int) -> str:

@@ -285,6 +285,14 @@ class BrokerSection(_Strict):
     min_free_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     url: str | None = Field(default=None, pattern=r"^https://[^/?#\s]+$")
     """The address other members send agents to (default: ``https://`` + ``listen``)."""
+    placement: Literal["owner", "spread"] = "owner"
+    """With MQTT: ``owner`` applies every VM on the cluster's owner; ``spread`` places VMs on
+    the members (decision 032)."""
+    host_agent_config: Path | None = Path("/etc/replikant/agent.toml")
+    """The config of an agent on this host, if any: the store must not share storage with the
+    disks it protects (broker/colocation.py)."""
+    allow_shared_storage: bool = False
+    """Start even when the store shares storage with this host's protected disks (a lab)."""
 
 
 class Authorization(_Strict):

@@ -41,6 +41,16 @@ def vm_site(vm_uuid: uuid.UUID, site: str) -> str:
     return f"{ROOT}/vms/{vm_uuid}/sites/{site}"
 
 
+def placement(cluster: str, vm_uuid: uuid.UUID | str) -> str:
+    """Retained: the member a VM of the cluster is placed on (decision 032)."""
+    return f"{ROOT}/clusters/{cluster}/placements/{vm_uuid}"
+
+
+def placements(cluster: str) -> str:
+    """Wildcard over every placement of a cluster."""
+    return f"{ROOT}/clusters/{cluster}/placements/+"
+
+
 def alerts(cluster: str) -> str:
     """Not retained: alerts raised by the cluster's brokers (storage full, fenced, ...)."""
     return f"{ROOT}/clusters/{cluster}/alerts"
@@ -186,3 +196,13 @@ class Response(_Message):
     result: dict[str, Any] | None = None
     error: str | None = None
     fix: str | None = None
+
+
+class PlacementMessage(_Message):
+    """Which member applies a VM and serves its agent; ``epoch``/``version`` are the placement's
+    fencing token, which the store checks (MQTT only tells members and agents where to go)."""
+
+    node: str
+    url: str
+    epoch: int = Field(ge=1)
+    version: int = Field(ge=1)

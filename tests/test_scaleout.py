@@ -1,0 +1,236 @@
+"""Scale-out inside a cluster (decision 032): two brokers with ``placement = "spread"`` on one
+store and a real Mosquitto over mutual TLS, an agent's batches over HTTPS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from broker.scaleout import RECHECK_SWEEPS
+from broker.service import BrokerService
+from common.config import BrokerConfig, TLSFiles
+from common.tls import Identity, client_context
+from tests.fixtures_pki import Pki, make_pki
+from tests.support_agent import (
+    DiskSpec,
+    MiB,
+    MiniNBD,
+    VMSpec,
+    agent_process,
+    export_ready,
+    make_image,
+)
+from tests.support_broker import AgentClient, FakeSource
+from tests.support_mqtt import mosquitto_tls
+from tests.test_placement_sim import until
+
+FAST = {"lease": 2.0, "renew": 0.5, "stagger": 0.3, "settle": 0.5, "hold_down": 2.0}
+
+
+def _config(tls: TLSFiles, node: str, store: Path, port: int) -> BrokerConfig:
+    return BrokerConfig.model_validate(
+        {
+            "broker": {
+                "node": node,
+                "cluster": "c1",
+                "listen": "127.0.0.1:0",
+                "store": str(store),
+                "min_free_bytes": 0,
+                "placement": "spread",
+            },
+            "tls": {"ca": str(tls.ca), "cert": str(tls.cert), "key": str(tls.key)},
+            "mqtt": {"url": f"mqtts://127.0.0.1:{port}"},
+            "election": FAST,
+            "nbd_socket_dir": str(store.parent / f"nbd-{node}"),
+        }
+    )
+
+
+@contextlib.asynccontextmanager
+async def _members(tmp_path: Path) -> AsyncIterator[tuple[Pki, dict[str, BrokerService]]]:
+    pki = make_pki(tmp_path / "pki")
+    ca = pki.store
+    server = ca.issue_broker("c1", "mqtt", dns=["localhost"], ips=["127.0.0.1"]).tls
+    certs = {"b1": pki.broker.tls, "b2": ca.issue_broker("c1", "b2", ips=["127.0.0.1"]).tls}
+    store = tmp_path / "store"
+    with mosquitto_tls(tmp_path, server, [Identity.broker("c1", n) for n in certs]) as port:
+        services = {n: BrokerService(_config(t, n, store, port)) for n, t in certs.items()}
+        try:
+            for svc in services.values():
+                await svc.start()
+            yield pki, services
+        finally:
+            for svc in services.values():
+                with contextlib.suppress(Exception):
+                    await svc.stop()
+
+
+def _meta(store: Path, src: FakeSource) -> dict[str, object]:
+    data: dict[str, object] = json.loads(
+        (store / str(src.vm_uuid) / src.disk_id / "meta.json").read_text()
+    )
+    return data
+
+
+@pytest.mark.mosquitto
+@pytest.mark.slow
+async def test_each_vm_is_served_by_its_member_and_moves_when_it_leaves(tmp_path: Path) -> None:
+    """The owner places two VMs on two members; a VM's batch is refused by the other member with
+    503 not_owner naming the right one, accepted and applied byte-identically by its member (which
+    also takes the operator's rebind, and after a placement change it missed, serves the VM again
+    once a sweep re-reads it); when that member leaves, its VM is re-placed on the survivor, which
+    applies the next batch on top (one audit line per batch, across both)."""
+    async with _members(tmp_path) as (pki, svc):
+        await until("an owner", lambda: any(s.serving for s in svc.values()))
+        owner = next(n for n, s in svc.items() if s.serving)
+        other = next(n for n in svc if n != owner)
+        sources = [FakeSource(seed=i) for i in (1, 2)]
+        async with AgentClient(svc[owner].url, pki.agent.tls) as agent:
+            for i, src in enumerate(sources):
+                await agent.enable(src, name=f"web{i}")
+        scale = {n: s.scaleout for n, s in svc.items()}
+        assert all(scale.values())
+
+        def placed() -> bool:
+            return all(len(s.placement.serving) == 1 for s in scale.values() if s is not None)
+
+        await until("one VM served by each member", placed)
+        other_scale = scale[other]
+        assert other_scale is not None
+        (vm,) = other_scale.placement.serving
+        src = next(s for s in sources if str(s.vm_uuid) == vm)
+        src.mutate()
+        cut = src.cut()
+        async with AgentClient(svc[owner].url, pki.agent.tls) as agent:
+            status, body = await agent.post(src, cut.body)
+        assert status == 503, body
+        assert body["error"] == "not_owner"
+        assert body["details"]["owner"] == other
+        assert body["details"]["owner_url"] == svc[other].advertised_url
+        async with AgentClient(svc[other].url, pki.agent.tls) as agent:
+            assert await agent.ship(src, cut) == 1
+        store = tmp_path / "store"
+        await until("applied by its member", lambda: _meta(store, src)["applied_seq"] == 1)
+        image = store / vm / src.disk_id / "replica.img"
+        assert image.read_bytes() == cut.image
+        # An operator's act on the VM (a rebind) is the serving member's too.
+        admin = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=client_context(pki.admin.tls))
+        )
+        async with (
+            admin,
+            admin.post(f"{svc[other].url}/v1/vms/{vm}/source", json={"host": "h1"}) as resp,
+        ):
+            assert resp.status == 200, await resp.text()
+
+        # A move away and back that the member never heard of (written straight to the store):
+        # its token is stale, so the fence refuses its next batch until a sweep re-reads the
+        # record and serves the VM afresh.
+        owner_scale = scale[owner]
+        assert owner_scale is not None
+        for node in (owner, other):
+            owner_scale.book.assign([(vm, node)], epoch=svc[owner].epoch, owner=owner)
+        src.mutate()
+        cut = src.cut()
+        async with AgentClient(svc[other].url, pki.agent.tls) as agent:
+            status, body = await agent.post(src, cut.body)
+            assert (status, body["error"], body["details"]["placed_on"]) == (
+                503,
+                "not_owner",
+                other,
+            )
+            for _ in range(RECHECK_SWEEPS):
+                await other_scale.sweep()
+            assert other_scale.book.held(vm) == (svc[owner].epoch, 3)
+            assert await agent.ship(src, cut) == 2
+        await until("applied after the re-read", lambda: _meta(store, src)["applied_seq"] == 2)
+
+        await svc[other].stop()  # a clean leave: its membership goes offline at once
+        await until("re-placed on the survivor", lambda: vm in owner_scale.placement.serving)
+        src.mutate()
+        cut = src.cut()
+        async with AgentClient(svc[owner].url, pki.agent.tls) as agent:
+            assert await agent.ship(src, cut) == 3
+        await until("applied by the survivor", lambda: _meta(store, src)["applied_seq"] == 3)
+        assert image.read_bytes() == cut.image
+        audit = (store / vm / src.disk_id / "applied.log").read_text().splitlines()
+        assert [json.loads(line)["seq"] for line in audit] == [1, 2, 3]
+
+
+def _images_match(store: Path, vms: list[VMSpec]) -> bool:
+    for vm in vms:
+        replica = store / str(vm.uuid) / "d0" / "replica.img"
+        if not replica.exists() or replica.read_bytes() != vm.disks[0].image.read_bytes():
+            return False
+    return True
+
+
+@pytest.mark.mosquitto
+@pytest.mark.slow
+async def test_a_real_agent_talks_to_the_member_each_vm_is_placed_on(tmp_path: Path) -> None:
+    """A real agent that knows only the owner's URL protects two VMs the owner places on
+    different members: each VM's writes reach its own member (which applies them), the replicas
+    match byte for byte, the agent settles on one member per VM instead of bouncing, and no
+    member raises an alert on the way."""
+    async with _members(tmp_path) as (pki, svc):
+        alerts: list[tuple[str, dict[str, object]]] = []
+        for service in svc.values():
+            service.add_alert_hook(lambda event, fields: alerts.append((event, fields)))
+        await until("an owner", lambda: any(s.serving for s in svc.values()))
+        owner = next(n for n, s in svc.items() if s.serving)
+        vms = [
+            VMSpec(
+                name,
+                [DiskSpec("d0", make_image(tmp_path / f"{name}.img", 2 * MiB))],
+                uuid=uuid.UUID(u),
+            )
+            for name, u in (
+                ("va", "00000000-0000-4000-8000-000000000001"),  # placed first: on b1
+                ("vb", "ffffffff-ffff-4fff-bfff-ffffffffffff"),  # then on b2
+            )
+        ]
+        (tmp_path / "agent").mkdir()
+        agent = agent_process(
+            tmp_path / "agent", pki=pki, broker_urls=[svc[owner].url], vms=vms, interval=0.5
+        )
+        agent.start()
+        try:
+            scale = {n: s.scaleout for n, s in svc.items()}
+
+            def spread() -> bool:
+                return all(
+                    s is not None and str(vm.uuid) in s.placement.serving
+                    for s, vm in zip((scale["b1"], scale["b2"]), vms, strict=True)
+                )
+
+            await until("each VM served by its member", spread)
+            store = tmp_path / "store"
+            followed = len(agent.events("broker_followed"))
+            for round_ in range(6):
+                for vm in vms:
+                    sock = tmp_path / "agent" / "sock" / f"{vm.name}-d0.sock"
+                    await until("export", lambda s=sock, v=vm: export_ready(s, f"{v.name}-d0"))
+                    nbd = await asyncio.to_thread(MiniNBD, sock, f"{vm.name}-d0")
+                    try:
+                        data = f"{vm.name} round {round_} ".encode() * 100
+                        await asyncio.to_thread(nbd.write, round_ * 65536, data, fua=True)
+                    finally:
+                        nbd.close()
+                await asyncio.sleep(0.6)
+            await until("replicas equal to their images", lambda: _images_match(store, vms))
+            for node, vm in (("b1", vms[0]), ("b2", vms[1])):
+                mine = {k[0] for k in svc[node].engines}
+                assert str(vm.uuid) in mine, (node, mine)
+                assert len(mine) == 1, (node, mine)
+            assert len(agent.events("broker_followed")) - followed <= 2
+            assert [a for a in alerts if a[0] == "alert_raised"] == []  # no member was refused
+            assert agent.stop() == 0
+        finally:
+            agent.kill9()
