@@ -27,6 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
+from agents import resync
 from agents.control import (
     control_gid,
     control_socket_path,
@@ -382,8 +383,11 @@ class Agent:
             rep.export.close(clean=True)
         self.workers = [w for w in self.workers if w.vm.uuid != vm.uuid]
 
-    async def change_role(self, vm: VMConfig, act: str, generation: int) -> RoleRecord:
-        """One failover act on ``vm`` at this site (see ``POST /v1/vms/{vm}/role``)."""
+    async def change_role(
+        self, vm: VMConfig, act: str, generation: int, point: str = "latest"
+    ) -> RoleRecord:
+        """One failover act on ``vm`` at this site (see ``POST /v1/vms/{vm}/role``); ``point``:
+        the one a promotion started from."""
         key, state_dir = str(vm.uuid), self.config.agent.state_dir
         now = self.roles[key]
         if act == "begin":
@@ -429,6 +433,8 @@ class Agent:
                 # (the replica at the old primary's site is compared by hashes).
                 fresh = DiskState(str(vm.uuid), disk.id, disk.image.stat().st_size, generation)
                 fresh.save(state_dir / key / f"{disk.id}.json")
+                if act == "promote":
+                    resync.promoted(state_dir / key, disk.id, point)
         role = {
             "promote": RoleRecord("PRIMARY", generation, replicating=False),
             "replicate": RoleRecord("PRIMARY", now.generation, replicating=True),
@@ -472,8 +478,19 @@ class Agent:
                 '"generation": N}',
                 "send one of the acts",
             )
+        base = self.config.agent.state_dir / str(worker_vm.uuid)
+        maps = {  # the old primary's change maps, read while its exports are still open
+            r.disk.id: resync.old_primary_regions(r.export, r.recovery, r.state)
+            for r in self.replicators
+            if act == "demote" and r.vm.uuid == worker_vm.uuid
+        }
         try:
-            role = await self.change_role(worker_vm, act, generation)
+            if act == "replicate" and "disks" in body:
+                resync.save_hints(base, [d.id for d in worker_vm.disks], body["disks"])
+            point = str(body.get("point", "latest"))[:64]
+            role = await self.change_role(worker_vm, act, generation, point)
+        except (ValueError, TypeError, AttributeError) as exc:
+            return refusal(400, "bad_request", f"bad change maps: {exc}", "send [[offset, length]]")
         except AgentError as exc:
             log.warning("role_change_refused", vm=worker_vm.name, act=act, error=exc.message)
             return refusal(409, "wrong_role", exc.message, exc.fix or "", vm=worker_vm.name)
@@ -484,6 +501,7 @@ class Agent:
                 "disk_id": d.id,
                 "image": str(d.image),
                 "socket": str(socket_path(self.config, export_name(worker_vm, d))),
+                **({"change_map": maps[d.id]} if d.id in maps else {}),
             }
             for d in worker_vm.disks
         ]
