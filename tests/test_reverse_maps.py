@@ -103,7 +103,9 @@ def test_hints_persist_validate_and_a_rolled_back_promotion_pins_the_full_compar
 ) -> None:
     """Regions sent by the reverse command are kept per configured disk (0600), bad ones are
     refused, and a promotion from an older point keeps its full-compare hint against them."""
-    resync.save_hints(tmp_path, ["d0", "d1"], [{"disk_id": "d0", "regions": [[0, 5]]}])
+    sent = [{"disk_id": "d0", "regions": [[0, 5]]}, {"disk_id": "../x", "regions": [[0, 1]]}]
+    resync.save_hints(tmp_path, ["d0", "d1"], sent)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d0.reverse.json"]  # configured only
     path0 = resync.hint_path(tmp_path / "d0.json")
     assert resync.load_hint(path0)[0] == [(0, 5)]
     assert path0.stat().st_mode & 0o777 == 0o600
