@@ -53,6 +53,23 @@ def old_primary_regions(
     return {"regions": [list(r) for r in union(fine, coarse)], "why": "change map"}
 
 
+def mark_rolled_back(export: TrackedExport, disk_id: str, rolled_back: Any) -> int:
+    """Mark in the promoted disk's fresh map the regions the broker rolled back; the bytes."""
+    raw = rolled_back.get(disk_id, []) if isinstance(rolled_back, dict) else []
+    marked = to_blocks(_regions(raw), export.block_size, export.size)
+    for o, n in marked:
+        export.map.mark(o, n, DATA)
+    return total(marked)
+
+
+def _regions(raw: Any) -> list[Region]:
+    """``[[offset, length], ...]`` from a request, validated (ValueError names what is wrong)."""
+    regions = [(int(o), int(n)) for o, n in raw]
+    if any(o < 0 or n < 0 for o, n in regions):
+        raise ValueError("regions must be [offset, length] pairs of non-negative integers")
+    return regions
+
+
 def hint_path(state_path: Path) -> Path:
     """Where the reverse command's regions for the disk whose state is ``state_path`` live."""
     return state_path.with_name(state_path.stem + HINT_SUFFIX)
@@ -62,9 +79,7 @@ def save_hint(path: Path, doc: Any) -> None:
     """Keep the old primary's regions (validated) until the comparison is done (0600)."""
     regions = doc.get("regions") if isinstance(doc, dict) else None
     if regions is not None:
-        regions = [[int(o), int(n)] for o, n in regions]
-        if any(o < 0 or n < 0 for o, n in regions):
-            raise ValueError("regions must be [offset, length] pairs of non-negative integers")
+        regions = [list(r) for r in _regions(regions)]
     why = str(doc.get("why", "")) if isinstance(doc, dict) else "no regions sent"
     atomic_write_json(path, {"regions": regions, "why": why[:500]})
 
@@ -112,15 +127,18 @@ def save_hints(base: Path, disk_ids: list[str], sent: Any) -> None:
             drop_hint(path)
 
 
-def promoted(base: Path, disk_id: str, point: str) -> None:
-    """A promotion at ``point``: tracking starts over at the handover (the map is dropped); a
-    point older than the latest rolled blocks back that no change map names, so the reverse
-    that follows compares this disk in full (a pinned hint the reverse command cannot replace).
+def promoted(base: Path, disk_id: str, point: str, rolled_back: Any) -> None:
+    """A promotion at ``point``: tracking starts over at the handover (the map is dropped). The
+    regions a point older than the latest rolled back go into the new map once the export
+    opens (:func:`mark_rolled_back`); without them no change map names those blocks, so the
+    reverse that follows compares this disk in full (a hint the reverse command cannot replace).
     """
     for name in (f"{disk_id}.map", f"{disk_id}.map.fine"):
         (base / name).unlink(missing_ok=True)
     path = hint_path(base / f"{disk_id}.json")
-    if point == "latest":
+    if isinstance(rolled_back, dict) and disk_id in rolled_back:
+        _regions(rolled_back[disk_id])  # refused before the role changes, not after
+    if point == "latest" or (isinstance(rolled_back, dict) and disk_id in rolled_back):
         drop_hint(path)
     else:
         why = (

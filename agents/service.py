@@ -384,10 +384,12 @@ class Agent:
         self.workers = [w for w in self.workers if w.vm.uuid != vm.uuid]
 
     async def change_role(
-        self, vm: VMConfig, act: str, generation: int, point: str = "latest"
+        self, vm: VMConfig, act: str, generation: int, body: dict[str, Any] | None = None
     ) -> RoleRecord:
-        """One failover act on ``vm`` at this site (see ``POST /v1/vms/{vm}/role``); ``point``:
-        the one a promotion started from."""
+        """One failover act on ``vm`` at this site (see ``POST /v1/vms/{vm}/role``; ``body``:
+        the request's, with a promotion's point and the regions it rolled back)."""
+        extra = body or {}
+        point, rolled = str(extra.get("point", "latest"))[:64], extra.get("rolled_back")
         key, state_dir = str(vm.uuid), self.config.agent.state_dir
         now = self.roles[key]
         if act == "begin":
@@ -434,7 +436,7 @@ class Agent:
                 fresh = DiskState(str(vm.uuid), disk.id, disk.image.stat().st_size, generation)
                 fresh.save(state_dir / key / f"{disk.id}.json")
                 if act == "promote":
-                    resync.promoted(state_dir / key, disk.id, point)
+                    resync.promoted(state_dir / key, disk.id, point, rolled)
         role = {
             "promote": RoleRecord("PRIMARY", generation, replicating=False),
             "replicate": RoleRecord("PRIMARY", now.generation, replicating=True),
@@ -445,6 +447,8 @@ class Agent:
         self.roles[key] = role
         if act in ("promote", "resume"):
             await self._open_vm(vm)
+            for rep in (r for r in self.replicators if r.vm.uuid == vm.uuid and act == "promote"):
+                resync.mark_rolled_back(rep.export, rep.disk.id, rolled)
         elif act == "replicate":
             for worker in self.workers:
                 if worker.vm.uuid == vm.uuid:
@@ -487,8 +491,7 @@ class Agent:
         try:
             if act == "replicate" and "disks" in body:
                 resync.save_hints(base, [d.id for d in worker_vm.disks], body["disks"])
-            point = str(body.get("point", "latest"))[:64]
-            role = await self.change_role(worker_vm, act, generation, point)
+            role = await self.change_role(worker_vm, act, generation, body)
         except (ValueError, TypeError, AttributeError) as exc:
             return refusal(400, "bad_request", f"bad change maps: {exc}", "send [[offset, length]]")
         except AgentError as exc:

@@ -416,7 +416,8 @@ async def unplanned(run: Run, s: Survey, point: str) -> None:
         run.step(f"site {dst.name}: broker applied its journal{back} and handed the replica over",
                  generation=after.generation,
                  rolled_back_bytes=sum(done.get("rolled_back_bytes", {}).values()))  # fmt: skip
-        await run.agent(dst, "promote", after.generation, point=point)
+        rolled = done.get("rolled_back_regions", {})  # the new primary's map must hold them
+        await run.agent(dst, "promote", after.generation, point=point, rolled_back=rolled)
         run.step(f"site {dst.name}: agent serves the VM's disks (FAILED-OVER, uncommitted)")
         await run.guest(dst, "start")
     finally:

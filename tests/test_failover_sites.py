@@ -303,7 +303,8 @@ def test_unplanned_failover_to_an_older_point_starts_from_that_points_data(
     lab: dict[str, Any], tmp_path: Path
 ) -> None:
     """`failover unplanned --point ID` starts the VM at the recovery site with exactly that
-    point's data: a later write the replica already held is rolled back."""
+    point's data: a later write the replica already held is rolled back, and is in the new
+    primary's change map."""
     d0 = lab["vms"][0]["disks"][0]
     first, later = os.urandom(2 * BLOCK), os.urandom(2 * BLOCK)
     _write_ok(d0["nbd_uris"]["primary"], 1 << 20, first, tmp_path)
@@ -323,6 +324,10 @@ def test_unplanned_failover_to_an_older_point_starts_from_that_points_data(
     assert image[1 << 20 : (1 << 20) + 2 * BLOCK] == first
     assert image[2 << 20 : (2 << 20) + 2 * BLOCK] == before
     assert _roles(lab)["recovery"] == "FAILED-OVER"
+    # The rolled-back blocks differ from the old primary's acked state: the new primary's change
+    # map holds them, so the reverse ships them (decision 042).
+    disks = asyncio.run(_agent_disks(lab["sites"]["recovery"]["agent_control_socket"]))
+    assert disks[d0["id"]]["dirty_bytes"] == 2 * BLOCK, disks
 
 
 @pytest.mark.qemu

@@ -102,7 +102,8 @@ def test_hints_persist_validate_and_a_rolled_back_promotion_pins_the_full_compar
     tmp_path: Path,
 ) -> None:
     """Regions sent by the reverse command are kept per configured disk (0600), bad ones are
-    refused, and a promotion from an older point keeps its full-compare hint against them."""
+    refused, and a promotion from an older point without its rolled-back regions keeps a
+    full-compare hint against them."""
     sent = [{"disk_id": "d0", "regions": [[0, 5]]}, {"disk_id": "../x", "regions": [[0, 1]]}]
     resync.save_hints(tmp_path, ["d0", "d1"], sent)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d0.reverse.json"]  # configured only
@@ -116,10 +117,29 @@ def test_hints_persist_validate_and_a_rolled_back_promotion_pins_the_full_compar
         resync.save_hints(tmp_path, ["d0"], [{"disk_id": "d0", "regions": [[-4, 5]]}])
     with pytest.raises(ValueError, match="list"):
         resync.save_hints(tmp_path, ["d0"], {"d0": []})
-    resync.promoted(tmp_path, "d0", "1:42")
+    with pytest.raises(ValueError, match="non-negative"):
+        resync.promoted(tmp_path, "d0", "1:42", {"d0": [[0, -1]]})
+    resync.promoted(tmp_path, "d0", "1:42", {"d0": [[0, 5]]})  # rolled back regions: mapped
+    assert not path0.exists()
+    resync.promoted(tmp_path, "d0", "1:42", {})  # an older point without them: full compare
     resync.save_hints(tmp_path, ["d0"], [{"disk_id": "d0", "regions": [[0, 5]]}])
     regions, why = resync.load_hint(path0)
     assert regions is None
     assert "older point 1:42" in why
-    resync.promoted(tmp_path, "d0", "latest")
+    resync.promoted(tmp_path, "d0", "latest", None)
     assert not path0.exists()
+
+
+def test_rolled_back_regions_land_in_the_promoted_disks_map_rounded_to_blocks(
+    tmp_path: Path,
+) -> None:
+    """The regions the broker rolled back are marked in the new primary's map, whole blocks."""
+    export = _export(tmp_path, 4 * MiB)
+    export.open()
+    try:
+        marked = resync.mark_rolled_back(export, "d", {"d": [[BLOCK + 1, 10], [3 * MiB, BLOCK]]})
+        assert marked == 2 * BLOCK
+        assert export.map.dirty_bytes == 2 * BLOCK
+        assert resync.mark_rolled_back(export, "d", {"other": [[0, 1]]}) == 0
+    finally:
+        export.close()
