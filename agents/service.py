@@ -431,12 +431,11 @@ class Agent:
             await self._close_vm(vm)
         if act == "promote" or (act == "resume" and generation > now.generation):
             for disk in vm.disks:
-                # The image is this disk at the new generation: replication state starts over
-                # (the replica at the old primary's site is compared by hashes).
+                # The image is this disk at the new generation: replication state, change map
+                # and any earlier reverse's regions start over (decisions 041, 042).
                 fresh = DiskState(str(vm.uuid), disk.id, disk.image.stat().st_size, generation)
                 fresh.save(state_dir / key / f"{disk.id}.json")
-                if act == "promote":
-                    resync.promoted(state_dir / key, disk.id, point, rolled)
+                resync.promoted(state_dir / key, disk.id, point, rolled)
         role = {
             "promote": RoleRecord("PRIMARY", generation, replicating=False),
             "replicate": RoleRecord("PRIMARY", now.generation, replicating=True),
