@@ -24,10 +24,13 @@ from agents.ship import BrokerClient
 from agents.state import DiskState
 from common.blockhash import block_hash
 from common.fsio import atomic_write_json, read_json
-from common.regions import Region, chunks, from_flags, to_blocks, total, union
+from common.regions import Region, chunks, coalesce, from_flags, to_blocks, total, union
 
 VERIFY_CHUNK = 64 * 1024 * 1024
 HINT_SUFFIX = ".reverse.json"
+# Mapped regions closer than this are hashed as one: a fragmented map costs a few more bytes
+# read instead of one hash request per fragment.
+GAP = 1024 * 1024
 
 
 def old_primary_regions(
@@ -167,7 +170,7 @@ async def compare(
         await asyncio.sleep(0.5)
     bs = export.block_size
     size = export.size
-    whole = [(0, size)] if regions is None else to_blocks(regions, bs, size)
+    whole = [(0, size)] if regions is None else coalesce(to_blocks(regions, bs, size), GAP)
     marked = 0
     for offset, length in chunks(whole, VERIFY_CHUNK):
         try:

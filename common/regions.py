@@ -39,6 +39,18 @@ def to_blocks(regions: Iterable[Region], block_size: int, size: int) -> list[Reg
     return union(rounded)
 
 
+def coalesce(regions: Iterable[Region], gap: int) -> list[Region]:
+    """``regions`` with gaps shorter than ``gap`` filled: fewer, larger requests for a
+    fragmented map, at the cost of at most ``gap`` extra bytes per merge."""
+    out: list[list[int]] = []
+    for o, n in union(regions):
+        if out and o - (out[-1][0] + out[-1][1]) < gap:
+            out[-1][1] = o + n - out[-1][0]
+        else:
+            out.append([o, n])
+    return [(o, n) for o, n in out]
+
+
 def total(regions: Iterable[Region]) -> int:
     """Bytes covered by ``regions`` (which must not overlap: pass them through :func:`union`)."""
     return sum(n for _, n in regions)

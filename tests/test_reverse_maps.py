@@ -9,7 +9,15 @@ import pytest
 from agents import resync
 from agents.disk import TrackedExport
 from agents.state import DiskState
-from common.regions import change_map_summary, chunks, from_flags, to_blocks, total, union
+from common.regions import (
+    change_map_summary,
+    chunks,
+    coalesce,
+    from_flags,
+    to_blocks,
+    total,
+    union,
+)
 
 MiB = 1024 * 1024
 BLOCK = 64 * 1024
@@ -36,9 +44,12 @@ def test_block_rounding_covers_every_touched_block_and_stops_at_the_disk_end() -
         to_blocks([(0, 1)], 3000, size)
 
 
-def test_chunks_and_region_flags_translate_exactly() -> None:
-    """Chunks split regions at the limit; persisted region flags become byte regions."""
+def test_chunks_coalescing_and_region_flags_translate_exactly() -> None:
+    """Chunks split regions at the limit, coalescing fills only gaps below its bound, and
+    persisted region flags become byte regions."""
     assert chunks([(0, 10), (20, 3)], 4) == [(0, 4), (4, 4), (8, 2), (20, 3)]
+    assert coalesce([(0, 10), (15, 5), (40, 1)], 6) == [(0, 20), (40, 1)]
+    assert coalesce([(0, 10), (16, 5)], 6) == [(0, 10), (16, 5)]
     flags = bytes([1, 1, 0, 1])
     assert from_flags(flags, 4 * MiB, 14 * MiB) == [(0, 8 * MiB), (12 * MiB, 2 * MiB)]
 
