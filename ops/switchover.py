@@ -31,6 +31,7 @@ from ops.render import merge_status
 from ops.verify import compare_hashes
 
 SURVEY_SECONDS = 5.0
+NO_MAP = "the old primary's agent reported no change map for it (the disk was not open there)"
 SYNC_SECONDS = 120.0
 
 
@@ -296,7 +297,7 @@ async def _hand_images_back(run: Run, old: Site, new: Site, generation: int) -> 
     }
     await run.broker(old, f"/v1/vms/{run.vm}/adopt", body)
     run.step(f"site {old.name}: broker adopted the images as replicas")
-    maps = [{"disk_id": d["disk_id"], **d.get("change_map", {"regions": None, "why": "none"})}
+    maps = [{"disk_id": d["disk_id"], **d.get("change_map", {"regions": None, "why": NO_MAP})}
             for d in released["disks"]]  # fmt: skip
     run.step(f"site {old.name}: change maps handed over", **change_map_summary(maps))
     await run.agent(new, "replicate", disks=maps)
