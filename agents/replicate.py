@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -522,6 +522,9 @@ class DiskReplicator:
             if initial_done:
                 st.initial_done = True
                 self._completing = True
+                # The map has tracked every write since this copy began: from now on it is no
+                # longer "missing" to reverse replication (agents/resync.py).
+                self.recovery = replace(self.recovery, fresh=False)
         st.save(self.state_path)
         s = self.status
         s.last_error = None  # recovered: the count and the time of the last error stay
