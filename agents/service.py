@@ -166,7 +166,9 @@ class Agent:
         )
 
     def _start_presence(self) -> None:
-        self.presence = Presence(self.config, status=self.status, follower=self.client)
+        self.presence = Presence(
+            self.config, status=self.status, roles=self.roles, follower=self.client
+        )
         self._presence_task = asyncio.get_running_loop().create_task(self.presence.run())
 
     async def _stop_presence(self) -> None:
@@ -273,6 +275,11 @@ class Agent:
                 f"{local.generation}: the VM was failed over",
             )
 
+    def _announce(self) -> None:
+        """Roles changed: the host record on MQTT says so at once."""
+        if self.presence is not None:
+            self.presence.announce()
+
     def vm_role(self, vm: VMConfig) -> VMRole:
         """The VM's role here as the state machine of :mod:`common.roles` names it."""
         record = self.roles.get(str(vm.uuid)) or RoleRecord.load(self.config.agent.state_dir, vm)
@@ -305,6 +312,7 @@ class Agent:
             if other.vm.uuid == vm.uuid:
                 other.fenced = other.export.fenced = message
         log.error("vm_fenced", vm=vm.name, reason=reason, fix=f"replikant reverse {vm.name}")
+        self._announce()
 
     async def _serve(self, export: TrackedExport | FileExport, sock: Path, vm: VMConfig) -> None:
         server = NBDServer(
@@ -443,6 +451,7 @@ class Agent:
             for worker in self.workers:
                 if worker.vm.uuid == vm.uuid:
                     self._launch(worker)
+        self._announce()
         log.warning(
             "vm_role_changed", vm=vm.name, act=act, role=role.role, generation=role.generation
         )
