@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from broker_common import add_workdir_arguments, cleanup, save_result
 from broker_lag import pct
 
+from agents.hypervisor.qemu import kvm_usable
 from tests.support_guest import GuestImage, guest_image, wait_console
 
 REPLIKANT = str(Path(sys.executable).with_name("replikant"))
@@ -318,7 +319,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "loadavg_at_start": [round(x, 2) for x in load],
             "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
-            "kvm": os.access("/dev/kvm", os.R_OK | os.W_OK),
+            "accel": "kvm" if kvm_usable() else "tcg",  # what the qemu driver chose
             "vms": args.vms,
             "singles": args.singles,
         },
