@@ -522,12 +522,13 @@ async def _one(
 
 def _command(
     ctx: click.Context,
+    name: str,
+    body: Callable[[Run, Survey], Awaitable[None]],
+    *,
     vms: tuple[str, ...],
     selector: str | None,
     parallel: int,
-    name: str,
     as_json: bool,
-    body: Callable[[Run, Survey], Awaitable[None]],
 ) -> None:
     """Run ``body`` for every VM named or selected, at most ``parallel`` at once; exit status 0
     only when every VM succeeded."""
@@ -536,7 +537,7 @@ def _command(
     async def go() -> list[dict[str, Any]]:
         async with AdminClient(config) as client:
             chosen = await selected(client, vms, selector)
-            bound = asyncio.Semaphore(max(1, parallel))
+            bound = asyncio.Semaphore(parallel)
 
             async def bounded(vm: str) -> dict[str, Any]:
                 async with bound:
@@ -554,104 +555,61 @@ def _command(
 
 _json = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 _parallel = click.option(
-    "--parallel", default=PARALLEL, show_default=True, help="VMs worked on at once."
+    "--parallel",
+    default=PARALLEL,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="VMs worked on at once.",
 )
 
 
+def _targets(f: Callable[..., None]) -> Callable[..., None]:
+    """The options every failover command shares: VMs, ``--selector``, ``--parallel``,
+    ``--json``."""
+    for option in (click.pass_context, _json, _parallel, SELECTOR, VMS):
+        f = option(f)
+    return f
+
+
 @failover.command("planned")
-@VMS
-@SELECTOR
-@_parallel
-@_json
-@click.pass_context
-def planned_cmd(
-    ctx: click.Context,
-    vms: tuple[str, ...],
-    selector: str | None,
-    parallel: int,
-    as_json: bool,
-) -> None:
-    """Shut VM's writers down, ship the final cut, prove zero lag, promote it at the recovery
-    site with generation + 1, and reverse replication at once."""
-    _command(ctx, vms, selector, parallel, "planned", as_json, planned)
+@_targets
+def planned_cmd(ctx: click.Context, **opts: Any) -> None:
+    """Shut each VM's writers down, ship the final cut, prove zero lag, promote it at the
+    recovery site with generation + 1, and reverse replication at once."""
+    _command(ctx, "planned", planned, **opts)
 
 
 @failover.command("unplanned")
-@VMS
-@SELECTOR
-@_parallel
 @click.option(
     "--point",
     default="latest",
     show_default=True,
     help="latest, a point id G:C, or a time (unix seconds or ISO 8601): the newest point then.",
 )
-@_json
-@click.pass_context
-def unplanned_cmd(
-    ctx: click.Context,
-    vms: tuple[str, ...],
-    selector: str | None,
-    parallel: int,
-    point: str,
-    as_json: bool,
-) -> None:
-    """The primary site is gone: start VM from its replica (FAILED-OVER until commit/cancel)."""
-    _command(
-        ctx, vms, selector, parallel, "unplanned", as_json, lambda run, s: unplanned(run, s, point)
-    )
+@_targets
+def unplanned_cmd(ctx: click.Context, point: str, **opts: Any) -> None:
+    """The primary site is gone: start each VM from its replica (FAILED-OVER until commit or
+    cancel)."""
+    _command(ctx, "unplanned", lambda run, s: unplanned(run, s, point), **opts)
 
 
 @failover.command("commit")
-@VMS
-@SELECTOR
-@_parallel
-@_json
-@click.pass_context
-def commit_cmd(
-    ctx: click.Context,
-    vms: tuple[str, ...],
-    selector: str | None,
-    parallel: int,
-    as_json: bool,
-) -> None:
-    """Keep an unplanned failover of VM: the recovery site is its PRIMARY."""
-    _command(
-        ctx, vms, selector, parallel, "commit", as_json, lambda run, s: settle(run, s, "commit")
-    )
+@_targets
+def commit_cmd(ctx: click.Context, **opts: Any) -> None:
+    """Keep an unplanned failover of each VM: the recovery site is its PRIMARY."""
+    _command(ctx, "commit", lambda run, s: settle(run, s, "commit"), **opts)
 
 
 @failover.command("cancel")
-@VMS
-@SELECTOR
-@_parallel
-@_json
-@click.pass_context
-def cancel_cmd(
-    ctx: click.Context,
-    vms: tuple[str, ...],
-    selector: str | None,
-    parallel: int,
-    as_json: bool,
-) -> None:
-    """Undo an unplanned failover of VM: the old primary takes it back and resyncs the replica."""
-    _command(
-        ctx, vms, selector, parallel, "cancel", as_json, lambda run, s: settle(run, s, "cancel")
-    )
+@_targets
+def cancel_cmd(ctx: click.Context, **opts: Any) -> None:
+    """Undo an unplanned failover of each VM: the old primary takes it back and resyncs the
+    replica."""
+    _command(ctx, "cancel", lambda run, s: settle(run, s, "cancel"), **opts)
 
 
 @click.command("reverse")
-@VMS
-@SELECTOR
-@_parallel
-@_json
-@click.pass_context
-def reverse_cmd(
-    ctx: click.Context,
-    vms: tuple[str, ...],
-    selector: str | None,
-    parallel: int,
-    as_json: bool,
-) -> None:
-    """Make VM's fenced old primary its replica, shipping only the blocks that differ."""
-    _command(ctx, vms, selector, parallel, "reverse", as_json, reverse)
+@_targets
+def reverse_cmd(ctx: click.Context, **opts: Any) -> None:
+    """Make each VM's fenced old primary its replica, shipping only the blocks that differ."""
+    _command(ctx, "reverse", reverse, **opts)
