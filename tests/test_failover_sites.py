@@ -289,8 +289,13 @@ def test_unplanned_failover_fences_the_old_site_and_reverse_ships_only_differenc
     assert early.returncode == 1
     assert "FAILED-OVER" in early.stderr
     assert "commit" in early.stderr
-    # By selector (the lab labels its VMs tier=demo), as every failover command may.
-    assert _cli(lab, "failover", "commit", "--selector", "tier=demo").returncode == 0
+    # Named and by selector (the lab labels its VMs tier=demo) at once: a result per VM, and
+    # one VM's failure makes the exit status 1 without stopping the others.
+    both = _cli(lab, "failover", "commit", "nosuch", "--selector", "tier=demo", "--json")
+    assert both.returncode == 1, both
+    results = {v["vm"]: v for v in json.loads(both.stdout)["vms"]}
+    assert {vm: r["result"] for vm, r in results.items()} == {"nosuch": "failed", "demo1": "ok"}
+    assert "no reachable site holds vm nosuch" in results["nosuch"]["error"], results
     differing = sum(_differing_bytes(d["replica_image"], d["source_image"]) for d in (d0, d1))
     assert differing >= 3 * BLOCK
     steps = _steps(_cli(lab, "reverse", "--selector", "tier=demo", "--json"))
