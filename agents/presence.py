@@ -1,8 +1,8 @@
 """The agent on the MQTT control plane (``[mqtt]`` in agent.toml): presence, requests, the owner.
 
 - Presence: ``replikant/v1/hosts/{host}`` retained (online, each VM's role and generation here,
-  disks), re-published on every reconnect and on every role change (:meth:`Presence.announce`);
-  the last will says offline, a clean stop says so itself.
+  disks), re-published on every reconnect and on every role change (:meth:`Presence.announce`
+  watches the agent's role table); the last will says offline, a clean stop says so itself.
 - Requests: answers ``status`` (host, VMs, disks, roles as this agent knows them) over
   :mod:`common.mqttrpc`; more commands are one ``self.rpc.command(...)`` each.
 - The owner: follows its cluster's retained owner record and hands the owner's URL to the
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Protocol
 
-from agents.roles import RoleRecord
+from agents.roles import RoleRecord, RoleTable
 from common import topics
 from common.config import AgentConfig, VMConfig
 from common.logs import get_logger
@@ -44,7 +44,7 @@ class Presence:
         config: AgentConfig,
         *,
         status: Callable[[], dict[str, Any]],
-        roles: Mapping[str, RoleRecord],
+        roles: RoleTable,
         follower: Follower | None,
     ) -> None:
         assert config.mqtt.url is not None
@@ -59,6 +59,7 @@ class Presence:
         self._since = time.time()
         self._status = status
         self._roles = roles  # by VM uuid; the agent's own, read at each publication
+        roles.watchers.append(self.announce)
         self._announcing: set[asyncio.Task[None]] = set()
         self._follower = follower
         self.owner: topics.OwnerRecord | None = None

@@ -23,16 +23,15 @@ cut.
 
 from __future__ import annotations
 
-import asyncio
-import os
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agents import resync
 from agents.cut import Cut
-from agents.dirtymap import DATA, BlockMap, Recovery
+from agents.dirtymap import BlockMap, Recovery
 from agents.disk import TrackedExport
 from agents.errors import FencedError, ShipError
 from agents.sequence import Mode, SequenceError, Sequencer
@@ -47,14 +46,13 @@ from agents.ship import (
 )
 from agents.shiploop import Uploader
 from agents.state import DiskState
-from common.blockhash import block_hash
 from common.config import DiskConfig, Policy, VMConfig
 from common.fsio import data_extents
 from common.hrl import Compression, Consistency
 from common.logs import get_logger
+from common.regions import Region
 
 FULL_BATCH_BYTES = 256 * 1024 * 1024
-VERIFY_CHUNK = 64 * 1024 * 1024
 # Refusals only an operator can lift (the broker refuses this agent's identity, or its
 # generation until `replikant replica rebind / set-generation`): no retry succeeds until a
 # configuration changes, so they are errors, retried only this often.
@@ -79,6 +77,7 @@ class DiskStatus:
     last_error: str | None = None
     last_error_ns: int = 0
     full_batches: int = 0
+    hashed_bytes: int = 0  # read and hashed locally by resyncs (reverse: only mapped regions)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -243,6 +242,7 @@ class DiskReplicator:
             return
         previous_mode = self.mode
         seeded = rs.initial_sync == "seeded" and rs.durable_seq == 0
+        regions: list[Region] | None = None
         if rs.durable_seq == 0 and not seeded:
             # Nothing durable at the broker: (re)start the initial copy from the beginning.
             if local is None or local.acked_seq or local.initial_done or local.verify_pending:
@@ -256,7 +256,7 @@ class DiskReplicator:
             or local.acked_seq > rs.durable_seq
         ):
             if seeded:
-                why = "the replica was seeded from an existing copy"
+                regions, why = self._reverse_regions()
             elif local is None:
                 why = "no local replication state for a replica that has data"
             elif local.verify_pending:
@@ -277,14 +277,17 @@ class DiskReplicator:
             # dirty map alone does not know the differences not found yet.
             local.save(self.state_path)
             mode = Mode.VERIFY
-            self.log.warning("resync_by_hashes", reason=why, durable_seq=rs.durable_seq)
+            if regions is None:
+                self.log.warning("resync_by_hashes", reason=why, durable_seq=rs.durable_seq)
         else:
             mode = Mode.DELTA if local.initial_done else Mode.INITIAL
         self.state = local
         self.seq.adopt(mode, rs.durable_seq)
         if mode is Mode.VERIFY:
             self.seq.unknown_changes()  # the differences found have no known age
-            await self._verify()
+            self.status.hashed_bytes += await resync.compare(
+                self.client, self.export, self.vm.uuid, self.disk.id, self.log, regions
+            )
             self.seq.adopt(Mode.DELTA, rs.durable_seq)
             self.recovery = Recovery(
                 fresh=False, clean=True, recovered_blocks=0, tracking_lost=None
@@ -292,6 +295,7 @@ class DiskReplicator:
             local.acked_seq = rs.durable_seq
             local.verify_pending = False
             local.save(self.state_path)
+            resync.drop_hint(resync.hint_path(self.state_path))
         elif mode is not previous_mode or not self.ready:
             self.log.info(
                 "replica_state_adopted",
@@ -300,6 +304,15 @@ class DiskReplicator:
                 generation=rs.generation,
                 initial_cursor=local.initial_cursor,
             )
+
+    def _reverse_regions(self) -> tuple[list[Region] | None, str]:
+        """The regions a seeded replica differs in at most (None: compare the whole disk), why."""
+        if self.recovery.tracking_lost:
+            return None, f"this site's change map is unusable: {self.recovery.tracking_lost}"
+        regions, why = resync.load_hint(resync.hint_path(self.state_path))
+        if regions is not None:
+            self.log.info("resync_by_change_maps", regions=len(regions), why=why)
+        return regions, why
 
     def _await_seed(self, local: DiskState, rs: ReplicaState) -> None:
         if self.mode is not Mode.AWAITING_SEED:
@@ -422,45 +435,6 @@ class DiskReplicator:
         if self.mode is Mode.AWAITING_SEED:
             return {"state": "awaiting_export"}
         return None
-
-    async def _verify(self) -> None:
-        """Mark every block whose contents differ from the replica's (hash compare)."""
-        for _ in range(120):  # the hashes must reflect everything durable
-            rs = await self.client.state(self.vm.uuid, self.disk.id)
-            if rs.applied_seq >= rs.durable_seq:
-                break
-            await asyncio.sleep(0.5)
-        bs = self.export.block_size
-        size = self.export.size
-        marked = 0
-        for offset in range(0, size, VERIFY_CHUNK):
-            length = min(VERIFY_CHUNK, size - offset)
-            try:
-                remote, _seq = await self.client.hashes(
-                    self.vm.uuid, self.disk.id, bs, offset, length
-                )
-            except ShipError as exc:
-                if exc.status in (404, 405, 501) and exc.code != "unknown_vm":
-                    self.log.warning("hashes_unsupported_marking_all", error=str(exc))
-                    self.export.map.mark(offset, size - offset, DATA)
-                    return
-                raise
-            local = await asyncio.to_thread(self._local_hashes, offset, length)
-            for i in range(0, len(local), 8):
-                if remote[i : i + 8] != local[i : i + 8]:
-                    start = offset + (i // 8) * bs
-                    self.export.map.mark(start, min(bs, size - start), DATA)
-                    marked += 1
-        self.log.info("resync_compared", differing_blocks=marked, block_size=bs)
-
-    def _local_hashes(self, offset: int, length: int) -> bytes:
-        bs = self.export.block_size
-        fd = self.export.fd
-        out = bytearray()
-        end = offset + length
-        for pos in range(offset, end, bs):
-            out += block_hash(os.pread(fd, min(bs, end - pos), pos))
-        return bytes(out)
 
     # -- cutting and shipping --------------------------------------------------------------
 
@@ -679,6 +653,7 @@ class DiskReplicator:
             "bytes_shipped": s.bytes_shipped,
             "batches": s.batches,
             "full_batches": s.full_batches,
+            "hashed_bytes": s.hashed_bytes,
             "errors": s.errors,
             "last_error": stalled or s.last_error,
             "stalled": stalled is not None,

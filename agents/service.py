@@ -27,6 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
+from agents import resync
 from agents.control import (
     control_gid,
     control_socket_path,
@@ -43,7 +44,7 @@ from agents.guests import Guests
 from agents.hooks import FreezeHooks
 from agents.presence import Presence
 from agents.replicate import DiskReplicator
-from agents.roles import RoleRecord, fence_reason
+from agents.roles import RoleRecord, RoleTable, fence_reason
 from agents.seed import ExportRequest
 from agents.seedexport import cancel_seeds, export_media
 from agents.ship import BrokerClient, TokenBucket
@@ -96,7 +97,7 @@ class Agent:
         self.started_ns = time.time_ns()
         self.progress = InitialCopyProgress()
         self._seed_task: asyncio.Task[dict[str, Any]] | None = None
-        self.roles: dict[str, RoleRecord] = {}  # by VM uuid (agents.roles)
+        self.roles = RoleTable()  # by VM uuid (agents.roles)
         self.vm_servers: dict[str, list[NBDServer]] = {}  # the unix-socket servers of each VM
         self._stops: dict[str, asyncio.Event] = {}  # each running worker's own stop
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -275,11 +276,6 @@ class Agent:
                 f"{local.generation}: the VM was failed over",
             )
 
-    def _announce(self) -> None:
-        """Roles changed: the host record on MQTT says so at once."""
-        if self.presence is not None:
-            self.presence.announce()
-
     def vm_role(self, vm: VMConfig) -> VMRole:
         """The VM's role here as the state machine of :mod:`common.roles` names it."""
         record = self.roles.get(str(vm.uuid)) or RoleRecord.load(self.config.agent.state_dir, vm)
@@ -312,7 +308,6 @@ class Agent:
             if other.vm.uuid == vm.uuid:
                 other.fenced = other.export.fenced = message
         log.error("vm_fenced", vm=vm.name, reason=reason, fix=f"replikant reverse {vm.name}")
-        self._announce()
 
     async def _serve(self, export: TrackedExport | FileExport, sock: Path, vm: VMConfig) -> None:
         server = NBDServer(
@@ -390,8 +385,13 @@ class Agent:
             rep.export.close(clean=True)
         self.workers = [w for w in self.workers if w.vm.uuid != vm.uuid]
 
-    async def change_role(self, vm: VMConfig, act: str, generation: int) -> RoleRecord:
-        """One failover act on ``vm`` at this site (see ``POST /v1/vms/{vm}/role``)."""
+    async def change_role(
+        self, vm: VMConfig, act: str, generation: int, body: dict[str, Any] | None = None
+    ) -> RoleRecord:
+        """One failover act on ``vm`` at this site (see ``POST /v1/vms/{vm}/role``; ``body``:
+        the request's, with a promotion's point and the regions it rolled back)."""
+        extra = body or {}
+        point, rolled = str(extra.get("point", "latest"))[:64], extra.get("rolled_back")
         key, state_dir = str(vm.uuid), self.config.agent.state_dir
         now = self.roles[key]
         if act == "begin":
@@ -433,10 +433,11 @@ class Agent:
             await self._close_vm(vm)
         if act == "promote" or (act == "resume" and generation > now.generation):
             for disk in vm.disks:
-                # The image is this disk at the new generation: replication state starts over
-                # (the replica at the old primary's site is compared by hashes).
+                # The image is this disk at the new generation: replication state, change map
+                # and any earlier reverse's regions start over (decisions 041, 042).
                 fresh = DiskState(str(vm.uuid), disk.id, disk.image.stat().st_size, generation)
                 fresh.save(state_dir / key / f"{disk.id}.json")
+                resync.promoted(state_dir / key, disk.id, point, rolled)
         role = {
             "promote": RoleRecord("PRIMARY", generation, replicating=False),
             "replicate": RoleRecord("PRIMARY", now.generation, replicating=True),
@@ -447,11 +448,12 @@ class Agent:
         self.roles[key] = role
         if act in ("promote", "resume"):
             await self._open_vm(vm)
+            for rep in (r for r in self.replicators if r.vm.uuid == vm.uuid and act == "promote"):
+                resync.mark_rolled_back(rep.export, rep.disk.id, rolled)
         elif act == "replicate":
             for worker in self.workers:
                 if worker.vm.uuid == vm.uuid:
                     self._launch(worker)
-        self._announce()
         log.warning(
             "vm_role_changed", vm=vm.name, act=act, role=role.role, generation=role.generation
         )
@@ -481,8 +483,18 @@ class Agent:
                 '"generation": N}',
                 "send one of the acts",
             )
+        base = self.config.agent.state_dir / str(worker_vm.uuid)
+        maps = {  # the old primary's change maps, read while its exports are still open
+            r.disk.id: resync.old_primary_regions(r.export, r.recovery, r.state)
+            for r in self.replicators
+            if act == "demote" and r.vm.uuid == worker_vm.uuid
+        }
         try:
-            role = await self.change_role(worker_vm, act, generation)
+            if act == "replicate" and "disks" in body:
+                resync.save_hints(base, [d.id for d in worker_vm.disks], body["disks"])
+            role = await self.change_role(worker_vm, act, generation, body)
+        except (ValueError, TypeError, AttributeError) as exc:
+            return refusal(400, "bad_request", f"bad change maps: {exc}", "send [[offset, length]]")
         except AgentError as exc:
             log.warning("role_change_refused", vm=worker_vm.name, act=act, error=exc.message)
             return refusal(409, "wrong_role", exc.message, exc.fix or "", vm=worker_vm.name)
@@ -493,6 +505,7 @@ class Agent:
                 "disk_id": d.id,
                 "image": str(d.image),
                 "socket": str(socket_path(self.config, export_name(worker_vm, d))),
+                **({"change_map": maps[d.id]} if d.id in maps else {}),
             }
             for d in worker_vm.disks
         ]

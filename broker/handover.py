@@ -32,6 +32,7 @@ from broker.views import resolve_vm_point
 from common.config import NAME_PATTERN
 from common.fsio import pread_exact, pwrite_all
 from common.logs import get_logger
+from common.regions import Region, total, union
 from common.tls import Identity
 
 _log = get_logger("broker.handover")
@@ -96,10 +97,10 @@ async def promote(
     *,
     point: str = "latest",
     drain_seconds: float = DRAIN_SECONDS,
-) -> dict[str, int]:
+) -> dict[str, list[Region]]:
     """Drain, roll back to ``point`` unless it is the latest, raise the generation, stop
-    applying, and hand the image over (all disks or none). Returns the bytes rolled back per
-    disk."""
+    applying, and hand the image over (all disks or none). Returns the regions rolled back per
+    disk (the new primary's change map must hold them: decision 042)."""
     first = replicas[0].meta
     engines = [service.engine_for(r) for r in replicas]
     async with contextlib.AsyncExitStack() as stack:
@@ -134,7 +135,7 @@ async def promote(
                 fix="see the broker's log for the apply error, then retry the failover",
                 details={"backlog": busy},
             ) from None
-        rolled: dict[str, int] = {}
+        rolled: dict[str, list[Region]] = {}
         if point != "latest":
             # A point of every disk at one cut (refused, naming the fix, if there is none).
             _, keys = resolve_vm_point(service, replicas, point)
@@ -158,19 +159,19 @@ async def promote(
         disks=[r.meta.disk_id for r in replicas],
         generation=generation,
         point=point,
-        rolled_back_bytes=rolled,
+        rolled_back_bytes={d: total(r) for d, r in rolled.items()},
         images=[str(r.image) for r in replicas],
         admin=admin.uri,
     )
     return rolled
 
 
-def _roll_back(engine: ReplicaEngine, key: Key) -> int:
+def _roll_back(engine: ReplicaEngine, key: Key) -> list[Region]:
     """Write into the image the blocks where it differs from its state ``key`` (the point's
-    view reads them from undo data, which these writes do not touch); returns the bytes."""
+    view reads them from undo data, which these writes do not touch); returns their regions."""
     view = engine.open_view(key)
     fd, size, block = engine.image_fd, engine.replica.meta.disk_size, engine.replica.meta.block_size
-    written = 0
+    written: list[Region] = []
     try:
         for offset in range(0, size, ROLLBACK_CHUNK):
             n = min(ROLLBACK_CHUNK, size - offset)
@@ -179,11 +180,11 @@ def _roll_back(engine: ReplicaEngine, key: Key) -> int:
                 piece = want[i : i + block]
                 if piece != have[i : i + block]:
                     pwrite_all(fd, piece, offset + i)
-                    written += len(piece)
+                    written.append((offset + i, len(piece)))
         os.fdatasync(fd)
     finally:
         view.close()
-    return written
+    return union(written)
 
 
 async def settle(replicas: list[Replica], admin: Identity, action: str) -> None:

@@ -16,6 +16,7 @@ from broker.errors import BadRequest
 from broker.handover import AdoptRequest, PromoteRequest, SettleRequest, adopt, promote, settle
 from broker.httperrors import body_error
 from broker.views import state_json, vm_replicas
+from common.regions import total
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -50,7 +51,13 @@ async def promote_vm(request: web.Request) -> web.Response:
     body = await _body(request, PromoteRequest, "promotion")
     service.check_owner()
     rolled = await promote(service, replicas, admin, body.generation, point=body.point)
-    return _answer(request, replicas, point=body.point, rolled_back_bytes=rolled)
+    return _answer(
+        request,
+        replicas,
+        point=body.point,
+        rolled_back_bytes={d: total(r) for d, r in rolled.items()},
+        rolled_back_regions={d: [list(x) for x in r] for d, r in rolled.items()},
+    )
 
 
 async def settle_vm(request: web.Request) -> web.Response:

@@ -23,6 +23,7 @@ from typing import Any
 import click
 
 from common.errors import ReplikantError
+from common.regions import change_map_summary
 from common.roles import Command, Facts, RoleRefused, State, VMRole, plan
 from ops.client import AdminClient, AdminError, admin_config, emit_json, refusal
 from ops.failover import SELECTOR, VMS, failover, selected
@@ -30,6 +31,7 @@ from ops.render import merge_status
 from ops.verify import compare_hashes
 
 SURVEY_SECONDS = 5.0
+NO_MAP = "the old primary's agent reported no change map for it (the disk was not open there)"
 SYNC_SECONDS = 120.0
 
 
@@ -114,14 +116,14 @@ class Run:
             extra = "".join(f" {k}={v}" for k, v in detail.items())
             click.echo(f"[{elapsed:7.2f} s] {self.vm}: {what}{extra}")
 
-    async def agent(self, site: Site, act: str, generation: int = 0) -> dict[str, Any]:
+    async def agent(self, site: Site, act: str, generation: int = 0, **more: Any) -> dict[str, Any]:
         """One role act at ``site``'s agent; a refusal raises."""
         assert site.agent is not None
         status, body = await self.client.agent(
             site.agent,
             "POST",
             f"/v1/vms/{self.vm}/role",
-            json={"act": act, "generation": generation},
+            json={"act": act, "generation": generation, **more},
         )
         if status >= 400:
             raise refusal(site.agent, status, body)
@@ -302,7 +304,10 @@ async def _hand_images_back(run: Run, old: Site, new: Site, generation: int) -> 
     }
     await run.broker(old, f"/v1/vms/{run.vm}/adopt", body)
     run.step(f"site {old.name}: broker adopted the images as replicas")
-    await run.agent(new, "replicate")
+    maps = [{"disk_id": d["disk_id"], **d.get("change_map", {"regions": None, "why": NO_MAP})}
+            for d in released["disks"]]  # fmt: skip
+    run.step(f"site {old.name}: change maps handed over", **change_map_summary(maps))
+    await run.agent(new, "replicate", disks=maps)
     run.step(f"site {new.name}: replication towards site {old.name} started")
     shipped = await _wait_synced(run, new)
     run.step("reverse replication in step", bytes_shipped=shipped)
@@ -419,7 +424,8 @@ async def unplanned(run: Run, s: Survey, point: str) -> None:
         run.step(f"site {dst.name}: broker applied its journal{back} and handed the replica over",
                  generation=after.generation,
                  rolled_back_bytes=sum(done.get("rolled_back_bytes", {}).values()))  # fmt: skip
-        await run.agent(dst, "promote", after.generation)
+        rolled = done.get("rolled_back_regions", {})  # the new primary's map must hold them
+        await run.agent(dst, "promote", after.generation, point=point, rolled_back=rolled)
         run.step(f"site {dst.name}: agent serves the VM's disks (FAILED-OVER, uncommitted)")
         await run.guest(dst, "start")
     finally:

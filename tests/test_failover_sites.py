@@ -148,6 +148,15 @@ def _shipped(steps: list[dict[str, Any]]) -> int:
     return int(next(s["bytes_shipped"] for s in steps if "bytes_shipped" in s))
 
 
+async def _agent_disks(sock: str) -> dict[str, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=sock)) as s,
+        s.get("http://agent/v1/status") as resp,
+    ):
+        doc = await resp.json()
+    return {d["disk"]: d for d in doc["disks"]}
+
+
 async def _agent_shipped(sock: str) -> int:
     async with (
         aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=sock)) as s,
@@ -233,11 +242,13 @@ def test_unplanned_failover_fences_the_old_site_and_reverse_ships_only_differenc
 ) -> None:
     """After kill -9 of the whole primary site and an unplanned failover, the restarted old site
     stays FENCED (its exports refuse writes), and `reverse` makes both sides byte-identical
-    shipping at most 1.1x the bytes that differ."""
+    shipping at most 1.1x the bytes that differ, hashing only the regions the change maps name
+    (the whole disk only where the old primary's map was deleted, saying so)."""
     d0, d1 = lab["vms"][0]["disks"]
     _write_ok(d0["nbd_uris"]["primary"], 1 << 20, os.urandom(2 * BLOCK), tmp_path)
     _wait("the first writes at the recovery site", lambda: _same(lab))
     _write_ok(d1["nbd_uris"]["primary"], 6 << 20, os.urandom(2 * BLOCK), tmp_path)  # may be lost
+    _write_ok(d0["nbd_uris"]["primary"], 5 << 20, os.urandom(BLOCK), tmp_path)  # may be lost
     for pid in lab["pids"]["primary"]:
         os.kill(pid, signal.SIGKILL)
 
@@ -274,6 +285,10 @@ def test_unplanned_failover_fences_the_old_site_and_reverse_ships_only_differenc
     restarted = json.loads((Path(lab["root"]) / "lab.json").read_text())["pids"]["primary"]
     for pid in restarted:  # a restart keeps it fenced: the role is on disk
         os.kill(pid, signal.SIGKILL)
+    # Disk 1 loses its change map at the old primary: reverse must compare it in full.
+    state = Path(lab["root"]) / "primary" / "state" / lab["vms"][0]["uuid"]
+    for name in (f"{d1['id']}.map", f"{d1['id']}.map.fine"):
+        (state / name).unlink(missing_ok=True)
     assert _run("lab", "start", "--dir", lab["root"], "--site", "primary").returncode == 0
     assert _roles(lab).get("primary") == "FENCED"
     # Every role is on the control plane too, in each agent's retained host record; `status`
@@ -300,7 +315,16 @@ def test_unplanned_failover_fences_the_old_site_and_reverse_ships_only_differenc
     assert differing >= 3 * BLOCK
     steps = _steps(_cli(lab, "reverse", "--selector", "tier=demo", "--json"))
     assert _shipped(steps) > 0
+    maps = next(s for s in steps if "mapped_bytes" in s)
+    assert list(maps["full_compare"]) == [d1["id"]], maps
+    assert "change map is missing" in maps["full_compare"][d1["id"]], maps
     _wait("both sites byte-identical", lambda: _same(lab))
+    hashed = asyncio.run(_agent_disks(lab["sites"]["recovery"]["agent_control_socket"]))
+    size = 8 << 20
+    # Disk 0: only the old primary's mapped regions were read and hashed (the new primary's
+    # own writes ship from its map unhashed); disk 1, without its map, in full.
+    assert hashed[d0["id"]]["hashed_bytes"] <= min(2 * maps["mapped_bytes"], size // 2), hashed
+    assert hashed[d1["id"]]["hashed_bytes"] == size, hashed
     # The promoted agent's replicators started at the promotion: all they shipped is the reverse.
     shipped = asyncio.run(_agent_shipped(lab["sites"]["recovery"]["agent_control_socket"]))
     # At least the random blocks written at the recovery site travel (blocks that differ only
@@ -322,7 +346,8 @@ def test_unplanned_failover_to_an_older_point_starts_from_that_points_data(
     lab: dict[str, Any], tmp_path: Path
 ) -> None:
     """`failover unplanned --point ID` starts the VM at the recovery site with exactly that
-    point's data: a later write the replica already held is rolled back."""
+    point's data: a later write the replica already held is rolled back, and is in the new
+    primary's change map."""
     d0 = lab["vms"][0]["disks"][0]
     first, later = os.urandom(2 * BLOCK), os.urandom(2 * BLOCK)
     _write_ok(d0["nbd_uris"]["primary"], 1 << 20, first, tmp_path)
@@ -342,6 +367,10 @@ def test_unplanned_failover_to_an_older_point_starts_from_that_points_data(
     assert image[1 << 20 : (1 << 20) + 2 * BLOCK] == first
     assert image[2 << 20 : (2 << 20) + 2 * BLOCK] == before
     assert _roles(lab)["recovery"] == "FAILED-OVER"
+    # The rolled-back blocks differ from the old primary's acked state: the new primary's change
+    # map holds them, so the reverse ships them (decision 042).
+    disks = asyncio.run(_agent_disks(lab["sites"]["recovery"]["agent_control_socket"]))
+    assert disks[d0["id"]]["dirty_bytes"] == 2 * BLOCK, disks
 
 
 @pytest.mark.qemu

@@ -484,3 +484,29 @@ async def test_state_changing_requests_name_who_asked(agent: Running, door: Door
         f"{event.get('peer_gid')}",
         refused=event.get("peer_pid") == os.getpid() and event.get("peer_uid") == os.getuid(),
     )
+
+
+async def test_reverse_change_maps_are_validated_and_never_name_a_path(
+    agent: Running, door: Door
+) -> None:
+    """Regions handed to the role act must be non-negative pairs, and a disk id from the request
+    never names a file: only the configured disks' hints are written (decision 042)."""
+    bad = {"act": "replicate", "disks": [{"disk_id": "disk0", "regions": [[-1, 5]]}]}
+    status, doc = await control_request(agent.control, "POST", "/v1/vms/vm1/role", bad)
+    door.attempt(
+        "agent role act",
+        "replicate with a negative region",
+        expected="400 bad_request, no hint written",
+        observed=f"{status} {doc.get('error')}",
+        refused=status == 400 and not list(agent.state_dir.rglob("*.reverse.json")),
+    )
+    planted = {"act": "replicate", "disks": [{"disk_id": "../../planted", "regions": [[0, 1]]}]}
+    status, doc = await control_request(agent.control, "POST", "/v1/vms/vm1/role", planted)
+    written = sorted(str(p.relative_to(agent.base)) for p in agent.base.rglob("*planted*"))
+    door.attempt(
+        "agent role act",
+        "replicate naming a disk id with ../",
+        expected="no file named after it anywhere",
+        observed=f"{status}; files: {written}",
+        refused=not written,
+    )
