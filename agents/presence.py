@@ -1,7 +1,8 @@
 """The agent on the MQTT control plane (``[mqtt]`` in agent.toml): presence, requests, the owner.
 
-- Presence: ``replikant/v1/hosts/{host}`` retained (online, VMs, disks), re-published on every
-  reconnect; the last will says offline, a clean stop says so itself.
+- Presence: ``replikant/v1/hosts/{host}`` retained (online, each VM's role and generation here,
+  disks), re-published on every reconnect and on every role change (:meth:`Presence.announce`
+  watches the agent's role table); the last will says offline, a clean stop says so itself.
 - Requests: answers ``status`` (host, VMs, disks, roles as this agent knows them) over
   :mod:`common.mqttrpc`; more commands are one ``self.rpc.command(...)`` each.
 - The owner: follows its cluster's retained owner record and hands the owner's URL to the
@@ -12,12 +13,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from agents.roles import RoleRecord, RoleTable
 from common import topics
-from common.config import AgentConfig
+from common.config import AgentConfig, VMConfig
 from common.logs import get_logger
 from common.mqtt import MQTTLink
 from common.mqttrpc import RPCServer
@@ -41,6 +44,7 @@ class Presence:
         config: AgentConfig,
         *,
         status: Callable[[], dict[str, Any]],
+        roles: RoleTable,
         follower: Follower | None,
     ) -> None:
         assert config.mqtt.url is not None
@@ -54,6 +58,9 @@ class Presence:
         )
         self._since = time.time()
         self._status = status
+        self._roles = roles  # by VM uuid; the agent's own, read at each publication
+        roles.watchers.append(self.announce)
+        self._announcing: set[asyncio.Task[None]] = set()
         self._follower = follower
         self.owner: topics.OwnerRecord | None = None
         self.link.set_will(topics.host(self.host), self.record(online=False))
@@ -73,12 +80,25 @@ class Presence:
                 topics.HostVM(
                     name=vm.name,
                     uuid=vm.uuid,
-                    role="PRIMARY",
+                    role=self._role(vm).role,
+                    generation=self._role(vm).generation,
                     disks=[d.id for d in vm.disks if not d.exclude],
                 )
                 for vm in self.config.vms
             ],
         )
+
+    def _role(self, vm: VMConfig) -> RoleRecord:
+        return self._roles.get(str(vm.uuid)) or RoleRecord(vm.initial_role)
+
+    def announce(self) -> None:
+        """Publish the record again now (a role changed); offline, the link sends it on
+        reconnect."""
+        task = asyncio.get_running_loop().create_task(
+            self.link.publish_retained(topics.host(self.host), self.record(online=True))
+        )
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
 
     async def _answer_status(self, _args: dict[str, Any], _requester: Identity) -> dict[str, Any]:
         vms = [vm.model_dump(mode="json") for vm in self.record(online=True).vms]

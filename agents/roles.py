@@ -10,6 +10,7 @@ configuration gives (``initial_role``), at generation 1.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -50,6 +51,20 @@ class RoleRecord:
         path = state_dir / str(vm.uuid) / ROLE_FILE
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         atomic_write(path, json.dumps(asdict(self), sort_keys=True).encode())
+
+
+class RoleTable(dict[str, RoleRecord]):
+    """The agent's roles by VM uuid; every watcher hears of each change (the MQTT host record
+    says a new role, FENCED above all, as soon as the agent holds it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watchers: list[Callable[[], None]] = []
+
+    def __setitem__(self, key: str, value: RoleRecord) -> None:
+        super().__setitem__(key, value)
+        for watch in self.watchers:
+            watch()
 
 
 def fence_reason(vm: str, why: str) -> str:

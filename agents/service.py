@@ -44,7 +44,7 @@ from agents.guests import Guests
 from agents.hooks import FreezeHooks
 from agents.presence import Presence
 from agents.replicate import DiskReplicator
-from agents.roles import RoleRecord, fence_reason
+from agents.roles import RoleRecord, RoleTable, fence_reason
 from agents.seed import ExportRequest
 from agents.seedexport import cancel_seeds, export_media
 from agents.ship import BrokerClient, TokenBucket
@@ -97,7 +97,7 @@ class Agent:
         self.started_ns = time.time_ns()
         self.progress = InitialCopyProgress()
         self._seed_task: asyncio.Task[dict[str, Any]] | None = None
-        self.roles: dict[str, RoleRecord] = {}  # by VM uuid (agents.roles)
+        self.roles = RoleTable()  # by VM uuid (agents.roles)
         self.vm_servers: dict[str, list[NBDServer]] = {}  # the unix-socket servers of each VM
         self._stops: dict[str, asyncio.Event] = {}  # each running worker's own stop
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -167,7 +167,9 @@ class Agent:
         )
 
     def _start_presence(self) -> None:
-        self.presence = Presence(self.config, status=self.status, follower=self.client)
+        self.presence = Presence(
+            self.config, status=self.status, roles=self.roles, follower=self.client
+        )
         self._presence_task = asyncio.get_running_loop().create_task(self.presence.run())
 
     async def _stop_presence(self) -> None:

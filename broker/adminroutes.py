@@ -33,7 +33,9 @@ async def status(request: web.Request) -> web.Response:
     """GET /v1/status: every VM with its roles, health, lag and last point."""
     service = request.app[SERVICE_KEY]
     require_admin(request)
-    return web.json_response({"vms": status_vms(service), "broker": service.broker_json()})
+    return web.json_response(
+        {"vms": status_vms(service), "broker": service.broker_json(), "hosts": service.hosts_json()}
+    )
 
 
 async def vm_points(request: web.Request) -> web.Response:

@@ -100,6 +100,9 @@ class Admin(Ingest, Protocol):
     def broker_json(self) -> dict[str, Any]:
         """The broker's own entry of ``GET /v1/status``."""
 
+    def hosts_json(self) -> list[dict[str, Any]]:
+        """The agent hosts' retained MQTT records this broker heard (``GET /v1/status``)."""
+
     async def change_source(
         self,
         replicas: list[Replica],

@@ -12,6 +12,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from common import topics
 from common.logs import get_logger
@@ -47,6 +48,21 @@ class Membership:
         self._interval = interval
         self._since = time.time()
         self._published: dict[str, topics.VMSiteRecord] = {}
+        self.hosts: dict[str, topics.HostRecord] = {}
+        """Every agent host's retained record (roles as each agent holds them: a FENCED old
+        primary is known only there), for status readers that cannot reach the agents."""
+        link.subscribe(topics.host("+"), topics.HostRecord, self._host_record)
+
+    def _host_record(self, topic: str, record: topics.HostRecord | None) -> None:
+        host = topic.rsplit("/", 1)[-1]  # the signer's own topic: never another host's name
+        if record is None:
+            self.hosts.pop(host, None)
+        elif record.host == host:
+            self.hosts[host] = record
+
+    def hosts_json(self) -> list[dict[str, Any]]:
+        """The agent hosts' records, as ``GET /v1/status`` lists them."""
+        return [self.hosts[h].model_dump(mode="json") for h in sorted(self.hosts)]
 
     def member_record(self, *, online: bool) -> topics.MemberRecord:
         """This broker's membership record."""

@@ -497,6 +497,10 @@ class BrokerService:
             )
             self._alert("alert_cleared", {"condition": "storage_full"})
 
+    def hosts_json(self) -> list[dict[str, Any]]:
+        """The agent hosts' retained records as heard on MQTT (none without ``[mqtt]``)."""
+        return self.membership.hosts_json() if self.membership is not None else []
+
     def broker_json(self) -> dict[str, Any]:
         """This broker's part of the status document."""
         b = self.config.broker

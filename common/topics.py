@@ -164,6 +164,9 @@ class HostVM(_Message):
     name: str
     uuid: uuid.UUID
     role: Role
+    """The VM's role at this host's site as its agent holds it (``FENCED`` included: the old
+    primary's agent is the only one that knows it is fenced)."""
+    generation: int = Field(ge=1)
     disks: list[str]
 
 

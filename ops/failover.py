@@ -97,13 +97,24 @@ async def _agent_call(client: AdminClient, sock: str, method: str, path: str, **
     return body
 
 
-async def _selected(client: AdminClient, names: tuple[str, ...], selector: str | None) -> list[str]:
+async def _known_vms(client: AdminClient) -> list[dict[str, Any]]:
+    """Every VM of every broker that answers (a failover runs while a site is down)."""
+    vms: list[dict[str, Any]] = []
+    for base in client.config.admin.brokers:
+        try:
+            status, doc, _ = await client.request("GET", base.rstrip("/") + "/v1/status")
+        except AdminError:
+            continue
+        vms += doc["vms"] if status == 200 else []
+    return vms
+
+
+async def selected(client: AdminClient, names: tuple[str, ...], selector: str | None) -> list[str]:
     """The VMs named, plus those whose labels match ``k=v[,k=v]``."""
     chosen = list(names)
     if selector:
         want = dict(pair.split("=", 1) for pair in selector.split(",") if "=" in pair)
-        _, doc = await _broker(client, "GET", "/v1/status")
-        for vm in doc["vms"]:
+        for vm in await _known_vms(client):
             labels = vm["disks"][0].get("labels", {}) if vm.get("disks") else {}
             if all(labels.get(k) == v for k, v in want.items()) and vm["name"] not in chosen:
                 chosen.append(vm["name"])
@@ -172,7 +183,7 @@ async def _each(
     config: AdminConfig, vms: tuple[str, ...], selector: str | None, quiet: bool, action: Any
 ) -> list[Run]:
     async with AdminClient(config) as client:
-        runs = [Run(vm, quiet=quiet) for vm in await _selected(client, vms, selector)]
+        runs = [Run(vm, quiet=quiet) for vm in await selected(client, vms, selector)]
         for r in runs:
             try:
                 await action(client, r)
@@ -189,15 +200,15 @@ def _finish(runs: list[Run], as_json: bool) -> None:
         raise SystemExit(1)
 
 
-_VMS = click.argument("vms", nargs=-1)
-_SELECTOR = click.option("--selector", help="Also every VM whose labels match KEY=VALUE[,...].")
+VMS = click.argument("vms", nargs=-1)
+SELECTOR = click.option("--selector", help="Also every VM whose labels match KEY=VALUE[,...].")
 _JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
 @failover.command("test")
-@_VMS
+@VMS
 @click.option("--point", default="latest", show_default=True, help="Recovery point id (G:C).")
-@_SELECTOR
+@SELECTOR
 @_JSON
 @click.pass_context
 def failover_test(
@@ -213,8 +224,8 @@ def failover_test(
 
 
 @failover.command("stop-test")
-@_VMS
-@_SELECTOR
+@VMS
+@SELECTOR
 @_JSON
 @click.pass_context
 def failover_stop_test(

@@ -116,6 +116,8 @@ def add_sites(
             "tls": _tls(agent.tls),
             "nbd": {"socket_dir": str(sockets)},
             "broker": {"urls": [primary_url], "cluster": PRIMARY_CLUSTER},
+            # On the lab's one MQTT server: its host record carries the VM's role here.
+            "mqtt": {"url": lab["mqtt"], "tls": True},
             "policies": {"lab": {"interval_seconds": interval}},
             "vms": agent_vms,
         },

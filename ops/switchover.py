@@ -26,7 +26,7 @@ from common.errors import ReplikantError
 from common.regions import change_map_summary
 from common.roles import Command, Facts, RoleRefused, State, VMRole, plan
 from ops.client import AdminClient, AdminError, admin_config, emit_json, refusal
-from ops.failover import failover
+from ops.failover import SELECTOR, VMS, failover, selected
 from ops.render import merge_status
 from ops.verify import compare_hashes
 
@@ -114,7 +114,7 @@ class Run:
         self.steps.append({"step": what, "elapsed_seconds": elapsed, **detail})
         if not self.as_json:
             extra = "".join(f" {k}={v}" for k, v in detail.items())
-            click.echo(f"[{elapsed:7.2f} s] {what}{extra}")
+            click.echo(f"[{elapsed:7.2f} s] {self.vm}: {what}{extra}")
 
     async def agent(self, site: Site, act: str, generation: int = 0, **more: Any) -> dict[str, Any]:
         """One role act at ``site``'s agent; a refusal raises."""
@@ -216,17 +216,24 @@ async def site_status(client: AdminClient) -> dict[str, Any]:
         raise first_error
     doc = merge_status(docs)
     by_uuid = {vm["uuid"]: vm for vm in doc["vms"]}
+
+    def lay_over(site: str, held: dict[str, Any]) -> None:
+        vm = by_uuid.get(held["uuid"])
+        if vm is not None and vm["roles"].get(site) not in ("FAILED-OVER", "TEST"):
+            vm["roles"] = {**vm["roles"], site: held["role"]}
+
+    # The agents' host records on MQTT, as the brokers heard them: the roles of agents whose
+    # control sockets this machine cannot reach (an offline agent's last word is not a role).
+    for host in {h["host"]: h for d in docs for h in d.get("hosts", [])}.values():
+        for held in host["vms"] if host["online"] else []:
+            lay_over(host["site"], held)
     for sock in client.config.admin.agents:
         got = await _reach(client.agent(sock, "GET", "/v1/status"))
         if got is None or got[0] != 200:
             down.append(sock)
             continue
         for held in got[1].get("vms", []):
-            vm = by_uuid.get(held["uuid"])
-            site = got[1]["site"]
-            if vm is None or vm["roles"].get(site) == "FAILED-OVER":
-                continue
-            vm["roles"] = {**vm["roles"], site: held["role"]}
+            lay_over(got[1]["site"], held)
     doc["unreachable"] = down
     return doc
 
@@ -489,90 +496,126 @@ async def reverse(run: Run, s: Survey) -> None:
         await run.agent(new, "end")
 
 
-def _command(
-    ctx: click.Context,
+PARALLEL = 8
+"""VMs run at once by one command (``--parallel``): each holds two sites' daemons busy."""
+
+
+async def _one(
+    client: AdminClient,
     vm: str,
     name: str,
     as_json: bool,
     body: Callable[[Run, Survey], Awaitable[None]],
+) -> dict[str, Any]:
+    """One VM's command: its JSON part; a failure is caught, printed and recorded there."""
+    run = Run(client, vm, name, as_json)
+    try:
+        s = await survey(client, vm)
+        run.step("sites surveyed", sites=",".join(sorted(s.sites)), unreachable=len(s.unreachable))
+        try:
+            await body(run, s)
+        except RoleRefused as exc:
+            raise _refused(exc) from None
+    except ReplikantError as exc:
+        if not as_json:
+            elapsed = time.monotonic() - run.started
+            click.echo(f"[{elapsed:7.2f} s] {vm}: FAILED: {exc}", err=True)
+        return {"vm": vm, "command": name, "result": "failed", "error": exc.message,
+                "fix": exc.fix, "steps": run.steps}  # fmt: skip
+    return {"vm": vm, "command": name, "result": "ok", "error": None, "fix": None,
+            "steps": run.steps}  # fmt: skip
+
+
+def _command(
+    ctx: click.Context,
+    name: str,
+    body: Callable[[Run, Survey], Awaitable[None]],
+    *,
+    vms: tuple[str, ...],
+    selector: str | None,
+    parallel: int,
+    as_json: bool,
 ) -> None:
+    """Run ``body`` for every VM named or selected, at most ``parallel`` at once; exit status 0
+    only when every VM succeeded."""
     config = admin_config(ctx)
 
-    async def go() -> dict[str, Any]:
+    async def go() -> list[dict[str, Any]]:
         async with AdminClient(config) as client:
-            run = Run(client, vm, name, as_json)
-            s = await survey(client, vm)
-            run.step(
-                "sites surveyed", sites=",".join(sorted(s.sites)), unreachable=len(s.unreachable)
-            )
-            try:
-                await body(run, s)
-            except RoleRefused as exc:
-                raise _refused(exc) from None
-            except ReplikantError as exc:
-                if as_json:
-                    return {"vm": vm, "command": name, "result": "failed", "error": exc.message,
-                            "fix": exc.fix, "steps": run.steps}  # fmt: skip
-                raise
-            return {"vm": vm, "command": name, "result": "ok", "steps": run.steps}
+            chosen = await selected(client, vms, selector)
+            bound = asyncio.Semaphore(parallel)
 
-    doc = asyncio.run(go())
+            async def bounded(vm: str) -> dict[str, Any]:
+                async with bound:
+                    return await _one(client, vm, name, as_json, body)
+
+            return list(await asyncio.gather(*(bounded(vm) for vm in chosen)))
+
+    results = asyncio.run(go())
+    ok = all(r["result"] == "ok" for r in results)
     if as_json:
-        emit_json(doc)
-    if doc["result"] != "ok":
+        emit_json({"ok": ok, "command": name, "vms": results})
+    if not ok:
         ctx.exit(1)
 
 
 _json = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+_parallel = click.option(
+    "--parallel",
+    default=PARALLEL,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="VMs worked on at once.",
+)
+
+
+def _targets(f: Callable[..., None]) -> Callable[..., None]:
+    """The options every failover command shares: VMs, ``--selector``, ``--parallel``,
+    ``--json``."""
+    for option in (click.pass_context, _json, _parallel, SELECTOR, VMS):
+        f = option(f)
+    return f
 
 
 @failover.command("planned")
-@click.argument("vm")
-@_json
-@click.pass_context
-def planned_cmd(ctx: click.Context, vm: str, as_json: bool) -> None:
-    """Shut VM's writers down, ship the final cut, prove zero lag, promote it at the recovery
-    site with generation + 1, and reverse replication at once."""
-    _command(ctx, vm, "planned", as_json, planned)
+@_targets
+def planned_cmd(ctx: click.Context, **opts: Any) -> None:
+    """Shut each VM's writers down, ship the final cut, prove zero lag, promote it at the
+    recovery site with generation + 1, and reverse replication at once."""
+    _command(ctx, "planned", planned, **opts)
 
 
 @failover.command("unplanned")
-@click.argument("vm")
 @click.option(
     "--point",
     default="latest",
     show_default=True,
     help="latest, a point id G:C, or a time (unix seconds or ISO 8601): the newest point then.",
 )
-@_json
-@click.pass_context
-def unplanned_cmd(ctx: click.Context, vm: str, point: str, as_json: bool) -> None:
-    """The primary site is gone: start VM from its replica (FAILED-OVER until commit/cancel)."""
-    _command(ctx, vm, "unplanned", as_json, lambda run, s: unplanned(run, s, point))
+@_targets
+def unplanned_cmd(ctx: click.Context, point: str, **opts: Any) -> None:
+    """The primary site is gone: start each VM from its replica (FAILED-OVER until commit or
+    cancel)."""
+    _command(ctx, "unplanned", lambda run, s: unplanned(run, s, point), **opts)
 
 
 @failover.command("commit")
-@click.argument("vm")
-@_json
-@click.pass_context
-def commit_cmd(ctx: click.Context, vm: str, as_json: bool) -> None:
-    """Keep an unplanned failover of VM: the recovery site is its PRIMARY."""
-    _command(ctx, vm, "commit", as_json, lambda run, s: settle(run, s, "commit"))
+@_targets
+def commit_cmd(ctx: click.Context, **opts: Any) -> None:
+    """Keep an unplanned failover of each VM: the recovery site is its PRIMARY."""
+    _command(ctx, "commit", lambda run, s: settle(run, s, "commit"), **opts)
 
 
 @failover.command("cancel")
-@click.argument("vm")
-@_json
-@click.pass_context
-def cancel_cmd(ctx: click.Context, vm: str, as_json: bool) -> None:
-    """Undo an unplanned failover of VM: the old primary takes it back and resyncs the replica."""
-    _command(ctx, vm, "cancel", as_json, lambda run, s: settle(run, s, "cancel"))
+@_targets
+def cancel_cmd(ctx: click.Context, **opts: Any) -> None:
+    """Undo an unplanned failover of each VM: the old primary takes it back and resyncs the
+    replica."""
+    _command(ctx, "cancel", lambda run, s: settle(run, s, "cancel"), **opts)
 
 
 @click.command("reverse")
-@click.argument("vm")
-@_json
-@click.pass_context
-def reverse_cmd(ctx: click.Context, vm: str, as_json: bool) -> None:
-    """Make VM's fenced old primary its replica, shipping only the blocks that differ."""
-    _command(ctx, vm, "reverse", as_json, reverse)
+@_targets
+def reverse_cmd(ctx: click.Context, **opts: Any) -> None:
+    """Make each VM's fenced old primary its replica, shipping only the blocks that differ."""
+    _command(ctx, "reverse", reverse, **opts)

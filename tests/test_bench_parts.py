@@ -11,6 +11,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 import broker_lag  # noqa: E402
+import failover  # noqa: E402
 import scale  # noqa: E402
 import writepath  # noqa: E402
 
@@ -135,3 +136,48 @@ def test_scale_summary_counts_disks_within_target() -> None:
     argv = scale.fio_argv(["nbd+unix:///a", "nbd+unix:///b"], 1 << 20, "1m", 5)
     assert argv.count("--uri=nbd+unix:///a") == 1
     assert "--name=d1" in argv
+
+
+def _failover_doc(one: float, many: float, planned: float, ratio: float) -> dict[str, object]:
+    return {
+        "unplanned_one": failover.figures([one / 2, one, one]),
+        "unplanned_selector_s": many,
+        "planned": failover.figures([planned]),
+        "reverse_ratio": ratio,
+    }
+
+
+def test_failover_verdicts_hold_at_the_targets_and_miss_above() -> None:
+    """Each failover target holds at its value and is missed just above it (p90 for times)."""
+    at = _failover_doc(5.0, 15.0, 10.0, 1.1)
+    assert [holds for *_, holds in failover.verdicts(at)] == [True] * 4
+    above = _failover_doc(5.2, 15.1, 10.1, 1.11)
+    assert [holds for *_, holds in failover.verdicts(above)] == [False] * 4
+
+
+def test_failover_steps_give_guest_start_shutdown_and_shipped_bytes() -> None:
+    """From a command's JSON steps: the guest's start time, the shutdown it reported, the bytes
+    a reverse shipped (0 shutdown when no guest was shut down)."""
+    steps = [
+        {"step": "sites surveyed", "elapsed_seconds": 0.05},
+        {"step": "site primary: guest shut down", "elapsed_seconds": 0.9, "seconds": 0.6},
+        {"step": "site recovery: guest started", "elapsed_seconds": 1.4},
+        {"step": "site recovery: shipped", "elapsed_seconds": 1.6, "bytes_shipped": 4096},
+    ]
+    assert failover.step_seconds(steps, failover.STARTED_STEP) == 1.4
+    assert failover.shutdown_seconds(steps) == 0.6
+    assert failover.shutdown_seconds(steps[2:]) == 0.0
+    assert failover.shipped_bytes(steps) == 4096
+    assert failover.figures([1.0, 2.0, 3.0])["p50"] == 2.0
+
+
+def test_differing_bytes_counts_whole_differing_blocks(tmp_path: Path) -> None:
+    """One changed byte counts its whole block; equal blocks count nothing; a tail counts too."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    data = bytearray(3 * failover.BLOCK + 100)
+    a.write_bytes(bytes(data))
+    data[failover.BLOCK + 7] = 1
+    data[-1] = 1
+    b.write_bytes(bytes(data))
+    assert failover.differing_bytes(a, a) == 0
+    assert failover.differing_bytes(a, b) == failover.BLOCK + 100

@@ -24,7 +24,13 @@ import aiohttp
 import pytest
 import tomli_w
 
+from common import topics
+from common.config import TLSFiles
+from common.tls.contexts import client_context
+from ops.lab import AGENT_HOST
+from ops.labsites import RECOVERY_AGENT_HOST
 from tests.support_guest import GuestImage, guest_image
+from tests.support_mqtt import read_retained, record_of
 
 REPLIKANT = str(Path(sys.executable).with_name("replikant"))
 BLOCK = 64 * 1024
@@ -98,18 +104,43 @@ def _wait(what: str, check: Any, limit: float = 30.0) -> None:
         time.sleep(0.2)
 
 
-def _roles(lab: dict[str, Any]) -> dict[str, str]:
-    res = _cli(lab, "status", "--json")
+def _roles(lab: dict[str, Any], *, agents: bool = True) -> dict[str, str]:
+    """The VM's roles by site as `status` shows them (``agents=False``: from a machine that
+    reaches the brokers but no agent's control socket)."""
+    config = Path(lab["config"])
+    if not agents:
+        doc = tomllib.loads(config.read_text())
+        doc["admin"]["agents"] = []
+        config = config.with_name("admin-brokers-only.toml")
+        config.write_text(tomli_w.dumps(doc))
+    res = _run("--config", str(config), "status", "--json")
     assert res.returncode == 0, res.stderr
     roles: dict[str, str] = json.loads(res.stdout)["vms"][0]["roles"]
     return roles
 
 
+def _host_vm(lab: dict[str, Any], host: str) -> dict[str, Any]:
+    """Demo1 in ``host``'s retained host record on the lab's MQTT (checked against the CA),
+    once that record is online."""
+    tls = TLSFiles(**tomllib.loads(Path(lab["config"]).read_text())["tls"])
+    topic, port = topics.host(host), int(lab["mqtt"].rsplit(":", 1)[1])
+    deadline = time.monotonic() + 30
+    while True:
+        payload = asyncio.run(read_retained(port, topic, client_context(tls), window=1.0))
+        record = record_of(tls.ca, topic, payload) if payload else None
+        if (record is not None and record["online"]) or time.monotonic() > deadline:
+            assert record is not None, f"no retained record on {topic}"
+            vm: dict[str, Any] = next(v for v in record["vms"] if v["name"] == "demo1")
+            return vm
+        time.sleep(0.5)
+
+
 def _steps(res: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
     assert res.returncode == 0, res.stdout + res.stderr
     doc = json.loads(res.stdout)
-    assert doc["result"] == "ok"
-    steps: list[dict[str, Any]] = doc["steps"]
+    assert doc["ok"], doc
+    assert [v["result"] for v in doc["vms"]] == ["ok"], doc
+    steps: list[dict[str, Any]] = doc["vms"][0]["steps"]
     return steps
 
 
@@ -260,6 +291,12 @@ def test_unplanned_failover_fences_the_old_site_and_reverse_ships_only_differenc
         (state / name).unlink(missing_ok=True)
     assert _run("lab", "start", "--dir", lab["root"], "--site", "primary").returncode == 0
     assert _roles(lab).get("primary") == "FENCED"
+    # Every role is on the control plane too, in each agent's retained host record; `status`
+    # shows it from there to a machine that reaches no agent's control socket.
+    fenced, promoted = _host_vm(lab, AGENT_HOST), _host_vm(lab, RECOVERY_AGENT_HOST)
+    assert (fenced["role"], fenced["generation"]) == ("FENCED", 1), fenced
+    assert (promoted["role"], promoted["generation"]) == ("PRIMARY", 2), promoted
+    assert _roles(lab, agents=False).get("primary") == "FENCED"
     refused = _write(d0["nbd_uris"]["primary"], 0, b"y" * 4096, tmp_path)
     assert "Operation not permitted" in refused.stdout + refused.stderr, refused
 
@@ -267,10 +304,16 @@ def test_unplanned_failover_fences_the_old_site_and_reverse_ships_only_differenc
     assert early.returncode == 1
     assert "FAILED-OVER" in early.stderr
     assert "commit" in early.stderr
-    assert _cli(lab, "failover", "commit", "demo1").returncode == 0
+    # Named and by selector (the lab labels its VMs tier=demo) at once: a result per VM, and
+    # one VM's failure makes the exit status 1 without stopping the others.
+    both = _cli(lab, "failover", "commit", "nosuch", "--selector", "tier=demo", "--json")
+    assert both.returncode == 1, both
+    results = {v["vm"]: v for v in json.loads(both.stdout)["vms"]}
+    assert {vm: r["result"] for vm, r in results.items()} == {"nosuch": "failed", "demo1": "ok"}
+    assert "no reachable site holds vm nosuch" in results["nosuch"]["error"], results
     differing = sum(_differing_bytes(d["replica_image"], d["source_image"]) for d in (d0, d1))
     assert differing >= 3 * BLOCK
-    steps = _steps(_cli(lab, "reverse", "demo1", "--json"))
+    steps = _steps(_cli(lab, "reverse", "--selector", "tier=demo", "--json"))
     assert _shipped(steps) > 0
     maps = next(s for s in steps if "mapped_bytes" in s)
     assert list(maps["full_compare"]) == [d1["id"]], maps

@@ -120,7 +120,7 @@ async def test_status_request_answers_and_a_down_host_times_out(site: Site) -> N
                 assert [d["disk"] for d in status["disks"]] == ["disk0"]
                 assert status["vms"] == [
                     {"name": "web1", "uuid": str(site.vm.uuid), "role": "PRIMARY",
-                     "disks": ["disk0"]}
+                     "generation": 1, "disks": ["disk0"]}
                 ]  # fmt: skip
                 with pytest.raises(RPCError, match=r"replikant://agent/h2 did not answer"):
                     await rpc.call(Identity.agent("h2"), "status", within=2)
