@@ -60,7 +60,7 @@ async def settle_vm(request: web.Request) -> web.Response:
     replicas = vm_replicas(service, request.match_info["vm"])
     body = await _body(request, SettleRequest, "failover action")
     service.check_owner()
-    await settle(replicas, admin, body.action)
+    await settle(service, replicas, admin, body.action)
     for replica in replicas:
         if not replica.meta.handed_over:
             service.engine_for(replica)

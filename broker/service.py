@@ -22,6 +22,7 @@ import os
 import secrets
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -47,7 +48,7 @@ from broker.points import Key, key_text
 from broker.retention import Retainer, free_store_space, publish
 from broker.scaleout import ScaleOut
 from broker.space import StoreSpace
-from broker.store import Replica, Store
+from broker.store import Replica, Store, T
 from broker.testcopies import TestCopies
 from broker.views import vm_site_records
 from certs.service import startup_problems
@@ -335,6 +336,11 @@ class BrokerService:
         self.store.claim_epoch(epoch, self.config.broker.node)
         self.epoch = epoch
 
+    async def fenced(self, replica: Replica, write: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """Run a blocking store write on ``replica`` inside a write section at this broker's
+        epoch (:meth:`Store.fenced`): a deposed owner is refused before it writes."""
+        return await asyncio.to_thread(self.store.fenced, replica, self.epoch, write, *args, **kw)
+
     def check_owner(self, vm_uuid: str | None = None) -> None:
         """Refuse, naming who does, unless this broker serves the VM (placed here, or owner)."""
         if self.scaleout is not None and self.scaleout.serves(vm_uuid):
@@ -392,7 +398,7 @@ class BrokerService:
             if value not in (None, "") and value != getattr(m, field):
                 changes[field] = value
         if changes:
-            await asyncio.to_thread(replica.update_meta, **changes)
+            await self.fenced(replica, replica.update_meta, **changes)
 
     async def change_source(
         self,
@@ -433,7 +439,7 @@ class BrokerService:
                     changes["source_host"] = host
                 if generation is not None:
                     changes.update(generation=generation, durable_seq=0)
-                await asyncio.to_thread(replica.update_meta, **changes)
+                await self.fenced(replica, replica.update_meta, **changes)
         _log.warning(
             "replica_source_changed",
             vm=first.vm_name,

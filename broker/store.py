@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 from broker import names
 from broker.errors import BrokerError, FencedError, IdentityConflict, StoreCorrupt
@@ -47,6 +47,8 @@ _WRITER_FIX: Final = (
     "a deposed owner is still writing this replica (or is frozen): resume or kill that broker "
     "process and its takeover completes"
 )
+T = TypeVar("T")
+
 NO_FENCE: Final = "REPLIKANT_TEST_NO_FENCE"
 """Test hook (docs/security.md): ``1`` turns the owner-epoch fence off, so that a test can show
 the damage it prevents. Never set in production."""
@@ -358,6 +360,15 @@ class Store:
         finally:
             os.close(fd)  # closing releases the flock
 
+    def fenced(
+        self, replica: Replica, epoch: int, write: Callable[..., T], *args: Any, **kw: Any
+    ) -> T:
+        """Run ``write(*args, **kw)`` inside a write section (:meth:`writing`): every store write
+        outside the apply and journal paths (meta changes, retention, seeds, failover) goes
+        through here, so a deposed owner is refused before it writes anything."""
+        with self.writing(replica, epoch):
+            return write(*args, **kw)
+
     @staticmethod
     def _barrier(disk_dir: Path, *, wait: bool) -> bool:
         """Wait out (or, without ``wait``, test for) a write section on the replica."""
@@ -531,12 +542,15 @@ class Store:
         labels: dict[str, str] | None = None,
         rpo_seconds: float | None = None,
         image_path: str = "",
+        epoch: int,
     ) -> tuple[Replica, bool]:
         """Return the replica of ``(vm_uuid, disk_id)``, creating it if absent.
 
         Created whole or not at all: the directory is built under a hidden name and renamed into
         place. An existing replica with another VM name or disk size is an
-        :class:`IdentityConflict`. Returns ``(replica, created)``.
+        :class:`IdentityConflict`. Returns ``(replica, created)``. A new replica appears only
+        under owner ``epoch`` still valid: the check and the rename into place hold the store's
+        fence lock, so no claim (or placement) can come between them (decision 031).
         """
         vm_uuid = names.vm_uuid(vm_uuid)
         disk_id = names.disk_id(disk_id)
@@ -576,13 +590,16 @@ class Store:
                 rpo_seconds=rpo_seconds,
                 created_ns=time.time_ns(),
                 image_path=image_path,
+                epoch=epoch,
             )
             try:
                 _make_replica_dir(tmp, meta)
+                with self.fence_lock():
+                    self.check_epoch(epoch, Replica(tmp, meta))
+                    os.rename(tmp, final)
             except BaseException:
-                _remove_tree(tmp)  # e.g. ENOSPC: leave nothing half-made behind
+                _remove_tree(tmp)  # e.g. ENOSPC, or fenced: leave nothing half-made behind
                 raise
-            os.rename(tmp, final)
             fsync_dir(vm_dir)
             fsync_dir(self.root)
             replica = Replica(final, meta)
