@@ -145,7 +145,7 @@ async def promote(
         for engine in engines:
             await engine.stop()
             service.engines.pop(engine.replica.key, None)
-            engine.points.drop_all()
+            await service.fenced(engine.replica, engine.points.drop_all)
             engine.close()
         for replica in replicas:
             await service.fenced(
@@ -273,7 +273,7 @@ async def adopt(service: Admin, vm_name: str, body: AdoptRequest, admin: Identit
             engine = service.engines.pop(existing.key, None)
             if engine is not None:
                 await engine.stop()
-                engine.points.drop_all()
+                await service.fenced(existing, engine.points.drop_all)
                 engine.close()
             own = str(existing.path / "replica.img")
             await service.fenced(

@@ -49,6 +49,7 @@ from broker.retention import Retainer, free_store_space, publish
 from broker.scaleout import ScaleOut
 from broker.space import StoreSpace
 from broker.store import Replica, Store, T
+from broker.storemodes import tighten_permissions
 from broker.testcopies import TestCopies
 from broker.views import vm_site_records
 from certs.service import startup_problems
@@ -134,7 +135,7 @@ class BrokerService:
         """Claim the epoch and replay journals (alone; a cluster member waits to be elected),
         listen for HTTPS and NBD."""
         files, dirs = await asyncio.to_thread(
-            self.store.tighten_permissions, skip=self.nbd_socket.parent
+            tighten_permissions, self.store.root, skip=self.nbd_socket.parent
         )
         if files or dirs:
             _log.warning(

@@ -27,7 +27,6 @@ import contextlib
 import fcntl
 import json
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -607,30 +606,6 @@ class Store:
         _log.info("replica_created", vm=vm_name, vm_uuid=vm_uuid, disk=disk_id, disk_size=disk_size)
         return replica, True
 
-    def tighten_permissions(self, *, skip: Path | None = None) -> tuple[int, int]:
-        """Take group and world access off every file and directory of the store (one made by
-        an older broker or under a looser umask); returns ``(files, dirs)`` changed.
-
-        ``skip`` (the NBD socket directory, whose modes the service sets itself) is left alone,
-        and so is every member's default socket directory (``.nbd``, ``.nbd-<node>``).
-        Links are never followed: a planted link cannot make us chmod something else.
-        """
-        files = dirs = 0
-        for top, subdirs, filenames in os.walk(self.root):
-            here = Path(top)
-            subdirs[:] = [
-                d
-                for d in subdirs
-                if here / d != skip and not (here == self.root and d.startswith(".nbd"))
-            ]
-            dirs += _tighten(here, os.O_RDONLY | os.O_DIRECTORY)
-            for name in filenames:
-                mode = os.lstat(here / name).st_mode
-                # Only loose regular files are opened: a store of many segments starts fast.
-                if stat.S_ISREG(mode) and mode & 0o077:
-                    files += _tighten(here / name, os.O_RDONLY | os.O_NONBLOCK)
-        return files, dirs
-
     def overlay_dir(self) -> Path:
         """Where point-in-time exports keep their private copy-on-write files."""
         return self._overlays
@@ -680,20 +655,6 @@ def _make_replica_dir(tmp: Path, meta: ReplicaMeta) -> None:
         os.close(fd)
     atomic_write_json(tmp / "meta.json", asdict(meta))
     fsync_dir(tmp)
-
-
-def _tighten(path: Path, flags: int) -> int:
-    """Drop group/world bits of ``path`` through a descriptor opened without following a link;
-    returns 1 when it changed."""
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        mode = os.fstat(fd).st_mode
-        if not mode & 0o077:
-            return 0
-        os.fchmod(fd, stat.S_IMODE(mode) & 0o700)
-        return 1
-    finally:
-        os.close(fd)
 
 
 def _valid(check: Callable[[str], str], text: str) -> bool:

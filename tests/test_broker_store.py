@@ -41,7 +41,7 @@ def enable(store: Store, src: FakeSource) -> Replica:
         disk_size=src.disk_size,
         block_size=src.block_size,
         generation=src.generation,
-        epoch=0,
+        epoch=EPOCH,
     )
     return replica
 
@@ -112,7 +112,7 @@ def test_identity_conflict_names_both(tmp_path: Path) -> None:
             disk_size=src.disk_size,
             block_size=src.block_size,
             generation=1,
-            epoch=0,
+            epoch=EPOCH,
         )
     assert "web1" in err.value.message
     assert "db1" in err.value.message
