@@ -120,6 +120,7 @@ class BrokerService:
         self._runner: web.AppRunner | None = None
         self._site: MutualTLSSite | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing: set[asyncio.Task[None]] = set()  # engines closing once their upload ends
         self.url = ""
         self.started_ns = time.time_ns()
         self.membership: Membership | None = None
@@ -237,13 +238,15 @@ class BrokerService:
         engines, self.engines = list(self.engines.values()), {}
         await asyncio.gather(*(e.stop() for e in engines))
         for engine in engines:
-            try:  # an upload in flight still uses the engine's descriptors
-                async with asyncio.timeout(60):
-                    await engine.ingest_lock.acquire()
-            except TimeoutError:
-                _log.error("engine_left_open", replica=engine.replica.label)
+            if not engine.ingest_lock.locked():
+                await engine.close_when_idle()  # at once: the lock is free
                 continue
-            engine.close()
+            # An upload in flight still uses the descriptors: they close when it ends, and the
+            # step-down (or the next election) does not wait for it.
+            _log.warning("engine_close_deferred", replica=engine.replica.label)
+            task = asyncio.get_running_loop().create_task(engine.close_when_idle())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         self.store.forget()
         self._write_run_file()
         if was:

@@ -1,9 +1,13 @@
-"""Every store write of the broker runs inside the owner fence (decision 031, issue 12)."""
+"""Every store write of the broker runs inside the owner fence, and a step-down leaves no
+engine open (decision 031, issue 12)."""
 
 from __future__ import annotations
 
 import ast
+import asyncio
 import hashlib
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +16,7 @@ import pytest
 from broker.errors import FencedError
 from broker.handover import _reset_as_replica
 from broker.store import NO_FENCE, Replica, Store
+from tests.support_broker import make_pki, running_broker
 
 ROOT = Path(__file__).resolve().parent.parent
 VM = "6f1b0c36-3a3e-4d53-9d7e-1f8f4e0a9b21"
@@ -129,7 +134,7 @@ def _deposed(tmp_path: Path) -> tuple[Store, Replica]:
     return store, replica
 
 
-def _create_another(store: Store, replica: Replica) -> object:
+def _create_another(store: Store, replica: Replica, epoch: int = 1) -> Replica:
     return store.create_replica(
         vm_uuid=VM,
         disk_id="disk1",
@@ -137,8 +142,8 @@ def _create_another(store: Store, replica: Replica) -> object:
         disk_size=1 << 20,
         block_size=4096,
         generation=1,
-        epoch=1,
-    )
+        epoch=epoch,
+    )[0]
 
 
 def _fenced(write: Callable[[Store, Replica], object]) -> Callable[[Store, Replica], object]:
@@ -176,3 +181,41 @@ def test_a_deposed_owner_writes_nothing(
     open_store = Store(store.root)
     PATHS[path](open_store, open_store.get(VM, "disk0") or replica)
     assert _snapshot(store.root) != before
+
+
+async def test_a_step_down_closes_an_uploading_engine_when_the_upload_ends(
+    tmp_path: Path,
+) -> None:
+    """end_owning returns at once although an upload holds a replica's engine, and the engine's
+    descriptors are closed as soon as that upload lets go (never left open)."""
+    pki = make_pki(tmp_path / "pki")
+    async with running_broker(pki, tmp_path / "store") as svc:
+        replica, _ = svc.store.create_replica(
+            vm_uuid=VM,
+            disk_id="disk0",
+            vm_name="web1",
+            disk_size=1 << 20,
+            block_size=4096,
+            generation=1,
+            epoch=svc.epoch,
+        )
+        busy, idle = (
+            svc.engine_for(replica),
+            svc.engine_for(_create_another(svc.store, replica, svc.epoch)),
+        )
+        fd = busy.image_fd
+        # Held as an upload in flight holds it (broker/ingest.py): a real upload cannot be
+        # paused at this point from outside.
+        await busy.ingest_lock.acquire()
+        started = time.monotonic()
+        await svc.end_owning()
+        assert time.monotonic() - started < 2.0
+        assert idle.image_fd == -1, "an idle engine was not closed at once"
+        assert busy.image_fd == fd, "closed under the upload in flight"
+        assert os.fstat(fd).st_size == 1 << 20
+        busy.ingest_lock.release()
+        for _ in range(100):
+            if busy.image_fd == -1:
+                break
+            await asyncio.sleep(0.01)
+        assert busy.image_fd == -1, "the engine stayed open after its upload ended"
