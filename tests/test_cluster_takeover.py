@@ -20,6 +20,7 @@ import pytest
 
 from common.tls import client_context
 from common.tls.identities import Identity
+from common.topics import OwnerRecord
 from tests.fixtures_pki import make_pki
 from tests.support_agent import (
     DiskSpec,
@@ -57,6 +58,17 @@ def _by_node(members: list[Member], node: str) -> Member:
     return next(m for m in members if m.node == node)
 
 
+async def _mid_upload(
+    watch: OwnerWatch, members: list[Member], sock: Path, export: str, rng: random.Random
+) -> tuple[OwnerRecord, Member]:
+    """Write a burst and return (owner record, owner) once its batch is being uploaded."""
+    owner = watch.current()
+    assert owner is not None
+    await asyncio.to_thread(write_burst, sock, export, rng, 3, SIZE)
+    await asyncio.sleep(rng.uniform(0.3, 0.6))  # the cut, then mid-upload
+    return owner, _by_node(members, owner.node)
+
+
 async def _freeze_mid_upload(
     watch: OwnerWatch,
     members: list[Member],
@@ -67,11 +79,7 @@ async def _freeze_mid_upload(
 ) -> float:
     """SIGSTOP the owner mid-upload and keep it frozen: the agent drops the upload when it learns
     of the new owner and is acked there. Returns seconds from the freeze to that ack."""
-    owner = watch.current()
-    assert owner is not None
-    victim = _by_node(members, owner.node)
-    await asyncio.to_thread(write_burst, sock, export, rng, 3, SIZE)
-    await asyncio.sleep(rng.uniform(0.3, 0.6))  # the cut, then mid-upload
+    owner, victim = await _mid_upload(watch, members, sock, export, rng)
     mark = agent.log.stat().st_size
     frozen = time.monotonic()
     victim.signal(signal.SIGSTOP)
@@ -133,11 +141,7 @@ async def test_kill9_of_the_owner_mid_upload_twenty_times(tmp_path: Path) -> Non
                 takeovers: list[float] = []
                 in_flight = 0
                 for _ in range(ROUNDS):
-                    owner = watch.current()
-                    assert owner is not None
-                    victim = _by_node(members, owner.node)
-                    await asyncio.to_thread(write_burst, sock, export, rng, 3, SIZE)
-                    await asyncio.sleep(rng.uniform(0.3, 0.6))  # the cut, then mid-upload
+                    owner, victim = await _mid_upload(watch, members, sock, export, rng)
                     killed_at = agent.log.stat().st_size
                     killed = time.monotonic()
                     victim.signal(signal.SIGKILL)

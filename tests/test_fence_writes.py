@@ -121,29 +121,25 @@ def _deposed(tmp_path: Path) -> tuple[Store, Replica]:
     """A store whose replica was created by owner epoch 1, then owner b claimed epoch 2."""
     store = Store(tmp_path / "store")
     store.claim_epoch(1, "a")
-    replica, _ = store.create_replica(
-        vm_uuid=VM,
-        disk_id="disk0",
-        vm_name="web1",
-        disk_size=1 << 20,
-        block_size=4096,
-        generation=1,
-        epoch=1,
-    )
+    replica = _create(store, "disk0", 1)
     store.claim_epoch(2, "b")
     return store, replica
 
 
-def _create_another(store: Store, replica: Replica, epoch: int = 1) -> Replica:
+def _create(store: Store, disk_id: str, epoch: int) -> Replica:
     return store.create_replica(
         vm_uuid=VM,
-        disk_id="disk1",
+        disk_id=disk_id,
         vm_name="web1",
         disk_size=1 << 20,
         block_size=4096,
         generation=1,
         epoch=epoch,
     )[0]
+
+
+def _create_another(store: Store, replica: Replica) -> Replica:
+    return _create(store, "disk1", 1)
 
 
 def _fenced(write: Callable[[Store, Replica], object]) -> Callable[[Store, Replica], object]:
@@ -190,19 +186,8 @@ async def test_a_step_down_closes_an_uploading_engine_when_the_upload_ends(
     descriptors are closed as soon as that upload lets go (never left open)."""
     pki = make_pki(tmp_path / "pki")
     async with running_broker(pki, tmp_path / "store") as svc:
-        replica, _ = svc.store.create_replica(
-            vm_uuid=VM,
-            disk_id="disk0",
-            vm_name="web1",
-            disk_size=1 << 20,
-            block_size=4096,
-            generation=1,
-            epoch=svc.epoch,
-        )
-        busy, idle = (
-            svc.engine_for(replica),
-            svc.engine_for(_create_another(svc.store, replica, svc.epoch)),
-        )
+        busy = svc.engine_for(_create(svc.store, "disk0", svc.epoch))
+        idle = svc.engine_for(_create(svc.store, "disk1", svc.epoch))
         fd = busy.image_fd
         # Held as an upload in flight holds it (broker/ingest.py): a real upload cannot be
         # paused at this point from outside.
