@@ -227,6 +227,7 @@ class BrokerClient:
         # Requests waiting on a broker, on any twin's loop: a frozen member never answers them.
         self._inflight: dict[int, _InFlight] = {}
         self._inflight_lock = threading.Lock()
+        self._owner: list[str] = []  # [the owner record's URL] or [], shared with twins
 
     def twin(self) -> BrokerClient:
         """A client for another event loop (an aiohttp session belongs to one), sharing what
@@ -238,6 +239,7 @@ class BrokerClient:
         other._by_vm = self._by_vm
         other._inflight = self._inflight
         other._inflight_lock = self._inflight_lock
+        other._owner = self._owner
         return other
 
     @property
@@ -245,19 +247,27 @@ class BrokerClient:
         """The broker currently used."""
         return self._followed[0] if self._followed else self.urls[self._current]
 
-    def follow(self, url: str) -> bool:
-        """Send the next requests to ``url`` (the member a broker or the owner record named),
-        until it fails; it must present a broker identity of our cluster like any other.
-        Returns whether it is followed (only ``https://`` URLs are)."""
+    def follow(self, url: str, *, redirect: bool = False) -> bool:
+        """Send the next requests to ``url`` (the member a broker's ``redirect`` or the owner
+        record named), until it fails; it must present a broker identity of our cluster like
+        any other. Returns whether it is followed (only ``https://`` URLs are).
+
+        When the owner record moves to another member, requests still waiting on the previous
+        owner are dropped (:meth:`_abandon`). A redirect does not do that: in a cluster that
+        spreads VMs, it names the member of one VM, while the others stay where they are.
+        """
         url = url.rstrip("/")
         if not url.startswith("https://"):
             log.warning("broker_redirect_ignored", url=url, reason="not an https:// URL")
             return False
-        previous = self.url
+        if url != self.url:
+            log.info("broker_followed", url=url, previous=self.url)
         self._followed[:] = [url]
-        if url != previous:
-            log.info("broker_followed", url=url, previous=previous)
-            self._abandon(previous, url)
+        if not redirect:
+            previous = self._owner[0] if self._owner else url
+            self._owner[:] = [url]
+            if previous != url:
+                self._abandon(previous, url)
         return True
 
     def _abandon(self, stale: str, now: str) -> None:
@@ -273,6 +283,8 @@ class BrokerClient:
             current = None
         with self._inflight_lock:
             stuck = [(k, e) for k, e in self._inflight.items() if e.base == stale]
+        if stuck:
+            log.warning("broker_request_abandoned", url=stale, owner_url=now, requests=len(stuck))
         for key, entry in stuck:
             if entry.task is current:
                 continue  # the refusal that taught us is being raised already
@@ -437,7 +449,9 @@ class BrokerClient:
         if refusal.code == "not_owner" and isinstance(owner_url, str) and owner_url:
             # The member says who serves us: go there next. One that names itself is still
             # taking over: ask the others meanwhile.
-            if owner_url.rstrip("/") == url.split("/v1/", 1)[0] or not self.follow(owner_url):
+            if owner_url.rstrip("/") == url.split("/v1/", 1)[0] or not self.follow(
+                owner_url, redirect=True
+            ):
                 self._by_vm.pop(vm, None)
                 self._rotate()
             elif vm:
