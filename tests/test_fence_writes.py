@@ -109,7 +109,7 @@ def test_every_store_write_under_broker_is_fenced() -> None:
     assert not unfenced, "store writes outside a write section:\n" + "\n".join(unfenced)
 
 
-def _snapshot(root: Path) -> dict[str, str]:
+def snapshot(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
@@ -117,7 +117,7 @@ def _snapshot(root: Path) -> dict[str, str]:
     }
 
 
-def _deposed(tmp_path: Path) -> tuple[Store, Replica]:
+def deposed_store(tmp_path: Path) -> tuple[Store, Replica]:
     """A store whose replica was created by owner epoch 1, then owner b claimed epoch 2."""
     store = Store(tmp_path / "store")
     store.claim_epoch(1, "a")
@@ -164,19 +164,19 @@ def test_a_deposed_owner_writes_nothing(
 ) -> None:
     """Each write path of a deposed owner (epoch 1 under a store at 2) is refused before it
     writes a byte; with the fence disabled the same write goes through (the fence stops it)."""
-    store, replica = _deposed(tmp_path)
-    before = _snapshot(store.root)
+    store, replica = deposed_store(tmp_path)
+    before = snapshot(store.root)
     with pytest.raises(FencedError) as err:
         PATHS[path](store, replica)
     assert err.value.details == {"epoch": 1, "stored_epoch": 2}
-    assert _snapshot(store.root) == before
+    assert snapshot(store.root) == before
     assert not (store.root / VM / "disk1").exists()
     assert not list((store.root / VM).glob(".*creating"))
 
     monkeypatch.setenv(NO_FENCE, "1")
     open_store = Store(store.root)
     PATHS[path](open_store, open_store.get(VM, "disk0") or replica)
-    assert _snapshot(store.root) != before
+    assert snapshot(store.root) != before
 
 
 async def test_a_step_down_closes_an_uploading_engine_when_the_upload_ends(
