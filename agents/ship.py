@@ -12,9 +12,11 @@ See ``docs/protocol/http.md`` for the endpoints and ``docs/agent.md`` for the se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import ssl
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
@@ -135,6 +137,16 @@ _REFUSAL_WINDOW = 2.0
 
 
 @dataclass
+class _InFlight:
+    """A request waiting on a broker, so that :meth:`BrokerClient.follow` can drop it."""
+
+    base: str
+    loop: asyncio.AbstractEventLoop
+    task: asyncio.Task[Any]
+    exchange: Exchange
+
+
+@dataclass
 class Exchange:
     """How far one request got before it failed (filled in by aiohttp's trace callbacks)."""
 
@@ -142,6 +154,7 @@ class Exchange:
     connected_at: float = 0.0  # monotonic time the handshake completed
     sent_bytes: int = 0  # request body bytes handed to the connection
     answered: bool = False  # response headers arrived
+    abandoned_for: str = ""  # the member we moved to while this request waited (see follow)
 
     def just_after_handshake(self) -> bool:
         """Whether a hang-up can only mean our certificate was refused: nothing of the request
@@ -211,6 +224,10 @@ class BrokerClient:
         # Where each VM was sent last (decision 032: a cluster spreads VMs over its members), so
         # the VMs of one host served by two members do not bounce the host between them.
         self._by_vm: dict[str, str] = {}
+        # Requests waiting on a broker, on any twin's loop: a frozen member never answers them.
+        self._inflight: dict[int, _InFlight] = {}
+        self._inflight_lock = threading.Lock()
+        self._owner: list[str] = []  # [the owner record's URL] or [], shared with twins
 
     def twin(self) -> BrokerClient:
         """A client for another event loop (an aiohttp session belongs to one), sharing what
@@ -220,6 +237,9 @@ class BrokerClient:
         other._accepted = self._accepted
         other._followed = self._followed
         other._by_vm = self._by_vm
+        other._inflight = self._inflight
+        other._inflight_lock = self._inflight_lock
+        other._owner = self._owner
         return other
 
     @property
@@ -227,10 +247,15 @@ class BrokerClient:
         """The broker currently used."""
         return self._followed[0] if self._followed else self.urls[self._current]
 
-    def follow(self, url: str) -> bool:
-        """Send the next requests to ``url`` (the member a broker or the owner record named),
-        until it fails; it must present a broker identity of our cluster like any other.
-        Returns whether it is followed (only ``https://`` URLs are)."""
+    def follow(self, url: str, *, redirect: bool = False) -> bool:
+        """Send the next requests to ``url`` (the member a broker's ``redirect`` or the owner
+        record named), until it fails; it must present a broker identity of our cluster like
+        any other. Returns whether it is followed (only ``https://`` URLs are).
+
+        When the owner record moves to another member, requests still waiting on the previous
+        owner are dropped (:meth:`_abandon`). A redirect does not do that: in a cluster that
+        spreads VMs, it names the member of one VM, while the others stay where they are.
+        """
         url = url.rstrip("/")
         if not url.startswith("https://"):
             log.warning("broker_redirect_ignored", url=url, reason="not an https:// URL")
@@ -238,7 +263,41 @@ class BrokerClient:
         if url != self.url:
             log.info("broker_followed", url=url, previous=self.url)
         self._followed[:] = [url]
+        if not redirect:
+            previous = self._owner[0] if self._owner else url
+            self._owner[:] = [url]
+            if previous != url:
+                self._abandon(previous, url)
         return True
+
+    def _abandon(self, stale: str, now: str) -> None:
+        """Drop the requests still waiting on ``stale``, which another member replaced (a
+        frozen owner would hold them for the whole ack timeout): each fails with ``owner_moved``
+        and its disk resumes at ``now`` from the replica's durable seq, as after any failure."""
+        for vm, member in list(self._by_vm.items()):
+            if member == stale:
+                self._by_vm.pop(vm, None)
+        try:
+            current = asyncio.current_task()
+        except RuntimeError:  # called off any event loop
+            current = None
+        with self._inflight_lock:
+            stuck = [(k, e) for k, e in self._inflight.items() if e.base == stale]
+        if stuck:
+            log.warning("broker_request_abandoned", url=stale, owner_url=now, requests=len(stuck))
+        for key, entry in stuck:
+            if entry.task is current:
+                continue  # the refusal that taught us is being raised already
+            entry.exchange.abandoned_for = now
+            with contextlib.suppress(RuntimeError):  # that loop has closed: nothing waits
+                entry.loop.call_soon_threadsafe(self._cancel_inflight, key)
+
+    def _cancel_inflight(self, key: int) -> None:
+        # On the request's own loop: still registered means still waiting inside the request.
+        with self._inflight_lock:
+            entry = self._inflight.get(key)
+        if entry is not None:
+            entry.task.cancel()
 
     def _rotate(self) -> None:
         if self._followed:
@@ -277,6 +336,12 @@ class BrokerClient:
         base = self._by_vm.get(vm) or self.url
         url = base + path
         exchange = Exchange()
+        task = asyncio.current_task()
+        assert task is not None
+        with self._inflight_lock:
+            self._inflight[id(exchange)] = _InFlight(
+                base, asyncio.get_running_loop(), task, exchange
+            )
         try:
             async with self._get_session().request(
                 method, url, trace_request_ctx=exchange, **kwargs
@@ -287,6 +352,17 @@ class BrokerClient:
                 if expect == "json":
                     return await resp.json(content_type=None), dict(resp.headers)
                 return await resp.read(), dict(resp.headers)
+        except asyncio.CancelledError:
+            if not exchange.abandoned_for:
+                raise
+            task.uncancel()  # our own cancel, not the caller's: the caller sees a ShipError
+            self._by_vm.pop(vm, None)
+            raise ShipError(
+                f"{what or f'waiting for the answer to {method} {path}'} abandoned at broker "
+                f"{base}: the cluster moved to {exchange.abandoned_for}; resuming there",
+                fix="nothing to do: the disk resumes from the replica's durable seq",
+                code="owner_moved",
+            ) from None
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError, TLSIdentityError) as exc:
             accepted = base in self._accepted
             self._by_vm.pop(vm, None)
@@ -299,6 +375,9 @@ class BrokerClient:
                 what or f"waiting for the answer to {method} {path}",
                 accepted=accepted,
             ) from None
+        finally:
+            with self._inflight_lock:
+                self._inflight.pop(id(exchange), None)
 
     @staticmethod
     def _network_error(
@@ -370,7 +449,9 @@ class BrokerClient:
         if refusal.code == "not_owner" and isinstance(owner_url, str) and owner_url:
             # The member says who serves us: go there next. One that names itself is still
             # taking over: ask the others meanwhile.
-            if owner_url.rstrip("/") == url.split("/v1/", 1)[0] or not self.follow(owner_url):
+            if owner_url.rstrip("/") == url.split("/v1/", 1)[0] or not self.follow(
+                owner_url, redirect=True
+            ):
                 self._by_vm.pop(vm, None)
                 self._rotate()
             elif vm:

@@ -103,6 +103,7 @@ def seed_store(store_root: Path, base: Path, vm_uuid: uuid.UUID, size: int) -> N
         generation=1,
         source_host="h1",
         source_site="primary",
+        epoch=0,
     )
     copy_file(base, replica.image)
     replica.append_applied(AppliedRecord(1, 1, time.time_ns(), 0, False, 0, time.time_ns(), True))

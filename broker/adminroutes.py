@@ -18,10 +18,10 @@ from broker.ingest import hashes_response
 from broker.views import (
     journal_json,
     resolve_vm_point,
+    served_vm,
     state_json,
     status_vms,
     vm_point_list,
-    vm_replicas,
 )
 from common.config import NAME_PATTERN
 from common.logs import get_logger
@@ -42,7 +42,7 @@ async def vm_points(request: web.Request) -> web.Response:
     """GET /v1/vms/{vm}/points: recovery points, newest first."""
     service = request.app[SERVICE_KEY]
     require_admin(request)
-    replicas = vm_replicas(service, request.match_info["vm"])
+    replicas = served_vm(service, request.match_info["vm"])
     return web.json_response(
         {
             "vm": replicas[0].meta.vm_name,
@@ -57,7 +57,7 @@ async def vm_hashes(request: web.Request) -> web.Response:
     """GET /v1/vms/{vm}/hashes?disk=D: per-disk block hashes (admin, for verify)."""
     service = request.app[SERVICE_KEY]
     require_admin(request)
-    replicas = vm_replicas(service, request.match_info["vm"])
+    replicas = served_vm(service, request.match_info["vm"])
     disk = names.disk_id(request.query.get("disk", replicas[0].meta.disk_id), "disk")
     for replica in replicas:
         if replica.meta.disk_id == disk:
@@ -69,7 +69,7 @@ async def create_exports(request: web.Request) -> web.Response:
     """POST /v1/vms/{vm}/exports {"point": "G:C"|"latest", "read_only": false}: PIT exports."""
     service = request.app[SERVICE_KEY]
     require_admin(request)
-    replicas = vm_replicas(service, request.match_info["vm"])
+    replicas = served_vm(service, request.match_info["vm"])
     try:
         body = await json_body(request) if request.can_read_body else {}
     except json.JSONDecodeError:
@@ -134,7 +134,7 @@ async def set_source(request: web.Request) -> web.Response:
     """
     service = request.app[SERVICE_KEY]
     admin = require_admin(request)
-    replicas = vm_replicas(service, request.match_info["vm"])
+    replicas = served_vm(service, request.match_info["vm"])  # its placed member, or the owner
     try:
         body = SourceChange.model_validate(await json_body(request))
     except ValidationError as exc:
@@ -146,7 +146,6 @@ async def set_source(request: web.Request) -> web.Response:
             'the body names nothing to change: give "host", "generation" or both',
             details={"field": "(body)", "rule": "host and/or generation"},
         )
-    service.check_owner(replicas[0].meta.vm_uuid)  # its placed member, or the owner
     await service.change_source(replicas, admin, host=body.host, generation=body.generation)
     return web.json_response(
         {"vm": replicas[0].meta.vm_name, "disks": [state_json(service, r) for r in replicas]}

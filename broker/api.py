@@ -8,7 +8,8 @@ frozen stand-in fits as well as the service.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from common.config import BrokerConfig
     from common.hrl import DecodeLimits
     from common.tls import Identity
+
+T = TypeVar("T")
 
 
 class TierLabels(Protocol):
@@ -66,6 +69,10 @@ class Replicas(Protocol):
 
     def check_space(self, *, needed: int, replica: Replica | None = None) -> None:
         """Raise :class:`StorageFullError` unless ``needed`` bytes fit above the reserve."""
+
+    async def fenced(self, replica: Replica, write: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """Run a blocking write of ``replica`` inside a write section at this broker's epoch
+        (a deposed owner is refused before it writes)."""
 
 
 class Ingest(Replicas, Protocol):

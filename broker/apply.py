@@ -561,6 +561,13 @@ class ReplicaEngine:
         view.attach_image(self._fd)
         return view
 
+    async def close_when_idle(self) -> None:
+        """Close (after :meth:`stop`) once no upload uses the engine's descriptors: an upload in
+        flight ends by itself (completed, or dropped when idle), and whatever it would write
+        meanwhile is refused by the fence. The lock stays taken: nothing uses a closed engine."""
+        await self.ingest_lock.acquire()
+        self.close()
+
     def close(self) -> None:
         """Release descriptors (after :meth:`stop`)."""
         self.points.close()

@@ -113,7 +113,7 @@ class ClusterMember:
             f"broker {self.node} does not serve this VM now: {target.node} (epoch "
             f"{target.epoch}) does"
             + (" and is still taking over" if target.node == self.node else ""),
-            fix=f"send requests to {target.url} (agents follow this refusal by themselves)",
+            fix=f"send requests to {target.url} (agents and the CLI follow it by themselves)",
             details={
                 "node": self.node,
                 "owner": target.node,

@@ -140,17 +140,17 @@ async def promote(
             # A point of every disk at one cut (refused, naming the fix, if there is none).
             _, keys = resolve_vm_point(service, replicas, point)
             for engine, key in zip(engines, keys, strict=True):
-                rolled[engine.replica.meta.disk_id] = await asyncio.to_thread(
-                    _roll_back, engine, key
+                rolled[engine.replica.meta.disk_id] = await service.fenced(
+                    engine.replica, _roll_back, engine, key
                 )
         for engine in engines:
             await engine.stop()
             service.engines.pop(engine.replica.key, None)
-            engine.points.drop_all()
+            await service.fenced(engine.replica, engine.points.drop_all)
             engine.close()
         for replica in replicas:
-            await asyncio.to_thread(
-                replica.update_meta, generation=generation, handed_over="uncommitted"
+            await service.fenced(
+                replica, replica.update_meta, generation=generation, handed_over="uncommitted"
             )
     _log.warning(
         "replica_handed_over",
@@ -187,7 +187,7 @@ def _roll_back(engine: ReplicaEngine, key: Key) -> list[Region]:
     return union(written)
 
 
-async def settle(replicas: list[Replica], admin: Identity, action: str) -> None:
+async def settle(service: Admin, replicas: list[Replica], admin: Identity, action: str) -> None:
     """Commit an uncommitted failover, or cancel it (the image then waits for the old primary to
     resync it by hashes at the new generation: ``initial_sync`` "seeded")."""
     first = replicas[0].meta
@@ -202,9 +202,9 @@ async def settle(replicas: list[Replica], admin: Identity, action: str) -> None:
         )
     for replica in replicas:
         if action == "commit":
-            await asyncio.to_thread(replica.update_meta, handed_over="committed")
+            await service.fenced(replica, replica.update_meta, handed_over="committed")
         else:
-            await asyncio.to_thread(_reset_as_replica, replica, replica.meta.generation)
+            await service.fenced(replica, _reset_as_replica, replica, replica.meta.generation)
     _log.warning("failover_settled", vm=first.vm_name, action=action, admin=admin.uri)
 
 
@@ -274,10 +274,11 @@ async def adopt(service: Admin, vm_name: str, body: AdoptRequest, admin: Identit
             engine = service.engines.pop(existing.key, None)
             if engine is not None:
                 await engine.stop()
-                engine.points.drop_all()
+                await service.fenced(existing, engine.points.drop_all)
                 engine.close()
             own = str(existing.path / "replica.img")
-            await asyncio.to_thread(
+            await service.fenced(
+                existing,
                 _reset_as_replica,
                 existing,
                 body.generation,
@@ -298,8 +299,9 @@ async def adopt(service: Admin, vm_name: str, body: AdoptRequest, admin: Identit
                 source_host=body.source_host,
                 source_site=body.source_site,
                 image_path=d.image,
+                epoch=service.epoch,
             )
-            await asyncio.to_thread(_reset_as_replica, replica, body.generation)
+            await service.fenced(replica, _reset_as_replica, replica, body.generation)
         service.engine_for(replica)
         out.append(replica)
     _log.warning(

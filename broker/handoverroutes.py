@@ -47,9 +47,9 @@ async def promote_vm(request: web.Request) -> web.Response:
     """POST /v1/vms/{vm}/promote {"generation": N}: hand the replica images to this site."""
     service = request.app[SERVICE_KEY]
     admin = require_admin(request)
+    service.check_owner()  # before the lookup: a standby names the owner (the CLI follows)
     replicas = vm_replicas(service, request.match_info["vm"])
     body = await _body(request, PromoteRequest, "promotion")
-    service.check_owner()
     rolled = await promote(service, replicas, admin, body.generation, point=body.point)
     return _answer(
         request,
@@ -64,10 +64,10 @@ async def settle_vm(request: web.Request) -> web.Response:
     """POST /v1/vms/{vm}/failover {"action": "commit"|"cancel"}."""
     service = request.app[SERVICE_KEY]
     admin = require_admin(request)
+    service.check_owner()  # before the lookup: a standby names the owner (the CLI follows)
     replicas = vm_replicas(service, request.match_info["vm"])
     body = await _body(request, SettleRequest, "failover action")
-    service.check_owner()
-    await settle(replicas, admin, body.action)
+    await settle(service, replicas, admin, body.action)
     for replica in replicas:
         if not replica.meta.handed_over:
             service.engine_for(replica)

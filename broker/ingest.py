@@ -138,6 +138,7 @@ async def enable_replica(request: web.Request) -> web.Response:
             source_site=body.site,
             labels=body.labels,
             rpo_seconds=body.rpo_seconds,
+            epoch=service.epoch,
         )
         service.engine_for(created)
         replica = created

@@ -183,7 +183,15 @@ class Retainer:
         for d, engine in enumerate(engines):
             keep = disk_keep(per_disk[d], points, d, answer)
             bound = engine.journal_bound
-            dropped, merged = engine.points.apply_retention(keep, bound=bound, grain=grains[d])
+            # A pass deletes and rewrites undo segments: a write section like an apply.
+            dropped, merged = engine.store.fenced(
+                engine.replica,
+                engine.epoch(),
+                engine.points.apply_retention,
+                keep,
+                bound=bound,
+                grain=grains[d],
+            )
             journal = engine.points.journal_bytes()
             if dropped or merged:
                 _log.info(
@@ -285,7 +293,9 @@ def free_store_space(
         owners = [(e.points.oldest(), e) for e in engines]
         ranked = sorted(((o.cut_ns, e) for o, e in owners if o is not None), key=lambda x: x[0])
         for _ns, engine in ranked:
-            got = engine.points.drop_oldest(reason="store_low")
+            got = engine.store.fenced(
+                engine.replica, engine.epoch(), engine.points.drop_oldest, reason="store_low"
+            )
             if got:
                 freed += got
                 count += 1

@@ -300,16 +300,18 @@ async def import_seed(
             source_host=d.source_host,
             source_site=d.source_site,
             labels=d.labels,
+            epoch=service.epoch,
         )
         engine = service.engines.pop(replica.key, None)
         if engine is not None:
             await engine.stop()
             engine.close()
-        stats = await asyncio.to_thread(copy_image, d, replica)
+        stats = await service.fenced(replica, copy_image, d, replica)
         if d.seq is None:
             # An existing copy of unknown age: the agent compares block hashes and ships only
             # the differing blocks (initial_sync "seeded" with durable_seq 0 tells it to).
-            await asyncio.to_thread(
+            await service.fenced(
+                replica,
                 replica.update_meta,
                 initial_sync="seeded",
                 seed={"dir": str(directory), "seq": None, "imported_ns": time.time_ns()},
@@ -331,8 +333,9 @@ async def import_seed(
             seeded=True,
             cut_id=d.cut_id,
         )
-        await asyncio.to_thread(replica.append_applied, record)
-        await asyncio.to_thread(
+        await service.fenced(replica, replica.append_applied, record)
+        await service.fenced(
+            replica,
             replica.update_meta,
             generation=d.generation,
             applied_generation=d.generation,

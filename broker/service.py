@@ -22,6 +22,7 @@ import os
 import secrets
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -47,7 +48,8 @@ from broker.points import Key, key_text
 from broker.retention import Retainer, free_store_space, publish
 from broker.scaleout import ScaleOut
 from broker.space import StoreSpace
-from broker.store import Replica, Store
+from broker.store import Replica, Store, T
+from broker.storemodes import tighten_permissions
 from broker.testcopies import TestCopies
 from broker.views import vm_site_records
 from certs.service import startup_problems
@@ -118,6 +120,7 @@ class BrokerService:
         self._runner: web.AppRunner | None = None
         self._site: MutualTLSSite | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing: set[asyncio.Task[None]] = set()  # engines closing once their upload ends
         self.url = ""
         self.started_ns = time.time_ns()
         self.membership: Membership | None = None
@@ -133,7 +136,7 @@ class BrokerService:
         """Claim the epoch and replay journals (alone; a cluster member waits to be elected),
         listen for HTTPS and NBD."""
         files, dirs = await asyncio.to_thread(
-            self.store.tighten_permissions, skip=self.nbd_socket.parent
+            tighten_permissions, self.store.root, skip=self.nbd_socket.parent
         )
         if files or dirs:
             _log.warning(
@@ -235,13 +238,15 @@ class BrokerService:
         engines, self.engines = list(self.engines.values()), {}
         await asyncio.gather(*(e.stop() for e in engines))
         for engine in engines:
-            try:  # an upload in flight still uses the engine's descriptors
-                async with asyncio.timeout(60):
-                    await engine.ingest_lock.acquire()
-            except TimeoutError:
-                _log.error("engine_left_open", replica=engine.replica.label)
+            if not engine.ingest_lock.locked():
+                await engine.close_when_idle()  # at once: the lock is free
                 continue
-            engine.close()
+            # An upload in flight still uses the descriptors: they close when it ends, and the
+            # step-down (or the next election) does not wait for it.
+            _log.warning("engine_close_deferred", replica=engine.replica.label)
+            task = asyncio.get_running_loop().create_task(engine.close_when_idle())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         self.store.forget()
         self._write_run_file()
         if was:
@@ -335,6 +340,11 @@ class BrokerService:
         self.store.claim_epoch(epoch, self.config.broker.node)
         self.epoch = epoch
 
+    async def fenced(self, replica: Replica, write: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """Run a blocking store write on ``replica`` inside a write section at this broker's
+        epoch (:meth:`Store.fenced`): a deposed owner is refused before it writes."""
+        return await asyncio.to_thread(self.store.fenced, replica, self.epoch, write, *args, **kw)
+
     def check_owner(self, vm_uuid: str | None = None) -> None:
         """Refuse, naming who does, unless this broker serves the VM (placed here, or owner)."""
         if self.scaleout is not None and self.scaleout.serves(vm_uuid):
@@ -392,7 +402,7 @@ class BrokerService:
             if value not in (None, "") and value != getattr(m, field):
                 changes[field] = value
         if changes:
-            await asyncio.to_thread(replica.update_meta, **changes)
+            await self.fenced(replica, replica.update_meta, **changes)
 
     async def change_source(
         self,
@@ -433,7 +443,7 @@ class BrokerService:
                     changes["source_host"] = host
                 if generation is not None:
                     changes.update(generation=generation, durable_seq=0)
-                await asyncio.to_thread(replica.update_meta, **changes)
+                await self.fenced(replica, replica.update_meta, **changes)
         _log.warning(
             "replica_source_changed",
             vm=first.vm_name,

@@ -27,13 +27,12 @@ import contextlib
 import fcntl
 import json
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 from broker import names
 from broker.errors import BrokerError, FencedError, IdentityConflict, StoreCorrupt
@@ -47,6 +46,8 @@ _WRITER_FIX: Final = (
     "a deposed owner is still writing this replica (or is frozen): resume or kill that broker "
     "process and its takeover completes"
 )
+T = TypeVar("T")
+
 NO_FENCE: Final = "REPLIKANT_TEST_NO_FENCE"
 """Test hook (docs/security.md): ``1`` turns the owner-epoch fence off, so that a test can show
 the damage it prevents. Never set in production."""
@@ -358,6 +359,15 @@ class Store:
         finally:
             os.close(fd)  # closing releases the flock
 
+    def fenced(
+        self, replica: Replica, epoch: int, write: Callable[..., T], *args: Any, **kw: Any
+    ) -> T:
+        """Run ``write(*args, **kw)`` inside a write section (:meth:`writing`): every store write
+        outside the apply and journal paths (meta changes, retention, seeds, failover) goes
+        through here, so a deposed owner is refused before it writes anything."""
+        with self.writing(replica, epoch):
+            return write(*args, **kw)
+
     @staticmethod
     def _barrier(disk_dir: Path, *, wait: bool) -> bool:
         """Wait out (or, without ``wait``, test for) a write section on the replica."""
@@ -531,12 +541,15 @@ class Store:
         labels: dict[str, str] | None = None,
         rpo_seconds: float | None = None,
         image_path: str = "",
+        epoch: int,
     ) -> tuple[Replica, bool]:
         """Return the replica of ``(vm_uuid, disk_id)``, creating it if absent.
 
         Created whole or not at all: the directory is built under a hidden name and renamed into
         place. An existing replica with another VM name or disk size is an
-        :class:`IdentityConflict`. Returns ``(replica, created)``.
+        :class:`IdentityConflict`. Returns ``(replica, created)``. A new replica appears only
+        under owner ``epoch`` still valid: the check and the rename into place hold the store's
+        fence lock, so no claim (or placement) can come between them (decision 031).
         """
         vm_uuid = names.vm_uuid(vm_uuid)
         disk_id = names.disk_id(disk_id)
@@ -576,43 +589,22 @@ class Store:
                 rpo_seconds=rpo_seconds,
                 created_ns=time.time_ns(),
                 image_path=image_path,
+                epoch=epoch,
             )
             try:
                 _make_replica_dir(tmp, meta)
+                with self.fence_lock():
+                    self.check_epoch(epoch, Replica(tmp, meta))
+                    os.rename(tmp, final)
             except BaseException:
-                _remove_tree(tmp)  # e.g. ENOSPC: leave nothing half-made behind
+                _remove_tree(tmp)  # e.g. ENOSPC, or fenced: leave nothing half-made behind
                 raise
-            os.rename(tmp, final)
             fsync_dir(vm_dir)
             fsync_dir(self.root)
             replica = Replica(final, meta)
             self._replicas[replica.key] = replica
         _log.info("replica_created", vm=vm_name, vm_uuid=vm_uuid, disk=disk_id, disk_size=disk_size)
         return replica, True
-
-    def tighten_permissions(self, *, skip: Path | None = None) -> tuple[int, int]:
-        """Take group and world access off every file and directory of the store (one made by
-        an older broker or under a looser umask); returns ``(files, dirs)`` changed.
-
-        ``skip`` (the NBD socket directory, whose modes the service sets itself) is left alone,
-        and so is every member's default socket directory (``.nbd``, ``.nbd-<node>``).
-        Links are never followed: a planted link cannot make us chmod something else.
-        """
-        files = dirs = 0
-        for top, subdirs, filenames in os.walk(self.root):
-            here = Path(top)
-            subdirs[:] = [
-                d
-                for d in subdirs
-                if here / d != skip and not (here == self.root and d.startswith(".nbd"))
-            ]
-            dirs += _tighten(here, os.O_RDONLY | os.O_DIRECTORY)
-            for name in filenames:
-                mode = os.lstat(here / name).st_mode
-                # Only loose regular files are opened: a store of many segments starts fast.
-                if stat.S_ISREG(mode) and mode & 0o077:
-                    files += _tighten(here / name, os.O_RDONLY | os.O_NONBLOCK)
-        return files, dirs
 
     def overlay_dir(self) -> Path:
         """Where point-in-time exports keep their private copy-on-write files."""
@@ -663,20 +655,6 @@ def _make_replica_dir(tmp: Path, meta: ReplicaMeta) -> None:
         os.close(fd)
     atomic_write_json(tmp / "meta.json", asdict(meta))
     fsync_dir(tmp)
-
-
-def _tighten(path: Path, flags: int) -> int:
-    """Drop group/world bits of ``path`` through a descriptor opened without following a link;
-    returns 1 when it changed."""
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        mode = os.fstat(fd).st_mode
-        if not mode & 0o077:
-            return 0
-        os.fchmod(fd, stat.S_IMODE(mode) & 0o700)
-        return 1
-    finally:
-        os.close(fd)
 
 
 def _valid(check: Callable[[str], str], text: str) -> bool:

@@ -9,9 +9,9 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from broker import names
-from broker.api import Replicas
+from broker.api import Ingest, Replicas
 from broker.current import current_cut_ns
-from broker.errors import UnknownPoint, UnknownVM
+from broker.errors import BrokerError, UnknownPoint, UnknownVM
 from broker.points import (
     CutKey,
     Key,
@@ -275,6 +275,24 @@ def vm_replicas(service: Replicas, vm: str) -> list[Replica]:
             details={"vm": vm},
         )
     return found
+
+
+def served_vm(service: Ingest, vm: str) -> list[Replica]:
+    """Every replica of VM ``vm`` when this member serves it; otherwise 503 ``not_owner`` naming
+    the member that does (for a VM this member does not know, the owner, who routes on), so the
+    operator's client follows it as an agent would."""
+    names.name(vm, "vm")
+    found = service.store.find_vm(vm)
+    # A VM named by UUID routes to its placed member; by an unknown name, to the owner.
+    service.check_owner(found[0].meta.vm_uuid if found else _as_uuid(vm))
+    return vm_replicas(service, vm)
+
+
+def _as_uuid(vm: str) -> str | None:
+    try:
+        return names.vm_uuid(vm)
+    except BrokerError:
+        return None
 
 
 def vm_site_records(service: Replicas) -> list[tuple[uuid.UUID, str, topics.VMSiteRecord]]:

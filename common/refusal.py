@@ -39,6 +39,16 @@ class Refusal:
         return f"{peer} refused ({self.status} {self.code}): {self.message}"
 
 
+def member_redirect(status: int, body: object) -> str | None:
+    """The base URL a cluster member's 503 ``not_owner`` sends us to (``details.owner_url``),
+    or None for any other answer."""
+    if status != 503 or not isinstance(body, dict) or body.get("error") != "not_owner":
+        return None
+    details = body.get("details")
+    url = details.get("owner_url") if isinstance(details, dict) else None
+    return url.rstrip("/") if isinstance(url, str) and url.startswith("https://") else None
+
+
 def not_our_service(peer: str, what: str, config_hint: str) -> tuple[str, str]:
     """Message and fix for a peer whose answer is not JSON: it is not the service we meant.
 

@@ -16,10 +16,13 @@ import click
 
 from common.config import AdminConfig, load_config
 from common.errors import ConfigError, ReplikantError
-from common.refusal import Refusal, not_our_service
+from common.refusal import Refusal, member_redirect, not_our_service
 from common.tls import IdentityCheckingConnector, client_context, describe_client_failure
 
 T = TypeVar("T")
+
+HOPS = 3
+"""Most not_owner refusals one request follows: one to the serving member, spares for a move."""
 
 
 class AdminError(ReplikantError):
@@ -86,7 +89,23 @@ class AdminClient:
     async def request(
         self, method: str, url: str, *, expect: str = "json", **kwargs: Any
     ) -> tuple[int, Any, dict[str, str]]:
-        """One request; returns (status, body, headers). Network failures raise AdminError."""
+        """One request to a broker; returns (status, body, headers). A cluster member that does
+        not serve the VM (503 ``not_owner``) names the member that does: the request goes there
+        instead (at most :data:`HOPS` times, never back to a member already asked), as an
+        agent's would. Network failures raise AdminError."""
+        base, path = _split(url)
+        asked = {base}
+        while True:
+            status, body, headers = await self._once(method, base + path, expect, kwargs)
+            target = member_redirect(status, body)
+            if target is None or target in asked or len(asked) > HOPS:
+                return status, body, headers
+            asked.add(target)
+            base = target
+
+    async def _once(
+        self, method: str, url: str, expect: str, kwargs: dict[str, Any]
+    ) -> tuple[int, Any, dict[str, str]]:
         assert self.session is not None
         try:
             async with self.session.request(method, url, **kwargs) as resp:
@@ -119,15 +138,24 @@ class AdminClient:
         )
 
     async def broker_json(self, path: str, *, method: str = "GET", **kw: Any) -> list[Any]:
-        """The answers of every broker that knows ``path`` (404s skipped, and a cluster's
-        standby members' ``not_owner``: the owner answers for them)."""
+        """The answers of every broker that knows ``path`` (404s skipped). A cluster member
+        that does not serve it answers 503 ``not_owner`` naming the member that does: that one is
+        asked in turn, once, even when the admin config does not list it."""
         out = []
         errors = []
-        for base in self.config.admin.brokers:
-            status, body, _ = await self.request(method, base.rstrip("/") + path, **kw)
-            standby = status == 503 and isinstance(body, dict) and body.get("error") == "not_owner"
-            if status == 404 or standby:
+        queue = [b.rstrip("/") for b in self.config.admin.brokers]
+        asked: set[str] = set()
+        while queue:
+            base = queue.pop(0)
+            if base in asked:
+                continue
+            asked.add(base)
+            status, body, _ = await self._once(method, base + path, "json", kw)
+            target = member_redirect(status, body)
+            if status == 404 or _standby(status, body):
                 errors.append(body)
+                if target is not None:
+                    queue.append(target)
                 continue
             if status >= 400:
                 raise refusal(base, status, body)
@@ -135,6 +163,17 @@ class AdminClient:
         if not out and errors:
             raise refusal(self.config.admin.brokers[0], 404, errors[0])
         return out
+
+
+def _standby(status: int, body: object) -> bool:
+    """A cluster member that does not serve the request (503 ``not_owner``)."""
+    return status == 503 and isinstance(body, dict) and body.get("error") == "not_owner"
+
+
+def _split(url: str) -> tuple[str, str]:
+    """``https://host:port`` and the path (``/v1/...``) of a broker request URL."""
+    base, sep, rest = url.partition("/v1/")
+    return base.rstrip("/"), sep + rest
 
 
 def _agent_error(sock: str, exc: BaseException) -> AdminError:

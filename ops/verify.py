@@ -114,8 +114,9 @@ async def _verify_image(
 ) -> dict[str, Any]:
     from common.blockhash import file_block_hashes  # noqa: PLC0415 - heavy only when used
 
-    (doc,) = (await client.broker_json("/v1/status"))[:1]
-    vms = [v for v in doc["vms"] if vm in (v["name"], v["uuid"])]
+    # Each member lists the VMs it serves: look in every answer.
+    docs = await client.broker_json("/v1/status")
+    vms = [v for doc in docs for v in doc["vms"] if vm in (v["name"], v["uuid"])]
     if not vms:
         raise AdminError(f"no VM {vm!r} on the brokers")
     disks = vms[0]["disks"]

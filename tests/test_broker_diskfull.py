@@ -158,6 +158,7 @@ def test_enospc_mid_journal_and_mid_apply(small_fs: Path) -> None:
         disk_size=src.disk_size,
         block_size=src.block_size,
         generation=1,
+        epoch=1,
     )
     engine = ReplicaEngine(store, replica, epoch=lambda: 1)
 

@@ -169,6 +169,7 @@ def test_copy_resumes_without_rewriting(tmp_path: Path) -> None:
         disk_size=src.disk_size,
         block_size=src.block_size,
         generation=1,
+        epoch=0,
     )
     first = copy_image(disk, replica)
     again = copy_image(disk, replica)

@@ -41,6 +41,7 @@ def enable(store: Store, src: FakeSource) -> Replica:
         disk_size=src.disk_size,
         block_size=src.block_size,
         generation=src.generation,
+        epoch=EPOCH,
     )
     return replica
 
@@ -111,6 +112,7 @@ def test_identity_conflict_names_both(tmp_path: Path) -> None:
             disk_size=src.disk_size,
             block_size=src.block_size,
             generation=1,
+            epoch=EPOCH,
         )
     assert "web1" in err.value.message
     assert "db1" in err.value.message

@@ -114,7 +114,10 @@ async def _freeze_scene(tmp_path: Path, *, fence: bool) -> tuple[list[dict[str, 
                     # The successor took that replica over only once b1's frozen write ended.
                     assert new.events("takeover_waiting_for_writer"), new.log
                     assert new.events("takeover_replica_loaded"), new.log
-                    _check_cluster_status(tmp_path, pki, urls, successor.node, successor.epoch)
+                    admin = _check_cluster_status(
+                        tmp_path, pki, urls, successor.node, successor.epoch
+                    )
+                    await _check_admin_follows(http, admin, urls[0], image)
             finally:
                 agent.kill9()
                 for m in members:
@@ -122,8 +125,9 @@ async def _freeze_scene(tmp_path: Path, *, fence: bool) -> tuple[list[dict[str, 
     return applied_log(replica_dir), first.epoch, frozen_ns
 
 
-def _check_cluster_status(tmp: Path, pki: Pki, urls: list[str], owner: str, epoch: int) -> None:
-    """`replikant cluster status --json` names the new owner, its epoch and three members."""
+def _check_cluster_status(tmp: Path, pki: Pki, urls: list[str], owner: str, epoch: int) -> Path:
+    """`replikant cluster status --json` names the new owner, its epoch and three members;
+    returns the admin config (its first broker is b1)."""
     admin = tmp / "admin.toml"
     tls = pki.admin.tls
     brokers = ", ".join(f'"{u}"' for u in urls)
@@ -137,6 +141,23 @@ def _check_cluster_status(tmp: Path, pki: Pki, urls: list[str], owner: str, epoc
     assert (c1["name"], c1["owner"], c1["epoch"]) == (CLUSTER, owner, epoch)
     assert [m["node"] for m in c1["members"]] == ["b1", "b2", "b3"]
     assert all(m["online"] and m["url"] in urls for m in c1["members"]), c1
+    return admin
+
+
+async def _check_admin_follows(
+    http: aiohttp.ClientSession, admin: Path, standby: str, image: Path
+) -> None:
+    """The first broker of the admin config, b1, is a standby now: asked directly it refuses
+    with 503 not_owner, yet `replikant verify` (which asks the first broker) finds the replica
+    by following the refusal to the member that serves the VM."""
+    async with http.get(f"{standby}/v1/vms/vm1/hashes") as resp:
+        body = await resp.json()
+    assert (resp.status, body["error"]) == (503, "not_owner"), body
+    assert body["details"]["owner_url"] != standby
+    cmd = ["--config", str(admin), "verify", "vm1", "--source-image", str(image), "--json"]
+    out = await asyncio.to_thread(run_tool, replikant_exe(), *cmd)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads(out.stdout)["result"] == "match"
 
 
 async def _applied_by(replica_dir: Path, epoch: int, seq: int) -> None:

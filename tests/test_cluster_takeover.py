@@ -20,10 +20,12 @@ import pytest
 
 from common.tls import client_context
 from common.tls.identities import Identity
+from common.topics import OwnerRecord
 from tests.fixtures_pki import make_pki
 from tests.support_agent import (
     DiskSpec,
     MiB,
+    ReplikantProc,
     VMSpec,
     agent_process,
     log_events,
@@ -32,6 +34,7 @@ from tests.support_agent import (
 from tests.support_cluster import (
     CLUSTER,
     Member,
+    OwnerWatch,
     applied_log,
     converge,
     make_members,
@@ -46,20 +49,68 @@ pytestmark = [pytest.mark.mosquitto, pytest.mark.slow, pytest.mark.timeout(300)]
 ROUNDS = 20
 SIZE = 32 * MiB
 TAKEOVER_LIMIT = 5.0
+# A frozen owner never answers: without dropping the upload, the agent would wait for the ack
+# timeout (300 s). Takeover (~2 s), the owner record, a retry and one upload fit well within.
+RESUME_LIMIT = 30.0
 
 
 def _by_node(members: list[Member], node: str) -> Member:
     return next(m for m in members if m.node == node)
 
 
+async def _mid_upload(
+    watch: OwnerWatch, members: list[Member], sock: Path, export: str, rng: random.Random
+) -> tuple[OwnerRecord, Member]:
+    """Write a burst and return (owner record, owner) once its batch is being uploaded."""
+    owner = watch.current()
+    assert owner is not None
+    await asyncio.to_thread(write_burst, sock, export, rng, 3, SIZE)
+    await asyncio.sleep(rng.uniform(0.3, 0.6))  # the cut, then mid-upload
+    return owner, _by_node(members, owner.node)
+
+
+async def _freeze_mid_upload(
+    watch: OwnerWatch,
+    members: list[Member],
+    agent: ReplikantProc,
+    sock: Path,
+    export: str,
+    rng: random.Random,
+) -> float:
+    """SIGSTOP the owner mid-upload and keep it frozen: the agent drops the upload when it learns
+    of the new owner and is acked there. Returns seconds from the freeze to that ack."""
+    owner, victim = await _mid_upload(watch, members, sock, export, rng)
+    mark = agent.log.stat().st_size
+    frozen = time.monotonic()
+    victim.signal(signal.SIGSTOP)
+    try:
+        _, new = await watch.new_owner(owner.epoch, 30)
+        assert new.node != victim.node
+        deadline = time.monotonic() + 120
+        while not log_events(agent.log, "batch_acked", mark):
+            assert time.monotonic() < deadline, f"agent did not resume: {agent.log}"
+            await asyncio.sleep(0.05)
+        resumed = time.monotonic() - frozen
+        dropped = log_events(agent.log, "batch_failed", mark)
+        assert any(e.get("code") == "owner_moved" for e in dropped), dropped
+    finally:
+        victim.signal(signal.SIGKILL)
+        victim.start()
+    await victim.wait_up()
+    return resumed
+
+
 async def test_kill9_of_the_owner_mid_upload_twenty_times(tmp_path: Path) -> None:
     """Twenty kill -9s of the owner mid-upload: a new owner within 5 s each time, the agent
-    resumes, every acked batch is applied exactly once and the replica equals the source."""
+    resumes, every acked batch is applied exactly once and the replica equals the source; then
+    a SIGSTOP mid-upload: the agent is acked by the new owner within 30 s, not the 300 s ack
+    timeout."""
     rng = random.Random(12)
     pki = make_pki(tmp_path / "pki")
     store = tmp_path / "store"
     mqtt_cert = pki.store.issue_broker(CLUSTER, "mqtt", dns=["localhost"], ips=["127.0.0.1"]).tls
     nodes = [Identity.broker(CLUSTER, f"b{i}") for i in (1, 2, 3)]
+    nodes.append(Identity.agent("h1"))  # the agent follows the owner record (agents/presence.py)
     image = make_image(tmp_path / "disk0.img", SIZE, fill=lambda i: rng.randbytes(MiB))
     vm = VMSpec("vm1", [DiskSpec("disk0", image)])
     replica_dir = store / str(vm.uuid) / "disk0"
@@ -76,6 +127,7 @@ async def test_kill9_of_the_owner_mid_upload_twenty_times(tmp_path: Path) -> Non
             vms=[vm],
             interval=0.25,
             policy_extra="bandwidth_limit_mbps = 40.0\n",
+            mqtt_url=f"mqtts://127.0.0.1:{mqtt_port}",
         )
         try:
             async with watch_owner(pki, mqtt_port) as watch:
@@ -89,11 +141,7 @@ async def test_kill9_of_the_owner_mid_upload_twenty_times(tmp_path: Path) -> Non
                 takeovers: list[float] = []
                 in_flight = 0
                 for _ in range(ROUNDS):
-                    owner = watch.current()
-                    assert owner is not None
-                    victim = _by_node(members, owner.node)
-                    await asyncio.to_thread(write_burst, sock, export, rng, 3, SIZE)
-                    await asyncio.sleep(rng.uniform(0.3, 0.6))  # the cut, then mid-upload
+                    owner, victim = await _mid_upload(watch, members, sock, export, rng)
                     killed_at = agent.log.stat().st_size
                     killed = time.monotonic()
                     victim.signal(signal.SIGKILL)
@@ -116,6 +164,7 @@ async def test_kill9_of_the_owner_mid_upload_twenty_times(tmp_path: Path) -> Non
                         for e in log_events(agent.log, "batch_failed", killed_at)
                     ):
                         in_flight += 1
+                resumed = await _freeze_mid_upload(watch, members, agent, sock, export, rng)
                 await converge(http, urls, path, replica_dir / "replica.img", image)
                 assert agent.stop() == 0
         finally:
@@ -124,7 +173,9 @@ async def test_kill9_of_the_owner_mid_upload_twenty_times(tmp_path: Path) -> Non
             for m in members:
                 m.stop()
     print(f"takeover seconds: {sorted(round(t, 2) for t in takeovers)}; in flight: {in_flight}")
+    print(f"acked {resumed:.2f} s after the owner froze")
     assert max(takeovers) <= TAKEOVER_LIMIT, takeovers
+    assert resumed <= RESUME_LIMIT, f"the agent waited {resumed:.1f} s on the frozen owner"
     assert in_flight >= ROUNDS // 2, f"only {in_flight} kills hit an upload in flight"
     applied = applied_log(replica_dir)
     seqs = [int(r["seq"]) for r in applied]
