@@ -115,8 +115,8 @@ def _state_fix(role: VMRole) -> str:
     vm, site = role.vm, role.site
     return {
         State.PRIMARY: (
-            f"it runs here: a failover runs at the site holding its REPLICA "
-            f"(`{CLI} planned {vm}` there)"
+            f"it already runs here: to move it, run `{CLI} planned {vm}` (the site holding "
+            f"its REPLICA takes it over)"
         ),
         State.REPLICA: f"run `{CLI} test {vm}` or `{CLI} unplanned {vm}` at site {site}",
         State.TEST: f"run `{CLI} stop-test {vm}` at site {site} first",
