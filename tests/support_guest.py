@@ -6,7 +6,9 @@ line says and reports on the serial console:
 
 - ``rk.op=write rk.off=N rk.len=N rk.seed=S``: write ``pattern(S, N)`` at byte N (4 KiB
   multiples), fsync, print ``RK-DONE``;
-- ``rk.op=read rk.off=N rk.len=N``: print ``RK-HASH <sha256 of the region>``;
+- ``rk.op=read rk.off=N rk.len=N``: print ``RK-HASH <sha256 of the region>``; with
+  ``rk.woff=N rk.wlen=N rk.wseed=S`` it then writes ``pattern(S, N)`` there and prints
+  ``RK-DONE`` (a guest that checks what it finds, then adds its own data);
 - ``rk.op=run rk.off=N rk.seed=S``: rewrite the region every ``rk.every`` seconds (``RK-TICK k``);
 - always: ``RK-NET`` lines (every interface and route the guest has), then, with
   ``rk.then=poweroff``, sync and power off; otherwise open the ACPI power button, print
@@ -22,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -47,7 +50,16 @@ mount -t devtmpfs dev /dev
 for m in /lib/rk/*.ko; do insmod "$m" 2>/dev/null; done
 arg() { for w in $(cat /proc/cmdline); do case "$w" in "$1="*) echo "${w#*=}";; esac; done; }
 say() { echo "$*" > /dev/ttyS0; }
-pattern() { yes "$1" | head -c "$2"; }
+pattern() {
+    case "$1" in
+    noise@*) dd if=/lib/rk/noise bs=4096 skip=$((${1#noise@}/4096)) count=$(($2/4096)) 2>/dev/null;;
+    *) yes "$1" | head -c "$2";;
+    esac
+}
+put() {
+    pattern "$3" "$2" | dd of=$disk bs=4096 seek=$(($1/4096)) conv=notrunc,fsync 2>/dev/null
+    sync; say "RK-DONE"
+}
 op=$(arg rk.op); off=$(arg rk.off); len=$(arg rk.len); seed=$(arg rk.seed)
 disk=/dev/nvme0n1
 i=0; while [ ! -b $disk ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
@@ -55,12 +67,11 @@ say "RK-BOOT $(cat /proc/uptime)"
 for l in $(ip -o link | awk -F': ' '{print $2}'); do say "RK-NET link $l"; done
 ip route | while read r; do say "RK-NET route $r"; done
 case "$op" in
-write)
-    pattern "$seed" "$len" | dd of=$disk bs=4096 seek=$((off/4096)) conv=notrunc,fsync 2>/dev/null
-    sync; say "RK-DONE";;
+write) put "$off" "$len" "$seed";;
 read)
     h=$(dd if=$disk bs=4096 skip=$((off/4096)) count=$((len/4096)) 2>/dev/null | sha256sum)
-    say "RK-HASH ${h%% *}";;
+    say "RK-HASH ${h%% *}"
+    woff=$(arg rk.woff); [ -n "$woff" ] && put "$woff" "$(arg rk.wlen)" "$(arg rk.wseed)";;
 run)
     every=$(arg rk.every); k=0
     ( while true; do k=$((k+1))
@@ -78,8 +89,19 @@ say "RK-BYE"; sync; poweroff -f
 """
 
 
+NOISE = random.Random(13).randbytes(1 << 20)
+"""Incompressible bytes in the initramfs (``/lib/rk/noise``): a seed ``noise@N`` writes them from
+byte N, so a test that counts bytes on the wire is not fooled by compression."""
+
+
 def pattern(seed: str, length: int) -> bytes:
-    """The bytes the guest writes for ``seed`` (what ``yes SEED | head -c LENGTH`` prints)."""
+    """The bytes the guest writes for ``seed``: ``NOISE[N:N+LENGTH]`` for ``noise@N`` (N and
+    LENGTH 4 KiB multiples), else what ``yes SEED | head -c LENGTH`` prints."""
+    if seed.startswith("noise@"):
+        start = int(seed.removeprefix("noise@"))
+        assert start % BLOCK == 0, seed
+        assert start + length <= len(NOISE), (seed, length)
+        return NOISE[start : start + length]
     line = (seed + "\n").encode()
     return (line * (length // len(line) + 1))[:length]
 
@@ -174,6 +196,7 @@ def build_initrd(kernel_dir: Path, out: Path) -> Path:
     entries.append(_cpio_entry("bin/busybox", 0o100755, BUSYBOX.read_bytes()))
     for mod in sorted((kernel_dir / "modules").iterdir()):
         entries.append(_cpio_entry(f"lib/rk/{mod.name}", 0o100644, mod.read_bytes()))
+    entries.append(_cpio_entry("lib/rk/noise", 0o100644, NOISE))
     entries.append(_cpio_entry("init", 0o100755, INIT.encode()))
     entries.append(_cpio_entry("TRAILER!!!", 0))
     tmp = out.with_suffix(".tmp")
