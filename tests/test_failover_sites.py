@@ -268,6 +268,14 @@ def test_unplanned_failover_fences_the_old_site_and_reverse_ships_only_differenc
     # The loser may arrive after the winner's agent already serves the VM: PRIMARY there.
     named = ("FAILED-OVER", "in progress", "already", "is PRIMARY at site recovery")
     assert any(n in loser[2] for n in named), loser
+    # Once the winner is done, a failover (or a test copy) of the VM that is no longer a replica
+    # here is refused naming its state and the commands that end it.
+    for again in (("unplanned", "demo1"), ("test", "demo1")):
+        refused = _cli(lab, "failover", *again)
+        assert refused.returncode == 1, refused
+        said = refused.stdout + refused.stderr
+        assert "is FAILED-OVER at site recovery" in said, said
+        assert "failover commit demo1" in said, said
 
     _write_ok(d0["nbd_uris"]["recovery"], 3 << 20, os.urandom(3 * BLOCK), tmp_path)
     # The old site comes back with a guest configured for the VM: its start must be refused.
