@@ -25,6 +25,7 @@ from broker.api import SERVICE_KEY, Ingest
 from broker.authz import authorise_agent, check_source, identity_of
 from broker.errors import BadRequest, BrokerError, NotAuthorised
 from broker.httperrors import model_body
+from broker.store import Replica
 from broker.unchanged import Unchanged
 from broker.undo import StateInfo
 from common.config import NAME_PATTERN
@@ -95,10 +96,14 @@ async def agent_current(request: web.Request) -> web.Response:
             fix="send one statement per VM (docs/protocol/http.md)",
             details={"field": "vms", "rule": "each vm_uuid once"},
         )
+    # One pass over the store, not one per VM: the request names every VM of the agent.
+    bound: dict[str, list[Replica]] = {}
+    for replica in service.store.replicas():
+        bound.setdefault(replica.meta.vm_uuid, []).append(replica)
     answers: dict[str, dict[str, Any]] = {}
     for vm_uuid, statement in zip(vms, body.vms, strict=True):
         try:
-            _authorise(service, ident, vm_uuid)
+            _authorise(service, ident, vm_uuid, bound.get(vm_uuid, []))
             answers[vm_uuid] = {"disks": _take(service, ident, vm_uuid, statement)}
         except BrokerError as exc:
             _log.warning("current_statement_refused", vm_uuid=vm_uuid, error=exc.code)
@@ -121,7 +126,8 @@ async def vm_current(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     ident = identity_of(request)
     vm_uuid = names.vm_uuid(request.match_info["vm_uuid"])
-    _authorise(service, ident, vm_uuid)  # before the body: another host learns nothing from it
+    # before the body: another host learns nothing from it
+    _authorise(service, ident, vm_uuid, service.store.vm_disks(vm_uuid))
     what = f"current-statement body for vm {vm_uuid} is invalid"
     body = await model_body(request, CurrentRequest, what)
     taken = _take(service, ident, vm_uuid, body)
@@ -129,11 +135,12 @@ async def vm_current(request: web.Request) -> web.Response:
     return web.json_response({"disks": taken})
 
 
-def _authorise(service: Ingest, ident: Identity, vm_uuid: str) -> None:
-    """The caller is an agent allowed for the VM and the source of each of its replicas."""
+def _authorise(service: Ingest, ident: Identity, vm_uuid: str, disks: list[Replica]) -> None:
+    """The caller is an agent allowed for the VM and the source of each of its replicas
+    (``disks``: every replica of the VM in the store)."""
     authorise_agent(service.config, ident, vm_uuid)
-    for bound in service.store.vm_disks(vm_uuid):
-        check_source(bound, ident)
+    for replica in disks:
+        check_source(replica, ident)
 
 
 def _take(service: Ingest, ident: Identity, vm_uuid: str, body: CurrentRequest) -> dict[str, bool]:
