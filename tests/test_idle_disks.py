@@ -150,8 +150,9 @@ async def test_idle_disk_ships_nothing_and_points_keep_coming(tmp_path: Path) ->
         stop.set()
         await writing
         writing = None
-        # A point at least every half second (cuts every 0.25 s), with the idle disk in each.
-        assert all(b > a for a, b in itertools.pairwise(newest)), newest
+        # Points keep coming (cuts every 0.25 s), with the idle disk in each. Not per poll: on
+        # a loaded machine one apply may take longer than the half second between two polls.
+        assert all(b >= a for a, b in itertools.pairwise(newest)), newest
         assert newest[-1] - newest[0] >= 8, newest
         assert max(lags) < 1.0, lags
         assert [_applied_lines(log) for log in idle_logs] == idle_batches, "idle disks shipped"
