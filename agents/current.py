@@ -32,6 +32,8 @@ WINDOW = 0.01
 within a few milliseconds of each other, and a statement's delay costs nothing but this."""
 MAX_VMS = 1024  # broker.current.MAX_VMS: a larger tick goes in several requests
 
+_Pending = tuple[str, dict[str, Any], asyncio.Future[dict[str, bool] | None]]  # VM, body, answer
+
 
 class StatementBatches:
     """The statements of one broker client's VMs, gathered into ``POST /v1/current`` requests."""
@@ -39,7 +41,7 @@ class StatementBatches:
     def __init__(self, client: BrokerClient) -> None:
         self.client = client
         self.supported = True  # until the broker answers 404/405: then per VM, as before
-        self._pending: list[tuple[str, dict[str, Any], asyncio.Future[dict[str, bool] | None]]] = []
+        self._pending: list[_Pending] = []
         self._timer: asyncio.TimerHandle | None = None
         self._sending: set[asyncio.Task[None]] = set()
 
@@ -59,27 +61,27 @@ class StatementBatches:
 
     def _flush(self) -> None:
         self._timer = None
-        pending, self._pending = self._pending, []
+        # A VM whose cycle was cancelled meanwhile (the agent stopping) has nothing to say.
+        pending = [p for p in self._pending if not p[2].done()]
+        self._pending = []
         for i in range(0, len(pending), MAX_VMS):
             task = asyncio.create_task(self._send(pending[i : i + MAX_VMS]))
             self._sending.add(task)  # the loop keeps only a weak reference to a task
             task.add_done_callback(self._sending.discard)
 
-    async def _send(
-        self, batch: list[tuple[str, dict[str, Any], asyncio.Future[dict[str, bool] | None]]]
-    ) -> None:
+    async def _send(self, batch: list[_Pending]) -> None:
         try:
             answers = await self.client.current_all([{"vm_uuid": vm, **b} for vm, b, _ in batch])
         except ShipError as exc:
-            if exc.status in (404, 405):
-                log.info("agent_current_unsupported", error=exc.message)
-                self.supported = False
-                answers = {}
-            else:
-                for _vm, _b, answer in batch:
-                    if not answer.done():
-                        answer.set_exception(exc)
+            if exc.status not in (404, 405):
+                _fail(batch, exc)  # each VM handles it as the failure of its own request
                 return
+            log.info("agent_current_unsupported", error=exc.message)
+            self.supported = False
+            answers = {}
+        except BaseException as exc:
+            _fail(batch, exc)  # a bug, or the loop stopping: no VM may wait forever
+            raise
         for vm, _b, answer in batch:
             mine = answers.get(vm)
             disks = mine.get("disks") if isinstance(mine, dict) else None
@@ -91,6 +93,19 @@ class StatementBatches:
                     if isinstance(disks, dict)
                     else None
                 )
+
+
+def _fail(
+    batch: list[_Pending],
+    exc: BaseException,
+) -> None:
+    for _vm, _b, answer in batch:
+        if answer.done():
+            continue
+        if isinstance(exc, Exception):
+            answer.set_exception(exc)
+        else:
+            answer.cancel()
 
 
 _BATCHES: weakref.WeakKeyDictionary[BrokerClient, StatementBatches] = weakref.WeakKeyDictionary()
