@@ -16,6 +16,7 @@ from aiohttp import web
 from agents.current import batches_of
 from agents.errors import ShipError
 from agents.ship import BrokerClient
+from agents.worker import next_due
 from broker.api import SERVICE_KEY
 from broker.current import vm_current
 from broker.httperrors import errors_middleware
@@ -118,3 +119,20 @@ async def test_a_broker_without_the_shared_endpoint_gets_per_vm_statements(
     current = broker.engine_for(replica).current
     assert current is not None
     assert current.cut_id == 8
+
+
+@pytest.mark.parametrize(
+    ("started", "interval", "due"),
+    [
+        (12.3, 1.0, 13.0),
+        (12.999, 1.0, 13.0),
+        (13.0, 1.0, 14.0),
+        (7.01, 0.25, 7.25),
+        (0.1, 5.0, 5.0),
+    ],
+)
+def test_idle_vms_share_the_next_tick(started: float, interval: float, due: float) -> None:
+    """An idle VM's next cut is the next multiple of its interval: after ``started``, never later
+    than a plain interval, and the same instant for every VM whose cycle began in that interval."""
+    assert next_due(started, interval) == pytest.approx(due)
+    assert started < next_due(started, interval) <= started + interval
