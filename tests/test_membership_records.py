@@ -4,7 +4,6 @@ whose lag alone moves with every cut, costs the control plane nothing in a stead
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +11,10 @@ from pathlib import Path
 from broker.membership import Membership
 from common import topics
 from common.mqtt import MQTTLink
-from common.mqttbroker import serve_embedded
 from common.tls import client_context
 from common.topics import Health
 from tests.fixtures_pki import make_pki
-from tests.support_mqtt import free_port, read_retained
+from tests.support_mqtt import embedded, read_retained, running
 
 
 @dataclass
@@ -31,13 +29,7 @@ async def test_a_record_whose_lag_alone_moved_is_not_published_again(tmp_path: P
     VM's record; a pass where only lag_seconds moved publishes none; a health change and a new
     point each publish that VM's record again, carrying the lag of that moment."""
     pki = make_pki(tmp_path / "pki")
-    port = free_port()
-    ready = asyncio.Event()
     cert = pki.store.issue_broker("c1", "mqtt", dns=["localhost"], ips=["127.0.0.1"]).tls
-    server = asyncio.create_task(serve_embedded("127.0.0.1", port, cert, ready))
-    link = MQTTLink(
-        f"mqtts://127.0.0.1:{port}", client_id="b1", tls_context=client_context(pki.broker.tls)
-    )
     vms = [uuid.uuid4(), uuid.uuid4()]
     state = {vm: _VM() for vm in vms}
 
@@ -58,36 +50,27 @@ async def test_a_record_whose_lag_alone_moved_is_not_published_again(tmp_path: P
             for i, (vm, s) in enumerate(state.items())
         ]
 
-    membership = Membership(
-        link, node="b1", cluster="c1", site="recovery", url="https://b1:8443",
-        epoch=lambda: 1, snapshot=snapshot,
-    )  # fmt: skip
-    task = None
-    try:
-        async with asyncio.timeout(10):
-            await ready.wait()
-        task = asyncio.create_task(link.run())
-        async with asyncio.timeout(10):
-            await link.wait_connected()
-        assert await membership.publish_once() == 2
-        for s in state.values():
-            s.lag = 0.9
-        assert await membership.publish_once() == 0
-        state[vms[0]].health, state[vms[0]].lag = "warning", 75.0
-        state[vms[1]].point = "1:8"
-        assert await membership.publish_once() == 2
-        assert await membership.publish_once() == 0
-        admin = client_context(pki.admin.tls)
-        for vm, lag in ((vms[0], 75.0), (vms[1], 0.9)):
-            async with asyncio.timeout(10):
-                while (
-                    raw := await read_retained(port, topics.vm_site(vm, "recovery"), admin)
-                ) is None:
-                    pass
-            assert topics.VMSiteRecord.model_validate_json(raw).lag_seconds == lag
-    finally:
-        for t in (task, server):
-            if t is not None:
-                t.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
+    async with embedded(cert) as port:
+        link = MQTTLink(
+            f"mqtts://127.0.0.1:{port}", client_id="b1", tls_context=client_context(pki.broker.tls)
+        )
+        membership = Membership(
+            link, node="b1", cluster="c1", site="recovery", url="https://b1:8443",
+            epoch=lambda: 1, snapshot=snapshot,
+        )  # fmt: skip
+        async with running(link):
+            assert await membership.publish_once() == 2
+            for s in state.values():
+                s.lag = 0.9
+            assert await membership.publish_once() == 0
+            state[vms[0]].health, state[vms[0]].lag = "warning", 75.0
+            state[vms[1]].point = "1:8"
+            assert await membership.publish_once() == 2
+            assert await membership.publish_once() == 0
+            admin = client_context(pki.admin.tls)
+            for vm, lag in ((vms[0], 75.0), (vms[1], 0.9)):
+                topic = topics.vm_site(vm, "recovery")
+                async with asyncio.timeout(10):
+                    while (raw := await read_retained(port, topic, admin)) is None:
+                        pass
+                assert topics.VMSiteRecord.model_validate_json(raw).lag_seconds == lag
