@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from broker import names
 from broker.api import SERVICE_KEY, Ingest
-from broker.authz import authorise_agent, check_source, identity_of
-from broker.errors import BadRequest, BrokerError, NotAuthorised
+from broker.authz import authorise_agent, check_source, identity_of, require_agent
+from broker.errors import BadRequest, BrokerError
 from broker.httperrors import model_body
 from broker.store import Replica
 from broker.unchanged import Unchanged
@@ -82,12 +82,7 @@ async def agent_current(request: web.Request) -> web.Response:
     """
     service = request.app[SERVICE_KEY]
     ident = identity_of(request)
-    if ident.role != "agent":
-        raise NotAuthorised(
-            f"{ident} may not state disks current: only agents replicate",
-            fix="only agents send current statements; admins use the admin endpoints",
-            details={"identity": ident.uri, "rule": "role agent"},
-        )
+    require_agent(ident)  # before the body
     body = await model_body(request, AgentCurrentRequest, "current-statements body")
     vms = [names.vm_uuid(s.vm_uuid, f"vms.{i}.vm_uuid") for i, s in enumerate(body.vms)]
     if len(set(vms)) != len(vms):
