@@ -507,6 +507,18 @@ class BrokerClient:
             raise ShipError(f"the broker's answer to a current statement is malformed: {data!r}")
         return {str(k): v is True for k, v in disks.items()}
 
+    async def current_all(self, statements: list[dict[str, Any]]) -> dict[str, Any]:
+        """``POST /v1/current``: many VMs' statements at once; each VM's answer by its UUID."""
+        data, _ = await self._request("POST", "/v1/current", json={"vms": statements})
+        vms = data.get("vms") if isinstance(data, dict) else None
+        if not isinstance(vms, dict):
+            raise ShipError(f"the broker's answer to current statements is malformed: {data!r}")
+        return vms
+
+    def routed(self, vm_uuid: UUID) -> bool:
+        """Whether another cluster member than :attr:`url` serves ``vm_uuid`` (decision 032)."""
+        return self._by_vm.get(str(vm_uuid), self.url) != self.url
+
     async def hashes(
         self, vm_uuid: UUID, disk_id: str, block_size: int, offset: int, length: int
     ) -> tuple[bytes, int]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class VMWorker:
     backoff: Backoff = field(default_factory=lambda: Backoff(base=0.5, cap=30.0))
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one cycle (or verify) at a time
     current: CurrentStatements | None = None  # idle disks' statements (made on first use)
+    idle: bool = False  # the last cycle shipped no batch: the next one cuts on the shared tick
 
     async def run(self, stop: asyncio.Event) -> None:
         """Cycle until ``stop`` is set; failures back off, the dirty map keeps collecting.
@@ -91,7 +93,10 @@ class VMWorker:
             if ok:
                 self.backoff.reset()
                 backlog = any(r.backlog for r in ready)
-                due = time.monotonic() if backlog else started + interval
+                if backlog:
+                    due = time.monotonic()
+                else:
+                    due = next_due(started, interval) if self.idle else started + interval
             else:
                 due = time.monotonic() + self.backoff.next_delay()
 
@@ -116,6 +121,7 @@ class VMWorker:
         # An application-consistent cut ships every disk, so that each carries the flag.
         idle, skip = ([], False) if frozen else self.current.plan(ready)
         cuts = [(r, r.begin_cut(cut_time, cut_id)) for r in ready if not (skip and r in idle)]
+        self.idle = not cuts
         if frozen:
             await self.hooks.thaw()
         consistency = Consistency.APP if frozen else Consistency.CRASH
@@ -188,6 +194,17 @@ class VMWorker:
             finally:
                 for rep, snap in zip(self.replicators, snaps, strict=True):
                     rep.export.end_snapshot(snap)
+
+
+def next_due(started: float, interval: float) -> float:
+    """The shared tick after a cycle that began at ``started``: the next multiple of
+    ``interval`` on the monotonic clock, never later than ``started + interval``.
+
+    Every idle VM of the agent with this interval cuts at the same instant, so their statements
+    share one request (:class:`agents.current.StatementBatches`) instead of one each, spread
+    over the second.
+    """
+    return math.floor((started + interval) / interval) * interval
 
 
 async def snapshot_hashes(snap: Cut, block_size: int) -> bytes:

@@ -1,14 +1,15 @@
 """One agent protecting 100 small sparse disks at 1 s cycles: idle cost, then lag under load.
 
-    .venv/bin/python bench/scale.py [--quick] [--disks 100] [--disk-mib 64] [--idle 60]
-                                     [--seconds 60] [--rate 1m] [--dir DIR] [--keep]
+    .venv/bin/python bench/scale.py [--quick] [--idle-only] [--disks 100] [--disk-mib 64]
+                                     [--idle 60] [--seconds 60] [--rate 1m] [--dir DIR] [--keep]
 
 A real `replikant broker run` and `replikant agent run` (mTLS, policy interval 1 s) protect
 ``--disks`` sparse images, each in a VM of its own. Once every disk has finished its initial
 sync (and a few cycles passed), the bench measures:
 
 - idle: CPU seconds of the agent and the broker together per second over ``--idle`` seconds,
-  as a percentage of one core (target < 5 %);
+  as a percentage of one core (target < 5 %), and each process's share; ``--idle-only`` stops
+  here (the idle figure alone, for before/after comparisons of the idle cost);
 - load: one fio process, one job per disk, 4 KiB random writes at ``--rate`` per second each
   (queue depth 1, random buffers), for ``--seconds``; then per disk the write-to-replica bound
   ``applied[k] - cut[k-1]`` over the cycles that carried load (as ``broker_lag.py`` defines it),
@@ -129,10 +130,21 @@ def run(args: argparse.Namespace) -> None:
         time.sleep(5)  # past the syncs' last batches
         assert broker.proc is not None
         pids = (agent.pid, broker.proc.pid)
-        cpu0, t0 = sum(map(proc_cpu, pids)), time.monotonic()
+        print(f"  idle phase: agent pid {pids[0]}, broker pid {pids[1]}", flush=True)
+        cpu0, t0 = [proc_cpu(p) for p in pids], time.monotonic()
         time.sleep(args.idle)
-        idle = (sum(map(proc_cpu, pids)) - cpu0) / (time.monotonic() - t0) * 100
-        print(f"  idle: agent + broker {idle:.2f} % of one core", flush=True)
+        shares = [
+            (proc_cpu(p) - c) / (time.monotonic() - t0) * 100
+            for p, c in zip(pids, cpu0, strict=True)
+        ]
+        idle = sum(shares)
+        print(
+            f"  idle: agent + broker {idle:.2f} % of one core "
+            f"(agent {shares[0]:.2f} %, broker {shares[1]:.2f} %)",
+            flush=True,
+        )
+        if args.idle_only:
+            return
         uris = [agent.nbd_uri(d) for d in disks]
         cpu0 = sum(map(proc_cpu, pids))
         start_ns = time.time_ns()
@@ -212,6 +224,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="seconds of load")
     parser.add_argument("--rate", default="1m", help="fio --rate per disk")
     parser.add_argument("--quick", action="store_true", help="20 s idle, 20 s load")
+    parser.add_argument(
+        "--idle-only", action="store_true", help="measure the idle phase only, then stop"
+    )
     add_workdir_arguments(parser, "scale")
     args = parser.parse_args()
     if args.quick:

@@ -16,7 +16,7 @@ from broker.adminroutes import (
 )
 from broker.api import SERVICE_KEY, Admin
 from broker.authz import no_browser_writes
-from broker.current import vm_current
+from broker.current import agent_current, vm_current
 from broker.handoverroutes import adopt_vm, promote_vm, settle_vm
 from broker.httperrors import errors_middleware
 from broker.ingest import enable_replica, replica_hashes, replica_state, upload_batch
@@ -39,6 +39,7 @@ def build_app(service: Admin) -> web.Application:
             web.post("/v1/replicas/{vm_uuid}/{disk_id}/batches", upload_batch),
             web.get("/v1/replicas/{vm_uuid}/{disk_id}/hashes", replica_hashes),
             web.post("/v1/replicas/{vm_uuid}/current", vm_current),
+            web.post("/v1/current", agent_current),
             web.get("/v1/status", status),
             web.get("/v1/vms/{vm}/points", vm_points),
             web.get("/v1/vms/{vm}/hashes", vm_hashes),

@@ -45,18 +45,23 @@ def require_admin(request: web.Request) -> Identity:
     return ident
 
 
-def authorise_agent(cfg: BrokerConfig, ident: Identity, vm_uuid: str) -> None:
-    """Replication endpoints: an agent allowed for this VM by the broker's configuration.
-
-    The most specific rule wins: a ``[[vms]]`` entry with ``allowed_agents`` for this VM, else
-    ``[authorization]`` (``mode = "any"``: every agent of our CA; ``"listed"``: ``agents``).
-    """
+def require_agent(ident: Identity) -> None:
+    """Replication endpoints: only ``replikant://agent/...`` certificates."""
     if ident.role != "agent":
         raise NotAuthorised(
             f"{ident} may not replicate: replication endpoints need an agent certificate",
             fix="only agents upload batches; admins use the admin endpoints",
             details={"identity": ident.uri, "rule": "role agent"},
         )
+
+
+def authorise_agent(cfg: BrokerConfig, ident: Identity, vm_uuid: str) -> None:
+    """Replication endpoints: an agent allowed for this VM by the broker's configuration.
+
+    The most specific rule wins: a ``[[vms]]`` entry with ``allowed_agents`` for this VM, else
+    ``[authorization]`` (``mode = "any"``: every agent of our CA; ``"listed"``: ``agents``).
+    """
+    require_agent(ident)
     for vm in cfg.vms:
         if str(vm.uuid) == vm_uuid and vm.allowed_agents:
             if ident.name not in vm.allowed_agents:

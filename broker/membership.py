@@ -85,9 +85,12 @@ class Membership:
         changed = 0
         for vm_uuid, site, record in self._snapshot():
             topic = topics.vm_site(vm_uuid, site)
-            if self._published.get(topic) != record:
+            # The lag alone moves with every cut: re-published only with another change (health
+            # turns warning once the lag passes the RPO), an idle VM's record stays put.
+            material = record.model_copy(update={"lag_seconds": None})
+            if self._published.get(topic) != material:
                 await self.link.publish_retained(topic, record)
-                self._published[topic] = record
+                self._published[topic] = material
                 changed += 1
         return changed
 
