@@ -134,7 +134,7 @@ class BigExtents:
         if level != self.level:
             _log.debug(
                 "compression_level_changed",
-                level=level,
+                zstd_level=level,
                 was=self.level,
                 waited=round(waited, 3),
                 host_idle=round(idle_share, 3),
