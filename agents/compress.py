@@ -123,10 +123,11 @@ class BigExtents:
 
     def _retune(self) -> None:
         """A new level from what the last :data:`RETUNE_SECONDS` showed (module docstring)."""
-        now, idle, total = time.monotonic(), *_host_cpu()
+        now = time.monotonic()
         then, idle0, total0 = self._mark
         if now - then < RETUNE_SECONDS:
             return
+        idle, total = _host_cpu()
         self._mark = (now, idle, total)
         waited, self._waited = self._waited / (now - then), 0.0
         idle_share = (idle - idle0) / max(1, total - total0)
