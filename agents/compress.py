@@ -39,7 +39,9 @@ ADAPT_MAX: Final = 3
 """The highest level adapting goes to: zstd 3 still compresses ~400 MiB/s a core, enough to
 fill a 1 Gbit/s link from one worker; higher levels cost several times the CPU for a few
 percent fewer bytes on this kind of content."""
-IDLE_UP: Final = 0.3
+IDLE_UP: Final = 0.4
+"""Host CPU idle share from which bytes cost more than CPU: a copy between two processes on
+one 2-core host (the loopback bench) idles ~35 % and stays put; one over a link idles ~60 %."""
 IDLE_DOWN: Final = 0.1
 WAIT_DOWN: Final = 0.05
 """Share of the window the loop may wait on workers before that counts as compression-bound."""

@@ -146,6 +146,7 @@ async def test_data_changed_after_its_read_is_refused() -> None:
         (-1, 0.0, 0.05, -2),  # host CPUs busy: one down
         (-3, 0.2, 0.05, -3),  # never below the configured level
         (1, 0.0, 0.2, 1),  # in between: stay
+        (-3, 0.0, 0.35, -3),  # a CPU-bound copy on one host idles about this much: stay
     ],
 )
 def test_level_follows_the_bottleneck(
