@@ -28,7 +28,9 @@ unallocated regions) is copied:
 (``--link-rate``): two network namespaces the bench creates, joined by a veth pair shaped with
 tbf on both ends (bench/shaped_link.py; needs root). The agent and the source `qemu-nbd` (and
 nbdcopy) live in one, the broker and the target `qemu-nbd` in the other; bytes on the wire are
-the veth's counters (frames, both directions). The namespaces go away at the end.
+the veth's counters (frames, both directions). The namespaces go away at the end. Each agent
+run over the link also prints both processes' CPU seconds, when the data flowed and how much of
+the run the link sat below half its rate; ``--profile`` works there too.
 
 Targets: on loopback, time ≤ 1.2× nbdcopy's and bytes ≤ 0.5× nbdcopy's; over the 1 Gbit/s
 link, time ≤ 0.6× nbdcopy's over the same link.
