@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from agents import compress
 from agents.compress import ADAPT_MAX, BigExtents, next_level
 from agents.disk import TrackedExport
 from agents.ship import BatchStats, batch_body, make_header
@@ -155,3 +156,44 @@ def test_level_follows_the_bottleneck(
     """The level goes up while the host's CPUs idle and the workers keep up, and down when the
     loop waits on them or the CPUs are busy, between the configured floor (-3) and ADAPT_MAX."""
     assert next_level(level, -3, waited=waited, idle=idle) == expected
+
+
+async def test_level_rises_on_an_idle_host_and_carries_to_the_next_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the host idles the level climbs to ADAPT_MAX extent after extent, the next batch
+    starts there, and a busy host brings it back to the floor; every frame still decodes."""
+    # A mock of /proc/stat: a test cannot make a shared CI host idle or busy at will.
+    jiffies = {"idle": 0, "total": 0, "idle_share": 1.0}
+
+    def host_cpu() -> tuple[int, int]:
+        jiffies["total"] += 100
+        jiffies["idle"] += int(100 * jiffies["idle_share"])
+        return jiffies["idle"], jiffies["total"]
+
+    monkeypatch.setattr(compress, "_host_cpu", host_cpu)
+    monkeypatch.setattr(compress, "RETUNE_SECONDS", 0.0)
+    # One worker, and each take follows its submit at once: the loop always waits a little.
+    # The wait rule has its own cases above; here only the host decides.
+    monkeypatch.setattr(compress, "WAIT_DOWN", 1.0)
+    monkeypatch.setattr(compress, "_adapted", {})
+    data = b"".join(b"record %d of a compressible extent\n" % i for i in range(40000))[:MiB]
+
+    async def batch() -> list[int]:
+        encoder = BatchEncoder(_header(4, 4 * MiB, 8 * MiB), level=-3)
+        big = BigExtents(encoder, -3, adapt=True, workers=1)
+        levels, parts = [big.level], [encoder.header_bytes()]
+        for i in range(4):
+            for record in await big.submit(i * 2 * MiB, data, xxh64_of(data)):
+                parts.extend(record)
+                levels.append(big.level)
+        for record in await big.drain():
+            parts.extend(record)
+            levels.append(big.level)
+        parts.append(encoder.end())
+        assert all(e.data == data for e in decode_batch(b"".join(parts))[1])
+        return levels
+
+    assert await batch() == [-3, -1, 1, ADAPT_MAX, ADAPT_MAX]
+    jiffies["idle_share"] = 0.0
+    assert await batch() == [ADAPT_MAX, 2, 1, -1, -2]
