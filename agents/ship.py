@@ -25,6 +25,7 @@ from uuid import UUID
 
 import aiohttp
 
+from agents.compress import BigExtents
 from agents.cut import Cut
 from agents.dirtymap import DATA, ZERO
 from agents.errors import FencedError, ShipError
@@ -565,7 +566,7 @@ async def batch_body(
     pending: list[bytes | memoryview] = [encoder.header_bytes()]
     size = len(pending[0])
     compress = header.compression is Compression.ZSTD
-    inflight: asyncio.Task[tuple[bytes, bytes | memoryview]] | None = None
+    big = BigExtents(encoder, level, adapt=header.full)
     since_turn = 0  # read work since the NBD clients last had a turn (bytes; extents weigh 4 KiB)
 
     def add(parts: tuple[bytes | memoryview, ...]) -> bytes | None:
@@ -600,13 +601,11 @@ async def batch_body(
             stats.extents += 1
             stats.data_bytes += ext.length
             records: list[tuple[bytes | memoryview, ...]] = []
-            if inflight is not None:
-                records.append(await inflight)
-                inflight = None
-            if data is not None and compress and ext.length >= _THREAD_MIN:
-                inflight = asyncio.create_task(
-                    asyncio.to_thread(encoder.data_parts, ext.offset, data, checksum=checksum)
-                )
+            threaded = data is not None and compress and ext.length >= _THREAD_MIN
+            if not threaded:
+                records.extend(await big.drain())  # records stay in extent order
+            if threaded and data is not None:
+                records.extend(await big.submit(ext.offset, data, checksum))
             elif data is not None:
                 records.append(encoder.data_parts(ext.offset, data, checksum=checksum))
             elif ext.kind in (DATA, ZERO):  # DATA that read as zeroes travels as a ZERO extent
@@ -625,13 +624,10 @@ async def batch_body(
                 # Give the NBD clients a turn even when nothing is sent yet.
                 since_turn = 0
                 await asyncio.sleep(0)
-        if inflight is not None:
-            pending.extend(await inflight)  # goes out with the trailer below
-            inflight = None
+        for record in await big.drain():
+            pending.extend(record)  # goes out with the trailer below
     finally:
-        if inflight is not None:
-            # Abandoned mid-compression: the worker thread runs to its end, unread.
-            inflight.cancel()
+        big.cancel()  # abandoned mid-compression: the workers run to their end, unread
     pending.append(encoder.end())
     out = b"".join(pending)
     stats.wire_bytes += len(out)

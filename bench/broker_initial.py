@@ -28,7 +28,9 @@ unallocated regions) is copied:
 (``--link-rate``): two network namespaces the bench creates, joined by a veth pair shaped with
 tbf on both ends (bench/shaped_link.py; needs root). The agent and the source `qemu-nbd` (and
 nbdcopy) live in one, the broker and the target `qemu-nbd` in the other; bytes on the wire are
-the veth's counters (frames, both directions). The namespaces go away at the end.
+the veth's counters (frames, both directions). The namespaces go away at the end. Each agent
+run over the link also prints both processes' CPU seconds, when the data flowed and how much of
+the run the link sat below half its rate; ``--profile`` works there too.
 
 Targets: on loopback, time ≤ 1.2× nbdcopy's and bytes ≤ 0.5× nbdcopy's; over the 1 Gbit/s
 link, time ≤ 0.6× nbdcopy's over the same link.
@@ -40,6 +42,7 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import itertools
 import os
 import random
 import resource
@@ -350,13 +353,7 @@ def run_agent(
         assert broker.proc is not None
         cpu0 = (proc_cpu(broker.proc.pid), _self_cpu())
         agent.start()
-        if profile is not None:
-            profile.mkdir(parents=True, exist_ok=True)
-            stamp = time.strftime("%H%M%S")
-            spies = [
-                spy(agent.pid, profile / f"agent-{stamp}.txt"),
-                spy(broker.proc.pid, profile / f"broker-{stamp}.txt"),
-            ]
+        spies = _spies(profile, agent.pid, broker.proc.pid)
         wait_until(
             "the initial sync", lambda: broker.synced(disk.vm_uuid, disk.disk_id), 3600, 0.05
         )
@@ -488,11 +485,20 @@ def nbdcopy_link(
     return Run(seconds, wire, 0.0, dst_img)
 
 
-def agent_link(link: ShapedLink, src_img: Path, size: int, work: Path, hashes: bytes) -> Run:
+def agent_link(
+    link: ShapedLink,
+    src_img: Path,
+    size: int,
+    work: Path,
+    hashes: bytes,
+    profile: Path | None = None,
+) -> Run:
     """The agent in the source namespace ships to the broker in the target's, across the link;
     timed from the agent's exec until a non-FULL batch (the one that completes the sync, after
     every FULL one) is in the replica's applied.log (the bench cannot reach the broker's HTTPS
-    from outside its namespace; the file says the same)."""
+    from outside its namespace; the file says the same). Also prints both processes' CPU
+    seconds and how much of the run the link sat below half its rate (the agent or the broker,
+    not the link, set the pace then)."""
     run = work / "agent-link"
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir()
@@ -503,25 +509,71 @@ def agent_link(link: ShapedLink, src_img: Path, size: int, work: Path, hashes: b
     url = f"https://{link.addr['dst']}:{broker.port}"
     agent = Agent(run, pki, url, [disk], interval=1.0, netns=link.ns["src"])
     log = run / "store" / str(disk.vm_uuid) / disk.disk_id / "applied.log"
+    samples: list[tuple[float, int]] = []
 
     def synced() -> bool:
+        samples.append((time.perf_counter(), link.wire_bytes()))
         return log.exists() and any(
             not r["full"] for r in broker.applied_log(disk.vm_uuid, "disk0")
         )
 
+    spies: list[subprocess.Popen[bytes]] = []
     try:
+        assert broker.proc is not None
+        broker_cpu0 = proc_cpu(broker.proc.pid)
         wire0 = link.wire_bytes()
         agent.start()
+        spies = _spies(profile, agent.pid, broker.proc.pid)
         wait_until("the initial sync over the link", synced, 3600, 0.05)
         seconds = time.perf_counter() - agent.started
         wire = link.wire_bytes() - wire0
+        cpu = (proc_cpu(agent.pid), proc_cpu(broker.proc.pid) - broker_cpu0)
     finally:
         agent.stop()
         broker.stop()
+        for proc in spies:
+            proc.wait(60)
     replica = log.parent / "replica.img"
     same = file_block_hashes(str(replica), block_size=BLOCK) == hashes
-    print(f"  agent over the link: {seconds:.2f} s, {human(wire)} on the wire", flush=True)
-    return Run(seconds, wire, 0.0, replica, same)
+    print(
+        f"  agent over the link: {seconds:.2f} s, {human(wire)} on the wire; CPU s: agent "
+        f"{cpu[0]:.1f} broker {cpu[1]:.1f}; link below half its rate "
+        f"{_slow_share(samples, link.rate):.0%} of the time; data flowed from "
+        f"{_flow(samples, wire0, 0.01, agent.started):.2f} s to "
+        f"{_flow(samples, wire0, 0.99, agent.started):.2f} s",
+        flush=True,
+    )
+    return Run(seconds, wire, sum(cpu), replica, same)
+
+
+def _spies(profile: Path | None, agent: int, broker: int) -> list[subprocess.Popen[bytes]]:
+    """py-spy recorders of the agent and the broker into ``profile``, if asked for."""
+    if profile is None:
+        return []
+    profile.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%H%M%S")
+    return [
+        spy(agent, profile / f"agent-{stamp}.txt"),
+        spy(broker, profile / f"broker-{stamp}.txt"),
+    ]
+
+
+def _flow(samples: list[tuple[float, int]], wire0: int, share: float, start: float) -> float:
+    """Seconds after ``start`` when ``share`` of the run's bytes had crossed the link."""
+    last = samples[-1][1] - wire0
+    return next(t for t, b in samples if b - wire0 >= share * last) - start
+
+
+def _slow_share(samples: list[tuple[float, int]], rate: str) -> float:
+    """Share of the sampled time the link carried less than half of ``rate`` (tc units)."""
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+    bps = next(float(rate[: -len(u)]) * m for u, m in units.items() if rate.endswith(u)) / 8
+    slow = total = 0.0
+    for (t0, b0), (t1, b1) in itertools.pairwise(samples):
+        total += t1 - t0
+        if (b1 - b0) < 0.5 * bps * (t1 - t0):
+            slow += t1 - t0
+    return slow / total if total else 0.0
 
 
 def measure_link(
@@ -534,7 +586,7 @@ def measure_link(
             order = ("nbdcopy", "nbdcopy-flush", "agent")
             for side in order[i % 3 :] + order[: i % 3]:
                 if side == "agent":
-                    r = agent_link(link, src, size, work, hashes)
+                    r = agent_link(link, src, size, work, hashes, args.profile)
                 else:
                     flush = side == "nbdcopy-flush"
                     r = nbdcopy_link(link, src, work / "nbdcopy-link.img", size, work, flush=flush)

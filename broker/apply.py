@@ -39,7 +39,7 @@ from broker.store import AppliedRecord, Replica, Store, journal_name
 from broker.unchanged import Unchanged
 from broker.undo import undo_size_bound
 from common.fsio import punch_hole, pwrite_all, start_writeback
-from common.hrl import DEFAULT_LIMITS, BatchHeader, DecodeLimits, Extent, ExtentKind
+from common.hrl import DEFAULT_LIMITS, DecodeLimits, Extent, ExtentKind
 from common.logs import get_logger
 
 _log = get_logger("broker.apply")
@@ -64,96 +64,6 @@ class Condition:
 
 AlertHook = Callable[[str, dict[str, Any]], None]
 """Called with (event, fields) when a condition is raised or cleared (for MQTT alerts)."""
-
-
-class DirectApply:
-    """Apply a FULL batch straight into the image as it streams in (decision 013).
-
-    Only while the replica has no recovery point to protect (initial sync, nothing listed) and
-    nothing is waiting in the journal: then no undo is needed, and an interrupted batch is simply
-    sent again by the agent (it was never acked) and overwrites what it left. Saves writing the
-    batch to the journal and decoding it twice. The commit is the same audit line as for a
-    journaled batch, followed by one meta write making it durable and applied together.
-    """
-
-    def __init__(self, engine: ReplicaEngine) -> None:
-        self.engine = engine
-        self._held = False
-        self._epoch = 0
-        self._section = contextlib.ExitStack()
-
-    def begin(self, header: BatchHeader) -> bool:
-        """Take the batch if the replica is in initial sync with no listed point."""
-        e = self.engine
-        if e.backlog() or e.state().listed or e.points.points(e.state()):
-            return False
-        if not e.apply_lock.acquire(blocking=False):
-            return False
-        try:
-            self._epoch = e.epoch()
-            # The image is written as the batch streams in: one write section until release.
-            self._section.enter_context(e.store.writing(e.replica, self._epoch))
-            e.points.drop_all()  # only hidden (mid-copy) states: nothing listed to keep
-        except BaseException:
-            self._section.close()
-            e.apply_lock.release()
-            raise
-        self._held = True
-        return True
-
-    def extent(self, ext: Extent) -> None:
-        """Write one extent (DATA read back against its checksum)."""
-        self.engine.write_extent(ext, ext_seq=None)
-
-    def commit(self, header: BatchHeader) -> None:
-        """fdatasync, audit line, then durable and applied in one meta write."""
-        e = self.engine
-        r = e.replica
-        try:
-            os.fdatasync(e.image_fd)
-            e.store.check_epoch(self._epoch, r)
-            r.append_applied(
-                AppliedRecord(
-                    generation=header.generation,
-                    seq=header.seq,
-                    cut_ns=header.cut_time_ns,
-                    consistency=int(header.consistency),
-                    full=True,
-                    epoch=self._epoch,
-                    applied_ns=time.time_ns(),
-                    cut_id=header.cut_id,
-                    first_change_cut=header.first_change_cut,
-                )
-            )
-            r.update_meta(
-                durable_seq=header.seq,
-                durable_cut_ns=header.cut_time_ns,
-                durable_cut_id=header.cut_id,
-                applied_generation=header.generation,
-                applied_seq=header.seq,
-                applied_cut_ns=header.cut_time_ns,
-                applied_cut_id=header.cut_id,
-                applied_first_change_cut=header.first_change_cut,
-                applied_consistency=int(header.consistency),
-                applied_full=True,
-                initial_sync="in_progress",
-            )
-            self.engine.log.info(
-                "batch_applied",
-                seq=header.seq,
-                generation=header.generation,
-                epoch=self._epoch,
-                direct=True,
-            )
-        finally:
-            self.release()
-
-    def release(self) -> None:
-        """Let the applier run again."""
-        if self._held:
-            self._held = False
-            self._section.close()
-            self.engine.apply_lock.release()
 
 
 SLOW_APPLY: Final = "REPLIKANT_TEST_SLOW_APPLY"
@@ -452,11 +362,6 @@ class ReplicaEngine:
                 "`replikant verify --repair`",
                 details={"offset": ext.offset, "length": ext.length, "seq": ext_seq},
             )
-
-    # -- direct apply of initial-copy batches
-    def direct_sink(self) -> DirectApply:
-        """A sink that applies FULL batches while they stream in, when nothing needs undo."""
-        return DirectApply(self)
 
     # -- the async loop
     def wake(self) -> None:

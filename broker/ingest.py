@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from broker import names
 from broker.api import SERVICE_KEY, Ingest
 from broker.authz import authorise_agent, check_generation, check_source, identity_of
+from broker.direct import DirectApply
 from broker.errors import (
     BadRequest,
     BatchTooLarge,
@@ -275,7 +276,7 @@ async def _journal(
         limits=service.limits,
         min_free_bytes=service.config.broker.min_free_bytes,
         max_batch_bytes=limit,
-        direct=engine.direct_sink(),
+        direct=DirectApply(engine),
         epoch=service.epoch,
     )
     try:

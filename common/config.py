@@ -129,8 +129,8 @@ class Policy(_Strict):
     interval_seconds: float = Field(default=5.0, ge=0.25, le=900.0)
     compression: Literal["zstd", "none"] = "zstd"
     compression_level: int = Field(default=1, ge=-7, le=22)
-    # An initial copy moves the whole disk at once and is CPU-bound on the agent: a faster zstd
-    # level keeps it near disk speed at a few percent more bytes on the wire.
+    # The floor of an initial copy's adaptive level (decision 015): a fast level keeps a
+    # CPU-bound copy near disk speed; while the host idles (a link is the limit) it rises to 3.
     initial_compression_level: int = Field(default=-3, ge=-7, le=22)
     bandwidth_limit_mbps: float = Field(default=0.0, ge=0.0, description="0 means unlimited")
     app_consistent_every: int = Field(default=0, ge=0, description="0 disables freeze/thaw")

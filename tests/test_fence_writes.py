@@ -36,8 +36,8 @@ WRITES = {
 # Functions whose body writes but that run only inside a section their caller holds; each
 # reference to one must itself be fenced (checked below), or it is listed with its reason.
 INSIDE = {
-    ("broker/apply.py", "commit"): "DirectApply.begin entered the section; release leaves it",
-    ("broker/apply.py", "begin"): "drop_all after entering the section on the line above",
+    ("broker/direct.py", "commit"): "DirectApply.begin entered the section; release leaves it",
+    ("broker/direct.py", "begin"): "drop_all after entering the section on the line above",
     ("broker/apply.py", "_apply_fenced"): "called only inside Store.writing by apply_next",
     ("broker/handover.py", "_reset_as_replica"): "passed to service.fenced by every caller",
     ("broker/store.py", "check_epoch"): "the fence itself stamping the epoch it checked",

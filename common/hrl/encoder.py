@@ -140,9 +140,23 @@ class BatchEncoder:
         view = memoryview(data)
         if view.itemsize != 1 or view.ndim != 1:
             view = view.cast("B")
-        length = view.nbytes
+        return self.compressed_parts(offset, view, None, xxh=_xxh3(view), checksum=checksum)
+
+    def compressed_parts(
+        self,
+        offset: int,
+        data: memoryview,
+        payload: bytes | memoryview | None,
+        *,
+        xxh: int,
+        checksum: int | None = None,
+    ) -> tuple[bytes, bytes | memoryview]:
+        """Like :meth:`data_parts` for a payload compressed elsewhere (``None``: compress it
+        here): ``data`` is the extent's bytes (a flat byte view), ``xxh`` their xxh3, which
+        must equal ``checksum`` if given. Lets a caller compress several extents at once on
+        worker threads and still encode the records in order on one."""
+        length = data.nbytes
         self._check(offset, length, ExtentKind.DATA)
-        xxh = _xxh3(view)
         if checksum is not None and checksum != xxh:
             raise ExtentChecksumMismatch(
                 f"extent at disk offset {offset}: the data hashes to {xxh:#018x}, not the "
@@ -151,7 +165,8 @@ class BatchEncoder:
                 position=self._position + R_DATA_XXH,
                 fix="check the source host's memory; the agent retries the batch",
             )
-        payload: bytes | memoryview = view if self._cctx is None else self._cctx.compress(view)
+        if payload is None:
+            payload = data if self._cctx is None else self._cctx.compress(data)
         record = self._record(offset, length, ExtentKind.DATA, len(payload), xxh)
         self._position += len(payload)
         return record, payload
