@@ -4,12 +4,13 @@ second event loop in its own thread, while every touch of a cut stays on the NBD
 The NBD server's loop (the *home* loop) keeps what the cut's consistency needs: the cut itself
 (the swap of maps for all of a VM's disks in one step), the copy-on-write before a guest write
 lands on a frozen block, and each extent's read (image read, overlay of the copies, state change
-to SENT) in one step. :class:`LoopCut` hands the shipping loop a view of the cut whose ``plan``
-and ``read`` run as callbacks on the home loop, so they are still atomic with respect to guest
-requests and never race the copy-on-write: no lock is needed, and the argument of
-``docs/agent.md`` (Cuts and copy-on-write) holds as before. What moves off the home loop is
-everything after the read: zero detection, checksums, compression, HRL framing, TLS and the
-socket writes of the upload, and the wait for the broker's ack.
+to SENT) in one step. :class:`LoopCut` hands the shipping loop a view of the cut whose ``read``
+runs as a callback on the home loop, so it is still atomic with respect to guest requests and
+never races the copy-on-write: no lock is needed, and the argument of ``docs/agent.md`` (Cuts and
+copy-on-write) holds as before. What moves off the home loop is everything else: planning (which
+reads only what no guest request changes while the cut is shipped, see :meth:`LoopCut.plan`),
+zero detection, checksums, compression, HRL framing, TLS and the socket writes of the upload, and
+the wait for the broker's ack.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from agents.ship import Ack, BrokerClient
 
 T = TypeVar("T")
 
-_PLAN_CHUNK = 512  # planned extents fetched from the home loop per hop
+_PLAN_CHUNK = 512  # planned extents made visible to the read-ahead at a time
 # Extents read per hop to the home loop: fewer wake-ups of the NBD loop for many small extents,
 # while one hop stays a short step (a guest request waits for it at most).
 _READ_EXTENTS = 32
@@ -109,11 +110,31 @@ class LoopCut(Cut):
         return self._cut.closed
 
     def plan(self, max_data_extent: int) -> Iterator[PlannedExtent]:
-        """The cut's plan, fetched from the home loop in chunks."""
-        it = on_loop(self._home, lambda: self._cut.plan(max_data_extent))
-        while chunk := on_loop(self._home, lambda: list(itertools.islice(it, _PLAN_CHUNK))):
+        """The cut's plan, made on the calling (shipping) thread.
+
+        Safe off the home loop (decision 027): the plan depends only on which frozen blocks are
+        not CLEAN, their kind with COWED and SENT counted as DATA, and the frozen grain bits.
+        While the cut is shipped the home loop changes a frozen block only from DATA to COWED
+        (copy-on-write) or to SENT (read), which the plan cannot tell apart, and each slice of
+        the map it reads is one step under the GIL. Grain bits change only in the cut's own loop
+        step and after it is released; a plan step that finds the cut released fails the stream.
+        """
+        self._unread.clear()
+        it = self._cut.plan(max_data_extent)
+        while chunk := self._chunk(it):
             self._unread.extend(e for e in chunk if e.kind == DATA)
             yield from chunk
+
+    def _chunk(self, it: Iterator[PlannedExtent]) -> list[PlannedExtent]:
+        try:
+            chunk = list(itertools.islice(it, _PLAN_CHUNK))
+        except ValueError:  # a map closed under the plan: the cut was released
+            if not self._cut.closed:
+                raise
+            chunk = []
+        if self._cut.closed:
+            raise ConnectionAbortedError("the batch was abandoned while it was being planned")
+        return chunk
 
     def read(self, ext: PlannedExtent) -> bytes | bytearray:
         """The extent's cut-time contents, read in a step of the home loop.

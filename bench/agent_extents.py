@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agents.body import BatchStats, batch_body, make_header
 from agents.disk import TrackedExport
-from agents.ship import BatchStats, batch_body, make_header
 from common.hrl import Compression, Consistency
 
 PAGE = 4096

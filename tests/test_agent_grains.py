@@ -11,11 +11,11 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agents.body import BatchStats, batch_body, make_header
 from agents.cut import CowStore, Cut
 from agents.dirtymap import CLEAN, DATA, TRIM, ZERO, DirtyMap
 from agents.disk import TrackedExport
 from agents.grains import GrainBits
-from agents.ship import BatchStats, batch_body, make_header
 from common.hrl import Compression, Consistency, ExtentKind, decode_batch
 from tests.support_agent import MiB, make_image
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from agents.body import BatchStats, batch_body, make_header
 from agents.cut import Cut
 from agents.disk import TrackedExport
-from agents.ship import BatchStats, batch_body, make_header
 from agents.shiploop import LoopCut, ShipLoop
 from common.hrl import Compression, Consistency
 from tests.support_agent import MiB, make_image
@@ -39,7 +39,6 @@ async def _encode(cut: Cut, header_cut: Cut, seq: int, abandon_after: int) -> li
         consistency=Consistency.CRASH,
         compression=Compression.ZSTD,
         full=False,
-        max_extent=64 * 1024,
     )
     body = batch_body(cut, header, level=1, bucket=None, stats=BatchStats(), max_extent=64 * 1024)
     chunks: list[bytes] = []

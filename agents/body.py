@@ -1,0 +1,225 @@
+"""The streamed body of a batch upload: plan, read, check, compress and frame a cut's extents.
+
+:func:`batch_body` plans the cut once (the totals for the header and the extents to read come
+from the same pass, kept in memory up to :data:`_KEEP_PLAN` extents), then reads one planned
+extent at a time (:meth:`agents.cut.Cut.read`, synchronous so no guest write slips in),
+checksums it right after the read, compresses it (in a worker thread for large extents, see
+:func:`encode_large_extent`) and yields the encoded records coalesced into chunks. A batch is
+never held whole in memory: at most one hop of extents plus aiohttp's send buffer.
+
+Run on the shipping loop (decision 025) the body sees the cut through
+:class:`agents.shiploop.LoopCut`: reads hop to the NBD loop, planning does not (decision 027).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncGenerator, Iterable
+from typing import Protocol
+from uuid import UUID
+
+from agents.cut import Cut, PlannedExtent
+from agents.dirtymap import DATA, ZERO
+from common.fsio import is_zero
+from common.hrl import (
+    BatchEncoder,
+    BatchHeader,
+    Compression,
+    Consistency,
+    xxh64_of,
+)
+
+MAX_EXTENT = 1024 * 1024  # extents are read (atomically, in the loop) one at a time: keep short
+_THREAD_MIN = 256 * 1024  # compress bigger extents in a worker thread
+_FLUSH_AT = 256 * 1024  # coalesce small records into chunks of about this size
+# Let other tasks of the loop in after about this much read work (bytes, or extents for tiny
+# ones): a loop turn per 4 KiB extent would cost more than the extent itself.
+_TURN_BYTES = 64 * 1024
+_TURN_EXTENTS = 16
+# Plans up to this many extents are kept from the totals pass for the body (~100 bytes each);
+# a bigger one (a huge first batch) is planned again rather than held.
+_KEEP_PLAN = 65536
+
+
+class Pacer(Protocol):
+    """What paces the upload (:class:`agents.ship.TokenBucket`)."""
+
+    async def take(self, n: int) -> None:
+        """Wait until ``n`` more bytes may be sent."""
+
+
+@dataclasses.dataclass
+class BatchStats:
+    """What one batch carried."""
+
+    extents: int = 0
+    data_bytes: int = 0  # logical bytes (all extents)
+    payload_bytes: int = 0  # DATA bytes read from the disk
+    zero_extents: int = 0
+    wire_bytes: int = 0  # bytes of the encoded stream
+
+
+def _planned(cut: Cut, max_extent: int) -> tuple[Iterable[PlannedExtent], int, int]:
+    """``(extents, extent_count, data_bytes)`` of the cut's plan, planned once if it is small."""
+    kept: list[PlannedExtent] | None = []
+    count = total = 0
+    for ext in cut.plan(max_extent):
+        count += 1
+        total += ext.length
+        if kept is not None:
+            kept.append(ext)
+            if count > _KEEP_PLAN:
+                kept = None
+    return (cut.plan(max_extent) if kept is None else kept), count, total
+
+
+async def encode_large_extent(
+    encoder: BatchEncoder, offset: int, data: bytes | bytearray, checksum: int
+) -> tuple[bytes, bytes | memoryview]:
+    """The record and payload of one big DATA extent, compressed off the calling thread.
+
+    The seam for compressing large extents (>= ``_THREAD_MIN``) in parallel: ``batch_body``
+    awaits each result in extent order, so whatever runs here may overlap the next reads.
+    """
+    return await asyncio.to_thread(encoder.data_parts, offset, data, checksum=checksum)
+
+
+async def batch_body(
+    cut: Cut,
+    header: BatchHeader,
+    *,
+    level: int,
+    bucket: Pacer | None,
+    stats: BatchStats,
+    max_extent: int = MAX_EXTENT,
+) -> AsyncGenerator[bytes, None]:
+    """Yield the encoded batch for ``cut``; ``header``'s extent totals are planned here.
+
+    Compression of a big extent runs in a worker thread while the loop reads and hashes the
+    next one, so the two halves of the work overlap on two cores. Encoder calls, and so the
+    records in the stream, stay in extent order: the previous extent's compression is awaited
+    before the next record is encoded.
+    """
+    plan, count, total = _planned(cut, max_extent)
+    encoder = BatchEncoder(
+        dataclasses.replace(header, extent_count=count, data_bytes=total), level=level
+    )
+    # Records and payloads (views of what was read) wait here and are copied once, by the join.
+    pending: list[bytes | memoryview] = [encoder.header_bytes()]
+    size = len(pending[0])
+    compress = header.compression is Compression.ZSTD
+    inflight: asyncio.Task[tuple[bytes, bytes | memoryview]] | None = None
+    since_turn = 0  # read work since other tasks last had a turn (bytes; extents weigh 4 KiB)
+
+    def add(parts: tuple[bytes | memoryview, ...]) -> bytes | None:
+        """Queue a record; return the coalesced output once it is worth a write."""
+        nonlocal size
+        pending.extend(parts)
+        size += sum(len(p) for p in parts)
+        if size < _FLUSH_AT:
+            return None
+        out = b"".join(pending)
+        pending.clear()
+        size = 0
+        stats.wire_bytes += len(out)
+        return out
+
+    try:
+        for ext in plan:
+            if cut.closed:
+                # The upload was abandoned (its blocks merged back) while aiohttp's writer task
+                # still held this generator: stop without touching the released frozen map.
+                return
+            data: bytes | bytearray | None = None
+            checksum = 0
+            if ext.kind == DATA:
+                read = cut.read(ext)  # atomic w.r.t. guest requests
+                stats.payload_bytes += ext.length
+                if is_zero(read):
+                    stats.zero_extents += 1
+                else:
+                    data = read
+                    checksum = xxh64_of(read)
+            stats.extents += 1
+            stats.data_bytes += ext.length
+            records: list[tuple[bytes | memoryview, ...]] = []
+            if inflight is not None:
+                records.append(await inflight)
+                inflight = None
+            if data is not None and compress and ext.length >= _THREAD_MIN:
+                inflight = asyncio.create_task(
+                    encode_large_extent(encoder, ext.offset, data, checksum)
+                )
+            elif data is not None:
+                records.append(encoder.data_parts(ext.offset, data, checksum=checksum))
+            elif ext.kind in (DATA, ZERO):  # DATA that read as zeroes travels as a ZERO extent
+                records.append((encoder.zero(ext.offset, ext.length),))
+            else:
+                records.append((encoder.trim(ext.offset, ext.length),))
+            since_turn += max(ext.length if ext.kind == DATA else 0, _TURN_BYTES // _TURN_EXTENTS)
+            for record in records:
+                out = add(record)
+                if out is not None:
+                    if bucket is not None:
+                        await bucket.take(len(out))
+                    since_turn = 0
+                    yield out
+            if since_turn >= _TURN_BYTES:
+                # Give the loop's other tasks a turn even when nothing is sent yet.
+                since_turn = 0
+                await asyncio.sleep(0)
+        if inflight is not None:
+            pending.extend(await inflight)  # goes out with the trailer below
+            inflight = None
+    finally:
+        if inflight is not None:
+            # Abandoned mid-compression: the worker thread runs to its end, unread.
+            inflight.cancel()
+    pending.append(encoder.end())
+    out = b"".join(pending)
+    stats.wire_bytes += len(out)
+    if bucket is not None:
+        await bucket.take(len(out))
+    yield out
+
+
+def make_header(
+    *,
+    vm_uuid: UUID,
+    disk_id: str,
+    generation: int,
+    seq: int,
+    cut: Cut,
+    consistency: Consistency,
+    compression: Compression,
+    full: bool,
+    first_change_cut: int = 0,
+) -> BatchHeader:
+    """The header for ``cut`` as seq ``seq``, without its extent totals.
+
+    :func:`batch_body` plans the cut and fills in ``extent_count`` and ``data_bytes``: off the
+    NBD loop, and in the same pass that plans the extents it reads. The batch carries
+    ``cut.cut_id``; ``first_change_cut`` is the agent's idleness statement (see
+    :attr:`agents.sequence.Sequencer.change_cut`).
+    """
+    return BatchHeader(
+        vm_uuid=vm_uuid,
+        disk_id=disk_id,
+        generation=generation,
+        seq=seq,
+        base_seq=seq - 1,
+        cut_time_ns=cut.cut_time_ns,
+        disk_size=cut.size,
+        block_size=cut.block_size,
+        consistency=consistency,
+        compression=compression,
+        full=full,
+        extent_count=0,
+        data_bytes=0,
+        cut_id=cut.cut_id,
+        first_change_cut=first_change_cut,
+    )
+
+
+__all__ = ["MAX_EXTENT", "BatchStats", "Pacer", "batch_body", "encode_large_extent", "make_header"]
