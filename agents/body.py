@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Iterable, Iterator
 from typing import Protocol
 from uuid import UUID
 
@@ -33,10 +33,13 @@ from common.hrl import (
 MAX_EXTENT = 1024 * 1024  # extents are read (atomically, in the loop) one at a time: keep short
 _THREAD_MIN = 256 * 1024  # compress bigger extents in a worker thread
 _FLUSH_AT = 256 * 1024  # coalesce small records into chunks of about this size
-# Let other tasks of the loop in after about this much read work (bytes, or extents for tiny
-# ones): a loop turn per 4 KiB extent would cost more than the extent itself.
-_TURN_BYTES = 64 * 1024
-_TURN_EXTENTS = 16
+# Extents are read in hops (:meth:`agents.cut.Cut.fetch`): at most this many, of at most this
+# many bytes together (a payload-free extent weighs _NODATA_WEIGHT). One hop is one step of the
+# NBD loop, so a guest request waits for one at most; more, smaller hops cost more wake-ups.
+# On the NBD loop itself (no shipping loop), a hop is also when other tasks get a turn.
+_HOP_EXTENTS = 32
+_HOP_BYTES = 256 * 1024
+_NODATA_WEIGHT = 4096
 # Plans up to this many extents are kept from the totals pass for the body (~100 bytes each);
 # a bigger one (a huge first batch) is planned again rather than held.
 _KEEP_PLAN = 65536
@@ -72,6 +75,21 @@ def _planned(cut: Cut, max_extent: int) -> tuple[Iterable[PlannedExtent], int, i
             if count > _KEEP_PLAN:
                 kept = None
     return (cut.plan(max_extent) if kept is None else kept), count, total
+
+
+def _hops(plan: Iterable[PlannedExtent]) -> Iterator[list[PlannedExtent]]:
+    """The plan in consecutive hops (an extent of ``_HOP_BYTES`` or more is a hop of its own)."""
+    hop: list[PlannedExtent] = []
+    weight = 0
+    for ext in plan:
+        w = ext.length if ext.kind == DATA else _NODATA_WEIGHT
+        if hop and (len(hop) >= _HOP_EXTENTS or weight + w > _HOP_BYTES):
+            yield hop
+            hop, weight = [], 0
+        hop.append(ext)
+        weight += w
+    if hop:
+        yield hop
 
 
 async def encode_large_extent(
@@ -110,7 +128,6 @@ async def batch_body(
     size = len(pending[0])
     compress = header.compression is Compression.ZSTD
     inflight: asyncio.Task[tuple[bytes, bytes | memoryview]] | None = None
-    since_turn = 0  # read work since other tasks last had a turn (bytes; extents weigh 4 KiB)
 
     def add(parts: tuple[bytes | memoryview, ...]) -> bytes | None:
         """Queue a record; return the coalesced output once it is worth a write."""
@@ -126,49 +143,47 @@ async def batch_body(
         return out
 
     try:
-        for ext in plan:
+        for hop in _hops(plan):
             if cut.closed:
                 # The upload was abandoned (its blocks merged back) while aiohttp's writer task
                 # still held this generator: stop without touching the released frozen map.
                 return
-            data: bytes | bytearray | None = None
-            checksum = 0
-            if ext.kind == DATA:
-                read = cut.read(ext)  # atomic w.r.t. guest requests
-                stats.payload_bytes += ext.length
-                if is_zero(read):
-                    stats.zero_extents += 1
+            wanted = [ext for ext in hop if ext.kind == DATA]
+            contents = iter(await cut.fetch(wanted) if wanted else ())  # atomic w.r.t. the guest
+            await asyncio.sleep(0)  # the loop's other tasks (the guest's, on the NBD loop) go on
+            for ext in hop:
+                data: bytes | bytearray | None = None
+                checksum = 0
+                if ext.kind == DATA:
+                    read = next(contents)
+                    stats.payload_bytes += ext.length
+                    if is_zero(read):
+                        stats.zero_extents += 1
+                    else:
+                        data = read
+                        checksum = xxh64_of(read)
+                stats.extents += 1
+                stats.data_bytes += ext.length
+                records: list[tuple[bytes | memoryview, ...]] = []
+                if inflight is not None:
+                    records.append(await inflight)
+                    inflight = None
+                if data is not None and compress and ext.length >= _THREAD_MIN:
+                    inflight = asyncio.create_task(
+                        encode_large_extent(encoder, ext.offset, data, checksum)
+                    )
+                elif data is not None:
+                    records.append(encoder.data_parts(ext.offset, data, checksum=checksum))
+                elif ext.kind in (DATA, ZERO):  # DATA that read as zeroes travels as ZERO
+                    records.append((encoder.zero(ext.offset, ext.length),))
                 else:
-                    data = read
-                    checksum = xxh64_of(read)
-            stats.extents += 1
-            stats.data_bytes += ext.length
-            records: list[tuple[bytes | memoryview, ...]] = []
-            if inflight is not None:
-                records.append(await inflight)
-                inflight = None
-            if data is not None and compress and ext.length >= _THREAD_MIN:
-                inflight = asyncio.create_task(
-                    encode_large_extent(encoder, ext.offset, data, checksum)
-                )
-            elif data is not None:
-                records.append(encoder.data_parts(ext.offset, data, checksum=checksum))
-            elif ext.kind in (DATA, ZERO):  # DATA that read as zeroes travels as a ZERO extent
-                records.append((encoder.zero(ext.offset, ext.length),))
-            else:
-                records.append((encoder.trim(ext.offset, ext.length),))
-            since_turn += max(ext.length if ext.kind == DATA else 0, _TURN_BYTES // _TURN_EXTENTS)
-            for record in records:
-                out = add(record)
-                if out is not None:
-                    if bucket is not None:
-                        await bucket.take(len(out))
-                    since_turn = 0
-                    yield out
-            if since_turn >= _TURN_BYTES:
-                # Give the loop's other tasks a turn even when nothing is sent yet.
-                since_turn = 0
-                await asyncio.sleep(0)
+                    records.append((encoder.trim(ext.offset, ext.length),))
+                for record in records:
+                    out = add(record)
+                    if out is not None:
+                        if bucket is not None:
+                            await bucket.take(len(out))
+                        yield out
         if inflight is not None:
             pending.extend(await inflight)  # goes out with the trailer below
             inflight = None

@@ -286,8 +286,11 @@ class BrokerClient:
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            # No pool limit (aiohttp's default is 100 connections): every disk holds one for
+            # its upload until the broker acks, so 100 disks under load would queue every other
+            # request, and each other's uploads, behind the pool. The disks bound the count.
             connector = IdentityCheckingConnector(
-                role="broker", cluster=self.cluster, ssl=self._ssl if self._ssl else False
+                role="broker", cluster=self.cluster, ssl=self._ssl if self._ssl else False, limit=0
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
