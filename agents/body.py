@@ -40,9 +40,9 @@ _FLUSH_AT = 256 * 1024  # coalesce small records into chunks of about this size
 _HOP_EXTENTS = 32
 _HOP_BYTES = 256 * 1024
 _NODATA_WEIGHT = 4096
-# Plans up to this many extents are kept from the totals pass for the body (~100 bytes each);
-# a bigger one (a huge first batch) is planned again rather than held.
-_KEEP_PLAN = 65536
+# Plans up to this many extents are kept from the totals pass for the body (~100 bytes each,
+# times 100 disks in flight); a bigger one (a huge backlog) is planned again rather than held.
+_KEEP_PLAN = 8192
 
 
 class Pacer(Protocol):
