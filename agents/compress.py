@@ -1,7 +1,7 @@
 """Compression of big DATA extents on worker threads: several at once, records in extent order,
 at a zstd level that follows what limits the copy (decision 015).
 
-:func:`agents.ship.batch_body` hands every big extent to a :class:`BigExtents`. zstd releases
+:func:`agents.body.batch_body` hands every big extent to a :class:`BigExtents`. zstd releases
 the GIL, so up to ``workers`` extents compress at once while the event loop reads and hashes the
 next; the records are still made by the loop, one at a time and in offset order, from the
 payloads the workers return (:meth:`common.hrl.BatchEncoder.compressed_parts`).

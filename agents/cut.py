@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -269,6 +269,15 @@ class Cut:
             data = buf
         mm[b0:done] = _fill(SENT, done - b0)
         return data
+
+    def read_many(self, exts: Sequence[PlannedExtent]) -> list[bytes | bytearray]:
+        """:meth:`read` of each DATA extent of ``exts`` (in plan order), in one synchronous step."""
+        return [self.read(ext) for ext in exts]
+
+    async def fetch(self, exts: Sequence[PlannedExtent]) -> list[bytes | bytearray]:
+        """:meth:`read_many` for the batch body: a coroutine that never suspends, so still one
+        step of the calling loop (:class:`agents.shiploop.LoopCut` hops to the NBD loop)."""
+        return self.read_many(exts)
 
     def close(self) -> None:
         """Release the copies (the frozen map stays with its owner until merged or settled)."""

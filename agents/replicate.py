@@ -30,20 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from agents import resync
+from agents.body import MAX_EXTENT, BatchStats, batch_body, make_header
 from agents.cut import Cut
 from agents.dirtymap import BlockMap, Recovery
 from agents.disk import TrackedExport
 from agents.errors import FencedError, ShipError
 from agents.sequence import Mode, SequenceError, Sequencer
-from agents.ship import (
-    MAX_EXTENT,
-    BatchStats,
-    BrokerClient,
-    ReplicaState,
-    TokenBucket,
-    batch_body,
-    make_header,
-)
+from agents.ship import BrokerClient, ReplicaState, TokenBucket
 from agents.shiploop import Uploader
 from agents.state import DiskState
 from common.config import DiskConfig, Policy, VMConfig
@@ -576,7 +569,6 @@ class DiskReplicator:
             consistency=consistency,
             compression=Compression.ZSTD if self.policy.compression == "zstd" else Compression.NONE,
             full=full,
-            max_extent=self.max_extent,
             first_change_cut=self.seq.first_change_cut(cut.cut_id),
         )
         return batch_body(

@@ -10,6 +10,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from agents.body import MAX_EXTENT
 from agents.dirtymap import DATA
 from agents.errors import SeedError
 from agents.seed import (
@@ -22,7 +23,6 @@ from agents.seed import (
     select,
 )
 from agents.seedmedia import MANIFEST, MARKER, SEED_FORMAT, MediaDir, MediaImage, Progress
-from agents.ship import MAX_EXTENT
 from common.hrl import Consistency
 from common.logs import get_logger
 

@@ -1,10 +1,6 @@
-"""Shipping batches to the broker: the HTTPS client, the streamed body, pacing and backoff.
+"""Shipping batches to the broker: the HTTPS client, pacing and backoff.
 
-The body of a batch upload is an async generator: it reads one planned extent of the cut at a
-time (:meth:`agents.cut.Cut.read`, synchronous so no guest write slips in), checksums it right
-after the read, compresses it (in a worker thread for large extents, so the NBD clients keep
-being served), and yields the encoded record. A batch is never held whole in memory: at most one
-extent plus aiohttp's send buffer.
+The streamed body of a batch upload lives in :mod:`agents.body` (re-exported here).
 
 See ``docs/protocol/http.md`` for the endpoints and ``docs/agent.md`` for the sequencing rules.
 """
@@ -18,39 +14,20 @@ import random
 import ssl
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
 import aiohttp
 
-from agents.compress import BigExtents
-from agents.cut import Cut
-from agents.dirtymap import DATA, ZERO
 from agents.errors import FencedError, ShipError
-from common.fsio import is_zero
-from common.hrl import (
-    BATCH_CONTENT_TYPE,
-    BatchEncoder,
-    BatchHeader,
-    Compression,
-    Consistency,
-    xxh64_of,
-)
+from common.hrl import BATCH_CONTENT_TYPE
 from common.logs import get_logger
 from common.refusal import Refusal, not_our_service
 from common.tls import IdentityCheckingConnector, TLSIdentityError, describe_client_failure
 
 log = get_logger("agents.ship")
-
-MAX_EXTENT = 1024 * 1024  # extents are read (atomically, in the loop) one at a time: keep short
-_THREAD_MIN = 256 * 1024  # compress bigger extents in a worker thread
-_FLUSH_AT = 256 * 1024  # coalesce small records into chunks of about this size
-# Let the NBD clients in after about this much read work (bytes, or extents for tiny ones): a
-# loop turn per 4 KiB extent would cost more than the extent itself.
-_TURN_BYTES = 64 * 1024
-_TURN_EXTENTS = 16
 
 # Errors whose cause will not go away by retrying the same thing: the operator must act.
 _FENCED = frozenset({"stale_generation", "identity_conflict", "wrong_identity"})
@@ -309,8 +286,11 @@ class BrokerClient:
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            # No pool limit (aiohttp's default is 100 connections): every disk holds one for
+            # its upload until the broker acks, so 100 disks under load would queue every other
+            # request, and each other's uploads, behind the pool. The disks bound the count.
             connector = IdentityCheckingConnector(
-                role="broker", cluster=self.cluster, ssl=self._ssl if self._ssl else False
+                role="broker", cluster=self.cluster, ssl=self._ssl if self._ssl else False, limit=0
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
@@ -532,143 +512,3 @@ class BrokerClient:
         )
         seq = int(headers.get("X-Replikant-Applied-Seq", "-1"))
         return bytes(raw), seq
-
-
-@dataclass
-class BatchStats:
-    """What one batch carried."""
-
-    extents: int = 0
-    data_bytes: int = 0  # logical bytes (all extents)
-    payload_bytes: int = 0  # DATA bytes read from the disk
-    zero_extents: int = 0
-    wire_bytes: int = 0  # bytes of the encoded stream
-
-
-async def batch_body(
-    cut: Cut,
-    header: BatchHeader,
-    *,
-    level: int,
-    bucket: TokenBucket | None,
-    stats: BatchStats,
-    max_extent: int = MAX_EXTENT,
-) -> AsyncGenerator[bytes, None]:
-    """Yield the encoded batch for ``cut`` (whose plan produced ``header``'s totals).
-
-    Compression of a big extent runs in a worker thread while the event loop reads and hashes
-    the next one (and keeps serving the guest), so the two halves of the work overlap on two
-    cores. Encoder calls, and so the records in the stream, stay in extent order: the previous
-    extent's compression is awaited before the next record is encoded.
-    """
-    encoder = BatchEncoder(header, level=level)
-    # Records and payloads (views of what was read) wait here and are copied once, by the join.
-    pending: list[bytes | memoryview] = [encoder.header_bytes()]
-    size = len(pending[0])
-    compress = header.compression is Compression.ZSTD
-    big = BigExtents(encoder, level, adapt=header.full)
-    since_turn = 0  # read work since the NBD clients last had a turn (bytes; extents weigh 4 KiB)
-
-    def add(parts: tuple[bytes | memoryview, ...]) -> bytes | None:
-        """Queue a record; return the coalesced output once it is worth a write."""
-        nonlocal size
-        pending.extend(parts)
-        size += sum(len(p) for p in parts)
-        if size < _FLUSH_AT:
-            return None
-        out = b"".join(pending)
-        pending.clear()
-        size = 0
-        stats.wire_bytes += len(out)
-        return out
-
-    try:
-        for ext in cut.plan(max_extent):
-            if cut.closed:
-                # The upload was abandoned (its blocks merged back) while aiohttp's writer task
-                # still held this generator: stop without touching the released frozen map.
-                return
-            data: bytes | bytearray | None = None
-            checksum = 0
-            if ext.kind == DATA:
-                read = cut.read(ext)  # atomic w.r.t. guest requests
-                stats.payload_bytes += ext.length
-                if is_zero(read):
-                    stats.zero_extents += 1
-                else:
-                    data = read
-                    checksum = xxh64_of(read)
-            stats.extents += 1
-            stats.data_bytes += ext.length
-            records: list[tuple[bytes | memoryview, ...]] = []
-            threaded = data is not None and compress and ext.length >= _THREAD_MIN
-            if not threaded:
-                records.extend(await big.drain())  # records stay in extent order
-            if threaded and data is not None:
-                records.extend(await big.submit(ext.offset, data, checksum))
-            elif data is not None:
-                records.append(encoder.data_parts(ext.offset, data, checksum=checksum))
-            elif ext.kind in (DATA, ZERO):  # DATA that read as zeroes travels as a ZERO extent
-                records.append((encoder.zero(ext.offset, ext.length),))
-            else:
-                records.append((encoder.trim(ext.offset, ext.length),))
-            since_turn += max(ext.length if ext.kind == DATA else 0, _TURN_BYTES // _TURN_EXTENTS)
-            for record in records:
-                out = add(record)
-                if out is not None:
-                    if bucket is not None:
-                        await bucket.take(len(out))
-                    since_turn = 0
-                    yield out
-            if since_turn >= _TURN_BYTES:
-                # Give the NBD clients a turn even when nothing is sent yet.
-                since_turn = 0
-                await asyncio.sleep(0)
-        for record in await big.drain():
-            pending.extend(record)  # goes out with the trailer below
-    finally:
-        big.cancel()  # abandoned mid-compression: the workers run to their end, unread
-    pending.append(encoder.end())
-    out = b"".join(pending)
-    stats.wire_bytes += len(out)
-    if bucket is not None:
-        await bucket.take(len(out))
-    yield out
-
-
-def make_header(
-    *,
-    vm_uuid: UUID,
-    disk_id: str,
-    generation: int,
-    seq: int,
-    cut: Cut,
-    consistency: Consistency,
-    compression: Compression,
-    full: bool,
-    max_extent: int = MAX_EXTENT,
-    first_change_cut: int = 0,
-) -> BatchHeader:
-    """The header for ``cut`` as seq ``seq`` (the extent totals come from planning the cut).
-
-    The batch carries ``cut.cut_id``; ``first_change_cut`` is the agent's idleness statement
-    (see :attr:`agents.sequence.Sequencer.change_cut`).
-    """
-    count, total = cut.totals(max_extent)
-    return BatchHeader(
-        vm_uuid=vm_uuid,
-        disk_id=disk_id,
-        generation=generation,
-        seq=seq,
-        base_seq=seq - 1,
-        cut_time_ns=cut.cut_time_ns,
-        disk_size=cut.size,
-        block_size=cut.block_size,
-        consistency=consistency,
-        compression=compression,
-        full=full,
-        extent_count=count,
-        data_bytes=total,
-        cut_id=cut.cut_id,
-        first_change_cut=first_change_cut,
-    )

@@ -4,37 +4,33 @@ second event loop in its own thread, while every touch of a cut stays on the NBD
 The NBD server's loop (the *home* loop) keeps what the cut's consistency needs: the cut itself
 (the swap of maps for all of a VM's disks in one step), the copy-on-write before a guest write
 lands on a frozen block, and each extent's read (image read, overlay of the copies, state change
-to SENT) in one step. :class:`LoopCut` hands the shipping loop a view of the cut whose ``plan``
-and ``read`` run as callbacks on the home loop, so they are still atomic with respect to guest
-requests and never race the copy-on-write: no lock is needed, and the argument of
-``docs/agent.md`` (Cuts and copy-on-write) holds as before. What moves off the home loop is
-everything after the read: zero detection, checksums, compression, HRL framing, TLS and the
-socket writes of the upload, and the wait for the broker's ack.
+to SENT) in one step. :class:`LoopCut` hands the shipping loop a view of the cut whose ``read``
+runs as a callback on the home loop, so it is still atomic with respect to guest requests and
+never races the copy-on-write: no lock is needed, and the argument of ``docs/agent.md`` (Cuts and
+copy-on-write) holds as before. What moves off the home loop is everything else: planning (which
+reads only what no guest request changes while the cut is shipped, see :meth:`LoopCut.plan`),
+zero detection, checksums, compression, HRL framing, TLS and the socket writes of the upload, and
+the wait for the broker's ack.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import itertools
+import os
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 from uuid import UUID
 
 from agents.cut import Cut, PlannedExtent
-from agents.dirtymap import DATA
 from agents.ship import Ack, BrokerClient
 
 T = TypeVar("T")
 
-_PLAN_CHUNK = 512  # planned extents fetched from the home loop per hop
-# Extents read per hop to the home loop: fewer wake-ups of the NBD loop for many small extents,
-# while one hop stays a short step (a guest request waits for it at most).
-_READ_EXTENTS = 32
-_READ_BYTES = 256 * 1024
+_PLAN_CHUNK = 512  # planned extents between two checks that the cut is still held
 # How long a thread holding the GIL keeps it while another waits: CPython's 5 ms default would
 # let the shipping thread's Python work hold a guest request that long (see decision 025).
 SWITCH_INTERVAL = 0.0005
@@ -69,26 +65,31 @@ class ShipLoop:
             self.loop.close()
 
 
-def on_loop(home: asyncio.AbstractEventLoop, fn: Callable[[], T]) -> T:
-    """Run ``fn`` as one callback of ``home`` and wait for its result (from another thread)."""
+def _submit(home: asyncio.AbstractEventLoop, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+    """Schedule ``fn`` as one callback of ``home``; its result arrives in the future."""
     fut: concurrent.futures.Future[T] = concurrent.futures.Future()
 
     def step() -> None:
         if not fut.set_running_or_notify_cancel():
-            return
+            return  # the waiter gave up (an abandoned upload): touch nothing
         try:
             fut.set_result(fn())
         except BaseException as exc:  # handed to the waiting thread, raised there
             fut.set_exception(exc)
 
     home.call_soon_threadsafe(step)
-    return fut.result()
+    return fut
+
+
+def on_loop(home: asyncio.AbstractEventLoop, fn: Callable[[], T]) -> T:
+    """Run ``fn`` as one callback of ``home`` and wait for its result (from another thread)."""
+    return _submit(home, fn).result()
 
 
 class LoopCut(Cut):
-    """A view of ``cut`` for the shipping loop: planning and reading run on ``home``.
+    """A view of ``cut`` for the shipping loop: reads run on ``home``, planning here.
 
-    Not a copy: the frozen map, the copies and the state changes stay with ``cut``, touched only
+    Not a copy: the frozen map, the copies and the state changes stay with ``cut``, changed only
     by the home loop.
     """
 
@@ -100,8 +101,6 @@ class LoopCut(Cut):
         self.cut_time_ns = cut.cut_time_ns
         self.size = cut.size
         self.block_size = cut.block_size
-        self._unread: collections.deque[PlannedExtent] = collections.deque()  # planned DATA
-        self._read_ahead: dict[int, bytes | bytearray] = {}  # offset -> contents
 
     @property
     def closed(self) -> bool:  # type: ignore[override]  # read-only: the owner closes the cut
@@ -109,41 +108,51 @@ class LoopCut(Cut):
         return self._cut.closed
 
     def plan(self, max_data_extent: int) -> Iterator[PlannedExtent]:
-        """The cut's plan, fetched from the home loop in chunks."""
-        it = on_loop(self._home, lambda: self._cut.plan(max_data_extent))
-        while chunk := on_loop(self._home, lambda: list(itertools.islice(it, _PLAN_CHUNK))):
-            self._unread.extend(e for e in chunk if e.kind == DATA)
+        """The cut's plan, made on the calling (shipping) thread.
+
+        Safe off the home loop (decision 027): the plan depends only on which frozen blocks are
+        not CLEAN, their kind with COWED and SENT counted as DATA, and the frozen grain bits.
+        While the cut is shipped the home loop changes a frozen block only from DATA to COWED
+        (copy-on-write) or to SENT (read), which the plan cannot tell apart, and each slice of
+        the map it reads is one step under the GIL. Grain bits change only in the cut's own loop
+        step and after it is released; a plan step that finds the cut released fails the stream.
+        """
+        it = self._cut.plan(max_data_extent)
+        while True:
+            try:
+                chunk = list(itertools.islice(it, _PLAN_CHUNK))
+            except ValueError:  # a map closed under the plan: the cut was released
+                if not self._cut.closed:
+                    raise
+                chunk = []
+            if self._cut.closed:
+                raise ConnectionAbortedError("the batch was abandoned while it was being planned")
+            if not chunk:
+                return
             yield from chunk
 
     def read(self, ext: PlannedExtent) -> bytes | bytearray:
-        """The extent's cut-time contents, read in a step of the home loop.
+        """The extent's cut-time contents, read in a step of the home loop (blocking)."""
+        return on_loop(self._home, lambda: self._read_many([ext]))[0]
 
-        The step also reads the next few planned DATA extents (``batch_body`` reads them in plan
-        order): each is read exactly as a step of its own would read it.
+    async def fetch(self, exts: Sequence[PlannedExtent]) -> list[bytes | bytearray]:
+        """The DATA extents' cut-time contents, read in one step of the home loop.
+
+        Awaited, not waited for: meanwhile the shipping loop goes on with other disks' uploads.
+        Then this thread offers the GIL and its core to the NBD loop's thread: releasing the GIL
+        alone does not hand it over (the releasing thread usually takes it back first), so a
+        guest request that arrived meanwhile would wait for the switch interval.
         """
-        data = self._read_ahead.pop(ext.offset, None)
-        if data is not None:
-            return data
-        batch = [ext]
-        if self._unread and self._unread[0] == ext:
-            self._unread.popleft()
-            size = ext.length
-            while self._unread and len(batch) < _READ_EXTENTS:
-                nxt = self._unread[0]
-                if size + nxt.length > _READ_BYTES:
-                    break
-                batch.append(self._unread.popleft())
-                size += nxt.length
-        got = on_loop(self._home, lambda: [self._read(e) for e in batch])
-        self._read_ahead.update((e.offset, d) for e, d in zip(batch[1:], got[1:], strict=True))
-        return got[0]
+        contents = await asyncio.wrap_future(_submit(self._home, lambda: self._read_many(exts)))
+        os.sched_yield()
+        return contents
 
-    def _read(self, ext: PlannedExtent) -> bytes | bytearray:
+    def _read_many(self, exts: Sequence[PlannedExtent]) -> list[bytes | bytearray]:
         if self._cut.closed:
             # Abandoned between batch_body's check and this step: fail the stream (an OSError,
             # as a dropped connection is), never read a released map.
             raise ConnectionAbortedError("the batch was abandoned while it was being read")
-        return self._cut.read(ext)
+        return self._cut.read_many(exts)
 
 
 class Uploader:

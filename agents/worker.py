@@ -15,13 +15,14 @@ from typing import Any
 
 import structlog
 
+from agents.body import MAX_EXTENT
 from agents.current import CurrentStatements
 from agents.cut import Cut
 from agents.errors import ShipError
 from agents.hooks import FreezeHooks
 from agents.replicate import REFUSED_CODES, DiskReplicator
 from agents.sequence import Mode
-from agents.ship import MAX_EXTENT, Backoff
+from agents.ship import Backoff
 from agents.state import CutClock
 from common.blockhash import hash_blocks
 from common.config import Policy, VMConfig

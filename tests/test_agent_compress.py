@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from agents import compress
+from agents.body import BatchStats, batch_body, make_header
 from agents.compress import ADAPT_MAX, BigExtents, next_level
 from agents.disk import TrackedExport
-from agents.ship import BatchStats, batch_body, make_header
 from common.hrl import (
     BatchEncoder,
     BatchHeader,

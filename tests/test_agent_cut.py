@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from agents.body import BatchStats, batch_body, make_header
 from agents.cut import Cut
 from agents.disk import TrackedExport
 from agents.replicate import DiskReplicator
 from agents.service import Agent
-from agents.ship import BatchStats, batch_body, make_header
 from common.config import AgentConfig, load_config
 from common.hrl import Compression, Consistency, ExtentKind, decode_batch
 from tests.fixtures_pki import make_pki
@@ -127,7 +127,6 @@ async def test_hammered_cuts_equal_point_in_time_images(
                 consistency=Consistency.CRASH,
                 compression=Compression.ZSTD,
                 full=False,
-                max_extent=64 * 1024,
             )
             body = batch_body(
                 cut, header, level=1, bucket=None, stats=BatchStats(), max_extent=64 * 1024

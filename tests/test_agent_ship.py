@@ -347,7 +347,9 @@ async def test_image_changed_while_stopped_resyncs_by_hashes(rig: Rig) -> None:
 async def test_fenced_when_replica_has_a_newer_generation(rig: Rig) -> None:
     """A failed-over replica (higher generation) stops this disk's shipping, visibly."""
     await rig.start()
-    await wait_until(rig.settled, within=20)
+    # Past the batch that completes the initial copy too, or it could meet generation 2 first
+    # and fence the VM before the write below (which then fails with EPERM).
+    await wait_until(lambda: rig.settled() and not rig.rep.backlog, within=20)
     rig.replica.generation = 2
     await rig.write(("write", 0, os.urandom(4096)))
     await wait_until(lambda: rig.rep.fenced is not None, within=20)

@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from agents.body import BatchStats, batch_body, make_header
 from agents.cut import Cut
 from agents.disk import TrackedExport
-from agents.ship import BatchStats, batch_body, make_header
 from agents.shiploop import LoopCut, ShipLoop
 from common.hrl import Compression, Consistency
 from tests.support_agent import MiB, make_image
@@ -39,7 +40,6 @@ async def _encode(cut: Cut, header_cut: Cut, seq: int, abandon_after: int) -> li
         consistency=Consistency.CRASH,
         compression=Compression.ZSTD,
         full=False,
-        max_extent=64 * 1024,
     )
     body = batch_body(cut, header, level=1, bucket=None, stats=BatchStats(), max_extent=64 * 1024)
     chunks: list[bytes] = []
@@ -119,3 +119,38 @@ async def test_batches_encoded_on_the_shipping_loop_equal_the_image_at_their_cut
     assert abandoned > 2
     assert copied > 50, "copy-on-write was never exercised"
     assert ops > 500
+
+
+async def test_a_read_hop_leaves_the_shipping_loop_free_while_the_nbd_loop_is_busy(
+    tmp_path: Path,
+) -> None:
+    """A batch awaiting its read hop lets the shipping loop run other uploads meanwhile."""
+    image = make_image(tmp_path / "d.img", 4 * MiB, fill=lambda i: bytes([i + 1]) * MiB)
+    export = TrackedExport(image, "d", block_size=4096, map_path=tmp_path / "d.map")
+    export.open()
+    for offset in (0, MiB, 3 * MiB):
+        export.write(offset, memoryview(b"w" * 4096), False)
+    cut = export.begin_cut()
+    view = LoopCut(cut, asyncio.get_running_loop())
+    ship = ShipLoop()
+
+    async def read_while_ticking() -> tuple[int, list[bytes | bytearray]]:
+        wanted = list(view.plan(64 * 1024))
+        hop = asyncio.ensure_future(view.fetch(wanted))
+        ticks = 0  # another task of the shipping loop, as another disk's upload would be
+        while not hop.done():
+            await asyncio.sleep(0.005)
+            ticks += 1
+        return ticks, await hop
+
+    try:
+        running = asyncio.run_coroutine_threadsafe(read_while_ticking(), ship.loop)
+        # The NBD loop is busy in one long step (what this test is about): the hop waits for it.
+        time.sleep(0.3)  # noqa: ASYNC251
+        ticks, contents = await asyncio.wrap_future(running)
+    finally:
+        export.end_cut(acked=True)
+        await ship.close()
+        export.close()
+    assert contents == [b"w" * 4096] * 3
+    assert ticks >= 10, f"the shipping loop ran only {ticks} steps while the hop waited"
