@@ -32,6 +32,7 @@ from broker.errors import (
 from broker.httperrors import CLIENT_GONE, json_error, model_body, reason_text
 from broker.journal import BatchReceiver, Receipt
 from broker.points import parse_cut, parse_key
+from broker.pools import INGEST, run_in
 from broker.store import Replica, placement_fence
 from broker.views import cut_pending, disk_key_at_cut, point_pending, replica_of, state_json
 from common.config import NAME_PATTERN
@@ -264,7 +265,7 @@ async def _journal(
         ) from None
     try:
         # The per-VM fence (decision 032) before anything is journaled (finish checks it again).
-        await asyncio.to_thread(placement_fence, service.store, replica)
+        await run_in(INGEST, placement_fence, service.store, replica)
     except BaseException:
         engine.ingest_lock.release()
         raise
@@ -277,6 +278,7 @@ async def _journal(
         max_batch_bytes=limit,
         direct=engine.direct_sink(),
         epoch=service.epoch,
+        held=engine.held,
     )
     try:
         chunks: list[bytes] = []
@@ -299,16 +301,16 @@ async def _journal(
                     continue
             if chunks:
                 batch, chunks, pending = chunks, [], 0
-                await asyncio.to_thread(rx.feed_many, batch)
+                await run_in(INGEST, rx.feed_many, batch)
                 if rx.header is not None:
                     progress.seq = rx.header.seq
                 if rx.duplicate:
                     break
             if not chunk:
                 break
-        receipt = await asyncio.to_thread(rx.finish)
+        receipt = await run_in(INGEST, rx.finish)
     except BaseException:
-        await asyncio.to_thread(rx.abort)
+        await run_in(INGEST, rx.abort)
         raise
     finally:
         engine.ingest_lock.release()
