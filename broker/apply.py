@@ -326,6 +326,15 @@ class ReplicaEngine:
         self.apply_one(read_journal(path, self.limits))
         return True
 
+    def _apply_step(self) -> bool:
+        """Apply the next batch if its journal file is there; True if the one after it is
+        there too. Most of the time it is not: the loop then waits for the next wake without
+        another hop that would only scan the journal directory and find nothing."""
+        if not self.apply_next():
+            return False
+        gen, seq = self.next_key()
+        return (self.replica.journal_dir / journal_name(gen, seq)).exists()
+
     def _drop_stale_journal(self) -> None:
         """Remove journal files already applied (a crash between commit and unlink)."""
         m = self.replica.meta
@@ -491,7 +500,7 @@ class ReplicaEngine:
             self._wake.clear()
             try:
                 # One batch per thread hop, so that waiters see progress batch by batch.
-                while not self._stopping and await run_in(APPLY, self.apply_next):
+                while not self._stopping and await run_in(APPLY, self._apply_step):
                     async with self._progress:
                         self._progress.notify_all()
                 async with self._progress:

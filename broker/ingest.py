@@ -263,12 +263,6 @@ async def _journal(
             fix="retry shortly; a stalled upload is dropped after "
             f"{IDLE_TIMEOUT:.0f} s without data",
         ) from None
-    try:
-        # The per-VM fence (decision 032) before anything is journaled (finish checks it again).
-        await run_in(INGEST, placement_fence, service.store, replica)
-    except BaseException:
-        engine.ingest_lock.release()
-        raise
     rx = BatchReceiver(
         service.store,
         replica,
@@ -280,10 +274,24 @@ async def _journal(
         epoch=service.epoch,
         held=engine.held,
     )
+    fence_due = True
+
+    def step(batch: list[bytes], last: bool) -> Receipt | None:
+        # One worker hop does the fence, the bytes read so far and, once the body has ended,
+        # the finish: a batch under _FEED_BYTES (most of them) costs one hop, not three.
+        nonlocal fence_due
+        if fence_due:
+            # The per-VM fence (decision 032) before anything is journaled (finish checks again).
+            placement_fence(service.store, replica)
+            fence_due = False
+        rx.feed_many(batch)
+        return rx.finish() if last or rx.duplicate else None
+
+    receipt: Receipt | None = None
     try:
         chunks: list[bytes] = []
         pending = 0
-        while True:
+        while receipt is None:
             try:
                 async with asyncio.timeout(IDLE_TIMEOUT):
                     chunk = await request.content.readany()
@@ -299,16 +307,10 @@ async def _journal(
                 progress.received += len(chunk)
                 if pending < _FEED_BYTES:
                     continue
-            if chunks:
-                batch, chunks, pending = chunks, [], 0
-                await run_in(INGEST, rx.feed_many, batch)
-                if rx.header is not None:
-                    progress.seq = rx.header.seq
-                if rx.duplicate:
-                    break
-            if not chunk:
-                break
-        receipt = await run_in(INGEST, rx.finish)
+            batch, chunks, pending = chunks, [], 0
+            receipt = await run_in(INGEST, step, batch, not chunk)
+            if rx.header is not None:
+                progress.seq = rx.header.seq
     except BaseException:
         await run_in(INGEST, rx.abort)
         raise
