@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from broker_common import (
     Broker,
     MiB,
+    Pki,
     add_workdir_arguments,
     cleanup,
     make_pki,
@@ -167,7 +168,7 @@ async def run_phase(broker: Broker, phase: Phase, session: aiohttp.ClientSession
     }
 
 
-async def run(args: argparse.Namespace, broker: Broker) -> dict[str, Any]:
+async def run(args: argparse.Namespace, broker: Broker, pki: Pki) -> dict[str, Any]:
     """Encode every phase first, then run them one after the other."""
     phases = [
         Phase("small", args.disks, args.batches, 1, 4096),
@@ -176,7 +177,7 @@ async def run(args: argparse.Namespace, broker: Broker) -> dict[str, Any]:
         Phase("scale", args.disks, max(1, args.batches // 2), 256, 4096),
     ]
     phases = [p for p in phases if p.name in args.phases.split(",")]
-    ctx = client_context(broker_pki(args).agent)
+    ctx = client_context(pki.agent)
     out: dict[str, Any] = {}
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(ssl=ctx, limit=0),
@@ -194,16 +195,6 @@ async def run(args: argparse.Namespace, broker: Broker) -> dict[str, Any]:
             (f["cpu_s"] / f["batches"] - per_batch) / f["extents_per_batch"] * 1e6, 2
         )
     return out
-
-
-_PKI: dict[str, Any] = {}
-
-
-def broker_pki(args: argparse.Namespace) -> Any:
-    """The bench's PKI (made once)."""
-    if "pki" not in _PKI:
-        _PKI["pki"] = make_pki(Path(args.dir) / "pki")
-    return _PKI["pki"]
 
 
 def main() -> None:
@@ -225,10 +216,11 @@ def main() -> None:
     cleanup(work)
     work.mkdir(parents=True)
     os.environ.setdefault("BENCH_LOG", "warning")
-    broker = Broker(work, broker_pki(args), work / "store", cpus=args.cpus)
+    pki = make_pki(work / "pki")
+    broker = Broker(work, pki, work / "store", cpus=args.cpus)
     try:
         broker.start()
-        figures = asyncio.run(run(args, broker))
+        figures = asyncio.run(run(args, broker, pki))
     finally:
         broker.stop()
         if not args.keep:
