@@ -14,6 +14,7 @@ more than ``budget`` bytes of extent data; what does not fit is simply not held.
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Final
 
 from common.hrl import Extent
@@ -57,6 +58,8 @@ class HeldBatches:
         self.budget = budget
         self._batches: dict[tuple[int, int], tuple[list[Extent], int]] = {}
         self._lock = threading.Lock()
+        # An engine dropped without close() must not keep its share of the budget for good.
+        weakref.finalize(self, _give_back_all, budget, self._batches)
 
     def __len__(self) -> int:
         with self._lock:
@@ -97,3 +100,10 @@ class HeldBatches:
             self._batches.clear()
         for nbytes in gone:
             self.budget.give_back(nbytes)
+
+
+def _give_back_all(
+    budget: HeldBudget, batches: dict[tuple[int, int], tuple[list[Extent], int]]
+) -> None:
+    budget.give_back(sum(n for _e, n in batches.values()))
+    batches.clear()

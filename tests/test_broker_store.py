@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -23,7 +24,7 @@ from broker.errors import (
 from broker.journal import BatchReceiver, Receipt
 from broker.store import Replica, Store, journal_name
 from broker.undo import AllocationCursor
-from broker.verified import HeldBatches
+from broker.verified import HeldBatches, HeldBudget
 from common.fsio import data_segments
 from common.hrl import DEFAULT_LIMITS
 from tests.support_broker import FakeSource, MiB
@@ -464,3 +465,20 @@ def test_allocation_cursor_matches_seek_data_walk(tmp_path: Path) -> None:
 
 def _allocated_bytes(runs: list[tuple[int, int, bool]]) -> set[int]:
     return {block for s, n, a in runs if a for block in range(s // 512, (s + n) // 512)}
+
+
+def test_held_extents_stay_within_the_shared_budget() -> None:
+    """Replicas together hold at most the budget of verified extent bytes; what does not fit is
+    not held, and a replica's share comes back when it is taken, cleared or dropped."""
+    budget = HeldBudget(10_000)
+    a, b = HeldBatches(budget), HeldBatches(budget)
+    assert a.put((1, 1), [], 6_000)
+    assert not b.put((1, 1), [], 6_000)  # over the budget: the applier decodes the journal
+    assert b.put((1, 1), [], 4_000)
+    assert budget.used == 10_000
+    assert a.take((1, 1)) == []
+    assert a.take((1, 1)) is None
+    assert budget.used == 4_000
+    del b
+    gc.collect()
+    assert budget.used == 0
