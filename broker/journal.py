@@ -6,7 +6,8 @@
 ``journal/<generation>-<seq>.hrl.part``, so the first bad byte refuses the upload and the
 partial file is deleted. At the trailer: our own index is appended (the extent list, so the
 applier can save undo data without a second decode), the file is fsynced, renamed to ``.hrl``,
-the directory fsynced, ``durable_seq`` saved in meta; then the caller acks.
+the directory fsynced, ``durable_seq`` recorded (in memory: the journal file proves it, and
+start-up recovers it from there; decision 014); then the caller acks.
 
 A journal file is the batch's bytes exactly as received, followed by::
 
@@ -388,13 +389,7 @@ class BatchReceiver:
             os.rename(self._part, final)
             self._part = None
             fsync_dir(final.parent)
-            # On ENOSPC the batch is still durable (its journal file proves it after a restart,
-            # and in memory durable_seq is already set): the agent's retry is answered as a
-            # duplicate.
-            with self.space.refusing_when_full(4096, self._doing()):
-                self.replica.update_meta(
-                    durable_seq=h.seq, durable_cut_ns=h.cut_time_ns, durable_cut_id=h.cut_id
-                )
+            self.replica.note_durable(h.seq, h.cut_time_ns, h.cut_id)
 
     def abort(self) -> None:
         """Forget a refused or interrupted upload: close and delete the partial file."""

@@ -482,3 +482,28 @@ def test_held_extents_stay_within_the_shared_budget() -> None:
     del b
     gc.collect()
     assert budget.used == 0
+
+
+def test_durable_counters_come_back_from_the_journal_after_a_crash(tmp_path: Path) -> None:
+    """A durable batch's seq and cut are kept in memory only at the ack; after a crash the
+    broker recovers them from its journal file's header, so the agent's resend is a duplicate
+    and an older cut id is still refused."""
+    store = make_store(tmp_path)
+    src = FakeSource()
+    replica = enable(store, src)
+    eng = engine(store, replica)
+    src.mutate()
+    journal(store, replica, src.cut().body)
+    eng.apply_pending()
+    src.mutate()
+    second = src.cut()
+    journal(store, replica, second.body)
+    saved = json.loads((replica.path / "meta.json").read_text())
+    assert (saved["durable_seq"], saved["durable_cut_id"]) == (1, 1)  # no meta write at the ack
+    eng.close()
+
+    replica2 = Store(store.root).get(*replica.key)  # "restart"
+    assert replica2 is not None
+    m = replica2.meta
+    assert (m.durable_seq, m.durable_cut_id, m.durable_cut_ns) == (2, 2, second.cut_ns)
+    assert journal(store, replica2, second.body).duplicate
