@@ -24,7 +24,7 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -34,10 +34,12 @@ import xxhash
 from broker.errors import ApplyVerifyError, BrokerError, FencedError, StoreCorrupt
 from broker.journal import JournalEntry, clean_partials, read_journal
 from broker.points import PointsIndex, PointView, StateInfo
+from broker.pools import APPLY, run_in
 from broker.space import is_full
 from broker.store import AppliedRecord, Replica, Store, journal_name
 from broker.unchanged import Unchanged
 from broker.undo import undo_size_bound
+from broker.verified import HeldBatches
 from common.fsio import punch_hole, pwrite_all, start_writeback
 from common.hrl import DEFAULT_LIMITS, DecodeLimits, Extent, ExtentKind
 from common.logs import get_logger
@@ -132,6 +134,8 @@ class ReplicaEngine:
         self._mmap = mmap.mmap(self._fd, size, prot=mmap.PROT_READ) if size else None
         self._image_view = memoryview(self._mmap) if self._mmap is not None else memoryview(b"")
         self.apply_lock = threading.Lock()
+        self.held = HeldBatches()
+        """Verified extents of durable batches, handed over by the ingest (decision 014)."""
         self._stopping = False
         self._unflushed = 0  # bytes written since writeback was last started
         self._task: asyncio.Task[None] | None = None
@@ -232,6 +236,15 @@ class ReplicaEngine:
         self.apply_one(read_journal(path, self.limits))
         return True
 
+    def _apply_step(self) -> bool:
+        """Apply the next batch if its journal file is there; True if the one after it is
+        there too. Most of the time it is not: the loop then waits for the next wake without
+        another hop that would only scan the journal directory and find nothing."""
+        if not self.apply_next():
+            return False
+        gen, seq = self.next_key()
+        return (self.replica.journal_dir / journal_name(gen, seq)).exists()
+
     def _drop_stale_journal(self) -> None:
         """Remove journal files already applied (a crash between commit and unlink)."""
         m = self.replica.meta
@@ -259,6 +272,7 @@ class ReplicaEngine:
         if entry.key != self.next_key():
             if entry.key <= (r.meta.applied_generation, r.meta.applied_seq):
                 entry.path.unlink(missing_ok=True)
+                self.held.drop_through(entry.key)
                 return
             raise StoreCorrupt(
                 f"journal of {r.label} holds batch {entry.key} but the next to apply is "
@@ -296,7 +310,7 @@ class ReplicaEngine:
             # A crash came after the capture: the image may hold part of this batch already.
             self.log.info("undo_reused", seq=h.seq)
             self.points.publish(seg)
-        for ext in entry.iter_extents(self.limits):
+        for ext in self._extents_of(entry):
             self.write_extent(ext, ext_seq=h.seq)
         os.fdatasync(self._fd)
         _fault_slow_apply(self.log, h.seq)
@@ -340,6 +354,15 @@ class ReplicaEngine:
             undo_bytes=seg.size_bytes,
         )
 
+    def _extents_of(self, entry: JournalEntry) -> Iterable[Extent]:
+        """The batch's verified extents as the ingest held them, else decoded from its journal
+        file; held ones must list exactly the ranges of the file's index (decision 014)."""
+        held = self.held.take(entry.key)
+        self.held.drop_through(entry.key)
+        if held is not None and [(e.offset, e.length, e.kind) for e in held] == entry.extents:
+            return held
+        return entry.iter_extents(self.limits)
+
     def write_extent(self, ext: Extent, *, ext_seq: int | None) -> None:
         """Write one verified extent to the image; DATA is read back against its checksum."""
         fd = self._fd
@@ -382,7 +405,7 @@ class ReplicaEngine:
             self._wake.clear()
             try:
                 # One batch per thread hop, so that waiters see progress batch by batch.
-                while not self._stopping and await asyncio.to_thread(self.apply_next):
+                while not self._stopping and await run_in(APPLY, self._apply_step):
                     async with self._progress:
                         self._progress.notify_all()
                 async with self._progress:
@@ -475,6 +498,7 @@ class ReplicaEngine:
 
     def close(self) -> None:
         """Release descriptors (after :meth:`stop`)."""
+        self.held.clear()
         self.points.close()
         self._image_view.release()
         if self._mmap is not None:

@@ -33,6 +33,7 @@ from broker.errors import (
 from broker.httperrors import CLIENT_GONE, json_error, model_body, reason_text
 from broker.journal import BatchReceiver, Receipt
 from broker.points import parse_cut, parse_key
+from broker.pools import INGEST, run_in
 from broker.store import Replica, placement_fence
 from broker.views import cut_pending, disk_key_at_cut, point_pending, replica_of, state_json
 from common.config import NAME_PATTERN
@@ -263,12 +264,6 @@ async def _journal(
             fix="retry shortly; a stalled upload is dropped after "
             f"{IDLE_TIMEOUT:.0f} s without data",
         ) from None
-    try:
-        # The per-VM fence (decision 032) before anything is journaled (finish checks it again).
-        await asyncio.to_thread(placement_fence, service.store, replica)
-    except BaseException:
-        engine.ingest_lock.release()
-        raise
     rx = BatchReceiver(
         service.store,
         replica,
@@ -278,11 +273,26 @@ async def _journal(
         max_batch_bytes=limit,
         direct=DirectApply(engine),
         epoch=service.epoch,
+        held=engine.held,
     )
+    fence_due = True
+
+    def step(batch: list[bytes], last: bool) -> Receipt | None:
+        # One worker hop does the fence, the bytes read so far and, once the body has ended,
+        # the finish: a batch under _FEED_BYTES (most of them) costs one hop, not three.
+        nonlocal fence_due
+        if fence_due:
+            # The per-VM fence (decision 032) before anything is journaled (finish checks again).
+            placement_fence(service.store, replica)
+            fence_due = False
+        rx.feed_many(batch)
+        return rx.finish() if last or rx.duplicate else None
+
+    receipt: Receipt | None = None
     try:
         chunks: list[bytes] = []
         pending = 0
-        while True:
+        while receipt is None:
             try:
                 async with asyncio.timeout(IDLE_TIMEOUT):
                     chunk = await request.content.readany()
@@ -298,18 +308,12 @@ async def _journal(
                 progress.received += len(chunk)
                 if pending < _FEED_BYTES:
                     continue
-            if chunks:
-                batch, chunks, pending = chunks, [], 0
-                await asyncio.to_thread(rx.feed_many, batch)
-                if rx.header is not None:
-                    progress.seq = rx.header.seq
-                if rx.duplicate:
-                    break
-            if not chunk:
-                break
-        receipt = await asyncio.to_thread(rx.finish)
+            batch, chunks, pending = chunks, [], 0
+            receipt = await run_in(INGEST, step, batch, not chunk)
+            if rx.header is not None:
+                progress.seq = rx.header.seq
     except BaseException:
-        await asyncio.to_thread(rx.abort)
+        await run_in(INGEST, rx.abort)
         raise
     finally:
         engine.ingest_lock.release()

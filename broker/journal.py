@@ -6,7 +6,8 @@
 ``journal/<generation>-<seq>.hrl.part``, so the first bad byte refuses the upload and the
 partial file is deleted. At the trailer: our own index is appended (the extent list, so the
 applier can save undo data without a second decode), the file is fsynced, renamed to ``.hrl``,
-the directory fsynced, ``durable_seq`` saved in meta; then the caller acks.
+the directory fsynced, ``durable_seq`` recorded (in memory: the journal file proves it, and
+start-up recovers it from there; decision 014); then the caller acks.
 
 A journal file is the batch's bytes exactly as received, followed by::
 
@@ -41,6 +42,7 @@ from broker.errors import (
 )
 from broker.space import StoreSpace
 from broker.store import Replica, Store, journal_name
+from broker.verified import BATCH_LIMIT, HeldBatches
 from common.fsio import fsync_dir, start_writeback, write_all
 from common.hrl import (
     NEED_DATA,
@@ -120,8 +122,13 @@ class BatchReceiver:
         max_batch_bytes: int,
         direct: DirectSink | None = None,
         epoch: int | None = None,
+        held: HeldBatches | None = None,
     ) -> None:
         self.store = store
+        self.held = held
+        """Where the verified extents go for the applier (decision 014); None: not kept."""
+        self._kept: list[Extent] | None = [] if held is not None else None
+        self._kept_bytes = 0
         self.epoch = epoch
         """The owner epoch the batch is made durable under (``None``: no fence, for tools)."""
         self.direct = direct
@@ -202,8 +209,19 @@ class BatchReceiver:
                     continue
                 self._index += _IDX_ENTRY.pack(event.offset, event.length, int(event.kind))
                 self._count += 1
+                self._keep(event)
             elif isinstance(event, BatchEnd):
                 return
+
+    def _keep(self, ext: Extent) -> None:
+        if self._kept is None:
+            return
+        # Count the extent's bookkeeping too, so a batch of many ZERO extents is bounded.
+        self._kept_bytes += (len(ext.data) if ext.data is not None else 0) + 64
+        if self._kept_bytes > BATCH_LIMIT:
+            self._kept = None  # too big to hold: the applier decodes the journal file
+        else:
+            self._kept.append(ext)
 
     def _check_header(self, h: BatchHeader) -> None:
         r = self.replica
@@ -342,6 +360,26 @@ class BatchReceiver:
             os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
+        # Held before the rename: the applier may pick the file up the instant it is published.
+        held = self.held if self._kept is not None and self.held is not None else None
+        if held is not None and self._kept is not None:
+            held.put((h.generation, h.seq), self._kept, self._kept_bytes)
+            self._kept = None
+        try:
+            self._publish(h)
+        except BaseException:
+            if held is not None:
+                # Never durable here: the agent's resend of this seq may differ.
+                held.take((h.generation, h.seq))
+            raise
+        _fault_die_before_ack(self.replica)
+        return Receipt(
+            acked_seq=h.seq, duplicate=False, generation=h.generation, journal_bytes=self.received
+        )
+
+    def _publish(self, h: BatchHeader) -> None:
+        """Rename the fsynced ``.part`` to its final name and record ``durable_seq``."""
+        assert self._part is not None
         with contextlib.ExitStack() as section:
             if self.epoch is not None:
                 # A deposed owner must not publish a journal file or write meta.json over the
@@ -351,17 +389,7 @@ class BatchReceiver:
             os.rename(self._part, final)
             self._part = None
             fsync_dir(final.parent)
-            # On ENOSPC the batch is still durable (its journal file proves it after a restart,
-            # and in memory durable_seq is already set): the agent's retry is answered as a
-            # duplicate.
-            with self.space.refusing_when_full(4096, self._doing()):
-                self.replica.update_meta(
-                    durable_seq=h.seq, durable_cut_ns=h.cut_time_ns, durable_cut_id=h.cut_id
-                )
-        _fault_die_before_ack(self.replica)
-        return Receipt(
-            acked_seq=h.seq, duplicate=False, generation=h.generation, journal_bytes=self.received
-        )
+            self.replica.note_durable(h.seq, h.cut_time_ns, h.cut_id)
 
     def abort(self) -> None:
         """Forget a refused or interrupted upload: close and delete the partial file."""

@@ -40,6 +40,7 @@ from broker.undo import (
     _NAME_RE,
     _READ_CHUNK,
     KIND_DATA,
+    AllocationCursor,
     Entry,
     RWLock,
     SegmentFile,
@@ -59,7 +60,7 @@ from broker.undo import CutKey as CutKey  # noqa: PLC0414
 from broker.undo import Key as Key  # noqa: PLC0414
 from broker.undo import StateInfo as StateInfo  # noqa: PLC0414
 from broker.undo import key_text as key_text  # noqa: PLC0414
-from common.fsio import data_segments, pread_exact
+from common.fsio import pread_exact
 from common.logs import get_logger
 
 _log = get_logger("broker.points")
@@ -399,9 +400,10 @@ class PointsIndex:
         and fsynced when this returns; it is not yet visible to views (see :meth:`publish`).
         """
         writer = SegmentWriter(self.dir, top.key, top.key)
+        cursor = AllocationCursor(image_fd)
         try:
             for offset, length in ranges:
-                for start, run, allocated in data_segments(image_fd, offset, length):
+                for start, run, allocated in cursor.segments(offset, length):
                     if not allocated:
                         writer.add_zero(start, run)
                         continue

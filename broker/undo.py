@@ -21,6 +21,7 @@ applier writes the image only after the segment is complete and fsynced.
 from __future__ import annotations
 
 import bisect
+import errno
 import json
 import os
 import re
@@ -34,7 +35,7 @@ from typing import Any, Final
 
 import xxhash
 
-from common.fsio import fsync_dir, is_zero, pread_exact
+from common.fsio import UNSUPPORTED_ERRNOS, fsync_dir, is_zero, pread_exact
 
 Key = tuple[int, int]
 """A state of the disk: ``(generation, seq)`` of the last batch applied to reach it."""
@@ -449,3 +450,49 @@ def cover_bytes(coverage: int, grain: int) -> int:
     writer joins neighbouring data), meta and footer."""
     stretches = (coverage ^ (coverage << 8)).bit_count() + 2
     return coverage.bit_count() * grain + _ENTRY.size * stretches + 4096 + _FOOTER.size
+
+
+class AllocationCursor:
+    """``data_segments`` for many ranges of one file in increasing order, remembering what
+    ``SEEK_DATA``/``SEEK_HOLE`` said: the next range inside a data run or hole already found
+    costs no system call. A capture of 256 random 4 KiB ranges made two ``lseek`` per range,
+    each a hand-over of the GIL (issue 10, point 3). The file must not change meanwhile."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._data = (0, 0)  # the last data run found, [start, end)
+        self._hole = (0, 0)  # the last hole found, [start, end)
+
+    def segments(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+        """``(start, length, allocated)`` runs covering ``[offset, offset + length)``."""
+        pos, end = offset, offset + length
+        while pos < end:
+            if (
+                not self._data[0] <= pos < self._data[1]
+                and not self._hole[0] <= pos < self._hole[1]
+            ):
+                self._learn(pos)
+            data_start, data_end = self._data
+            if data_start <= pos < data_end:
+                stop = min(end, data_end)
+                yield pos, stop - pos, True
+            else:
+                stop = min(end, self._hole[1])
+                yield pos, stop - pos, False
+            pos = stop
+
+    def _learn(self, pos: int) -> None:
+        try:
+            data = os.lseek(self.fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after pos
+                self._hole = (pos, 1 << 63)
+                return
+            if exc.errno in UNSUPPORTED_ERRNOS:  # the file system cannot tell: all data
+                self._data = (pos, 1 << 63)
+                return
+            raise
+        if data > pos:
+            self._hole = (pos, data)
+            return
+        self._data = (data, os.lseek(self.fd, data, os.SEEK_HOLE))

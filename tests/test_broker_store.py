@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,10 @@ from broker.errors import (
     StorageFullError,
 )
 from broker.journal import BatchReceiver, Receipt
-from broker.store import Replica, Store
+from broker.store import Replica, Store, journal_name
+from broker.undo import AllocationCursor
+from broker.verified import HeldBatches, HeldBudget
+from common.fsio import data_segments
 from common.hrl import DEFAULT_LIMITS
 from tests.support_broker import FakeSource, MiB
 
@@ -47,7 +52,12 @@ def enable(store: Store, src: FakeSource) -> Replica:
 
 
 def journal(
-    store: Store, replica: Replica, body: bytes, chunk: int = 7000, min_free: int = 0
+    store: Store,
+    replica: Replica,
+    body: bytes,
+    chunk: int = 7000,
+    min_free: int = 0,
+    held: HeldBatches | None = None,
 ) -> Receipt:
     rx = BatchReceiver(
         store,
@@ -56,6 +66,7 @@ def journal(
         limits=DEFAULT_LIMITS,
         min_free_bytes=min_free,
         max_batch_bytes=1 << 40,
+        held=held,
     )
     try:
         for i in range(0, len(body), chunk):
@@ -161,6 +172,30 @@ def test_journal_apply_roundtrip(tmp_path: Path) -> None:
     assert [r.seq for r in replica.applied_records()] == list(range(1, 11))
     assert list(replica.journal_dir.iterdir()) == []
     assert replica.meta.initial_sync == "complete"
+
+
+def test_apply_writes_the_extents_the_ingest_verified(tmp_path: Path) -> None:
+    """A batch applies from the extents its ingest verified, without decoding its journal file
+    again; held extents that do not list the journal index's ranges are not trusted."""
+    store = make_store(tmp_path)
+    src = FakeSource()
+    replica = enable(store, src)
+    eng = engine(store, replica)
+    src.mutate()
+    journal(store, replica, src.cut().body, held=eng.held)
+    path = replica.journal_dir / journal_name(1, 1)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # only a second decode of the file would see this
+    path.write_bytes(raw)
+    assert eng.apply_pending() == 1
+    assert image(replica) == bytes(src.image)
+    src.mutate()
+    journal(store, replica, src.cut().body, held=eng.held)
+    eng.held.put((1, 2), [], 0)  # a stale entry: the journal lists other extents
+    assert eng.apply_pending() == 1
+    assert image(replica) == bytes(src.image)
+    assert len(eng.held) == 0
+    eng.close()
 
 
 def test_refusals_leave_no_partial_file(tmp_path: Path) -> None:
@@ -399,3 +434,76 @@ def test_a_new_owner_takes_a_replica_over_only_after_its_write_section(tmp_path:
     assert taken.key == replica.key
     with pytest.raises(FencedError), old.writing(replica, EPOCH):
         pass
+
+
+def test_allocation_cursor_matches_seek_data_walk(tmp_path: Path) -> None:
+    """The undo capture's remembering hole/data walk reports the same runs as one
+    SEEK_DATA/SEEK_HOLE walk per range, over a sparse file of random data and holes."""
+    rng = random.Random(7)
+    path = tmp_path / "sparse.img"
+    size = 16 * MiB
+    with path.open("wb") as fh:
+        fh.truncate(size)
+        for _ in range(60):
+            at = rng.randrange(0, size // 4096) * 4096
+            fh.seek(at)
+            fh.write(rng.randbytes(4096 * rng.randint(1, 40))[: size - at])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        cursor = AllocationCursor(fd)
+        for _ in range(400):
+            offset = rng.randrange(0, size // 512) * 512
+            length = min(size - offset, rng.choice((512, 4096, 65536, 3 * MiB)))
+            got = list(cursor.segments(offset, length))
+            want = list(data_segments(fd, offset, length))
+            # Either walk may split a run where the other does not: compare byte by byte.
+            assert _allocated_bytes(got) == _allocated_bytes(want), (offset, length)
+            assert sum(n for _s, n, _a in got) == length
+    finally:
+        os.close(fd)
+
+
+def _allocated_bytes(runs: list[tuple[int, int, bool]]) -> set[int]:
+    return {block for s, n, a in runs if a for block in range(s // 512, (s + n) // 512)}
+
+
+def test_held_extents_stay_within_the_shared_budget() -> None:
+    """Replicas together hold at most the budget of verified extent bytes; what does not fit is
+    not held, and a replica's share comes back when it is taken, cleared or dropped."""
+    budget = HeldBudget(10_000)
+    a, b = HeldBatches(budget), HeldBatches(budget)
+    assert a.put((1, 1), [], 6_000)
+    assert not b.put((1, 1), [], 6_000)  # over the budget: the applier decodes the journal
+    assert b.put((1, 1), [], 4_000)
+    assert budget.used == 10_000
+    assert a.take((1, 1)) == []
+    assert a.take((1, 1)) is None
+    assert budget.used == 4_000
+    del b
+    gc.collect()
+    assert budget.used == 0
+
+
+def test_durable_counters_come_back_from_the_journal_after_a_crash(tmp_path: Path) -> None:
+    """A durable batch's seq and cut are kept in memory only at the ack; after a crash the
+    broker recovers them from its journal file's header, so the agent's resend is a duplicate
+    and an older cut id is still refused."""
+    store = make_store(tmp_path)
+    src = FakeSource()
+    replica = enable(store, src)
+    eng = engine(store, replica)
+    src.mutate()
+    journal(store, replica, src.cut().body)
+    eng.apply_pending()
+    src.mutate()
+    second = src.cut()
+    journal(store, replica, second.body)
+    saved = json.loads((replica.path / "meta.json").read_text())
+    assert (saved["durable_seq"], saved["durable_cut_id"]) == (1, 1)  # no meta write at the ack
+    eng.close()
+
+    replica2 = Store(store.root).get(*replica.key)  # "restart"
+    assert replica2 is not None
+    m = replica2.meta
+    assert (m.durable_seq, m.durable_cut_id, m.durable_cut_ns) == (2, 2, second.cut_ns)
+    assert journal(store, replica2, second.body).duplicate

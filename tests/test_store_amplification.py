@@ -19,7 +19,7 @@ from tests.test_broker_store import enable, engine, journal
 JOURNAL_WRITES_PER_SHIPPED = 1.01
 APPLY_WRITES_PER_CHANGED = (1.95, 2.05)  # the image, plus the undo of what it overwrote
 APPLY_READS_PER_CHANGED_OVER_SHIPPED = (0.95, 1.05)  # the old data, plus the journal back
-SYNCS_PER_BATCH = 10  # journal 4, apply 6 (one disk, one undo segment)
+SYNCS_PER_BATCH = 8  # journal 2, apply 6 (one disk, one undo segment)
 
 
 def _io() -> dict[str, int]:
