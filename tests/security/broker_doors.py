@@ -127,6 +127,18 @@ async def world(pki: PKI, expired: TLSFiles, tmp_path: Path) -> AsyncIterator[Br
         yield BrokerWorld(svc, pki, src, expired)
 
 
+REPLICATION_PREFIX = "/v1/replicas/"
+# Agent routes outside the prefix: the shared idle statement names its VMs in the body and
+# authorises each one there (proven VM by VM in tests/security/test_broker_current.py).
+AGENT_ROUTES = frozenset({"/v1/current"})
+
+
+def is_agent_route(template: str) -> bool:
+    """Whether ``template`` is a route for replicating agents (every other route is an
+    admin's)."""
+    return template.startswith(REPLICATION_PREFIX) or template in AGENT_ROUTES
+
+
 def route_url(world: BrokerWorld, template: str) -> str:
     """A route template of the broker's router filled in for ``src`` (VM ``web1``); any other
     name (an export's, say) is ``x``."""

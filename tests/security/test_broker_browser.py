@@ -21,6 +21,7 @@ from tests.security.broker_doors import (
     enable_body,
     expired,
     https,
+    is_agent_route,
     quiesce,
     route_url,
     snapshot,
@@ -75,7 +76,7 @@ async def attempt(
 ) -> None:
     """Send one route a request with the certificate authorised for it and a body that would
     succeed, marked by ``headers``; refused when answered ``want`` with nothing changed."""
-    replication = template.startswith("/v1/replicas/")
+    replication = is_agent_route(template)
     tls = world.pki.agents["h1"] if replication else world.pki.admin
     if template.endswith("/batches"):
         world.src.mutate(2)

@@ -2,9 +2,10 @@
 
 The routes come from the broker's own router (:func:`broker.app.build_app`), so a route
 added later is attempted here without anyone writing a test for it: every route outside
-``/v1/replicas/`` is an admin route and must refuse an agent certificate; every replication
-route must refuse a broker certificate and another agent's; the replication routes that change
-state must refuse an admin certificate.
+``/v1/replicas/`` (and the shared idle statement, ``/v1/current``) is an admin route and must
+refuse an agent certificate; every agent route must refuse a broker certificate, every
+replication route another agent's; the agent routes that change state must refuse an admin
+certificate.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from broker.app import build_app
 from common.hrl import BATCH_CONTENT_TYPE
 from common.tls import client_context
 from tests.security.broker_doors import (
+    REPLICATION_PREFIX,
     BrokerWorld,
     enable_body,
     expired,
     https,
+    is_agent_route,
     route_url,
     snapshot,
     world,
@@ -26,7 +29,6 @@ from tests.security.rows import Door
 __all__ = ["expired", "world"]
 
 SURFACE = "broker HTTPS"
-REPLICATION_PREFIX = "/v1/replicas/"
 READS = {"GET", "HEAD"}
 
 
@@ -82,7 +84,7 @@ async def attempt(
 
 async def test_an_agent_certificate_on_every_admin_route(world: BrokerWorld, door: Door) -> None:
     """The replicating agent's own certificate is refused on every admin route."""
-    admin_routes = [r for r in routes(world) if not r[1].startswith(REPLICATION_PREFIX)]
+    admin_routes = [r for r in routes(world) if not is_agent_route(r[1])]
     assert admin_routes
     for method, template in admin_routes:
         await attempt(world, door, "agent h1", "agent h1", method, template)
@@ -92,16 +94,16 @@ async def test_a_broker_certificate_on_every_replication_route(
     world: BrokerWorld, door: Door
 ) -> None:
     """A broker's certificate (a valid identity of our CA, the wrong role) is refused on every
-    replication route."""
+    agent route."""
     for method, template in routes(world):
-        if template.startswith(REPLICATION_PREFIX):
+        if is_agent_route(template):
             await attempt(world, door, "broker c1/b1", "broker c1/b1", method, template)
 
 
 async def test_an_admin_certificate_on_replication_writes(world: BrokerWorld, door: Door) -> None:
     """An admin certificate cannot create a replica or upload a batch (admins may read a
     replica's state and hashes, as they read every status)."""
-    writes = [r for r in routes(world) if r[1].startswith(REPLICATION_PREFIX) and r[0] not in READS]
+    writes = [r for r in routes(world) if is_agent_route(r[1]) and r[0] not in READS]
     assert writes
     for method, template in writes:
         await attempt(world, door, "admin alice", "admin alice", method, template)
