@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agents import compress
-from agents.body import BatchStats, batch_body, make_header
+from agents.body import BatchStats
 from agents.compress import ADAPT_MAX, BigExtents, next_level
 from agents.disk import TrackedExport
 from common.hrl import (
@@ -23,6 +23,7 @@ from common.hrl import (
     xxh64_of,
 )
 from tests.support_agent import MiB, make_image
+from tests.support_body import encode_cut
 
 
 def _header(count: int, data_bytes: int, size: int) -> BatchHeader:
@@ -69,20 +70,8 @@ async def test_full_batch_of_a_mixed_disk_decodes_to_its_bytes(tmp_path: Path) -
     try:
         cut = export.begin_cut()
         cut.add_full_range(0, size, export.fd)
-        header = make_header(
-            vm_uuid=uuid.UUID(int=1),
-            disk_id="d",
-            generation=1,
-            seq=1,
-            cut=cut,
-            consistency=Consistency.CRASH,
-            compression=Compression.ZSTD,
-            full=True,
-        )
         stats = BatchStats()
-        body = b"".join(
-            [c async for c in batch_body(cut, header, level=-3, bucket=None, stats=stats)]
-        )
+        body = await encode_cut(cut, compression=Compression.ZSTD, full=True, level=-3, stats=stats)
         export.end_cut(acked=True)
     finally:
         export.close()

@@ -12,18 +12,17 @@ import asyncio
 import os
 import random
 import threading
-import uuid
 from pathlib import Path
 
 import pytest
 
-from agents.body import BatchStats, batch_body, make_header
+from agents.body import BatchStats, batch_body
 from agents.cut import Cut
 from agents.disk import TrackedExport
 from agents.replicate import DiskReplicator
 from agents.service import Agent
 from common.config import AgentConfig, load_config
-from common.hrl import Compression, Consistency, ExtentKind, decode_batch
+from common.hrl import Compression, ExtentKind, decode_batch
 from tests.fixtures_pki import make_pki
 from tests.support_agent import (
     DiskSpec,
@@ -34,6 +33,7 @@ from tests.support_agent import (
     make_image,
     write_agent_config,
 )
+from tests.support_body import cut_header
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -118,16 +118,7 @@ async def test_hammered_cuts_equal_point_in_time_images(
             cut: Cut = export.begin_cut()
             snapshot = image.read_bytes()  # same loop step as the cut: the point in time
             cuts += 1
-            header = make_header(
-                vm_uuid=uuid.UUID(int=1),
-                disk_id="d",
-                generation=1,
-                seq=seq + 1,
-                cut=cut,
-                consistency=Consistency.CRASH,
-                compression=Compression.ZSTD,
-                full=False,
-            )
+            header = cut_header(cut, compression=Compression.ZSTD, full=False, seq=seq + 1)
             body = batch_body(
                 cut, header, level=1, bucket=None, stats=BatchStats(), max_extent=64 * 1024
             )

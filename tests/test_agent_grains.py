@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -13,13 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import agents.body
-from agents.body import BatchStats, batch_body, make_header
+from agents.body import BatchStats
 from agents.cut import CowStore, Cut
 from agents.dirtymap import CLEAN, DATA, TRIM, ZERO, DirtyMap
 from agents.disk import TrackedExport
 from agents.grains import GrainBits
-from common.hrl import Compression, Consistency, ExtentKind, decode_batch
+from common.hrl import Compression, ExtentKind, decode_batch
 from tests.support_agent import MiB, make_image
+from tests.support_body import encode_cut
 
 GRAIN = 4096
 
@@ -176,20 +176,8 @@ async def test_random_4k_writes_ship_what_was_written(
             export.write(offset, memoryview(rng.randbytes(4096)), False)
             written += 4096
         cut = export.begin_cut()
-        header = make_header(
-            vm_uuid=uuid.UUID(int=1),
-            disk_id="d",
-            generation=1,
-            seq=1,
-            cut=cut,
-            consistency=Consistency.CRASH,
-            compression=Compression.NONE,
-            full=False,
-        )
         stats = BatchStats()
-        body = b"".join(
-            [c async for c in batch_body(cut, header, level=1, bucket=None, stats=stats)]
-        )
+        body = await encode_cut(cut, compression=Compression.NONE, full=False, level=1, stats=stats)
         export.end_cut(acked=True)
         for ext in decode_batch(body)[1]:
             assert ext.kind is ExtentKind.DATA
