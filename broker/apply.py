@@ -31,12 +31,13 @@ from typing import Any, Final, Literal
 import structlog
 import xxhash
 
+from broker.applied import applied_record
 from broker.errors import ApplyVerifyError, BrokerError, FencedError, StoreCorrupt
 from broker.journal import JournalEntry, clean_partials, read_journal
 from broker.points import PointsIndex, PointView, StateInfo
 from broker.pools import APPLY, run_in
 from broker.space import is_full
-from broker.store import AppliedRecord, Replica, Store, journal_name
+from broker.store import Replica, Store, journal_name
 from broker.unchanged import Unchanged
 from broker.undo import undo_size_bound
 from broker.verified import HeldBatches
@@ -316,19 +317,7 @@ class ReplicaEngine:
         _fault_slow_apply(self.log, h.seq)
         self.store.check_epoch(epoch, r)  # a takeover during the writes must not be committed over
         # 4. commit: the audit line is the single point where the batch becomes applied.
-        r.append_applied(
-            AppliedRecord(
-                generation=h.generation,
-                seq=h.seq,
-                cut_ns=h.cut_time_ns,
-                consistency=int(h.consistency),
-                full=h.full,
-                epoch=epoch,
-                applied_ns=time.time_ns(),
-                cut_id=h.cut_id,
-                first_change_cut=h.first_change_cut,
-            )
-        )
+        r.append_applied(applied_record(h, epoch))
         sync = r.meta.initial_sync
         if h.full:
             sync = "in_progress"

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from typing import TYPE_CHECKING
 
-from broker.store import AppliedRecord
+from broker.applied import applied_record
 from common.hrl import BatchHeader, Extent
 
 if TYPE_CHECKING:
@@ -64,19 +63,7 @@ class DirectApply:
         try:
             os.fdatasync(e.image_fd)
             e.store.check_epoch(self._epoch, r)
-            r.append_applied(
-                AppliedRecord(
-                    generation=header.generation,
-                    seq=header.seq,
-                    cut_ns=header.cut_time_ns,
-                    consistency=int(header.consistency),
-                    full=True,
-                    epoch=self._epoch,
-                    applied_ns=time.time_ns(),
-                    cut_id=header.cut_id,
-                    first_change_cut=header.first_change_cut,
-                )
-            )
+            r.append_applied(applied_record(header, self._epoch))
             r.update_meta(
                 durable_seq=header.seq,
                 durable_cut_ns=header.cut_time_ns,
