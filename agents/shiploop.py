@@ -27,8 +27,10 @@ from uuid import UUID
 
 from agents.cut import Cut, PlannedExtent
 from agents.ship import Ack, BrokerClient
+from common.logs import get_logger
 
 T = TypeVar("T")
+log = get_logger("agents.shiploop")
 
 _PLAN_CHUNK = 512  # planned extents between two checks that the cut is still held
 # How long a thread holding the GIL keeps it while another waits: CPython's 5 ms default would
@@ -37,15 +39,24 @@ SWITCH_INTERVAL = 0.0005
 
 
 class ShipLoop:
-    """An event loop in a thread of its own, for the uploads of every disk."""
+    """An event loop in a thread of its own, for the uploads of every disk.
 
-    def __init__(self) -> None:
+    The thread runs ``nice`` steps below the process (decision 028), and so do the worker
+    threads it starts (compression): when guest requests and shipping want the same core, the
+    kernel runs the guest's first. Shipping still gets the CPU the guest leaves.
+    """
+
+    def __init__(self, nice: int = 0) -> None:
         sys.setswitchinterval(SWITCH_INTERVAL)
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self.loop.run_forever, name="replikant-ship", daemon=True
-        )
+        self.nice = nice
+        self._thread = threading.Thread(target=self._run, name="replikant-ship", daemon=True)
         self._thread.start()
+
+    def _run(self) -> None:
+        if self.nice:
+            lower_this_thread(self.nice)
+        self.loop.run_forever()
 
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the shipping loop; cancelling the caller cancels it there too."""
@@ -63,6 +74,21 @@ class ShipLoop:
         await asyncio.to_thread(self._thread.join, 10)
         if not self._thread.is_alive():
             self.loop.close()
+
+
+def lower_this_thread(steps: int) -> None:
+    """Lower the calling thread's CPU priority by ``steps`` nice levels (at most to 19).
+
+    Linux keeps a nice value per thread, and threads inherit their creator's: so the shipping
+    thread and the executor threads it starts run lower, the NBD loop's thread does not. A
+    kernel that refuses (a seccomp profile, say) costs only the priority, with a warning.
+    """
+    tid = threading.get_native_id()
+    try:
+        now = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, now + steps))
+    except OSError as exc:
+        log.warning("shipping_priority_unchanged", steps=steps, error=str(exc))
 
 
 def _submit(home: asyncio.AbstractEventLoop, fn: Callable[[], T]) -> concurrent.futures.Future[T]:

@@ -38,6 +38,7 @@ from agents.body import BatchStats, batch_body, make_header
 from agents.cut import Cut
 from agents.disk import TrackedExport
 from agents.shiploop import LoopCut, ShipLoop
+from common.config import AgentSection
 from common.hrl import BatchHeader, Compression, Consistency
 from common.nbd.server import NBDServer
 
@@ -120,7 +121,7 @@ async def guest(args: argparse.Namespace, export: TrackedExport, tmp: Path) -> N
     server = NBDServer([export], default_export="d")
     sock = tmp / "d.sock"
     await server.serve_unix(sock)
-    ship = ShipLoop()
+    ship = ShipLoop(nice=args.nice)
     runs: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
     try:
         for rnd in range(args.rounds):
@@ -163,6 +164,12 @@ async def main() -> None:
     ap.add_argument("--dir", default="/dev/shm")
     ap.add_argument("--guest", action="store_true", help="fio's latency with shipping on/off")
     ap.add_argument("--seconds", type=float, default=10.0, help="per fio run (--guest)")
+    ap.add_argument(
+        "--nice",
+        type=int,
+        default=AgentSection.model_fields["shipping_nice"].default,
+        help="the shipping threads' nice steps (--guest; default: the agent's)",
+    )
     args = ap.parse_args()
     rng = random.Random(1)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:

@@ -209,6 +209,14 @@ class AgentSection(_Strict):
         "survives host crashes without a hash compare (costs a sync on the write path)",
     )
 
+    shipping_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="how many nice levels below the NBD server the shipping threads run "
+        "(decision 028): guest requests first when both want a core; 0 for equal shares",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _no_tcp_listener(cls, data: object) -> object:

@@ -69,6 +69,16 @@ def test_every_problem_is_named_with_its_key_path(tmp_path: Path) -> None:
     assert len(caught.value.problems) == 4
 
 
+def test_shipping_nice_defaults_to_ten_and_refuses_a_raise(tmp_path: Path) -> None:
+    """Shipping runs 10 nice levels below the guest unless told; it may not run above it."""
+    path = tmp_path / "agent.toml"
+    path.write_text(AGENT_TOML)
+    assert load_config(path, AgentConfig).agent.shipping_nice == 10
+    path.write_text(AGENT_TOML.replace('host = "h1"', 'host = "h1"\nshipping_nice = -5'))
+    with pytest.raises(ConfigError, match=r"agent\.shipping_nice: Input should be greater"):
+        load_config(path, AgentConfig)
+
+
 def test_block_size_must_be_a_power_of_two(tmp_path: Path) -> None:
     """A non-power-of-two block size is refused with the allowed range."""
     path = tmp_path / "agent.toml"

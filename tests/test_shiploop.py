@@ -10,6 +10,7 @@ its released cut.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import threading
 import time
@@ -154,3 +155,24 @@ async def test_a_read_hop_leaves_the_shipping_loop_free_while_the_nbd_loop_is_bu
         export.close()
     assert contents == [b"w" * 4096] * 3
     assert ticks >= 10, f"the shipping loop ran only {ticks} steps while the hop waited"
+
+
+async def test_shipping_threads_run_below_the_nbd_loop() -> None:
+    """The shipping thread and the worker threads it starts are niced; the caller is not."""
+    me = threading.get_native_id()
+    base = os.getpriority(os.PRIO_PROCESS, me)
+    ship = ShipLoop(nice=7)
+
+    async def priorities() -> tuple[int, int]:
+        def worker() -> int:  # compression runs here (the shipping loop's default executor)
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return own, await asyncio.get_running_loop().run_in_executor(None, worker)
+
+    try:
+        own, worker = await ship.run(priorities())
+    finally:
+        await ship.close()
+    assert (own, worker) == (min(19, base + 7), min(19, base + 7))
+    assert os.getpriority(os.PRIO_PROCESS, me) == base
