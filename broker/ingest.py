@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -33,7 +34,7 @@ from broker.errors import (
 from broker.httperrors import CLIENT_GONE, json_error, model_body, reason_text
 from broker.journal import BatchReceiver, Receipt
 from broker.points import parse_cut, parse_key
-from broker.pools import INGEST, run_in
+from broker.pools import INGEST, run_in, submit_in
 from broker.store import Replica, placement_fence
 from broker.views import cut_pending, disk_key_at_cut, point_pending, replica_of, state_json
 from common.config import NAME_PATTERN
@@ -288,32 +289,61 @@ async def _journal(
         rx.feed_many(batch)
         return rx.finish() if last or rx.duplicate else None
 
+    async def settle(feed: Future[Receipt | None]) -> Receipt | None:
+        receipt = await asyncio.wrap_future(feed)
+        if rx.header is not None:
+            progress.seq = rx.header.seq
+        return receipt
+
+    # One feed is processed on a worker (decompress, verify, write) while the loop reads the next
+    # from the network, so the agent's stream does not stall behind the worker: at most two
+    # feeds (_FEED_BYTES each) in memory per upload, and rx is only ever used by one step.
     receipt: Receipt | None = None
+    inflight: Future[Receipt | None] | None = None
     try:
         chunks: list[bytes] = []
         pending = 0
+        ended = False
         while receipt is None:
-            try:
-                async with asyncio.timeout(IDLE_TIMEOUT):
-                    chunk = await request.content.readany()
-            except TimeoutError:
-                raise BadRequest(
-                    f"upload for {replica.label} stalled for {IDLE_TIMEOUT:.0f} s",
-                    fix="the agent retries",
-                ) from None
-            if chunk:
-                # Hand the network's chunks over as they are: no joining copy.
-                chunks.append(chunk)
-                pending += len(chunk)
-                progress.received += len(chunk)
-                if pending < _FEED_BYTES:
-                    continue
+            if not ended:
+                try:
+                    async with asyncio.timeout(IDLE_TIMEOUT):
+                        chunk = await request.content.readany()
+                except TimeoutError:
+                    raise BadRequest(
+                        f"upload for {replica.label} stalled for {IDLE_TIMEOUT:.0f} s",
+                        fix="the agent retries",
+                    ) from None
+                if chunk:
+                    # Hand the network's chunks over as they are: no joining copy.
+                    chunks.append(chunk)
+                    pending += len(chunk)
+                    progress.received += len(chunk)
+                    if pending < _FEED_BYTES:
+                        continue
+                else:
+                    ended = True
+            if inflight is not None:
+                receipt = await settle(inflight)
+                inflight = None
+                if receipt is not None:  # a duplicate: the rest of the body is not needed
+                    break
             batch, chunks, pending = chunks, [], 0
-            receipt = await run_in(INGEST, step, batch, not chunk)
-            if rx.header is not None:
-                progress.seq = rx.header.seq
+            inflight = submit_in(INGEST, step, batch, ended)
+            if ended:
+                receipt = await settle(inflight)
+                inflight = None
     except BaseException:
-        await run_in(INGEST, rx.abort)
+        unfinished = inflight
+
+        def abort() -> None:
+            if unfinished is not None:  # rx belongs to that step until it ends
+                wait([unfinished])
+            rx.abort()
+
+        await run_in(INGEST, abort)
+        if rx.header is not None:  # what the unfinished step had decoded, for the event
+            progress.seq = rx.header.seq
         raise
     finally:
         engine.ingest_lock.release()

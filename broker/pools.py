@@ -15,7 +15,7 @@ import asyncio
 import contextvars
 import functools
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Final, TypeVar
 
 T = TypeVar("T")
@@ -29,7 +29,15 @@ APPLY: Final = ThreadPoolExecutor(APPLY_THREADS, thread_name_prefix="apply")
 """Appliers: undo capture, image writes, fdatasync, the audit line (one thread per replica)."""
 
 
+def submit_in(pool: ThreadPoolExecutor, fn: Callable[..., T], *args: object) -> Future[T]:
+    """Start ``fn(*args)`` on ``pool`` with the caller's context; its future, to await later.
+
+    Unlike an awaited :func:`run_in`, the call is not tied to one ``await``: the caller may go on
+    (read the next part of an upload) and wait for it afterwards, or from another thread.
+    """
+    return pool.submit(functools.partial(contextvars.copy_context().run, fn, *args))
+
+
 async def run_in(pool: ThreadPoolExecutor, fn: Callable[..., T], *args: object) -> T:
     """``asyncio.to_thread`` on ``pool``: runs ``fn(*args)`` there with the caller's context."""
-    call = functools.partial(contextvars.copy_context().run, fn, *args)
-    return await asyncio.get_running_loop().run_in_executor(pool, call)
+    return await asyncio.wrap_future(submit_in(pool, fn, *args))
