@@ -127,6 +127,11 @@ def _stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 60) -> 
         proc.wait()
 
 
+def holds_writes_before(disk: dict[str, Any], t_ns: int) -> bool:
+    """:meth:`Broker.current_after` for one disk record of the broker's status document."""
+    return bool((disk["last_cut"] or 0) * 1e9 > t_ns)
+
+
 def wait_until(what: str, check: Callable[[], Any], timeout: float, every: float = 0.1) -> Any:
     """Call ``check`` every ``every`` seconds until it returns something true."""
     deadline = time.monotonic() + timeout
@@ -253,6 +258,14 @@ any_point_minutes = 600
             and disk["initial_sync"] == "complete"
             and disk["applied_seq"] == disk["durable_seq"]
         )
+
+    def current_after(self, vm_uuid: uuid.UUID, disk_id: str, t_ns: int) -> bool:
+        """The replica is known to hold every write made before ``t_ns``: its ``last_cut`` (the
+        applied cut, or a later statement that nothing changed since) is later. A disk idle
+        after a write ships no further batch, only statements: the applied log alone would wait
+        for a cut that never comes if the write's own cut fell just before ``t_ns``."""
+        disk = self.disk_status(vm_uuid, disk_id)
+        return disk is not None and holds_writes_before(disk, t_ns)
 
     def applied_log(self, vm_uuid: uuid.UUID, disk_id: str) -> list[dict[str, Any]]:
         """The replica's ``applied.log``: one record per applied batch (cut and apply times)."""

@@ -15,10 +15,10 @@ unallocated regions) is copied:
 - ours, `--mode agent` (the default): the real thing end to end. `replikant agent run` protects
   the image (fresh state) and ships it to `replikant broker run` over mTLS; the clock runs from
   the agent's exec to the broker reporting `initial_sync: complete` with everything durable
-  applied. The agent talks to the broker through a counting relay in this process (splice(2),
-  so it costs little, and what it costs is charged to us), which measures the bytes on the wire
-  in both directions. Afterwards (untimed) the broker's block hashes of the replica must equal
-  the source's. `--profile DIR` attaches py-spy to the agent and the broker;
+  applied; the agent connects to the broker directly. Bytes on the wire: a second, untimed run
+  through a counting relay in this process (splice(2)), both directions, as for the peer.
+  After each run (untimed) the broker's block hashes of the replica must equal the source's.
+  `--profile DIR` attaches py-spy to the agent and the broker;
 - ours, `--mode model`: the agent's shipping modelled in-process (bench/broker_common.Shipper:
   FULL batches of at most 256 MiB, zstd level 1 in a thread pool, standard asyncio loop) to the
   same real broker, for trying shipping strategies without touching the agent; `--mode both`
@@ -338,49 +338,67 @@ def run_agent(
     src_img: Path, size: int, work: Path, pki: Pki, hashes: bytes, profile: Path | None = None
 ) -> Run:
     """The real agent ships ``src_img`` to the real broker; timed from the agent's exec until
-    the broker reports the initial sync complete and applied. ``profile``: a directory for
-    py-spy's collapsed stacks of both processes (they slow the run down a little)."""
+    the broker reports the initial sync complete and applied, the agent connected directly (as
+    nbdcopy's timed copy is). The bytes on the wire come from a second, untimed run through a
+    counting relay (as nbdcopy's do). ``profile``: a directory for py-spy's collapsed stacks of
+    both processes of the timed run (they slow the run down a little)."""
+    timed = _agent_run(src_img, work, pki, hashes, counted=False, profile=profile)
+    counted = _agent_run(src_img, work, pki, hashes, counted=True, profile=None)
+    assert counted.wire is not None
+    print(
+        f"  agent: {timed.seconds:.2f} s, CPU s: agent {timed.cpu[0]:.1f} broker "
+        f"{timed.cpu[1]:.1f}; shipped {human(timed.shipped)}; the untimed run through the "
+        f"relay: {human(counted.wire)} counted (its bytes_shipped {human(counted.shipped)})",
+        flush=True,
+    )
+    same = timed.same and counted.same
+    return Run(timed.seconds, counted.wire, sum(timed.cpu), counted.replica, same)
+
+
+class _AgentRun(NamedTuple):
+    seconds: float
+    cpu: tuple[float, float]  # agent, broker
+    shipped: int  # the agent's own bytes_shipped
+    same: bool  # replica hashes == source hashes
+    replica: Path  # the next run's start removes it
+    wire: int | None = None  # counted by the relay (counted runs only)
+
+
+def _agent_run(
+    src_img: Path, work: Path, pki: Pki, hashes: bytes, *, counted: bool, profile: Path | None
+) -> _AgentRun:
     run = work / "agent-run"
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir()
     broker = Broker(run, pki, run / "store")
     broker.start()
-    relay = CountingRelay(broker.port)
+    relay = CountingRelay(broker.port) if counted else None
     disk = DiskSpec("bench", src_img)
-    agent = Agent(run, pki, f"https://127.0.0.1:{relay.port}", [disk], interval=1.0)
+    port = relay.port if relay is not None else broker.port
+    agent = Agent(run, pki, f"https://127.0.0.1:{port}", [disk], interval=1.0)
     spies: list[subprocess.Popen[bytes]] = []
     try:
         assert broker.proc is not None
-        cpu0 = (proc_cpu(broker.proc.pid), _self_cpu())
+        cpu0 = proc_cpu(broker.proc.pid)
         agent.start()
         spies = _spies(profile, agent.pid, broker.proc.pid)
         wait_until(
             "the initial sync", lambda: broker.synced(disk.vm_uuid, disk.disk_id), 3600, 0.05
         )
         seconds = time.perf_counter() - agent.started
-        parts = (
-            proc_cpu(agent.pid),
-            proc_cpu(broker.proc.pid) - cpu0[0],
-            _self_cpu() - cpu0[1],  # mostly the relay
-        )
-        cpu = sum(parts)
-        wire = relay.total
+        cpu = (proc_cpu(agent.pid), proc_cpu(broker.proc.pid) - cpu0)
         shipped = sum(d["bytes_shipped"] for d in agent.status()["disks"])
-        print(
-            f"  agent: {seconds:.2f} s, CPU s: agent {parts[0]:.1f} broker {parts[1]:.1f} "
-            f"relay {parts[2]:.1f}; relay counted {human(wire)} "
-            f"(agent's bytes_shipped {human(shipped)})",
-            flush=True,
-        )
         remote = broker_hashes(broker, disk)
     finally:
         agent.stop()
         broker.stop()
-        relay.close()
+        if relay is not None:
+            relay.close()
         for proc in spies:
             proc.wait(60)
     replica = run / "store" / str(disk.vm_uuid) / disk.disk_id / "replica.img"
-    return Run(seconds, wire, cpu, replica, remote == hashes)
+    wire = relay.total if relay is not None else None
+    return _AgentRun(seconds, cpu, shipped, remote == hashes, replica, wire)
 
 
 def broker_hashes(broker: Broker, disk: DiskSpec) -> bytes:

@@ -209,10 +209,11 @@ def phase_ours(broker: Broker, agent: Agent, disk: DiskSpec, args: argparse.Name
         cpu = proc_cpu(agent.pid) + proc_cpu(broker.proc.pid) - cpu0
         marked = mark([agent.nbd_uri(disk)])
 
-        def last_writes_applied() -> bool:
-            return any(r["cut_ns"] > marked for r in broker.applied_log(disk.vm_uuid, disk.disk_id))
-
-        wait_until("the cut after the load", last_writes_applied, 120)
+        wait_until(
+            "the cut after the load",
+            lambda: broker.current_after(disk.vm_uuid, disk.disk_id, marked),
+            120,
+        )
         records = broker.applied_log(disk.vm_uuid, disk.disk_id)
     finally:
         poller.done.set()

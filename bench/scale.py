@@ -41,6 +41,7 @@ from broker_common import (
     MiB,
     add_workdir_arguments,
     check_free_space,
+    holds_writes_before,
     make_pki,
     proc_cpu,
     save_result,
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace) -> None:
         marked = mark(uris)
         wait_until(
             "every replica to catch up",
-            lambda: all(any(c > marked for c, _ in cyc) for cyc in cycles().values()),
+            lambda: all(holds_writes_before(d, marked) for d in all_disks(broker)),
             600,
             every=0.5,
         )

@@ -178,7 +178,7 @@ class Ours:
         try:
             wait_until(
                 "the replica to catch up",
-                lambda: any(c > marked for c, _ in self.applied()),
+                lambda: self.broker.current_after(self.disk.vm_uuid, self.disk.disk_id, marked),
                 DRAIN_TIMEOUT,
                 every=0.05,
             )
