@@ -22,6 +22,7 @@ import os
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -41,22 +42,81 @@ SWITCH_INTERVAL = 0.0005
 class ShipLoop:
     """An event loop in a thread of its own, for the uploads of every disk.
 
-    The thread runs ``nice`` steps below the process (decision 028), and so do the worker
-    threads it starts (compression): when guest requests and shipping want the same core, the
-    kernel runs the guest's first. Shipping still gets the CPU the guest leaves.
+    The thread and the worker threads of its executor (compression) run ``nice`` levels below
+    the process while every VM's lag is within its RPO, and at the process's own priority while
+    any VM's is not (:meth:`report`, decision 028): when guest requests and shipping want the
+    same core, the guest's run first unless that costs a VM its RPO.
     """
 
     def __init__(self, nice: int = 0) -> None:
         sys.setswitchinterval(SWITCH_INTERVAL)
         self.loop = asyncio.new_event_loop()
         self.nice = nice
+        self._base = os.getpriority(os.PRIO_PROCESS, 0)
+        self._tids: set[int] = set()
+        self._behind: set[str] = set()
+        self._guard = threading.Lock()
+        self._warned = False
+        self.loop.set_default_executor(
+            ThreadPoolExecutor(thread_name_prefix="replikant-ship", initializer=self._enrol)
+        )
         self._thread = threading.Thread(target=self._run, name="replikant-ship", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        if self.nice:
-            lower_this_thread(self.nice)
+        self._enrol()
         self.loop.run_forever()
+
+    def _enrol(self) -> None:
+        # Each shipping thread sets its own priority as it starts: one inherited from its
+        # creator may be stale by then.
+        with self._guard:
+            tid = threading.get_native_id()
+            self._tids.add(tid)
+            if self.nice:
+                self._set_priority(tid, self._target())
+
+    def _target(self) -> int:
+        return self._base if self._behind else min(19, self._base + self.nice)
+
+    def report(self, vm: str, *, behind: bool) -> None:
+        """Whether ``vm``'s lag exceeded its RPO at its last cycle: while any VM's did, shipping
+        competes for the CPU at the process's own priority; once none does, below it."""
+        if not self.nice:
+            return
+        with self._guard:
+            before = bool(self._behind)
+            if behind:
+                self._behind.add(vm)
+            else:
+                self._behind.discard(vm)
+            if bool(self._behind) == before:
+                return
+            target = self._target()
+            for tid in self._tids:
+                self._set_priority(tid, target)
+        log.debug("shipping_priority_changed", nice=target, behind=sorted(self._behind))
+
+    def _set_priority(self, tid: int, nice: int) -> None:
+        """Set thread ``tid``'s nice value (Linux keeps one per thread; new threads inherit it).
+
+        Raising it back needs ``RLIMIT_NICE`` (the unit's ``LimitNICE=+0``) or ``CAP_SYS_NICE``,
+        and a sandbox may refuse the call: either costs only the priority, with one warning.
+        """
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except ProcessLookupError:
+            pass  # a worker thread that has ended
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "shipping_priority_unchanged",
+                    nice=nice,
+                    error=str(exc),
+                    fix="allow setpriority(2) and set LimitNICE=+0 in the agent's unit (as "
+                    "deploy/replikant-agent.service does), or set [agent] shipping_nice = 0",
+                )
 
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the shipping loop; cancelling the caller cancels it there too."""
@@ -74,21 +134,6 @@ class ShipLoop:
         await asyncio.to_thread(self._thread.join, 10)
         if not self._thread.is_alive():
             self.loop.close()
-
-
-def lower_this_thread(steps: int) -> None:
-    """Lower the calling thread's CPU priority by ``steps`` nice levels (at most to 19).
-
-    Linux keeps a nice value per thread, and threads inherit their creator's: so the shipping
-    thread and the executor threads it starts run lower, the NBD loop's thread does not. A
-    kernel that refuses (a seccomp profile, say) costs only the priority, with a warning.
-    """
-    tid = threading.get_native_id()
-    try:
-        now = os.getpriority(os.PRIO_PROCESS, tid)
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, now + steps))
-    except OSError as exc:
-        log.warning("shipping_priority_unchanged", steps=steps, error=str(exc))
 
 
 def _submit(home: asyncio.AbstractEventLoop, fn: Callable[[], T]) -> concurrent.futures.Future[T]:

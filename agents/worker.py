@@ -11,7 +11,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -32,6 +32,15 @@ from common.logs import get_logger
 log = get_logger("agents.worker")
 
 
+class Pace(Protocol):
+    """Told after each cycle whether the VM's lag exceeded its RPO (:class:`agents.shiploop.
+    ShipLoop` gives shipping an equal share of the CPU while any VM's does, decision 028)."""
+
+    def report(self, vm: str, *, behind: bool) -> None:
+        """``behind``: writes made just after the previous cut reached the broker later than
+        the policy's ``rpo_seconds`` after it."""
+
+
 @dataclass
 class VMWorker:
     """The replication loop of one VM: cut every disk at once, ship, repeat."""
@@ -46,6 +55,7 @@ class VMWorker:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one cycle (or verify) at a time
     current: CurrentStatements | None = None  # idle disks' statements (made on first use)
     idle: bool = False  # the last cycle shipped no batch: the next one cuts on the shared tick
+    pace: Pace | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Cycle until ``stop`` is set; failures back off, the dirty map keeps collecting.
@@ -56,6 +66,7 @@ class VMWorker:
         structlog.contextvars.bind_contextvars(vm=self.vm.name)
         interval = self.policy.interval_seconds
         due = time.monotonic()  # the first cut right away: ship what the map recovered
+        previous = 0.0  # when the last shipped cycle began (its cut)
         while not stop.is_set():
             delay = due - time.monotonic()
             if delay > 0:
@@ -92,6 +103,11 @@ class VMWorker:
                 continue
             ok = await self.cycle(ready)
             if ok:
+                if self.pace is not None:
+                    # The lag this cycle ended: from the previous cut to this one's ack.
+                    lag = time.monotonic() - (previous or started)
+                    self.pace.report(str(self.vm.uuid), behind=lag > self.policy.rpo_seconds)
+                previous = started
                 self.backoff.reset()
                 backlog = any(r.backlog for r in ready)
                 if backlog:

@@ -304,7 +304,10 @@ class Agent:
         cpus: str | None = None,
         netns: str | None = None,
         log_level: str | None = None,
+        rpo: float | None = None,
     ) -> None:
+        """``rpo``: the policy's ``rpo_seconds`` (the agent's default when None); a bench that
+        holds the lag to a target declares it, as a VM that needs it would (decision 028)."""
         self.workdir = workdir
         self.cpus, self.netns, self.log_level = cpus, netns, log_level
         self.disks = disks
@@ -320,7 +323,9 @@ class Agent:
             + tls_toml(pki.agent)
             + f'[nbd]\nsocket_dir = "{self.socket_dir}"\n'
             f'[broker]\nurls = ["{url}"]\ncluster = "{cluster}"\n'
-            f"[policies.default]\ninterval_seconds = {interval}\nblock_size = {block_size}\n" + vms
+            f"[policies.default]\ninterval_seconds = {interval}\nblock_size = {block_size}\n"
+            + (f"rpo_seconds = {rpo}\n" if rpo is not None else "")
+            + vms
         )
         self.log = workdir / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None

@@ -419,7 +419,13 @@ def run(args: argparse.Namespace) -> None:
         disk = DiskSpec("lag", source)
         url = f"https://127.0.0.1:{broker.port}"
         agent = Agent(
-            ours_dir, pki, url, [disk], interval=args.interval, block_size=args.block_size
+            ours_dir,
+            pki,
+            url,
+            [disk],
+            interval=args.interval,
+            block_size=args.block_size,
+            rpo=target_p99(args.interval),
         )
         check_interval(agent, args.interval)
         ours: list[Phase] = []

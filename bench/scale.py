@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> None:
         disks.append(DiskSpec(f"vm{i:03d}", image))
     pki = make_pki(work / "pki")
     broker = Broker(work, pki, work / "store")
-    agent = Agent(work, pki, f"https://127.0.0.1:{broker.port}", disks, interval=1.0)
+    url = f"https://127.0.0.1:{broker.port}"
+    agent = Agent(work, pki, url, disks, interval=1.0, rpo=TARGET_P99)
 
     def cycles() -> dict[str, list[tuple[int, int]]]:
         return {

@@ -158,7 +158,8 @@ async def test_a_read_hop_leaves_the_shipping_loop_free_while_the_nbd_loop_is_bu
 
 
 async def test_shipping_threads_run_below_the_nbd_loop() -> None:
-    """The shipping thread and the worker threads it starts are niced; the caller is not."""
+    """The shipping thread and its executor's threads are niced, the caller is not; while a VM
+    is behind its interval they run at the process's priority, then below it again."""
     me = threading.get_native_id()
     base = os.getpriority(os.PRIO_PROCESS, me)
     ship = ShipLoop(nice=7)
@@ -170,9 +171,17 @@ async def test_shipping_threads_run_below_the_nbd_loop() -> None:
         own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
         return own, await asyncio.get_running_loop().run_in_executor(None, worker)
 
+    low = min(19, base + 7)
     try:
-        own, worker = await ship.run(priorities())
+        seen = [await ship.run(priorities())]
+        ship.report("vm-a", behind=True)
+        ship.report("vm-b", behind=True)
+        seen.append(await ship.run(priorities()))
+        ship.report("vm-a", behind=False)  # vm-b is still behind
+        seen.append(await ship.run(priorities()))
+        ship.report("vm-b", behind=False)
+        seen.append(await ship.run(priorities()))
     finally:
         await ship.close()
-    assert (own, worker) == (min(19, base + 7), min(19, base + 7))
+    assert seen == [(low, low), (base, base), (base, base), (low, low)]
     assert os.getpriority(os.PRIO_PROCESS, me) == base
