@@ -248,9 +248,8 @@ class Agent:
         if reps and role.role == "PRIMARY":
             # Disk ids cannot start with "_", so the VM's own file never meets a disk's.
             cuts = CutClock(cfg.agent.state_dir / str(vm.uuid) / "_cuts.json")
-            hooks = FreezeHooks(policy, vm=vm.name)
             pace = self.uploader.ship if self.uploader is not None else None
-            worker = VMWorker(vm, policy, reps, hooks, cuts, pace=pace)
+            worker = VMWorker(vm, policy, reps, FreezeHooks(policy, vm=vm.name), cuts, pace=pace)
             self.workers.append(worker)
             if role.replicating and self._running:
                 self._launch(worker)
