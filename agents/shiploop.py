@@ -43,9 +43,9 @@ class ShipLoop:
     """An event loop in a thread of its own, for the uploads of every disk.
 
     The thread and the worker threads of its executor (compression) run ``nice`` levels below
-    the process while every VM's lag is within its RPO, and at the process's own priority while
-    any VM's is not (:meth:`report`, decision 028): when guest requests and shipping want the
-    same core, the guest's run first unless that costs a VM its RPO.
+    the process while every VM's lag is under half its RPO, and at the process's own priority
+    while any VM's is not (:meth:`report`, decision 028): when guest requests and shipping want the
+    same core, the guest's run first unless that costs a VM its reserve.
     """
 
     def __init__(self, nice: int = 0) -> None:
@@ -80,7 +80,7 @@ class ShipLoop:
         return self._base if self._behind else min(19, self._base + self.nice)
 
     def report(self, vm: str, *, behind: bool) -> None:
-        """Whether ``vm``'s lag exceeded its RPO at its last cycle: while any VM's did, shipping
+        """Whether ``vm``'s lag passed half its RPO at its last cycle: while any VM's did, shipping
         competes for the CPU at the process's own priority; once none does, below it."""
         if not self.nice:
             return

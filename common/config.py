@@ -214,9 +214,9 @@ class AgentSection(_Strict):
         ge=0,
         le=19,
         description="how many nice levels below the NBD server the shipping threads run "
-        "while every VM's lag is within its policy's rpo_seconds (decision 028): guest "
-        "requests first when both want a core; equal shares while a VM's lag exceeds its RPO; "
-        "0 for equal shares always",
+        "while every VM's lag is under half its policy's rpo_seconds (decision 028): guest "
+        "requests first when both want a core; equal shares while a VM's lag is not; 0 for "
+        "equal shares always",
     )
 
     @model_validator(mode="before")
