@@ -33,7 +33,7 @@ log = get_logger("agents.worker")
 
 
 class Pace(Protocol):
-    """Told after each cycle whether the VM's lag exceeded its RPO (:class:`agents.shiploop.
+    """Told after each cycle whether the VM's lag passed half its RPO (:class:`agents.shiploop.
     ShipLoop` gives shipping an equal share of the CPU while any VM's does, decision 028)."""
 
     def report(self, vm: str, *, behind: bool) -> None:
