@@ -14,17 +14,17 @@ import os
 import random
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from agents.body import BatchStats, batch_body, make_header
+from agents.body import BatchStats, batch_body
 from agents.cut import Cut
 from agents.disk import TrackedExport
 from agents.shiploop import LoopCut, ShipLoop
-from common.hrl import Compression, Consistency
+from common.hrl import Compression
 from tests.support_agent import MiB, make_image
+from tests.support_body import cut_header
 from tests.test_agent_cut import _apply, _guest
 
 pytestmark = pytest.mark.timeout(120)
@@ -32,16 +32,7 @@ pytestmark = pytest.mark.timeout(120)
 
 async def _encode(cut: Cut, header_cut: Cut, seq: int, abandon_after: int) -> list[bytes]:
     """Run on the shipping loop: the batch body of ``cut`` (its first chunks only, if asked)."""
-    header = make_header(
-        vm_uuid=uuid.UUID(int=1),
-        disk_id="d",
-        generation=1,
-        seq=seq,
-        cut=header_cut,
-        consistency=Consistency.CRASH,
-        compression=Compression.ZSTD,
-        full=False,
-    )
+    header = cut_header(header_cut, compression=Compression.ZSTD, full=False, seq=seq)
     body = batch_body(cut, header, level=1, bucket=None, stats=BatchStats(), max_extent=64 * 1024)
     chunks: list[bytes] = []
     async for chunk in body:
