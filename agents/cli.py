@@ -16,6 +16,7 @@ from agents.errors import AgentError
 from agents.service import run_agent
 from agents.startup import export_name, socket_path
 from common.config import AgentConfig, load_config
+from common.stacks import dump_on_sigusr1
 
 _config_option = click.option(
     "--config",
@@ -41,6 +42,7 @@ def agent() -> None:
 @click.option("--no-uvloop", is_flag=True, help="Use the standard library's event loop.")
 def run(config_path: Path, no_uvloop: bool) -> None:
     """Serve the disks of this host and replicate them until SIGTERM."""
+    dump_on_sigusr1()
     config = _load(config_path)
     coro = run_agent(config, source=str(config_path))
     if no_uvloop:

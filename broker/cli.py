@@ -10,6 +10,7 @@ import click
 
 from common.config import BrokerConfig, load_config
 from common.logs import configure_logging
+from common.stacks import dump_on_sigusr1
 
 
 @click.group()
@@ -37,6 +38,7 @@ def run(config_path: Path, log_level: str | None, use_uvloop: bool) -> None:
     """Serve until SIGTERM/SIGINT, then stop gracefully."""
     # Copies of disks are as secret as the disks: nothing the broker creates is for others.
     os.umask(0o077)
+    dump_on_sigusr1()
     if log_level is not None:
         configure_logging(level=log_level)
     config = load_config(config_path, BrokerConfig)

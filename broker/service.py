@@ -1,8 +1,9 @@
 """One broker process: store + HTTPS ingest + appliers + retention + point-in-time NBD exports.
 
 ``replikant broker run --config broker.toml`` builds a :class:`BrokerService` and runs it until
-SIGTERM/SIGINT, then stops gracefully: no new connections, uploads in flight finish or are
-dropped (never acked), each applier finishes the batch it is applying, exports are removed.
+SIGTERM/SIGINT, then stops gracefully: no new connections, uploads in flight finish within
+:data:`HANDLER_GRACE` or are dropped (never acked), each applier finishes the batch it is
+applying, exports are removed; past :data:`STOP_DEADLINE` it dumps its stacks and exits 1.
 
 The owner epoch (invariant 7): a broker without MQTT claims ``max(stored) + 1`` at start-up and
 owns its store. With MQTT it is a cluster member (:mod:`broker.cluster`, decision 031): it serves
@@ -61,6 +62,7 @@ from common.hrl import DEFAULT_LIMITS, DecodeLimits
 from common.logs import get_logger
 from common.mqtt import MQTTLink
 from common.nbd.server import NBDServer
+from common.stacks import arm_stop_deadline
 from common.tls import Identity, MutualTLSSite, server_context
 
 _log = get_logger("broker.service")
@@ -69,6 +71,12 @@ RETENTION_INTERVAL: Final = 30.0
 PRESSURE_PASS_INTERVAL: Final = 2.0
 """Seconds between retention passes while some disk's points fill most of its bound."""
 READ_BUFSIZE: Final = 4 * 1024 * 1024
+HANDLER_GRACE: Final = 5.0
+"""Seconds a stopping broker lets requests in flight finish before it cancels them: an upload
+cut short is never acked and the agent sends it again; a long-polling wait (hashes at a point
+not yet applied) would otherwise hold the stop for up to two minutes."""
+STOP_DEADLINE: Final = 25.0
+"""Seconds after SIGTERM by which the broker has stopped, or dumps its stacks and exits 1."""
 
 
 def check_config(config: BrokerConfig) -> list[str]:
@@ -153,7 +161,12 @@ class BrokerService:
         # A deep read buffer (aiohttp pauses the socket at 2x read_bufsize): the network keeps
         # receiving while a worker thread decodes and writes the previous megabytes.
         self._runner = web.AppRunner(
-            app, handle_signals=False, access_log=None, read_bufsize=READ_BUFSIZE, logger=HTTP_LOG
+            app,
+            handle_signals=False,
+            access_log=None,
+            read_bufsize=READ_BUFSIZE,
+            logger=HTTP_LOG,
+            shutdown_timeout=HANDLER_GRACE,
         )
         await self._runner.setup()
         host, port = parse_listen(self.config.broker.listen, default_host="0.0.0.0")
@@ -332,6 +345,8 @@ class BrokerService:
         try:
             await stop.wait()
         finally:
+            # A stop that hangs shows where, and ends before systemd's SIGKILL at 60 s.
+            arm_stop_deadline(STOP_DEADLINE)
             await self.stop()
 
     # -- epoch

@@ -622,6 +622,30 @@ def agent_process(
     return ReplikantProc(["agent", "run", "--config", str(cfg)], tmp_path / "agent.log")
 
 
+def stop_daemon(proc: subprocess.Popen[bytes], log: Path, within: float = 30.0) -> int:
+    """SIGTERM a replikant daemon and wait for its exit status.
+
+    One that has not exited ``within`` seconds is made to write its threads' stacks to its log
+    (SIGUSR1, see common/stacks.py), killed, and reported with the end of that log: a hang in a
+    stop fails the test that saw it, with the place it hung, and leaves no process behind.
+    """
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(within)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+            proc.kill()
+            proc.wait()
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-80:])
+            raise AssertionError(
+                f"{' '.join(map(str, proc.args))} did not stop within {within:.0f} s of SIGTERM; "
+                f"the end of {log}:\n{tail}"
+            ) from None
+    return proc.returncode
+
+
 class ReplikantProc:
     """A replikant sub-command as a subprocess, logging JSON to a file."""
 
@@ -646,10 +670,7 @@ class ReplikantProc:
     def stop(self) -> int:
         """SIGTERM and wait."""
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(30)
-        return self.proc.returncode
+        return stop_daemon(self.proc, self.log)
 
     def events(self, name: str) -> list[dict[str, Any]]:
         """Every JSON log event called ``name`` so far."""

@@ -36,6 +36,7 @@ from common.hrl import (
     encode_batch,
 )
 from common.tls import client_context
+from tests.support_agent import stop_daemon
 
 if TYPE_CHECKING:
     from broker.service import BrokerService
@@ -335,14 +336,7 @@ class BrokerProcess:
         """SIGTERM and wait (graceful)."""
         if self.proc is None:
             return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_daemon(self.proc, self.log)
 
 
 async def admin_cli(config: Path, *args: str) -> tuple[int, str, str]:

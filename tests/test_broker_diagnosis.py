@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
+import ssl
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import aiomqtt
 import pytest
 
+from broker.service import HANDLER_GRACE
 from common import topics
 from common.hrl import BATCH_CONTENT_TYPE, Compression
 from common.tls import client_context
-from tests.support_agent import wait_until
+from tests.support_agent import stop_daemon, wait_until
 from tests.support_broker import (
     PKI,
     AgentClient,
@@ -38,8 +43,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-def _reset_mid_upload(url: str, pki: PKI, src: FakeSource, body: bytes, sent: int) -> None:
-    """Send the headers and ``sent`` bytes of ``body``, then reset the TCP connection (RST)."""
+def _start_upload(url: str, pki: PKI, src: FakeSource, body: bytes, sent: int) -> ssl.SSLSocket:
+    """Send the headers and ``sent`` bytes of ``body``; the connection, still open."""
     host, _, port = url.removeprefix("https://").rpartition(":")
     raw = socket.create_connection((host, int(port)))
     tls = client_context(pki.agents["h1"]).wrap_socket(raw, server_hostname=host)
@@ -49,6 +54,12 @@ def _reset_mid_upload(url: str, pki: PKI, src: FakeSource, body: bytes, sent: in
     )
     tls.sendall(head.encode() + body[:sent])
     time.sleep(0.5)  # let the broker read and journal what was sent
+    return tls
+
+
+def _reset_mid_upload(url: str, pki: PKI, src: FakeSource, body: bytes, sent: int) -> None:
+    """Send the headers and ``sent`` bytes of ``body``, then reset the TCP connection (RST)."""
+    tls = _start_upload(url, pki, src, body, sent)
     # Linger 0: close() sends a TCP RST, no TLS close_notify, as a crashing peer would.
     tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     tls.close()
@@ -117,6 +128,61 @@ def test_reset_mid_upload_is_one_event_without_traceback(pki: PKI, tmp_path: Pat
     assert len(malformed) == 2, malformed
     assert "chunk size" in malformed[0]
     assert "LineTooLong" in malformed[1]
+
+
+def test_stalled_upload_does_not_hold_a_stop_and_sigusr1_shows_stacks(
+    pki: PKI, tmp_path: Path
+) -> None:
+    """SIGUSR1 writes every thread's stack to the log and the broker goes on serving; SIGTERM
+    while an agent's upload sits half-sent (its connection open, no more bytes) stops the broker
+    cleanly within its handler grace, the upload dropped unacked, not after the 60 s idle
+    timeout."""
+    store = tmp_path / "store"
+    log = tmp_path / "broker.log"
+    proc = BrokerProcess(broker_toml(tmp_path / "b.toml", pki, store, port=free_port()), store, log)
+    url = proc.start()
+    assert proc.proc is not None
+    src = FakeSource(disk_size=4 * MiB, compression=Compression.NONE)
+
+    async def enable() -> None:
+        async with AgentClient(url, pki.agents["h1"]) as agent:
+            await agent.enable(src)
+
+    asyncio.run(enable())
+    proc.proc.send_signal(signal.SIGUSR1)
+    asyncio.run(wait_until(lambda: "Current thread" in log.read_text()))
+    assert 'File "' in log.read_text().split("Current thread", 1)[1]
+    asyncio.run(enable())  # still serving
+
+    src.mutate(60)
+    cut = src.cut(full=True, all_blocks=True)
+    stalled = _start_upload(url, pki, src, cut.body, len(cut.body) // 2)
+    try:
+        assert stop_daemon(proc.proc, log, within=HANDLER_GRACE + 10) == 0
+    finally:
+        stalled.close()
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    (aborted,) = [e for e in events if e["event"] == "batch_upload_aborted"]
+    assert aborted["reason"] == "cancelled"
+    assert not [e for e in events if e["event"] == "batch_journaled"]
+
+
+def test_stop_deadline_dumps_every_thread_and_exits_1() -> None:
+    """A process past its stop deadline writes its threads' stacks (the place it hung) and exits
+    with status 1: every thread's stack, each in the call it is stuck in."""
+    code = (
+        "import threading, time\n"
+        "from common.stacks import arm_stop_deadline\n"
+        "def stuck_in_stop(): time.sleep(60)\n"
+        "threading.Thread(target=stuck_in_stop).start()\n"
+        "arm_stop_deadline(0.5)\n"
+        "stuck_in_stop()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 1
+    assert done.stderr.count("stuck_in_stop") >= 2, done.stderr  # both threads' stacks
 
 
 async def test_mqtt_alerts_name_a_fix(pki: PKI, tmp_path: Path) -> None:
