@@ -136,6 +136,7 @@ class Receiver:
         self.redirect: str | None = None  # answer every request 503 not_owner naming this owner
         self.forbid: str | None = None  # answer every PUT and batch 403 with this error code
         self.reject_batches = 0  # answer the next N batches 503 before reading them
+        self.ack_delay = 0.0  # seconds between applying a batch and acking it (a slow broker)
         self.lose_only_nonempty = False  # lose_acks spares batches that carry no extents
         self.accept_limit: int | None = None  # refuse (503) batches beyond this many per replica
         self.seed_from: Path | None = None  # next new replica starts as a copy of this image
@@ -287,6 +288,7 @@ class Receiver:
         rec.applying = True  # the image changes before the batch is recorded below
         try:
             await asyncio.to_thread(self._apply, rec, extents)
+            await asyncio.sleep(self.ack_delay)
         finally:
             rec.applying = False
         rec.durable_seq = header.seq

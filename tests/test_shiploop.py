@@ -21,9 +21,19 @@ import pytest
 from agents.body import BatchStats, batch_body
 from agents.cut import Cut
 from agents.disk import TrackedExport
+from agents.service import Agent
 from agents.shiploop import LoopCut, ShipLoop
+from common.config import AgentConfig, load_config
 from common.hrl import Compression
-from tests.support_agent import MiB, make_image
+from tests.fixtures_pki import make_pki
+from tests.support_agent import (
+    DiskSpec,
+    MiB,
+    Receiver,
+    VMSpec,
+    make_image,
+    write_agent_config,
+)
 from tests.support_body import cut_header
 from tests.test_agent_cut import _apply, _guest
 
@@ -176,3 +186,56 @@ async def test_shipping_threads_run_below_the_nbd_loop() -> None:
         await ship.close()
     assert seen == [(low, low), (base, base), (base, base), (low, low)]
     assert os.getpriority(os.PRIO_PROCESS, me) == base
+
+
+async def test_a_vm_past_half_its_rpo_brings_shipping_back_to_the_guests_priority(
+    tmp_path: Path,
+) -> None:
+    """The worker's rule (decision 028): with acks 0.7 s late, a VM whose RPO is 1 s has less
+    than half of it in reserve, and the shipping thread runs at the process's priority; once the
+    acks are prompt again it runs 10 levels below (the agent's default ``shipping_nice``)."""
+    pki = make_pki(tmp_path / "pki")
+    rx = Receiver(tmp_path / "rx", pki)
+    url = await rx.start()
+    vm = VMSpec("vm1", [DiskSpec("d0", make_image(tmp_path / "d0.img", 2 * MiB))])
+    cfg = write_agent_config(
+        tmp_path / "agent.toml",
+        pki=pki,
+        broker_urls=[url],
+        vms=[vm],
+        state_dir=tmp_path / "state",
+        socket_dir=tmp_path / "sock",
+        interval=0.25,
+        policy_extra="rpo_seconds = 1.0",
+    )
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    agent = Agent(load_config(cfg, AgentConfig))
+    await agent.start()
+    stop = asyncio.Event()
+    worker = asyncio.create_task(agent.workers[0].run(stop))
+
+    async def shipping_nice() -> int:
+        async def own() -> int:
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        assert agent.uploader is not None
+        return await agent.uploader.ship.run(own())
+
+    async def settles_at(nice: int) -> None:
+        for _ in range(200):
+            if await shipping_nice() == nice:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"shipping stayed at nice {await shipping_nice()}, not {nice}")
+
+    try:
+        await settles_at(min(19, base + 10))
+        rx.ack_delay = 0.7
+        await settles_at(base)
+        rx.ack_delay = 0.0
+        await settles_at(min(19, base + 10))
+    finally:
+        stop.set()
+        await worker
+        await agent.stop()
+        await rx.stop()
