@@ -60,6 +60,9 @@ async def test_batches_encoded_on_the_shipping_loop_equal_the_image_at_their_cut
 ) -> None:
     """Under a guest storm, reads hop to the home loop, and each batch equals its cut's image."""
     rng = random.Random(77)
+    # The guest task draws from rng at times that vary from run to run: abandons come from a
+    # generator of their own, so every run abandons the same cycles (a flake had 16 of 30).
+    which = random.Random(78)
     size = 4 * MiB
     image = make_image(tmp_path / "d.img", size, fill=lambda i: rng.randbytes(MiB))
     home_thread = threading.get_ident()
@@ -88,7 +91,7 @@ async def test_batches_encoded_on_the_shipping_loop_equal_the_image_at_their_cut
                 readers.add(threading.get_ident()),
                 inner(off, n),
             )[1]
-            abandon = rng.random() < 0.25
+            abandon = which.random() < 0.25
             chunks = await ship.run(
                 _encode(LoopCut(cut, asyncio.get_running_loop()), cut, seq + 1, 2 if abandon else 0)
             )
