@@ -520,6 +520,22 @@ def write_agent_config(
     return path
 
 
+def local_agent_config(
+    tmp_path: Path, pki: Pki, url: str, vms: list[VMSpec], **options: Any
+) -> Path:
+    """``tmp_path/agent.toml`` for ``vms``, shipping to the one broker at ``url``: state in
+    ``tmp_path/state``, sockets in ``tmp_path/s``; ``options`` as :func:`write_agent_config`'s."""
+    return write_agent_config(
+        tmp_path / "agent.toml",
+        pki=pki,
+        broker_urls=[url],
+        vms=vms,
+        state_dir=tmp_path / "state",
+        socket_dir=tmp_path / "s",
+        **options,
+    )
+
+
 @contextlib.asynccontextmanager
 async def stand_in_agent(sock: Path, routes: list[web.RouteDef]) -> AsyncIterator[Path]:
     """Serve ``routes`` on the unix socket ``sock``, as an agent's control socket would."""

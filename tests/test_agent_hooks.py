@@ -19,8 +19,8 @@ from tests.support_agent import (
     MiB,
     Receiver,
     VMSpec,
+    local_agent_config,
     make_image,
-    write_agent_config,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -33,15 +33,7 @@ async def _cycles(tmp_path: Path, policy_extra: str, n: int = 4) -> tuple[list[C
     url = await rx.start()
     image = make_image(tmp_path / "d.img", 4 * MiB, fill=lambda i: os.urandom(MiB))
     vm = VMSpec("vm1", [DiskSpec("disk0", image)])
-    cfg = write_agent_config(
-        tmp_path / "agent.toml",
-        pki=pki,
-        broker_urls=[url],
-        vms=[vm],
-        state_dir=tmp_path / "state",
-        socket_dir=tmp_path / "s",
-        policy_extra=policy_extra,
-    )
+    cfg = local_agent_config(tmp_path, pki, url, [vm], policy_extra=policy_extra)
     agent = Agent(load_config(cfg, AgentConfig))
     await agent.start()
     try:

@@ -41,9 +41,9 @@ from tests.support_agent import (
     ReplicaRecord,
     VMSpec,
     control_request,
+    local_agent_config,
     make_image,
     wait_until,
-    write_agent_config,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -145,16 +145,7 @@ async def make_rig(tmp_path: Path, *, policy_extra: str = "") -> Rig:
         tmp_path / "d.img", 16 * MiB, fill=lambda i: os.urandom(MiB) if i in (0, 5, 6, 9) else b""
     )
     vm = VMSpec("vm1", [DiskSpec("disk0", image)])
-    config = write_agent_config(
-        tmp_path / "agent.toml",
-        pki=pki,
-        broker_urls=[url],
-        vms=[vm],
-        state_dir=tmp_path / "state",
-        socket_dir=tmp_path / "s",
-        interval=1.0,
-        policy_extra=policy_extra,
-    )
+    config = local_agent_config(tmp_path, pki, url, [vm], interval=1.0, policy_extra=policy_extra)
     return Rig(tmp_path, pki, rx, image, vm, config)
 
 

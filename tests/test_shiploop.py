@@ -31,8 +31,8 @@ from tests.support_agent import (
     MiB,
     Receiver,
     VMSpec,
+    local_agent_config,
     make_image,
-    write_agent_config,
 )
 from tests.support_body import cut_header
 from tests.test_agent_cut import _apply, _guest
@@ -201,15 +201,8 @@ async def test_a_vm_past_half_its_rpo_brings_shipping_back_to_the_guests_priorit
     rx = Receiver(tmp_path / "rx", pki)
     url = await rx.start()
     vm = VMSpec("vm1", [DiskSpec("d0", make_image(tmp_path / "d0.img", 2 * MiB))])
-    cfg = write_agent_config(
-        tmp_path / "agent.toml",
-        pki=pki,
-        broker_urls=[url],
-        vms=[vm],
-        state_dir=tmp_path / "state",
-        socket_dir=tmp_path / "sock",
-        interval=0.25,
-        policy_extra="rpo_seconds = 1.0",
+    cfg = local_agent_config(
+        tmp_path, pki, url, [vm], interval=0.25, policy_extra="rpo_seconds = 1.0"
     )
     base = os.getpriority(os.PRIO_PROCESS, 0)
     agent = Agent(load_config(cfg, AgentConfig))
