@@ -24,9 +24,9 @@ from tests.support_agent import (
     MiB,
     Receiver,
     VMSpec,
+    local_agent_config,
     make_image,
     wait_until,
-    write_agent_config,
 )
 from tests.test_agent_ship import Rig
 
@@ -111,14 +111,8 @@ def proxied_config(
     tmp_path: Path, pki: Pki, port: int, vms: list[VMSpec], policy_extra: str = ""
 ) -> Path:
     """An agent config that ships ``vms`` through the proxy on ``port``."""
-    return write_agent_config(
-        tmp_path / "agent.toml",
-        pki=pki,
-        broker_urls=[f"https://127.0.0.1:{port}"],
-        vms=vms,
-        state_dir=tmp_path / "state",
-        socket_dir=tmp_path / "s",
-        policy_extra=policy_extra,
+    return local_agent_config(
+        tmp_path, pki, f"https://127.0.0.1:{port}", vms, policy_extra=policy_extra
     )
 
 
@@ -176,14 +170,7 @@ async def test_an_outage_shows_on_every_disk_until_the_next_ack(tmp_path: Path) 
         VMSpec("vma", [DiskSpec("disk0", images["a0"]), DiskSpec("disk1", images["a1"])]),
         VMSpec("vmb", [DiskSpec("disk0", images["b0"])]),
     ]
-    config = write_agent_config(
-        tmp_path / "agent.toml",
-        pki=pki,
-        broker_urls=[url],
-        vms=vms,
-        state_dir=tmp_path / "state",
-        socket_dir=tmp_path / "s",
-    )
+    config = local_agent_config(tmp_path, pki, url, vms)
     rig = Rig(tmp_path, pki, rx, images["a0"], vms[0], config)
     agent = await rig.start()
     try:
