@@ -82,9 +82,11 @@ class Ingest(Replicas, Protocol):
     def limits(self) -> DecodeLimits:
         """Limits the batch decoder enforces."""
 
-    def check_owner(self, vm_uuid: str | None = None) -> None:
+    def check_owner(self, vm_uuid: str | None = None, *, stored_epoch: int | None = None) -> None:
         """Raise :class:`broker.errors.NotOwner` unless this broker serves the VM now (the
-        refusal names the member that does), or :class:`broker.errors.FencedError`."""
+        refusal names the member that does), or :class:`broker.errors.FencedError`.
+        ``stored_epoch``: the store's epoch as the caller just read it (one read for many VMs
+        checked in one step), else it is read here."""
 
     def storage_full(self, exc: StorageFullError) -> None:
         """Raise the broker-wide storage_full condition."""

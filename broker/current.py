@@ -96,10 +96,12 @@ async def agent_current(request: web.Request) -> web.Response:
     for replica in service.store.replicas():
         bound.setdefault(replica.meta.vm_uuid, []).append(replica)
     answers: dict[str, dict[str, Any]] = {}
+    # The fence's epoch read once for all of them: the loop below is one step, no await.
+    stored = service.store.stored_epoch()
     for vm_uuid, statement in zip(vms, body.vms, strict=True):
         try:
             _authorise(service, ident, vm_uuid, bound.get(vm_uuid, []))
-            answers[vm_uuid] = {"disks": _take(service, ident, vm_uuid, statement)}
+            answers[vm_uuid] = {"disks": _take(service, ident, vm_uuid, statement, stored)}
         except BrokerError as exc:
             _log.warning("current_statement_refused", vm_uuid=vm_uuid, error=exc.code)
             answers[vm_uuid] = {"status": exc.status, **exc.body()}
@@ -138,9 +140,15 @@ def _authorise(service: Ingest, ident: Identity, vm_uuid: str, disks: list[Repli
         check_source(replica, ident)
 
 
-def _take(service: Ingest, ident: Identity, vm_uuid: str, body: CurrentRequest) -> dict[str, bool]:
+def _take(
+    service: Ingest,
+    ident: Identity,
+    vm_uuid: str,
+    body: CurrentRequest,
+    stored_epoch: int | None = None,
+) -> dict[str, bool]:
     """Note the statement of each disk the replica of which holds the batch named."""
-    service.check_owner(vm_uuid)
+    service.check_owner(vm_uuid, stored_epoch=stored_epoch)
     taken: dict[str, bool] = {}
     for disk in body.disks:
         replica = service.store.get(vm_uuid, disk.disk_id)

@@ -360,8 +360,8 @@ class BrokerService:
         epoch (:meth:`Store.fenced`): a deposed owner is refused before it writes."""
         return await asyncio.to_thread(self.store.fenced, replica, self.epoch, write, *args, **kw)
 
-    def check_owner(self, vm_uuid: str | None = None) -> None:
-        """Refuse, naming who does, unless this broker serves the VM (placed here, or owner)."""
+    def check_owner(self, vm_uuid: str | None = None, *, stored_epoch: int | None = None) -> None:
+        """:meth:`broker.api.Ingest.check_owner`: placed here, or the owner at the store's epoch."""
         if self.scaleout is not None and self.scaleout.serves(vm_uuid):
             return  # placed here: the store's per-VM fence decides at each write (decision 032)
         if self.cluster is not None:
@@ -373,7 +373,7 @@ class BrokerService:
                 fix="retry shortly; if it lasts, resume or kill the previous owner's process",
                 details={"epoch": self.epoch, "owner_url": self.advertised_url},
             )
-        stored = self.store.stored_epoch()
+        stored = self.store.stored_epoch() if stored_epoch is None else stored_epoch
         if stored > self.epoch:
             raise NotOwner(
                 f"broker {self.config.broker.node} holds owner epoch {self.epoch} but the store "

@@ -85,6 +85,33 @@ async def test_statements_made_at_once_share_one_request(broker: BrokerService, 
     assert broker.engine_for(replica).current is None
 
 
+async def test_a_deposed_owner_notes_no_statement_of_a_shared_request(
+    broker: BrokerService, pki: PKI
+) -> None:
+    """Once another member claimed a higher epoch at the store, the shared statement request
+    (the store's epoch read once for all its VMs) is refused for each VM, the per-VM one answers
+    503 not_owner, and nothing is noted."""
+    own = await _replicas(broker, pki, ["h1", "h1"])
+    broker.store.claim_epoch(broker.epoch + 1, "b2")
+    client = BrokerClient([broker.url], client_context(pki.agents["h1"]), cluster="c1")
+    try:
+        batches = batches_of(client)
+        with structlog.testing.capture_logs() as logs:
+            answers = await asyncio.gather(*(batches.state(s.vm_uuid, _body(s, 5)) for s in own))
+        assert answers == [None, None]
+        refused = [e for e in logs if e["event"] == "current_statement_refused"]
+        assert [e["error"] for e in refused] == ["not_owner", "not_owner"]
+        with pytest.raises(ShipError) as single:
+            await client.current(own[0].vm_uuid, _body(own[0], 5))
+        assert (single.value.status, single.value.code) == (503, "not_owner")
+    finally:
+        await client.close()
+    for src in own:
+        replica = broker.store.get(str(src.vm_uuid), src.disk_id)
+        assert replica is not None
+        assert broker.engine_for(replica).current is None
+
+
 async def test_a_broker_without_the_shared_endpoint_gets_per_vm_statements(
     broker: BrokerService, pki: PKI, tmp_path: Path
 ) -> None:
