@@ -49,6 +49,14 @@ async def _replicas(broker: BrokerService, pki: PKI, hosts: list[str]) -> list[F
     return out
 
 
+def _noted_cut(broker: BrokerService, src: FakeSource) -> int | None:
+    """The cut of the statement the broker noted for ``src``'s replica (None: none)."""
+    replica = broker.store.get(str(src.vm_uuid), src.disk_id)
+    assert replica is not None
+    current = broker.engine_for(replica).current
+    return None if current is None else current.cut_id
+
+
 def _body(src: FakeSource, cut_id: int) -> dict[str, Any]:
     disk = {"disk_id": src.disk_id, "generation": src.generation, "seq": 1}
     return {"cut_id": cut_id, "cut_time_ns": 10**19, "disks": [disk]}
@@ -74,15 +82,7 @@ async def test_statements_made_at_once_share_one_request(broker: BrokerService, 
         assert (refused.value.status, refused.value.code) == (403, "not_authorised")
     finally:
         await client.close()
-    for src in own:
-        replica = broker.store.get(str(src.vm_uuid), src.disk_id)
-        assert replica is not None
-        current = broker.engine_for(replica).current
-        assert current is not None
-        assert current.cut_id == 5
-    replica = broker.store.get(str(foreign.vm_uuid), foreign.disk_id)
-    assert replica is not None
-    assert broker.engine_for(replica).current is None
+    assert [_noted_cut(broker, s) for s in [*own, foreign]] == [5, 5, 5, None]
 
 
 async def test_a_deposed_owner_notes_no_statement_of_a_shared_request(
@@ -106,10 +106,7 @@ async def test_a_deposed_owner_notes_no_statement_of_a_shared_request(
         assert (single.value.status, single.value.code) == (503, "not_owner")
     finally:
         await client.close()
-    for src in own:
-        replica = broker.store.get(str(src.vm_uuid), src.disk_id)
-        assert replica is not None
-        assert broker.engine_for(replica).current is None
+    assert [_noted_cut(broker, s) for s in own] == [None, None]
 
 
 async def test_a_broker_without_the_shared_endpoint_gets_per_vm_statements(
@@ -141,11 +138,7 @@ async def test_a_broker_without_the_shared_endpoint_gets_per_vm_statements(
     finally:
         await client.close()
         await runner.cleanup()
-    replica = broker.store.get(str(src.vm_uuid), src.disk_id)
-    assert replica is not None
-    current = broker.engine_for(replica).current
-    assert current is not None
-    assert current.cut_id == 8
+    assert _noted_cut(broker, src) == 8
 
 
 @pytest.mark.parametrize(
