@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import stat
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -16,6 +18,7 @@ from agents.hypervisor import GuestDisk, HypervisorError
 from agents.hypervisor.base import process_alive
 from agents.hypervisor.command import CommandDriver
 from agents.hypervisor.qemu import QemuDriver, kvm_usable
+from agents.hypervisor.qmp import UNIX_PATH_MAX, reachable
 from common.hypervisorconfig import CommandSettings, QemuSettings
 from tests.fixtures_pki import make_pki
 from tests.support_agent import (
@@ -253,3 +256,31 @@ async def test_unreadable_pid_file_is_unknown_and_blocks_a_second_start(tmp_path
         await driver.start([GuestDisk("d", "nbd+unix:///d?socket=/nonexistent")], isolated=True)
     with pytest.raises(HypervisorError, match="cannot tell"):
         await driver.stop()
+
+
+def test_a_socket_deeper_than_sun_path_is_bound_and_reached_through_its_directory(
+    tmp_path: Path,
+) -> None:
+    """A guest's QMP socket under a state directory deeper than 107 bytes (a CI run failed on
+    one): another process binds it through the directory's descriptor, as qemu does with
+    ``pass_fds``, and the agent connects to it the same way."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    sock = deep / "qmp.sock"
+    assert len(os.fsencode(sock)) > UNIX_PATH_MAX
+    bind = "import socket, sys; socket.socket(socket.AF_UNIX).bind(sys.argv[1])"
+    with reachable(sock) as (path, keep):
+        assert len(path) <= UNIX_PATH_MAX
+        assert keep
+        subprocess.run([sys.executable, "-c", bind, path], pass_fds=keep, check=True)
+    assert stat.S_ISSOCK(os.lstat(sock).st_mode)
+    sock.unlink()
+    with reachable(sock) as (path, _), socket.socket(socket.AF_UNIX) as server:
+        server.bind(path)
+        server.listen()
+        with reachable(sock) as (again, _), socket.socket(socket.AF_UNIX) as client:
+            client.connect(again)
+            conn, _ = server.accept()
+            with conn:
+                conn.sendall(b"qmp")
+                assert client.recv(3) == b"qmp"

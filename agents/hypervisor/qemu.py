@@ -27,7 +27,7 @@ from agents.hypervisor.base import (
     process_alive,
     unix_nbd,
 )
-from agents.hypervisor.qmp import qmp_execute
+from agents.hypervisor.qmp import qmp_execute, reachable
 from common.hypervisorconfig import QemuSettings
 from common.logs import get_logger
 
@@ -69,6 +69,9 @@ class QemuDriver:
         self.qmp = run_dir / "qmp.sock"
         self.pidfile = run_dir / "qemu.pid"
         self.console = run_dir / "console.log"
+        # What tells our qemu from a process that reused its pid: the pid file's path is in
+        # every command line we start (the QMP socket's may be a /proc/self/fd alias).
+        self.marker = str(self.pidfile)
 
     def accel(self) -> str:
         """The accelerator this start uses."""
@@ -76,8 +79,11 @@ class QemuDriver:
             return "kvm" if kvm_usable() else "tcg"
         return self.settings.accel
 
-    def argv(self, disks: Sequence[GuestDisk], *, isolated: bool) -> list[str]:
-        """qemu's command line for ``disks``; every value is one argv item, never shell text."""
+    def argv(
+        self, disks: Sequence[GuestDisk], *, isolated: bool, qmp: str | None = None
+    ) -> list[str]:
+        """qemu's command line for ``disks``; every value is one argv item, never shell text.
+        ``qmp``: the path qemu binds its QMP socket at (default: :attr:`qmp`)."""
         s = self.settings
         args = [
             s.binary,
@@ -98,7 +104,7 @@ class QemuDriver:
             "-serial",
             f"file:{self.console}",
             "-qmp",
-            f"unix:{self.qmp},server=on,wait=off",
+            f"unix:{qmp or self.qmp},server=on,wait=off",
             "-pidfile",
             str(self.pidfile),
             "-daemonize",
@@ -142,7 +148,6 @@ class QemuDriver:
         for stale in (self.qmp, self.pidfile, self.console, self.run_dir / "start.log"):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
-        argv = self.argv(disks, isolated=isolated)
         started = time.monotonic()
         # qemu's messages go to a file, not a pipe: the daemonized qemu inherits the pipe until
         # it redirects its stdio, and uvloop (the agent's loop) then waits on it for good.
@@ -151,12 +156,14 @@ class QemuDriver:
             log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
         )
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd
-            )
+            with reachable(self.qmp) as (qmp, keep):
+                argv = self.argv(disks, isolated=isolated, qmp=qmp)
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd, pass_fds=keep
+                )
+                code = await proc.wait()  # -daemonize: qemu's socket exists once this returns
         finally:
             os.close(fd)
-        code = await proc.wait()
         if code != 0:
             text = log_path.read_text(errors="replace").strip()
             log.warning("guest_start_failed", vm=self.vm, code=code, error=text)
@@ -192,7 +199,7 @@ class QemuDriver:
         if not text.isdigit():
             return GuestStatus("unknown", None, f"pid file {self.pidfile} holds {text[:20]!r}")
         pid = int(text)
-        if process_alive(pid, str(self.qmp)):
+        if process_alive(pid, self.marker):
             return GuestStatus("running", pid)
         return GuestStatus("stopped", None, f"pid {pid} of the last run has ended")
 
@@ -214,11 +221,11 @@ class QemuDriver:
             await qmp_execute(self.qmp, "system_powerdown")
         except HypervisorError as exc:
             log.warning("guest_powerdown_failed", vm=self.vm, error=str(exc))
-        if await _wait_gone(pid, str(self.qmp), limit):
+        if await _wait_gone(pid, self.marker, limit):
             result = StopResult("powerdown", time.monotonic() - started)
         else:
-            _kill(pid, str(self.qmp))
-            if not await _wait_gone(pid, str(self.qmp), 10.0):
+            _kill(pid, self.marker)
+            if not await _wait_gone(pid, self.marker, 10.0):
                 raise HypervisorError(
                     f"vm {self.vm}: qemu pid {pid} survived SIGKILL",
                     fix="look for an uninterruptible I/O wait (a hung NBD socket)",
