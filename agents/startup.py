@@ -15,6 +15,7 @@ from pathlib import Path
 from agents.control import control_gid, control_socket_path
 from agents.disk import IN_USE_FIX, image_in_use, in_use_message
 from agents.errors import AgentError
+from agents.hypervisor.qmp import UNIX_PATH_MAX
 from certs.service import startup_problems
 from common.config import (
     AgentConfig,
@@ -30,7 +31,6 @@ from common.errors import refuse_to_start
 from common.hypervisorconfig import QemuSettings
 from common.tls import Identity, TLSError, client_context
 
-_UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 NBD_DEFAULT_HOST = "127.0.0.1"  # `nbd.tcp_listen = ":10809"` listens on loopback only
 
 
@@ -103,10 +103,10 @@ def check_config(config: AgentConfig) -> list[str]:
         problems += writable_dir_problems(config.nbd.socket_dir, "nbd.socket_dir", mode=0o750)
     control = control_socket_path(config)
     if _check_path("agent.control_socket", control, problems) and (
-        len(os.fsencode(control)) > _UNIX_PATH_MAX
+        len(os.fsencode(control)) > UNIX_PATH_MAX
     ):
         problems.append(
-            f"agent.control_socket: {control} is longer than {_UNIX_PATH_MAX} bytes; "
+            f"agent.control_socket: {control} is longer than {UNIX_PATH_MAX} bytes; "
             "fix: set a shorter control_socket"
         )
     try:
@@ -144,9 +144,9 @@ def check_config(config: AgentConfig) -> list[str]:
                 )
             exports.setdefault(name, f"{vm.name}/{disk.id}")
             sock = socket_path(config, name)
-            if len(os.fsencode(sock)) > _UNIX_PATH_MAX:
+            if len(os.fsencode(sock)) > UNIX_PATH_MAX:
                 problems.append(
-                    f"{dwhere}: socket path {sock} is longer than {_UNIX_PATH_MAX} bytes"
+                    f"{dwhere}: socket path {sock} is longer than {UNIX_PATH_MAX} bytes"
                 )
             if vm.initial_role == "REPLICA":
                 continue  # the broker creates the replica image; it is checked at promotion
