@@ -38,6 +38,7 @@ from broker.points import PointsIndex, PointView, StateInfo
 from broker.pools import APPLY, run_in
 from broker.space import is_full
 from broker.store import Replica, Store, journal_name
+from broker.unbuffered import UnbufferedWriter
 from broker.unchanged import Unchanged
 from broker.undo import undo_size_bound
 from broker.verified import HeldBatches
@@ -352,20 +353,28 @@ class ReplicaEngine:
             return held
         return entry.iter_extents(self.limits)
 
-    def write_extent(self, ext: Extent, *, ext_seq: int | None) -> None:
-        """Write one verified extent to the image; DATA is read back against its checksum."""
+    def write_extent(
+        self, ext: Extent, *, ext_seq: int | None, unbuffered: UnbufferedWriter | None = None
+    ) -> None:
+        """Write one verified extent to the image; DATA is read back against its checksum.
+
+        With ``unbuffered`` (the initial copy), what it can take skips the page cache and is
+        read back from the disk."""
         fd = self._fd
         if ext.kind is not ExtentKind.DATA:
             punch_hole(fd, ext.offset, ext.length)
             return
         assert ext.data is not None
-        pwrite_all(fd, ext.data, ext.offset)
-        self._unflushed += ext.length
-        if self._unflushed >= WRITEBACK_BYTES:
-            self._unflushed = 0
-            start_writeback(fd, 0, 0)  # every dirty page of the image, in one call
-        # Read back through the mmap: the page cache's bytes, hashed without a copy.
-        if xxhash.xxh3_64_intdigest(self._image_view[ext.offset : ext.end]) != ext.checksum:
+        digest = unbuffered.write(ext.offset, ext.data) if unbuffered is not None else None
+        if digest is None:
+            pwrite_all(fd, ext.data, ext.offset)
+            self._unflushed += ext.length
+            if self._unflushed >= WRITEBACK_BYTES:
+                self._unflushed = 0
+                start_writeback(fd, 0, 0)  # every dirty page of the image, in one call
+            # Read back through the mmap: the page cache's bytes, hashed without a copy.
+            digest = xxhash.xxh3_64_intdigest(self._image_view[ext.offset : ext.end])
+        if digest != ext.checksum:
             r = self.replica
             raise ApplyVerifyError(
                 f"replica {r.label}: data read back at offset {ext.offset} ({ext.length} bytes) "

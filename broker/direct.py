@@ -11,6 +11,7 @@ import os
 from typing import TYPE_CHECKING
 
 from broker.applied import applied_record
+from broker.unbuffered import UnbufferedWriter
 from common.hrl import BatchHeader, Extent
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ class DirectApply:
         self._held = False
         self._epoch = 0
         self._section = contextlib.ExitStack()
+        self._writer: UnbufferedWriter | None = None
 
     def begin(self, header: BatchHeader) -> bool:
         """Take the batch if the replica is in initial sync with no listed point."""
@@ -49,12 +51,14 @@ class DirectApply:
             self._section.close()
             e.apply_lock.release()
             raise
+        self._writer = UnbufferedWriter(e.image_fd)
         self._held = True
         return True
 
     def extent(self, ext: Extent) -> None:
-        """Write one extent (DATA read back against its checksum)."""
-        self.engine.write_extent(ext, ext_seq=None)
+        """Write one extent past the page cache where it can (DATA read back against its
+        checksum)."""
+        self.engine.write_extent(ext, ext_seq=None, unbuffered=self._writer)
 
     def commit(self, header: BatchHeader) -> None:
         """fdatasync, audit line, then durable and applied in one meta write."""
@@ -83,12 +87,16 @@ class DirectApply:
                 generation=header.generation,
                 epoch=self._epoch,
                 direct=True,
+                unbuffered_bytes=self._writer.written if self._writer is not None else 0,
             )
         finally:
             self.release()
 
     def release(self) -> None:
         """Let the applier run again."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         if self._held:
             self._held = False
             self._section.close()
