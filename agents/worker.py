@@ -64,6 +64,15 @@ class VMWorker:
         the libraries' (aiohttp's) as well.
         """
         structlog.contextvars.bind_contextvars(vm=self.vm.name)
+        try:
+            await self._run(stop)
+        finally:
+            if self.pace is not None:
+                # A VM that leaves (failed over, agent stopping) must not hold shipping at the
+                # guests' priority for the VMs that stay.
+                self.pace.report(str(self.vm.uuid), behind=False)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         interval = self.policy.interval_seconds
         due = time.monotonic()  # the first cut right away: ship what the map recovered
         previous = 0.0  # when the last shipped cycle began (its cut)

@@ -196,7 +196,8 @@ async def test_a_vm_past_half_its_rpo_brings_shipping_back_to_the_guests_priorit
 ) -> None:
     """The worker's rule (decision 028): with acks 0.7 s late, a VM whose RPO is 1 s has less
     than half of it in reserve, and the shipping thread runs at the process's priority; once the
-    acks are prompt again it runs 10 levels below (the agent's default ``shipping_nice``)."""
+    acks are prompt again it runs 10 levels below (the agent's default ``shipping_nice``), and
+    a VM whose loop ends while behind (failed over) does not hold it there."""
     pki = make_pki(tmp_path / "pki")
     rx = Receiver(tmp_path / "rx", pki)
     url = await rx.start()
@@ -229,6 +230,11 @@ async def test_a_vm_past_half_its_rpo_brings_shipping_back_to_the_guests_priorit
         rx.ack_delay = 0.7
         await settles_at(base)
         rx.ack_delay = 0.0
+        await settles_at(min(19, base + 10))
+        rx.ack_delay = 0.7
+        await settles_at(base)
+        stop.set()
+        await worker
         await settles_at(min(19, base + 10))
     finally:
         stop.set()
