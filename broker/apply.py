@@ -76,6 +76,10 @@ data is written and before the commit, so that a test can freeze an owner with w
 Never set in production."""
 
 
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
 def _fault_slow_apply(log: structlog.stdlib.BoundLogger, seq: int) -> None:
     delay = os.environ.get(SLOW_APPLY)
     if delay:
@@ -298,6 +302,7 @@ class ReplicaEngine:
             cut_id=h.cut_id,
             first_change_cut=h.first_change_cut,
         )
+        started = time.perf_counter()
         seg = self.points.segment_for(top.key)
         if seg is None:  # 2. undo, exactly once per batch, within the disk's bound
             ranges = entry.ranges()
@@ -312,9 +317,12 @@ class ReplicaEngine:
             # A crash came after the capture: the image may hold part of this batch already.
             self.log.info("undo_reused", seq=h.seq)
             self.points.publish(seg)
+        captured = time.perf_counter()
         for ext in self._extents_of(entry):
             self.write_extent(ext, ext_seq=h.seq)
+        written = time.perf_counter()
         os.fdatasync(self._fd)
+        synced = time.perf_counter()
         _fault_slow_apply(self.log, h.seq)
         self.store.check_epoch(epoch, r)  # a takeover during the writes must not be committed over
         # 4. commit: the audit line is the single point where the batch becomes applied.
@@ -342,6 +350,11 @@ class ReplicaEngine:
             epoch=epoch,
             extents=len(entry.extents),
             undo_bytes=seg.size_bytes,
+            # Where a slow apply spends its time: the undo capture reads the image's old bytes.
+            undo_ms=_ms(captured - started),
+            write_ms=_ms(written - captured),
+            sync_ms=_ms(synced - written),
+            ms=_ms(time.perf_counter() - started),
         )
 
     def _extents_of(self, entry: JournalEntry) -> Iterable[Extent]:

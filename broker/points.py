@@ -60,7 +60,7 @@ from broker.undo import CutKey as CutKey  # noqa: PLC0414
 from broker.undo import Key as Key  # noqa: PLC0414
 from broker.undo import StateInfo as StateInfo  # noqa: PLC0414
 from broker.undo import key_text as key_text  # noqa: PLC0414
-from common.fsio import pread_exact
+from common.fsio import pread_exact, prefetch
 from common.logs import get_logger
 
 _log = get_logger("broker.points")
@@ -402,17 +402,23 @@ class PointsIndex:
         writer = SegmentWriter(self.dir, top.key, top.key)
         cursor = AllocationCursor(image_fd)
         try:
-            for offset, length in ranges:
-                for start, run, allocated in cursor.segments(offset, length):
-                    if not allocated:
-                        writer.add_zero(start, run)
-                        continue
-                    pos, end = start, start + run
-                    while pos < end:
-                        n = min(_READ_CHUNK, end - pos)
-                        data = pread_exact(image_fd, n, pos)
-                        _add_nonzero(writer, pos, data)
-                        pos += n
+            runs = [run for offset, length in ranges for run in cursor.segments(offset, length)]
+            # A replica's old bytes are mostly on the disk, not in memory: read one by one, 5,000
+            # scattered 4 KiB ranges took 200-300 ms (issue 10). Asked for all at once first, the
+            # device reads them in parallel while the loop below copies the first ones.
+            for start, run, allocated in runs:
+                if allocated:
+                    prefetch(image_fd, start, run)
+            for start, run, allocated in runs:
+                if not allocated:
+                    writer.add_zero(start, run)
+                    continue
+                pos, end = start, start + run
+                while pos < end:
+                    n = min(_READ_CHUNK, end - pos)
+                    data = pread_exact(image_fd, n, pos)
+                    _add_nonzero(writer, pos, data)
+                    pos += n
             path = writer.finish(segment_meta(top.key, base, top))
         except BaseException:
             writer.abort()

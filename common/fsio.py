@@ -9,6 +9,7 @@ Files are created 0600 unless the caller says otherwise, and never through a sym
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -78,6 +79,14 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     """
     if _sync_file_range is not None:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+def prefetch(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start reading a range into the page cache now, without waiting (best
+    effort): many ranges asked for at once are read in parallel, where one ``pread`` after
+    another waits for each in turn."""
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
 
 
 # --- whole writes and reads -----------------------------------------------------------------------
