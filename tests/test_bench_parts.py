@@ -4,7 +4,9 @@ ratio table and the target verdicts (the benches themselves are run by hand, not
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -80,6 +82,27 @@ def test_lag_bound_starts_no_earlier_than_the_load() -> None:
     cycles = [(0, S // 10), (20 * S, 20 * S + S // 2), (21 * S, 21 * S + S // 2)]
     phase = broker_lag.Phase(cycles, 19 * S + S // 2, 21 * S, [], {}, 0.0, True)
     assert [round(v, 6) for v in broker_lag.lag_figures(phase)["write_to_replica"]] == [1.0, 1.5]
+
+
+def test_the_load_starts_at_its_first_write_not_at_fios_launch(tmp_path: Path) -> None:
+    """FirstWrite keeps the last poll before the image's mtime changed: never after the write."""
+    image = tmp_path / "image"
+    image.write_bytes(bytes(4096))
+    os.utime(image, ns=(0, 0))
+    first = broker_lag.FirstWrite(image)
+    first.start()
+    launched = time.time_ns()
+    time.sleep(0.2)  # fio's start-up
+    before = time.time_ns()
+    with image.open("r+b") as f:
+        f.write(b"x")
+    after = time.time_ns()
+    time.sleep(0.02)
+    start = first.load_start(launched)
+    assert before - 50_000_000 <= start <= after
+    quiet = broker_lag.FirstWrite(image)
+    quiet.start()
+    assert quiet.load_start(launched) == launched  # nothing written: the launch
 
 
 def test_growth_compares_first_and_last_windows() -> None:
