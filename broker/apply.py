@@ -35,14 +35,14 @@ from broker.applied import applied_record
 from broker.errors import ApplyVerifyError, BrokerError, FencedError, StoreCorrupt
 from broker.journal import JournalEntry, clean_partials, read_journal
 from broker.points import PointsIndex, PointView, StateInfo
-from broker.pools import APPLY, run_in
+from broker.pools import APPLY, PREFETCH, run_in, submit_in
 from broker.space import is_full
 from broker.store import Replica, Store, journal_name
 from broker.unbuffered import UnbufferedWriter
 from broker.unchanged import Unchanged
 from broker.undo import undo_size_bound
 from broker.verified import HeldBatches
-from common.fsio import punch_hole, pwrite_all, start_writeback
+from common.fsio import prefetch, punch_hole, pwrite_all, start_writeback
 from common.hrl import DEFAULT_LIMITS, DecodeLimits, Extent, ExtentKind
 from common.logs import get_logger
 
@@ -74,6 +74,13 @@ SLOW_APPLY: Final = "REPLIKANT_TEST_SLOW_APPLY"
 """Test hook (docs/security.md): seconds to pause inside each apply's write section, after the
 data is written and before the commit, so that a test can freeze an owner with work in hand.
 Never set in production."""
+
+
+def _prefetch_all(fd: int, ranges: list[tuple[int, int]]) -> None:
+    # Best effort: after the engine closed, fd fails (EBADF, ignored) or names another of the
+    # broker's files, which is then only read into memory.
+    for offset, length in ranges:
+        prefetch(fd, offset, length)
 
 
 def _ms(seconds: float) -> float:
@@ -154,6 +161,11 @@ class ReplicaEngine:
     def image_fd(self) -> int:
         """The replica image's descriptor (read-write; readers only pread)."""
         return self._fd
+
+    def prefetch(self, ranges: list[tuple[int, int]]) -> None:
+        """Have these ranges of the image read into memory soon, without waiting (best effort):
+        on a thread of their own, as asking the kernel costs a few microseconds a range."""
+        submit_in(PREFETCH, _prefetch_all, self._fd, ranges)
 
     # -- health
     def raise_condition(

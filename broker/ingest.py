@@ -228,6 +228,9 @@ async def upload_batch(request: web.Request) -> web.Response:
             bytes=receipt.journal_bytes,
             direct=receipt.direct,
             ms=round((time.monotonic() - started) * 1000, 1),
+            # A slow upload: the rest of ms is waiting for the agent's bytes.
+            worker_ms=round(progress.worker_s * 1000, 1),
+            finish_ms=round(progress.finish_s * 1000, 1),
         )
         service.storage_ok()
         engine.wake()
@@ -246,6 +249,8 @@ class UploadProgress:
 
     received: int = 0
     seq: int | None = None
+    worker_s: float = 0.0  # decoding, verifying and writing the journal, on the ingest worker
+    finish_s: float = 0.0  # of which the end: the journal file's fdatasync and rename
 
 
 async def _journal(
@@ -275,6 +280,7 @@ async def _journal(
         direct=DirectApply(engine),
         epoch=service.epoch,
         held=engine.held,
+        prefetch=engine.prefetch,
     )
     fence_due = True
 
@@ -282,12 +288,17 @@ async def _journal(
         # One worker hop does the fence, the bytes read so far and, once the body has ended,
         # the finish: a batch under _FEED_BYTES (most of them) costs one hop, not three.
         nonlocal fence_due
+        began = time.perf_counter()
         if fence_due:
             # The per-VM fence (decision 032) before anything is journaled (finish checks again).
             placement_fence(service.store, replica)
             fence_due = False
         rx.feed_many(batch)
-        return rx.finish() if last or rx.duplicate else None
+        fed = time.perf_counter()
+        receipt = rx.finish() if last or rx.duplicate else None
+        progress.worker_s += time.perf_counter() - began
+        progress.finish_s += time.perf_counter() - fed
+        return receipt
 
     async def settle(feed: Future[Receipt | None]) -> Receipt | None:
         receipt = await asyncio.wrap_future(feed)

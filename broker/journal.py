@@ -22,7 +22,7 @@ import os
 import signal
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
@@ -123,8 +123,14 @@ class BatchReceiver:
         direct: DirectSink | None = None,
         epoch: int | None = None,
         held: HeldBatches | None = None,
+        prefetch: Callable[[list[tuple[int, int]]], None] | None = None,
     ) -> None:
         self.store = store
+        self.prefetch = prefetch
+        """Told the ranges of the journaled extents of each :meth:`feed_many`: the applier's
+        undo capture reads the image's old bytes there, and the disk can fetch them while the
+        upload goes on."""
+        self._fetch: list[tuple[int, int]] = []
         self.held = held
         """Where the verified extents go for the applier (decision 014); None: not kept."""
         self._kept: list[Extent] | None = [] if held is not None else None
@@ -155,6 +161,9 @@ class BatchReceiver:
             self.feed(chunk)
             if self.duplicate:
                 return
+        if self._fetch and self.prefetch is not None:
+            self.prefetch(self._fetch)
+            self._fetch = []
 
     def feed(self, chunk: bytes) -> None:
         """Verify and journal the next bytes of the body; raises a :class:`BrokerError`."""
@@ -207,6 +216,8 @@ class BatchReceiver:
                     with self.space.refusing_when_full(event.length, self._doing()):
                         self.direct.extent(event)
                     continue
+                if self.prefetch is not None:
+                    self._fetch.append((event.offset, event.length))
                 self._index += _IDX_ENTRY.pack(event.offset, event.length, int(event.kind))
                 self._count += 1
                 self._keep(event)

@@ -1,4 +1,5 @@
-"""The broker's worker threads for the data path: one pool for ingest, one for apply.
+"""The broker's worker threads for the data path: one pool for ingest, one for apply (and a
+small one for read-ahead).
 
 Every upload and every apply spends most of its wall time in fsync and fdatasync. On asyncio's
 default executor (``min(32, cpus + 4)`` threads, 6 on a 2-core host, shared with everything
@@ -27,6 +28,9 @@ INGEST: Final = ThreadPoolExecutor(INGEST_THREADS, thread_name_prefix="ingest")
 """Uploads: decode, journal writes, the journal's fsync before the ack."""
 APPLY: Final = ThreadPoolExecutor(APPLY_THREADS, thread_name_prefix="apply")
 """Appliers: undo capture, image writes, fdatasync, the audit line (one thread per replica)."""
+PREFETCH: Final = ThreadPoolExecutor(4, thread_name_prefix="prefetch")
+"""Read-ahead requests for the image ranges of incoming batches (their undo capture reads them),
+off the ingest worker, whose time is an upload's time."""
 
 
 def submit_in(pool: ThreadPoolExecutor, fn: Callable[..., T], *args: object) -> Future[T]:
