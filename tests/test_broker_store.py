@@ -21,7 +21,7 @@ from broker.errors import (
     StaleGeneration,
     StorageFullError,
 )
-from broker.journal import BatchReceiver, Receipt
+from broker.journal import BatchReceiver, DirectSink, Receipt
 from broker.store import Replica, Store, journal_name
 from broker.undo import AllocationCursor
 from broker.verified import HeldBatches, HeldBudget
@@ -58,6 +58,7 @@ def journal(
     chunk: int = 7000,
     min_free: int = 0,
     held: HeldBatches | None = None,
+    direct: DirectSink | None = None,
 ) -> Receipt:
     rx = BatchReceiver(
         store,
@@ -67,6 +68,8 @@ def journal(
         min_free_bytes=min_free,
         max_batch_bytes=1 << 40,
         held=held,
+        direct=direct,
+        epoch=EPOCH if direct is not None else None,
     )
     try:
         for i in range(0, len(body), chunk):

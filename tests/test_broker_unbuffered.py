@@ -12,11 +12,10 @@ import xxhash
 
 from broker.direct import DirectApply
 from broker.errors import ApplyVerifyError
-from broker.journal import BatchReceiver
 from broker.unbuffered import ALIGN, UnbufferedWriter
-from common.hrl import DEFAULT_LIMITS, Extent, ExtentKind
+from common.hrl import Extent, ExtentKind
 from tests.support_broker import FakeSource, MiB
-from tests.test_broker_store import EPOCH, enable, engine, make_store
+from tests.test_broker_store import enable, engine, journal, make_store
 
 
 def resident_bytes(path: Path) -> int:
@@ -37,20 +36,7 @@ def test_an_initial_copy_skips_the_page_cache_and_lands_byte_for_byte(tmp_path: 
     eng = engine(store, replica)
     src.mutate(60)
     body = src.cut(full=True, all_blocks=True).body
-    rx = BatchReceiver(
-        store,
-        replica,
-        url_identity=replica.key,
-        limits=DEFAULT_LIMITS,
-        min_free_bytes=0,
-        max_batch_bytes=1 << 40,
-        direct=DirectApply(eng),
-        epoch=EPOCH,
-        held=eng.held,
-    )
-    for i in range(0, len(body), 1 << 20):
-        rx.feed(body[i : i + (1 << 20)])
-    receipt = rx.finish()
+    receipt = journal(store, replica, body, chunk=1 << 20, held=eng.held, direct=DirectApply(eng))
     assert receipt.direct
     assert replica.meta.applied_seq == 1
     # Written through the page cache, nearly all of the 8 MiB would be resident now.
