@@ -437,7 +437,7 @@ class PointsIndex:
             try:
                 self._segments.append(seg)
                 for view in list(self._views):
-                    view._add_newer(seg.entries)
+                    view._add_newer(seg)
             finally:
                 self.rw.release_write()
 
@@ -455,7 +455,7 @@ class PointsIndex:
                     f"point {key_text(key)} is not retained",
                     fix="list the retained points with `replikant points VM`",
                 )
-            view = PointView(self, key, merge_all([s.entries for s in later]))
+            view = PointView(self, key, merge_all([s.entries for s in later]), later)
             self._views.add(view)
             self._pins[key] = self._pins.get(key, 0) + 1
         return view
@@ -539,12 +539,14 @@ class PointsIndex:
         """Replace consecutive segments by one (oldest undo wins per range); returns it (None
         when the applier dropped some of them for room meanwhile)."""
         entries = merge_all([s.entries for s in run])
+        sources = {s.sid: s for s in run}
         writer = SegmentWriter(self.dir, run[0].first, run[-1].top.key)
         try:
-            for start, end, src, src_off, kind in entries:
-                if kind == KIND_ZERO or src is None:
+            for start, end, sid, src_off, kind in entries:
+                if kind == KIND_ZERO or not sid:
                     writer.add_zero(start, end - start)
                     continue
+                src = sources[sid]
                 pos = start
                 while pos < end:
                     n = min(_READ_CHUNK, end - pos)
@@ -614,10 +616,15 @@ class PointView:
     on its own (see :meth:`PointsIndex.publish`). Close it to unpin the point.
     """
 
-    def __init__(self, index: PointsIndex, key: Key, entries: list[Entry]) -> None:
+    def __init__(
+        self, index: PointsIndex, key: Key, entries: list[Entry], segments: list[UndoSegment]
+    ) -> None:
         self._index = index
         self.key = key
         self._entries = entries
+        # The segments the entries may name: held here, so that a retired segment's file stays
+        # until the last view reading it closes.
+        self._sources = {seg.sid: seg for seg in segments}
         self._image_fd: int | None = None
         self.closed = False
 
@@ -625,11 +632,12 @@ class PointView:
         """The replica image descriptor to read unsaved ranges from (owned by the caller)."""
         self._image_fd = fd
 
-    def _add_newer(self, newer: list[Entry]) -> None:
+    def _add_newer(self, seg: UndoSegment) -> None:
         # Called under the index's write lock, before the image is written for this batch. The
         # merge is linear: the two-pointer walk plus a sort of an almost sorted list.
-        if newer:
-            self._entries = overlay_merge(self._entries, newer)
+        if seg.entries:
+            self._sources[seg.sid] = seg
+            self._entries = overlay_merge(self._entries, seg.entries)
 
     def read(self, offset: int, length: int) -> bytes | bytearray:
         """``length`` bytes of the disk as of the point, from ``offset``."""
@@ -648,12 +656,13 @@ class PointView:
             out = bytearray(length)
             view = memoryview(out)
             pos = offset
-            for start, stop, src, src_off, kind in overlay:
+            for start, stop, sid, src_off, kind in overlay:
                 s = max(start, offset)
                 e = min(stop, end)
                 if s > pos:
                     _preadinto(self._image_fd, view[pos - offset : s - offset], pos)
-                if kind == KIND_DATA and src is not None:
+                if kind == KIND_DATA and sid:
+                    src = self._sources[sid]
                     view[s - offset : e - offset] = src.pread(e - s, src_off + (s - start))
                 pos = e
             if pos < end:
@@ -685,6 +694,7 @@ class PointView:
         if not self.closed:
             self.closed = True
             self._entries = []
+            self._sources = {}
             self._index._unpin(self)
 
     def __enter__(self) -> PointView:

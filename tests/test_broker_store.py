@@ -390,6 +390,36 @@ def test_full_batches_are_hidden_until_first_delta(tmp_path: Path) -> None:
     assert image(replica) == bytes(src.image)
 
 
+def test_undo_entries_are_left_out_of_the_garbage_collectors_walks(tmp_path: Path) -> None:
+    """A disk's retained undo is hundreds of thousands of entries: made of ints only, the
+    collector stops tracking them (entries naming their segment object were walked at every
+    full collection, holding the GIL for tens of milliseconds), and views still read them."""
+    store = make_store(tmp_path)
+    src = FakeSource()
+    replica = enable(store, src)
+    eng = engine(store, replica)
+    src.mutate(30)
+    journal(store, replica, src.cut(full=True, all_blocks=True).body)
+    images = []
+    for _ in range(3):
+        src.mutate(20)
+        journal(store, replica, src.cut().body)
+        images.append(bytes(src.image))
+    eng.apply_pending()
+    seg = eng.points.segment_for((1, 3))
+    assert seg is not None
+    assert seg.entries
+    with eng.points.open_view((1, 2), eng.state()) as view:
+        view.attach_image(eng.image_fd)
+        gc.collect()
+        assert not [e for e in seg.entries if gc.is_tracked(e)]
+        overlay = view.overlay_in(0, src.disk_size)
+        assert overlay
+        assert not [e for e in overlay if gc.is_tracked(e)]
+        assert view.read(0, src.disk_size) == images[0]
+    eng.close()
+
+
 def test_torn_applied_log_line_is_cut(tmp_path: Path) -> None:
     """A half-written audit line (crash mid-append) means "not committed" and is removed."""
     store = make_store(tmp_path)
