@@ -345,20 +345,26 @@ async def _journal(
                 receipt = await settle(inflight)
                 inflight = None
     except BaseException:
-        unfinished = inflight
-
-        def abort() -> None:
-            if unfinished is not None:  # rx belongs to that step until it ends
-                wait([unfinished])
-            rx.abort()
-
-        await run_in(INGEST, abort)
-        if rx.header is not None:  # what the unfinished step had decoded, for the event
-            progress.seq = rx.header.seq
+        await _abandon(rx, inflight, progress)
         raise
     finally:
         engine.ingest_lock.release()
     return receipt
+
+
+async def _abandon(
+    rx: BatchReceiver, unfinished: Future[Receipt | None] | None, progress: UploadProgress
+) -> None:
+    """Drop an upload that failed: the partial journal file goes, nothing was acked."""
+
+    def abort() -> None:
+        if unfinished is not None:  # rx belongs to that step until it ends
+            wait([unfinished])
+        rx.abort()
+
+    await run_in(INGEST, abort)
+    if rx.header is not None:  # what the unfinished step had decoded, for the event
+        progress.seq = rx.header.seq
 
 
 async def replica_hashes(request: web.Request) -> web.Response:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import threading
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -60,7 +59,7 @@ from broker.undo import CutKey as CutKey  # noqa: PLC0414
 from broker.undo import Key as Key  # noqa: PLC0414
 from broker.undo import StateInfo as StateInfo  # noqa: PLC0414
 from broker.undo import key_text as key_text  # noqa: PLC0414
-from common.fsio import pread_exact, prefetch
+from common.fsio import pread_exact, pread_into, prefetch
 from common.logs import get_logger
 
 _log = get_logger("broker.points")
@@ -590,17 +589,6 @@ class PointsIndex:
             self._segments = []
 
 
-def _preadinto(fd: int, buf: memoryview, offset: int) -> None:
-    """Fill ``buf`` from ``fd`` at ``offset``; bytes past the end of the file read as zero."""
-    got = 0
-    while got < len(buf):
-        n = os.preadv(fd, [buf[got:]], offset + got)
-        if n == 0:
-            buf[got:] = bytes(len(buf) - got)
-            return
-        got += n
-
-
 def _neg(key: Key) -> Key:
     return (-key[0], -key[1])
 
@@ -660,13 +648,13 @@ class PointView:
                 s = max(start, offset)
                 e = min(stop, end)
                 if s > pos:
-                    _preadinto(self._image_fd, view[pos - offset : s - offset], pos)
+                    pread_into(self._image_fd, view[pos - offset : s - offset], pos)
                 if kind == KIND_DATA and sid:
                     src = self._sources[sid]
                     view[s - offset : e - offset] = src.pread(e - s, src_off + (s - start))
                 pos = e
             if pos < end:
-                _preadinto(self._image_fd, view[pos - offset :], pos)
+                pread_into(self._image_fd, view[pos - offset :], pos)
             return out
         finally:
             self._index.rw.release_read()

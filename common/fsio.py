@@ -125,6 +125,17 @@ def pread_exact(fd: int, length: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
+def pread_into(fd: int, buf: memoryview, offset: int) -> None:
+    """Fill ``buf`` from ``fd`` at ``offset``; bytes past the end of the file read as zero."""
+    got = 0
+    while got < len(buf):
+        n = os.preadv(fd, [buf[got:]], offset + got)
+        if n == 0:
+            buf[got:] = bytes(len(buf) - got)
+            return
+        got += n
+
+
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Deallocate ``[offset, offset+length)`` so it reads as zeroes; falls back to writing zeroes.
 
