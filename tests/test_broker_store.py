@@ -371,14 +371,20 @@ def test_retention_drops_and_merges(tmp_path: Path) -> None:
         assert view.read(0, src.disk_size) == src.cuts[4].image
 
 
-def test_full_batches_are_hidden_until_first_delta(tmp_path: Path) -> None:
-    """Points after FULL (initial copy) batches are not listed; the first delta completes sync."""
+def initially_copied(tmp_path: Path) -> tuple[Store, FakeSource, Replica, ReplicaEngine]:
+    """A replica with its engine and the FULL batch of a source's initial copy journaled."""
     store = make_store(tmp_path)
     src = FakeSource()
     replica = enable(store, src)
     eng = engine(store, replica)
     src.mutate(30)
     journal(store, replica, src.cut(full=True, all_blocks=True).body)
+    return store, src, replica, eng
+
+
+def test_full_batches_are_hidden_until_first_delta(tmp_path: Path) -> None:
+    """Points after FULL (initial copy) batches are not listed; the first delta completes sync."""
+    store, src, replica, eng = initially_copied(tmp_path)
     eng.apply_pending()
     assert sync_state(replica) == "in_progress"
     assert eng.points.points(eng.state()) == []
@@ -394,12 +400,7 @@ def test_undo_entries_are_left_out_of_the_garbage_collectors_walks(tmp_path: Pat
     """A disk's retained undo is hundreds of thousands of entries: made of ints only, the
     collector stops tracking them (entries naming their segment object were walked at every
     full collection, holding the GIL for tens of milliseconds), and views still read them."""
-    store = make_store(tmp_path)
-    src = FakeSource()
-    replica = enable(store, src)
-    eng = engine(store, replica)
-    src.mutate(30)
-    journal(store, replica, src.cut(full=True, all_blocks=True).body)
+    store, src, replica, eng = initially_copied(tmp_path)
     images = []
     for _ in range(3):
         src.mutate(20)
