@@ -16,6 +16,7 @@ from agents.errors import AgentError
 from agents.service import run_agent
 from agents.startup import export_name, socket_path
 from common.config import AgentConfig, load_config
+from common.heap import settle_heap
 from common.stacks import dump_on_sigusr1
 
 _config_option = click.option(
@@ -45,6 +46,7 @@ def run(config_path: Path, no_uvloop: bool) -> None:
     dump_on_sigusr1()
     config = _load(config_path)
     coro = run_agent(config, source=str(config_path))
+    settle_heap()
     if no_uvloop:
         asyncio.run(coro)
         return

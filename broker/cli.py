@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from common.config import BrokerConfig, load_config
+from common.heap import settle_heap
 from common.logs import configure_logging
 from common.stacks import dump_on_sigusr1
 
@@ -49,6 +50,7 @@ def run(config_path: Path, log_level: str | None, use_uvloop: bool) -> None:
     async def main() -> None:
         await BrokerService(config).run()
 
+    settle_heap()
     if not use_uvloop:
         asyncio.run(main())
         return
