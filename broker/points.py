@@ -623,9 +623,10 @@ class PointView:
     def _add_newer(self, seg: UndoSegment) -> None:
         # Called under the index's write lock, before the image is written for this batch. The
         # merge is linear: the two-pointer walk plus a sort of an almost sorted list.
-        if seg.entries:
+        newer = seg.entries
+        if newer:
             self._sources[seg.sid] = seg
-            self._entries = overlay_merge(self._entries, seg.entries)
+            self._entries = overlay_merge(self._entries, newer)
 
     def read(self, offset: int, length: int) -> bytes | bytearray:
         """``length`` bytes of the disk as of the point, from ``offset``."""

@@ -269,14 +269,17 @@ class UndoSegment:
         first: Key,
         base: StateInfo,
         top: StateInfo,
-        entries: list[Entry],
+        index: bytes,
         size_bytes: int,
     ) -> None:
         self.path = path
         self.first = first
         self.base = base
         self.top = top
-        self.entries = entries
+        # The file's index records as they are (32 bytes an entry, against 188 as an Entry
+        # tuple in a list): a disk's retained undo is up to millions of entries, and only an
+        # open view, a merge or the coverage of a segment needs them as tuples.
+        self._index = index
         self.size_bytes = size_bytes
         self.sid = next(_SEGMENT_IDS)
         """This segment's number in :data:`Entry` tuples (unique in the process)."""
@@ -284,13 +287,23 @@ class UndoSegment:
         self._finalizer = weakref.finalize(self, _finalize_file, self._file)
         self._coverage: tuple[int, int] | None = None  # (grain, bitset)
 
+    @property
+    def entries(self) -> list[Entry]:
+        """The overlay entries, sorted by offset (decoded from the index at each call)."""
+        sid = self.sid
+        return [
+            (off, off + length, sid if kind == KIND_DATA else 0, file_off, kind)
+            for off, length, file_off, kind in _ENTRY.iter_unpack(self._index)
+        ]
+
     def coverage(self, grain: int) -> int:
         """The grains of the disk this segment holds undo for, one byte per grain (0 or 1) in an
         int: ORing those of a run gives what a merge of it covers (see :func:`cover_bytes`)."""
         if self._coverage is None or self._coverage[0] != grain:
-            top = max((e[1] for e in self.entries), default=0)
+            entries = self.entries
+            top = max((e[1] for e in entries), default=0)
             marks = bytearray((top + grain - 1) // grain)
-            for start, end, _src, _off, _kind in self.entries:
+            for start, end, _src, _off, _kind in entries:
                 first, last = start // grain, (end + grain - 1) // grain
                 marks[first:last] = b"\x01" * (last - first)
             self._coverage = (grain, int.from_bytes(marks, "little"))
@@ -317,7 +330,7 @@ class UndoSegment:
         """Delete the file once nothing reads it (now, if nothing does); the returned file
         state tells when it is gone."""
         self._file.retired = True
-        self.entries = []  # views keep merged copies of what they need
+        self._index = b""  # views keep merged copies of what they need
         return self._file
 
     def release(self) -> None:
@@ -346,13 +359,13 @@ class UndoSegment:
             return None
         meta = json.loads(blob[count * _ENTRY.size :])
         seg = cls(
-            path, (0, 0), _state_from_json(meta["base"]), _state_from_json(meta["top"]), [], 0
+            path,
+            (0, 0),
+            _state_from_json(meta["base"]),
+            _state_from_json(meta["top"]),
+            blob[: count * _ENTRY.size],
+            0,
         )
-        entries: list[Entry] = []
-        for i in range(count):
-            off, length, file_off, kind = _ENTRY.unpack_from(blob, i * _ENTRY.size)
-            entries.append((off, off + length, seg.sid if kind == KIND_DATA else 0, file_off, kind))
-        seg.entries = entries
         seg.first = (int(meta["first"][0]), int(meta["first"][1]))
         seg.size_bytes = seg._file.size = size
         return seg
