@@ -404,7 +404,9 @@ class PointsIndex:
             runs = [run for offset, length in ranges for run in cursor.segments(offset, length)]
             # A replica's old bytes are mostly on the disk, not in memory: read one by one, 5,000
             # scattered 4 KiB ranges took 200-300 ms (issue 10). Asked for all at once first, the
-            # device reads them in parallel while the loop below copies the first ones.
+            # device reads them in parallel while the loop below copies the first ones. The
+            # ingest asked already while the batch streamed in (then this costs a page-cache
+            # lookup a range); a journal replayed after a restart had no such ingest.
             for start, run, allocated in runs:
                 if allocated:
                     prefetch(image_fd, start, run)

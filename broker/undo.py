@@ -56,10 +56,10 @@ _NAME_RE: Final = re.compile(r"^undo-(\d+)\.(\d+)-(\d+)\.(\d+)\.dat$")
 
 # An overlay entry: [start, end) comes from the segment numbered ``sid`` (``UndoSegment.sid``) at
 # ``src_off`` (DATA), or reads as zero (``sid`` 0). Only ints: the garbage collector stops
-# tracking such a tuple, and a disk's retained undo is hundreds of thousands of entries, which
-# the collector otherwise walked at every full pass, holding the GIL for tens of milliseconds
-# (issue 10: 31-66 ms every ~3 s under 4 KiB writes at 20 MiB/s). Readers map ``sid`` to the
-# segment through the segments they hold.
+# tracking such a tuple, and an open view's overlay or a merge holds hundreds of thousands of
+# them, which the collector otherwise walked at every full pass with the GIL held (issue 10:
+# 31-66 ms every ~3 s under 4 KiB writes at 20 MiB/s, when segments kept their entries as
+# tuples naming the segment). Readers map ``sid`` to the segment through the segments they hold.
 Entry = tuple[int, int, int, int, int]
 _SEGMENT_IDS = itertools.count(1)
 
