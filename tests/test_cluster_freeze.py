@@ -89,11 +89,17 @@ async def _freeze_scene(tmp_path: Path, *, fence: bool) -> tuple[list[dict[str, 
                     await asyncio.to_thread(write_burst, sock, export, rng, 1, SIZE)
                     await asyncio.sleep(0.4)
                 deadline = time.monotonic() + 30
+                slowed = 0
                 while True:
                     st = await replica_state(http, urls, path)
                     backlog = int(str(st["durable_seq"])) - int(str(st["applied_seq"]))
-                    if backlog >= 2 and b1.events("apply_slowed_for_test"):
+                    now_slowed = len(b1.events("apply_slowed_for_test"))
+                    # Freeze just as an apply enters its slowed step: mid-apply. Between two
+                    # applies the successor could delete the next journal file first, and the
+                    # resumed owner would find nothing to apply (a rare CI failure).
+                    if backlog >= 2 and slowed and now_slowed > slowed:
                         break
+                    slowed = now_slowed
                     assert time.monotonic() < deadline, f"no backlog at b1: {st}"
                     await asyncio.sleep(0.05)
                 frozen_ns = time.time_ns()
