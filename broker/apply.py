@@ -31,10 +31,11 @@ from typing import Any, Final, Literal
 import structlog
 import xxhash
 
+from broker.ahead import AheadCapture
 from broker.applied import applied_record
 from broker.errors import ApplyVerifyError, BrokerError, FencedError, StoreCorrupt
 from broker.journal import JournalEntry, clean_partials, read_journal
-from broker.points import PointsIndex, PointView, StateInfo
+from broker.points import PointsIndex, PointView, StateInfo, written_segment
 from broker.pools import APPLY, PREFETCH, run_in, submit_in
 from broker.space import is_full
 from broker.store import Replica, Store, journal_name
@@ -43,7 +44,7 @@ from broker.unchanged import Unchanged
 from broker.undo import undo_size_bound
 from broker.verified import HeldBatches
 from common.fsio import prefetch, punch_hole, pwrite_all, start_writeback
-from common.hrl import DEFAULT_LIMITS, DecodeLimits, Extent, ExtentKind
+from common.hrl import DEFAULT_LIMITS, BatchHeader, DecodeLimits, Extent, ExtentKind
 from common.logs import get_logger
 
 _log = get_logger("broker.apply")
@@ -150,6 +151,8 @@ class ReplicaEngine:
         self.held = HeldBatches()
         """Verified extents of durable batches, handed over by the ingest (decision 014)."""
         self._stopping = False
+        self._ahead: AheadCapture | None = None  # the next batch's undo, captured as it streams in
+        self._ahead_lock = threading.Lock()
         self._unflushed = 0  # bytes written since writeback was last started
         self._task: asyncio.Task[None] | None = None
         removed = clean_partials(replica)
@@ -166,6 +169,61 @@ class ReplicaEngine:
         """Have these ranges of the image read into memory soon, without waiting (best effort):
         on a thread of their own, as asking the kernel costs a few microseconds a range."""
         submit_in(PREFETCH, _prefetch_all, self._fd, ranges)
+
+    def start_ahead(self, header: BatchHeader) -> AheadCapture | None:
+        """An undo capture of ``header``'s batch to run while it streams in (broker/ahead.py),
+        or None. Only for the batch next to apply with nothing durable before it, taken while
+        the applier is idle: then the image does not change until that batch's own apply, since
+        the upload holds the ingest lock (so no other batch becomes durable, and a handover,
+        which takes it too, cannot roll the image back) and a FULL batch, the only one written
+        while it streams in, is not captured."""
+        key = (header.generation, header.seq)
+        if header.full or self._stopping or not self.apply_lock.acquire(blocking=False):
+            return None
+        try:
+            if (
+                key != self.next_key()
+                or self.backlog()
+                or self.points.segment_for(key) is not None
+                or (self.replica.journal_dir / journal_name(*key)).exists()
+            ):
+                return None
+            capture = AheadCapture(self.points, self.journal_bound, self._fd, self.state().key, key)
+            with self._ahead_lock:
+                stale, self._ahead = self._ahead, capture
+        finally:
+            self.apply_lock.release()
+        if stale is not None:
+            stale.discard()
+            self.points.release(stale.reserved)
+        return capture
+
+    def drop_ahead(self, capture: AheadCapture | None = None) -> None:
+        """Discard ``capture`` if it is still the engine's (default: whichever is)."""
+        with self._ahead_lock:
+            if capture is None:
+                capture = self._ahead
+            if capture is None or capture is not self._ahead:
+                return
+            self._ahead = None
+        capture.discard()
+        self.points.release(capture.reserved)
+
+    def _take_ahead(
+        self, base: StateInfo, top: StateInfo, ranges: list[tuple[int, int]]
+    ) -> tuple[AheadCapture | None, int]:
+        """The batch's capture if the ingest made one ahead and it is usable, and the room any
+        capture ahead reserved (handed over to the apply, usable or not)."""
+        with self._ahead_lock:
+            capture, self._ahead = self._ahead, None
+        if capture is None:
+            return None, 0
+        why = capture.unusable(base, top, ranges)
+        if why is not None:
+            capture.discard()
+            self.log.warning("undo_ahead_dropped", seq=top.seq, reason=why)
+            return None, capture.reserved
+        return capture, capture.reserved
 
     # -- health
     def raise_condition(
@@ -315,19 +373,27 @@ class ReplicaEngine:
             first_change_cut=h.first_change_cut,
         )
         started = time.perf_counter()
+        ahead = False
         seg = self.points.segment_for(top.key)
         if seg is None:  # 2. undo, exactly once per batch, within the disk's bound
             ranges = entry.ranges()
-            with self.points.room_for(undo_size_bound(ranges), self.journal_bound) as over:
+            capture, held = self._take_ahead(base, top, ranges)
+            needed = undo_size_bound(ranges)
+            with self.points.room_for(needed, self.journal_bound, held) as over:
                 self.over_bound = over
                 if over and not self.points.pinned():  # this batch's undo alone is too big
+                    if capture is not None:
+                        capture.discard()
                     seg = self.points.capture_marker(base, top)
+                elif capture is not None:
+                    seg, ahead = written_segment(capture.seal(base, top)), True
                 else:
                     seg = self.points.capture(self._fd, ranges, base, top)
                 self.points.publish(seg)  # 3. views take the undo before the image changes
         else:
             # A crash came after the capture: the image may hold part of this batch already.
             self.log.info("undo_reused", seq=h.seq)
+            self.drop_ahead()
             self.points.publish(seg)
         captured = time.perf_counter()
         for ext in self._extents_of(entry):
@@ -364,6 +430,7 @@ class ReplicaEngine:
             undo_bytes=seg.size_bytes,
             # Where a slow apply spends its time: the undo capture reads the image's old bytes.
             undo_ms=_ms(captured - started),
+            undo_ahead=ahead,
             write_ms=_ms(written - captured),
             sync_ms=_ms(synced - written),
             ms=_ms(time.perf_counter() - started),
@@ -521,6 +588,7 @@ class ReplicaEngine:
 
     def close(self) -> None:
         """Release descriptors (after :meth:`stop`)."""
+        self.drop_ahead()  # its reads use the descriptor
         self.held.clear()
         self.points.close()
         self._image_view.release()

@@ -20,6 +20,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from broker import names
+from broker.ahead import UploadUndo
 from broker.api import SERVICE_KEY, Ingest
 from broker.authz import authorise_agent, check_generation, check_source, identity_of
 from broker.direct import DirectApply
@@ -280,7 +281,7 @@ async def _journal(
         direct=DirectApply(engine),
         epoch=service.epoch,
         held=engine.held,
-        prefetch=engine.prefetch,
+        ahead=(undo := UploadUndo(engine)),
     )
     fence_due = True
 
@@ -345,7 +346,7 @@ async def _journal(
                 receipt = await settle(inflight)
                 inflight = None
     except BaseException:
-        await _abandon(rx, inflight, progress)
+        await _abandon(rx, inflight, progress, undo)
         raise
     finally:
         engine.ingest_lock.release()
@@ -353,14 +354,19 @@ async def _journal(
 
 
 async def _abandon(
-    rx: BatchReceiver, unfinished: Future[Receipt | None] | None, progress: UploadProgress
+    rx: BatchReceiver,
+    unfinished: Future[Receipt | None] | None,
+    progress: UploadProgress,
+    undo: UploadUndo,
 ) -> None:
-    """Drop an upload that failed: the partial journal file goes, nothing was acked."""
+    """Drop an upload that failed: the partial journal file and undo capture go, nothing was
+    acked."""
 
     def abort() -> None:
         if unfinished is not None:  # rx belongs to that step until it ends
             wait([unfinished])
         rx.abort()
+        undo.drop()
 
     await run_in(INGEST, abort)
     if rx.header is not None:  # what the unfinished step had decoded, for the event

@@ -123,13 +123,13 @@ class BatchReceiver:
         direct: DirectSink | None = None,
         epoch: int | None = None,
         held: HeldBatches | None = None,
-        prefetch: Callable[[list[tuple[int, int]]], None] | None = None,
+        ahead: Callable[[BatchHeader, list[tuple[int, int]]], None] | None = None,
     ) -> None:
         self.store = store
-        self.prefetch = prefetch
-        """Told the ranges of the journaled extents of each :meth:`feed_many`: the applier's
-        undo capture reads the image's old bytes there, and the disk can fetch them while the
-        upload goes on."""
+        self.ahead = ahead
+        """Told the header and the ranges of the journaled extents of each :meth:`feed_many`:
+        the applier's undo capture reads the image's old bytes there, which can start while
+        the upload goes on (broker/ahead.py)."""
         self._fetch: list[tuple[int, int]] = []
         self.held = held
         """Where the verified extents go for the applier (decision 014); None: not kept."""
@@ -161,8 +161,8 @@ class BatchReceiver:
             self.feed(chunk)
             if self.duplicate:
                 return
-        if self._fetch and self.prefetch is not None:
-            self.prefetch(self._fetch)
+        if self._fetch and self.ahead is not None and self.header is not None:
+            self.ahead(self.header, self._fetch)
             self._fetch = []
 
     def feed(self, chunk: bytes) -> None:
@@ -216,7 +216,7 @@ class BatchReceiver:
                     with self.space.refusing_when_full(event.length, self._doing()):
                         self.direct.extent(event)
                     continue
-                if self.prefetch is not None:
+                if self.ahead is not None:
                     self._fetch.append((event.offset, event.length))
                 self._index += _IDX_ENTRY.pack(event.offset, event.length, int(event.kind))
                 self._count += 1

@@ -45,11 +45,11 @@ from broker.undo import (
     SegmentFile,
     SegmentWriter,
     UndoSegment,
-    _add_nonzero,
     _overlapping,
     cover_bytes,
     merge_all,
     overlay_merge,
+    save_old_bytes,
     segment_meta,
 )
 
@@ -59,7 +59,7 @@ from broker.undo import CutKey as CutKey  # noqa: PLC0414
 from broker.undo import Key as Key  # noqa: PLC0414
 from broker.undo import StateInfo as StateInfo  # noqa: PLC0414
 from broker.undo import key_text as key_text  # noqa: PLC0414
-from common.fsio import pread_exact, pread_into, prefetch
+from common.fsio import pread_exact, pread_into
 from common.logs import get_logger
 
 _log = get_logger("broker.points")
@@ -211,6 +211,14 @@ MERGE_SHARE: Final = 8
 to write a merged segment beside its parts without crossing the bound."""
 
 
+def written_segment(path: Path) -> UndoSegment:
+    """The segment a capture just wrote and fsynced at ``path``."""
+    seg = UndoSegment.load(path)
+    if seg is None:  # pragma: no cover - the writer just wrote and fsynced it
+        raise StoreCorrupt(f"undo segment {path} unreadable right after writing it")
+    return seg
+
+
 def capture_bound(bound: int) -> int:
     """What captures may fill of a disk's bound (the rest is merge room)."""
     return bound - bound // MERGE_SHARE
@@ -358,24 +366,35 @@ class PointsIndex:
             n, self._forced_drops = self._forced_drops, 0
             return n
 
-    @contextlib.contextmanager
-    def room_for(self, needed: int, bound: int) -> Iterator[int]:
+    def reserve(self, needed: int, bound: int) -> int:
         """Drop the oldest points until ``needed`` more bytes fit within ``bound``, and hold
-        that room (counted in :meth:`journal_bytes`) while the caller captures and publishes.
-        Yields how many bytes the exports' pins keep over the bound (0: it fits)."""
-        over = 0
-        bound = capture_bound(bound)
-        while (over := self.journal_bytes() + needed - bound) > 0:
-            if not self.drop_oldest(reason="journal_bound"):
-                break
-        with self._mutex:
+        that room (counted in :meth:`journal_bytes`) until :meth:`release`. Returns how many
+        bytes the exports' pins keep over the bound (0: it fits)."""
+        cap = capture_bound(bound)
+        with self._mutex:  # checked and taken at once: an ahead capture reserves as it reads
+            while (over := self.journal_bytes() + needed - cap) > 0:
+                if not self.drop_oldest(reason="journal_bound"):
+                    break
             self._writing += needed
             self.churn_bytes += needed
+        return max(over, 0)
+
+    def release(self, reserved: int) -> None:
+        """Give back room taken with :meth:`reserve`."""
+        with self._mutex:
+            self._writing -= reserved
+
+    @contextlib.contextmanager
+    def room_for(self, needed: int, bound: int, held: int = 0) -> Iterator[int]:
+        """:meth:`reserve` ``needed`` bytes while the caller captures and publishes, less
+        ``held``, the room an ahead capture of the same batch took already (handed over: it is
+        released here too). Yields how many bytes the pins keep over the bound."""
+        extra = max(needed - held, 0)
+        over = self.reserve(extra, bound)
         try:
-            yield max(over, 0)
+            yield over
         finally:
-            with self._mutex:
-                self._writing -= needed
+            self.release(extra + held)
 
     # -- capture and publish (the applier)
     def capture_marker(self, base: StateInfo, top: StateInfo) -> UndoSegment:
@@ -399,35 +418,15 @@ class PointsIndex:
         and fsynced when this returns; it is not yet visible to views (see :meth:`publish`).
         """
         writer = SegmentWriter(self.dir, top.key, top.key)
-        cursor = AllocationCursor(image_fd)
         try:
-            runs = [run for offset, length in ranges for run in cursor.segments(offset, length)]
-            # A replica's old bytes are mostly on the disk, not in memory: read one by one, 5,000
-            # scattered 4 KiB ranges took 200-300 ms (issue 10). Asked for all at once first, the
-            # device reads them in parallel while the loop below copies the first ones. The
-            # ingest asked already while the batch streamed in (then this costs a page-cache
-            # lookup a range); a journal replayed after a restart had no such ingest.
-            for start, run, allocated in runs:
-                if allocated:
-                    prefetch(image_fd, start, run)
-            for start, run, allocated in runs:
-                if not allocated:
-                    writer.add_zero(start, run)
-                    continue
-                pos, end = start, start + run
-                while pos < end:
-                    n = min(_READ_CHUNK, end - pos)
-                    data = pread_exact(image_fd, n, pos)
-                    _add_nonzero(writer, pos, data)
-                    pos += n
+            # A batch the ingest captured ahead (broker/ahead.py) does not come here; a journal
+            # replayed after a restart, or one that had to wait for an earlier batch, does.
+            save_old_bytes(writer, AllocationCursor(image_fd), ranges)
             path = writer.finish(segment_meta(top.key, base, top))
         except BaseException:
             writer.abort()
             raise
-        seg = UndoSegment.load(path)
-        if seg is None:  # pragma: no cover - we just wrote and fsynced it
-            raise StoreCorrupt(f"undo segment {path} unreadable right after writing it")
-        return seg
+        return written_segment(path)
 
     def publish(self, seg: UndoSegment) -> None:
         """Make ``seg`` part of the chain and of every open view, before the image changes."""
@@ -557,9 +556,7 @@ class PointsIndex:
         except BaseException:
             writer.abort()
             raise
-        new = UndoSegment.load(path)
-        if new is None:  # pragma: no cover
-            raise StoreCorrupt(f"merged undo segment {path} unreadable right after writing it")
+        new = written_segment(path)
         with self._mutex:
             if any(seg not in self._segments for seg in run):
                 self._retire(new)

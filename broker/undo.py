@@ -29,14 +29,21 @@ import re
 import struct
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import xxhash
 
-from common.fsio import UNSUPPORTED_ERRNOS, fsync_dir, is_zero, pread_exact
+from common.fsio import (
+    UNSUPPORTED_ERRNOS,
+    fsync_dir,
+    is_zero,
+    pread_exact,
+    prefetch,
+    start_writeback,
+)
 
 Key = tuple[int, int]
 """A state of the disk: ``(generation, seq)`` of the last batch applied to reach it."""
@@ -404,6 +411,12 @@ class SegmentWriter:
         else:
             self.raw.append((offset, length, 0, KIND_ZERO))
 
+    def start_writeback(self) -> None:
+        """Start writing what was added so far to the disk, so that :meth:`finish`'s fsync has
+        less left to wait for."""
+        self._fh.flush()
+        start_writeback(self._fh.fileno(), 0, 0)
+
     def finish(self, meta: dict[str, Any]) -> Path:
         index = b"".join(_ENTRY.pack(o, n, f, k) for o, n, f, k in self.raw)
         meta_bytes = json.dumps(meta, sort_keys=True).encode()
@@ -455,6 +468,30 @@ def _flush_run(
         writer.add_zero(offset + start, end - start)
     else:
         writer.add_data(offset + start, view[start:end])
+
+
+def save_old_bytes(
+    writer: SegmentWriter, cursor: AllocationCursor, ranges: Iterable[tuple[int, int]]
+) -> None:
+    """Add the current contents of ``ranges`` of ``cursor``'s file to ``writer``: holes and
+    zero grains as zero entries, the rest as data."""
+    fd = cursor.fd
+    runs = [run for offset, length in ranges for run in cursor.segments(offset, length)]
+    # A replica's old bytes are mostly on the disk, not in memory: read one by one, 5,000
+    # scattered 4 KiB ranges took 200-300 ms (issue 10). Asked for all at once first, the device
+    # reads them in parallel while the loop below copies the first ones.
+    for start, run, allocated in runs:
+        if allocated:
+            prefetch(fd, start, run)
+    for start, run, allocated in runs:
+        if not allocated:
+            writer.add_zero(start, run)
+            continue
+        pos, end = start, start + run
+        while pos < end:
+            n = min(_READ_CHUNK, end - pos)
+            _add_nonzero(writer, pos, pread_exact(fd, n, pos))
+            pos += n
 
 
 def undo_size_bound(ranges: Sequence[tuple[int, int]]) -> int:
