@@ -58,6 +58,7 @@ _MAGIC: Final = b"RKUNDOv1"
 _FOOTER = struct.Struct(">8sQQQQ")
 _ENTRY = struct.Struct(">QQQB7x")
 _READ_CHUNK: Final = 8 * 1024 * 1024
+_WRITE_BUFFER: Final = 1024 * 1024
 _ZERO_GRAIN: Final = 64 * 1024
 _NAME_RE: Final = re.compile(r"^undo-(\d+)\.(\d+)-(\d+)\.(\d+)\.dat$")
 
@@ -385,7 +386,8 @@ class SegmentWriter:
         self.final = directory / segment_name(first, top)
         self.tmp = directory / (self.final.name + ".tmp")
         fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        self._fh = os.fdopen(fd, "wb")
+        # Undo comes in 4 KiB pieces: an 8 KiB buffer made a write() of every other one.
+        self._fh = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
         self._pos = 0
         self.raw: list[tuple[int, int, int, int]] = []  # (offset, length, file_off, kind)
 
@@ -447,6 +449,9 @@ def _add_nonzero(writer: SegmentWriter, offset: int, data: bytes) -> None:
     """Record ``data`` at ``offset``, as zero entries where whole 64 KiB grains are zero."""
     if is_zero(data):
         writer.add_zero(offset, len(data))
+        return
+    if len(data) <= _ZERO_GRAIN:  # one grain, and not zero: most captures' every range
+        writer.add_data(offset, data)
         return
     view = memoryview(data)
     run_start = 0

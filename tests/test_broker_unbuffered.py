@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
+from broker.apply import digest_at
 from broker.direct import DirectApply
 from broker.errors import ApplyVerifyError
 from broker.unbuffered import ALIGN, UnbufferedWriter
@@ -82,4 +83,31 @@ def test_bytes_the_disk_returns_are_checked_against_the_batch(tmp_path: Path) ->
     with pytest.raises(ApplyVerifyError, match="read back at offset 65536"):
         eng.write_extent(wrong, ext_seq=None, unbuffered=writer)
     writer.close()
+    eng.close()
+
+
+@pytest.mark.parametrize("length", [4096, 3 * 256 * 1024 + 512], ids=["4k", "over-buffer"])
+def test_buffered_writes_are_read_back_from_the_page_cache_and_checked(
+    tmp_path: Path, length: int
+) -> None:
+    store = make_store(tmp_path)
+    src = FakeSource(disk_size=4 * MiB)
+    replica = enable(store, src)
+    eng = engine(store, replica)
+    data = os.urandom(length)
+    at = 8192 + 512  # unaligned: the buffered path
+    eng.write_extent(
+        Extent(at, length, ExtentKind.DATA, data, xxhash.xxh3_64_intdigest(data)), ext_seq=3
+    )
+    assert replica.image.read_bytes()[at : at + length] == data
+    assert digest_at(eng.image_fd, at, length) == xxhash.xxh3_64_intdigest(data)
+    # Bytes past the end of the image are missing, never zeros that happen to match.
+    assert digest_at(eng.image_fd, 4 * MiB - 100, 200) != xxhash.xxh3_64_intdigest(
+        replica.image.read_bytes()[-100:] + bytes(100)
+    )
+    with pytest.raises(ApplyVerifyError, match=f"read back at offset {at}"):
+        eng.write_extent(
+            Extent(at, length, ExtentKind.DATA, data, xxhash.xxh3_64_intdigest(data) ^ 1),
+            ext_seq=4,
+        )
     eng.close()
