@@ -8,7 +8,8 @@ host) and `replikant agent run` protecting one disk with replication running (1 
 mTLS, the same processes `replikant lab up` starts) on core 0; fio's nbd engine on core 0
 writes to the agent's tracked export. Peers: `qemu-nbd` (writeback, aio threads) and nbdkit's
 file plugin, each on core 0 with fio, each on its own image of the same size (fully written
-first), no replication. Same jobs, alternating order every round:
+first), no replication. Same jobs, alternating order every round, each sample started with
+nothing dirty in the page cache (``sync`` before it, whoever it is):
 
 - ``randwrite-4k-qd32``: 4 KiB random writes, queue depth 32, unthrottled (IOPS);
 - ``write-1m-qd8``: 1 MiB sequential writes, queue depth 8 (MiB/s);
@@ -302,6 +303,10 @@ def run(args: argparse.Namespace) -> None:
                 turn = rnd % len(kinds)
                 order = kinds[turn:] + kinds[:turn]  # who goes first rotates
                 for kind in order:
+                    # Every sample starts with nothing dirty in the page cache: otherwise the
+                    # previous job's writeback (GiBs after the 1 MiB job, the replica's too) runs
+                    # on the one disk during the next job, and whoever comes next pays for it.
+                    os.sync()
                     if kind == "ours":
                         sample = ours.run(job, args.seconds)
                     else:
