@@ -13,9 +13,8 @@ from broker.ahead import UploadUndo
 from broker.apply import ReplicaEngine
 from broker.journal import BatchReceiver, Receipt
 from broker.store import Replica, Store
-from common.hrl import DEFAULT_LIMITS
 from tests.support_broker import FakeSource, MiB
-from tests.test_broker_store import enable, engine, image, journal, make_store
+from tests.test_broker_store import enable, engine, image, journal, make_store, receiver
 
 
 def upload(
@@ -23,21 +22,34 @@ def upload(
 ) -> tuple[BatchReceiver, UploadUndo]:
     """Feed ``body`` as the ingest does, in ``parts`` feeds, each told to ``UploadUndo``."""
     undo = UploadUndo(eng)
-    rx = BatchReceiver(
-        store,
-        replica,
-        url_identity=replica.key,
-        limits=DEFAULT_LIMITS,
-        min_free_bytes=0,
-        max_batch_bytes=1 << 40,
-        held=eng.held,
-        ahead=undo,
-    )
+    rx = receiver(store, replica, held=eng.held, ahead=undo)
     step = -(-len(body) // parts)
     for i in range(0, len(body), step):
         part = body[i : i + step]
         rx.feed_many([part[j : j + 7000] for j in range(0, len(part), 7000)])
     return rx, undo
+
+
+def replicated(
+    tmp_path: Path, *, disk: int = 4 * MiB, seed: int = 1, bound: int = 1 << 40
+) -> tuple[Store, FakeSource, Replica, ReplicaEngine]:
+    """A replica of a disk with 4 KiB tracking blocks after its initial copy."""
+    store = make_store(tmp_path)
+    src = FakeSource(disk_size=disk, block_size=4096, seed=seed)
+    replica = enable(store, src)
+    eng = engine(store, replica, bound=bound)
+    src.mutate(100)
+    journal(store, replica, src.cut(full=True, all_blocks=True).body)
+    eng.apply_pending()
+    return store, src, replica, eng
+
+
+def ship(store: Store, src: FakeSource, replica: Replica, eng: ReplicaEngine, writes: int) -> None:
+    """Guest writes, then their batch uploaded and applied."""
+    src.mutate(writes)
+    rx, _undo = upload(store, replica, eng, src.cut().body)
+    rx.finish()
+    assert eng.apply_pending() == 1
 
 
 def applied_events(logs: list[dict[str, object]]) -> list[dict[str, object]]:
@@ -59,19 +71,10 @@ def tmp_files(replica: Replica) -> list[str]:
 def test_the_undo_read_while_a_batch_streams_in_is_the_one_its_point_reads(
     tmp_path: Path,
 ) -> None:
-    store = make_store(tmp_path)
-    src = FakeSource(disk_size=8 * MiB, block_size=4096)
-    replica = enable(store, src)
-    eng = engine(store, replica)
-    src.mutate(300)
-    journal(store, replica, src.cut(full=True, all_blocks=True).body)
-    eng.apply_pending()
+    store, src, replica, eng = replicated(tmp_path, disk=8 * MiB)
     with structlog.testing.capture_logs() as logs:
         for _ in range(4):
-            src.mutate(200)
-            rx, _undo = upload(store, replica, eng, src.cut().body)
-            rx.finish()
-            assert eng.apply_pending() == 1
+            ship(store, src, replica, eng, writes=200)
     assert [e["undo_ahead"] for e in applied_events(logs)] == [True] * 4
     assert not [e for e in logs if e["event"] == "undo_ahead_dropped"]
     assert image(replica) == bytes(src.image)
@@ -85,13 +88,7 @@ def test_the_undo_read_while_a_batch_streams_in_is_the_one_its_point_reads(
 def test_a_failed_upload_takes_its_capture_along_and_the_retry_captures_again(
     tmp_path: Path,
 ) -> None:
-    store = make_store(tmp_path)
-    src = FakeSource(disk_size=4 * MiB, block_size=4096)
-    replica = enable(store, src)
-    eng = engine(store, replica)
-    src.mutate(100)
-    journal(store, replica, src.cut(full=True, all_blocks=True).body)
-    eng.apply_pending()
+    store, src, replica, eng = replicated(tmp_path)
     src.mutate(150)
     body = src.cut().body
     rx, undo = upload(store, replica, eng, body[: len(body) // 2], parts=3)
@@ -113,13 +110,7 @@ def test_a_failed_upload_takes_its_capture_along_and_the_retry_captures_again(
 def test_a_capture_that_is_not_the_batchs_undo_is_dropped_and_the_applier_captures(
     tmp_path: Path,
 ) -> None:
-    store = make_store(tmp_path)
-    src = FakeSource(disk_size=4 * MiB, block_size=4096)
-    replica = enable(store, src)
-    eng = engine(store, replica)
-    src.mutate(100)
-    journal(store, replica, src.cut(full=True, all_blocks=True).body)
-    eng.apply_pending()
+    store, src, replica, eng = replicated(tmp_path)
     src.mutate(150)
     cut = src.cut()
     capture = eng.start_ahead(src.header(1, 4096))
@@ -142,13 +133,7 @@ def test_a_capture_that_is_not_the_batchs_undo_is_dropped_and_the_applier_captur
 
 
 def test_no_capture_ahead_while_an_earlier_batch_waits_to_be_applied(tmp_path: Path) -> None:
-    store = make_store(tmp_path)
-    src = FakeSource(disk_size=4 * MiB, block_size=4096)
-    replica = enable(store, src)
-    eng = engine(store, replica)
-    src.mutate(100)
-    journal(store, replica, src.cut(full=True, all_blocks=True).body)
-    eng.apply_pending()
+    store, src, replica, eng = replicated(tmp_path)
     src.mutate(80)
     journal(store, replica, src.cut().body)  # durable, not applied: batch 3 must wait for it
     src.mutate(80)
@@ -166,13 +151,7 @@ def test_no_capture_ahead_while_an_earlier_batch_waits_to_be_applied(tmp_path: P
 
 
 def test_closing_the_engine_removes_a_capture_in_progress(tmp_path: Path) -> None:
-    store = make_store(tmp_path)
-    src = FakeSource(disk_size=4 * MiB, block_size=4096)
-    replica = enable(store, src)
-    eng = engine(store, replica)
-    src.mutate(100)
-    journal(store, replica, src.cut(full=True, all_blocks=True).body)
-    eng.apply_pending()
+    store, src, replica, eng = replicated(tmp_path)
     src.mutate(150)
     body = src.cut().body
     upload(store, replica, eng, body[: len(body) // 2], parts=3)[0].abort()
@@ -187,14 +166,8 @@ def test_a_capture_ahead_counts_against_the_disks_bound_from_its_first_byte(
     """A 2 MiB bound on a 4 MiB disk: while each batch streams in, its capture ahead and the
     points kept stay within the bound together (older points make room, as at apply), and every
     point kept reads as the source did."""
-    store = make_store(tmp_path)
-    src = FakeSource(disk_size=4 * MiB, block_size=4096, seed=3)
-    replica = enable(store, src)
     bound = 2 * MiB
-    eng = engine(store, replica, bound=bound)
-    src.mutate(200)
-    journal(store, replica, src.cut(full=True, all_blocks=True).body)
-    eng.apply_pending()
+    store, src, replica, eng = replicated(tmp_path, seed=3, bound=bound)
     samples: list[int] = []
     done = threading.Event()
 
@@ -207,10 +180,7 @@ def test_a_capture_ahead_counts_against_the_disks_bound_from_its_first_byte(
     try:
         with structlog.testing.capture_logs() as logs:
             for _ in range(12):
-                src.mutate(15)
-                rx, _undo = upload(store, replica, eng, src.cut().body)
-                rx.finish()
-                assert eng.apply_pending() == 1
+                ship(store, src, replica, eng, writes=15)
     finally:
         done.set()
         sampler.join()

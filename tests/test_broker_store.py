@@ -8,6 +8,7 @@ import os
 import random
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,6 +53,19 @@ def enable(store: Store, src: FakeSource) -> Replica:
     return replica
 
 
+def receiver(store: Store, replica: Replica, min_free: int = 0, **kw: Any) -> BatchReceiver:
+    """A receiver for ``replica`` with no size limit (``kw``: the optional arguments)."""
+    return BatchReceiver(
+        store,
+        replica,
+        url_identity=replica.key,
+        limits=DEFAULT_LIMITS,
+        min_free_bytes=min_free,
+        max_batch_bytes=1 << 40,
+        **kw,
+    )
+
+
 def journal(
     store: Store,
     replica: Replica,
@@ -61,17 +75,8 @@ def journal(
     held: HeldBatches | None = None,
     direct: DirectSink | None = None,
 ) -> Receipt:
-    rx = BatchReceiver(
-        store,
-        replica,
-        url_identity=replica.key,
-        limits=DEFAULT_LIMITS,
-        min_free_bytes=min_free,
-        max_batch_bytes=1 << 40,
-        held=held,
-        direct=direct,
-        epoch=EPOCH if direct is not None else None,
-    )
+    epoch = EPOCH if direct is not None else None
+    rx = receiver(store, replica, min_free, held=held, direct=direct, epoch=epoch)
     try:
         for i in range(0, len(body), chunk):
             rx.feed(body[i : i + chunk])
