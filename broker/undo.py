@@ -21,6 +21,7 @@ applier writes the image only after the segment is complete and fsynced.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import itertools
 import json
@@ -437,7 +438,9 @@ class SegmentWriter:
         return self.final
 
     def abort(self) -> None:
-        self._fh.close()
+        # Closing flushes the buffer, which fails again on a full disk: the file goes anyway.
+        with contextlib.suppress(OSError):
+            self._fh.close()
         self.tmp.unlink(missing_ok=True)
 
 
