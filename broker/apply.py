@@ -216,8 +216,7 @@ class ReplicaEngine:
         finally:
             self.apply_lock.release()
         if stale is not None:
-            stale.discard()
-            self.points.release(stale.reserved)
+            self._forget(stale)
         return capture
 
     def drop_ahead(self, capture: AheadCapture | None = None) -> None:
@@ -228,6 +227,10 @@ class ReplicaEngine:
             if capture is None or capture is not self._ahead:
                 return
             self._ahead = None
+        self._forget(capture)
+
+    def _forget(self, capture: AheadCapture) -> None:
+        """Discard a capture no apply takes over, and give back the room it reserved."""
         capture.discard()
         self.points.release(capture.reserved)
 
