@@ -134,8 +134,10 @@ class Cut:
         cow: CowStore,
         cut_time_ns: int,
         cut_id: int = 0,
+        image_fd: int = -1,
     ) -> None:
         self.frozen = frozen
+        self.image_fd = image_fd  # what ``reader`` preads, for the shipping process (-1: none)
         self.size = size
         self.block_size = block_size
         self.shift = block_size.bit_length() - 1
@@ -243,6 +245,25 @@ class Cut:
         Synchronous on purpose: the image read, the copy-on-write overlay and the state change
         happen with no guest request in between.
         """
+        data: bytes | bytearray = self.reader(ext.offset, ext.length)
+        pieces = self.patches(ext)
+        if pieces:
+            buf = bytearray(data)
+            for at, piece in pieces:
+                buf[at : at + len(piece)] = piece
+            data = buf
+        return data
+
+    def patches(self, ext: PlannedExtent) -> list[tuple[int, bytes]]:
+        """The copies that make the image's bytes of DATA extent ``ext`` its cut-time contents,
+        as ``(offset in the extent, bytes)``; its blocks become SENT.
+
+        The bytes may have been read from the image at any time after the cut and before this
+        call (decision 029: the shipping process reads, then asks this in one step of the NBD
+        loop): a guest request copies a block aside and marks it COWED before it changes the
+        image, so a block still DATA here was not changed before the read ended, and one that is
+        COWED has its copy.
+        """
         shift = self.shift
         offset = ext.offset
         end = offset + ext.length
@@ -256,19 +277,16 @@ class Cut:
         ):
             done = b1 - 1
         mm = self.frozen.mm
-        data: bytes | bytearray = self.reader(offset, ext.length)
+        pieces = []
         p = mm.find(_COWED_BYTE, b0, b1)
-        if p >= 0:
-            buf = bytearray(data)
-            while p >= 0:
-                at, saved = self.cow.take(p) if p < done else self.cow.get(p)
-                lo = max(at, offset)
-                hi = min(at + len(saved), end)
-                buf[lo - offset : hi - offset] = saved[lo - at : hi - at]
-                p = mm.find(_COWED_BYTE, p + 1, b1)
-            data = buf
+        while p >= 0:
+            at, saved = self.cow.take(p) if p < done else self.cow.get(p)
+            lo = max(at, offset)
+            hi = min(at + len(saved), end)
+            pieces.append((lo - offset, saved[lo - at : hi - at]))
+            p = mm.find(_COWED_BYTE, p + 1, b1)
         mm[b0:done] = _fill(SENT, done - b0)
-        return data
+        return pieces
 
     def read_many(self, exts: Sequence[PlannedExtent]) -> list[bytes | bytearray]:
         """:meth:`read` of each DATA extent of ``exts`` (in plan order), in one synchronous step."""

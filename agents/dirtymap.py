@@ -1,13 +1,13 @@
 """Per-disk change tracking: a fine in-memory block map and a crash-safe coarse map on disk.
 
-The **fine map** holds one byte per block (64 KiB by default) in an anonymous ``mmap``: pages are
-zero until touched, so an idle 100 GiB disk with a few hot areas costs kilobytes, and marking a
-range is one slice assignment (C speed, no per-block Python loop). Beside it one bit per 4 KiB
-grain (:mod:`agents.grains`) says which grains of a dirty block changed, so the batch ships those
-and not the whole block. The byte says what the last
-operation on the block was: ``DATA`` (read it at the cut), ``ZERO`` or ``TRIM`` (ship a payload-free
-extent, no read and no copy-on-write). Frozen maps (see :mod:`agents.cut`) use two more states,
-``COWED`` and ``SENT``.
+The **fine map** holds one byte per block (64 KiB by default) in a shared ``memfd`` mapping (the
+shipping process reads a cut's map, decision 029): pages are zero until touched, so an idle 100 GiB
+disk with a few hot areas costs kilobytes, and marking a range is one slice assignment (C speed, no
+per-block Python loop). Beside it one bit per 4 KiB grain (:mod:`agents.grains`) says which grains
+of a dirty block changed, so the batch ships those and not the whole block. The byte says what the
+last operation on the block was: ``DATA`` (read it at the cut), ``ZERO`` or ``TRIM`` (ship a
+payload-free extent, no read and no copy-on-write). Frozen maps (see :mod:`agents.cut`) use two
+more states, ``COWED`` and ``SENT``.
 
 The **persisted map** is DRBD's activity log reduced to what we need: one byte per 4 MiB region in
 ``<state_dir>/<vm>/<disk>.map``. Before a write that dirties a region not yet marked there reaches
@@ -39,7 +39,7 @@ import xxhash
 import zstandard
 
 from agents.errors import TrackingError
-from agents.grains import GRAIN, GrainBits
+from agents.grains import GRAIN, GrainBits, shared_map
 from common.fsio import atomic_write
 
 CLEAN = 0
@@ -106,19 +106,23 @@ def boot_id() -> str:
 
 
 class BlockMap:
-    """One byte per block in an anonymous mmap, plus one bit per grain (:mod:`agents.grains`).
+    """One byte per block in a shared mapping, plus one bit per grain (:mod:`agents.grains`).
 
     Untouched pages cost no memory. The block byte is the kind; the grain bits say which grains
     of a dirty block changed (all of them for ZERO and TRIM blocks, and for blocks marked whole).
+    Given the descriptors of another process's map (``fds``: blocks, grains), a read-only view
+    of it (the shipping process plans the cuts it ships from them, decision 029).
     """
 
-    __slots__ = ("dirty", "gpb", "grains", "mm", "nblocks")
+    __slots__ = ("dirty", "fd", "gpb", "grains", "mm", "nblocks")
 
-    def __init__(self, nblocks: int, grains_per_block: int = 1) -> None:
+    def __init__(
+        self, nblocks: int, grains_per_block: int = 1, fds: tuple[int, int] = (-1, -1)
+    ) -> None:
         self.nblocks = nblocks
         self.gpb = grains_per_block
-        self.mm = mmap.mmap(-1, max(nblocks, 1))
-        self.grains = GrainBits(nblocks * grains_per_block)
+        self.mm, self.fd = shared_map("replikant-blocks", nblocks, fds[0])
+        self.grains = GrainBits(nblocks * grains_per_block, fds[1])
         self.dirty = 0  # blocks not CLEAN; kept exact by the mutators below
 
     def set_range(self, b0: int, b1: int, kind: int) -> int:
@@ -192,6 +196,9 @@ class BlockMap:
     def close(self) -> None:
         """Release the map's memory."""
         self.mm.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         self.grains.close()
 
 

@@ -245,6 +245,7 @@ class TrackedExport(ExportBase):
             cow=CowStore(self.block_size, self.cow_memory_limit, self.spill_path),
             cut_time_ns=time.time_ns() if cut_time_ns is None else cut_time_ns,
             cut_id=cut_id,
+            image_fd=self.inner.fd,
         )
         return self.cut
 

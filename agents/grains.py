@@ -17,6 +17,7 @@ OR-ing whole bytes at a range's edges never invents a change in a clean neighbou
 from __future__ import annotations
 
 import mmap
+import os
 import re
 from collections.abc import Iterator
 
@@ -47,14 +48,30 @@ _BYTE_RUNS = tuple(_runs_in_byte(v) for v in range(256))
 _FULL_VIEW = memoryview(_FULL)
 
 
+def shared_map(name: str, size: int, fd: int = -1) -> tuple[mmap.mmap, int]:
+    """A shared mapping of ``size`` bytes and its descriptor: a new ``memfd`` (zero-filled,
+    untouched pages cost no memory), or, given ``fd``, that one's memory read-only (the agent's
+    shipping process reads the maps of the cuts it ships, decision 029)."""
+    size = max(size, 1)
+    if fd >= 0:
+        return mmap.mmap(fd, size, access=mmap.ACCESS_READ), fd
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        return mmap.mmap(fd, size), fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class GrainBits:
-    """One bit per grain in an anonymous mmap."""
+    """One bit per grain in a shared mapping (:func:`shared_map`)."""
 
-    __slots__ = ("mm", "ngrains")
+    __slots__ = ("fd", "mm", "ngrains")
 
-    def __init__(self, ngrains: int) -> None:
+    def __init__(self, ngrains: int, fd: int = -1) -> None:
         self.ngrains = ngrains
-        self.mm = mmap.mmap(-1, max((ngrains + 7) >> 3, 1))
+        self.mm, self.fd = shared_map("replikant-grains", (ngrains + 7) >> 3, fd)
 
     def set(self, g0: int, g1: int) -> None:
         """Set the bits of grains ``[g0, g1)``."""
@@ -137,3 +154,6 @@ class GrainBits:
     def close(self) -> None:
         """Release the bitmap's memory."""
         self.mm.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -571,14 +571,20 @@ class DiskReplicator:
             full=full,
             first_change_cut=self.seq.first_change_cut(cut.cut_id),
         )
+        level = self.policy.initial_compression_level if full else self.policy.compression_level
+        if self.uploader is not None:
+            # Planned, read and encoded by the shipping process, each hop settled in a step of
+            # this (the NBD) loop, sent from the shipping loop's thread (decision 029).
+            return self.uploader.shipper.body(
+                cut,
+                header,
+                level=level,
+                bucket=self.bucket,
+                stats=stats,
+                max_extent=self.max_extent,
+            )
         return batch_body(
-            # Read on this (the NBD) loop, encoded and sent on the shipping loop's thread.
-            self.uploader.view(cut) if self.uploader else cut,
-            header,
-            level=self.policy.initial_compression_level if full else self.policy.compression_level,
-            bucket=self.bucket,
-            stats=stats,
-            max_extent=self.max_extent,
+            cut, header, level=level, bucket=self.bucket, stats=stats, max_extent=self.max_extent
         )
 
     def _initial_rate(self, cursor: int) -> tuple[float, float | None]:

@@ -28,6 +28,7 @@ from uuid import UUID
 
 from agents.cut import Cut, PlannedExtent
 from agents.ship import Ack, BrokerClient
+from agents.shipproc import Shipper
 from common.logs import get_logger
 
 T = TypeVar("T")
@@ -54,6 +55,7 @@ class ShipLoop:
         self.nice = nice
         self._base = os.getpriority(os.PRIO_PROCESS, 0)
         self._tids: set[int] = set()
+        self._pids: set[int] = set()
         self._behind: set[str] = set()
         self._guard = threading.Lock()
         self._warned = False
@@ -76,6 +78,23 @@ class ShipLoop:
             if self.nice:
                 self._set_priority(tid, self._target())
 
+    def enrol_process(self, pid: int) -> None:
+        """Let the shipping process ``pid`` (decision 029) follow the same priority: its
+        threads now, and those it starts later, which inherit its main thread's."""
+        with self._guard:
+            self._pids.add(pid)
+            if self.nice:
+                self._set_process(pid, self._target())
+
+    def _set_process(self, pid: int, nice: int) -> None:
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            self._pids.discard(pid)  # it ended
+            return
+        for tid in tids:
+            self._set_priority(tid, nice)
+
     def _target(self) -> int:
         return self._base if self._behind else min(19, self._base + self.nice)
 
@@ -95,6 +114,8 @@ class ShipLoop:
             target = self._target()
             for tid in self._tids:
                 self._set_priority(tid, target)
+            for pid in list(self._pids):
+                self._set_process(pid, target)
         log.debug("shipping_priority_changed", nice=target, behind=sorted(self._behind))
 
     def _set_priority(self, tid: int, nice: int) -> None:
@@ -232,6 +253,8 @@ class Uploader:
     def __init__(self, ship: ShipLoop, client: BrokerClient) -> None:
         self.ship = ship
         self.client = client  # used on the shipping loop only (aiohttp sessions are per loop)
+        self.shipper = Shipper(ship.loop, on_start=ship.enrol_process)
+        """Plans, reads and encodes the batches in a process of its own (decision 029)."""
 
     def view(self, cut: Cut) -> Cut:
         """What ``batch_body`` reads on the shipping loop (call on the home loop)."""
@@ -244,6 +267,8 @@ class Uploader:
         return await self.ship.run(self.client.upload(vm_uuid, disk_id, body, what=what))
 
     async def close(self) -> None:
-        """Close the client's pool (on its loop) and stop the loop."""
+        """Stop the shipping process, close the client's pool (on its loop), stop the loop."""
+        await self.ship.run(self.shipper.close_ship())
+        await self.shipper.close_home()
         await self.ship.run(self.client.close())
         await self.ship.close()

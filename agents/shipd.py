@@ -1,0 +1,227 @@
+"""The agent's shipping process: plans, reads and encodes batches away from the guest's GIL
+(decision 029).
+
+``python -m agents.shipd DATA SETTLE FDS`` is started by the agent
+(:class:`agents.shipproc.Shipper`) with three inherited sockets and runs until the agent closes
+them (or dies: they then read as closed). For every batch the agent OPENs, it maps the cut's
+frozen block map and grain bits read-only (the agent's ``memfd`` descriptors arrive on ``FDS``),
+plans the batch from them, reads the image through the agent's descriptor, asks the agent's NBD
+loop to settle each hop it read (``SETTLE``: the copies of blocks the guest overwrote since the
+cut, and SENT for the rest), and streams :func:`agents.body.batch_body`'s output back as CHUNKs
+within the credit the agent gives. The per-extent Python work (planning, zero checks, hashes,
+compression, framing) thus holds this process's GIL, never the one the guest's requests need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import os
+import socket
+import sys
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from agents.body import BatchStats, batch_body
+from agents.cut import CowStore, Cut, PlannedExtent
+from agents.dirtymap import BlockMap
+from agents.shipwire import (
+    CHUNK,
+    CREDIT,
+    DONE,
+    DROP,
+    FAIL,
+    GONE,
+    OPEN,
+    SETTLE,
+    extents_meta,
+    header_from_meta,
+    receive,
+    send,
+)
+from common.logs import configure_logging
+
+
+class Settler:
+    """Asks the agent's NBD loop to settle hops; its answers come in the order asked."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._waiting: deque[asyncio.Future[tuple[int, Any, bytes]]] = deque()
+        self.task = asyncio.get_running_loop().create_task(self._answers())
+
+    async def _answers(self) -> None:
+        try:
+            while True:
+                got = await receive(self._reader)
+                fut = self._waiting.popleft()
+                if not fut.done():  # done: its batch was dropped while it waited
+                    fut.set_result((got.kind, got.meta, got.payload))
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError, IndexError):
+            for fut in self._waiting:
+                if not fut.done():
+                    fut.set_exception(ConnectionResetError("the agent closed the settle socket"))
+
+    async def settle(
+        self, job: int, exts: Sequence[PlannedExtent]
+    ) -> list[tuple[int, int, memoryview]]:
+        """``(extent index, offset in it, bytes)`` of the copies to lay over what was read."""
+        if self.task.done():
+            raise ConnectionResetError("the agent closed the settle socket")
+        fut: asyncio.Future[tuple[int, Any, bytes]] = asyncio.get_running_loop().create_future()
+        self._waiting.append(fut)
+        send(self._writer, SETTLE, job, extents_meta(exts))
+        kind, meta, payload = await fut
+        if kind == GONE:
+            raise ConnectionAbortedError(str(meta.get("error", "the batch was abandoned")))
+        view = memoryview(payload)
+        out = []
+        at = 0
+        for index, offset, length in meta:
+            out.append((index, offset, view[at : at + length]))
+            at += length
+        return out
+
+
+class RemoteCut(Cut):
+    """A cut of the agent's, seen from here: its frozen map shared read-only, its image read
+    through the agent's descriptor, each hop settled by the agent's NBD loop."""
+
+    def __init__(self, job: int, meta: dict[str, Any], fds: list[int], settler: Settler) -> None:
+        map_fd, grains_fd, image_fd = fds
+        frozen = BlockMap(meta["nblocks"], meta["gpb"], fds=(map_fd, grains_fd))
+        super().__init__(
+            frozen,
+            size=meta["size"],
+            block_size=meta["block_size"],
+            reader=self._pread,
+            cow=CowStore(meta["block_size"], 0, None),  # the copies stay with the agent
+            cut_time_ns=meta["cut_time_ns"],
+            cut_id=meta["cut_id"],
+            image_fd=image_fd,
+        )
+        self.job = job
+        self.settler = settler
+
+    def _pread(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.image_fd, length, offset)
+        if len(data) != length:
+            raise OSError(f"short read of the image at {offset}: it shrank?")
+        return data
+
+    async def fetch(self, exts: Sequence[PlannedExtent]) -> list[bytes | bytearray]:
+        """Read the extents from the image, then have the agent settle them (the order is the
+        consistency argument: see :meth:`agents.cut.Cut.patches`)."""
+        if self.closed:
+            raise ConnectionAbortedError("the batch was abandoned")
+        reads: list[bytes | bytearray] = [self._pread(e.offset, e.length) for e in exts]
+        for index, offset, piece in await self.settler.settle(self.job, exts):
+            buf = reads[index]
+            if not isinstance(buf, bytearray):
+                buf = reads[index] = bytearray(buf)
+            buf[offset : offset + len(piece)] = piece
+        return reads
+
+    def release(self) -> None:
+        """Unmap the shared map and close the agent's descriptors."""
+        self.closed = True
+        self.frozen.close()
+        os.close(self.image_fd)
+
+
+class Credit:
+    """:class:`agents.body.Pacer` for one batch: a chunk may go once the agent took the ones
+    before it (at most ``CREDITS`` ahead)."""
+
+    def __init__(self, n: int) -> None:
+        self._sem = asyncio.Semaphore(n)
+
+    async def take(self, n: int) -> None:
+        """Wait for a credit (``n``, the chunk's size, does not matter here)."""
+        await self._sem.acquire()
+
+    def give(self) -> None:
+        """The agent took a chunk."""
+        self._sem.release()
+
+
+async def _ship(
+    job: int, meta: dict[str, Any], cut: RemoteCut, credit: Credit, out: asyncio.StreamWriter
+) -> None:
+    stats = BatchStats()
+    try:
+        body = batch_body(
+            cut,
+            header_from_meta(meta["header"]),
+            level=meta["level"],
+            bucket=credit,
+            stats=stats,
+            max_extent=meta["max_extent"],
+        )
+        async for chunk in body:
+            send(out, CHUNK, job, {}, chunk)
+            await out.drain()
+        counts = dataclasses.asdict(stats)
+        del counts["wire_bytes"]  # the agent counts what it sends
+        send(out, DONE, job, counts)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # the batch fails (and is sent again); the others go on
+        send(out, FAIL, job, {"error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        cut.release()
+
+
+def _forget(jobs: dict[int, Any], job: int, _task: asyncio.Task[None]) -> None:
+    jobs.pop(job, None)
+
+
+async def serve(data: socket.socket, settle: socket.socket, fds: socket.socket) -> None:
+    """Ship the batches the agent opens until it closes the data socket."""
+    reader, writer = await asyncio.open_unix_connection(sock=data)
+    settler = Settler(*await asyncio.open_unix_connection(sock=settle))
+    jobs: dict[int, tuple[asyncio.Task[None], Credit]] = {}
+    try:
+        while True:
+            try:
+                got = await receive(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            if got.kind == OPEN:
+                # The agent sent the descriptors just before this frame: they are there.
+                _, passed, _, _ = socket.recv_fds(fds, 16, 3)
+                cut = RemoteCut(got.job, got.meta, passed, settler)
+                credit = Credit(got.meta["credits"])
+                task = asyncio.get_running_loop().create_task(
+                    _ship(got.job, got.meta, cut, credit, writer)
+                )
+                jobs[got.job] = (task, credit)
+                task.add_done_callback(functools.partial(_forget, jobs, got.job))
+            elif got.kind == CREDIT and got.job in jobs:
+                jobs[got.job][1].give()
+            elif got.kind == DROP and got.job in jobs:
+                jobs[got.job][0].cancel()
+    finally:
+        for task, _ in list(jobs.values()):
+            task.cancel()
+        await asyncio.gather(*(t for t, _ in jobs.values()), return_exceptions=True)
+        settler.task.cancel()
+
+
+def main() -> None:
+    """Entry point: the three descriptors, in the order above."""
+    configure_logging()
+    if os.environ.get("RK_EXP_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    data, settle, fds = (socket.socket(fileno=int(a)) for a in sys.argv[1:4])
+    fds.setblocking(True)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(data, settle, fds))
+
+
+if __name__ == "__main__":
+    main()

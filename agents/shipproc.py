@@ -1,0 +1,303 @@
+"""The agent's side of its shipping process (decision 029): start it, feed it, settle for it.
+
+:class:`Shipper` owns one :mod:`agents.shipd` process for every disk of the agent. Two of its
+ends live on the agent's loops:
+
+- on the NBD (home) loop, the *settle* socket: each SETTLE names extents the process has just
+  read from the image; one step of this loop answers it with :meth:`agents.cut.Cut.patches`
+  (the copies of blocks the guest overwrote since the cut, and SENT for the rest), so reads
+  stay atomic with respect to guest requests without the agent touching a byte of them;
+- on the shipping loop, the *data* socket: a batch is OPENed with duplicates of its frozen
+  map's, grain bits' and image's descriptors, and its CHUNKs are uploaded as they come.
+
+If the process ends, every batch in flight fails as a dropped connection does (``OSError``:
+its cut merges back and the worker sends it again) and the next batch starts a new process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import itertools
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, TypeVar
+
+from agents.body import BatchStats, Pacer
+from agents.cut import Cut, PlannedExtent
+from agents.shipwire import (
+    CHUNK,
+    CREDIT,
+    CREDITS,
+    DONE,
+    DROP,
+    FAIL,
+    GONE,
+    OPEN,
+    PATCHES,
+    SETTLE,
+    Frame,
+    header_meta,
+    receive,
+    send,
+)
+from common.hrl import BatchHeader
+from common.logs import get_logger
+
+log = get_logger("agents.shipproc")
+T = TypeVar("T")
+
+
+async def _call(fn: Callable[[int], T], arg: int) -> T:
+    """``fn(arg)`` as a coroutine, to run it in a step of another thread's loop."""
+    return fn(arg)
+
+
+class ShipperGone(ConnectionError):
+    """The shipping process ended or failed a batch: the batch is sent again."""
+
+
+class Shipper:
+    """The shipping process, started on first use and again after it ended.
+
+    ``on_start`` is called on the home loop with each new process's pid (the shipping loop's
+    priority rule covers its threads, decision 028).
+    """
+
+    def __init__(
+        self, ship_loop: asyncio.AbstractEventLoop, on_start: Callable[[int], None] | None = None
+    ) -> None:
+        self.ship_loop = ship_loop
+        self.on_start = on_start
+        self.home: asyncio.AbstractEventLoop | None = None
+        self._ids = itertools.count(1)
+        self._cuts: dict[int, Cut] = {}  # home loop only
+        self._proc: asyncio.subprocess.Process | None = None  # home loop only
+        self._settle_task: asyncio.Task[None] | None = None  # home loop only
+        self._writer: asyncio.StreamWriter | None = None  # shipping loop only, as are these
+        self._fdsock: socket.socket | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._queues: dict[int, asyncio.Queue[Frame]] = {}
+        self._starting: asyncio.Lock | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The running process's pid."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
+
+    # -- on the home loop --------------------------------------------------------------------
+
+    def body(
+        self,
+        cut: Cut,
+        header: BatchHeader,
+        *,
+        level: int,
+        bucket: Pacer | None,
+        stats: BatchStats,
+        max_extent: int,
+    ) -> AsyncGenerator[bytes, None]:
+        """The batch of ``cut``, to be iterated on the shipping loop (call on the home loop)."""
+        self.home = asyncio.get_running_loop()
+        for stale in [j for j, c in self._cuts.items() if c.closed]:
+            del self._cuts[stale]  # batches whose upload never began
+        job = next(self._ids)
+        self._cuts[job] = cut
+        meta = {"header": header_meta(header), "level": level, "max_extent": max_extent}
+        return self._stream(job, meta, bucket, stats)
+
+    def _descriptors(self, job: int) -> tuple[list[int], dict[str, Any]]:
+        """Duplicates of the cut's descriptors, and its geometry (in a step of the home loop,
+        so a cut released meanwhile is seen as such, never a reused descriptor number)."""
+        cut = self._cuts.get(job)
+        if cut is None or cut.closed:
+            raise ShipperGone("the batch was abandoned before it was sent")
+        fds = [os.dup(cut.frozen.fd), os.dup(cut.frozen.grains.fd), os.dup(cut.image_fd)]
+        return fds, {
+            "size": cut.size,
+            "block_size": cut.block_size,
+            "nblocks": cut.frozen.nblocks,
+            "gpb": cut.frozen.gpb,
+            "cut_time_ns": cut.cut_time_ns,
+            "cut_id": cut.cut_id,
+            "credits": CREDITS,
+        }
+
+    async def _spawn(self) -> tuple[socket.socket, socket.socket]:
+        """Start the process; serve its settle socket here; its data and descriptor sockets."""
+        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(3)]
+        theirs = [b.fileno() for _, b in pairs]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "agents.shipd",
+                *map(str, theirs),
+                pass_fds=theirs,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            for _, b in pairs:
+                b.close()
+        self._proc = proc
+        settle = await asyncio.open_unix_connection(sock=pairs[1][0])
+        # One process serves every VM: its events carry none of the first batch's context.
+        quiet = contextvars.Context()
+        self._settle_task = asyncio.get_running_loop().create_task(
+            self._settle(*settle, proc), context=quiet
+        )
+        quiet.run(log.info, "shipping_process_started", pid=proc.pid)
+        if self.on_start is not None:
+            self.on_start(proc.pid)
+        pairs[2][0].setblocking(True)
+        return pairs[0][0], pairs[2][0]
+
+    async def _settle(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        proc: asyncio.subprocess.Process,
+    ) -> None:
+        """Answer SETTLE requests, each in one step of this loop, until the process ends."""
+        try:
+            while True:
+                got = await receive(reader)
+                if got.kind != SETTLE:
+                    log.error("shipping_process_misbehaved", frame=got.kind)
+                    break
+                kind, meta, payload = self._patches(got.job, got.meta)
+                send(writer, kind, got.job, meta, payload)
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            pass
+        finally:
+            writer.close()
+            status = None
+            with contextlib.suppress(TimeoutError):
+                status = await asyncio.wait_for(proc.wait(), 5)
+            if status is None:
+                proc.kill()
+                status = await proc.wait()
+            if status:
+                log.warning("shipping_process_ended", pid=proc.pid, status=status)
+
+    def _patches(self, job: int, extents: list[list[int]]) -> tuple[int, Any, bytes]:
+        cut = self._cuts.get(job)
+        if cut is None or cut.closed:
+            self._cuts.pop(job, None)
+            return GONE, {"error": "the batch was abandoned while it was being read"}, b""
+        where: list[list[int]] = []
+        pieces: list[bytes] = []
+        for index, (offset, length, kind) in enumerate(extents):
+            for at, piece in cut.patches(PlannedExtent(offset, length, kind)):
+                where.append([index, at, len(piece)])
+                pieces.append(piece)
+        return PATCHES, where, b"".join(pieces)
+
+    def _forget(self, job: int) -> None:
+        self._cuts.pop(job, None)
+
+    async def close_home(self) -> None:
+        """Stop the process (after :meth:`close_ship`): its settle socket closes, it exits."""
+        if self._settle_task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._settle_task), 5)
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.kill()
+            await self._proc.wait()
+        if self._settle_task is not None:
+            self._settle_task.cancel()
+            await asyncio.gather(self._settle_task, return_exceptions=True)
+
+    # -- on the shipping loop ----------------------------------------------------------------
+
+    async def _ensure(self) -> tuple[asyncio.StreamWriter, socket.socket]:
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:  # the disks of a VM open their batches at the same time
+            if self._writer is not None and not self._writer.is_closing():
+                assert self._fdsock is not None
+                return self._writer, self._fdsock
+            assert self.home is not None
+            data, fdsock = await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(self._spawn(), self.home)
+            )
+            reader, writer = await asyncio.open_unix_connection(sock=data)
+            self._writer, self._fdsock = writer, fdsock
+            self._reader_task = asyncio.get_running_loop().create_task(self._read(reader, writer))
+            return writer, fdsock
+
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Route the process's frames to their batches; once it ends, fail the batches."""
+        try:
+            while True:
+                got = await receive(reader)
+                queue = self._queues.get(got.job)
+                if queue is not None:
+                    queue.put_nowait(got)
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            pass
+        finally:
+            writer.close()
+            if self._writer is writer:
+                self._writer = None
+            ended = Frame(FAIL, 0, {"error": "the agent's shipping process ended"}, b"")
+            for queue in self._queues.values():
+                queue.put_nowait(ended)
+
+    async def _stream(
+        self, job: int, meta: dict[str, Any], bucket: Pacer | None, stats: BatchStats
+    ) -> AsyncGenerator[bytes, None]:
+        done = False
+        writer: asyncio.StreamWriter | None = None
+        queue: asyncio.Queue[Frame] = asyncio.Queue()
+        self._queues[job] = queue
+        fds: list[int] = []
+        try:
+            writer, fdsock = await self._ensure()
+            assert self.home is not None
+            fds, geometry = await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(_call(self._descriptors, job), self.home)
+            )
+            socket.send_fds(fdsock, [b"f"], fds)
+            send(writer, OPEN, job, {**meta, **geometry})
+            while True:
+                got = await queue.get()
+                if got.kind == CHUNK:
+                    stats.wire_bytes += len(got.payload)
+                    if bucket is not None:
+                        await bucket.take(len(got.payload))
+                    yield got.payload
+                    send(writer, CREDIT, job, {})
+                elif got.kind == DONE:
+                    for name, value in got.meta.items():
+                        setattr(stats, name, value)
+                    done = True
+                    return
+                else:
+                    raise ShipperGone(f"batch not shipped: {got.meta.get('error')}")
+        finally:
+            for fd in fds:
+                os.close(fd)
+            self._queues.pop(job, None)
+            if not done and writer is not None and not writer.is_closing():
+                send(writer, DROP, job, {})
+            if self.home is not None and not self.home.is_closed():
+                self.home.call_soon_threadsafe(self._forget, job)
+
+    async def close_ship(self) -> None:
+        """Close the data socket (the process then exits) and wait for its reader."""
+        if self._writer is not None:
+            self._writer.close()
+        if self._reader_task is not None:
+            await asyncio.gather(self._reader_task, return_exceptions=True)
+        if self._fdsock is not None:
+            self._fdsock.close()
+            self._fdsock = None
+
+
+__all__ = ["Shipper", "ShipperGone"]

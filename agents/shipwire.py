@@ -1,0 +1,124 @@
+"""The frames between the agent and its shipping process (decision 029), without any I/O.
+
+Two stream sockets carry frames of one fixed header (kind, job, meta length, payload length), a
+JSON ``meta`` and a raw ``payload``:
+
+- the *data* socket, between the agent's shipping loop and the process: OPEN a batch (the
+  descriptors of its frozen map, grain bits and image go ahead of it on a third socket), CREDIT
+  it one more chunk, DROP it; the process answers with the batch's CHUNKs, then DONE (its
+  counts) or FAIL;
+- the *settle* socket, between the process and the agent's NBD loop: SETTLE the extents the
+  process has just read, answered in order with PATCHES (the copy-on-write copies to lay over
+  what it read) or GONE (the cut was released: the batch fails).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import struct
+from collections.abc import Sequence
+from typing import Any, Final, NamedTuple
+from uuid import UUID
+
+from common.hrl import BatchHeader, Compression, Consistency
+
+FRAME: Final = struct.Struct("<BIII")
+"""kind, job id, bytes of meta, bytes of payload."""
+
+OPEN: Final = 1
+CREDIT: Final = 2
+DROP: Final = 3
+CHUNK: Final = 4
+DONE: Final = 5
+FAIL: Final = 6
+SETTLE: Final = 7
+PATCHES: Final = 8
+GONE: Final = 9
+
+CREDITS: Final = 4
+"""Chunks of one batch the process may send ahead of the upload (each up to ~1 MiB)."""
+MAX_META: Final = 64 << 20
+MAX_PAYLOAD: Final = 256 << 20
+
+
+class Frame(NamedTuple):
+    """One frame as read."""
+
+    kind: int
+    job: int
+    meta: Any
+    payload: bytes
+
+
+def frame_head(kind: int, job: int, meta: Any, payload_len: int = 0) -> bytes:
+    """A frame's fixed header and meta; its payload follows it as it is (not copied)."""
+    raw = json.dumps(meta, separators=(",", ":")).encode()
+    return FRAME.pack(kind, job, len(raw), payload_len) + raw
+
+
+def send(
+    writer: asyncio.StreamWriter, kind: int, job: int, meta: Any, payload: bytes = b""
+) -> None:
+    """Queue one frame on ``writer`` (no await between its parts: frames never interleave)."""
+    writer.write(frame_head(kind, job, meta, len(payload)))
+    if payload:
+        writer.write(payload)
+
+
+async def receive(reader: asyncio.StreamReader) -> Frame:
+    """The next frame; ``asyncio.IncompleteReadError`` once the peer closed its end."""
+    kind, job, meta_len, payload_len = FRAME.unpack(await reader.readexactly(FRAME.size))
+    if meta_len > MAX_META or payload_len > MAX_PAYLOAD:
+        raise ValueError(f"shipping frame of {meta_len} + {payload_len} bytes is beyond limits")
+    meta = json.loads(await reader.readexactly(meta_len))
+    return Frame(kind, job, meta, await reader.readexactly(payload_len))
+
+
+def header_meta(header: BatchHeader) -> dict[str, Any]:
+    """``header`` as JSON values."""
+    doc = dataclasses.asdict(header)
+    doc["vm_uuid"] = str(header.vm_uuid)
+    doc["consistency"] = int(header.consistency)
+    doc["compression"] = int(header.compression)
+    return doc
+
+
+def header_from_meta(doc: dict[str, Any]) -> BatchHeader:
+    """The header :func:`header_meta` described."""
+    return BatchHeader(
+        **{
+            **doc,
+            "vm_uuid": UUID(doc["vm_uuid"]),
+            "consistency": Consistency(doc["consistency"]),
+            "compression": Compression(doc["compression"]),
+        }
+    )
+
+
+def extents_meta(exts: Sequence[tuple[int, int, int]]) -> list[list[int]]:
+    """Extents ``(offset, length, kind)`` as JSON values."""
+    return [[e[0], e[1], e[2]] for e in exts]
+
+
+__all__ = [
+    "CHUNK",
+    "CREDIT",
+    "CREDITS",
+    "DONE",
+    "DROP",
+    "FAIL",
+    "FRAME",
+    "GONE",
+    "OPEN",
+    "PATCHES",
+    "SETTLE",
+    "Frame",
+    "extents_meta",
+    "frame_head",
+    "header_from_meta",
+    "header_meta",
+    "receive",
+    "send",
+]
