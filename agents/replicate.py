@@ -24,7 +24,7 @@ cut.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from agents.dirtymap import BlockMap, Recovery
 from agents.disk import TrackedExport
 from agents.errors import FencedError, ShipError
 from agents.sequence import Mode, SequenceError, Sequencer
-from agents.ship import BrokerClient, ReplicaState, TokenBucket
+from agents.ship import Ack, BrokerClient, ReplicaState, TokenBucket
 from agents.shiploop import Uploader
 from agents.state import DiskState
 from common.config import DiskConfig, Policy, VMConfig
@@ -471,15 +471,9 @@ class DiskReplicator:
         stats = BatchStats()
         started = time.monotonic()
         try:
-            body = self._batch_body(cut, consistency, seq, full, stats)
             self._waiting = (time.monotonic(), f"uploading batch seq {seq}")
             try:
-                ack = await (self.uploader or self.client).upload(
-                    self.vm.uuid,
-                    self.disk.id,
-                    body,
-                    what=f"batch seq {seq} of {self.vm.name}/{self.disk.id}",
-                )
+                ack = await self._upload(cut, consistency, seq, full, stats)
             finally:
                 self._waiting = None
             try:
@@ -555,10 +549,10 @@ class DiskReplicator:
             )
         return True
 
-    def _batch_body(
+    async def _upload(
         self, cut: Cut, consistency: Consistency, seq: int, full: bool, stats: BatchStats
-    ) -> AsyncGenerator[bytes, None]:
-        """The encoded batch ``seq`` of ``cut``, streamed (``stats`` counts what it held)."""
+    ) -> Ack:
+        """Send the encoded batch ``seq`` of ``cut`` (``stats`` counts what it held)."""
         assert self.state is not None
         header = make_header(
             vm_uuid=self.vm.uuid,
@@ -572,10 +566,11 @@ class DiskReplicator:
             first_change_cut=self.seq.first_change_cut(cut.cut_id),
         )
         level = self.policy.initial_compression_level if full else self.policy.compression_level
+        what = f"batch seq {seq} of {self.vm.name}/{self.disk.id}"
         if self.uploader is not None:
-            # Planned, read and encoded by the shipping process, each hop settled in a step of
-            # this (the NBD) loop, sent from the shipping loop's thread (decision 029).
-            return self.uploader.shipper.body(
+            # Planned, read, encoded and uploaded by the shipping process, each hop settled in
+            # a step of this (the NBD) loop (decision 029).
+            send = self.uploader.shipper.sender(
                 cut,
                 header,
                 level=level,
@@ -583,9 +578,11 @@ class DiskReplicator:
                 stats=stats,
                 max_extent=self.max_extent,
             )
-        return batch_body(
+            return await self.uploader.upload_from(self.vm.uuid, self.disk.id, send, what=what)
+        body = batch_body(
             cut, header, level=level, bucket=self.bucket, stats=stats, max_extent=self.max_extent
         )
+        return await self.client.upload(self.vm.uuid, self.disk.id, body, what=what)
 
     def _initial_rate(self, cursor: int) -> tuple[float, float | None]:
         """Disk bytes per second covered by this run of the initial copy, and the ETA.

@@ -14,7 +14,7 @@ import random
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -112,6 +112,20 @@ class Backoff:
 
 # A server that refuses our certificate (TLS 1.3) hangs up within moments of the handshake.
 _REFUSAL_WINDOW = 2.0
+
+
+class NetworkFailure(Exception):
+    """No answer came from a broker; ``error`` names why, and the fix."""
+
+    def __init__(self, error: ShipError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+Sender = Callable[[str, bool, str], Awaitable[tuple[int, bytes, str]]]
+"""Makes one upload elsewhere: given the URL, whether that broker took our certificate before
+and what the request is (for errors), the answer's status, body and reason; raises
+:class:`NetworkFailure` when no answer came."""
 
 
 @dataclass
@@ -221,6 +235,11 @@ class BrokerClient:
         return other
 
     @property
+    def timeouts(self) -> tuple[float | None, float | None]:
+        """Seconds to connect, and to wait for each read of an answer (the ack)."""
+        return self._timeout.connect, self._timeout.sock_read
+
+    @property
     def url(self) -> str:
         """The broker currently used."""
         return self._followed[0] if self._followed else self.urls[self._current]
@@ -311,11 +330,22 @@ class BrokerClient:
         return f"/v1/replicas/{vm_uuid}/{disk_id}"
 
     async def _request(
-        self, method: str, path: str, *, expect: str = "json", what: str = "", **kwargs: Any
+        self,
+        method: str,
+        path: str,
+        *,
+        expect: str = "json",
+        what: str = "",
+        send: Sender | None = None,
+        **kwargs: Any,
     ) -> tuple[Any, dict[str, str]]:
+        """One request, to the member that serves the path's VM, with the bookkeeping of which
+        members answer: ``send`` makes the exchange elsewhere (the shipping process), else
+        :meth:`exchange` makes it here."""
         vm = path.split("/")[3] if path.startswith("/v1/replicas/") else ""
         base = self._by_vm.get(vm) or self.url
         url = base + path
+        what = what or f"waiting for the answer to {method} {path}"
         exchange = Exchange()
         task = asyncio.current_task()
         assert task is not None
@@ -324,41 +354,67 @@ class BrokerClient:
                 base, asyncio.get_running_loop(), task, exchange
             )
         try:
-            async with self._get_session().request(
-                method, url, trace_request_ctx=exchange, **kwargs
-            ) as resp:
-                self._accepted.add(base)
-                if resp.status >= 400:
-                    await self._refusal(resp, url, vm)
-                if expect == "json":
-                    return await resp.json(content_type=None), dict(resp.headers)
-                return await resp.read(), dict(resp.headers)
+            accepted = base in self._accepted
+            if send is None:
+                status, raw, reason, headers = await self.exchange(
+                    method, url, what=what, accepted=accepted, trace=exchange, **kwargs
+                )
+            else:
+                (status, raw, reason), headers = await send(url, accepted, what), {}
+            self._accepted.add(base)
+            if status >= 400:
+                self._refusal(status, raw, reason, url, vm)
+            if expect != "json":
+                return raw, headers
+            try:
+                return (json.loads(raw) if raw.strip() else None), headers
+            except ValueError as exc:
+                raise NetworkFailure(
+                    self._network_error(url, exc, exchange, what, accepted=True)
+                ) from None
         except asyncio.CancelledError:
             if not exchange.abandoned_for:
                 raise
             task.uncancel()  # our own cancel, not the caller's: the caller sees a ShipError
             self._by_vm.pop(vm, None)
             raise ShipError(
-                f"{what or f'waiting for the answer to {method} {path}'} abandoned at broker "
-                f"{base}: the cluster moved to {exchange.abandoned_for}; resuming there",
+                f"{what} abandoned at broker {base}: the cluster moved to "
+                f"{exchange.abandoned_for}; resuming there",
                 fix="nothing to do: the disk resumes from the replica's durable seq",
                 code="owner_moved",
             ) from None
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError, TLSIdentityError) as exc:
-            accepted = base in self._accepted
+        except NetworkFailure as failure:
             self._by_vm.pop(vm, None)
             if base == self.url:  # a VM's own member failing says nothing of the others
                 self._rotate()
-            raise self._network_error(
-                url,
-                exc,
-                exchange,
-                what or f"waiting for the answer to {method} {path}",
-                accepted=accepted,
-            ) from None
+            raise failure.error from None
         finally:
             with self._inflight_lock:
                 self._inflight.pop(id(exchange), None)
+
+    async def exchange(
+        self,
+        method: str,
+        url: str,
+        *,
+        what: str,
+        accepted: bool,
+        trace: Exchange | None = None,
+        **kwargs: Any,
+    ) -> tuple[int, bytes, str, dict[str, str]]:
+        """One request to ``url`` and its whole answer (status, body, reason, headers), with no
+        bookkeeping; :class:`NetworkFailure` (naming the cause and the fix) when none came.
+        ``accepted``: whether that broker took our certificate before."""
+        trace = trace if trace is not None else Exchange()
+        try:
+            async with self._get_session().request(
+                method, url, trace_request_ctx=trace, **kwargs
+            ) as resp:
+                return resp.status, await resp.read(), str(resp.reason or ""), dict(resp.headers)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError, TLSIdentityError) as exc:
+            raise NetworkFailure(
+                self._network_error(url, exc, trace, what, accepted=accepted)
+            ) from None
 
     @staticmethod
     def _network_error(
@@ -416,15 +472,15 @@ class BrokerClient:
             code="unreachable",
         )
 
-    async def _refusal(self, resp: aiohttp.ClientResponse, url: str, vm: str = "") -> None:
-        text = await resp.text()
+    def _refusal(self, status: int, raw: bytes, reason: str, url: str, vm: str = "") -> None:
+        text = raw.decode("utf-8", "replace")
         try:
             body = json.loads(text)
         except ValueError:
             body = {}
         if not isinstance(body, dict):
             body = {}
-        refusal = Refusal.from_body(resp.status, body, fallback=text[:200] or str(resp.reason))
+        refusal = Refusal.from_body(status, body, fallback=text[:200] or reason)
         details = body.get("details")
         owner_url = details.get("owner_url") if isinstance(details, dict) else None
         if refusal.code == "not_owner" and isinstance(owner_url, str) and owner_url:
@@ -437,7 +493,7 @@ class BrokerClient:
                 self._rotate()
             elif vm:
                 self._by_vm[vm] = owner_url.rstrip("/")
-        elif resp.status in (502, 503, 504):
+        elif status in (502, 503, 504):
             self._by_vm.pop(vm, None)
             self._rotate()  # not the owner (or a proxy in trouble): try another broker next
         if refusal.code in _FENCED:
@@ -448,7 +504,7 @@ class BrokerClient:
             refusal.sentence(f"broker {url}"),
             fix=refusal.fix,
             code=refusal.code,
-            status=resp.status,
+            status=status,
         )
 
     async def enable(self, vm_uuid: UUID, disk_id: str, body: dict[str, Any]) -> ReplicaState:
@@ -475,6 +531,21 @@ class BrokerClient:
             data=body,
             headers={"Content-Type": BATCH_CONTENT_TYPE},
         )
+        return self._ack(data)
+
+    async def upload_from(self, vm_uuid: UUID, disk_id: str, send: Sender, *, what: str) -> Ack:
+        """:meth:`upload`, with the batch encoded and sent by ``send`` (the shipping process,
+        decision 029), given the URL this client chose."""
+        data, _ = await self._request(
+            "POST",
+            self._path(vm_uuid, disk_id) + "/batches",
+            what=f"while uploading {what}",
+            send=send,
+        )
+        return self._ack(data)
+
+    @staticmethod
+    def _ack(data: Any) -> Ack:
         try:
             return Ack(seq=int(data["acked_seq"]), duplicate=bool(data.get("duplicate", False)))
         except (KeyError, TypeError, ValueError):

@@ -1,15 +1,18 @@
-"""The agent's shipping process: plans, reads and encodes batches away from the guest's GIL
-(decision 029).
+"""The agent's shipping process: plans, reads, encodes and uploads batches away from the
+guest's GIL (decision 029).
 
-``python -m agents.shipd DATA SETTLE FDS`` is started by the agent
-(:class:`agents.shipproc.Shipper`) with three inherited sockets and runs until the agent closes
-them (or dies: they then read as closed). For every batch the agent OPENs, it maps the cut's
-frozen block map and grain bits read-only (the agent's ``memfd`` descriptors arrive on ``FDS``),
-plans the batch from them, reads the image through the agent's descriptor, asks the agent's NBD
-loop to settle each hop it read (``SETTLE``: the copies of blocks the guest overwrote since the
-cut, and SENT for the rest), and streams :func:`agents.body.batch_body`'s output back as CHUNKs
-within the credit the agent gives. The per-extent Python work (planning, zero checks, hashes,
-compression, framing) thus holds this process's GIL, never the one the guest's requests need.
+``python -m agents.shipd DATA SETTLE FDS SETTINGS`` is started by the agent
+(:class:`agents.shipproc.Shipper`) with three inherited sockets and its broker client's
+settings, and runs until the agent closes them (or dies: they then read as closed). For every
+batch the agent OPENs, it maps the cut's frozen block map and grain bits read-only (the agent's
+``memfd`` descriptors arrive on ``FDS``), plans the batch from them, reads the image through the
+agent's descriptor, asks the agent's NBD loop to settle each hop it read (``SETTLE``: the copies
+of blocks the guest overwrote since the cut, and SENT for the rest), and uploads
+:func:`agents.body.batch_body`'s output to the broker URL the agent named, within the credit the
+agent gives; the broker's answer, or why none came, goes back to the agent, whose client
+interprets it. The per-extent Python work (planning, zero checks, hashes, compression, framing)
+and the TLS and HTTP of the upload thus hold this process's GIL, never the one the guest's
+requests need.
 """
 
 from __future__ import annotations
@@ -18,16 +21,18 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import json
 import os
 import socket
 import sys
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from agents.body import BatchStats, batch_body
 from agents.cut import CowStore, Cut, PlannedExtent
 from agents.dirtymap import BlockMap
+from agents.ship import BrokerClient, NetworkFailure
 from agents.shipwire import (
     CHUNK,
     CREDIT,
@@ -37,12 +42,15 @@ from agents.shipwire import (
     GONE,
     OPEN,
     SETTLE,
+    error_meta,
     extents_meta,
     header_from_meta,
     receive,
     send,
 )
+from common.hrl import BATCH_CONTENT_TYPE
 from common.logs import configure_logging
+from common.tls import client_context
 
 
 class Settler:
@@ -149,11 +157,32 @@ class Credit:
         self._sem.release()
 
 
+def client_from(settings: dict[str, Any]) -> BrokerClient:
+    """The client this process uploads with, as the agent's ``settings`` describe it: its TLS
+    files (or none), cluster and timeouts. It only makes exchanges: which broker to ask, and what
+    an answer means, the agent's client decides."""
+    tls = settings["tls"]
+    return BrokerClient(
+        [],
+        client_context(tuple(tls)) if tls else None,
+        cluster=settings["cluster"],
+        connect_timeout=settings["connect_timeout"],
+        ack_timeout=settings["ack_timeout"],
+    )
+
+
 async def _ship(
-    job: int, meta: dict[str, Any], cut: RemoteCut, credit: Credit, out: asyncio.StreamWriter
+    job: int,
+    meta: dict[str, Any],
+    cut: RemoteCut,
+    credit: Credit,
+    out: asyncio.StreamWriter,
+    client: BrokerClient,
 ) -> None:
     stats = BatchStats()
-    try:
+    broken: list[BaseException] = []  # what failed the body, not the exchange
+
+    async def chunks() -> AsyncGenerator[bytes, None]:
         body = batch_body(
             cut,
             header_from_meta(meta["header"]),
@@ -162,16 +191,40 @@ async def _ship(
             stats=stats,
             max_extent=meta["max_extent"],
         )
-        async for chunk in body:
-            send(out, CHUNK, job, {}, chunk)
-            await out.drain()
-        counts = dataclasses.asdict(stats)
-        del counts["wire_bytes"]  # the agent counts what it sends
-        send(out, DONE, job, counts)
+        try:
+            async for chunk in body:
+                yield chunk
+                send(out, CHUNK, job, {"n": len(chunk)})
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            broken.append(exc)
+            raise
+
+    try:
+        status, answer, reason, _ = await client.exchange(
+            "POST",
+            meta["url"],
+            what=meta["what"],
+            accepted=meta["accepted"],
+            data=chunks(),
+            headers={"Content-Type": BATCH_CONTENT_TYPE},
+        )
+        send(
+            out,
+            DONE,
+            job,
+            {"stats": dataclasses.asdict(stats), "status": status, "reason": reason},
+            answer,
+        )
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # the batch fails (and is sent again); the others go on
-        send(out, FAIL, job, {"error": f"{type(exc).__name__}: {exc}"})
+        if isinstance(exc, NetworkFailure) and not broken:
+            send(out, FAIL, job, {"network": error_meta(exc.error)})
+        else:
+            cause = broken[0] if broken else exc
+            send(out, FAIL, job, {"error": f"{type(cause).__name__}: {cause}"})
     finally:
         cut.release()
 
@@ -180,7 +233,9 @@ def _forget(jobs: dict[int, Any], job: int, _task: asyncio.Task[None]) -> None:
     jobs.pop(job, None)
 
 
-async def serve(data: socket.socket, settle: socket.socket, fds: socket.socket) -> None:
+async def serve(
+    data: socket.socket, settle: socket.socket, fds: socket.socket, client: BrokerClient
+) -> None:
     """Ship the batches the agent opens until it closes the data socket."""
     reader, writer = await asyncio.open_unix_connection(sock=data)
     settler = Settler(*await asyncio.open_unix_connection(sock=settle))
@@ -197,7 +252,7 @@ async def serve(data: socket.socket, settle: socket.socket, fds: socket.socket) 
                 cut = RemoteCut(got.job, got.meta, passed, settler)
                 credit = Credit(got.meta["credits"])
                 task = asyncio.get_running_loop().create_task(
-                    _ship(got.job, got.meta, cut, credit, writer)
+                    _ship(got.job, got.meta, cut, credit, writer, client)
                 )
                 jobs[got.job] = (task, credit)
                 task.add_done_callback(functools.partial(_forget, jobs, got.job))
@@ -210,17 +265,20 @@ async def serve(data: socket.socket, settle: socket.socket, fds: socket.socket) 
             task.cancel()
         await asyncio.gather(*(t for t, _ in jobs.values()), return_exceptions=True)
         settler.task.cancel()
+        await client.close()
 
 
 def main() -> None:
-    """Entry point: the three descriptors, in the order above."""
-    configure_logging()
+    """Entry point: the three descriptors, in the order above, and the client's settings."""
+    settings = json.loads(sys.argv[4])
+    configure_logging(level=settings["log_level"])  # on the agent's stderr, as the agent logs
     if os.environ.get("RK_EXP_IDLE"):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     data, settle, fds = (socket.socket(fileno=int(a)) for a in sys.argv[1:4])
+    client = client_from(settings)
     fds.setblocking(True)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(data, settle, fds))
+        asyncio.run(serve(data, settle, fds, client))
 
 
 if __name__ == "__main__":

@@ -18,17 +18,19 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import logging
 import os
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from uuid import UUID
 
 from agents.cut import Cut, PlannedExtent
-from agents.ship import Ack, BrokerClient
+from agents.ship import Ack, BrokerClient, Sender
 from agents.shipproc import Shipper
+from common.config import TLSFiles
 from common.logs import get_logger
 
 T = TypeVar("T")
@@ -248,23 +250,26 @@ class LoopCut(Cut):
 
 
 class Uploader:
-    """Uploads batches through the shipping loop, with a broker client of its own there."""
+    """Uploads batches through the shipping process (decision 029), with a broker client of its
+    own on the shipping loop deciding where each goes and what the answers mean."""
 
-    def __init__(self, ship: ShipLoop, client: BrokerClient) -> None:
+    def __init__(self, ship: ShipLoop, client: BrokerClient, tls: TLSFiles | None) -> None:
         self.ship = ship
         self.client = client  # used on the shipping loop only (aiohttp sessions are per loop)
-        self.shipper = Shipper(ship.loop, on_start=ship.enrol_process)
-        """Plans, reads and encodes the batches in a process of its own (decision 029)."""
+        connect, ack = client.timeouts
+        settings = {
+            "tls": [str(tls.ca), str(tls.cert), str(tls.key)] if tls is not None else None,
+            "cluster": client.cluster,
+            "connect_timeout": connect,
+            "ack_timeout": ack,
+            "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
+        }
+        self.shipper = Shipper(ship.loop, settings, on_start=ship.enrol_process)
+        """Plans, reads, encodes and uploads the batches in a process of its own."""
 
-    def view(self, cut: Cut) -> Cut:
-        """What ``batch_body`` reads on the shipping loop (call on the home loop)."""
-        return LoopCut(cut, asyncio.get_running_loop())
-
-    async def upload(
-        self, vm_uuid: UUID, disk_id: str, body: AsyncIterator[bytes], *, what: str
-    ) -> Ack:
-        """:meth:`BrokerClient.upload`, run on the shipping loop."""
-        return await self.ship.run(self.client.upload(vm_uuid, disk_id, body, what=what))
+    async def upload_from(self, vm_uuid: UUID, disk_id: str, send: Sender, *, what: str) -> Ack:
+        """:meth:`BrokerClient.upload_from`, run on the shipping loop."""
+        return await self.ship.run(self.client.upload_from(vm_uuid, disk_id, send, what=what))
 
     async def close(self) -> None:
         """Stop the shipping process, close the client's pool (on its loop), stop the loop."""

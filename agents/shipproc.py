@@ -8,10 +8,13 @@ ends live on the agent's loops:
   (the copies of blocks the guest overwrote since the cut, and SENT for the rest), so reads
   stay atomic with respect to guest requests without the agent touching a byte of them;
 - on the shipping loop, the *data* socket: a batch is OPENed with duplicates of its frozen
-  map's, grain bits' and image's descriptors, and its CHUNKs are uploaded as they come.
+  map's, grain bits' and image's descriptors and the broker URL this agent's client chose; the
+  process uploads it there itself, reports each chunk it sent (paced here before it may send
+  more) and returns the broker's answer, which the client here interprets as for any request
+  (redirects, refusals, the member rotation: :meth:`agents.ship.BrokerClient.upload_from`).
 
-If the process ends, every batch in flight fails as a dropped connection does (``OSError``:
-its cut merges back and the worker sends it again) and the next batch starts a new process.
+If the process ends, every batch in flight fails (its cut merges back and the worker sends it
+again) and the next batch starts a new process.
 """
 
 from __future__ import annotations
@@ -19,16 +22,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import itertools
+import json
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from agents.body import BatchStats, Pacer
 from agents.cut import Cut, PlannedExtent
+from agents.errors import ShipError
+from agents.ship import NetworkFailure, Sender
 from agents.shipwire import (
     CHUNK,
     CREDIT,
@@ -41,6 +48,7 @@ from agents.shipwire import (
     PATCHES,
     SETTLE,
     Frame,
+    error_from_meta,
     header_meta,
     receive,
     send,
@@ -57,21 +65,22 @@ async def _call(fn: Callable[[int], T], arg: int) -> T:
     return fn(arg)
 
 
-class ShipperGone(ConnectionError):
-    """The shipping process ended or failed a batch: the batch is sent again."""
-
-
 class Shipper:
     """The shipping process, started on first use and again after it ended.
 
+    ``settings`` tell the process how to reach the brokers (:func:`agents.shipd.client_from`);
     ``on_start`` is called on the home loop with each new process's pid (the shipping loop's
     priority rule covers its threads, decision 028).
     """
 
     def __init__(
-        self, ship_loop: asyncio.AbstractEventLoop, on_start: Callable[[int], None] | None = None
+        self,
+        ship_loop: asyncio.AbstractEventLoop,
+        settings: dict[str, Any],
+        on_start: Callable[[int], None] | None = None,
     ) -> None:
         self.ship_loop = ship_loop
+        self.settings = settings
         self.on_start = on_start
         self.home: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
@@ -92,7 +101,7 @@ class Shipper:
 
     # -- on the home loop --------------------------------------------------------------------
 
-    def body(
+    def sender(
         self,
         cut: Cut,
         header: BatchHeader,
@@ -101,22 +110,26 @@ class Shipper:
         bucket: Pacer | None,
         stats: BatchStats,
         max_extent: int,
-    ) -> AsyncGenerator[bytes, None]:
-        """The batch of ``cut``, to be iterated on the shipping loop (call on the home loop)."""
+    ) -> Sender:
+        """What uploads the batch of ``cut`` from the process (call on the home loop; the
+        sender is awaited on the shipping loop, by :meth:`agents.ship.BrokerClient.upload_from`)."""
         self.home = asyncio.get_running_loop()
         for stale in [j for j, c in self._cuts.items() if c.closed]:
             del self._cuts[stale]  # batches whose upload never began
         job = next(self._ids)
         self._cuts[job] = cut
         meta = {"header": header_meta(header), "level": level, "max_extent": max_extent}
-        return self._stream(job, meta, bucket, stats)
+        return functools.partial(self._send, job, meta, bucket, stats)
 
     def _descriptors(self, job: int) -> tuple[list[int], dict[str, Any]]:
         """Duplicates of the cut's descriptors, and its geometry (in a step of the home loop,
         so a cut released meanwhile is seen as such, never a reused descriptor number)."""
         cut = self._cuts.get(job)
         if cut is None or cut.closed:
-            raise ShipperGone("the batch was abandoned before it was sent")
+            raise ShipError(
+                "batch abandoned before it was sent (the disk stopped or resumed elsewhere)",
+                code="batch_abandoned",
+            )
         fds = [os.dup(cut.frozen.fd), os.dup(cut.frozen.grains.fd), os.dup(cut.image_fd)]
         return fds, {
             "size": cut.size,
@@ -138,6 +151,7 @@ class Shipper:
                 "-m",
                 "agents.shipd",
                 *map(str, theirs),
+                json.dumps(self.settings),
                 pass_fds=theirs,
                 stdin=subprocess.DEVNULL,
             )
@@ -227,6 +241,8 @@ class Shipper:
                 asyncio.run_coroutine_threadsafe(self._spawn(), self.home)
             )
             reader, writer = await asyncio.open_unix_connection(sock=data)
+            if self._fdsock is not None:
+                self._fdsock.close()  # the previous process's
             self._writer, self._fdsock = writer, fdsock
             self._reader_task = asyncio.get_running_loop().create_task(self._read(reader, writer))
             return writer, fdsock
@@ -249,9 +265,18 @@ class Shipper:
             for queue in self._queues.values():
                 queue.put_nowait(ended)
 
-    async def _stream(
-        self, job: int, meta: dict[str, Any], bucket: Pacer | None, stats: BatchStats
-    ) -> AsyncGenerator[bytes, None]:
+    async def _send(
+        self,
+        job: int,
+        meta: dict[str, Any],
+        bucket: Pacer | None,
+        stats: BatchStats,
+        url: str,
+        accepted: bool,
+        what: str,
+    ) -> tuple[int, bytes, str]:
+        """Have the process upload batch ``job`` to ``url``; the broker's answer (status, body,
+        reason). Each chunk it sent is paced here before it may send more."""
         done = False
         writer: asyncio.StreamWriter | None = None
         queue: asyncio.Queue[Frame] = asyncio.Queue()
@@ -264,22 +289,28 @@ class Shipper:
                 asyncio.run_coroutine_threadsafe(_call(self._descriptors, job), self.home)
             )
             socket.send_fds(fdsock, [b"f"], fds)
-            send(writer, OPEN, job, {**meta, **geometry})
+            upload = {"url": url, "accepted": accepted, "what": what}
+            send(writer, OPEN, job, {**meta, **geometry, **upload})
             while True:
                 got = await queue.get()
                 if got.kind == CHUNK:
-                    stats.wire_bytes += len(got.payload)
                     if bucket is not None:
-                        await bucket.take(len(got.payload))
-                    yield got.payload
+                        await bucket.take(got.meta["n"])
                     send(writer, CREDIT, job, {})
                 elif got.kind == DONE:
-                    for name, value in got.meta.items():
+                    for name, value in got.meta["stats"].items():
                         setattr(stats, name, value)
                     done = True
-                    return
+                    return got.meta["status"], got.payload, got.meta["reason"]
+                elif "network" in got.meta:
+                    raise NetworkFailure(error_from_meta(got.meta["network"]))
                 else:
-                    raise ShipperGone(f"batch not shipped: {got.meta.get('error')}")
+                    raise ShipError(
+                        f"batch not sent: {got.meta.get('error')}",
+                        fix="nothing to do if it passes: the batch is sent again; if it "
+                        "repeats, read the agent's log",
+                        code="shipping_failed",
+                    )
         finally:
             for fd in fds:
                 os.close(fd)
@@ -300,4 +331,4 @@ class Shipper:
             self._fdsock = None
 
 
-__all__ = ["Shipper", "ShipperGone"]
+__all__ = ["Shipper"]

@@ -4,9 +4,11 @@ Two stream sockets carry frames of one fixed header (kind, job, meta length, pay
 JSON ``meta`` and a raw ``payload``:
 
 - the *data* socket, between the agent's shipping loop and the process: OPEN a batch (the
-  descriptors of its frozen map, grain bits and image go ahead of it on a third socket), CREDIT
-  it one more chunk, DROP it; the process answers with the batch's CHUNKs, then DONE (its
-  counts) or FAIL;
+  descriptors of its frozen map, grain bits and image go ahead of it on a third socket; its meta
+  names the broker URL to upload it to), CREDIT it one more chunk, DROP it; the process reports
+  each CHUNK it uploaded (its size, not its bytes), then DONE (its counts and the broker's
+  answer: status, reason, and the body as payload) or FAIL (``network``: no answer came, and
+  why; ``error``: the batch could not be read or encoded);
 - the *settle* socket, between the process and the agent's NBD loop: SETTLE the extents the
   process has just read, answered in order with PATCHES (the copy-on-write copies to lay over
   what it read) or GONE (the cut was released: the batch fails).
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
 from uuid import UUID
 
+from agents.errors import FencedError, ShipError
 from common.hrl import BatchHeader, Compression, Consistency
 
 FRAME: Final = struct.Struct("<BIII")
@@ -97,6 +100,23 @@ def header_from_meta(doc: dict[str, Any]) -> BatchHeader:
     )
 
 
+def error_meta(error: ShipError) -> dict[str, Any]:
+    """Why a broker gave no answer (:class:`agents.ship.NetworkFailure`), as JSON values."""
+    return {
+        "fenced": isinstance(error, FencedError),
+        "message": error.message,
+        "fix": error.fix,
+        "code": error.code,
+    }
+
+
+def error_from_meta(doc: dict[str, Any]) -> ShipError:
+    """The error :func:`error_meta` described."""
+    if doc["fenced"]:
+        return FencedError(doc["message"], fix=doc["fix"], code=doc["code"])
+    return ShipError(doc["message"], fix=doc["fix"], code=doc["code"])
+
+
 def extents_meta(exts: Sequence[tuple[int, int, int]]) -> list[list[int]]:
     """Extents ``(offset, length, kind)`` as JSON values."""
     return [[e[0], e[1], e[2]] for e in exts]
@@ -115,6 +135,8 @@ __all__ = [
     "PATCHES",
     "SETTLE",
     "Frame",
+    "error_from_meta",
+    "error_meta",
     "extents_meta",
     "frame_head",
     "header_from_meta",

@@ -143,6 +143,7 @@ class Receiver:
         self.fail_hashes = 0  # answer the next N hash requests 503
         self.keep_images = False  # remember the replica image after every batch (small disks)
         self.requests: list[tuple[str, str]] = []
+        self.batch_ports: list[int] = []  # the client's port of each batch upload
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -250,6 +251,8 @@ class Receiver:
 
     async def _post(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(("POST", request.path))
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.batch_ports.append(peer[1] if peer else 0)
         if self.refuse:
             return _error(503, "not_owner", "refusing on purpose")
         if self.forbid is not None:

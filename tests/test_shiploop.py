@@ -197,7 +197,8 @@ async def test_a_vm_past_half_its_rpo_brings_shipping_back_to_the_guests_priorit
     """The worker's rule (decision 028): with acks 0.7 s late, a VM whose RPO is 1 s has less
     than half of it in reserve, and the shipping thread runs at the process's priority; once the
     acks are prompt again it runs 10 levels below (the agent's default ``shipping_nice``), and
-    a VM whose loop ends while behind (failed over) does not hold it there."""
+    a VM whose loop ends while behind (failed over) does not hold it there. The shipping
+    process (decision 029) follows the same rule."""
     pki = make_pki(tmp_path / "pki")
     rx = Receiver(tmp_path / "rx", pki)
     url = await rx.start()
@@ -212,11 +213,16 @@ async def test_a_vm_past_half_its_rpo_brings_shipping_back_to_the_guests_priorit
     worker = asyncio.create_task(agent.workers[0].run(stop))
 
     async def shipping_nice() -> int:
+        """The shipping thread's nice value, if the shipping process has the same one."""
+
         async def own() -> int:
             return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
         assert agent.uploader is not None
-        return await agent.uploader.ship.run(own())
+        thread = await agent.uploader.ship.run(own())
+        pid = agent.uploader.shipper.pid
+        process = thread if pid is None else os.getpriority(os.PRIO_PROCESS, pid)
+        return thread if process == thread else -100
 
     async def settles_at(nice: int) -> None:
         for _ in range(200):
@@ -229,6 +235,8 @@ async def test_a_vm_past_half_its_rpo_brings_shipping_back_to_the_guests_priorit
         await settles_at(min(19, base + 10))
         rx.ack_delay = 0.7
         await settles_at(base)
+        assert agent.uploader is not None
+        assert agent.uploader.shipper.pid is not None
         rx.ack_delay = 0.0
         await settles_at(min(19, base + 10))
         rx.ack_delay = 0.7

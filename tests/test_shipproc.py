@@ -1,0 +1,75 @@
+"""The agent's shipping process (decision 029): batches leave from it, and it may die.
+
+An in-process agent ships to a stand-in broker over mutual TLS; the uploads must come from the
+shipping process's own connections (the guest's process makes none for them), and killing that
+process in the middle of an upload must cost only that batch: it fails with an error naming the
+cause, a new process takes the next one, and the replica converges byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.support_agent import MiB, wait_for
+from tests.test_agent_ship import make_rig
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _tcp_ports(pid: int) -> set[int]:
+    """Local ports of the TCP sockets process ``pid`` holds open."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if link.startswith("socket:["):
+            inodes.add(link[len("socket:[") : -1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+async def test_batches_leave_from_the_shipping_process_and_outlive_it(tmp_path: Path) -> None:
+    """Uploads use the process's connections; killing it mid-upload fails that batch alone."""
+    rig = await make_rig(tmp_path)
+    try:
+        await rig.start()
+        await wait_for(rig.settled, "the initial copy", within=60)
+        assert rig.agent is not None
+        assert rig.agent.uploader is not None
+        shipper = rig.agent.uploader.shipper
+        first = shipper.pid
+        assert first is not None
+        # The last upload's connection is still pooled: it is the shipping process's, not ours.
+        assert rig.rx.batch_ports[-1] in _tcp_ports(first)
+        assert rig.rx.batch_ports[-1] not in _tcp_ports(os.getpid())
+
+        # A batch the broker holds on to (durable, its ack late) when the process dies.
+        rig.rx.ack_delay = 2.0
+        uploads = len(rig.rx.batch_ports)
+        await rig.write(("write", 3 * MiB, os.urandom(64 * 1024)))
+        await wait_for(lambda: len(rig.rx.batch_ports) > uploads, "an upload", within=10)
+        os.kill(first, signal.SIGKILL)
+        await wait_for(
+            lambda: "shipping process ended" in (rig.rep.status.last_error or ""),
+            "the batch to fail, naming the shipping process",
+            within=10,
+        )
+        rig.rx.ack_delay = 0.0
+        await rig.write(("write", 7 * MiB, os.urandom(12 * 1024)), ("zero", 0, 1 * MiB))
+        await wait_for(rig.settled, "the replica to converge after the kill", within=30)
+        assert shipper.pid not in (None, first)
+        assert rig.rx.batch_ports[-1] in _tcp_ports(shipper.pid)
+    finally:
+        await rig.halt()
+        await rig.rx.stop()
