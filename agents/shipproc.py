@@ -148,6 +148,7 @@ class Shipper:
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
+                "-P",  # never import from the working directory (-m would put it first)
                 "-m",
                 "agents.shipd",
                 *map(str, theirs),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import http.client
 import json
 import os
@@ -381,10 +382,20 @@ class Agent:
 
 
 def proc_cpu(pid: int | str = "self") -> float:
-    """User + system CPU seconds a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """User + system CPU seconds a process and its descendants have used so far: those running
+    and those it has waited for (the agent's shipping process is part of the agent's work)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0  # a descendant that ended meanwhile: its parent's waited-for times have it
     ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
+    own = sum(int(f) for f in fields[11:15]) / ticks  # utime, stime, cutime, cstime
+    children: list[str] = []
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                children += Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+    return own + sum(proc_cpu(child) for child in children)
 
 
 def proc_wchar(pid: int | str = "self") -> int:
