@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -256,37 +257,54 @@ class Cut:
 
     def patches(self, ext: PlannedExtent) -> list[tuple[int, bytes]]:
         """The copies that make the image's bytes of DATA extent ``ext`` its cut-time contents,
-        as ``(offset in the extent, bytes)``; its blocks become SENT.
+        as ``(offset in the extent, bytes)``; its blocks become SENT (:meth:`settle`)."""
+        out: list[tuple[int, int, bytes]] = []
+        self.settle(array("q", (ext.offset, ext.length, self.done_block(ext))), out)
+        return [(at, piece) for _, at, piece in out]
 
-        The bytes may have been read from the image at any time after the cut and before this
-        call (decision 029: the shipping process reads, then asks this in one step of the NBD
-        loop): a guest request copies a block aside and marks it COWED before it changes the
-        image, so a block still DATA here was not changed before the read ended, and one that is
-        COWED has its copy.
-        """
-        shift = self.shift
-        offset = ext.offset
-        end = offset + ext.length
-        b0 = offset >> shift
-        b1 = (end + self.block_size - 1) >> shift
-        # The last block stays unread (DATA or COWED, its copy kept) while a later extent of the
-        # cut still needs some of its grains.
-        done = b1
+    def done_block(self, ext: PlannedExtent) -> int:
+        """The block after the last one ``ext`` finishes: its last block stays unread (DATA or
+        COWED, its copy kept) while a later extent of the cut still needs some of its grains.
+        The frozen map alone says so, so the shipping process works it out for the agent."""
+        end = ext.offset + ext.length
+        b1 = (end + self.block_size - 1) >> self.shift
         if end & (self.block_size - 1) and self.frozen.grains.any(
             (end + self.grain - 1) >> self.gshift, b1 * self.frozen.gpb
         ):
-            done = b1 - 1
+            return b1 - 1
+        return b1
+
+    def settle(self, spans: array[int], out: list[tuple[int, int, bytes]]) -> None:
+        """For DATA extents read from the image after the cut, given as ``(offset, length,
+        done block)`` triples (:meth:`done_block`), append to ``out`` the copies that make
+        their bytes cut-time contents (``(extent index, offset in it, bytes)``), and mark their
+        finished blocks SENT. One tight loop: it runs in a step of the NBD loop for every hop the
+        shipping process reads (decision 029).
+
+        The bytes may have been read at any time after the cut and before this call: a guest
+        request copies a block aside and marks it COWED before it changes the image, so a block
+        still DATA here was not changed before the read ended, and one that is COWED has its copy.
+        """
+        shift = self.shift
+        mask = self.block_size - 1
         mm = self.frozen.mm
-        pieces = []
-        p = mm.find(_COWED_BYTE, b0, b1)
-        while p >= 0:
-            at, saved = self.cow.take(p) if p < done else self.cow.get(p)
-            lo = max(at, offset)
-            hi = min(at + len(saved), end)
-            pieces.append((lo - offset, saved[lo - at : hi - at]))
-            p = mm.find(_COWED_BYTE, p + 1, b1)
-        mm[b0:done] = _fill(SENT, done - b0)
-        return pieces
+        find = mm.find
+        cow = self.cow
+        for i in range(0, len(spans), 3):
+            offset = spans[i]
+            end = offset + spans[i + 1]
+            b0 = offset >> shift
+            b1 = (end + mask) >> shift
+            done = min(max(spans[i + 2], b0), b1)
+            p = find(_COWED_BYTE, b0, b1)
+            while p >= 0:
+                at, saved = cow.take(p) if p < done else cow.get(p)
+                lo = max(at, offset)
+                hi = min(at + len(saved), end)
+                out.append((i // 3, lo - offset, saved[lo - at : hi - at]))
+                p = find(_COWED_BYTE, p + 1, b1)
+            if done > b0:
+                mm[b0:done] = _fill(SENT, done - b0)
 
     def read_many(self, exts: Sequence[PlannedExtent]) -> list[bytes | bytearray]:
         """:meth:`read` of each DATA extent of ``exts`` (in plan order), in one synchronous step."""

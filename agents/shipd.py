@@ -43,10 +43,10 @@ from agents.shipwire import (
     OPEN,
     SETTLE,
     error_meta,
-    extents_meta,
     header_from_meta,
     receive,
     send,
+    spans_payload,
 )
 from common.hrl import BATCH_CONTENT_TYPE
 from common.logs import configure_logging
@@ -74,15 +74,14 @@ class Settler:
                 if not fut.done():
                     fut.set_exception(ConnectionResetError("the agent closed the settle socket"))
 
-    async def settle(
-        self, job: int, exts: Sequence[PlannedExtent]
-    ) -> list[tuple[int, int, memoryview]]:
-        """``(extent index, offset in it, bytes)`` of the copies to lay over what was read."""
+    async def settle(self, job: int, spans: list[int]) -> list[tuple[int, int, memoryview]]:
+        """``(extent index, offset in it, bytes)`` of the copies to lay over what was read of
+        the extents ``spans`` gives (:meth:`agents.cut.Cut.settle`)."""
         if self.task.done():
             raise ConnectionResetError("the agent closed the settle socket")
         fut: asyncio.Future[tuple[int, Any, bytes]] = asyncio.get_running_loop().create_future()
         self._waiting.append(fut)
-        send(self._writer, SETTLE, job, extents_meta(exts))
+        send(self._writer, SETTLE, job, {}, spans_payload(spans))
         kind, meta, payload = await fut
         if kind == GONE:
             raise ConnectionAbortedError(str(meta.get("error", "the batch was abandoned")))
@@ -127,7 +126,10 @@ class RemoteCut(Cut):
         if self.closed:
             raise ConnectionAbortedError("the batch was abandoned")
         reads: list[bytes | bytearray] = [self._pread(e.offset, e.length) for e in exts]
-        for index, offset, piece in await self.settler.settle(self.job, exts):
+        spans: list[int] = []
+        for e in exts:
+            spans += (e.offset, e.length, self.done_block(e))
+        for index, offset, piece in await self.settler.settle(self.job, spans):
             buf = reads[index]
             if not isinstance(buf, bytearray):
                 buf = reads[index] = bytearray(buf)

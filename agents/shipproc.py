@@ -30,10 +30,11 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from agents.body import BatchStats, Pacer
-from agents.cut import Cut, PlannedExtent
+from agents.cut import Cut
 from agents.errors import ShipError
 from agents.ship import NetworkFailure, Sender
 from agents.shipwire import (
@@ -52,6 +53,7 @@ from agents.shipwire import (
     header_meta,
     receive,
     send,
+    spans_from,
 )
 from common.hrl import BatchHeader
 from common.logs import get_logger
@@ -63,6 +65,14 @@ T = TypeVar("T")
 async def _call(fn: Callable[[int], T], arg: int) -> T:
     """``fn(arg)`` as a coroutine, to run it in a step of another thread's loop."""
     return fn(arg)
+
+
+def _same_code() -> dict[str, str]:
+    """The environment for the process: this one's, with the folder our own ``agents`` package
+    was imported from first on its path, so it runs the same code as this agent."""
+    ours = str(Path(__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": f"{ours}{os.pathsep}{path}" if path else ours}
 
 
 class Shipper:
@@ -155,6 +165,7 @@ class Shipper:
                 json.dumps(self.settings),
                 pass_fds=theirs,
                 stdin=subprocess.DEVNULL,
+                env=_same_code(),
             )
         finally:
             for _, b in pairs:
@@ -185,7 +196,7 @@ class Shipper:
                 if got.kind != SETTLE:
                     log.error("shipping_process_misbehaved", frame=got.kind)
                     break
-                kind, meta, payload = self._patches(got.job, got.meta)
+                kind, meta, payload = self._patches(got.job, got.payload)
                 send(writer, kind, got.job, meta, payload)
         except (asyncio.IncompleteReadError, ConnectionError, ValueError):
             pass
@@ -200,18 +211,14 @@ class Shipper:
             if status:
                 log.warning("shipping_process_ended", pid=proc.pid, status=status)
 
-    def _patches(self, job: int, extents: list[list[int]]) -> tuple[int, Any, bytes]:
+    def _patches(self, job: int, spans: bytes) -> tuple[int, Any, bytes]:
         cut = self._cuts.get(job)
         if cut is None or cut.closed:
             self._cuts.pop(job, None)
             return GONE, {"error": "the batch was abandoned while it was being read"}, b""
-        where: list[list[int]] = []
-        pieces: list[bytes] = []
-        for index, (offset, length, kind) in enumerate(extents):
-            for at, piece in cut.patches(PlannedExtent(offset, length, kind)):
-                where.append([index, at, len(piece)])
-                pieces.append(piece)
-        return PATCHES, where, b"".join(pieces)
+        out: list[tuple[int, int, bytes]] = []
+        cut.settle(spans_from(spans), out)
+        return PATCHES, [[i, at, len(piece)] for i, at, piece in out], b"".join(p for *_, p in out)
 
     def _forget(self, job: int) -> None:
         self._cuts.pop(job, None)

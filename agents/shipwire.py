@@ -10,8 +10,9 @@ JSON ``meta`` and a raw ``payload``:
   answer: status, reason, and the body as payload) or FAIL (``network``: no answer came, and
   why; ``error``: the batch could not be read or encoded);
 - the *settle* socket, between the process and the agent's NBD loop: SETTLE the extents the
-  process has just read, answered in order with PATCHES (the copy-on-write copies to lay over
-  what it read) or GONE (the cut was released: the batch fails).
+  process has just read (packed integers, not JSON: the agent decodes them on its NBD loop),
+  answered in order with PATCHES (the copy-on-write copies to lay over what it read) or GONE
+  (the cut was released: the batch fails).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import asyncio
 import dataclasses
 import json
 import struct
+from array import array
 from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
 from uuid import UUID
@@ -117,9 +119,17 @@ def error_from_meta(doc: dict[str, Any]) -> ShipError:
     return ShipError(doc["message"], fix=doc["fix"], code=doc["code"])
 
 
-def extents_meta(exts: Sequence[tuple[int, int, int]]) -> list[list[int]]:
-    """Extents ``(offset, length, kind)`` as JSON values."""
-    return [[e[0], e[1], e[2]] for e in exts]
+def spans_payload(spans: Sequence[int]) -> bytes:
+    """A SETTLE's payload: the hop's DATA extents as ``(offset, length, done block)`` triples
+    (:meth:`agents.cut.Cut.settle`), native 64-bit integers: the agent decodes it in one call."""
+    return array("q", spans).tobytes()
+
+
+def spans_from(payload: bytes) -> array[int]:
+    """The triples :func:`spans_payload` packed."""
+    spans = array("q")
+    spans.frombytes(payload)
+    return spans
 
 
 __all__ = [
@@ -137,10 +147,11 @@ __all__ = [
     "Frame",
     "error_from_meta",
     "error_meta",
-    "extents_meta",
     "frame_head",
     "header_from_meta",
     "header_meta",
     "receive",
     "send",
+    "spans_from",
+    "spans_payload",
 ]
