@@ -274,8 +274,6 @@ def main() -> None:
     """Entry point: the three descriptors, in the order above, and the client's settings."""
     settings = json.loads(sys.argv[4])
     configure_logging(level=settings["log_level"])  # on the agent's stderr, as the agent logs
-    if os.environ.get("RK_EXP_IDLE"):
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     data, settle, fds = (socket.socket(fileno=int(a)) for a in sys.argv[1:4])
     client = client_from(settings)
     fds.setblocking(True)
