@@ -122,7 +122,7 @@ class RemoteCut(Cut):
 
     async def fetch(self, exts: Sequence[PlannedExtent]) -> list[bytes | bytearray]:
         """Read the extents from the image, then have the agent settle them (the order is the
-        consistency argument: see :meth:`agents.cut.Cut.patches`)."""
+        consistency argument: see :meth:`agents.cut.Cut.settle`)."""
         if self.closed:
             raise ConnectionAbortedError("the batch was abandoned")
         reads: list[bytes | bytearray] = [self._pread(e.offset, e.length) for e in exts]
@@ -144,18 +144,22 @@ class RemoteCut(Cut):
 
 
 class Credit:
-    """:class:`agents.body.Pacer` for one batch: a chunk may go once the agent took the ones
-    before it (at most ``CREDITS`` ahead)."""
+    """:class:`agents.body.Pacer` for one batch: each chunk is announced to the agent before it
+    goes (CHUNK, its size), whose token bucket answers with a credit; at most ``n`` chunks go
+    ahead of those answers, so the upload keeps the agent's pace."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, job: int, out: asyncio.StreamWriter, n: int) -> None:
+        self._job = job
+        self._out = out
         self._sem = asyncio.Semaphore(n)
 
     async def take(self, n: int) -> None:
-        """Wait for a credit (``n``, the chunk's size, does not matter here)."""
+        """Announce a chunk of ``n`` bytes and wait for a credit to send it."""
+        send(self._out, CHUNK, self._job, {"n": n})
         await self._sem.acquire()
 
     def give(self) -> None:
-        """The agent took a chunk."""
+        """The agent's bucket took a chunk."""
         self._sem.release()
 
 
@@ -196,9 +200,8 @@ async def _ship(
         try:
             async for chunk in body:
                 yield chunk
-                send(out, CHUNK, job, {"n": len(chunk)})
-        except GeneratorExit:
-            raise
+        except (GeneratorExit, asyncio.CancelledError):
+            raise  # the exchange stopped reading it (its connection broke, or DROP)
         except BaseException as exc:
             broken.append(exc)
             raise
@@ -252,7 +255,7 @@ async def serve(
                 # The agent sent the descriptors just before this frame: they are there.
                 _, passed, _, _ = socket.recv_fds(fds, 16, 3)
                 cut = RemoteCut(got.job, got.meta, passed, settler)
-                credit = Credit(got.meta["credits"])
+                credit = Credit(got.job, writer, got.meta["credits"])
                 task = asyncio.get_running_loop().create_task(
                     _ship(got.job, got.meta, cut, credit, writer, client)
                 )

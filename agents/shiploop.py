@@ -80,36 +80,23 @@ class ShipLoop:
             if self.nice:
                 self._set_priority(tid, self._target())
 
-    def enrol_process(self, pid: int) -> None:
+    def enrol_process(self, pid: int | None) -> None:
         """Let the shipping process ``pid`` (decision 029) follow the same rule: its threads
-        now, and those it starts later, which inherit its main thread's policy and priority."""
+        now, and those it starts later, which inherit its main thread's priority.
+        None: it ended (its pid may be given to another process)."""
         with self._guard:
-            self._pids.add(pid)
-            if self.nice:
+            self._pids = {pid} if pid is not None else set()
+            if self.nice and pid is not None:
                 self._set_process(pid, self._target())
 
     def _set_process(self, pid: int, nice: int) -> None:
-        """Below the agent, the process runs ``SCHED_IDLE``: a guest request that wakes the NBD
-        loop then always takes the core from it at once (at a nice value it may wait for the
-        process's slice), and it has no lock the guest needs. At the agent's priority it is
-        an ordinary process at ``nice``."""
         try:
             tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
         except OSError:
             self._pids.discard(pid)  # it ended
             return
-        policy = os.SCHED_IDLE if nice > self._base else os.SCHED_OTHER
         for tid in tids:
-            self._set_policy(tid, policy)
             self._set_priority(tid, nice)
-
-    def _set_policy(self, tid: int, policy: int) -> None:
-        try:
-            os.sched_setscheduler(tid, policy, os.sched_param(0))
-        except ProcessLookupError:
-            pass  # a thread that has ended
-        except OSError as exc:
-            self._refused(exc, policy=policy)
 
     def _target(self) -> int:
         return self._base if self._behind else min(19, self._base + self.nice)
@@ -145,20 +132,15 @@ class ShipLoop:
         except ProcessLookupError:
             pass  # a worker thread that has ended
         except OSError as exc:
-            self._refused(exc, nice=nice)
-
-    def _refused(self, exc: OSError, **wanted: int) -> None:
-        if self._warned:
-            return
-        self._warned = True
-        log.warning(
-            "shipping_priority_unchanged",
-            **wanted,
-            error=str(exc),
-            fix="allow setpriority(2) and sched_setscheduler(2) and set LimitNICE=+0 in the "
-            "agent's unit (as deploy/replikant-agent.service does), or set [agent] "
-            "shipping_nice = 0",
-        )
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "shipping_priority_unchanged",
+                    nice=nice,
+                    error=str(exc),
+                    fix="allow setpriority(2) and set LimitNICE=+0 in the agent's unit (as "
+                    "deploy/replikant-agent.service does), or set [agent] shipping_nice = 0",
+                )
 
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the shipping loop; cancelling the caller cancels it there too."""
@@ -283,7 +265,7 @@ class Uploader:
             "ack_timeout": ack,
             "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
         }
-        self.shipper = Shipper(ship.loop, settings, on_start=ship.enrol_process)
+        self.shipper = Shipper(ship.loop, settings, on_pid=ship.enrol_process)
         """Plans, reads, encodes and uploads the batches in a process of its own."""
 
     async def upload_from(self, vm_uuid: UUID, disk_id: str, send: Sender, *, what: str) -> Ack:

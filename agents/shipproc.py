@@ -4,7 +4,7 @@
 ends live on the agent's loops:
 
 - on the NBD (home) loop, the *settle* socket: each SETTLE names extents the process has just
-  read from the image; one step of this loop answers it with :meth:`agents.cut.Cut.patches`
+  read from the image; one step of this loop answers it with :meth:`agents.cut.Cut.settle`
   (the copies of blocks the guest overwrote since the cut, and SENT for the rest), so reads
   stay atomic with respect to guest requests without the agent touching a byte of them;
 - on the shipping loop, the *data* socket: a batch is OPENed with duplicates of its frozen
@@ -79,19 +79,20 @@ class Shipper:
     """The shipping process, started on first use and again after it ended.
 
     ``settings`` tell the process how to reach the brokers (:func:`agents.shipd.client_from`);
-    ``on_start`` is called on the home loop with each new process's pid (the shipping loop's
-    priority rule covers its threads, decision 028).
+    ``on_pid`` is called on the home loop with each new process's pid, and with None once its
+    sockets closed (the shipping loop's priority rule covers the process's threads while it
+    lives, decision 028, and never a later process given the same pid).
     """
 
     def __init__(
         self,
         ship_loop: asyncio.AbstractEventLoop,
         settings: dict[str, Any],
-        on_start: Callable[[int], None] | None = None,
+        on_pid: Callable[[int | None], None] | None = None,
     ) -> None:
         self.ship_loop = ship_loop
         self.settings = settings
-        self.on_start = on_start
+        self.on_pid = on_pid
         self.home: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
         self._cuts: dict[int, Cut] = {}  # home loop only
@@ -167,6 +168,10 @@ class Shipper:
                 stdin=subprocess.DEVNULL,
                 env=_same_code(),
             )
+        except BaseException:
+            for a, _ in pairs:
+                a.close()
+            raise
         finally:
             for _, b in pairs:
                 b.close()
@@ -178,8 +183,8 @@ class Shipper:
             self._settle(*settle, proc), context=quiet
         )
         quiet.run(log.info, "shipping_process_started", pid=proc.pid)
-        if self.on_start is not None:
-            self.on_start(proc.pid)
+        if self.on_pid is not None:
+            self.on_pid(proc.pid)
         pairs[2][0].setblocking(True)
         return pairs[0][0], pairs[2][0]
 
@@ -201,6 +206,8 @@ class Shipper:
         except (asyncio.IncompleteReadError, ConnectionError, ValueError):
             pass
         finally:
+            if self.on_pid is not None:
+                self.on_pid(None)
             writer.close()
             status = None
             with contextlib.suppress(TimeoutError):
@@ -245,9 +252,19 @@ class Shipper:
                 assert self._fdsock is not None
                 return self._writer, self._fdsock
             assert self.home is not None
-            data, fdsock = await asyncio.wrap_future(
-                asyncio.run_coroutine_threadsafe(self._spawn(), self.home)
-            )
+            try:
+                data, fdsock = await asyncio.wrap_future(
+                    asyncio.run_coroutine_threadsafe(self._spawn(), self.home)
+                )
+            except OSError as exc:
+                raise ShipError(
+                    f"the agent could not start its shipping process ({sys.executable} -P -m "
+                    f"agents.shipd): {exc}",
+                    fix=f"the agent's user must be able to run {sys.executable} and read the "
+                    "folders it loads from (install Replikant where its unit's user may, such "
+                    "as /usr or /opt, not under /root or /home)",
+                    code="shipping_process_failed",
+                ) from None
             reader, writer = await asyncio.open_unix_connection(sock=data)
             if self._fdsock is not None:
                 self._fdsock.close()  # the previous process's
@@ -284,7 +301,7 @@ class Shipper:
         what: str,
     ) -> tuple[int, bytes, str]:
         """Have the process upload batch ``job`` to ``url``; the broker's answer (status, body,
-        reason). Each chunk it sent is paced here before it may send more."""
+        reason). Each chunk it announces is paced here before it may send it."""
         done = False
         writer: asyncio.StreamWriter | None = None
         queue: asyncio.Queue[Frame] = asyncio.Queue()

@@ -5,8 +5,8 @@ JSON ``meta`` and a raw ``payload``:
 
 - the *data* socket, between the agent's shipping loop and the process: OPEN a batch (the
   descriptors of its frozen map, grain bits and image go ahead of it on a third socket; its meta
-  names the broker URL to upload it to), CREDIT it one more chunk, DROP it; the process reports
-  each CHUNK it uploaded (its size, not its bytes), then DONE (its counts and the broker's
+  names the broker URL to upload it to), CREDIT it one more chunk, DROP it; the process announces
+  each CHUNK before it sends it (its size, not its bytes), then DONE (its counts and the broker's
   answer: status, reason, and the body as payload) or FAIL (``network``: no answer came, and
   why; ``error``: the batch could not be read or encoded);
 - the *settle* socket, between the process and the agent's NBD loop: SETTLE the extents the
@@ -42,8 +42,9 @@ SETTLE: Final = 7
 PATCHES: Final = 8
 GONE: Final = 9
 
-CREDITS: Final = 4
-"""Chunks of one batch the process may send ahead of the upload (each up to ~1 MiB)."""
+CREDITS: Final = 1
+"""Chunks of one batch the process may send ahead of the agent's pacing (each ~256 KiB): one,
+so that the next one's credit is on its way while a chunk goes out, and no burst beyond it."""
 MAX_META: Final = 64 << 20
 MAX_PAYLOAD: Final = 256 << 20
 

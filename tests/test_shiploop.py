@@ -213,8 +213,8 @@ async def test_a_vm_past_half_its_rpo_brings_shipping_back_to_the_guests_priorit
     worker = asyncio.create_task(agent.workers[0].run(stop))
 
     async def shipping_nice() -> int:
-        """The shipping thread's nice value, if the shipping process follows: the same one,
-        and ``SCHED_IDLE`` while below the agent, ``SCHED_OTHER`` otherwise (decision 029)."""
+        """The shipping thread's nice value, if the shipping process (decision 029) has the
+        same one."""
 
         async def own() -> int:
             return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
@@ -222,11 +222,8 @@ async def test_a_vm_past_half_its_rpo_brings_shipping_back_to_the_guests_priorit
         assert agent.uploader is not None
         thread = await agent.uploader.ship.run(own())
         pid = agent.uploader.shipper.pid
-        if pid is None:
-            return thread
-        policy = os.SCHED_IDLE if thread > base else os.SCHED_OTHER
-        same = os.getpriority(os.PRIO_PROCESS, pid) == thread
-        return thread if same and os.sched_getscheduler(pid) == policy else -100
+        process = thread if pid is None else os.getpriority(os.PRIO_PROCESS, pid)
+        return thread if process == thread else -100
 
     async def settles_at(nice: int) -> None:
         for _ in range(200):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,8 @@ from tests.test_agent_ship import make_rig
 pytestmark = pytest.mark.timeout(120)
 
 
-def _tcp_ports(pid: int) -> set[int]:
-    """Local ports of the TCP sockets process ``pid`` holds open."""
+def _tcp_ports(pid: int, *, listening: bool = False) -> set[int]:
+    """Local ports of the TCP sockets process ``pid`` holds open (only those it listens on)."""
     inodes = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
@@ -34,7 +35,7 @@ def _tcp_ports(pid: int) -> set[int]:
     for table in ("tcp", "tcp6"):
         for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
             fields = line.split()
-            if fields[9] in inodes:
+            if fields[9] in inodes and (fields[3] == "0A" or not listening):  # 0A: LISTEN
                 ports.add(int(fields[1].rsplit(":", 1)[1], 16))
     return ports
 
@@ -53,6 +54,7 @@ async def test_batches_leave_from_the_shipping_process_and_outlive_it(tmp_path: 
         # The last upload's connection is still pooled: it is the shipping process's, not ours.
         assert rig.rx.batch_ports[-1] in _tcp_ports(first)
         assert rig.rx.batch_ports[-1] not in _tcp_ports(os.getpid())
+        assert not _tcp_ports(first, listening=True)  # nothing reaches it but the agent
 
         # A batch the broker holds on to (durable, its ack late) when the process dies.
         rig.rx.ack_delay = 2.0
@@ -70,6 +72,29 @@ async def test_batches_leave_from_the_shipping_process_and_outlive_it(tmp_path: 
         await wait_for(rig.settled, "the replica to converge after the kill", within=30)
         assert shipper.pid not in (None, first)
         assert rig.rx.batch_ports[-1] in _tcp_ports(shipper.pid)
+    finally:
+        await rig.halt()
+        await rig.rx.stop()
+
+
+async def test_a_shipping_process_that_cannot_start_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interpreter the agent cannot run fails each batch with the path and the fix."""
+    missing = tmp_path / "no-such-python"
+    monkeypatch.setattr(sys, "executable", str(missing))
+    rig = await make_rig(tmp_path)
+    try:
+        await rig.start()
+        await wait_for(
+            lambda: "could not start its shipping process" in (rig.rep.status.last_error or ""),
+            "the batch to fail, naming the shipping process",
+            within=20,
+        )
+        error = rig.rep.status.last_error or ""
+        assert str(missing) in error
+        assert "unit's user may" in error
+        assert rig.rx.batch_ports == []  # nothing went out another way
     finally:
         await rig.halt()
         await rig.rx.stop()

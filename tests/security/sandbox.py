@@ -25,7 +25,9 @@ import grp
 import os
 import pwd
 import re
+import stat
 import subprocess
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -287,6 +289,31 @@ def _private_tmp(libc: ctypes.CDLL) -> None:
         os.close(fd)
 
 
+def _hidden_interpreter() -> tuple[Path, Path] | None:
+    """``(folder, its child on the way)`` for the first folder on the way to the test's
+    interpreter that other users may not search (a pyenv under /root), else None."""
+    real = Path(sys.executable).resolve()
+    for folder in reversed(real.parents[:-1]):  # from the top, / excluded
+        if not folder.stat().st_mode & stat.S_IXOTH:
+            return folder, folder / real.relative_to(folder).parts[0]
+    return None
+
+
+def _reachable_interpreter(libc: ctypes.CDLL, hidden: tuple[Path, Path]) -> None:
+    """Mount an open copy of the closed folder holding only the interpreter's subtree. A unit's
+    interpreter lives where its user may run it (/usr, /opt): the agent runs it again for its
+    shipping process (decision 029), which CAP_DAC_READ_SEARCH, kept only until the first exec,
+    cannot cover."""
+    folder, child = hidden
+    fd = os.open(child, os.O_PATH | os.O_DIRECTORY)
+    _check(libc.mount(b"tmpfs", bytes(folder), b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=0755"),
+           f"open {folder}")  # fmt: skip
+    child.mkdir()
+    _check(libc.mount(f"/proc/self/fd/{fd}".encode(), bytes(child), None, _MS_BIND | _MS_REC,
+                      None), f"bind {child}")  # fmt: skip
+    os.close(fd)
+
+
 def sandboxed(
     unit: UnitFile, argv: Sequence[str], *, paths: Mapping[str, Sequence[Path]], log: IO[bytes]
 ) -> subprocess.Popen[bytes]:
@@ -305,6 +332,7 @@ def sandboxed(
     # Read now: the child's /proc may be a subset=pid one without /proc/sys.
     last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
     drop_all_capabilities = unit.service.get("CapabilityBoundingSet") == [""]
+    hidden = _hidden_interpreter() if mount_namespaces() else None
 
     def enter() -> None:
         # Runs in the child between fork and exec, as root, in systemd's order: mounts, then
@@ -313,6 +341,10 @@ def sandboxed(
             _private_mounts(writable if strict else [], proc)
         if private_tmp:
             _private_tmp(libc)
+        if hidden is not None:
+            if not (strict or private_tmp or proc):
+                _private_mounts([], None)  # a mount namespace of its own, nothing read-only
+            _reachable_interpreter(libc, hidden)
         if drop_all_capabilities:
             for cap in range(last_cap + 1):
                 _check(libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0), f"drop capability {cap}")
