@@ -265,7 +265,7 @@ class Uploader:
             "ack_timeout": ack,
             "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
         }
-        self.shipper = Shipper(ship.loop, settings, on_pid=ship.enrol_process)
+        self.shipper = Shipper(settings, on_pid=ship.enrol_process)
         """Plans, reads, encodes and uploads the batches in a process of its own."""
 
     async def upload_from(self, vm_uuid: UUID, disk_id: str, send: Sender, *, what: str) -> Ack:

@@ -86,11 +86,9 @@ class Shipper:
 
     def __init__(
         self,
-        ship_loop: asyncio.AbstractEventLoop,
         settings: dict[str, Any],
         on_pid: Callable[[int | None], None] | None = None,
     ) -> None:
-        self.ship_loop = ship_loop
         self.settings = settings
         self.on_pid = on_pid
         self.home: asyncio.AbstractEventLoop | None = None

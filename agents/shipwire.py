@@ -1,4 +1,5 @@
-"""The frames between the agent and its shipping process (decision 029), without any I/O.
+"""The frames between the agent and its shipping process (decision 029), and the two
+functions that write and read one on an asyncio stream.
 
 Two stream sockets carry frames of one fixed header (kind, job, meta length, payload length), a
 JSON ``meta`` and a raw ``payload``:
