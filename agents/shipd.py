@@ -193,7 +193,7 @@ async def _ship(
             cut,
             header_from_meta(meta["header"]),
             level=meta["level"],
-            bucket=credit,
+            bucket=credit if meta["credits"] else None,
             stats=stats,
             max_extent=meta["max_extent"],
         )

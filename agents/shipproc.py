@@ -127,7 +127,13 @@ class Shipper:
             del self._cuts[stale]  # batches whose upload never began
         job = next(self._ids)
         self._cuts[job] = cut
-        meta = {"header": header_meta(header), "level": level, "max_extent": max_extent}
+        meta = {
+            "header": header_meta(header),
+            "level": level,
+            "max_extent": max_extent,
+            # Unpaced (no bandwidth limit): the chunks go without announcing each to the agent.
+            "credits": CREDITS if bucket is not None else 0,
+        }
         return functools.partial(self._send, job, meta, bucket, stats)
 
     def _descriptors(self, job: int) -> tuple[list[int], dict[str, Any]]:
@@ -147,7 +153,6 @@ class Shipper:
             "gpb": cut.frozen.gpb,
             "cut_time_ns": cut.cut_time_ns,
             "cut_id": cut.cut_id,
-            "credits": CREDITS,
         }
 
     async def _spawn(self) -> tuple[socket.socket, socket.socket]:
