@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,23 @@ async def test_a_shipping_process_that_cannot_start_is_named(
         assert str(missing) in error
         assert "unit's user may" in error
         assert rig.rx.batch_ports == []  # nothing went out another way
+    finally:
+        await rig.halt()
+        await rig.rx.stop()
+
+
+async def test_a_bandwidth_limit_paces_the_shipping_process(tmp_path: Path) -> None:
+    """Under ``bandwidth_limit_mbps`` the process's chunks go at the agent's pace: the 4 MiB
+    of random data of the initial copy, at 16 Mbit/s after a 0.5 MiB burst, cannot arrive in
+    under 1.75 s (an unpaced batch announces nothing and would not wait at all)."""
+    rig = await make_rig(tmp_path, policy_extra="bandwidth_limit_mbps = 16.0\n")
+    try:
+        started = time.monotonic()
+        await rig.start()
+        await wait_for(rig.settled, "the initial copy", within=60)
+        took = time.monotonic() - started
+        assert rig.rep.status.bytes_shipped >= 4 * MiB
+        assert took >= 1.5, f"4 MiB went in {took:.2f} s: faster than 16 Mbit/s allows"
     finally:
         await rig.halt()
         await rig.rx.stop()
