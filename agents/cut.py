@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 from array import array
+from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -32,6 +33,10 @@ from common.fsio import data_extents
 
 _DATA_BYTE = bytes([DATA])
 _COWED_BYTE = bytes([COWED])
+_TO_SENT = bytes.maketrans(bytes([DATA, COWED]), bytes([SENT, SENT]))
+# A hop's blocks are translated in one piece up to this many (a copy of them is made): sparse
+# extents of a huge disk may lie further apart, and are settled one by one.
+_MAX_TRANSLATED = 64 * 1024
 MAX_NODATA_EXTENT = 1 << 31  # well inside the format's 2^32 - 1, and block aligned
 
 Reader = Callable[[int, int], bytes | bytearray]
@@ -278,32 +283,72 @@ class Cut:
         """For DATA extents read from the image after the cut, given as ``(offset, length,
         done block)`` triples (:meth:`done_block`), append to ``out`` the copies that make
         their bytes cut-time contents (``(extent index, offset in it, bytes)``), and mark their
-        finished blocks SENT. One tight loop: it runs in a step of the NBD loop for every hop the
-        shipping process reads (decision 029).
+        finished blocks SENT. It runs in a step of the NBD loop for every hop the shipping
+        process reads (decision 029), so a guest request may wait for it: consecutive extents of
+        the plan (the usual hop) are settled with one search for copies and one translation of
+        the hop's blocks, whatever their number; anything else extent by extent.
 
         The bytes may have been read at any time after the cut and before this call: a guest
         request copies a block aside and marks it COWED before it changes the image, so a block
         still DATA here was not changed before the read ended, and one that is COWED has its copy.
         """
+        n = len(spans)
+        if not n:
+            return
+        shift = self.shift
+        offsets = spans[0::3].tolist()
+        b0 = offsets[0] >> shift
+        b1 = (spans[n - 3] + spans[n - 2] + self.block_size - 1) >> shift
+        done = min(max(spans[n - 1], spans[n - 3] >> shift), b1)
+        if done - b0 > _MAX_TRANSLATED or offsets != sorted(offsets):
+            self._settle_each(spans, 0, n, out)
+            return
+        # Extents in plan order cover every DATA and COWED block of [b0, done) and only those
+        # of the hop (a block between two of them is CLEAN, ZERO, TRIM or SENT): so the blocks
+        # with copies are found by one search, each mapped to its extents by bisection.
+        mm = self.frozen.mm
+        p = mm.find(_COWED_BYTE, b0, b1)
+        while p >= 0:
+            i = max(bisect_right(offsets, p << shift) - 1, 0) * 3
+            self._settle_each(spans, i, n, out, block=p)
+            p = mm.find(_COWED_BYTE, p + 1, b1)
+        if done > b0:
+            mm[b0:done] = mm[b0:done].translate(_TO_SENT)
+
+    def _settle_each(
+        self,
+        spans: array[int],
+        first: int,
+        stop: int,
+        out: list[tuple[int, int, bytes]],
+        block: int = -1,
+    ) -> None:
+        """:meth:`settle` extent by extent, from triple ``first`` on; with ``block``, only the
+        copy of that block, for the extents from ``first`` that overlap it, marking nothing."""
         shift = self.shift
         mask = self.block_size - 1
         mm = self.frozen.mm
         find = mm.find
         cow = self.cow
-        for i in range(0, len(spans), 3):
+        for i in range(first, stop, 3):
             offset = spans[i]
             end = offset + spans[i + 1]
             b0 = offset >> shift
             b1 = (end + mask) >> shift
+            if block >= 0:
+                if b0 > block:
+                    return
+                if b1 <= block:
+                    continue
             done = min(max(spans[i + 2], b0), b1)
-            p = find(_COWED_BYTE, b0, b1)
+            p = find(_COWED_BYTE, b0, b1) if block < 0 else block
             while p >= 0:
                 at, saved = cow.take(p) if p < done else cow.get(p)
                 lo = max(at, offset)
                 hi = min(at + len(saved), end)
                 out.append((i // 3, lo - offset, saved[lo - at : hi - at]))
-                p = find(_COWED_BYTE, p + 1, b1)
-            if done > b0:
+                p = find(_COWED_BYTE, p + 1, b1) if block < 0 else -1
+            if block < 0 and done > b0:
                 mm[b0:done] = _fill(SENT, done - b0)
 
     def read_many(self, exts: Sequence[PlannedExtent]) -> list[bytes | bytearray]:

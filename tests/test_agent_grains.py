@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+from array import array
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,49 @@ def test_map_of_a_fully_written_100_gib_disk_stays_under_5_mb() -> None:
     # Expected 4.94 MB: 1.6 MB of block bytes, 3.3 MB of grain bits, 25 KB of region flags;
     # the rest of the 5 MiB is slack for the interpreter's own allocations.
     assert 4_500_000 < grown < 5 << 20, grown
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ops=st.lists(_OP.filter(lambda op: op[0] in ("write", "zero", "trim")), max_size=40),
+    bs=st.sampled_from([4096, 16384, 65536]),
+    hop=st.integers(1, 40),
+    guest=st.lists(st.integers(0, (1 << 20) - 1), max_size=30),
+    data=st.data(),
+)
+def test_a_hop_settles_as_its_extents_one_by_one(
+    ops: list[tuple[str, int, int]], bs: int, hop: int, guest: list[int], data: st.DataObject
+) -> None:
+    """The hop-wide settle step gives the copies, and leaves the map and the copies kept, as
+    settling each extent on its own does; guest writes land between the hops."""
+    size = 1 << 20
+    dm = DirtyMap(size, bs)
+    for op, offset, asked in ops:
+        dm.mark(offset, min(asked, size - offset), {"write": DATA, "zero": ZERO, "trim": TRIM}[op])
+    frozen = dm.swap()
+    twin = frozen.copy()
+    cuts = [
+        Cut(
+            m,
+            size=size,
+            block_size=bs,
+            reader=lambda o, n: bytes((o + i) % 251 for i in range(n)),
+            cow=CowStore(bs, 1 << 30, None),
+            cut_time_ns=0,
+        )
+        for m in (frozen, twin)
+    ]
+    wanted = [e for e in cuts[0].plan(256 * 1024) if e.kind == DATA]
+    got: list[list[tuple[int, int, bytes]]] = [[], []]
+    for h in range(0, len(wanted), hop):
+        for offset in guest[data.draw(st.integers(0, len(guest))) :][:2]:
+            for cut in cuts:
+                cut.preserve(offset // bs, offset // bs + 1)
+        spans = array("q")
+        for e in wanted[h : h + hop]:
+            spans.extend((e.offset, e.length, cuts[0].done_block(e)))
+        cuts[0].settle(spans, got[0])
+        cuts[1]._settle_each(spans, 0, len(spans), got[1])
+        assert got[0] == got[1]
+        assert cuts[0].frozen.mm[:] == cuts[1].frozen.mm[:]
+        assert len(cuts[0].cow) == len(cuts[1].cow)
