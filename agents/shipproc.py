@@ -31,7 +31,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from agents.body import BatchStats, Pacer
 from agents.cut import Cut
@@ -49,7 +49,9 @@ from agents.shipwire import (
     PATCHES,
     SETTLE,
     Frame,
+    FrameDecoder,
     error_from_meta,
+    frame_head,
     header_meta,
     receive,
     send,
@@ -73,6 +75,41 @@ def _same_code() -> dict[str, str]:
     ours = str(Path(__file__).resolve().parent.parent)
     path = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": f"{ours}{os.pathsep}{path}" if path else ours}
+
+
+class _SettleProtocol(asyncio.Protocol):
+    """The settle socket on the NBD loop: every SETTLE is answered in the callback that read it,
+    so a hop costs the guests one short step of the loop, not a coroutine's wake-ups."""
+
+    def __init__(self, answer: Callable[[int, bytes], tuple[int, Any, bytes]]) -> None:
+        self._answer = answer
+        self._decoder = FrameDecoder()
+        self._transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        transport = self._transport
+        assert transport is not None
+        try:
+            frames = self._decoder.feed(data)
+        except ValueError as exc:
+            log.error("shipping_process_misbehaved", detail=str(exc))
+            transport.close()
+            return
+        for got in frames:
+            if got.kind != SETTLE:
+                log.error("shipping_process_misbehaved", frame=got.kind)
+                transport.close()
+                return
+            kind, meta, payload = self._answer(got.job, got.payload)
+            transport.writelines((frame_head(kind, got.job, meta, len(payload)), payload))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
 
 
 class Shipper:
@@ -179,11 +216,10 @@ class Shipper:
             for _, b in pairs:
                 b.close()
         self._proc = proc
-        settle = await asyncio.open_unix_connection(sock=pairs[1][0])
         # One process serves every VM: its events carry none of the first batch's context.
         quiet = contextvars.Context()
         self._settle_task = asyncio.get_running_loop().create_task(
-            self._settle(*settle, proc), context=quiet
+            self._settle(pairs[1][0], proc), context=quiet
         )
         quiet.run(log.info, "shipping_process_started", pid=proc.pid)
         if self.on_pid is not None:
@@ -191,27 +227,21 @@ class Shipper:
         pairs[2][0].setblocking(True)
         return pairs[0][0], pairs[2][0]
 
-    async def _settle(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        proc: asyncio.subprocess.Process,
-    ) -> None:
-        """Answer SETTLE requests, each in one step of this loop, until the process ends."""
+    async def _settle(self, sock: socket.socket, proc: asyncio.subprocess.Process) -> None:
+        """Answer SETTLE requests, each in the callback that read it, until the process ends."""
+        transport: asyncio.BaseTransport | None = None
         try:
-            while True:
-                got = await receive(reader)
-                if got.kind != SETTLE:
-                    log.error("shipping_process_misbehaved", frame=got.kind)
-                    break
-                kind, meta, payload = self._patches(got.job, got.payload)
-                send(writer, kind, got.job, meta, payload)
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
-            pass
+            transport, protocol = await asyncio.get_running_loop().create_unix_connection(
+                lambda: _SettleProtocol(self._patches), sock=sock
+            )
+            await protocol.closed
         finally:
             if self.on_pid is not None:
                 self.on_pid(None)
-            writer.close()
+            if transport is not None:
+                transport.close()
+            else:
+                sock.close()
             status = None
             with contextlib.suppress(TimeoutError):
                 status = await asyncio.wait_for(proc.wait(), 5)

@@ -1,5 +1,5 @@
-"""The frames between the agent and its shipping process (decision 029), and the two
-functions that write and read one on an asyncio stream.
+"""The frames between the agent and its shipping process (decision 029): the two functions that
+write and read one on an asyncio stream, and a decoder for a protocol's callbacks.
 
 Two stream sockets carry frames of one fixed header (kind, job, meta length, payload length), a
 JSON ``meta`` and a raw ``payload``:
@@ -74,13 +74,44 @@ def send(
         writer.write(payload)
 
 
-async def receive(reader: asyncio.StreamReader) -> Frame:
-    """The next frame; ``asyncio.IncompleteReadError`` once the peer closed its end."""
-    kind, job, meta_len, payload_len = FRAME.unpack(await reader.readexactly(FRAME.size))
+def _head(raw: bytes | bytearray, at: int = 0) -> tuple[int, int, int, int]:
+    kind, job, meta_len, payload_len = FRAME.unpack_from(raw, at)
     if meta_len > MAX_META or payload_len > MAX_PAYLOAD:
         raise ValueError(f"shipping frame of {meta_len} + {payload_len} bytes is beyond limits")
+    return kind, job, meta_len, payload_len
+
+
+async def receive(reader: asyncio.StreamReader) -> Frame:
+    """The next frame; ``asyncio.IncompleteReadError`` once the peer closed its end."""
+    kind, job, meta_len, payload_len = _head(await reader.readexactly(FRAME.size))
     meta = json.loads(await reader.readexactly(meta_len))
     return Frame(kind, job, meta, await reader.readexactly(payload_len))
+
+
+class FrameDecoder:
+    """Frames out of a byte stream fed as it arrives, with no I/O of its own: the agent's NBD
+    loop parses SETTLE frames in its protocol callback, without a coroutine step per frame."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Add ``data``; return the frames it completed (``ValueError``: one is beyond limits)."""
+        buf = self._buf
+        buf += data
+        frames: list[Frame] = []
+        at = 0
+        while len(buf) - at >= FRAME.size:
+            kind, job, meta_len, payload_len = _head(buf, at)
+            meta_at = at + FRAME.size
+            end = meta_at + meta_len + payload_len
+            if len(buf) < end:
+                break
+            meta = json.loads(buf[meta_at : meta_at + meta_len])
+            frames.append(Frame(kind, job, meta, bytes(buf[meta_at + meta_len : end])))
+            at = end
+        del buf[:at]
+        return frames
 
 
 def header_meta(header: BatchHeader) -> dict[str, Any]:
@@ -147,6 +178,7 @@ __all__ = [
     "PATCHES",
     "SETTLE",
     "Frame",
+    "FrameDecoder",
     "error_from_meta",
     "error_meta",
     "frame_head",

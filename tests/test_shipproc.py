@@ -16,6 +16,16 @@ from pathlib import Path
 
 import pytest
 
+from agents.shipwire import (
+    FRAME,
+    MAX_PAYLOAD,
+    PATCHES,
+    SETTLE,
+    Frame,
+    FrameDecoder,
+    frame_head,
+    spans_payload,
+)
 from tests.support_agent import MiB, wait_for
 from tests.test_agent_ship import make_rig
 
@@ -116,3 +126,23 @@ async def test_a_bandwidth_limit_paces_the_shipping_process(tmp_path: Path) -> N
     finally:
         await rig.halt()
         await rig.rx.stop()
+
+
+def test_frames_come_out_of_the_decoder_however_the_stream_is_cut() -> None:
+    """The NBD loop's decoder returns each frame once it is whole, whether the bytes arrive one
+    by one, frames at a time, or with a frame split between two reads; a frame beyond the
+    limits is refused before its bytes are waited for."""
+    sent = [
+        Frame(SETTLE, 7, {}, spans_payload([0, 4096, 1, 65536, 8192, 2])),
+        Frame(SETTLE, 8, None, b""),
+        Frame(PATCHES, 9, [[0, 12, 3]], b"abc"),
+    ]
+    stream = b"".join(frame_head(f.kind, f.job, f.meta, len(f.payload)) + f.payload for f in sent)
+    for cuts in ([1] * len(stream), [len(stream)], [5, 30, len(stream)]):
+        decoder, got, at = FrameDecoder(), [], 0
+        for n in cuts:
+            got += decoder.feed(stream[at : at + n])
+            at += n
+        assert got == sent
+    with pytest.raises(ValueError, match="beyond limits"):
+        FrameDecoder().feed(FRAME.pack(SETTLE, 1, 0, MAX_PAYLOAD + 1))
