@@ -31,7 +31,7 @@ from common.fsio import (
     UNSUPPORTED_ERRNOS,
     fallocate,
 )
-from common.nbd.backend import ExportBase, FileExport
+from common.nbd.backend import ExportBase, FileExport, pread_exact
 from common.nbd.constants import Errno
 from common.nbd.errors import ExportError
 
@@ -94,6 +94,24 @@ def image_in_use(image: Path) -> bool:
         os.close(fd)
 
 
+def replication_descriptor(fd: int) -> int:
+    """A read-only open file description of the image behind ``fd`` of its own, marked for
+    random access: what replication reads the image through (the shipping process, resync).
+
+    Its reads then fill the page cache with single pages. Read through the guest's descriptor,
+    a whole-disk read (the initial copy, a resync) leaves large folios behind on filesystems
+    that use them (ext4 on Linux 6.16 and later), and every later 4 KiB guest write into one
+    costs ~25 us of kernel time instead of ~3 (bench.md). Random access on a descriptor of
+    its own also leaves the guest's read-ahead alone. Without ``/proc`` it is a duplicate.
+    """
+    try:
+        ours = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return os.dup(fd)
+    os.posix_fadvise(ours, 0, 0, os.POSIX_FADV_RANDOM)
+    return ours
+
+
 class TrackedExport(ExportBase):
     """An NBD export of a disk image whose every change is tracked for replication."""
 
@@ -123,6 +141,7 @@ class TrackedExport(ExportBase):
         except TrackingError:
             self.inner.close()
             raise
+        self.bulk_fd = replication_descriptor(self.inner.fd)
         self.name = name
         self.size = self.inner.size
         self.description = description
@@ -131,6 +150,7 @@ class TrackedExport(ExportBase):
         try:
             self.map = DirtyMap(self.size, block_size, map_path, image=image, sync_marks=sync_marks)
         except TrackingError:
+            os.close(self.bulk_fd)
             self.inner.close()
             raise
         self.cow_memory_limit = cow_memory_limit
@@ -161,6 +181,9 @@ class TrackedExport(ExportBase):
         if clean:
             self.inner.flush()
         self.map.close(clean=clean)
+        if self.bulk_fd >= 0:
+            os.close(self.bulk_fd)
+            self.bulk_fd = -1
         self.inner.close()
 
     # -- the Export interface --------------------------------------------------------------
@@ -168,6 +191,11 @@ class TrackedExport(ExportBase):
     def read(self, offset: int, length: int) -> bytes:
         """Read through to the image."""
         return self.inner.read(offset, length)
+
+    def bulk_read(self, offset: int, length: int) -> bytes:
+        """Read the image for replication (cuts, snapshots, copy-on-write), through
+        :attr:`bulk_fd`, not the guest's descriptor: see :func:`replication_descriptor`."""
+        return pread_exact(self.bulk_fd, offset, length)
 
     def _before(self, offset: int, length: int, kind: int) -> None:
         self._check_writable()
@@ -241,11 +269,11 @@ class TrackedExport(ExportBase):
             frozen,
             size=self.size,
             block_size=self.block_size,
-            reader=self.inner.read,
+            reader=self.bulk_read,
             cow=CowStore(self.block_size, self.cow_memory_limit, self.spill_path),
             cut_time_ns=time.time_ns() if cut_time_ns is None else cut_time_ns,
             cut_id=cut_id,
-            image_fd=self.inner.fd,
+            image_fd=self.bulk_fd,
         )
         return self.cut
 
@@ -281,7 +309,7 @@ class TrackedExport(ExportBase):
             frozen,
             size=self.size,
             block_size=self.block_size,
-            reader=self.inner.read,
+            reader=self.bulk_read,
             cow=CowStore(
                 self.block_size,
                 self.cow_memory_limit,

@@ -198,5 +198,5 @@ def _local_hashes(export: TrackedExport, offset: int, length: int) -> bytes:
     out = bytearray()
     end = offset + length
     for pos in range(offset, end, bs):
-        out += block_hash(os.pread(export.fd, min(bs, end - pos), pos))
+        out += block_hash(os.pread(export.bulk_fd, min(bs, end - pos), pos))
     return bytes(out)

@@ -180,6 +180,15 @@ class ExportBase:
 _ZERO_CHUNK = 1024 * 1024
 
 
+def pread_exact(fd: int, offset: int, length: int) -> bytes:
+    """``pread`` exactly ``length`` bytes at ``offset``; a short read (the file shrank behind
+    our back) is EIO."""
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise ExportError(Errno.EIO, f"short read at {offset}: file shrank?")
+    return data
+
+
 class FileExport(ExportBase):
     """An export backed by a regular file or a block device, through one shared descriptor.
 
@@ -237,10 +246,7 @@ class FileExport(ExportBase):
 
     def read(self, offset: int, length: int) -> bytes:
         """``pread`` the range; a short read (file shrunk behind our back) is EIO."""
-        data = os.pread(self._fd, length, offset)
-        if len(data) != length:
-            raise ExportError(Errno.EIO, f"short read at {offset}: file shrank?")
-        return data
+        return pread_exact(self._fd, offset, length)
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         """``pwrite`` all of ``data`` (looping only on the rare short write)."""
