@@ -6,10 +6,10 @@ guest's GIL (decision 029).
 settings, and runs until the agent closes them (or dies: they then read as closed). For every
 batch the agent OPENs, it maps the cut's frozen block map and grain bits read-only (the agent's
 ``memfd`` descriptors arrive on ``FDS``), plans the batch from them, reads the image through the
-agent's descriptor, asks the agent's NBD loop to settle each hop it read (``SETTLE``: the copies
-of blocks the guest overwrote since the cut, and SENT for the rest), and uploads
-:func:`agents.body.batch_body`'s output to the broker URL the agent named, within the credit the
-agent gives; the broker's answer, or why none came, goes back to the agent, whose client
+agent's replication descriptor, asks the agent's NBD loop to settle each hop it read
+(``SETTLE``: the copies of blocks the guest overwrote since the cut, and SENT for the rest), and
+uploads :func:`agents.body.batch_body`'s output to the broker URL the agent named, within the
+credit the agent gives; the broker's answer, or why none came, goes back to the agent, whose client
 interprets it. The per-extent Python work (planning, zero checks, hashes, compression, framing)
 and the TLS and HTTP of the upload thus hold this process's GIL, never the one the guest's
 requests need.
@@ -96,7 +96,7 @@ class Settler:
 
 class RemoteCut(Cut):
     """A cut of the agent's, seen from here: its frozen map shared read-only, its image read
-    through the agent's descriptor, each hop settled by the agent's NBD loop."""
+    through the agent's replication descriptor, each hop settled by the agent's NBD loop."""
 
     def __init__(self, job: int, meta: dict[str, Any], fds: list[int], settler: Settler) -> None:
         map_fd, grains_fd, image_fd = fds
