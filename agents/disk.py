@@ -31,7 +31,7 @@ from common.fsio import (
     UNSUPPORTED_ERRNOS,
     fallocate,
 )
-from common.nbd.backend import ExportBase, FileExport, pread_exact
+from common.nbd.backend import ExportBase, FileExport, pread_or_eio
 from common.nbd.constants import Errno
 from common.nbd.errors import ExportError
 
@@ -195,7 +195,7 @@ class TrackedExport(ExportBase):
     def bulk_read(self, offset: int, length: int) -> bytes:
         """Read the image for replication (cuts, snapshots, copy-on-write), through
         :attr:`bulk_fd`, not the guest's descriptor: see :func:`replication_descriptor`."""
-        return pread_exact(self.bulk_fd, offset, length)
+        return pread_or_eio(self.bulk_fd, offset, length)
 
     def _before(self, offset: int, length: int, kind: int) -> None:
         self._check_writable()

@@ -180,7 +180,7 @@ class ExportBase:
 _ZERO_CHUNK = 1024 * 1024
 
 
-def pread_exact(fd: int, offset: int, length: int) -> bytes:
+def pread_or_eio(fd: int, offset: int, length: int) -> bytes:
     """``pread`` exactly ``length`` bytes at ``offset``; a short read (the file shrank behind
     our back) is EIO."""
     data = os.pread(fd, length, offset)
@@ -246,7 +246,7 @@ class FileExport(ExportBase):
 
     def read(self, offset: int, length: int) -> bytes:
         """``pread`` the range; a short read (file shrunk behind our back) is EIO."""
-        return pread_exact(self._fd, offset, length)
+        return pread_or_eio(self._fd, offset, length)
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         """``pwrite`` all of ``data`` (looping only on the rare short write)."""
