@@ -14,6 +14,7 @@ write is never durable without its mark.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -108,7 +109,8 @@ def replication_descriptor(fd: int) -> int:
         ours = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return os.dup(fd)
-    os.posix_fadvise(ours, 0, 0, os.POSIX_FADV_RANDOM)
+    with contextlib.suppress(OSError):  # advice a filesystem refuses costs speed, not data
+        os.posix_fadvise(ours, 0, 0, os.POSIX_FADV_RANDOM)
     return ours
 
 

@@ -10,6 +10,7 @@ point go through :meth:`~broker.points.PointView.read`.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -122,7 +123,8 @@ def block_hashes(
         # The mapping's read-ahead left the range in large folios (ext4, Linux 6.16 and later),
         # where every later 4 KiB apply would spend ~25 us in the kernel instead of ~3: drop the
         # clean pages the hashing read (dirty ones stay, their writeback merely starts).
-        os.posix_fadvise(image_fd, offset, length, os.POSIX_FADV_DONTNEED)
+        with contextlib.suppress(OSError):  # advice refused costs speed, not data
+            os.posix_fadvise(image_fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def _inside(zeros: list[tuple[int, int]], start: int, end: int) -> bool:
