@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,9 +24,7 @@ import pytest
 import structlog
 import structlog.testing
 import xxhash
-from click.testing import CliRunner
 
-from agents.cli import agent as agent_cli
 from agents.errors import ShipError
 from agents.replicate import DiskReplicator
 from agents.service import Agent
@@ -367,17 +367,20 @@ async def test_status_endpoint_and_cli(rig: Rig) -> None:
         assert key in disk
     assert disk["last_acked_seq"] >= 1
     assert disk["errors"] == 0
-    runner = CliRunner()
+    # The command runs as the operator runs it, a process of its own: in this one, click's
+    # CliRunner would swap sys.stdout under the agent's loop, whose log lines then land in the
+    # command's output.
+    status = [str(Path(sys.executable).parent / "replikant"), "agent", "status"]
     result = await asyncio.to_thread(
-        runner.invoke, agent_cli, ["status", "--config", str(rig.config), "--json"]
+        subprocess.run, [*status, "--config", str(rig.config), "--json"], capture_output=True
     )
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["disks"][0]["disk"] == "disk0"
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["disks"][0]["disk"] == "disk0"
     table = await asyncio.to_thread(
-        runner.invoke, agent_cli, ["status", "--config", str(rig.config)]
+        subprocess.run, [*status, "--config", str(rig.config)], capture_output=True, text=True
     )
-    assert table.exit_code == 0
-    assert "disk0" in table.output
+    assert table.returncode == 0, table.stderr
+    assert "disk0" in table.stdout
 
 
 async def test_clean_restart_ships_nothing_extra(rig: Rig) -> None:
