@@ -301,7 +301,7 @@ class Cut:
         b1 = (spans[n - 3] + spans[n - 2] + self.block_size - 1) >> shift
         done = min(max(spans[n - 1], spans[n - 3] >> shift), b1)
         if done - b0 > _MAX_TRANSLATED or offsets != sorted(offsets):
-            self._settle_each(spans, 0, n, out)
+            self._settle_each(spans, out)
             return
         # Extents in plan order cover every DATA and COWED block of [b0, done) and only those
         # of the hop (a block between two of them is CLEAN, ZERO, TRIM or SENT): so the blocks
@@ -309,47 +309,61 @@ class Cut:
         mm = self.frozen.mm
         p = mm.find(_COWED_BYTE, b0, b1)
         while p >= 0:
-            i = max(bisect_right(offsets, p << shift) - 1, 0) * 3
-            self._settle_each(spans, i, n, out, block=p)
+            self._copies_of(p, spans, max(bisect_right(offsets, p << shift) - 1, 0) * 3, out)
             p = mm.find(_COWED_BYTE, p + 1, b1)
         if done > b0:
             mm[b0:done] = mm[b0:done].translate(_TO_SENT)
 
-    def _settle_each(
-        self,
-        spans: array[int],
-        first: int,
-        stop: int,
-        out: list[tuple[int, int, bytes]],
-        block: int = -1,
-    ) -> None:
-        """:meth:`settle` extent by extent, from triple ``first`` on; with ``block``, only the
-        copy of that block, for the extents from ``first`` that overlap it, marking nothing."""
+    def _settle_each(self, spans: array[int], out: list[tuple[int, int, bytes]]) -> None:
+        """:meth:`settle` extent by extent (the definition the hop-wide walk must match)."""
         shift = self.shift
         mask = self.block_size - 1
         mm = self.frozen.mm
         find = mm.find
-        cow = self.cow
-        for i in range(first, stop, 3):
+        for i in range(0, len(spans), 3):
             offset = spans[i]
             end = offset + spans[i + 1]
             b0 = offset >> shift
             b1 = (end + mask) >> shift
-            if block >= 0:
-                if b0 > block:
-                    return
-                if b1 <= block:
-                    continue
             done = min(max(spans[i + 2], b0), b1)
-            p = find(_COWED_BYTE, b0, b1) if block < 0 else block
+            p = find(_COWED_BYTE, b0, b1)
             while p >= 0:
-                at, saved = cow.take(p) if p < done else cow.get(p)
-                lo = max(at, offset)
-                hi = min(at + len(saved), end)
-                out.append((i // 3, lo - offset, saved[lo - at : hi - at]))
-                p = find(_COWED_BYTE, p + 1, b1) if block < 0 else -1
-            if block < 0 and done > b0:
+                self._patch(i, offset, end, p, p < done, out)
+                p = find(_COWED_BYTE, p + 1, b1)
+            if done > b0:
                 mm[b0:done] = _fill(SENT, done - b0)
+
+    def _copies_of(
+        self, block: int, spans: array[int], first: int, out: list[tuple[int, int, bytes]]
+    ) -> None:
+        """The copy of COWED ``block`` for each extent from triple ``first`` on that overlaps it
+        (the first such extent starts at or before the block)."""
+        shift = self.shift
+        for i in range(first, len(spans), 3):
+            offset = spans[i]
+            b0 = offset >> shift
+            if b0 > block:
+                return
+            end = offset + spans[i + 1]
+            b1 = (end + self.block_size - 1) >> shift
+            if b1 > block:
+                self._patch(i, offset, end, block, block < min(max(spans[i + 2], b0), b1), out)
+
+    def _patch(
+        self,
+        i: int,
+        offset: int,
+        end: int,
+        block: int,
+        last: bool,
+        out: list[tuple[int, int, bytes]],
+    ) -> None:
+        """Append the part of ``block``'s copy inside extent ``i`` (bytes ``[offset, end)``);
+        ``last``: the extent finishes the block, so the copy is released."""
+        at, saved = self.cow.take(block) if last else self.cow.get(block)
+        lo = max(at, offset)
+        hi = min(at + len(saved), end)
+        out.append((i // 3, lo - offset, saved[lo - at : hi - at]))
 
     def read_many(self, exts: Sequence[PlannedExtent]) -> list[bytes | bytearray]:
         """:meth:`read` of each DATA extent of ``exts`` (in plan order), in one synchronous step."""

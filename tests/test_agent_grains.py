@@ -269,7 +269,7 @@ def test_a_hop_settles_as_its_extents_one_by_one(
         for e in wanted[h : h + hop]:
             spans.extend((e.offset, e.length, cuts[0].done_block(e)))
         cuts[0].settle(spans, got[0])
-        cuts[1]._settle_each(spans, 0, len(spans), got[1])
+        cuts[1]._settle_each(spans, got[1])
         assert got[0] == got[1]
         assert cuts[0].frozen.mm[:] == cuts[1].frozen.mm[:]
         assert len(cuts[0].cow) == len(cuts[1].cow)
