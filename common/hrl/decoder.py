@@ -4,7 +4,9 @@ The caller feeds whatever bytes it has with :meth:`BatchDecoder.receive_data` (`
 stream) and pulls events with :meth:`BatchDecoder.next_event` until it returns
 :data:`NEED_DATA`. The decoder does no I/O, holds at most one record beyond what the caller fed
 it, and checks every length against the format, the header and :class:`DecodeLimits` before
-waiting for (or allocating) the bytes it names.
+waiting for (or allocating) the bytes it names. The one exception: the zstd payloads complete in
+what was fed are decompressed together (common/hrl/frames.py says why), up to 2 MiB of content
+held ahead of the records' turn.
 """
 
 from __future__ import annotations
@@ -72,11 +74,14 @@ from common.hrl.format import (
     check_header,
     zstd_compress_bound,
 )
+from common.hrl.frames import decompress_frames, frame_fills, frame_problem
 
 _xxh3 = xxhash.xxh3_64_intdigest
 _KINDS: Final = tuple(ExtentKind)
 _RECORD_LEN: Final = RECORD.size
 _TRAILER_LEN: Final = TRAILER.size
+_AHEAD_FRAMES: Final = 256
+_AHEAD_BYTES: Final = 2 << 20  # decompressed bytes held ahead of their turn, at most
 
 
 class NeedData(enum.Enum):
@@ -134,6 +139,10 @@ class BatchDecoder:
         self._pending = (0, 0, 0, 0, 0)
         self._dctx: zstandard.ZstdDecompressor | None = None
         self._end: BatchEnd | None = None
+        # DATA payloads decompressed ahead of their turn, by the stream offset of their frame,
+        # and where taking frames ahead stopped after a failed try.
+        self._ahead: dict[int, bytes] = {}
+        self._alone_until = 0
 
     @property
     def header(self) -> BatchHeader | None:
@@ -192,6 +201,7 @@ class BatchDecoder:
             self._state = _State.ERROR
             self._buf = bytearray()
             self._pos = 0
+            self._ahead.clear()
             raise
 
     # -- the state machine ---------------------------------------------------------------------
@@ -505,7 +515,12 @@ class BatchDecoder:
         return Extent(offset, length, ExtentKind.DATA, data, actual)
 
     def _decompress(self, frame: memoryview, offset: int, length: int, at: int) -> bytes:
-        """Decompress one zstd frame to exactly ``length`` bytes, allocating at most that."""
+        """Decompress one zstd frame to exactly ``length`` bytes, allocating at most that: from
+        the look-ahead if an earlier call decompressed it, else together with the complete
+        DATA payloads that follow it in the buffer, else alone."""
+        ready = self._ahead.pop(at, None)
+        if ready is not None:
+            return ready
 
         def bad(why: str) -> BadField:
             return BadField(
@@ -514,21 +529,15 @@ class BatchDecoder:
                 position=at,
             )
 
-        # A skippable or magicless frame is not "one zstd frame"; refuse it before zstd sees it.
-        if bytes(frame[: len(ZSTD_FRAME_MAGIC)]) != ZSTD_FRAME_MAGIC:
-            raise bad(f"does not start with the zstd frame magic (got {bytes(frame[:4])!r})")
-        try:
-            params = zstandard.get_frame_parameters(frame)
-        except zstandard.ZstdError as e:
-            raise bad(f"has an unreadable frame header ({e})") from None
-        # python-zstandard allocates the frame's declared content size whatever the output
-        # bound, so a lying frame header must be refused here, before it is believed.
-        if params.content_size not in (zstandard.CONTENTSIZE_UNKNOWN, length):
-            raise bad(f"declares {params.content_size} bytes of content, the extent is {length}")
-        if params.window_size > MAX_ZSTD_WINDOW:
-            raise bad(f"needs a {params.window_size}-byte window, more than {MAX_ZSTD_WINDOW}")
+        problem = frame_problem(frame, length)
+        if problem is not None:
+            raise bad(problem)
         if self._dctx is None:
             self._dctx = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
+        if at >= self._alone_until and frame_fills(frame):
+            data = self._decompress_ahead(frame, length, at)
+            if data is not None:
+                return data
         try:
             # With the content size unknown, zstd decompresses into a buffer of max_output_size
             # and fails if the frame wants more; allow_extra_data=False refuses bytes after it.
@@ -538,6 +547,54 @@ class BatchDecoder:
         if len(data) != length:
             raise bad(f"decompresses to {len(data)} bytes, the extent is {length}")
         return data
+
+    def _decompress_ahead(self, first: memoryview, length: int, at: int) -> bytes | None:
+        """``first``'s content, decompressed in one call with the frames of the DATA records
+        complete in the buffer after it (kept in :attr:`_ahead` for their turn); None if there
+        are none or one of them fails (from then on up to the last of them, one by one).
+
+        The records are only peeked at: each is parsed and checked in its turn as ever, so a
+        frame taken ahead that its record then refuses is never returned. What one call holds
+        is bounded by ``_AHEAD_FRAMES`` and ``_AHEAD_BYTES``."""
+        assert self._dctx is not None
+        buf, limit = self._buf, self._limits.max_extent_bytes
+        q = at - self._base + len(first)
+        starts, lengths, total = [at], [length], length
+        with memoryview(buf) as mv:
+            frames = [first]
+            try:
+                while len(frames) < _AHEAD_FRAMES and len(buf) - q >= _RECORD_LEN:
+                    _off, n, kind_word, stored, _xxh, _rec = RECORD.unpack_from(buf, q)
+                    q += _RECORD_LEN
+                    if kind_word and not stored:  # ZERO or TRIM: no payload to decompress
+                        continue
+                    if (
+                        kind_word
+                        or not 0 < n <= limit
+                        or total + n > _AHEAD_BYTES
+                        or not len(ZSTD_FRAME_MAGIC) <= stored <= zstd_compress_bound(n)
+                        or len(buf) - q < stored
+                    ):
+                        break
+                    frame = mv[q : q + stored]
+                    if frame_problem(frame, n) is not None or not frame_fills(frame):
+                        frame.release()
+                        break
+                    frames.append(frame)
+                    starts.append(self._base + q)
+                    lengths.append(n)
+                    total += n
+                    q += stored
+                out = decompress_frames(self._dctx, frames, lengths) if len(frames) > 1 else None
+            finally:
+                for view in frames[1:]:
+                    view.release()
+        if out is None:
+            if len(frames) > 1:
+                self._alone_until = starts[-1] + 1
+            return None
+        self._ahead.update(zip(starts[1:], out[1:], strict=True))
+        return out[0]
 
     def _read_trailer(self) -> None:
         buf, pos = self._buf, self._pos
