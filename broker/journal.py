@@ -43,7 +43,7 @@ from broker.errors import (
 from broker.space import StoreSpace
 from broker.store import Replica, Store, journal_name
 from broker.verified import BATCH_LIMIT, HeldBatches
-from common.fsio import fsync_dir, start_writeback, write_all
+from common.fsio import fsync_dir, pread_exact, start_writeback, write_all
 from common.hrl import (
     NEED_DATA,
     BatchDecoder,
@@ -501,20 +501,23 @@ class JournalEntry:
 
 def read_journal(path: Path, limits: DecodeLimits) -> JournalEntry:
     """Open a durable journal file: its footer and index, and its header (decoded and checked)."""
-    with path.open("rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
+    # pread on a bare descriptor: a file object's seeks and checks are a system call each, and
+    # each hands the GIL of a busy broker to another thread (issue 10).
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
         if size < _IDX_FOOTER.size:
             raise StoreCorrupt(f"journal file {path} is too short ({size} bytes)")
-        fh.seek(size - _IDX_FOOTER.size)
-        magic, batch_len, count, checksum = _IDX_FOOTER.unpack(fh.read(_IDX_FOOTER.size))
+        footer = pread_exact(fd, _IDX_FOOTER.size, size - _IDX_FOOTER.size)
+        magic, batch_len, count, checksum = _IDX_FOOTER.unpack(footer)
         if magic != _IDX_MAGIC or batch_len + count * _IDX_ENTRY.size + _IDX_FOOTER.size != size:
             raise StoreCorrupt(f"journal file {path} has no valid index footer")
-        fh.seek(batch_len)
-        index = fh.read(count * _IDX_ENTRY.size)
+        index = pread_exact(fd, count * _IDX_ENTRY.size, batch_len)
         if xxhash.xxh3_64_intdigest(index) != checksum:
             raise StoreCorrupt(f"journal file {path} has a corrupt extent index")
-        fh.seek(0)
-        head = fh.read(min(batch_len, 4096))
+        head = pread_exact(fd, min(batch_len, 4096), 0)
+    finally:
+        os.close(fd)
     decoder = BatchDecoder(limits)
     decoder.receive_data(head)
     try:

@@ -350,20 +350,22 @@ class UndoSegment:
     def load(cls, path: Path) -> UndoSegment | None:
         """Open a segment file; ``None`` if it is incomplete (no valid footer)."""
         try:
-            with path.open("rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                if size < _FOOTER.size:
-                    return None
-                fh.seek(size - _FOOTER.size)
-                magic, index_off, count, meta_len, checksum = _FOOTER.unpack(fh.read(_FOOTER.size))
-                if magic != _MAGIC or index_off + count * _ENTRY.size + meta_len != (
-                    size - _FOOTER.size
-                ):
-                    return None
-                fh.seek(index_off)
-                blob = fh.read(count * _ENTRY.size + meta_len)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        try:  # pread on a bare descriptor: fewer system calls than a file object's (issue 10)
+            size = os.fstat(fd).st_size
+            if size < _FOOTER.size:
+                return None
+            footer = pread_exact(fd, _FOOTER.size, size - _FOOTER.size)
+            magic, index_off, count, meta_len, checksum = _FOOTER.unpack(footer)
+            if magic != _MAGIC or index_off + count * _ENTRY.size + meta_len != (
+                size - _FOOTER.size
+            ):
+                return None
+            blob = pread_exact(fd, count * _ENTRY.size + meta_len, index_off)
+        finally:
+            os.close(fd)
         if xxhash.xxh3_64_intdigest(blob) != checksum:
             return None
         meta = json.loads(blob[count * _ENTRY.size :])
