@@ -61,8 +61,18 @@ class DiskState:
 
     def save(self, path: Path) -> None:
         """Write atomically and durably."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, json.dumps(asdict(self), indent=1, sort_keys=True).encode())
+        write_state(path, self.encoded())
+
+    def encoded(self) -> bytes:
+        """The file's bytes: what :meth:`save` writes, taken at the moment of the call."""
+        return json.dumps(asdict(self), indent=1, sort_keys=True).encode()
+
+
+def write_state(path: Path, data: bytes) -> None:
+    """Write a state file's bytes (:meth:`DiskState.encoded`) atomically and durably; its two
+    fsyncs block, so the replicator calls this off the event loop after each ack."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, data)
 
 
 class CutClock:

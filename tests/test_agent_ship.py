@@ -14,6 +14,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ import structlog
 import structlog.testing
 import xxhash
 
+import agents.state
 from agents.errors import ShipError
 from agents.replicate import DiskReplicator
 from agents.service import Agent
@@ -239,6 +241,48 @@ async def test_broker_outage_keeps_tracking_and_catches_up(rig: Rig) -> None:
     await wait_until(rig.settled, within=40)
     seqs = [b.header.seq for b in rig.replica.batches]
     assert seqs == list(range(1, len(seqs) + 1))
+
+
+async def test_guests_are_served_while_the_state_file_is_written(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state file written after each ack (two fsyncs) does not hold up guest requests: it
+    is written off the event loop that serves them. A slow store disk is stood in for by a
+    write that sleeps 3 s (a fault a test cannot cause otherwise)."""
+    await rig.start()
+    await wait_until(rig.settled, within=20)
+    real = agents.state.atomic_write
+    slow = threading.Event()
+
+    def slow_write(path: Path, data: bytes, **kw: object) -> None:
+        if path.name == "disk0.json":
+            slow.set()
+            time.sleep(3)
+        real(path, data, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(agents.state, "atomic_write", slow_write)
+    took: list[float] = []
+
+    def guest() -> None:  # a thread of its own: the test's loop is the agent's
+        if not slow.wait(10):
+            return
+        began = time.monotonic()
+        nbd = MiniNBD(rig.sock, "vm1-disk0")
+        try:
+            nbd.write(5 * MiB, os.urandom(4096))
+            nbd.flush()
+        finally:
+            nbd.close()
+        took.append(time.monotonic() - began)
+
+    writer = threading.Thread(target=guest)
+    writer.start()
+    await rig.write(("write", 3 * MiB, os.urandom(4096)))
+    await asyncio.to_thread(writer.join, 20)
+    assert took, "the state file was never written"
+    assert took[0] < 1.5, f"a guest write waited {took[0]:.1f} s for the state file"
+    monkeypatch.undo()
+    await wait_until(rig.settled, within=20)
 
 
 async def test_lost_ack_resends_harmlessly(rig: Rig) -> None:
