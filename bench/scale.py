@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> None:
         if args.idle_only:
             return
         uris = [agent.nbd_uri(d) for d in disks]
-        cpu0 = sum(map(proc_cpu, pids))
+        busy0 = sum(map(proc_cpu, pids))
         start_ns = time.time_ns()
         out = subprocess.run(
             fio_argv(uris, size, args.rate, args.seconds),
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> None:
         end_ns = time.time_ns()
         if out.returncode:
             raise RuntimeError(f"fio failed: {out.stderr[-500:]}")
-        load_cpu = (sum(map(proc_cpu, pids)) - cpu0) / ((end_ns - start_ns) / 1e9) * 100
+        load_cpu = (sum(map(proc_cpu, pids)) - busy0) / ((end_ns - start_ns) / 1e9) * 100
         jobs = parse_fio_jobs(out.stdout)
         marked = mark(uris)
         wait_until(
