@@ -124,3 +124,16 @@ def test_a_frame_its_record_refuses_is_never_returned() -> None:
     assert err.field == "extent.data_xxh"
     with pytest.raises(BatchFormatError):
         decode_batch(raw_batch(records, {"compression": 1}), DecodeLimits(max_extent_bytes=2048))
+
+
+def test_frames_past_the_announced_records_are_never_decompressed(calls: list[int]) -> None:
+    """A stream with more records than its header announces is refused at the trailer, and
+    the look-ahead never decompressed the records past the announced ones."""
+    rng = random.Random(10)
+    datas = [_page(rng) for _ in range(5)]
+    records = [
+        raw_record(i * 4096, 4096, 0, _CCTX.compress(d), data=d) for i, d in enumerate(datas)
+    ]
+    err = refusal(raw_batch(records, {"compression": 1, "extent_count": 2, "data_bytes": 8192}))
+    assert err.field == "trailer.magic"
+    assert sum(calls) == 2, calls

@@ -558,14 +558,17 @@ class BatchDecoder:
         is bounded by ``_AHEAD_FRAMES`` and ``_AHEAD_BYTES``."""
         assert self._dctx is not None
         buf, limit = self._buf, self._limits.max_extent_bytes
+        assert self._header is not None
+        records = self._header.extent_count - self._count  # announced, after this one
         q = at - self._base + len(first)
         starts, lengths, total = [at], [length], length
         with memoryview(buf) as mv:
             frames = [first]
             try:
-                while len(frames) < _AHEAD_FRAMES and len(buf) - q >= _RECORD_LEN:
+                while records and len(frames) < _AHEAD_FRAMES and len(buf) - q >= _RECORD_LEN:
                     _off, n, kind_word, stored, _xxh, _rec = RECORD.unpack_from(buf, q)
                     q += _RECORD_LEN
+                    records -= 1
                     if kind_word and not stored:  # ZERO or TRIM: no payload to decompress
                         continue
                     if (
