@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from broker_common import check_free_space
+from broker_common import check_free_space, drop_from_cache
 
 REPO = Path(__file__).resolve().parent.parent
 NBD_IHAVEOPT = 0x49484156454F5054
@@ -39,9 +39,7 @@ JOBS = {
 
 def make_image(path: Path, size: int) -> None:
     """Write the whole image once, so neither server pays for first-touch block allocation,
-    then drop it from the page cache: written in 8 MiB pieces, it would stay there in large
-    folios (ext4, Linux 6.16 and later), where each 4 KiB write costs ~25 us of kernel time
-    instead of ~3, a cost neither server's own work would have caused."""
+    then drop it from the page cache (:func:`broker_common.drop_from_cache`)."""
     chunk = bytes(8 * 1024 * 1024)
     with path.open("wb") as f:
         left = size
@@ -49,9 +47,7 @@ def make_image(path: Path, size: int) -> None:
             n = min(left, len(chunk))
             f.write(chunk[:n])
             left -= n
-        f.flush()
-        os.fsync(f.fileno())
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    drop_from_cache(path)
 
 
 def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
