@@ -38,6 +38,7 @@ from common.hrl import (
     ExtentKind,
 )
 from common.tls import client_context
+from tests.support_pagecache import drop_from_cache
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -663,23 +664,12 @@ def corpus(paths: list[str], limit: int, suffixes: tuple[str, ...] | None = None
     return bytes(out)
 
 
-def drop_from_cache(path: Path) -> None:
-    """Write ``path`` back and drop it from the page cache, so that the server under test starts
-    cold and only its own work shapes the cache. A file the bench just wrote would stay there in
-    large folios (ext4, Linux 6.16 and later), where each 4 KiB write costs ~25 us of kernel time
-    instead of ~3: a cost neither server's work would have caused (docs/bench.md, "Large
-    folios")."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def make_mixed_image(path: Path, size: int, rng: random.Random) -> dict[str, int]:
     """Regions of 64 MiB: 30 % binaries, 30 % text, 10 % random, 15 % zero-filled, 15 % holes;
-    left out of the page cache (:func:`drop_from_cache`)."""
+    left out of the page cache, so that the server under test starts cold and only its own work
+    shapes the cache. Left there, it would sit in large folios (ext4, Linux 6.16 and later),
+    where each 4 KiB write costs ~25 us of kernel time instead of ~3: a cost neither server's
+    work would have caused (docs/bench.md, "Large folios")."""
     binaries = corpus(["/usr/bin", "/usr/lib/x86_64-linux-gnu", "/usr/lib"], 96 * MiB)
     text = corpus(
         ["/usr/share/doc", "/usr/lib/python3", str(Path(sys.prefix) / "lib")],

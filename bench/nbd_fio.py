@@ -25,7 +25,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from broker_common import check_free_space, drop_from_cache
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from broker_common import check_free_space
+
+from tests.support_pagecache import drop_from_cache
 
 REPO = Path(__file__).resolve().parent.parent
 NBD_IHAVEOPT = 0x49484156454F5054
@@ -39,7 +44,7 @@ JOBS = {
 
 def make_image(path: Path, size: int) -> None:
     """Write the whole image once, so neither server pays for first-touch block allocation,
-    then drop it from the page cache (:func:`broker_common.drop_from_cache`)."""
+    then drop it from the page cache, as ``broker_common.make_mixed_image`` does its image."""
     chunk = bytes(8 * 1024 * 1024)
     with path.open("wb") as f:
         left = size
