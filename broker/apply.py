@@ -42,7 +42,8 @@ from broker.unbuffered import UnbufferedWriter
 from broker.unchanged import Unchanged
 from broker.undo import undo_size_bound
 from broker.verified import HeldBatches
-from common.fsio import prefetch, punch_hole, pwrite_all, start_writeback
+from common.fsio import prefetch, punch_hole, start_writeback
+from common.heldio import read_into, write_pages
 from common.hrl import DEFAULT_LIMITS, BatchHeader, DecodeLimits, Extent, ExtentKind
 from common.logs import get_logger
 
@@ -97,12 +98,12 @@ def digest_at(fd: int, offset: int, length: int) -> int:
         buf = _buffers.buf = bytearray(_READ_BACK)
     view = memoryview(buf)
     if length <= _READ_BACK:
-        got = os.preadv(fd, [view[:length]], offset)
+        got = read_into(fd, buf, length, offset)
         return xxhash.xxh3_64_intdigest(view[:got])
     hasher = xxhash.xxh3_64()
     for pos in range(offset, offset + length, _READ_BACK):
         n = min(_READ_BACK, offset + length - pos)
-        got = os.preadv(fd, [view[:n]], pos)
+        got = read_into(fd, buf, n, pos)
         hasher.update(view[:got])
         if got < n:
             break
@@ -484,7 +485,7 @@ class ReplicaEngine:
         assert ext.data is not None
         digest = unbuffered.write(ext.offset, ext.data) if unbuffered is not None else None
         if digest is None:
-            pwrite_all(fd, ext.data, ext.offset)
+            write_pages(fd, ext.data, ext.offset)
             self._unflushed += ext.length
             if self._unflushed >= WRITEBACK_BYTES:
                 self._unflushed = 0

@@ -45,6 +45,7 @@ from common.fsio import (
     prefetch,
     start_writeback,
 )
+from common.heldio import read_exact, seek
 
 Key = tuple[int, int]
 """A state of the disk: ``(generation, seq)`` of the last batch applied to reach it."""
@@ -500,7 +501,7 @@ def save_old_bytes(
         pos, end = start, start + run
         while pos < end:
             n = min(_READ_CHUNK, end - pos)
-            _add_nonzero(writer, pos, pread_exact(fd, n, pos))
+            _add_nonzero(writer, pos, read_exact(fd, n, pos))
             pos += n
 
 
@@ -523,7 +524,8 @@ class AllocationCursor:
     """``data_segments`` for many ranges of one file in increasing order, remembering what
     ``SEEK_DATA``/``SEEK_HOLE`` said: the next range inside a data run or hole already found
     costs no system call. A capture of 256 random 4 KiB ranges made two ``lseek`` per range,
-    each a hand-over of the GIL (issue 10, point 3). The file must not change meanwhile."""
+    each a hand-over of the GIL (issue 10, point 3); those it still makes keep the GIL
+    (:func:`common.heldio.seek`). The file must not change meanwhile."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -550,7 +552,7 @@ class AllocationCursor:
 
     def _learn(self, pos: int) -> None:
         try:
-            data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            data = seek(self.fd, pos, os.SEEK_DATA)
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # no data after pos
                 self._hole = (pos, 1 << 63)
@@ -562,4 +564,4 @@ class AllocationCursor:
         if data > pos:
             self._hole = (pos, data)
             return
-        self._data = (data, os.lseek(self.fd, data, os.SEEK_HOLE))
+        self._data = (data, seek(self.fd, data, os.SEEK_HOLE))

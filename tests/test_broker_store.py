@@ -281,7 +281,7 @@ def test_crash_mid_apply_replays_once(tmp_path: Path, monkeypatch: pytest.Monkey
     src.mutate(20)
     journal(store, replica, src.cut().body)
 
-    from common.fsio import pwrite_all as real
+    from common.heldio import write_pages as real
 
     calls = {"n": 0}
 
@@ -291,10 +291,10 @@ def test_crash_mid_apply_replays_once(tmp_path: Path, monkeypatch: pytest.Monkey
             raise KeyboardInterrupt("simulated kill")
         real(fd, data, offset)
 
-    monkeypatch.setattr("broker.apply.pwrite_all", dying_pwrite)  # the apply's only data write
+    monkeypatch.setattr("broker.apply.write_pages", dying_pwrite)  # the apply's only data write
     with pytest.raises(KeyboardInterrupt):
         eng.apply_pending()
-    monkeypatch.setattr("broker.apply.pwrite_all", real)
+    monkeypatch.setattr("broker.apply.write_pages", real)
     undo = sorted(p.name for p in replica.points_dir.iterdir())
     undo_stat = {p.name: p.stat().st_mtime_ns for p in replica.points_dir.iterdir()}
     eng.close()
