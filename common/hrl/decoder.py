@@ -74,7 +74,7 @@ from common.hrl.format import (
     check_header,
     zstd_compress_bound,
 )
-from common.hrl.frames import decompress_frames, frame_fills, frame_problem
+from common.hrl.frames import check_frame, decompress_frames
 
 _xxh3 = xxhash.xxh3_64_intdigest
 _KINDS: Final = tuple(ExtentKind)
@@ -529,12 +529,12 @@ class BatchDecoder:
                 position=at,
             )
 
-        problem = frame_problem(frame, length)
+        problem, fills = check_frame(frame, length)
         if problem is not None:
             raise bad(problem)
         if self._dctx is None:
             self._dctx = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
-        if at >= self._alone_until and frame_fills(frame):
+        if at >= self._alone_until and fills:
             data = self._decompress_ahead(frame, length, at)
             if data is not None:
                 return data
@@ -580,7 +580,8 @@ class BatchDecoder:
                     ):
                         break
                     frame = mv[q : q + stored]
-                    if frame_problem(frame, n) is not None or not frame_fills(frame):
+                    problem, fills = check_frame(frame, n)
+                    if problem is not None or not fills:
                         frame.release()
                         break
                     frames.append(frame)

@@ -24,37 +24,32 @@ _RESERVED: Final = 3
 _CHECKSUM: Final = 4
 
 
-def frame_problem(frame: memoryview, length: int) -> str | None:
-    """Why ``frame`` is not one zstd frame of ``length`` bytes of content that we decompress
-    (to finish "the zstd payload ..."), else None. zstd itself checks the rest as it
-    decompresses."""
+def check_frame(frame: memoryview, length: int) -> tuple[str | None, bool]:
+    """``(problem, fills)``: why ``frame`` is not one zstd frame of ``length`` bytes of content
+    that we decompress (to finish "the zstd payload ...") or None, and whether its blocks (and
+    checksum) end exactly at its end. zstd itself checks the rest as it decompresses.
+
+    ``fills`` matters to a frame decompressed with others: alone, zstd refuses bytes after the
+    frame (``allow_extra_data=False``); together it ignores them, so a frame goes with others
+    only if its block headers account for every byte."""
     # A skippable or magicless frame is not "one zstd frame"; refuse it before zstd sees it.
     if bytes(frame[: len(ZSTD_FRAME_MAGIC)]) != ZSTD_FRAME_MAGIC:
-        return f"does not start with the zstd frame magic (got {bytes(frame[:4])!r})"
+        return f"does not start with the zstd frame magic (got {bytes(frame[:4])!r})", False
     try:
         params = zstandard.get_frame_parameters(frame)
+        pos = zstandard.frame_header_size(frame)
     except zstandard.ZstdError as e:
-        return f"has an unreadable frame header ({e})"
+        return f"has an unreadable frame header ({e})", False
     # python-zstandard allocates the frame's declared content size whatever the output
     # bound, so a lying frame header must be refused here, before it is believed.
     if params.content_size not in (zstandard.CONTENTSIZE_UNKNOWN, length):
-        return f"declares {params.content_size} bytes of content, the extent is {length}"
+        return f"declares {params.content_size} bytes of content, the extent is {length}", False
     if params.window_size > MAX_ZSTD_WINDOW:
-        return f"needs a {params.window_size}-byte window, more than {MAX_ZSTD_WINDOW}"
-    return None
+        return f"needs a {params.window_size}-byte window, more than {MAX_ZSTD_WINDOW}", False
+    return None, _blocks_fill(frame, pos, checksum=params.has_checksum)
 
 
-def frame_fills(frame: memoryview) -> bool:
-    """True if ``frame``'s blocks (and checksum) end exactly at its end.
-
-    Decompressed one by one, zstd refuses bytes after the frame (``allow_extra_data=False``);
-    decompressed together it ignores them, so a frame goes with others only if its block
-    headers account for every byte."""
-    try:
-        pos = zstandard.frame_header_size(frame)
-        checksum = zstandard.get_frame_parameters(frame).has_checksum
-    except zstandard.ZstdError:
-        return False
+def _blocks_fill(frame: memoryview, pos: int, *, checksum: bool) -> bool:
     end = len(frame)
     while pos + _BLOCK_HEADER <= end:
         word = frame[pos] | frame[pos + 1] << 8 | frame[pos + 2] << 16
@@ -81,4 +76,4 @@ def decompress_frames(
     return [out[i].tobytes() for i in range(len(out))]
 
 
-__all__ = ["decompress_frames", "frame_fills", "frame_problem"]
+__all__ = ["check_frame", "decompress_frames"]
