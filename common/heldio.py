@@ -9,8 +9,8 @@ through :class:`ctypes.PyDLL`, which keeps the GIL, and are used only where the 
 from memory:
 
 - :func:`read_into` asks with ``RWF_NOWAIT``, which the kernel refuses (``EAGAIN``) instead of
-  waiting for the disk; then, and on a kernel or file system without it, the read is an ordinary
-  one;
+  waiting for the disk; then, and on a file system without it (``EOPNOTSUPP``: tmpfs), the read
+  is an ordinary one;
 - :func:`write_pages` writes whole, aligned pages only (no page is read first). A buffered write
   can still wait (dirty-page throttling, memory reclaim, a file system journal), and no flag
   refuses that in advance (``RWF_NOWAIT`` on buffered writes is ``EOPNOTSUPP`` on ext4), so a
@@ -27,7 +27,6 @@ left to the ordinary call, which raises it as ``os`` does (``ENXIO`` past the la
 from __future__ import annotations
 
 import ctypes
-import errno
 import mmap
 import os
 import resource
@@ -67,8 +66,6 @@ class HoldWatch:
         self.shortest, self.longest = pauses
         self.pause = 0.0
         self._until = float("-inf")
-        self.nowait_reads = True
-        """False once the kernel or file system refused ``RWF_NOWAIT``: reads no longer try."""
 
     def allowed(self, now: float) -> bool:
         """May a call keep the GIL at ``now``?"""
@@ -99,7 +96,7 @@ _Calls = tuple[Callable[..., int], Callable[..., int], Callable[..., int]]
 
 def _bind() -> _Calls | tuple[None, None, None]:
     try:
-        libc = ctypes.PyDLL(None, use_errno=True)
+        libc = ctypes.PyDLL(None)
         preadv2, pwrite = libc.preadv2, libc.pwrite
     except (OSError, AttributeError):
         return None, None, None
@@ -139,7 +136,7 @@ def read_into(fd: int, buf: bytearray, length: int, offset: int) -> int:
     """Read up to ``length`` bytes at ``offset`` into the start of ``buf``; how many were read
     (fewer only at the end of the file). Kept under the GIL when the page cache has them."""
     view = memoryview(buf)[:length]
-    if WATCH.nowait_reads and _preadv2 is not None and length <= len(buf):
+    if _preadv2 is not None and length <= len(buf):
         now = time.perf_counter()
         if WATCH.allowed(now):
             iov = _Iovec(ctypes.addressof(ctypes.c_char.from_buffer(buf)), length)
@@ -148,8 +145,6 @@ def read_into(fd: int, buf: bytearray, length: int, offset: int) -> int:
             _note_slow(now, sleeps, "preadv2")
             if got >= 0:
                 return got
-            if ctypes.get_errno() in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                WATCH.nowait_reads = False
     return os.preadv(fd, [view], offset)
 
 
