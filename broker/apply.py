@@ -43,7 +43,7 @@ from broker.unchanged import Unchanged
 from broker.undo import undo_size_bound
 from broker.verified import HeldBatches
 from common.fsio import prefetch, punch_hole, start_writeback
-from common.heldio import read_into, write_pages
+from common.heldio import may_hold, read_into, write_pages
 from common.hrl import DEFAULT_LIMITS, BatchHeader, DecodeLimits, Extent, ExtentKind
 from common.logs import get_logger
 
@@ -88,7 +88,7 @@ _READ_BACK: Final = 256 * 1024
 _buffers = threading.local()  # each applier thread's read-back buffer
 
 
-def digest_at(fd: int, offset: int, length: int) -> int:
+def digest_at(fd: int, offset: int, length: int, *, hold: bool) -> int:
     """xxh3-64 of ``length`` bytes of ``fd`` at ``offset`` as the page cache holds them (the
     bytes past the end of the file count as missing, so they never match). Read into the
     thread's buffer: hashed through an mmap of the image instead, each 4 KiB extent of a random
@@ -98,12 +98,12 @@ def digest_at(fd: int, offset: int, length: int) -> int:
         buf = _buffers.buf = bytearray(_READ_BACK)
     view = memoryview(buf)
     if length <= _READ_BACK:
-        got = read_into(fd, buf, length, offset)
+        got = read_into(fd, buf, length, offset, hold=hold)
         return xxhash.xxh3_64_intdigest(view[:got])
     hasher = xxhash.xxh3_64()
     for pos in range(offset, offset + length, _READ_BACK):
         n = min(_READ_BACK, offset + length - pos)
-        got = read_into(fd, buf, n, pos)
+        got = read_into(fd, buf, n, pos, hold=hold)
         hasher.update(view[:got])
         if got < n:
             break
@@ -170,6 +170,7 @@ class ReplicaEngine:
         self._wake = asyncio.Event()
         self._progress = asyncio.Condition()
         self._fd = os.open(replica.image, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._hold = may_hold(self._fd)  # writes and read-backs keep the GIL (decision 016)
         self.apply_lock = threading.Lock()
         self.held = HeldBatches()
         """Verified extents of durable batches, handed over by the ingest (decision 014)."""
@@ -485,12 +486,12 @@ class ReplicaEngine:
         assert ext.data is not None
         digest = unbuffered.write(ext.offset, ext.data) if unbuffered is not None else None
         if digest is None:
-            write_pages(fd, ext.data, ext.offset)
+            write_pages(fd, ext.data, ext.offset, hold=self._hold)
             self._unflushed += ext.length
             if self._unflushed >= WRITEBACK_BYTES:
                 self._unflushed = 0
                 start_writeback(fd, 0, 0)  # every dirty page of the image, in one call
-            digest = digest_at(fd, ext.offset, ext.length)
+            digest = digest_at(fd, ext.offset, ext.length, hold=self._hold)
         if digest != ext.checksum:
             r = self.replica
             raise ApplyVerifyError(

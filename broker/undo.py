@@ -45,7 +45,7 @@ from common.fsio import (
     prefetch,
     start_writeback,
 )
-from common.heldio import read_exact, seek
+from common.heldio import may_hold, read_exact, seek
 
 Key = tuple[int, int]
 """A state of the disk: ``(generation, seq)`` of the last batch applied to reach it."""
@@ -501,7 +501,7 @@ def save_old_bytes(
         pos, end = start, start + run
         while pos < end:
             n = min(_READ_CHUNK, end - pos)
-            _add_nonzero(writer, pos, read_exact(fd, n, pos))
+            _add_nonzero(writer, pos, read_exact(fd, n, pos, hold=cursor.hold))
             pos += n
 
 
@@ -529,6 +529,8 @@ class AllocationCursor:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.hold = may_hold(fd)
+        """Whether reads and seeks of ``fd`` keep the GIL (:func:`common.heldio.may_hold`)."""
         self._data = (0, 0)  # the last data run found, [start, end)
         self._hole = (0, 0)  # the last hole found, [start, end)
 
@@ -552,7 +554,7 @@ class AllocationCursor:
 
     def _learn(self, pos: int) -> None:
         try:
-            data = seek(self.fd, pos, os.SEEK_DATA)
+            data = seek(self.fd, pos, os.SEEK_DATA, hold=self.hold)
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # no data after pos
                 self._hole = (pos, 1 << 63)
@@ -564,4 +566,4 @@ class AllocationCursor:
         if data > pos:
             self._hole = (pos, data)
             return
-        self._data = (data, seek(self.fd, data, os.SEEK_HOLE))
+        self._data = (data, seek(self.fd, data, os.SEEK_HOLE, hold=self.hold))

@@ -19,6 +19,7 @@ from memory:
   kernel counts (the thread's voluntary context switches tell): on a busy host a held call is
   often preempted, which stalls the other threads no more than being preempted in Python does.
 
+Only on local file systems (:func:`may_hold`; callers ask once per descriptor).
 :func:`seek` keeps it for ``lseek`` (``SEEK_DATA``/``SEEK_HOLE`` read the file system's block
 map, cached but for a wait now and then, under the same watch). Any error of a held call is
 left to the ordinary call, which raises it as ``os`` does (``ENXIO`` past the last data, too).
@@ -115,6 +116,37 @@ def _bind() -> _Calls | tuple[None, None, None]:
 _preadv2, _pwrite, _lseek = _bind()
 _RWF_NOWAIT: Final = getattr(os, "RWF_NOWAIT", 0x8)
 
+LOCAL_FILE_SYSTEMS: Final = {
+    0xEF53: "ext2/3/4",
+    0x58465342: "xfs",
+    0x9123683E: "btrfs",
+    0xF2F52010: "f2fs",
+    0xCA451A4E: "bcachefs",
+    0x2FC12FC1: "zfs",
+    0x01021994: "tmpfs",
+}
+"""``statfs`` magic numbers of the file systems whose calls are held: their data is on this
+host's disks or in its memory."""
+
+
+def _fstatfs_type(fd: int) -> int | None:
+    try:
+        fstatfs = ctypes.CDLL(None).fstatfs
+    except (OSError, AttributeError):
+        return None
+    buf = ctypes.create_string_buffer(512)  # struct statfs is 120 bytes on 64-bit Linux
+    if fstatfs(fd, buf) != 0:
+        return None
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF  # f_type comes first
+
+
+def may_hold(fd: int) -> bool:
+    """Whether calls on ``fd`` may keep the GIL: its file system is a local one
+    (:data:`LOCAL_FILE_SYSTEMS`). On NFS, SMB, Ceph or FUSE a call may wait for a server as long
+    as that takes, and held it would stop every thread of the process meanwhile (a hung store
+    would then also silence the broker's status and its MQTT keepalives): never held there."""
+    return _fstatfs_type(fd) in LOCAL_FILE_SYSTEMS
+
 
 def _sleeps() -> int:
     return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
@@ -132,11 +164,12 @@ def _note_slow(started: float, sleeps: int, call: str) -> None:
         )
 
 
-def read_into(fd: int, buf: bytearray, length: int, offset: int) -> int:
+def read_into(fd: int, buf: bytearray, length: int, offset: int, *, hold: bool) -> int:
     """Read up to ``length`` bytes at ``offset`` into the start of ``buf``; how many were read
-    (fewer only at the end of the file). Kept under the GIL when the page cache has them."""
+    (fewer only at the end of the file). Kept under the GIL when the page cache has them and
+    ``hold`` (:func:`may_hold` of ``fd``)."""
     view = memoryview(buf)[:length]
-    if _preadv2 is not None and length <= len(buf):
+    if hold and _preadv2 is not None and length <= len(buf):
         now = time.perf_counter()
         if WATCH.allowed(now):
             iov = _Iovec(ctypes.addressof(ctypes.c_char.from_buffer(buf)), length)
@@ -148,20 +181,21 @@ def read_into(fd: int, buf: bytearray, length: int, offset: int) -> int:
     return os.preadv(fd, [view], offset)
 
 
-def read_exact(fd: int, length: int, offset: int) -> bytes:
+def read_exact(fd: int, length: int, offset: int, *, hold: bool) -> bytes:
     """Exactly ``length`` bytes at ``offset`` (past the end of the file: zeroes), as
-    :func:`common.fsio.pread_exact`, kept under the GIL when the page cache has them all."""
+    :func:`common.fsio.pread_exact`, kept under the GIL when the page cache has them all and
+    ``hold``."""
     buf = bytearray(length)
-    if read_into(fd, buf, length, offset) == length:
+    if read_into(fd, buf, length, offset, hold=hold) == length:
         return bytes(buf)
     return pread_exact(fd, length, offset)
 
 
-def seek(fd: int, pos: int, how: int) -> int:
-    """``os.lseek``, kept under the GIL while the watch allows: for ``SEEK_DATA`` and
-    ``SEEK_HOLE``, which a file system answers from its cached block map (the undo capture of a
-    sparse replica asks twice per range)."""
-    if _lseek is not None and WATCH.allowed(now := time.perf_counter()):
+def seek(fd: int, pos: int, how: int, *, hold: bool) -> int:
+    """``os.lseek``, kept under the GIL if ``hold`` and the watch allows: for ``SEEK_DATA`` and
+    ``SEEK_HOLE``, which a local file system answers from its cached block map (the undo capture
+    of a sparse replica asks twice per range)."""
+    if hold and _lseek is not None and WATCH.allowed(now := time.perf_counter()):
         sleeps = _sleeps()
         got = _lseek(fd, pos, how)
         _note_slow(now, sleeps, "lseek")
@@ -170,13 +204,14 @@ def seek(fd: int, pos: int, how: int) -> int:
     return os.lseek(fd, pos, how)
 
 
-def write_pages(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+def write_pages(fd: int, data: bytes | bytearray | memoryview, offset: int, *, hold: bool) -> None:
     """Write all of ``data`` at ``offset``, as :func:`common.fsio.pwrite_all`; kept under the GIL
-    when it is ``bytes`` of whole pages at a page boundary (no page is read first) and the watch
-    allows."""
+    if ``hold`` and it is ``bytes`` of whole pages at a page boundary (no page is read first) and
+    the watch allows."""
     length = len(data)
     if (
-        _pwrite is not None
+        hold
+        and _pwrite is not None
         and type(data) is bytes
         and not (offset | length) % PAGE
         and WATCH.allowed(now := time.perf_counter())
@@ -192,4 +227,14 @@ def write_pages(fd: int, data: bytes | bytearray | memoryview, offset: int) -> N
     pwrite_all(fd, data, offset)
 
 
-__all__ = ["PAGE", "WATCH", "HoldWatch", "read_exact", "read_into", "seek", "write_pages"]
+__all__ = [
+    "LOCAL_FILE_SYSTEMS",
+    "PAGE",
+    "WATCH",
+    "HoldWatch",
+    "may_hold",
+    "read_exact",
+    "read_into",
+    "seek",
+    "write_pages",
+]

@@ -285,11 +285,11 @@ def test_crash_mid_apply_replays_once(tmp_path: Path, monkeypatch: pytest.Monkey
 
     calls = {"n": 0}
 
-    def dying_pwrite(fd: int, data: bytes, offset: int) -> None:
+    def dying_pwrite(fd: int, data: bytes, offset: int, *, hold: bool) -> None:
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt("simulated kill")
-        real(fd, data, offset)
+        real(fd, data, offset, hold=hold)
 
     monkeypatch.setattr("broker.apply.write_pages", dying_pwrite)  # the apply's only data write
     with pytest.raises(KeyboardInterrupt):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from common import heldio
-from common.heldio import HoldWatch, read_exact, read_into, seek, write_pages
+from common.heldio import HoldWatch, may_hold, read_exact, read_into, seek, write_pages
 
 BIG = 16 << 20  # a call long enough (milliseconds) for a waiting thread to run during it
 
@@ -102,13 +102,13 @@ def test_reads_return_the_bytes_cached_or_not(tmp_path: Path, where: str) -> Non
     path.unlink()
     try:
         buf = bytearray(64 << 10)
-        assert read_into(fd, buf, 4096, 8192) == 4096
+        assert read_into(fd, buf, 4096, 8192, hold=True) == 4096
         assert buf[:4096] == data[8192:12288]
         os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        assert read_exact(fd, 65536, 131072) == data[131072:196608]
-        assert read_into(fd, buf, 8192, len(data) - 4096) == 4096  # short at the end
-        assert read_exact(fd, 8192, len(data) - 4096) == data[-4096:] + bytes(4096)
+        assert read_exact(fd, 65536, 131072, hold=True) == data[131072:196608]
+        assert read_into(fd, buf, 8192, len(data) - 4096, hold=True) == 4096  # short at the end
+        assert read_exact(fd, 8192, len(data) - 4096, hold=True) == data[-4096:] + bytes(4096)
     finally:
         os.close(fd)
 
@@ -122,11 +122,11 @@ def test_cached_reads_and_page_writes_keep_the_gil(image: int, watch: HoldWatch)
     shm = os.open("/dev/shm", os.O_TMPFILE | os.O_RDWR, 0o600)
     try:
         os.pwrite(shm, data[:4096], 0)
-        assert read_into(shm, buf, 4096, 0) == 4096
+        assert read_into(shm, buf, 4096, 0, hold=True) == 4096
     finally:
         os.close(shm)
-    assert min(others_ran_during(lambda: read_into(image, buf, BIG, 0))) == 0
-    assert min(others_ran_during(lambda: write_pages(image, data, 0))) == 0
+    assert min(others_ran_during(lambda: read_into(image, buf, BIG, 0, hold=True))) == 0
+    assert min(others_ran_during(lambda: write_pages(image, data, 0, hold=True))) == 0
     assert max(others_ran_during(lambda: os.preadv(image, [buf], 0), until_it_ran=True)) > 0
     assert os.pread(image, BIG, 0) == data
 
@@ -134,9 +134,29 @@ def test_cached_reads_and_page_writes_keep_the_gil(image: int, watch: HoldWatch)
 def test_a_pause_makes_every_call_an_ordinary_one(image: int, watch: HoldWatch) -> None:
     """After a call slept too long, calls let go of the GIL again for the pause."""
     buf = bytearray(BIG)
-    assert min(others_ran_during(lambda: read_into(image, buf, BIG, 0))) == 0
+    assert min(others_ran_during(lambda: read_into(image, buf, BIG, 0, hold=True))) == 0
     assert watch.took(0.0, 1e12, slept=True)  # a pause that outlasts the test
-    assert max(others_ran_during(lambda: read_into(image, buf, BIG, 0), until_it_ran=True)) > 0
+    assert (
+        max(others_ran_during(lambda: read_into(image, buf, BIG, 0, hold=True), until_it_ran=True))
+        > 0
+    )
+
+
+def test_only_local_file_systems_hold(image: int) -> None:
+    """The test's own file system and tmpfs are local; /proc and a pipe are not in the list (nor
+    NFS, SMB or FUSE, where a call may wait for a server). Not held, a read lets go of the GIL."""
+    assert may_hold(image)
+    shm = os.open("/dev/shm", os.O_TMPFILE | os.O_RDWR, 0o600)
+    proc = os.open("/proc/self/stat", os.O_RDONLY)
+    r, w = os.pipe()
+    try:
+        assert (may_hold(shm), may_hold(proc), may_hold(r)) == (True, False, False)
+    finally:
+        for fd in (shm, proc, r, w):
+            os.close(fd)
+    buf = bytearray(BIG)
+    ran = others_ran_during(lambda: read_into(image, buf, BIG, 0, hold=False), until_it_ran=True)
+    assert max(ran) > 0
 
 
 def test_writes_of_any_shape_land(image: int) -> None:
@@ -149,17 +169,17 @@ def test_writes_of_any_shape_land(image: int) -> None:
         (20480, memoryview(os.urandom(4096))),
     ]
     for offset, data in cases:
-        write_pages(image, data, offset)
+        write_pages(image, data, offset, hold=True)
         assert os.pread(image, len(data), offset) == bytes(data)
 
 
-def test_errors_are_raised_as_os_raises_them(tmp_path: Path, image: int) -> None:
+def test_errors_are_raised_as_os_raises_them(tmp_path: Path) -> None:
     """A write to a read-only descriptor is EBADF and a seek for data past the last data is
     ENXIO, as ``os`` raises them (the undo capture's allocation walk relies on the second)."""
     ro = os.open(tmp_path / "ro", os.O_RDONLY | os.O_CREAT, 0o600)
     try:
         with pytest.raises(OSError, match="Bad file descriptor") as bad:
-            write_pages(ro, bytes(4096), 0)
+            write_pages(ro, bytes(4096), 0, hold=True)
         assert bad.value.errno == errno.EBADF
     finally:
         os.close(ro)
@@ -167,10 +187,12 @@ def test_errors_are_raised_as_os_raises_them(tmp_path: Path, image: int) -> None
     try:
         os.ftruncate(sparse, 1 << 24)
         os.pwrite(sparse, b"x" * 4096, 1 << 20)
-        assert seek(sparse, 0, os.SEEK_DATA) == os.lseek(sparse, 0, os.SEEK_DATA)
-        assert seek(sparse, 1 << 20, os.SEEK_HOLE) == os.lseek(sparse, 1 << 20, os.SEEK_HOLE)
+        assert seek(sparse, 0, os.SEEK_DATA, hold=True) == os.lseek(sparse, 0, os.SEEK_DATA)
+        assert seek(sparse, 1 << 20, os.SEEK_HOLE, hold=True) == os.lseek(
+            sparse, 1 << 20, os.SEEK_HOLE
+        )
         with pytest.raises(OSError, match="No such device or address") as past:
-            seek(sparse, 2 << 20, os.SEEK_DATA)
+            seek(sparse, 2 << 20, os.SEEK_DATA, hold=True)
         assert past.value.errno == errno.ENXIO
     finally:
         os.close(sparse)
