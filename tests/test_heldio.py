@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +35,11 @@ def others_ran_during(call: Callable[[], object], *, until_it_ran: bool = False)
         while not stop.is_set():
             count[0] += 1
 
+    # CPython makes the holder let go of the GIL where it can (between bytecodes) once a thread
+    # has waited a switch interval: a long one keeps such switches out of the Python around the
+    # call. (A test before may have shortened it: agents/shiploop.py does, process-wide.)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.2)
     spinner = threading.Thread(target=spin)
     spinner.start()
     try:
@@ -47,6 +53,7 @@ def others_ran_during(call: Callable[[], object], *, until_it_ran: bool = False)
     finally:
         stop.set()
         spinner.join()
+        sys.setswitchinterval(interval)
 
 
 @pytest.fixture
