@@ -19,9 +19,32 @@ import zstandard
 from common.hrl.format import MAX_ZSTD_WINDOW, ZSTD_FRAME_MAGIC
 
 _BLOCK_HEADER: Final = 3
+_RAW: Final = 0
 _RLE: Final = 1
 _RESERVED: Final = 3
 _CHECKSUM: Final = 4
+_MAX_BLOCK: Final = 128 * 1024  # zstd's largest block content
+_SINGLE_SEGMENT: Final = 0x20  # frame header descriptor: no window descriptor, window = content
+
+
+def stored_frame(data: memoryview) -> bytes:
+    """A standard zstd frame that holds ``data`` (1 byte to 8 MiB) as it is, in raw blocks: what
+    zstd itself makes of incompressible data, without its attempt to compress it first
+    (RFC 8878, 3.1.1: a single-segment frame with its content size, then raw blocks)."""
+    length = data.nbytes
+    if length < 256:
+        fcs = bytes((_SINGLE_SEGMENT, length))
+    elif length < 65536 + 256:
+        fcs = bytes((_SINGLE_SEGMENT | 0x40,)) + struct.pack("<H", length - 256)
+    else:
+        fcs = bytes((_SINGLE_SEGMENT | 0x80,)) + struct.pack("<I", length)
+    parts: list[bytes | memoryview] = [ZSTD_FRAME_MAGIC, fcs]
+    for pos in range(0, length, _MAX_BLOCK):
+        size = min(_MAX_BLOCK, length - pos)
+        last = int(pos + size == length)
+        parts.append((size << 3 | _RAW << 1 | last).to_bytes(_BLOCK_HEADER, "little"))
+        parts.append(data[pos : pos + size])
+    return b"".join(parts)
 
 
 def check_frame(frame: memoryview, length: int) -> tuple[str | None, bool]:
@@ -76,4 +99,4 @@ def decompress_frames(
     return [out[i].tobytes() for i in range(len(out))]
 
 
-__all__ = ["check_frame", "decompress_frames"]
+__all__ = ["check_frame", "decompress_frames", "stored_frame"]
