@@ -168,7 +168,6 @@ def read_into(fd: int, buf: bytearray, length: int, offset: int, *, hold: bool) 
     """Read up to ``length`` bytes at ``offset`` into the start of ``buf``; how many were read
     (fewer only at the end of the file). Kept under the GIL when the page cache has them and
     ``hold`` (:func:`may_hold` of ``fd``)."""
-    view = memoryview(buf)[:length]
     if hold and _preadv2 is not None and length <= len(buf):
         now = time.perf_counter()
         if WATCH.allowed(now):
@@ -178,7 +177,7 @@ def read_into(fd: int, buf: bytearray, length: int, offset: int, *, hold: bool) 
             _note_slow(now, sleeps, "preadv2")
             if got >= 0:
                 return got
-    return os.preadv(fd, [view], offset)
+    return os.preadv(fd, [memoryview(buf)[:length]], offset)
 
 
 def read_exact(fd: int, length: int, offset: int, *, hold: bool) -> bytes:
@@ -217,13 +216,11 @@ def write_pages(fd: int, data: bytes | bytearray | memoryview, offset: int, *, h
         and WATCH.allowed(now := time.perf_counter())
     ):
         sleeps = _sleeps()
-        done = _pwrite(fd, data, length, offset)
+        done = max(0, _pwrite(fd, data, length, offset))  # -1: the ordinary call raises
         _note_slow(now, sleeps, "pwrite")
-        if done == length:
-            return
-        if done > 0:
+        if done < length:
             pwrite_all(fd, memoryview(data)[done:], offset + done)
-            return
+        return
     pwrite_all(fd, data, offset)
 
 
