@@ -29,7 +29,14 @@ def fio_output(*jobs: tuple[float, float, int, int, int]) -> str:
                     "iops": iops,
                     "bw": bw_kib,
                     "io_bytes": io_bytes,
-                    "clat_ns": {"percentile": {"50.000000": p50, "99.000000": p99}},
+                    "clat_ns": {
+                        "percentile": {
+                            "50.000000": p50,
+                            "90.000000": 2 * p50,
+                            "99.000000": p99,
+                            "99.900000": 3 * p99,
+                        }
+                    },
                 }
             }
             for iops, bw_kib, io_bytes, p50, p99 in jobs
@@ -46,7 +53,9 @@ def test_parse_fio_reads_every_job() -> None:
         "iops": 5120.0,
         "mib_s": 20.0,
         "clat_p50_ms": 0.23,
+        "clat_p90_ms": 0.46,
         "clat_p99_ms": 4.88,
+        "clat_p999_ms": 14.64,
         "bytes": float(1 << 30),
     }
     assert second["mib_s"] == 1.0
