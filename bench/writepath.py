@@ -16,8 +16,8 @@ nothing dirty in the page cache (``sync`` before it, whoever it is):
 - ``randwrite-4k-20m``: 4 KiB random writes at 20 MiB/s, queue depth 4 (latency).
 
 fio refills its buffers with random bytes, so nothing compresses. Reported per job: IOPS,
-MiB/s, fio completion latency p50/p99; for ours also the write-to-replica lag p50/p99 (the
-bound ``applied[k] - cut[k-1]`` over the cycles that carried load, as ``broker_lag.py``
+MiB/s, fio completion latency p50/p90/p99/p99.9; for ours also the write-to-replica lag p50/p99
+(the bound ``applied[k] - cut[k-1]`` over the cycles that carried load, as ``broker_lag.py``
 defines it), the seconds from the end of the load until a cut taken after it was applied (one
 4 KiB marker write after each job makes sure such a cut comes; it counts in the catch-up and
 the shipped bytes), data bytes the agent shipped (``batch_acked``'s ``data_bytes``, before
