@@ -80,7 +80,14 @@ async def _freeze_mid_upload(
     """SIGSTOP the owner, then write: the next batch's upload waits on the frozen owner, which
     never answers; the agent drops it when it learns of the new owner and is acked there.
     Returns seconds from the freeze to that ack. (Freezing first: a burst's batch may be
-    uploaded and acked within the moments a freeze "mid-upload" aims for.)"""
+    uploaded and acked within the moments a freeze "mid-upload" aims for.)
+
+    A freeze that lands inside one of the owner's write sections (a journal write or an apply:
+    with 0.25 s cycles the owner is often in one) keeps the new owner off that VM until the
+    section ends, as it must for a process that may wake and write (decision 031); the agent
+    is told so, and the refusal names the fix, to kill that broker. The test then does what
+    an operator or a fencing agent would, and counts from the kill instead (this wait made the
+    test fail once in CI, after 120 s)."""
     owner = watch.current()
     assert owner is not None
     victim = _by_node(members, owner.node)
@@ -95,8 +102,15 @@ async def _freeze_mid_upload(
         _, new = await watch.new_owner(owner.epoch, 30)
         assert new.node != victim.node
         deadline = time.monotonic() + 120
+        fenced = False
         while not log_events(agent.log, "batch_acked", mark):
             assert time.monotonic() < deadline, f"agent did not resume: {agent.log}"
+            if not fenced and any(
+                "deposed owner is still writing" in str(e.get("error"))
+                for e in log_events(agent.log, "broker_unavailable", mark)
+            ):
+                victim.signal(signal.SIGKILL)
+                fenced, frozen = True, time.monotonic()
             await asyncio.sleep(0.05)
         resumed = time.monotonic() - frozen
         # What waited on the frozen owner is the burst's upload, or the cycle's statement sent
