@@ -67,8 +67,8 @@ _FILL_VIEWS = {kind: memoryview(fill) for kind, fill in _FILLS.items()}
 
 # Frozen-map states that mean "this block's data goes in the batch".
 _AS_DATA = bytes.maketrans(bytes([COWED, SENT]), bytes([DATA, DATA]))
+_AS_MARKED = bytes([0]) + bytes([1]) * 255
 _RUNS = re.compile(rb"\x01+|\x02+|\x03+")
-_MARKED = re.compile(rb"[^\x00]")
 _CLEAN_RUNS = re.compile(rb"\x00+")
 _SCAN = 1 << 22  # blocks examined per scan window (4 MiB of map)
 
@@ -77,6 +77,11 @@ def _fill(kind: int, n: int) -> bytes | memoryview:
     if n <= _FILL:
         return memoryview(_FILLS[kind])[:n]
     return bytes([kind]) * n
+
+
+def _ones(n: int) -> bytes | memoryview:
+    """``n`` bytes of 1 (marked or pending regions)."""
+    return _fill(1, n)
 
 
 def _assign(mm: mmap.mmap, b0: int, b1: int, kind: int) -> int:
@@ -267,7 +272,12 @@ class DirtyMap:
         self.image = image
         self.sync_marks = sync_marks
         self.active = self.new_map()
+        self._spare: BlockMap | None = None  # the next cut's active map, made ahead (swap)
+        self._closed = False
         self._regions = bytearray(self.nregions)  # mirror of the persisted region bytes
+        # 1 where a write landed since the last swap() (always a marked region): what settle()
+        # must keep marked.
+        self._pending = bytearray(self.nregions)
         self._fd = -1
         self._mark_gen = 0  # bumped on every persisted mark; compared by sync()
         self._synced_gen = 0
@@ -320,7 +330,7 @@ class DirtyMap:
                 f"the disk now has size {self.size} / region {self.region_size}"
             )
         regions = raw[HEADER_SIZE : HEADER_SIZE + self.nregions].ljust(self.nregions, b"\0")
-        self._regions[:] = regions
+        self._regions[:] = regions.translate(_AS_MARKED)  # settle() needs 0 and 1 only
         clean = bool(flags & _FLAG_CLEAN)
         lost: str | None = None
         if clean:
@@ -419,7 +429,11 @@ class DirtyMap:
                 os.fdatasync(self._fd)
             os.close(self._fd)
             self._fd = -1
+        self._closed = True
         self.active.close()
+        if self._spare is not None:
+            self._spare.close()
+            self._spare = None
 
     def _save_fine(self) -> None:
         data = self.active.mm[: self.nblocks] + self.active.grains.mm[:]
@@ -468,10 +482,14 @@ class DirtyMap:
     def _persist(self, b0: int, b1: int) -> None:
         r0 = b0 // self.blocks_per_region
         r1 = (b1 - 1) // self.blocks_per_region + 1
+        pending = self._pending
+        if pending.find(0, r0, r1) == -1:
+            return  # pending regions are marked already
+        pending[r0:r1] = _ones(r1 - r0)
         if self._regions.find(0, r0, r1) == -1:
             return
         n = r1 - r0
-        self._regions[r0:r1] = b"\x01" * n
+        self._regions[r0:r1] = _ones(n)
         if self._fd < 0:
             return
         # One small write per newly dirtied area; it reaches the page cache before the data
@@ -502,10 +520,23 @@ class DirtyMap:
         return BlockMap(self.nblocks, self.grains_per_block)
 
     def swap(self) -> BlockMap:
-        """Freeze the active map (returned) and start a new, empty one. Atomic in the loop."""
+        """Freeze the active map (returned) and start a new, empty one. Atomic in the loop.
+
+        The new one is the spare :meth:`make_spare` made when there is one: making a map (two
+        memfds and their mappings, ~85 us in the agent) in the cut's own step kept guest
+        requests waiting.
+        """
         frozen = self.active
-        self.active = self.new_map()
+        self.active = self._spare if self._spare is not None else self.new_map()
+        self._spare = None
+        self._pending = bytearray(self.nregions)
         return frozen
+
+    def make_spare(self) -> None:
+        """Make the map the next :meth:`swap` takes (nothing once closed). Meant for a loop step
+        of its own between cuts (``TrackedExport.end_cut`` asks for one)."""
+        if self._spare is None and not self._closed:
+            self._spare = self.new_map()
 
     def merge_back(self, frozen: BlockMap) -> None:
         """Return a failed batch's changes to the active map; newer marks keep their kind.
@@ -519,41 +550,32 @@ class DirtyMap:
             active.fill_clean(b0, b1, kind, whole=False)
             active.grains.or_from(frozen.grains, b0 * gpb, b1 * gpb)
 
-    def settle(self, frozen: BlockMap) -> int:
-        """After a durable ack of ``frozen``'s batch, clear its regions that hold no newer change.
+    def settle(self) -> int:
+        """After a durable ack of the cut frozen at the last :meth:`swap`, clear the marked regions
+        the active map holds no change in; return how many were cleared.
 
-        Returns how many regions were cleared. The clears need no sync: losing one only makes
-        a later recovery more pessimistic.
+        Every change to such a region was in that cut or an earlier acked one: between a cut's
+        swap and its settle the active map changes only by guest writes, each of which counts its
+        regions as pending (a failed batch merges back instead of settling, and its changes go
+        into the next cut). Found with whole-map integer operations, not a Python step per
+        region: this runs in a step of the NBD loop, and a 100 GiB disk under scattered writes
+        has 25,600 marked regions (13 ms of the guests' time per cycle, walked one by one). The
+        clears need no sync: losing one only makes a later recovery more pessimistic.
         """
-        bpr = self.blocks_per_region
-        cleared = 0
-        for r in self._settled_regions(frozen):
-            if self.active.any_dirty(r * bpr, min((r + 1) * bpr, self.nblocks)):
-                continue
-            self._regions[r] = 0
-            if self._fd >= 0:
-                os.pwrite(self._fd, b"\0", HEADER_SIZE + r)
-            cleared += 1
-        return cleared
-
-    def _settled_regions(self, frozen: BlockMap) -> Iterator[int]:
-        """The marked regions ``frozen`` holds changes in. It runs in a step of the NBD loop
-        after every ack, so it walks whichever is shorter: the marked regions (each checked in
-        C), or the batch's runs (a Python step each: thousands for scattered small writes)."""
-        bpr = self.blocks_per_region
-        marked = self.nregions - self._regions.count(0)
-        if marked <= frozen.dirty:
-            for m in _MARKED.finditer(self._regions):
-                r = m.start()
-                if frozen.any_dirty(r * bpr, min((r + 1) * bpr, self.nblocks)):
-                    yield r
-            return
-        last = -1
-        for b0, b1, _kind in frozen.runs():
-            for r in range(max(b0 // bpr, last + 1), (b1 - 1) // bpr + 1):
-                last = r
-                if self._regions[r]:
-                    yield r
+        n = self.nregions
+        marked = int.from_bytes(self._regions, "big")
+        pending = int.from_bytes(self._pending, "big")
+        # Both hold only 0 and 1 bytes, so bitwise operations on them work byte by byte.
+        cleared = (marked & ~pending).to_bytes(n, "big")
+        lo = cleared.find(1)
+        if lo < 0:
+            return 0
+        hi = cleared.rfind(1) + 1
+        self._regions[:] = (marked & pending).to_bytes(n, "big")
+        if self._fd >= 0:
+            # One write of the changed span (the regions between hold what the file holds).
+            os.pwrite(self._fd, self._regions[lo:hi], HEADER_SIZE + lo)
+        return cleared.count(1)
 
     # -- introspection ---------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from agents import dirtymap
 from agents.dirtymap import DATA, TRIM, ZERO, BlockMap, DirtyMap
+from agents.disk import TrackedExport
 from agents.errors import TrackingError
 from common.fsio import data_extents
 
@@ -92,7 +94,7 @@ def test_settle_clears_only_regions_without_newer_changes(tmp_path: Path) -> Non
     dm.mark(5 * MiB, 4096)  # region 1
     frozen = dm.swap()
     dm.mark(5 * MiB + 8192, 4096)  # region 1 is dirty again after the cut
-    assert dm.settle(frozen) == 1
+    assert dm.settle() == 1
     assert dm.persisted_region_flags()[:2] == b"\x00\x01"
     frozen.close()
     # Newly dirtying region 0 again costs one more persisted write.
@@ -235,12 +237,12 @@ def test_file_extents_skip_holes(tmp_path: Path) -> None:
     assert hi - lo < 2 * MiB
 
 
-def test_settle_walks_regions_or_runs_alike(tmp_path: Path) -> None:
-    """Settling by the marked regions (few of them, many scattered changes) clears exactly what
-    settling by the batch's runs (few changes) clears."""
+def test_settle_clears_exactly_the_marked_regions_left_without_changes(tmp_path: Path) -> None:
+    """Scattered writes before and after the cut: settle clears a marked region exactly when
+    the cut held a change there and no newer write did (block by block, the definition)."""
     rng = random.Random(7)
     size = 256 * MiB
-    for writes in (3, 5000):  # fewer runs than marked regions (runs walked), then far more
+    for writes in (3, 5000):
         (tmp_path / str(writes)).mkdir()
         dm = _map(tmp_path / str(writes), size)
         for _ in range(writes):
@@ -255,7 +257,97 @@ def test_settle_walks_regions_or_runs_alike(tmp_path: Path) -> None:
             lo, hi = r * bpr, min((r + 1) * bpr, dm.nblocks)
             if frozen.any_dirty(lo, hi) and not dm.active.any_dirty(lo, hi):
                 expected[r] = 0
-        assert dm.settle(frozen) == sum(a != b for a, b in zip(marked, expected, strict=True))
+        assert dm.settle() == sum(a != b for a, b in zip(marked, expected, strict=True))
         assert dm.persisted_region_flags() == bytes(expected)
         assert expected != marked  # something was cleared: the test can fail
+        on_disk = (tmp_path / str(writes) / "d.map").read_bytes()
+        assert on_disk[dirtymap.HEADER_SIZE :] == bytes(expected)  # the file says the same
         frozen.close()
+
+
+def test_a_failed_batch_keeps_its_regions_marked(tmp_path: Path) -> None:
+    """Changes merged back after a failed batch are pending again: the next ack of a cut that
+    did not carry them clears nothing of theirs."""
+    dm = _map(tmp_path)
+    dm.mark(0, 4096)  # region 0
+    frozen = dm.swap()
+    dm.merge_back(frozen)  # the batch failed
+    frozen.close()
+    dm.mark(5 * MiB, 4096)  # region 1, then a cut that carries both
+    frozen = dm.swap()
+    dm.mark(100, 1)  # region 0 changes again after the cut
+    assert dm.settle() == 1
+    assert dm.persisted_region_flags()[:2] == b"\x01\x00"
+    frozen.close()
+
+
+def test_blocks_merged_back_unmarked_leave_the_next_write_its_mark(tmp_path: Path) -> None:
+    """An initial copy's blocks go back into the active map unmarked when its batch fails; a
+    guest write there afterwards must still persist its region's mark before its data."""
+    dm = _map(tmp_path)
+    frozen = dm.swap()
+    frozen.set_range(0, dm.blocks_per_region, DATA)  # region 0, as an initial copy adds it
+    dm.merge_back(frozen)
+    frozen.close()
+    assert dm.persisted_region_flags()[0] == 0
+    before = dm.map_writes
+    dm.mark(4096, 4096)
+    assert dm.map_writes == before + 1
+    assert dm.persisted_region_flags()[0] == 1
+
+
+def test_region_bytes_other_than_one_still_count_as_marked(tmp_path: Path) -> None:
+    """A persisted region byte that is neither 0 nor 1 (another version, a stray write) is a
+    mark: after an unclean stop its region is dirty, and settle clears it like any other."""
+    dm = _map(tmp_path)
+    dm.close(clean=False)
+    path = tmp_path / "d.map"
+    with path.open("r+b") as fh:
+        fh.seek(dirtymap.HEADER_SIZE + 2)
+        fh.write(b"\x07")
+    dm = _map(tmp_path)
+    bpr = dm.blocks_per_region
+    assert dm.active.any_dirty(2 * bpr, 3 * bpr)
+    assert dm.persisted_region_flags()[2] == 1
+    frozen = dm.swap()
+    assert dm.settle() == 1
+    assert dm.persisted_region_flags()[2] == 0
+    frozen.close()
+
+
+async def test_the_next_cuts_map_is_made_between_cuts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end of a cut leaves making the next cut's map and releasing its own to later steps of
+    the loop, one each, so neither it nor the next cut makes or unmaps a map."""
+    image = tmp_path / "img"
+    with image.open("wb") as fh:
+        fh.truncate(16 * MiB)
+    export = TrackedExport(image, "d", map_path=tmp_path / "e.map")
+    export.open()
+    made: list[BlockMap] = []
+    new_map = export.map.new_map
+
+    def counted() -> BlockMap:
+        made.append(new_map())
+        return made[-1]
+
+    monkeypatch.setattr(export.map, "new_map", counted)
+    try:
+        cut = export.begin_cut()
+        assert len(made) == 1  # no spare yet: the first cut makes its map itself
+        export.write(0, memoryview(b"x" * 4096), False)
+        export.end_cut(acked=True)
+        assert len(made) == 1  # the next map is not made in the end's step
+        assert not cut.frozen.mm.closed  # not in the end's step either
+        await asyncio.sleep(0)
+        assert len(made) == 2  # made in the next step
+        assert not cut.frozen.mm.closed
+        await asyncio.sleep(0)
+        assert cut.frozen.mm.closed  # released in the one after
+        export.begin_cut()
+        assert len(made) == 2
+        assert export.map.active is made[1]
+        export.end_cut(acked=False)
+    finally:
+        export.close()
