@@ -12,11 +12,12 @@ from xml.sax.saxutils import quoteattr
 import click
 
 from agents.control import control_socket_path, read_status
+from agents.disk import COW_MEMORY_LIMIT
 from agents.errors import AgentError
 from agents.service import run_agent
 from agents.startup import export_name, socket_path
 from common.config import AgentConfig, load_config
-from common.heap import settle_heap
+from common.heap import keep_freed_memory, settle_heap
 from common.stacks import dump_on_sigusr1
 
 _config_option = click.option(
@@ -47,6 +48,7 @@ def run(config_path: Path, no_uvloop: bool) -> None:
     config = _load(config_path)
     coro = run_agent(config, source=str(config_path))
     settle_heap()
+    keep_freed_memory(COW_MEMORY_LIMIT)  # one disk's copies, freed at each cut's end
     if no_uvloop:
         asyncio.run(coro)
         return
