@@ -107,12 +107,28 @@ class CutClock:
         self._last = max(self._last, cut_id)
 
     def next(self) -> int:
-        """The next cut id (synchronous: a block reservation is one small fsynced write)."""
+        """The next cut id. Synchronous, and called in the loop step of the cut: only when no
+        id is left reserved does it write (and fsync) a reservation itself, which
+        :meth:`reserve_ahead` off the loop avoids."""
         cut_id = self._last + 1
         if cut_id > self._reserved:
-            reserved = cut_id + self.block - 1
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.path, json.dumps({"reserved_to": reserved}).encode())
-            self._reserved = reserved
+            self._reserve(cut_id + self.block - 1)
         self._last = cut_id
         return cut_id
+
+    @property
+    def running_low(self) -> bool:
+        """Under half a block of ids is left reserved (always so before the first cut)."""
+        return self._reserved - self._last < self.block // 2 + 1
+
+    def reserve_ahead(self) -> None:
+        """Reserve the next block before :meth:`next` needs it: the fsynced write, tens of ms on
+        a busy disk, then happens on a worker thread instead of in a cut, where every guest
+        request of the agent's loop would wait for it. The caller keeps :meth:`next` from
+        running meanwhile (the VM's worker lock)."""
+        self._reserve(max(self._reserved, self._last) + self.block)
+
+    def _reserve(self, reserved: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, json.dumps({"reserved_to": reserved}).encode())
+        self._reserved = reserved

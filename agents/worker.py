@@ -77,6 +77,9 @@ class VMWorker:
         due = time.monotonic()  # the first cut right away: ship what the map recovered
         previous = 0.0  # when the last shipped cycle began (its cut)
         while not stop.is_set():
+            if self.cuts.running_low:
+                async with self.lock:  # no cut takes an id while the file is written
+                    await asyncio.to_thread(self.cuts.reserve_ahead)
             delay = due - time.monotonic()
             if delay > 0:
                 with contextlib.suppress(TimeoutError):

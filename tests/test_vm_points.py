@@ -204,6 +204,28 @@ def test_cut_ids_grow_across_restarts_and_never_repeat(tmp_path: Path) -> None:
     assert oct(path.stat().st_mode & 0o777) == "0o600"
 
 
+def test_ids_reserved_ahead_leave_the_cuts_nothing_to_write(tmp_path: Path) -> None:
+    """Reserved ahead whenever it runs low (as the VM's worker does off the loop), the clock's
+    cuts never write the file themselves, and a restart still resumes past every id."""
+    path = tmp_path / "_cuts.json"
+    clock = CutClock(path, block=8)
+    handed: list[int] = []
+    writes = 0
+    for _ in range(40):
+        if clock.running_low:
+            clock.reserve_ahead()
+            writes += 1
+        stamp = path.stat().st_mtime_ns, path.stat().st_ino
+        handed.append(clock.next())
+        assert (path.stat().st_mtime_ns, path.stat().st_ino) == stamp  # the cut wrote nothing
+    assert handed == list(range(1, 41))
+    assert writes <= 40 // 4 + 1  # one write per half block, not per cut
+    assert CutClock(path, block=8).next() > 40
+    clock.observe(1_000)  # a jump past the reservation: the cut reserves for itself
+    assert clock.next() == 1_001
+    assert CutClock(path, block=8).next() > 1_001
+
+
 @pytest.mark.parametrize("content", ['{"reserved_to": "9"}', "[1]", '{"reserved_to": -1}', "{"])
 def test_an_unreadable_cut_id_file_is_refused_naming_it(tmp_path: Path, content: str) -> None:
     """A damaged ``_cuts.json`` stops the agent with an error naming the file and the fix."""
