@@ -167,7 +167,11 @@ class Cut:
         if first < 0:
             return
         last = mm.rfind(_DATA_BYTE, first, b1)
-        start = self._span(first)[0]
+        start, end = self._span(first)
+        if last == first:  # the usual guest write, within one block: its bytes as read
+            self.cow.put(first, start, bytes(self.reader(start, end - start)))
+            mm[first : first + 1] = _COWED_BYTE
+            return
         # One read for the whole span (bounded by the request size), sliced per block.
         view = memoryview(self.reader(start, self._span(last)[1] - start))
         q = first
@@ -363,7 +367,9 @@ class Cut:
         at, saved = self.cow.take(block) if last else self.cow.get(block)
         lo = max(at, offset)
         hi = min(at + len(saved), end)
-        out.append((i // 3, lo - offset, saved[lo - at : hi - at]))
+        # A copy inside the extent (the usual case) goes as it is, not as a sliced copy of it.
+        piece = saved if lo == at and hi - lo == len(saved) else saved[lo - at : hi - at]
+        out.append((i // 3, lo - offset, piece))
 
     def read_many(self, exts: Sequence[PlannedExtent]) -> list[bytes | bytearray]:
         """:meth:`read` of each DATA extent of ``exts`` (in plan order), in one synchronous step."""
