@@ -78,8 +78,7 @@ class VMWorker:
         previous = 0.0  # when the last shipped cycle began (its cut)
         while not stop.is_set():
             if self.cuts.running_low:
-                async with self.lock:  # no cut takes an id while the file is written
-                    await asyncio.to_thread(self.cuts.reserve_ahead)
+                await self._reserve_cut_ids()
             delay = due - time.monotonic()
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
@@ -129,6 +128,20 @@ class VMWorker:
                     due = next_due(started, interval) if self.idle else started + interval
             else:
                 due = time.monotonic() + self.backoff.next_delay()
+
+    async def _reserve_cut_ids(self) -> None:
+        """Reserve the next block of cut ids off the loop. If the file cannot be written, one
+        warning, and the cut that needs the ids tries itself, as it did before this existed."""
+        async with self.lock:  # no cut takes an id while the file is written
+            try:
+                await asyncio.to_thread(self.cuts.reserve_ahead)
+            except OSError as exc:
+                log.warning(
+                    "cut_ids_not_reserved",
+                    path=str(self.cuts.path),
+                    error=str(exc),
+                    fix="make the agent's state_dir writable and give its file system space",
+                )
 
     async def cycle(self, ready: list[DiskReplicator]) -> bool:
         """One cut of every ready disk at the same instant, then ship them all."""
