@@ -31,7 +31,7 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,11 +201,20 @@ class BlockMap:
 
     def close(self) -> None:
         """Release the map's memory."""
+        for step in self.release_steps():
+            step()
+
+    def release_steps(self) -> tuple[Callable[[], None], Callable[[], None]]:
+        """:meth:`close` in two pieces, for a loop to run a step apart: the kernel frees the
+        pages as they are unmapped, ~1 ms for a 100 GiB disk's map after scattered writes, two
+        thirds of it for the grain bits."""
+        return self._close_blocks, self.grains.close
+
+    def _close_blocks(self) -> None:
         self.mm.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        self.grains.close()
 
 
 @dataclass(frozen=True)

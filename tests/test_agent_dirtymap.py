@@ -344,7 +344,10 @@ async def test_the_next_cuts_map_is_made_between_cuts(
         assert len(made) == 2  # made in the next step
         assert not cut.frozen.mm.closed
         await asyncio.sleep(0)
-        assert cut.frozen.mm.closed  # released in the one after
+        assert cut.frozen.mm.closed  # released in the next two
+        assert not cut.frozen.grains.mm.closed
+        await asyncio.sleep(0)
+        assert cut.frozen.grains.mm.closed
         export.begin_cut()
         assert len(made) == 2
         assert export.map.active is made[1]
