@@ -119,7 +119,7 @@ class CutClock:
     @property
     def running_low(self) -> bool:
         """Under half a block of ids is left reserved (always so before the first cut)."""
-        return self._reserved - self._last < self.block // 2 + 1
+        return self._reserved - self._last <= self.block // 2
 
     def reserve_ahead(self) -> None:
         """Reserve the next block before :meth:`next` needs it: the fsynced write, tens of ms on

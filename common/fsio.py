@@ -42,7 +42,9 @@ def _load_libc() -> ctypes.CDLL | None:
         return None
 
 
-def _libc_func(name: str, argtypes: list[Any]) -> Callable[..., int] | None:
+def libc_func(name: str, argtypes: list[Any]) -> Callable[..., int] | None:
+    """The C library's ``name`` with these argument types, returning an ``int``; None where
+    the C library lacks it (or cannot be loaded)."""
     libc = _load_libc()
     func = getattr(libc, name, None) if libc is not None else None
     if func is None:
@@ -53,8 +55,8 @@ def _libc_func(name: str, argtypes: list[Any]) -> Callable[..., int] | None:
     return typed
 
 
-_fallocate = _libc_func("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
-_sync_file_range = _libc_func(
+_fallocate = libc_func("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
+_sync_file_range = libc_func(
     "sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 )
 

@@ -14,10 +14,10 @@ no full collection in 30 s, young collections of 5-12 ms a few times in 10 s.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 from typing import Final
 
+from common.fsio import libc_func
 from common.logs import get_logger
 
 _log = get_logger("common.heap")
@@ -47,12 +47,8 @@ def keep_freed_memory(nbytes: int) -> bool:
     the next cycle faulted them in again, write by write). Kept, they are reused. False (and a
     debug event) where the C library has no ``mallopt`` (musl): only the speed differs.
     """
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
-        mallopt = None
+    mallopt = libc_func("mallopt", [ctypes.c_int, ctypes.c_int])
     if mallopt is None or not mallopt(_M_TRIM_THRESHOLD, nbytes):
-        _log.debug("heap_trim_unchanged", library=name)
+        _log.debug("heap_trim_unchanged", nbytes=nbytes)
         return False
     return True
