@@ -57,6 +57,7 @@ from common.logs import get_logger
 from common.nbd.backend import FileExport
 from common.nbd.server import NBDServer
 from common.roles import State, VMRole
+from common.tasks import cancel_and_wait
 from common.tls import client_context, nbd_server_context
 from common.tls.identities import Identity
 from common.tls.serving import Allowed
@@ -179,9 +180,7 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2):
                     await self.presence.leave()
-        self._presence_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._presence_task
+        await cancel_and_wait([self._presence_task])
         self._presence_task = None
 
     async def _open_vm(self, vm: VMConfig) -> None:
@@ -267,7 +266,8 @@ class Agent:
         if local is None:
             return
         try:
-            rs = await asyncio.wait_for(self.client.state(vm.uuid, disk.id), FENCE_PROBE)
+            async with asyncio.timeout(FENCE_PROBE):
+                rs = await self.client.state(vm.uuid, disk.id)
         except (ShipError, TimeoutError, OSError):
             return
         if rs.generation > local.generation:
@@ -688,7 +688,8 @@ async def run_agent(config: AgentConfig, *, source: str = "agent config") -> Non
         log.info("agent_stopping")
         try:
             # Let a batch in flight finish (it may just be waiting for its ack).
-            await asyncio.wait_for(asyncio.shield(runner), timeout=10.0)
+            async with asyncio.timeout(10.0):
+                await asyncio.shield(runner)
         except TimeoutError:
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -244,7 +244,8 @@ class Shipper:
                 sock.close()
             status = None
             with contextlib.suppress(TimeoutError):
-                status = await asyncio.wait_for(proc.wait(), 5)
+                async with asyncio.timeout(5):
+                    status = await proc.wait()
             if status is None:
                 proc.kill()
                 status = await proc.wait()
@@ -267,7 +268,8 @@ class Shipper:
         """Stop the process (after :meth:`close_ship`): its settle socket closes, it exits."""
         if self._settle_task is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._settle_task), 5)
+                async with asyncio.timeout(5):
+                    await asyncio.shield(self._settle_task)
         if self._proc is not None and self._proc.returncode is None:
             self._proc.kill()
             await self._proc.wait()

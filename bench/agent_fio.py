@@ -62,7 +62,8 @@ async def _serve(args: argparse.Namespace) -> dict[str, int]:
     try:
         while not stop.is_set():
             try:
-                await asyncio.wait_for(stop.wait(), args.cycle)
+                async with asyncio.timeout(args.cycle):
+                    await stop.wait()
             except TimeoutError:
                 export.begin_cut()
                 export.end_cut(acked=True)  # as if the batch was acked: regions clear

@@ -63,6 +63,7 @@ from common.logs import get_logger
 from common.mqtt import MQTTLink
 from common.nbd.server import NBDServer
 from common.stacks import arm_stop_deadline
+from common.tasks import cancel_and_wait
 from common.tls import Identity, MutualTLSSite, server_context
 
 _log = get_logger("broker.service")
@@ -319,11 +320,7 @@ class BrokerService:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2):
                     await self.membership.leave()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         if self._runner is not None:
             await self._runner.cleanup()
         await self.end_owning()

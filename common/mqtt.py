@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
@@ -36,6 +37,23 @@ from common.tls import Rejection, client_context, describe_tls_error
 from common.tls.identities import Identity
 
 log = get_logger("replikant.mqtt")
+
+#: How long a publish or a subscribe waits for the MQTT broker's acknowledgement.
+ACK_TIMEOUT = 5.0
+
+
+async def _acked(call: Awaitable[Any]) -> None:
+    """Await an aiomqtt publish or subscribe made with ``timeout=math.inf`` within our own bound:
+    aiomqtt's bound goes through ``asyncio.wait_for``, which on Python 3.11 can lose a cancel
+    that arrives with the acknowledgement (see common/tasks.py)."""
+    try:
+        async with asyncio.timeout(ACK_TIMEOUT):
+            await call
+    except TimeoutError:
+        raise aiomqtt.MqttError(
+            f"the MQTT broker did not acknowledge within {ACK_TIMEOUT:.0f} s"
+        ) from None
+
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -261,7 +279,11 @@ class MQTTLink:
             log.debug("mqtt_publish_deferred", topic=topic)
             return
         try:
-            await client.publish(topic, self._wire(topic, payload), qos=1, retain=retain)
+            await _acked(
+                client.publish(
+                    topic, self._wire(topic, payload), qos=1, retain=retain, timeout=math.inf
+                )
+            )
         except aiomqtt.MqttError as exc:
             log.warning("mqtt_publish_failed", topic=topic, error=str(exc))
 
@@ -295,11 +317,19 @@ class MQTTLink:
                     delay = 0.2
                     log.info("mqtt_connected", host=self.address.host, port=self.address.port)
                     for topic, payload in list(self._retained.items()):
-                        await client.publish(topic, self._wire(topic, payload), qos=1, retain=True)
+                        await _acked(
+                            client.publish(
+                                topic,
+                                self._wire(topic, payload),
+                                qos=1,
+                                retain=True,
+                                timeout=math.inf,
+                            )
+                        )
                     for callback in self.on_connect:
                         callback()
                     for sub in self._subscriptions:
-                        await client.subscribe(sub.topic_filter, qos=1)
+                        await _acked(client.subscribe(sub.topic_filter, qos=1, timeout=math.inf))
                     # Connected only now: a request sent from here on finds our reply topic
                     # subscribed (the MQTT broker handles one client's packets in order).
                     self._connected.set()

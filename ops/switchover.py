@@ -156,7 +156,8 @@ class Run:
 
 async def _reach(coro: Awaitable[Any]) -> Any:
     try:
-        return await asyncio.wait_for(coro, SURVEY_SECONDS)
+        async with asyncio.timeout(SURVEY_SECONDS):
+            return await coro
     except (AdminError, TimeoutError):
         return None
 

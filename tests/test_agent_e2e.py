@@ -156,7 +156,8 @@ async def test_replikant_verify_against_agent_and_broker(tmp_path: Path) -> None
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        async with asyncio.timeout(60):
+            out, err = await proc.communicate()
         assert proc.returncode == 0, err.decode()
         doc = json.loads(out)
         assert doc["result"] == "match"

@@ -96,7 +96,8 @@ class Rig:
         """Stop the loops and the agent."""
         if self.stop is not None and self.task is not None:
             self.stop.set()
-            await asyncio.wait_for(self.task, 20)
+            async with asyncio.timeout(20):
+                await self.task
         if self.agent is not None:
             await self.agent.stop(clean=clean)
         self.agent = self.stop = self.task = None

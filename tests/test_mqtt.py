@@ -192,3 +192,42 @@ async def test_subscriptions_get_retained_records_and_drop_invalid_ones(pki: Pki
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+
+
+@pytest.mark.mosquitto
+async def test_a_publish_cancelled_as_its_ack_lands_ends_cancelled(tmp_path: Path) -> None:
+    """A publish whose task is cancelled in the very loop step its PUBACK arrives ends
+    cancelled. Through aiomqtt's own timeout (``asyncio.wait_for`` on Python 3.11) the cancel
+    was lost, the task ran on, and a broker's stop awaited it forever (common/tasks.py).
+
+    The cancel is aimed at that step from paho's PUBACK callback, wrapped here: no timing from
+    outside can hit one loop step reliably. Mosquitto and the acknowledgement are real."""
+    port = free_port()
+    link = MQTTLink(f"mqtt://127.0.0.1:{port}", client_id="b1")
+    with mosquitto(tmp_path, port):
+        runner = asyncio.create_task(link.run())
+        try:
+            async with asyncio.timeout(10):
+                await link.wait_connected()
+            assert link._client is not None
+            paho = link._client._client
+            acked = paho.on_publish
+            publisher: asyncio.Task[None] | None = None
+
+            def on_publish(*args: object) -> None:
+                acked(*args)  # sets the publish's confirmation: its result is in
+                assert publisher is not None
+                publisher.cancel()  # and the cancel arrives in the same step
+
+            paho.on_publish = on_publish
+            for epoch in range(1, 21):
+                publisher = asyncio.create_task(
+                    link.publish(topics.member("dr", "b1"), _record(epoch))
+                )
+                done, _ = await asyncio.wait([publisher], timeout=10)
+                assert done, "the publish did not end"
+                assert publisher.cancelled(), f"publish {epoch} lost its cancel and ran on"
+        finally:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
