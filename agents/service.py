@@ -691,9 +691,7 @@ async def run_agent(config: AgentConfig, *, source: str = "agent config") -> Non
             async with asyncio.timeout(10.0):
                 await asyncio.shield(runner)
         except TimeoutError:
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
+            await cancel_and_wait([runner])
     finally:
         await agent.stop(clean=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
