@@ -8,8 +8,9 @@ Per batch ``S`` (one worker thread per replica, in sequence order):
    image may be half written, so recapturing would save the wrong bytes);
 3. publish the segment to open point views, *then* write the data: DATA by ``pwrite`` and read
    back against the batch's checksum, ZERO and TRIM by punching holes;
-4. fdatasync the image, append ``S`` to ``applied.log`` (the commit), save meta, delete the
-   journal file.
+4. fdatasync the image, append ``S`` to ``applied.log`` (the commit), move meta's applied
+   counters in memory (saved only when the initial sync's state changes: loading the replica
+   brings them up to the log), delete the journal file.
 
 A crash anywhere before 4 replays ``S`` from its journal file at the next start; steps 2-3 are
 idempotent given the "capture once" rule, and the commit line is written exactly once, so the
@@ -431,22 +432,7 @@ class ReplicaEngine:
         _fault_slow_apply(self.log, h.seq)
         self.store.check_epoch(epoch, r)  # a takeover during the writes must not be committed over
         # 4. commit: the audit line is the single point where the batch becomes applied.
-        r.append_applied(applied_record(h, epoch))
-        sync = r.meta.initial_sync
-        if h.full:
-            sync = "in_progress"
-        elif sync != "complete":
-            sync = "complete"
-        r.update_meta(
-            applied_generation=h.generation,
-            applied_seq=h.seq,
-            applied_cut_ns=h.cut_time_ns,
-            applied_cut_id=h.cut_id,
-            applied_first_change_cut=h.first_change_cut,
-            applied_consistency=int(h.consistency),
-            applied_full=h.full,
-            initial_sync=sync,
-        )
+        r.commit_applied(applied_record(h, epoch))
         entry.path.unlink(missing_ok=True)
         self.log.info(
             "batch_applied",

@@ -18,7 +18,9 @@ Layout under the store root (``[broker] store`` in ``broker.toml``)::
 
 ``meta.json`` is always replaced atomically (tmp + fsync + rename + fsync dir). ``applied.log`` is
 the commit point of an apply: a batch is applied exactly when its line is there, so the audit can
-prove that no acked batch was lost and none applied twice.
+prove that no acked batch was lost and none applied twice. meta's applied and durable counters
+may trail the log and the journal (they are saved with other changes, not per batch); loading a
+replica brings them up to what those prove.
 """
 
 from __future__ import annotations
@@ -119,6 +121,21 @@ class AppliedRecord:
         return (json.dumps(asdict(self), separators=(",", ":")) + "\n").encode()
 
 
+def applied_fields(record: AppliedRecord) -> dict[str, Any]:
+    """meta's fields as the apply of ``record``'s batch leaves them: a full batch is part of
+    the initial copy, which any other batch completes."""
+    return {
+        "applied_generation": record.generation,
+        "applied_seq": record.seq,
+        "applied_cut_ns": record.cut_ns,
+        "applied_consistency": record.consistency,
+        "applied_full": record.full,
+        "applied_cut_id": record.cut_id,
+        "applied_first_change_cut": record.first_change_cut,
+        "initial_sync": "in_progress" if record.full else "complete",
+    }
+
+
 class Replica:
     """One protected disk's directory: meta, image path, journal and points folders, audit log.
 
@@ -189,6 +206,21 @@ class Replica:
             setattr(self.meta, name, value)
 
     # -- audit
+    def commit_applied(self, record: AppliedRecord) -> None:
+        """Commit an apply: append its line to ``applied.log`` (fsynced), then move meta's
+        applied counters to it. meta.json is saved only when the initial sync's state changes:
+        the line is the commit, and loading the replica brings meta's counters up to the log's
+        last line (``Store._recover_counters``), so saving them after every batch cost two
+        fsyncs, a file's creation and a rename for nothing (0.4 ms of the broker's CPU per
+        batch, issue 10)."""
+        changes = applied_fields(record)
+        with self._meta_lock:  # a meta save meanwhile would save counters behind the log
+            self.append_applied(record)
+            save = changes["initial_sync"] != self.meta.initial_sync
+            self._set_meta(changes)
+            if save:
+                atomic_write_json(self.path / "meta.json", dict(vars(self.meta)))
+
     def append_applied(self, record: AppliedRecord) -> None:
         """Commit an apply: append its line to ``applied.log`` and fsync."""
         fd = os.open(self.applied_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -472,15 +504,7 @@ class Store:
         rec = replica.last_applied_record()
         changes: dict[str, Any] = {}
         if rec is not None and (rec.generation, rec.seq) > (m.applied_generation, m.applied_seq):
-            changes.update(
-                applied_generation=rec.generation,
-                applied_seq=rec.seq,
-                applied_cut_ns=rec.cut_ns,
-                applied_consistency=rec.consistency,
-                applied_full=rec.full,
-                applied_cut_id=rec.cut_id,
-                applied_first_change_cut=rec.first_change_cut,
-            )
+            changes.update(applied_fields(rec))
         applied_gen = changes.get("applied_generation", m.applied_generation)
         applied = changes.get("applied_seq", m.applied_seq)
         durable = max(m.durable_seq, applied if applied_gen == m.generation else 0)

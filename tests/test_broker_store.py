@@ -547,6 +547,37 @@ def test_held_extents_stay_within_the_shared_budget() -> None:
     assert budget.used == 0
 
 
+def test_applied_counters_come_back_from_the_audit_log_after_a_crash(tmp_path: Path) -> None:
+    """An apply saves meta.json only when the initial sync's state changes: the audit line is
+    the commit, and a restart brings meta's applied counters and sync state up to the log."""
+    store = make_store(tmp_path)
+    src = FakeSource()
+    replica = enable(store, src)
+    eng = engine(store, replica)
+    journal(store, replica, src.cut(full=True, all_blocks=True).body)
+    assert eng.apply_pending() == 1
+    assert json.loads((replica.path / "meta.json").read_text())["initial_sync"] == "in_progress"
+    for _ in range(3):
+        src.mutate()
+        journal(store, replica, src.cut().body)
+    assert eng.apply_pending() == 3
+    saved = json.loads((replica.path / "meta.json").read_text())
+    assert saved["initial_sync"] == "complete"  # saved by the first delta batch
+    assert saved["applied_seq"] == 2  # and not after the next two
+    assert replica.meta.applied_seq == 4
+    newest = src.cuts[4]
+    # "kill -9": no close, nothing saved; a new broker loads the store.
+    replica2 = Store(store.root).get(*replica.key)
+    assert replica2 is not None
+    m = replica2.meta
+    assert (m.applied_seq, m.applied_cut_id, m.applied_cut_ns) == (4, 4, newest.cut_ns)
+    assert (m.applied_full, m.initial_sync) == (False, "complete")
+    assert json.loads((replica.path / "meta.json").read_text())["applied_seq"] == 4
+    eng.close()
+    assert engine(store, replica2).apply_pending() == 0
+    assert replica2.image.read_bytes() == bytes(src.image)
+
+
 def test_durable_counters_come_back_from_the_journal_after_a_crash(tmp_path: Path) -> None:
     """A durable batch's seq and cut are kept in memory only at the ack; after a crash the
     broker recovers them from its journal file's header, so the agent's resend is a duplicate
