@@ -279,13 +279,19 @@ class MQTTLink:
             log.debug("mqtt_publish_deferred", topic=topic)
             return
         try:
-            await _acked(
-                client.publish(
-                    topic, self._wire(topic, payload), qos=1, retain=retain, timeout=math.inf
-                )
-            )
+            await self._publish_on(client, topic, payload, retain=retain)
         except aiomqtt.MqttError as exc:
             log.warning("mqtt_publish_failed", topic=topic, error=str(exc))
+
+    async def _publish_on(
+        self, client: aiomqtt.Client, topic: str, payload: bytes, *, retain: bool
+    ) -> None:
+        """Publish signed at QoS 1 and wait for the MQTT broker's acknowledgement (bounded)."""
+        await _acked(
+            client.publish(
+                topic, self._wire(topic, payload), qos=1, retain=retain, timeout=math.inf
+            )
+        )
 
     async def run(self) -> None:
         """Connect and stay connected until cancelled, backing off between attempts."""
@@ -317,15 +323,7 @@ class MQTTLink:
                     delay = 0.2
                     log.info("mqtt_connected", host=self.address.host, port=self.address.port)
                     for topic, payload in list(self._retained.items()):
-                        await _acked(
-                            client.publish(
-                                topic,
-                                self._wire(topic, payload),
-                                qos=1,
-                                retain=True,
-                                timeout=math.inf,
-                            )
-                        )
+                        await self._publish_on(client, topic, payload, retain=True)
                     for callback in self.on_connect:
                         callback()
                     for sub in self._subscriptions:
