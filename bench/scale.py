@@ -13,7 +13,9 @@ sync (and a few cycles passed), the bench measures:
 - load: one fio process, one job per disk, 4 KiB random writes at ``--rate`` per second each
   (queue depth 1, random buffers), for ``--seconds``; then per disk the write-to-replica bound
   ``applied[k] - cut[k-1]`` over the cycles that carried load (as ``broker_lag.py`` defines it),
-  its p99 per disk (target ≤ 1.5 s for every disk), fio's achieved rate and the CPU of both.
+  its p99 per disk (target ≤ 1.5 s for every disk), fio's achieved rate and the CPU of both;
+  and what the bound is made of: the median time from one cut to the next (the interval, or
+  longer while a cycle's uploads outlast it) and from a cut to its batch applied.
 
 At the end every replica's block hashes must equal its source's. There is no peer here: nothing
 else protects 100 disks on one host in a way this machine can run; the figures are absolute.
@@ -23,6 +25,7 @@ Results: ``bench/results/scale-*.json``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import subprocess
@@ -75,6 +78,23 @@ def per_disk_lag(
     for name, cyc in cycles.items():
         bound = lag_figures(Phase(cyc, start_ns, end_ns, [], {}, 0.0, True))["write_to_replica"]
         out[name] = pct(bound, 99)
+    return out
+
+
+def per_disk_parts(
+    cycles: dict[str, list[tuple[int, int]]], start_ns: int, end_ns: int
+) -> dict[str, dict[str, float]]:
+    """What each disk's bound ``applied[k] - cut[k-1]`` is made of, medians over its loaded
+    cycles: the time from one cut to the next (the policy's interval, or longer when a cycle's
+    upload outlasts it) and from a cut to its batch applied (read, ship, journal, apply)."""
+    out = {}
+    for name, cyc in cycles.items():
+        gaps, pipeline = [], []
+        for (prev_cut, _), (cut, applied) in itertools.pairwise(cyc):
+            if cut > start_ns and prev_cut < end_ns:
+                gaps.append((cut - max(prev_cut, start_ns)) / 1e9)
+                pipeline.append((applied - cut) / 1e9)
+        out[name] = {"cut_gap": pct(gaps, 50), "cut_to_applied": pct(pipeline, 50)}
     return out
 
 
@@ -169,7 +189,9 @@ def run(args: argparse.Namespace) -> None:
             every=0.5,
         )
         caught_up_s = (time.time_ns() - end_ns) / 1e9  # the marker write included
-        p99s = per_disk_lag(cycles(), start_ns, end_ns)
+        loaded = cycles()
+        p99s = per_disk_lag(loaded, start_ns, end_ns)
+        parts = per_disk_parts(loaded, start_ns, end_ns)
         same = all(
             same_contents(d.image, broker.store / str(d.vm_uuid) / d.disk_id / "replica.img")
             for d in disks
@@ -190,6 +212,9 @@ def run(args: argparse.Namespace) -> None:
         f"lag p99 per disk: worst {s['worst_p99']:.2f} s, median {s['median_p99']:.2f} s; "
         f"{s['disks_within_target']}/{s['disks']} disks ≤ {TARGET_P99} s: "
         f"{'ok' if s['disks_within_target'] == s['disks'] else 'MISS'}\n"
+        f"  made of (medians over disks of each disk's median): cut to next cut "
+        f"{pct([p['cut_gap'] for p in parts.values()], 50):.2f} s, cut to applied "
+        f"{pct([p['cut_to_applied'] for p in parts.values()], 50):.2f} s\n"
         f"every replica == its source: {same}"
     )
     saved = save_result(
@@ -206,6 +231,7 @@ def run(args: argparse.Namespace) -> None:
             "fio_mib_s_total": mib_s,
             "caught_up_s": caught_up_s,
             "lag_p99_per_disk": p99s,
+            "lag_parts_per_disk": parts,
             "summary": s,
             "replicas_match": same,
         },
