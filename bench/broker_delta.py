@@ -46,7 +46,8 @@ from broker_common import (
     save_result,
 )
 
-from broker.store import AppliedRecord, Store
+from broker.applied import AppliedRecord
+from broker.store import Store
 from common.blockhash import file_block_hashes
 
 BLOCK = 64 * 1024

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from broker import names
+from broker.applied import AppliedRecord
 from broker.errors import BadRequest, IdentityConflict, IdentityMismatch, StoreCorrupt
-from broker.store import AppliedRecord, Replica
+from broker.store import Replica
 from common.blockhash import block_hash, hash_at
 from common.fsio import data_segments, pread_exact, punch_hole, pwrite_all
 from common.logs import get_logger

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
 from broker import names
+from broker.applied import AppliedRecord, applied_fields
 from broker.errors import BrokerError, FencedError, IdentityConflict, StoreCorrupt
 from broker.journalhead import journal_cut
 from common.fsio import atomic_write_json, fsync_dir, read_json
@@ -99,41 +100,6 @@ class ReplicaMeta:
         """Load, ignoring keys a newer broker may have added."""
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
-
-
-@dataclass(frozen=True)
-class AppliedRecord:
-    """One line of ``applied.log``: batch ``(generation, seq)`` is in the replica image."""
-
-    generation: int
-    seq: int
-    cut_ns: int
-    consistency: int
-    full: bool
-    epoch: int
-    applied_ns: int
-    seeded: bool = False
-    cut_id: int = 0  # the VM cut the batch belongs to (lines before cut ids existed: 0)
-    first_change_cut: int = 0
-
-    def line(self) -> bytes:
-        """The record as one JSON line."""
-        return (json.dumps(asdict(self), separators=(",", ":")) + "\n").encode()
-
-
-def applied_fields(record: AppliedRecord) -> dict[str, Any]:
-    """meta's fields as the apply of ``record``'s batch leaves them: a full batch is part of
-    the initial copy, which any other batch completes."""
-    return {
-        "applied_generation": record.generation,
-        "applied_seq": record.seq,
-        "applied_cut_ns": record.cut_ns,
-        "applied_consistency": record.consistency,
-        "applied_full": record.full,
-        "applied_cut_id": record.cut_id,
-        "applied_first_change_cut": record.first_change_cut,
-        "initial_sync": "in_progress" if record.full else "complete",
-    }
 
 
 class Replica:

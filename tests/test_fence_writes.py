@@ -25,6 +25,7 @@ VM = "6f1b0c36-3a3e-4d53-9d7e-1f8f4e0a9b21"
 WRITES = {
     "update_meta",
     "append_applied",
+    "commit_applied",
     "apply_retention",
     "drop_oldest",
     "drop_all",
@@ -43,6 +44,7 @@ INSIDE = {
     ("broker/store.py", "check_epoch"): "the fence itself stamping the epoch it checked",
     ("broker/store.py", "_recover_counters"): "load: the new owner holds every .fence exclusively",
     ("broker/store.py", "fenced"): "the section itself",
+    ("broker/store.py", "commit_applied"): "a write itself: each call of it is held to a section",
     ("broker/points.py", "*"): "the index's own methods, run by apply and retention sections",
 }
 CREATE_OK = {"broker/store.py"}  # create_replica checks the epoch under the fence lock itself
