@@ -420,13 +420,15 @@ class AgentClient:
 
     async def ship(self, src: FakeSource, cut: Cut, retries: int = 200) -> int:
         """Upload ``cut`` until the broker holds it durably; returns the acked seq."""
+        last: object = "no answer"
         for _ in range(retries):
             try:
                 status, body = await self.post(src, cut.body)
                 if status == 200:
                     return int(body["acked_seq"])
-            except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
-                pass
+                last = (status, body)
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                last = exc
             await asyncio.sleep(0.1)
             try:
                 state = await self.state(src)
@@ -434,4 +436,5 @@ class AgentClient:
                 continue
             if state["durable_seq"] >= cut.seq:
                 return cut.seq  # durable already: the ack was lost with the broker
-        raise TimeoutError(f"batch {cut.seq} never acked")
+        # What the broker said last is what a failing run needs to be understood.
+        raise TimeoutError(f"batch {cut.seq} never acked; last answer: {last!r}")
