@@ -17,16 +17,22 @@ sync (and a few cycles passed), the bench measures:
   and what the bound is made of: the median time from one cut to the next (the interval, or
   longer while a cycle's uploads outlast it) and from a cut to its batch applied.
 
-At the end every replica's block hashes must equal its source's. There is no peer here: nothing
-else protects 100 disks on one host in a way this machine can run; the figures are absolute.
+At the end every replica's block hashes must equal its source's. Nothing else protects 100
+disks on one host in a way this machine can run, so the lag has no peer. What the CPU per write
+does have: before our load (``--no-floor`` skips it), the same fio job runs against one
+``qemu-nbd`` per disk with no replication at all, and the bench reports the CPU per 4 KiB write
+of fio, of qemu-nbd and of our agent + broker, and how many cores the asked rate needs with
+each: the floor under what any replicating product could spend on this host.
 Results: ``bench/results/scale-*.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -51,7 +57,7 @@ from broker_common import (
     wait_until,
 )
 from broker_lag import Phase, lag_figures, pct, same_contents
-from nbd_fio import mark
+from nbd_fio import mark, server
 from writepath import parse_fio_jobs
 
 TARGET_IDLE_PERCENT = 5.0
@@ -68,6 +74,61 @@ def fio_argv(uris: list[str], size: int, rate: str, seconds: float) -> list[str]
     for i, uri in enumerate(uris):
         argv += [f"--name=d{i}", f"--uri={uri}"]
     return argv
+
+
+def children_cpu() -> float:
+    """CPU seconds of every child this process has waited for (fio, once it has ended)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def load(uris: list[str], size: int, args: argparse.Namespace, pids: list[int]) -> dict[str, Any]:
+    """Run the fio load on ``uris``; returns fio's per-job figures, the wall time, fio's CPU and
+    the CPU of the processes ``pids`` (with their descendants) over it."""
+    fio0, busy0 = children_cpu(), [proc_cpu(p) for p in pids]
+    start_ns = time.time_ns()
+    out = subprocess.run(
+        fio_argv(uris, size, args.rate, args.seconds), check=False, capture_output=True, text=True
+    )
+    end_ns = time.time_ns()
+    if out.returncode:
+        raise RuntimeError(f"fio failed: {out.stderr[-500:]}")
+    jobs = parse_fio_jobs(out.stdout)
+    return {
+        "jobs": jobs,
+        "start_ns": start_ns,
+        "end_ns": end_ns,
+        "fio_cpu_s": children_cpu() - fio0,
+        "cpu_s_per_pid": [proc_cpu(p) - c for p, c in zip(pids, busy0, strict=True)],
+        "writes": sum(j["bytes"] for j in jobs) / 4096,
+    }
+
+
+def floor(work: Path, size: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The same load through one qemu-nbd per disk (writeback, no replication): what the guests'
+    side alone costs on this host."""
+    images = work / "floor"
+    images.mkdir(parents=True)
+    procs: list[subprocess.Popen[bytes]] = []
+    with contextlib.ExitStack() as stack:
+        uris = []
+        for i in range(args.disks):
+            image = images / f"vm{i:03d}.img"
+            with image.open("wb") as fh:
+                fh.truncate(size)
+            uris.append(stack.enter_context(server("qemu-nbd", image, images / f"{i}.sock", procs)))
+        result = load(uris, size, args, [p.pid for p in procs])
+    shutil.rmtree(images, ignore_errors=True)
+    subprocess.run(["sync"], check=True)  # its writeback is not our run's to pay
+    return result
+
+
+def per_write(run: dict[str, Any]) -> dict[str, Any]:
+    """CPU microseconds per 4 KiB write of fio, of the servers (with replication, if any) and
+    of each server process (ours: the agent with its shipping process, then the broker)."""
+    n = max(run["writes"], 1.0)
+    each = [c / n * 1e6 for c in run["cpu_s_per_pid"]]
+    return {"fio_us": run["fio_cpu_s"] / n * 1e6, "servers_us": sum(each), "each_us": each}
 
 
 def per_disk_lag(
@@ -123,6 +184,7 @@ def run(args: argparse.Namespace) -> None:
         with image.open("wb") as fh:
             fh.truncate(size)
         disks.append(DiskSpec(f"vm{i:03d}", image))
+    peer = None if args.no_floor or args.idle_only else floor(work, size, args)
     pki = make_pki(work / "pki")
     broker = Broker(work, pki, work / "store")
     url = f"https://127.0.0.1:{broker.port}"
@@ -168,19 +230,9 @@ def run(args: argparse.Namespace) -> None:
         if args.idle_only:
             return
         uris = [agent.nbd_uri(d) for d in disks]
-        busy0 = sum(map(proc_cpu, pids))
-        start_ns = time.time_ns()
-        out = subprocess.run(
-            fio_argv(uris, size, args.rate, args.seconds),
-            check=False,
-            capture_output=True,
-            text=True,
-        )
-        end_ns = time.time_ns()
-        if out.returncode:
-            raise RuntimeError(f"fio failed: {out.stderr[-500:]}")
-        load_cpu = (sum(map(proc_cpu, pids)) - busy0) / ((end_ns - start_ns) / 1e9) * 100
-        jobs = parse_fio_jobs(out.stdout)
+        ours = load(uris, size, args, list(pids))
+        start_ns, end_ns, jobs = ours["start_ns"], ours["end_ns"], ours["jobs"]
+        load_cpu = sum(ours["cpu_s_per_pid"]) / ((end_ns - start_ns) / 1e9) * 100
         marked = mark(uris)
         wait_until(
             "every replica to catch up",
@@ -215,7 +267,7 @@ def run(args: argparse.Namespace) -> None:
         f"  made of (medians over disks of each disk's median): cut to next cut "
         f"{pct([p['cut_gap'] for p in parts.values()], 50):.2f} s, cut to applied "
         f"{pct([p['cut_to_applied'] for p in parts.values()], 50):.2f} s\n"
-        f"every replica == its source: {same}"
+        f"every replica == its source: {same}\n" + cpu_report(ours, peer, args.rate, args.disks)
     )
     saved = save_result(
         "scale",
@@ -234,9 +286,41 @@ def run(args: argparse.Namespace) -> None:
             "lag_parts_per_disk": parts,
             "summary": s,
             "replicas_match": same,
+            "cpu_per_write_us": per_write(ours),
+            "floor": None
+            if peer is None
+            else {
+                "fio_mib_s_total": sum(j["mib_s"] for j in peer["jobs"]),
+                "cpu_per_write_us": per_write(peer),
+            },
         },
     )
     print(f"results: {saved}")
+
+
+def cpu_report(ours: dict[str, Any], peer: dict[str, Any] | None, rate: str, disks: int) -> str:
+    """CPU per 4 KiB write, ours against the floor, and the cores the asked rate needs."""
+    if peer is None:
+        return ""
+    asked = disks * parse_size(rate) / 4096  # writes per second asked of the whole host
+    o, f = per_write(ours), per_write(peer)
+    peer_mib = sum(j["mib_s"] for j in peer["jobs"])
+    cores = [asked * (w["fio_us"] + w["servers_us"]) / 1e6 for w in (o, f)]
+    return (
+        f"CPU per 4 KiB write: fio {o['fio_us']:.0f} us, agent {o['each_us'][0]:.0f} us (with "
+        f"its shipping process), broker {o['each_us'][1]:.0f} us;"
+        f" floor (qemu-nbd per disk, no replication, {peer_mib:.1f} MiB/s): fio "
+        f"{f['fio_us']:.0f} us, qemu-nbd {f['servers_us']:.0f} us\n"
+        f"  the {asked:,.0f} writes/s asked need {cores[0]:.2f} cores with us, {cores[1]:.2f} "
+        f"at the floor, on a host of {os.cpu_count()}\n"
+    )
+
+
+def parse_size(text: str) -> int:
+    """fio's rate syntax as this bench uses it: a number with an optional k/m/g suffix."""
+    units = {"k": 1024, "m": MiB, "g": 1024 * MiB}
+    suffix = text[-1].lower()
+    return int(float(text[:-1]) * units[suffix]) if suffix in units else int(text)
 
 
 def all_disks(broker: Broker) -> list[dict[str, Any]]:
@@ -254,6 +338,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="20 s idle, 20 s load")
     parser.add_argument(
         "--idle-only", action="store_true", help="measure the idle phase only, then stop"
+    )
+    parser.add_argument(
+        "--no-floor", action="store_true", help="skip the load through qemu-nbd, no replication"
     )
     add_workdir_arguments(parser, "scale")
     args = parser.parse_args()
