@@ -156,16 +156,17 @@ async def batch_body(
                 stats.data_bytes += ext.length
                 records: list[tuple[bytes | memoryview, ...]] = []
                 threaded = data is not None and compress and ext.length >= _THREAD_MIN
-                if not threaded:
-                    records.extend(await big.drain())  # records stay in extent order
                 if threaded and data is not None:
                     records.extend(await big.submit(ext.offset, data, checksum))
-                elif data is not None:
-                    records.append(encoder.data_parts(ext.offset, data, checksum=checksum))
-                elif ext.kind in (DATA, ZERO):  # DATA that read as zeroes travels as ZERO
-                    records.append((encoder.zero(ext.offset, ext.length),))
                 else:
-                    records.append((encoder.trim(ext.offset, ext.length),))
+                    if big:  # records stay in extent order: big extents in flight go first
+                        records.extend(await big.drain())
+                    if data is not None:
+                        records.append(encoder.data_parts(ext.offset, data, checksum=checksum))
+                    elif ext.kind in (DATA, ZERO):  # DATA that read as zeroes travels as ZERO
+                        records.append((encoder.zero(ext.offset, ext.length),))
+                    else:
+                        records.append((encoder.trim(ext.offset, ext.length),))
                 for record in records:
                     out = add(record)
                     if out is not None:

@@ -102,6 +102,11 @@ class BigExtents:
         self._queue.append((offset, view, checksum, future))
         return done
 
+    def __bool__(self) -> bool:
+        """Whether an extent is still in flight (the body checks before each record, and an
+        await per extent for nothing cost it about a tenth of its time)."""
+        return bool(self._queue)
+
     async def drain(self) -> list[tuple[bytes, bytes | memoryview]]:
         """Records of every extent still in flight, in order (before any other record)."""
         return [await self._take() for _ in range(len(self._queue))]
