@@ -103,8 +103,8 @@ class BigExtents:
         return done
 
     def __bool__(self) -> bool:
-        """Whether an extent is still in flight (the body checks before each record, and an
-        await per extent for nothing cost it about a tenth of its time)."""
+        """Whether an extent is still in flight (the body checks before each record: an await
+        per extent for nothing cost it 3-4 % of its time)."""
         return bool(self._queue)
 
     async def drain(self) -> list[tuple[bytes, bytes | memoryview]]:

@@ -13,6 +13,7 @@ import http.client
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -380,6 +381,12 @@ class Agent:
     def stop(self) -> None:
         """SIGTERM (a clean stop saves the exact dirty map) and wait."""
         _stop_process(self.proc)
+
+
+def children_cpu() -> float:
+    """CPU seconds of every child this process has waited for (a tool run to its end)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def proc_cpu(pid: int | str = "self") -> float:

@@ -71,6 +71,7 @@ from broker_common import (
     Shipper,
     add_workdir_arguments,
     check_free_space,
+    children_cpu,
     data_ranges,
     free_port,
     human,
@@ -289,9 +290,9 @@ def run_nbdcopy(
         return time.perf_counter() - start
 
     try:
-        cpu0 = proc_cpu(a.pid) + proc_cpu(b.pid) + _children_cpu()
+        cpu0 = proc_cpu(a.pid) + proc_cpu(b.pid) + children_cpu()
         seconds = copy(pa)
-        cpu = proc_cpu(a.pid) + proc_cpu(b.pid) + _children_cpu() - cpu0
+        cpu = proc_cpu(a.pid) + proc_cpu(b.pid) + children_cpu() - cpu0
         wire = 0
         if count_bytes:
             relay = CountingRelay(pa)  # another copy, through the counter, for the bytes only
@@ -303,11 +304,6 @@ def run_nbdcopy(
             p.terminate()
             p.wait()
     return seconds, wire, cpu
-
-
-def _children_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
 
 
 def _self_cpu() -> float:

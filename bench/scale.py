@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import itertools
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -50,6 +49,7 @@ from broker_common import (
     MiB,
     add_workdir_arguments,
     check_free_space,
+    children_cpu,
     holds_writes_before,
     make_pki,
     proc_cpu,
@@ -76,15 +76,9 @@ def fio_argv(uris: list[str], size: int, rate: str, seconds: float) -> list[str]
     return argv
 
 
-def children_cpu() -> float:
-    """CPU seconds of every child this process has waited for (fio, once it has ended)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def load(uris: list[str], size: int, args: argparse.Namespace, pids: list[int]) -> dict[str, Any]:
-    """Run the fio load on ``uris``; returns fio's per-job figures, the wall time, fio's CPU and
-    the CPU of the processes ``pids`` (with their descendants) over it."""
+    """Run the fio load on ``uris``; returns the wall time, the writes and MiB/s fio made, fio's
+    CPU and the CPU of the processes ``pids`` (with their descendants) over it."""
     fio0, busy0 = children_cpu(), [proc_cpu(p) for p in pids]
     start_ns = time.time_ns()
     out = subprocess.run(
@@ -95,12 +89,12 @@ def load(uris: list[str], size: int, args: argparse.Namespace, pids: list[int]) 
         raise RuntimeError(f"fio failed: {out.stderr[-500:]}")
     jobs = parse_fio_jobs(out.stdout)
     return {
-        "jobs": jobs,
         "start_ns": start_ns,
         "end_ns": end_ns,
         "fio_cpu_s": children_cpu() - fio0,
         "cpu_s_per_pid": [proc_cpu(p) - c for p, c in zip(pids, busy0, strict=True)],
         "writes": sum(j["bytes"] for j in jobs) / 4096,
+        "mib_s": sum(j["mib_s"] for j in jobs),
     }
 
 
@@ -231,7 +225,7 @@ def run(args: argparse.Namespace) -> None:
             return
         uris = [agent.nbd_uri(d) for d in disks]
         ours = load(uris, size, args, list(pids))
-        start_ns, end_ns, jobs = ours["start_ns"], ours["end_ns"], ours["jobs"]
+        start_ns, end_ns = ours["start_ns"], ours["end_ns"]
         load_cpu = sum(ours["cpu_s_per_pid"]) / ((end_ns - start_ns) / 1e9) * 100
         marked = mark(uris)
         wait_until(
@@ -254,7 +248,7 @@ def run(args: argparse.Namespace) -> None:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     s = summary(p99s)
-    mib_s = sum(j["mib_s"] for j in jobs)
+    mib_s = ours["mib_s"]
     print(
         f"\n{args.disks} disks of {args.disk_mib} MiB, 1 s cycles\n"
         f"idle: agent + broker {idle:.2f} % of one core (target < {TARGET_IDLE_PERCENT:g} %): "
@@ -290,7 +284,7 @@ def run(args: argparse.Namespace) -> None:
             "floor": None
             if peer is None
             else {
-                "fio_mib_s_total": sum(j["mib_s"] for j in peer["jobs"]),
+                "fio_mib_s_total": peer["mib_s"],
                 "cpu_per_write_us": per_write(peer),
             },
         },
@@ -304,12 +298,11 @@ def cpu_report(ours: dict[str, Any], peer: dict[str, Any] | None, rate: str, dis
         return ""
     asked = disks * parse_size(rate) / 4096  # writes per second asked of the whole host
     o, f = per_write(ours), per_write(peer)
-    peer_mib = sum(j["mib_s"] for j in peer["jobs"])
     cores = [asked * (w["fio_us"] + w["servers_us"]) / 1e6 for w in (o, f)]
     return (
         f"CPU per 4 KiB write: fio {o['fio_us']:.0f} us, agent {o['each_us'][0]:.0f} us (with "
         f"its shipping process), broker {o['each_us'][1]:.0f} us;"
-        f" floor (qemu-nbd per disk, no replication, {peer_mib:.1f} MiB/s): fio "
+        f" floor (qemu-nbd per disk, no replication, {peer['mib_s']:.1f} MiB/s): fio "
         f"{f['fio_us']:.0f} us, qemu-nbd {f['servers_us']:.0f} us\n"
         f"  the {asked:,.0f} writes/s asked need {cores[0]:.2f} cores with us, {cores[1]:.2f} "
         f"at the floor, on a host of {os.cpu_count()}\n"
