@@ -174,8 +174,11 @@ async def test_initial_copy_skips_holes_and_is_resumable(rig: Rig) -> None:
     cursor_end = max(e[0] + e[1] for b in rig.replica.batches for e in b.extents)
     with structlog.testing.capture_logs() as logs:
         await rig.start(full_batch_bytes=1 * MiB)
+        # The last progress event, not the state flag: the agent flips the flag in memory
+        # before it writes the state file off the event loop and logs the event.
         await wait_until(
-            lambda: rig.converged() and rig.rep.state is not None and rig.rep.state.initial_done,
+            lambda: rig.converged()
+            and any(e["event"] == "initial_sync_progress" and e["complete"] for e in logs),
             within=20,
         )
     # Progress says bytes, rate and ETA of this run (the resumed part only).
