@@ -655,16 +655,22 @@ def stop_daemon(proc: subprocess.Popen[bytes], log: Path, within: float = 30.0) 
         try:
             proc.wait(within)
         except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGUSR1)
-            time.sleep(1)
-            proc.kill()
-            proc.wait()
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-80:])
+            tail = stacks_and_kill(proc, log)
             raise AssertionError(
                 f"{' '.join(map(str, proc.args))} did not stop within {within:.0f} s of SIGTERM; "
                 f"the end of {log}:\n{tail}"
             ) from None
     return proc.returncode
+
+
+def stacks_and_kill(proc: subprocess.Popen[bytes], log: Path) -> str:
+    """Make a stuck replikant daemon write its threads' stacks to its log (SIGUSR1, see
+    common/stacks.py), kill it, and return the end of that log for the test's failure."""
+    proc.send_signal(signal.SIGUSR1)
+    time.sleep(1)
+    proc.kill()
+    proc.wait()
+    return "\n".join(log.read_text(errors="replace").splitlines()[-80:])
 
 
 class ReplikantProc:
