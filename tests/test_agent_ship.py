@@ -177,8 +177,10 @@ async def test_initial_copy_skips_holes_and_is_resumable(rig: Rig) -> None:
         # The last progress event, not the state flag: the agent flips the flag in memory
         # before it writes the state file off the event loop and logs the event.
         await wait_until(
-            lambda: rig.converged()
-            and any(e["event"] == "initial_sync_progress" and e["complete"] for e in logs),
+            lambda: (
+                rig.converged()
+                and any(e["event"] == "initial_sync_progress" and e["complete"] for e in logs)
+            ),
             within=20,
         )
     # Progress says bytes, rate and ETA of this run (the resumed part only).
