@@ -26,6 +26,7 @@ import structlog
 import structlog.testing
 import xxhash
 
+import agents.replicate
 import agents.state
 from agents.errors import ShipError
 from agents.replicate import DiskReplicator
@@ -200,6 +201,27 @@ async def test_initial_copy_skips_holes_and_is_resumable(rig: Rig) -> None:
     assert resumed.extents[0][0] >= cursor_end - MiB
     assert rig.rep.state is not None
     assert rig.rep.state.initial_done
+
+
+async def test_full_batches_grow_with_the_copys_rate(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FULL batches start at FULL_BATCH_BYTES and grow to what FULL_BATCH_SECONDS copies at the
+    rate of the batch before, never past FULL_BATCH_MAX; the copy stays exact (scaled down: 1
+    and 2 MiB instead of 256 MiB and 1 GiB)."""
+    monkeypatch.setattr(agents.replicate, "FULL_BATCH_BYTES", 1 * MiB)
+    monkeypatch.setattr(agents.replicate, "FULL_BATCH_MAX", 2 * MiB)
+    await rig.start()
+    await wait_until(
+        lambda: rig.converged() and rig.rep.state is not None and rig.rep.state.initial_done,
+        within=20,
+    )
+    sizes = [b.header.data_bytes for b in rig.replica.batches if b.header.full]
+    assert sizes[0] == 1 * MiB  # nothing measured yet
+    assert max(sizes) == 2 * MiB  # loopback copies 1 MiB far faster than in 2 s: capped
+    assert sum(sizes) == 4 * MiB  # the allocated MiBs once each, holes skipped
+    assert agents.replicate.full_batch_size(0.0) == 1 * MiB  # a stalled copy keeps the least
+    assert agents.replicate.full_batch_size(0.75 * MiB) == 1.5 * MiB
 
 
 async def test_zero_writes_and_trims_travel_without_payload(rig: Rig) -> None:
