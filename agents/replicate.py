@@ -13,12 +13,12 @@ Sequencing (so that resends are harmless, see ``docs/agent.md``) is decided by t
 
 Modes (:class:`agents.sequence.Mode`): ``initial`` ships the whole disk as FULL batches of at
 most ``full_batch_bytes`` of allocated data each (sized by the copy's rate unless set:
-:func:`full_batch_size`; holes skipped, zero blocks sent as ZERO extents), resumable from the last acked chunk; ``verify`` compares block hashes with the replica
-and marks only the differing blocks (when tracking cannot vouch for every change, or to seed
-from an existing copy); ``delta`` ships what the dirty map says; ``awaiting_seed`` ships
-nothing: the disk waits for seed media (``replikant seed export``/``import``, see
-:mod:`agents.seed`) to reach the broker, its dirty map tracking every change since the export's
-cut.
+:func:`full_batch_size`; holes skipped, zero blocks sent as ZERO extents), resumable from the
+last acked chunk; ``verify`` compares block hashes with the replica and marks only the differing
+blocks (when tracking cannot vouch for every change, or to seed from an existing copy);
+``delta`` ships what the dirty map says; ``awaiting_seed`` ships nothing: the disk waits for
+seed media (``replikant seed export``/``import``, see :mod:`agents.seed`) to reach the broker,
+its dirty map tracking every change since the export's cut.
 """
 
 from __future__ import annotations
