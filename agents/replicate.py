@@ -52,8 +52,8 @@ FULL_BATCH_MAX = 1024 * 1024 * 1024
 """What a FULL batch grows to at most where copying is fast (:data:`FULL_BATCH_SECONDS`)."""
 FULL_BATCH_SECONDS = 2.0
 """A FULL batch is sized to about this long at the rate of the one before: every batch ends with
-the broker's fdatasync and the pipeline starting again (~80 ms on loopback), which cost a 4 GiB
-copy at 256 MiB a batch about 13 % of its time; bounded in time, a batch still resends little
+the broker's fdatasync and the pipeline starting again (~100 ms on loopback), which cost a 4 GiB
+copy at 256 MiB a batch about a tenth of its time; bounded in time, a batch still resends little
 after an interruption and the progress still moves every few seconds."""
 
 
