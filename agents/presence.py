@@ -60,7 +60,7 @@ class Presence:
         self._status = status
         self._roles = roles  # by VM uuid; the agent's own, read at each publication
         roles.watchers.append(self.announce)
-        self._announcing: set[asyncio.Task[None]] = set()
+        self._announcing: set[asyncio.Task[bool]] = set()
         self._follower = follower
         self.owner: topics.OwnerRecord | None = None
         self.link.set_will(topics.host(self.host), self.record(online=False))

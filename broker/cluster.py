@@ -28,6 +28,7 @@ from broker.election import (
     MQTTDown,
     MQTTUp,
     OwnerCleared,
+    OwnerPublished,
     OwnerSeen,
     PublishOwner,
     ReadStore,
@@ -169,7 +170,7 @@ class ClusterMember:
                 record = topics.OwnerRecord(
                     node=self.node, epoch=epoch, url=self.service.advertised_url, seq=seq
                 )
-                self._spawn(self.link.publish_retained(topics.owner(self.cluster), record))
+                self._spawn(self._publish_owner(record))
             case ClearOwner(epoch=epoch):
                 _log.info("owner_record_cleared", node=self.node, epoch=epoch)
                 self._spawn(self.link.publish_retained(topics.owner(self.cluster), None))
@@ -190,10 +191,16 @@ class ClusterMember:
                 )
                 self._spawn(self._end())
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _publish_owner(self, record: topics.OwnerRecord) -> None:
+        # Only an acknowledged record renews the lease (broker/election.py, OwnerPublished).
+        sent = time.monotonic()
+        if await self.link.publish_retained(topics.owner(self.cluster), record):
+            self.feed(OwnerPublished(time.monotonic(), record.epoch, record.seq, sent))
 
     async def _claim(self, epoch: int) -> None:
         store = self.service.store

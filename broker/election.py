@@ -81,6 +81,16 @@ class OwnerSeen:
 
 
 @dataclass(frozen=True)
+class OwnerPublished:
+    """The MQTT broker acknowledged this member's owner record ``seq``, sent at ``sent``."""
+
+    now: float
+    epoch: int
+    seq: int
+    sent: float
+
+
+@dataclass(frozen=True)
 class OwnerCleared:
     """The retained owner record was cleared (a clean hand-over)."""
 
@@ -126,6 +136,7 @@ Event = (
     | MQTTDown
     | MemberSeen
     | OwnerSeen
+    | OwnerPublished
     | OwnerCleared
     | Tick
     | ClaimAnswered
@@ -211,6 +222,11 @@ class Election:
     _stepped_down_at: float | None = None
     _retry_after: float = 0.0
     _renewed_at: float = 0.0
+    """When the last owner record the MQTT broker acknowledged was sent (or the claim granted):
+    the lease runs from there, not from the last attempt, which a link that failed without
+    noticing would take for renewals."""
+    _asked_at: float = 0.0
+    """When the last owner record was sent (renewals go every ``renew`` from there)."""
     _seq: int = 0
 
     def handle(self, event: Event) -> list[Action]:
@@ -227,6 +243,9 @@ class Election:
                 self.announced = max(self.announced, epoch)
             case OwnerSeen():
                 actions += self._owner_seen(event)
+            case OwnerPublished(epoch=epoch, sent=sent):
+                if self.role is Role.OWNER and epoch == self.epoch:
+                    self._renewed_at = max(self._renewed_at, sent)
             case OwnerCleared():
                 if self.role is Role.OWNER:
                     actions.append(self._renew(now))  # ours was cleared by mistake: restore
@@ -302,11 +321,12 @@ class Election:
         self._seq = 0
         self.owner = None
         self._vacant_since = None
+        self._renewed_at = ev.now  # the store's grant: the first record has a lease to land
         return [StartServing(ev.epoch), self._renew(ev.now)]
 
     def _renew(self, now: float) -> PublishOwner:
         self._seq += 1
-        self._renewed_at = now
+        self._asked_at = now
         return PublishOwner(self.epoch, self._seq)
 
     def _step_down(self, now: float, reason: str, *, clear: bool) -> list[Action]:
@@ -326,11 +346,11 @@ class Election:
         t = self.timings
         if self.role is Role.OWNER:
             if now - self._renewed_at >= t.lease - t.renew:
-                # Not renewed for too long (MQTT down, or this process was frozen): the others
-                # may already have stood. Step down before doing anything else.
+                # Not renewed for too long (MQTT down, unacknowledged, or this process was
+                # frozen): the others may already have stood. Step down before anything else.
                 why = f"owner record not renewed for {t.lease - t.renew} s"
                 return self._step_down(now, why, clear=False)
-            if now - self._renewed_at >= t.renew and self._connected_since is not None:
+            if now - self._asked_at >= t.renew and self._connected_since is not None:
                 return [self._renew(now), ReadStore()]
             return []
         if self.role is Role.CLAIMING:

@@ -255,14 +255,15 @@ class MQTTLink:
         """Wait until the link is connected (wrap in `asyncio.timeout`)."""
         await self._connected.wait()
 
-    async def publish_retained(self, topic: str, record: BaseModel | None) -> None:
-        """Publish (or with ``None`` clear) a retained record; remembered across reconnects."""
+    async def publish_retained(self, topic: str, record: BaseModel | None) -> bool:
+        """Publish (or with ``None`` clear) a retained record; remembered across reconnects.
+        True once the MQTT broker acknowledged it."""
         payload = b"" if record is None else record.model_dump_json().encode()
         if record is None:
             self._retained.pop(topic, None)
         else:
             self._retained[topic] = payload
-        await self._send(topic, payload, retain=True)
+        return await self._send(topic, payload, retain=True)
 
     def forget_retained(self, topic: str) -> None:
         """Stop re-publishing ``topic`` on reconnect, without clearing what the MQTT broker
@@ -273,15 +274,17 @@ class MQTTLink:
         """Publish a non-retained message; dropped with a log event when disconnected."""
         await self._send(topic, record.model_dump_json().encode(), retain=False)
 
-    async def _send(self, topic: str, payload: bytes, *, retain: bool) -> None:
+    async def _send(self, topic: str, payload: bytes, *, retain: bool) -> bool:
         client = self._client
         if client is None or not self._connected.is_set():
             log.debug("mqtt_publish_deferred", topic=topic)
-            return
+            return False
         try:
             await self._publish_on(client, topic, payload, retain=retain)
         except aiomqtt.MqttError as exc:
             log.warning("mqtt_publish_failed", topic=topic, error=str(exc))
+            return False
+        return True
 
     async def _publish_on(
         self, client: aiomqtt.Client, topic: str, payload: bytes, *, retain: bool

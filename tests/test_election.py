@@ -21,6 +21,7 @@ from broker.election import (
     MQTTDown,
     MQTTUp,
     OwnerCleared,
+    OwnerPublished,
     OwnerSeen,
     PublishOwner,
     ReadStore,
@@ -78,6 +79,22 @@ def test_granted_claim_starts_serving_and_publishes_then_renews_and_checks_the_s
     acts = _own(e, 1, T.settle)
     assert acts == [StartServing(1), PublishOwner(1, 1)]
     assert e.handle(Tick(T.settle + T.renew)) == [PublishOwner(1, 2), ReadStore()]
+
+
+def test_an_owner_whose_records_are_not_acknowledged_steps_down_within_its_lease() -> None:
+    """A link that failed without noticing (MQTT still up as far as the client knows) keeps
+    accepting renewals and acknowledges none: the lease runs from the last acknowledged one."""
+    e = _connected("a", {})
+    e.handle(Tick(T.settle))
+    _own(e, 1, T.settle)
+    e.handle(OwnerPublished(T.settle, 1, 1, T.settle))
+    t = T.settle
+    while e.role is Role.OWNER:
+        t += T.tick
+        acts = e.handle(Tick(t))
+        assert t - T.settle < T.lease, "still owner past its lease"
+    assert any(isinstance(a, StopServing) and "not renewed" in a.reason for a in acts)
+    assert t - T.settle >= T.lease - T.renew
 
 
 def test_tie_is_decided_by_the_store_and_the_loser_follows() -> None:
@@ -232,6 +249,9 @@ class _Sim:
                 pending += self.members[node].handle(answer)
             elif isinstance(act, PublishOwner):
                 self.broadcast(OwnerSeen(self.now, node, act.epoch, node, act.seq))
+                pending += self.members[node].handle(
+                    OwnerPublished(self.now, act.epoch, act.seq, self.now)
+                )
             elif isinstance(act, ClearOwner):
                 self.broadcast(OwnerCleared(self.now))
             elif isinstance(act, ReadStore):
