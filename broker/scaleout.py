@@ -128,6 +128,7 @@ class ScaleOut:
             if mine and any(k[0] == vm_uuid for k in self.service.engines):
                 # Already applied here (the owner, before it placed the VM on itself): this
                 # member has been its only writer, its replicas in memory are current.
+                self.service.store.hold_vm(vm_uuid)
                 return
             await self._stop_engines(vm_uuid)
             if not mine:
@@ -148,8 +149,8 @@ class ScaleOut:
 
     async def sweep(self) -> None:
         """Bring the appliers in line with the store: engines of VMs placed elsewhere stop (an
-        owner loads every replica when elected), VMs placed here get theirs back (a step-down
-        stops every engine)."""
+        owner loads every replica when elected), VMs placed here get theirs back (a reload
+        that failed is tried again)."""
         local = {k[0] for k in self.service.engines}
         serving = self.placement.serving
         for vm in sorted(serving - local):

@@ -219,7 +219,8 @@ class BrokerService:
         self.epoch = epoch
         busy = await asyncio.to_thread(self.store.load, wait=not self.config.mqtt.url)
         for replica in self.store.replicas():
-            self.engine_for(replica)
+            if not self.store.holds_vm(replica.meta.vm_uuid):  # placed here: runs already
+                self.engine_for(replica)
         self.taking_over = {d.parent.name for d in busy}
         self.serving = True
         self._write_run_file()
@@ -241,15 +242,17 @@ class BrokerService:
                     _log.info("takeover_replica_loaded", replica=replica.label, epoch=epoch)
             self.taking_over = {d.parent.name for d in busy}
 
-    async def end_owning(self) -> None:
-        """Stop serving: appliers finish the batch in hand, exports go; whatever a straggler
-        still writes is refused by the store's fence once another member claims."""
-        was = self.serving or bool(self.engines)
+    async def end_owning(self, *, leaving: bool = False) -> None:
+        """Stop serving: appliers finish the batch in hand, exports go; a straggler is refused
+        by the store's fence once another member claims. VMs placed here run on under their
+        own token (decision 032) unless the broker is ``leaving``."""
+        stop = {k for k in self.engines if leaving or not self.store.holds_vm(k[0])}
+        engines = [self.engines.pop(k) for k in stop]
+        was = self.serving or bool(engines)
         self.serving = False
         self.taking_over = set()
         for name in list(self.exports):
             await self.remove_export(name)
-        engines, self.engines = list(self.engines.values()), {}
         await asyncio.gather(*(e.stop() for e in engines))
         for engine in engines:
             if not engine.ingest_lock.locked():
@@ -261,7 +264,7 @@ class BrokerService:
             task = asyncio.get_running_loop().create_task(engine.close_when_idle())
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
-        self.store.forget()
+        self.store.forget(held=leaving)
         self._write_run_file()
         if was:
             _log.info("owner_stopped_serving", epoch=self.epoch, node=self.config.broker.node)
@@ -323,7 +326,7 @@ class BrokerService:
         await cancel_and_wait(self._tasks)
         if self._runner is not None:
             await self._runner.cleanup()
-        await self.end_owning()
+        await self.end_owning(leaving=True)
         await self.nbd.close()
         run = self.store.root / ".run"
         (run / f"{self.config.broker.node}.json").unlink(missing_ok=True)

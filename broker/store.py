@@ -255,6 +255,9 @@ class Store:
         self.vm_fence: Callable[[Replica], bool] | None = None
         # VMs that member placement serves apart (broker/scaleout.py): load() leaves them out.
         self.placed_apart: Callable[[str], bool] | None = None
+        # The placed VMs this member adopted (reload_vm, hold_vm): the per-VM token, not the
+        # owner epoch, decides who writes them, so an owner's load() and forget() keep them.
+        self._held: set[str] = set()
         self.fence_enabled = os.environ.get(NO_FENCE) != "1"
         if not self.fence_enabled:
             _log.critical("fence_disabled", store=str(root), hook=NO_FENCE)
@@ -274,7 +277,7 @@ class Store:
             if stale.is_file() or stale.is_symlink():
                 stale.unlink(missing_ok=True)
         with self._lock:
-            self._replicas.clear()
+            self._replicas = {k: r for k, r in self._replicas.items() if k[0] in self._held}
         return self._load(wait)
 
     def load_replica(self, disk_dir: Path) -> Replica | None:
@@ -283,10 +286,13 @@ class Store:
             return None
         return self._load_replica(disk_dir)
 
-    def forget(self) -> None:
-        """Drop every replica from memory (a member that stops owning)."""
+    def forget(self, *, held: bool = False) -> None:
+        """Drop the owner's replicas from memory (a member that stops owning); with ``held``
+        the VMs held through placement too (a broker that stops)."""
         with self._lock:
-            self._replicas.clear()
+            if held:
+                self._held.clear()
+            self._replicas = {k: r for k, r in self._replicas.items() if k[0] in self._held}
 
     # -- epoch fence
     @property
@@ -505,13 +511,25 @@ class Store:
             for key in [k for k in self._replicas if k[0] == vm_uuid]:
                 del self._replicas[key]
             self._replicas.update((r.key, r) for r in fresh)
+            self._held.add(vm_uuid)
         return fresh
+
+    def hold_vm(self, vm_uuid: str) -> None:
+        """Keep VM ``vm_uuid``'s loaded disks through ownership changes (placed on the owner)."""
+        with self._lock:
+            self._held.add(vm_uuid)
+
+    def holds_vm(self, vm_uuid: str) -> bool:
+        """Whether this member serves VM ``vm_uuid`` through placement, apart from owning."""
+        with self._lock:
+            return vm_uuid in self._held
 
     def forget_vm(self, vm_uuid: str) -> None:
         """Drop VM ``vm_uuid``'s disks from memory (placed on another member)."""
         with self._lock:
             for key in [k for k in self._replicas if k[0] == vm_uuid]:
                 del self._replicas[key]
+            self._held.discard(vm_uuid)
 
     def replicas(self) -> list[Replica]:
         """Every replica, sorted by VM name then disk."""

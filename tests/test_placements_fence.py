@@ -115,3 +115,25 @@ def test_a_vm_without_placement_keeps_the_owner_fence(tmp_path: Path) -> None:
     with pytest.raises(FencedError):
         engine(a, replica, epoch=1).apply_pending()
     assert replica.applied_records() == []
+
+
+def test_an_owners_load_and_forget_keep_the_vms_placed_on_the_member(tmp_path: Path) -> None:
+    """A member that becomes the owner (load) or stops owning (forget) keeps in memory the VMs it
+    adopted as a member, whose writer the per-VM token decides; the owner's own VMs go and come
+    back with ownership, and a broker that stops drops all."""
+    a, book_a, b, book_b = _members(tmp_path)
+    placed, owned = enable(a, FakeSource(seed=1)), enable(a, FakeSource(seed=2))
+    vm = placed.meta.vm_uuid
+    a.placed_apart = b.placed_apart = lambda v: book_b.get(v) is not None
+    book_a.assign([(vm, "b")], epoch=1, owner="a")
+    assert book_b.adopt(vm) is not None
+    (adopted,) = b.reload_vm(vm)
+    for step in (b.load, b.forget, b.load):
+        step()
+        assert b.get(vm, placed.meta.disk_id) is adopted, step
+    assert b.get(owned.meta.vm_uuid, owned.meta.disk_id) is not None  # loaded as the owner's
+    b.forget()
+    assert b.get(owned.meta.vm_uuid, owned.meta.disk_id) is None
+    b.forget(held=True)
+    assert not b.holds_vm(vm)
+    assert b.replicas() == []

@@ -167,6 +167,50 @@ async def test_each_vm_is_served_by_its_member_and_moves_when_it_leaves(tmp_path
         assert [json.loads(line)["seq"] for line in audit] == [1, 2, 3]
 
 
+@pytest.mark.mosquitto
+@pytest.mark.slow
+async def test_a_member_elected_owner_keeps_serving_the_vms_placed_on_it(tmp_path: Path) -> None:
+    """When the owner leaves, the member elected in its place keeps applying the VM placed on it
+    (its load of the store as the new owner must not drop what it adopted as a member), and takes
+    over the old owner's VM on top of what that one applied."""
+    async with _members(tmp_path) as (pki, svc):
+        await until("an owner", lambda: any(s.serving for s in svc.values()))
+        owner = next(n for n, s in svc.items() if s.serving)
+        other = next(n for n in svc if n != owner)
+        sources = [FakeSource(seed=i) for i in (1, 2)]
+        async with AgentClient(svc[owner].url, pki.agent.tls) as agent:
+            for i, src in enumerate(sources):
+                await agent.enable(src, name=f"web{i}")
+        scale = {n: s.scaleout for n, s in svc.items()}
+        await until(
+            "one VM served by each member",
+            lambda: all(len(s.placement.serving) == 1 for s in scale.values() if s is not None),
+        )
+        survivor = scale[other]
+        assert survivor is not None
+        (kept,) = survivor.placement.serving
+        by_vm = {str(s.vm_uuid): s for s in sources}
+        (moved,) = set(by_vm) - {kept}
+        store = tmp_path / "store"
+        for vm, node in ((kept, other), (moved, owner)):
+            by_vm[vm].mutate()
+            async with AgentClient(svc[node].url, pki.agent.tls) as agent:
+                assert await agent.ship(by_vm[vm], by_vm[vm].cut()) == 1
+            await until(f"{vm} applied", lambda v=vm: _applied_seq(store, by_vm[v]) == 1)
+
+        await svc[owner].stop()
+        await until("the member elected", lambda: svc[other].serving, limit=60)
+        await until("the old owner's VM re-placed", lambda: moved in survivor.placement.serving)
+        async with AgentClient(svc[other].url, pki.agent.tls) as agent:
+            for vm in (kept, moved):
+                src = by_vm[vm]
+                src.mutate()
+                cut = src.cut()
+                assert await agent.ship(src, cut) == 2
+                await until(f"{vm} applied again", lambda s=src: _applied_seq(store, s) == 2)
+                assert (store / vm / src.disk_id / "replica.img").read_bytes() == cut.image
+
+
 def _images_match(store: Path, vms: list[VMSpec]) -> bool:
     for vm in vms:
         replica = store / str(vm.uuid) / "d0" / "replica.img"
