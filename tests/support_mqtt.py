@@ -9,6 +9,7 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -50,17 +51,34 @@ def wait_listening(port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
+_running: dict[int, subprocess.Popen[bytes]] = {}
+
+
 @contextmanager
 def _run_mosquitto(conf: Path, port: int) -> Iterator[int]:
     proc = subprocess.Popen(
         [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
+    _running[port] = proc
     try:
         wait_listening(port)
         yield port
     finally:
+        _running.pop(port, None)
         proc.kill()
         proc.wait()
+
+
+@contextmanager
+def frozen(port: int) -> Iterator[None]:
+    """Stop the Mosquitto on ``port`` with SIGSTOP: its connections stay open and nothing is
+    answered, as a hung server or a black-holed link; SIGCONT afterwards."""
+    proc = _running[port]
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGCONT)
 
 
 @contextmanager

@@ -18,7 +18,14 @@ from common.mqttbroker import serve_embedded
 from common.tls import client_context
 from common.tls.identities import Identity
 from tests.fixtures_pki import Pki, make_pki
-from tests.support_mqtt import free_port, mosquitto, mosquitto_tls, read_retained
+from tests.support_mqtt import (
+    free_port,
+    frozen,
+    mosquitto,
+    mosquitto_tls,
+    read_retained,
+    running,
+)
 
 
 @pytest.fixture
@@ -74,6 +81,27 @@ async def test_retained_state_survives_a_mosquitto_restart(tmp_path: Path) -> No
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+@pytest.mark.mosquitto
+async def test_a_publish_left_unacknowledged_drops_the_connection(tmp_path: Path) -> None:
+    """A Mosquitto that stops answering with its socket open (SIGSTOP) is noticed by the first
+    publish it leaves unacknowledged, not keepalives later: the link is down at once, reconnects
+    once the server answers again, and re-publishes what it holds retained."""
+    port = free_port()
+    topic = topics.member("dr", "b1")
+    link = MQTTLink(f"mqtt://127.0.0.1:{port}", client_id="b1", reconnect_max_seconds=0.5)
+    with mosquitto(tmp_path, port):
+        async with running(link):
+            with frozen(port):
+                assert await link.publish_retained(topic, _record(4)) is False
+                assert not link.connected
+                await asyncio.sleep(1)
+                assert not link.connected  # no stale "connected" while the server is silent
+            async with asyncio.timeout(15):
+                await link.wait_connected()
+            seen = topics.MemberRecord.model_validate_json(await _read_retained(port, topic))
+            assert seen.epoch == 4
 
 
 def _mqtt_server_cert(pki: Pki) -> TLSFiles:
