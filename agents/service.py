@@ -134,6 +134,7 @@ class Agent:
             cfg.broker.urls, client_context(cfg.tls), cluster=cfg.broker.cluster
         )
         self.uploader = Uploader(ShipLoop(cfg.agent.shipping_nice), self.client.twin(), cfg.tls)
+        self.uploader.prestart()
         try:
             for vm in cfg.vms:
                 self.roles[str(vm.uuid)] = RoleRecord.load(cfg.agent.state_dir, vm)

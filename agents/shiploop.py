@@ -267,6 +267,15 @@ class Uploader:
         }
         self.shipper = Shipper(settings, on_pid=ship.enrol_process)
         """Plans, reads, encodes and uploads the batches in a process of its own."""
+        self._early: asyncio.Future[None] | None = None
+
+    def prestart(self) -> None:
+        """Start the shipping process now, while the agent opens its disks, so that the first
+        batch does not wait for the process's imports (~0.3 s). A start that fails here is
+        tried again by the first batch, which reports the error with its fix."""
+        self.shipper.home = asyncio.get_running_loop()
+        self._early = asyncio.ensure_future(self.ship.run(self.shipper.start()))
+        self._early.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def upload_from(self, vm_uuid: UUID, disk_id: str, send: Sender, *, what: str) -> Ack:
         """:meth:`BrokerClient.upload_from`, run on the shipping loop."""
@@ -274,6 +283,8 @@ class Uploader:
 
     async def close(self) -> None:
         """Stop the shipping process, close the client's pool (on its loop), stop the loop."""
+        if self._early is not None:
+            await asyncio.gather(self._early, return_exceptions=True)
         await self.ship.run(self.shipper.close_ship())
         await self.shipper.close_home()
         await self.ship.run(self.client.close())

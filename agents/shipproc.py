@@ -113,7 +113,7 @@ class _SettleProtocol(asyncio.Protocol):
 
 
 class Shipper:
-    """The shipping process, started on first use and again after it ended.
+    """The shipping process, started with the agent (or on first use) and again after it ended.
 
     ``settings`` tell the process how to reach the brokers (:func:`agents.shipd.client_from`);
     ``on_pid`` is called on the home loop with each new process's pid, and with None once its
@@ -278,6 +278,10 @@ class Shipper:
             await asyncio.gather(self._settle_task, return_exceptions=True)
 
     # -- on the shipping loop ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the process ahead of the first batch (``home`` set by the caller)."""
+        await self._ensure()
 
     async def _ensure(self) -> tuple[asyncio.StreamWriter, socket.socket]:
         if self._starting is None:
