@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from broker.scaleout import RECHECK_SWEEPS
+from broker.scaleout import RECHECK_SWEEPS, ScaleOut
 from broker.service import BrokerService
 from common.config import BrokerConfig, TLSFiles
 from common.tls import Identity, client_context
@@ -82,6 +82,27 @@ def _applied_seq(store: Path, src: FakeSource) -> int:
     return int(json.loads(lines[-1])["seq"]) if lines else 0
 
 
+async def _two_vms_spread(
+    svc: dict[str, BrokerService], pki: Pki
+) -> tuple[str, str, list[FakeSource], dict[str, ScaleOut]]:
+    """Wait for an owner, enable two VMs through it and wait until each member serves one;
+    ``(owner, the other member, the VMs' sources, each member's scale-out)``."""
+    await until("an owner", lambda: any(s.serving for s in svc.values()))
+    owner = next(n for n, s in svc.items() if s.serving)
+    other = next(n for n in svc if n != owner)
+    sources = [FakeSource(seed=i) for i in (1, 2)]
+    async with AgentClient(svc[owner].url, pki.agent.tls) as agent:
+        for i, src in enumerate(sources):
+            await agent.enable(src, name=f"web{i}")
+    scale = {n: s.scaleout for n, s in svc.items() if s.scaleout is not None}
+    assert len(scale) == len(svc)
+    await until(
+        "one VM served by each member",
+        lambda: all(len(s.placement.serving) == 1 for s in scale.values()),
+    )
+    return owner, other, sources, scale
+
+
 @pytest.mark.mosquitto
 @pytest.mark.slow
 async def test_each_vm_is_served_by_its_member_and_moves_when_it_leaves(tmp_path: Path) -> None:
@@ -91,22 +112,8 @@ async def test_each_vm_is_served_by_its_member_and_moves_when_it_leaves(tmp_path
     once a sweep re-reads it); when that member leaves, its VM is re-placed on the survivor, which
     applies the next batch on top (one audit line per batch, across both)."""
     async with _members(tmp_path) as (pki, svc):
-        await until("an owner", lambda: any(s.serving for s in svc.values()))
-        owner = next(n for n, s in svc.items() if s.serving)
-        other = next(n for n in svc if n != owner)
-        sources = [FakeSource(seed=i) for i in (1, 2)]
-        async with AgentClient(svc[owner].url, pki.agent.tls) as agent:
-            for i, src in enumerate(sources):
-                await agent.enable(src, name=f"web{i}")
-        scale = {n: s.scaleout for n, s in svc.items()}
-        assert all(scale.values())
-
-        def placed() -> bool:
-            return all(len(s.placement.serving) == 1 for s in scale.values() if s is not None)
-
-        await until("one VM served by each member", placed)
+        owner, other, sources, scale = await _two_vms_spread(svc, pki)
         other_scale = scale[other]
-        assert other_scale is not None
         (vm,) = other_scale.placement.serving
         src = next(s for s in sources if str(s.vm_uuid) == vm)
         src.mutate()
@@ -137,7 +144,6 @@ async def test_each_vm_is_served_by_its_member_and_moves_when_it_leaves(tmp_path
         # its token is stale, so the fence refuses its next batch until a sweep re-reads the
         # record and serves the VM afresh.
         owner_scale = scale[owner]
-        assert owner_scale is not None
         for node in (owner, other):
             owner_scale.book.assign([(vm, node)], epoch=svc[owner].epoch, owner=owner)
         src.mutate()
@@ -174,20 +180,8 @@ async def test_a_member_elected_owner_keeps_serving_the_vms_placed_on_it(tmp_pat
     (its load of the store as the new owner must not drop what it adopted as a member), and takes
     over the old owner's VM on top of what that one applied."""
     async with _members(tmp_path) as (pki, svc):
-        await until("an owner", lambda: any(s.serving for s in svc.values()))
-        owner = next(n for n, s in svc.items() if s.serving)
-        other = next(n for n in svc if n != owner)
-        sources = [FakeSource(seed=i) for i in (1, 2)]
-        async with AgentClient(svc[owner].url, pki.agent.tls) as agent:
-            for i, src in enumerate(sources):
-                await agent.enable(src, name=f"web{i}")
-        scale = {n: s.scaleout for n, s in svc.items()}
-        await until(
-            "one VM served by each member",
-            lambda: all(len(s.placement.serving) == 1 for s in scale.values() if s is not None),
-        )
+        owner, other, sources, scale = await _two_vms_spread(svc, pki)
         survivor = scale[other]
-        assert survivor is not None
         (kept,) = survivor.placement.serving
         by_vm = {str(s.vm_uuid): s for s in sources}
         (moved,) = set(by_vm) - {kept}
