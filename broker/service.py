@@ -245,14 +245,13 @@ class BrokerService:
     async def end_owning(self, *, leaving: bool = False) -> None:
         """Stop serving: appliers finish the batch in hand, exports go; a straggler is refused
         by the store's fence once another member claims. VMs placed here run on under their
-        own token (decision 032) unless the broker is ``leaving``."""
+        own token, exports too (decision 032), unless the broker is ``leaving``."""
         stop = {k for k in self.engines if leaving or not self.store.holds_vm(k[0])}
         engines = [self.engines.pop(k) for k in stop]
-        was = self.serving or bool(engines)
-        self.serving = False
-        self.taking_over = set()
-        for name in list(self.exports):
-            await self.remove_export(name)
+        was, self.serving, self.taking_over = self.serving or bool(engines), False, set()
+        for name, doc in list(self._export_meta.items()):
+            if leaving or not self.store.holds_vm(doc["uuid"]):
+                await self.remove_export(name)
         await asyncio.gather(*(e.stop() for e in engines))
         for engine in engines:
             if not engine.ingest_lock.locked():

@@ -16,6 +16,7 @@ import pytest
 from broker.scaleout import RECHECK_SWEEPS, ScaleOut
 from broker.service import BrokerService
 from common.config import BrokerConfig, TLSFiles
+from common.mqtt import MQTTAddress
 from common.tls import Identity, client_context
 from tests.fixtures_pki import Pki, make_pki
 from tests.support_agent import (
@@ -28,7 +29,7 @@ from tests.support_agent import (
     make_image,
 )
 from tests.support_broker import AgentClient, FakeSource
-from tests.support_mqtt import mosquitto_tls
+from tests.support_mqtt import frozen, mosquitto_tls
 from tests.test_placement_sim import until
 
 FAST = {"lease": 2.0, "renew": 0.5, "stagger": 0.3, "settle": 0.5, "hold_down": 2.0}
@@ -203,6 +204,40 @@ async def test_a_member_elected_owner_keeps_serving_the_vms_placed_on_it(tmp_pat
                 assert await agent.ship(src, cut) == 2
                 await until(f"{vm} applied again", lambda s=src: _applied_seq(store, s) == 2)
                 assert (store / vm / src.disk_id / "replica.img").read_bytes() == cut.image
+
+
+@pytest.mark.mosquitto
+@pytest.mark.slow
+async def test_an_owner_that_steps_down_keeps_the_vm_placed_on_it(tmp_path: Path) -> None:
+    """An owner cut off from MQTT (Mosquitto frozen) steps down, but the VM placed on it is
+    still its to serve (decision 032): its applier and its point-in-time export stay, and the
+    export still reads the point byte for byte."""
+    async with _members(tmp_path) as (pki, svc):
+        owner, _other, sources, scale = await _two_vms_spread(svc, pki)
+        (vm,) = scale[owner].placement.serving
+        src = next(s for s in sources if str(s.vm_uuid) == vm)
+        src.mutate()
+        cut = src.cut()
+        async with AgentClient(svc[owner].url, pki.agent.tls) as agent:
+            assert await agent.ship(src, cut) == 1
+        await until("applied", lambda: _applied_seq(tmp_path / "store", src) == 1)
+        admin = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=client_context(pki.admin.tls))
+        )
+        url = f"{svc[owner].url}/v1/vms/{vm}/exports"
+        async with admin, admin.post(url, json={"point": "latest"}) as resp:
+            assert resp.status == 201, await resp.text()
+            (export,) = (await resp.json())["exports"]
+        engine = svc[owner].engines[(vm, src.disk_id)]
+        with frozen(MQTTAddress.parse(svc[owner].config.mqtt.url).port):
+            await until("the owner stepped down", lambda: not svc[owner].serving)
+            assert svc[owner].engines.get((vm, src.disk_id)) is engine
+            assert [e["name"] for e in svc[owner].list_exports()] == [export["name"]]
+            nbd = await asyncio.to_thread(MiniNBD, Path(export["socket"]), export["name"])
+            try:
+                assert await asyncio.to_thread(nbd.read, 0, len(cut.image)) == cut.image
+            finally:
+                nbd.close()
 
 
 def _images_match(store: Path, vms: list[VMSpec]) -> bool:
