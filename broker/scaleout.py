@@ -13,7 +13,7 @@ ago) is the owner's, under the owner-epoch fence, until the owner's next round p
 from __future__ import annotations
 
 import asyncio
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from broker.apply import ReplicaEngine
 from broker.cluster import ClusterMember
@@ -47,6 +47,12 @@ class Member(Protocol):
 
     def engine_for(self, replica: Replica) -> ReplicaEngine:
         """The live engine of a replica (created and started on first use)."""
+
+    def list_exports(self) -> list[dict[str, Any]]:
+        """The point-in-time exports being served."""
+
+    async def remove_export(self, name: str) -> None:
+        """Stop serving an export and delete its overlay."""
 
 
 class PlacementRouter:
@@ -130,6 +136,7 @@ class ScaleOut:
                 # member has been its only writer, its replicas in memory are current.
                 self.service.store.hold_vm(vm_uuid)
                 return
+            await self._end_exports(vm_uuid)
             await self._stop_engines(vm_uuid)
             if not mine:
                 self.service.store.forget_vm(vm_uuid)
@@ -138,6 +145,26 @@ class ScaleOut:
             for replica in replicas:
                 self.service.engine_for(replica)
             _log.info("placed_vm_served", vm_uuid=vm_uuid, disks=len(replicas))
+
+    async def _end_exports(self, vm_uuid: str) -> None:
+        """End the VM's point-in-time exports, which read through the engines stopping now,
+        with the reason and where to export it again (left alone, every read fails with EIO)."""
+        docs = [d for d in self.service.list_exports() if d["uuid"] == vm_uuid]
+        if not docs:
+            return
+        record = await asyncio.to_thread(self.book.get, vm_uuid)
+        node = record.node if record is not None else "the owner"
+        for doc in docs:
+            await self.service.remove_export(str(doc["name"]))
+            _log.warning(
+                "pit_export_ended",
+                export=doc["name"],
+                vm_uuid=vm_uuid,
+                placed_on=node,
+                reason=f"the VM's placement changed and broker {self.book.node} stopped "
+                "applying it; the export read through that applier",
+                fix=f"create the export again on broker {node} (POST /v1/vms/{vm_uuid}/exports)",
+            )
 
     async def _stop_engines(self, vm_uuid: str) -> None:
         engines = self.service.engines

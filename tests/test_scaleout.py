@@ -9,9 +9,11 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+import structlog.testing
 
 from broker.scaleout import RECHECK_SWEEPS, ScaleOut
 from broker.service import BrokerService
@@ -28,7 +30,7 @@ from tests.support_agent import (
     export_ready,
     make_image,
 )
-from tests.support_broker import AgentClient, FakeSource
+from tests.support_broker import AgentClient, Cut, FakeSource
 from tests.support_mqtt import frozen, mosquitto_tls
 from tests.test_placement_sim import until
 
@@ -206,6 +208,46 @@ async def test_a_member_elected_owner_keeps_serving_the_vms_placed_on_it(tmp_pat
                 assert (store / vm / src.disk_id / "replica.img").read_bytes() == cut.image
 
 
+async def _ship_and_export(
+    tmp_path: Path, member: BrokerService, pki: Pki, src: FakeSource
+) -> tuple[Cut, dict[str, Any]]:
+    """Ship a first batch of ``src`` to ``member``, wait for its apply and export the VM's
+    latest point there; ``(the cut, the export's description)``."""
+    src.mutate()
+    cut = src.cut()
+    async with AgentClient(member.url, pki.agent.tls) as agent:
+        assert await agent.ship(src, cut) == 1
+    await until("applied", lambda: _applied_seq(tmp_path / "store", src) == 1)
+    admin = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_context(pki.admin.tls)))
+    url = f"{member.url}/v1/vms/{src.vm_uuid}/exports"
+    async with admin, admin.post(url, json={"point": "latest"}) as resp:
+        assert resp.status == 201, await resp.text()
+        (export,) = (await resp.json())["exports"]
+    return cut, export
+
+
+@pytest.mark.mosquitto
+@pytest.mark.slow
+async def test_a_vm_moved_away_ends_its_exports_with_the_reason(tmp_path: Path) -> None:
+    """When the store places a VM elsewhere, the member that served it ends the VM's
+    point-in-time exports, which read through its applier, with an event naming the member to
+    export it from (left alone, every read of them failed with EIO)."""
+    async with _members(tmp_path) as (pki, svc):
+        owner, other, sources, scale = await _two_vms_spread(svc, pki)
+        (vm,) = scale[owner].placement.serving
+        src = next(s for s in sources if str(s.vm_uuid) == vm)
+        _cut, export = await _ship_and_export(tmp_path, svc[owner], pki, src)
+        with structlog.testing.capture_logs() as logs:
+            scale[owner].book.assign([(vm, other)], epoch=svc[owner].epoch, owner=owner)
+            for _ in range(RECHECK_SWEEPS):
+                await scale[owner].sweep()
+        assert (vm, src.disk_id) not in svc[owner].engines
+        assert svc[owner].list_exports() == []
+        (event,) = [e for e in logs if e["event"] == "pit_export_ended"]
+        assert (event["export"], event["placed_on"]) == (export["name"], other)
+        assert f"on broker {other}" in event["fix"]
+
+
 @pytest.mark.mosquitto
 @pytest.mark.slow
 async def test_an_owner_that_steps_down_keeps_the_vm_placed_on_it(tmp_path: Path) -> None:
@@ -216,18 +258,7 @@ async def test_an_owner_that_steps_down_keeps_the_vm_placed_on_it(tmp_path: Path
         owner, _other, sources, scale = await _two_vms_spread(svc, pki)
         (vm,) = scale[owner].placement.serving
         src = next(s for s in sources if str(s.vm_uuid) == vm)
-        src.mutate()
-        cut = src.cut()
-        async with AgentClient(svc[owner].url, pki.agent.tls) as agent:
-            assert await agent.ship(src, cut) == 1
-        await until("applied", lambda: _applied_seq(tmp_path / "store", src) == 1)
-        admin = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=client_context(pki.admin.tls))
-        )
-        url = f"{svc[owner].url}/v1/vms/{vm}/exports"
-        async with admin, admin.post(url, json={"point": "latest"}) as resp:
-            assert resp.status == 201, await resp.text()
-            (export,) = (await resp.json())["exports"]
+        cut, export = await _ship_and_export(tmp_path, svc[owner], pki, src)
         engine = svc[owner].engines[(vm, src.disk_id)]
         with frozen(MQTTAddress.parse(svc[owner].config.mqtt.url).port):
             await until("the owner stepped down", lambda: not svc[owner].serving)
