@@ -276,8 +276,7 @@ class Store:
             # Exports do not survive a restart; their private overlays are garbage now.
             if stale.is_file() or stale.is_symlink():
                 stale.unlink(missing_ok=True)
-        with self._lock:
-            self._replicas = {k: r for k, r in self._replicas.items() if k[0] in self._held}
+        self.forget()  # the VMs held through placement stay: their own token decides
         return self._load(wait)
 
     def load_replica(self, disk_dir: Path) -> Replica | None:
