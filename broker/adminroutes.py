@@ -81,6 +81,8 @@ async def create_exports(request: web.Request) -> web.Response:
     exports = await service.create_exports(
         replicas, point_id, keys, read_only=bool(body.get("read_only"))
     )
+    # The member record now lists the VM as exported: the owner's balance leaves it here.
+    await service.test_copies.announce()
     return web.json_response({"exports": exports}, status=201)
 
 
@@ -97,6 +99,7 @@ async def delete_export(request: web.Request) -> web.Response:
     require_admin(request)
     name = names.export_name(request.match_info["name"])
     await service.remove_export(name)
+    await service.test_copies.announce()
     return web.json_response({"removed": name})
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from common import topics
@@ -21,6 +21,8 @@ from common.mqtt import MQTTLink
 log = get_logger("replikant.membership")
 
 VMSnapshot = Callable[[], list[tuple[uuid.UUID, str, topics.VMSiteRecord]]]
+Exporting = Callable[[], Iterable[str]]
+"""The uuids of the VMs this broker serves point-in-time exports of."""
 
 
 class Membership:
@@ -36,6 +38,7 @@ class Membership:
         url: str,
         epoch: Callable[[], int],
         snapshot: VMSnapshot,
+        exporting: Exporting = tuple,
         interval: float = 2.0,
     ) -> None:
         self.link = link
@@ -45,6 +48,7 @@ class Membership:
         self.url = url
         self._epoch = epoch
         self._snapshot = snapshot
+        self._exporting = exporting
         self._interval = interval
         self._since = time.time()
         self._published: dict[str, topics.VMSiteRecord] = {}
@@ -74,6 +78,7 @@ class Membership:
             online=online,
             epoch=self._epoch(),
             since=self._since,
+            exporting=tuple(sorted({uuid.UUID(vm) for vm in self._exporting()})),
         )
 
     async def publish_once(self) -> int:

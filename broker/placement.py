@@ -18,6 +18,10 @@ The rules, in order:
    weighted share of the VMs (capped by its capacity). A move is made only when it narrows the
    gap (donor load - 1 >= receiver load + 1, in weighted terms), so rounds converge and stop.
    A round that re-placed orphans makes no balance move: a member's death moves only its VMs.
+4. **Exported VMs are held.** A balance move never takes a *pinned* VM, one whose member serves
+   point-in-time exports of it (a test copy's disks, an operator's export): they read through
+   that member's applier and would end with the move. Balance then uses the other VMs, or waits
+   for the exports to end. A pinned VM whose member is gone is an orphan like any other.
 
 Which VM a balance move takes is decided by a hash of ``(vm, receiver)`` (rendezvous), so the
 choice is deterministic and spread over the donor's VMs rather than always the first by name.
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -74,6 +78,8 @@ class Plan:
     unplaced: tuple[str, ...] = ()
     balanced: bool = True
     loads: Mapping[str, int] = field(default_factory=dict)
+    held: tuple[str, ...] = ()
+    """Pinned VMs on a member that balance would have given VMs (rule 4): why it did not."""
 
 
 class Placer:
@@ -90,9 +96,14 @@ class Placer:
         self.max_moves = max_moves
 
     def plan(
-        self, members: Iterable[Member], vms: Iterable[str], current: Mapping[str, str]
+        self,
+        members: Iterable[Member],
+        vms: Iterable[str],
+        current: Mapping[str, str],
+        pinned: Collection[str] = frozenset(),
     ) -> Plan:
-        """One round: ``current`` maps a VM to the member it is placed on now (absent: none)."""
+        """One round: ``current`` maps a VM to the member it is placed on now (absent: none);
+        balance leaves the ``pinned`` VMs where they are (rule 4)."""
         online = {m.node: m for m in members}
         loads = dict.fromkeys(online, 0)
         placement: dict[str, str] = {}
@@ -115,14 +126,16 @@ class Placer:
             loads[target] += 1
             source = current.get(vm)
             moves.append(Move(vm, source, target, "orphan" if source else "new"))
+        held: list[str] = []
         if not moves:
-            moves = self._balance(online, placement, loads)
+            moves, held = self._balance(online, placement, loads, pinned)
         return Plan(
             moves=tuple(moves),
             placement=placement,
             unplaced=tuple(unplaced),
             balanced=self.within_threshold(online.values(), loads),
             loads=loads,
+            held=tuple(held),
         )
 
     def bounds(self, members: Iterable[Member], total: int) -> dict[str, tuple[int, int]]:
@@ -144,22 +157,39 @@ class Placer:
         return _best_move(ms, loads) is None
 
     def _balance(
-        self, online: Mapping[str, Member], placement: dict[str, str], loads: dict[str, int]
-    ) -> list[Move]:
+        self,
+        online: Mapping[str, Member],
+        placement: dict[str, str],
+        loads: dict[str, int],
+        pinned: Collection[str],
+    ) -> tuple[list[Move], list[str]]:
+        """The balance moves of a round, and the pinned VMs that stopped one."""
         moves: list[Move] = []
         members = list(online.values())
+        movable = {m.node: 0 for m in members}
+        for vm, node in placement.items():
+            movable[node] += vm not in pinned
         while len(moves) < self.max_moves and not self.within_threshold(members, loads):
             pair = _best_move(members, loads)
             if pair is None:
                 break
+            if not movable[pair[0]]:
+                # The member balance would take from holds only pinned VMs: the next most
+                # loaded one gives instead, if a move from it still narrows the gap.
+                blocked = pair[0]
+                pair = _best_move(members, loads, donors={n for n, c in movable.items() if c})
+                if pair is None:
+                    return moves, sorted(v for v, n in placement.items() if n == blocked)
             donor, receiver = pair
-            candidates = [vm for vm, node in placement.items() if node == donor]
+            candidates = [v for v, n in placement.items() if n == donor and v not in pinned]
             vm = max(candidates, key=lambda v: _score(v, receiver))
             placement[vm] = receiver
             loads[donor] -= 1
             loads[receiver] += 1
+            movable[donor] -= 1
+            movable[receiver] += 1
             moves.append(Move(vm, donor, receiver, "balance"))
-        return moves
+        return moves, []
 
 
 def _has_room(member: Member, load: int) -> bool:
@@ -173,13 +203,16 @@ def _least_loaded(members: Iterable[Member], loads: Mapping[str, int]) -> str | 
     return min(open_, key=lambda m: ((loads[m.node] + 1) / m.weight, m.node)).node
 
 
-def _best_move(members: list[Member], loads: Mapping[str, int]) -> tuple[str, str] | None:
-    """The (donor, receiver) pair whose move narrows the weighted spread most, if any does."""
-    donors = [m for m in members if loads[m.node] > 0]
+def _best_move(
+    members: list[Member], loads: Mapping[str, int], donors: Collection[str] | None = None
+) -> tuple[str, str] | None:
+    """The (donor, receiver) pair whose move narrows the weighted spread most, if any does;
+    the donor one of ``donors`` if given."""
+    givers = [m for m in members if loads[m.node] > 0 and (donors is None or m.node in donors)]
     receivers = [m for m in members if _has_room(m, loads[m.node])]
-    if not donors or not receivers:
+    if not givers or not receivers:
         return None
-    donor = max(donors, key=lambda m: (loads[m.node] / m.weight, m.node))
+    donor = max(givers, key=lambda m: (loads[m.node] / m.weight, m.node))
     receiver = min(receivers, key=lambda m: ((loads[m.node] + 1) / m.weight, m.node))
     if donor.node == receiver.node:
         return None

@@ -76,6 +76,7 @@ class ClusterPlacement:
         self.placed: dict[str, topics.PlacementMessage] = {}
         self.serving: set[str] = set()
         self._announced: dict[str, topics.PlacementMessage] = {}
+        self._held: tuple[str, ...] = ()
         self._pending: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
         self.rounds = 0
@@ -156,7 +157,9 @@ class ClusterPlacement:
             self._records = await asyncio.to_thread(self.book.all)
         records = self._records
         vms = await asyncio.to_thread(self.book.vms)
-        plan = self.placer.plan(self.online(), vms, {vm: r.node for vm, r in records.items()})
+        current = {vm: r.node for vm, r in records.items()}
+        plan = self.placer.plan(self.online(), vms, current, pinned=self.pinned(current))
+        self._report_held(plan.held)
         if plan.moves:
             wanted = [(m.vm, m.target) for m in plan.moves]
             try:
@@ -182,6 +185,35 @@ class ClusterPlacement:
         await self._announce(records)
         self.rounds += 1
         return plan
+
+    def pinned(self, current: dict[str, str]) -> set[str]:
+        """The VMs an online member serves exports of and is placed with, as last heard: its
+        exports read through its applier, so a balance move would end them (decision 032)."""
+        return {
+            str(vm)
+            for node, record in self.members.items()
+            if record.online
+            for vm in record.exporting
+            if current.get(str(vm)) == node
+        }
+
+    def _report_held(self, held: tuple[str, ...]) -> None:
+        """Say once, each time it changes, which exported VMs keep the cluster unbalanced."""
+        if held == self._held:
+            return
+        self._held = held
+        if held:
+            _log.info(
+                "placement_balance_held",
+                node=self.node,
+                vms=list(held),
+                reason="balance would move these VMs, and their point-in-time exports (test "
+                "copies included) read through the member that applies them",
+                fix="balance resumes by itself once those exports end (stop-test, or DELETE "
+                "/v1/exports/NAME on their member)",
+            )
+        else:
+            _log.info("placement_balance_released", node=self.node)
 
     async def _announce(self, records: dict[str, PlacementRecord]) -> None:
         """Publish every recorded placement the retained view does not show yet (a new owner's

@@ -285,6 +285,7 @@ class BrokerService:
             url=self.url,
             epoch=lambda: self.epoch,
             snapshot=lambda: vm_site_records(self),
+            exporting=lambda: (str(doc["uuid"]) for doc in self._export_meta.values()),
         )
         # The Last Will marks us offline if we vanish without a clean leave.
         link.set_will(topics.member(b.cluster, b.node), membership.member_record(online=False))

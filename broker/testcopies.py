@@ -47,8 +47,9 @@ class TestCopies:
     def __init__(self, site: str) -> None:
         self.book = RoleBook(site)
         self.copies: dict[str, TestCopy] = {}
-        # Set by the broker when it publishes on MQTT: a role change is announced at once, so
-        # that when the command returns the retained record already says so.
+        # Set by the broker when it publishes on MQTT: a role change, or an export made or
+        # ended, is announced at once, so that when the command returns the retained records
+        # (the VM's role, the member's exported VMs) already say so.
         self.publish: Callable[[], Awaitable[int]] | None = None
 
     def is_test(self, vm: str) -> bool:
@@ -56,12 +57,12 @@ class TestCopies:
         return vm in self.copies
 
     async def announce(self) -> None:
-        """Publish the changed role now (MQTT is advisory: a failure only waits for the next
-        periodic publish, and is logged)."""
+        """Publish the changed records now (MQTT is advisory: a failure only waits for the
+        next periodic publish, and is logged)."""
         if self.publish is None:
             return
         try:
             async with asyncio.timeout(2):
                 await self.publish()
         except Exception as exc:  # any MQTT failure: the periodic publish tries again
-            _log.warning("role_publish_deferred", error=str(exc) or type(exc).__name__)
+            _log.warning("records_publish_deferred", error=str(exc) or type(exc).__name__)

@@ -124,6 +124,9 @@ class MemberRecord(_Message):
     online: bool
     epoch: int = Field(ge=0)
     since: float
+    exporting: tuple[uuid.UUID, ...] = ()
+    """The VMs whose point-in-time exports (test copies' disks included) this member serves:
+    the owner's balance moves leave them where they are (decision 032)."""
 
 
 class OwnerRecord(_Message):

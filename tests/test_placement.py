@@ -135,6 +135,43 @@ def test_a_returning_member_is_filled_at_the_rate_limit() -> None:
     assert placer.plan(three, vms, current).moves == ()
 
 
+def test_balance_never_moves_an_exported_vm() -> None:
+    """A returning member is filled from the VMs that are not exported: a pinned VM stays on
+    its member (its exports read through that member's applier), a busier member gives
+    instead when the busiest holds only pinned VMs, a cluster whose donors are all pinned
+    reports the VMs that hold balance back, and a pinned VM whose member died moves anyway."""
+    placer = Placer(max_moves=100)
+    a, b, c = Member("a"), Member("b"), Member("c")
+    vms = [f"vm-{i}" for i in range(6)]
+    on_a = dict.fromkeys(vms, "a")
+    pinned = set(vms[:4])
+    plan = placer.plan([a, b], vms, on_a, pinned=pinned)
+    moved = {m.vm for m in plan.moves}
+    assert moved
+    assert not moved & pinned
+    assert all(plan.placement[vm] == "a" for vm in pinned)
+    # Without the pins the same round takes a pinned VM: the pins, not luck, kept them.
+    assert {m.vm for m in placer.plan([a, b], vms, on_a).moves} & pinned
+
+    # The busiest member's VMs are all pinned: the next one gives, while that narrows the gap.
+    current = {**dict.fromkeys(vms[:4], "a"), **dict.fromkeys(vms[4:], "b")}
+    plan = placer.plan([a, b, c], vms, current, pinned=set(vms[:4]))
+    assert [(m.source, m.target) for m in plan.moves] == [("b", "c")]
+    assert plan.held == tuple(vms[:4])
+    assert not plan.balanced
+
+    # Every VM pinned: nothing moves, and the plan says which VMs hold it.
+    plan = placer.plan([a, b], vms, on_a, pinned=set(vms))
+    assert (plan.moves, plan.held, plan.balanced) == ((), tuple(vms), False)
+    # Once the exports end, balance resumes.
+    assert placer.plan([a, b], vms, on_a, pinned=set()).moves
+
+    # A dead member's pinned VM is an orphan: its exports died with the member.
+    plan = placer.plan([b], vms, on_a, pinned=set(vms))
+    assert {m.reason for m in plan.moves} == {"orphan"}
+    assert set(plan.placement.values()) == {"b"}
+
+
 def test_weights_and_capacity_shape_the_shares() -> None:
     """A member of weight 2 carries twice the VMs of one of weight 1; a full member takes no
     more, and VMs beyond every member's capacity stay unplaced (and are reported)."""

@@ -271,6 +271,64 @@ async def test_an_owner_that_steps_down_keeps_the_vm_placed_on_it(tmp_path: Path
                 nbd.close()
 
 
+@pytest.mark.mosquitto
+@pytest.mark.slow
+async def test_balance_leaves_an_exported_vm_on_its_member(tmp_path: Path) -> None:
+    """A member that returns to the cluster would take a VM from the owner by balance, but
+    every VM there has a point-in-time export (a test copy's disks): the VMs stay, the exports
+    read the point byte for byte rounds later, and the owner says once why the cluster stays
+    unbalanced. Once the exports are deleted, balance moves a VM to the returned member."""
+    async with _members(tmp_path) as (pki, svc):
+        await until("an owner", lambda: any(s.serving for s in svc.values()))
+        owner = next(n for n, s in svc.items() if s.serving)
+        other = next(n for n in svc if n != owner)
+        config = svc[other].config
+        await svc[other].stop()
+        placement = svc[owner].scaleout.placement if svc[owner].scaleout else None
+        assert placement is not None
+        await until("the other member gone", lambda: not placement.members[other].online)
+        sources = [FakeSource(seed=i) for i in (1, 2, 3)]
+        async with AgentClient(svc[owner].url, pki.agent.tls) as agent:
+            for i, src in enumerate(sources):
+                await agent.enable(src, name=f"web{i}")
+        await until("every VM placed on the owner", lambda: len(placement.serving) == 3)
+        exported = [await _ship_and_export(tmp_path, svc[owner], pki, src) for src in sources]
+
+        with structlog.testing.capture_logs() as logs:
+            svc[other] = BrokerService(config)
+            await svc[other].start()
+            await until("the member back", lambda: placement.members[other].online)
+            rounds = placement.rounds
+            await until("three rounds with it", lambda: placement.rounds >= rounds + 3)
+            assert len(placement.serving) == 3
+            assert {e["name"] for e in svc[owner].list_exports()} == {
+                export["name"] for _cut, export in exported
+            }
+            cut, export = exported[0]
+            nbd = await asyncio.to_thread(MiniNBD, Path(export["socket"]), export["name"])
+            try:
+                assert await asyncio.to_thread(nbd.read, 0, len(cut.image)) == cut.image
+            finally:
+                nbd.close()
+            held = [e for e in logs if e["event"] == "placement_balance_held"]
+            assert len(held) == 1
+            assert set(held[0]["vms"]) == {str(s.vm_uuid) for s in sources}
+
+            admin = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=client_context(pki.admin.tls))
+            )
+            async with admin:
+                for _cut, export in exported:
+                    url = f"{svc[owner].url}/v1/exports/{export['name']}"
+                    async with admin.delete(url) as resp:
+                        assert resp.status == 200, await resp.text()
+            returned = svc[other].scaleout
+            assert returned is not None
+            await until("a VM moved to the member", lambda: len(returned.placement.serving) == 1)
+            assert len(placement.serving) == 2
+        assert "placement_balance_released" in [e["event"] for e in logs]
+
+
 def _images_match(store: Path, vms: list[VMSpec]) -> bool:
     for vm in vms:
         replica = store / str(vm.uuid) / "d0" / "replica.img"
