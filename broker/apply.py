@@ -494,7 +494,9 @@ class ReplicaEngine:
         self._wake.set()
 
     def start(self) -> None:
-        """Start the background apply loop (replays the journal first)."""
+        """Start the background apply loop (replays the journal first); again after :meth:`stop`
+        (an owner that stepped down and is elected again)."""
+        self._stopping = False
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"apply-{self.replica.label}"
         )

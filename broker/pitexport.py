@@ -10,12 +10,14 @@ every other cluster from the view. Partial cluster writes copy the cluster from 
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import hashlib
 import os
 import stat
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Final
 
@@ -28,6 +30,10 @@ from common.nbd.backend import ExportBase
 _log = get_logger("broker.pitexport")
 
 CLUSTER: Final = 64 * 1024
+
+Guard = Callable[[], AbstractContextManager[None]]
+"""Entered around each request that may read the replica: raises to refuse it, while the broker
+may no longer vouch for the point (``broker/exports.py:StepDownGuard``)."""
 
 
 class Overlay:
@@ -148,8 +154,10 @@ class PointInTimeExport(ExportBase):
         *,
         read_only: bool = False,
         description: str = "",
+        guard: Guard = contextlib.nullcontext,
     ) -> None:
         self.name = name
+        self.guard = guard
         self.size = size
         self.read_only = read_only
         self.description = description
@@ -159,19 +167,23 @@ class PointInTimeExport(ExportBase):
 
     def read(self, offset: int, length: int) -> bytes | bytearray:
         """The point's bytes, or what the reader wrote over them."""
-        return self.overlay.read(self.view, offset, length)
+        with self.guard():
+            return self.overlay.read(self.view, offset, length)
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         """Copy-on-write into the overlay; the replica is never touched."""
-        self.overlay.write(self.view, offset, data)
+        with self.guard():  # a partial cluster is read from the point first
+            self.overlay.write(self.view, offset, data)
 
     def trim(self, offset: int, length: int, fua: bool) -> None:
         """Discarded ranges read as zeroes from now on."""
-        self.overlay.zero(self.view, offset, length)
+        with self.guard():
+            self.overlay.zero(self.view, offset, length)
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
         """Zero a range in the overlay."""
-        self.overlay.zero(self.view, offset, length)
+        with self.guard():
+            self.overlay.zero(self.view, offset, length)
 
     def flush(self) -> None:
         """Make overlay writes durable (for the life of the export)."""

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import signal
 import time
 from collections.abc import Callable
@@ -39,17 +38,18 @@ from broker.errors import (
     NotOwner,
     StaleGeneration,
     StorageFullError,
-    UnknownPoint,
 )
+from broker.exports import EXPORT_AGAIN, Exports, StepDownGuard
+from broker.fence import T
 from broker.hashes import block_hashes
 from broker.httperrors import HTTP_LOG
 from broker.membership import Membership
-from broker.pitexport import PointInTimeExport, prepare_socket_dir, socket_path
-from broker.points import Key, key_text
+from broker.pitexport import prepare_socket_dir, socket_path
+from broker.points import Key
 from broker.retention import Retainer, free_store_space, publish
 from broker.scaleout import ScaleOut
 from broker.space import StoreSpace
-from broker.store import Replica, Store, T
+from broker.store import Replica, Store
 from broker.storemodes import tighten_permissions
 from broker.testcopies import TestCopies
 from broker.views import vm_site_records
@@ -120,12 +120,14 @@ class BrokerService:
         self.engines: dict[tuple[str, str], ReplicaEngine] = {}
         self.conditions: dict[str, Condition] = {}
         self._hooks: list[AlertHook] = []
-        self.exports: dict[str, PointInTimeExport] = {}
         self.test_copies = TestCopies(config.broker.site)
-        self._export_meta: dict[str, dict[str, Any]] = {}
         self.nbd = NBDServer(max_connections=100)
         nbd_dir = b.store / (f".nbd-{b.node}" if clustered else ".nbd")
         self.nbd_socket = socket_path((config.nbd_socket_dir or nbd_dir) / "pit.sock")
+        self.exports = Exports(self.nbd, self.nbd_socket, self.store.overlay_dir)
+        self._kept: tuple[int, set[str]] = (0, set())
+        """(epoch, VMs): exported VMs kept through a step-down at that epoch (decision 043)."""
+        self.kept_lost = ""
         self._runner: web.AppRunner | None = None
         self._site: MutualTLSSite | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -215,14 +217,25 @@ class BrokerService:
 
     async def begin_owning(self, epoch: int) -> None:
         """Own the store under ``epoch`` (claimed already): reload it (waiting out a deposed
-        owner's write in progress), replay every journal and accept agents."""
+        owner's write in progress), replay every journal and accept agents. The exported VMs
+        kept through a step-down resume if no other broker claimed the store meanwhile, and
+        end otherwise (decision 043)."""
+        kept_epoch, kept = self._kept
+        node = self.config.broker.node
+        if kept and not await asyncio.to_thread(self.store.owned_since, kept_epoch, node):
+            await self._let_go(kept, f"another broker owned the store after epoch {kept_epoch}")
+            kept = set()
         self.epoch = epoch
         busy = await asyncio.to_thread(self.store.load, wait=not self.config.mqtt.url)
         for replica in self.store.replicas():
             if not self.store.holds_vm(replica.meta.vm_uuid):  # placed here: runs already
                 self.engine_for(replica)
+        for vm in kept:
+            self.store.hold_vm(vm, hold=False)  # the owner's again
+        for engine in [e for k, e in self.engines.items() if k[0] in kept]:
+            engine.start()
         self.taking_over = {d.parent.name for d in busy}
-        self.serving = True
+        self.serving, self._kept = True, (0, set())
         self._write_run_file()
         _log.info("owner_serving", epoch=epoch, replicas=len(self.engines), waiting=len(busy))
         if busy:
@@ -243,16 +256,26 @@ class BrokerService:
             self.taking_over = {d.parent.name for d in busy}
 
     async def end_owning(self, *, leaving: bool = False) -> None:
-        """Stop serving: appliers finish the batch in hand, exports go; a straggler is refused
-        by the store's fence once another member claims. VMs placed here run on under their
-        own token, exports too (decision 032), unless the broker is ``leaving``."""
-        stop = {k for k in self.engines if leaving or not self.store.holds_vm(k[0])}
+        """Stop serving: appliers finish the batch in hand; a straggler is refused by the
+        store's fence once another member claims. VMs placed here run on under their own
+        token, exports too (decision 032); the appliers of exported VMs pause and their
+        exports go on, guarded (decision 043). A ``leaving`` broker lets everything go."""
+        held = self.store.holds_vm
+        exported = set() if leaving else {v for v in self.exports.vms() if not held(v)}
+        stop = {k for k in self.engines if leaving or not (held(k[0]) or k[0] in exported)}
         engines = [self.engines.pop(k) for k in stop]
         was, self.serving, self.taking_over = self.serving or bool(engines), False, set()
-        for name, doc in list(self._export_meta.items()):
-            if leaving or not self.store.holds_vm(doc["uuid"]):
+        if leaving:
+            self._kept = (0, set())
+            for name in self.exports.names_of(self.exports.vms()):
                 await self.remove_export(name)
-        await asyncio.gather(*(e.stop() for e in engines))
+        paused = [e for k, e in self.engines.items() if k[0] in exported]
+        await asyncio.gather(*(e.stop() for e in [*engines, *paused]))
+        if exported:
+            for vm in exported:
+                self.store.hold_vm(vm)
+            self._kept = (self.epoch, self._kept[1] | exported)
+            _log.warning("pit_exports_kept", epoch=self.epoch, vms=sorted(exported))
         for engine in engines:
             if not engine.ingest_lock.locked():
                 await engine.close_when_idle()  # at once: the lock is free
@@ -267,6 +290,24 @@ class BrokerService:
         self._write_run_file()
         if was:
             _log.info("owner_stopped_serving", epoch=self.epoch, node=self.config.broker.node)
+
+    def kept_epoch(self, vm_uuid: str) -> int | None:
+        """The epoch VM ``vm_uuid``'s exports were kept through a step-down at, if they were."""
+        epoch, kept = self._kept
+        return epoch if vm_uuid in kept else None
+
+    async def _let_go(self, kept: set[str], why: str) -> None:
+        """End the exports kept through a step-down, and their appliers: the replica may have
+        changed under them (decision 043)."""
+        self.kept_lost = why
+        for name in self.exports.names_of(kept):
+            await self.remove_export(name)
+            _log.warning("pit_export_ended", export=name, reason=why, fix=EXPORT_AGAIN)
+        for key in [k for k in self.engines if k[0] in kept]:
+            await self.engines.pop(key).close_when_idle()
+        for vm in kept:
+            self.store.forget_vm(vm)
+        self._kept, self.kept_lost = (0, set()), ""
 
     def _start_membership(self, url: str) -> None:
         """Announce this broker, its owner epoch and every VM's roles on the MQTT control plane."""
@@ -285,7 +326,7 @@ class BrokerService:
             url=self.url,
             epoch=lambda: self.epoch,
             snapshot=lambda: vm_site_records(self),
-            exporting=lambda: (str(doc["uuid"]) for doc in self._export_meta.values()),
+            exporting=self.exports.vms,
         )
         # The Last Will marks us offline if we vanish without a clean leave.
         link.set_will(topics.member(b.cluster, b.node), membership.member_record(online=False))
@@ -612,67 +653,22 @@ class BrokerService:
     ) -> list[dict[str, Any]]:
         """Serve each disk of a VM as of VM point ``point`` over NBD, disk ``i`` at its state
         ``keys[i]`` (its state at that cut); returns their descriptions."""
-        made: list[dict[str, Any]] = []
-        try:
-            for replica, key in zip(replicas, keys, strict=True):
-                engine = self.engine_for(replica)
-                view = engine.open_view(key)
-                m = replica.meta
-                name = f"pit-{m.vm_name}-{m.disk_id}-{key_text(view.key)}-{secrets.token_hex(3)}"
-                overlay = self.store.overlay_dir() / f"{name}.cow"
-                try:
-                    export = PointInTimeExport(
-                        name,
-                        view,
-                        m.disk_size,
-                        overlay,
-                        read_only=read_only,
-                        description=f"{m.vm_name}/{m.disk_id} as of point {point}",
-                    )
-                except BaseException:
-                    view.close()
-                    raise
-                self.exports[name] = export
-                self.nbd.add_export(export)
-                doc = {
-                    "name": name,
-                    "vm": m.vm_name,
-                    "uuid": m.vm_uuid,
-                    "disk": m.disk_id,
-                    "point": point,
-                    "disk_point": key_text(view.key),
-                    "size": m.disk_size,
-                    "read_only": read_only,
-                    "socket": str(self.nbd_socket),
-                    "nbd_uri": f"nbd+unix:///{name}?socket={self.nbd_socket}",
-                    "overlay": str(overlay),
-                }
-                self._export_meta[name] = doc
-                made.append(doc)
-                _log.info("pit_export_created", export=name, point=doc["point"], vm=m.vm_name)
-        except BaseException:
-            for doc in made:
-                await self.remove_export(str(doc["name"]))
-            raise
-        return made
+        node = self.config.broker.node
+        return await self.exports.create(
+            [self.engine_for(r) for r in replicas],
+            point,
+            keys,
+            lambda engine, name: StepDownGuard(self.store, engine, self, node, name),
+            read_only=read_only,
+        )
 
     def list_exports(self) -> list[dict[str, Any]]:
         """The exports being served, with their client counts."""
-        return [
-            {**doc, "clients": self.exports[name].clients}
-            for name, doc in self._export_meta.items()
-            if name in self.exports
-        ]
+        return self.exports.list()
 
     async def remove_export(self, name: str) -> None:
         """Stop serving an export and delete its overlay."""
-        export = self.exports.pop(name, None)
-        if export is None:
-            raise UnknownPoint(f"no export named {name!r}", fix="GET /v1/exports lists them")
-        self._export_meta.pop(name, None)
-        with contextlib.suppress(KeyError):
-            await self.nbd.remove_export(name)
-        export.close()
+        await self.exports.remove(name)
 
     # -- seeding
     async def seed_import(

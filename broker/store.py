@@ -25,20 +25,19 @@ replica brings them up to what those prove.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Literal
 
 from broker import names
 from broker.applied import AppliedRecord, applied_fields
-from broker.errors import BrokerError, FencedError, IdentityConflict, StoreCorrupt
+from broker.errors import BrokerError, IdentityConflict, StoreCorrupt
+from broker.fence import NO_FENCE, WRITER_FIX, OwnerFence
 from broker.journalhead import journal_cut
 from common.fsio import atomic_write_json, fsync_dir, read_json
 from common.logs import get_logger
@@ -46,15 +45,6 @@ from common.logs import get_logger
 _log = get_logger("broker.store")
 
 META_FORMAT = 1
-_WRITER_FIX: Final = (
-    "a deposed owner is still writing this replica (or is frozen): resume or kill that broker "
-    "process and its takeover completes"
-)
-T = TypeVar("T")
-
-NO_FENCE: Final = "REPLIKANT_TEST_NO_FENCE"
-"""Test hook (docs/security.md): ``1`` turns the owner-epoch fence off, so that a test can show
-the damage it prevents. Never set in production."""
 InitialSync = Literal["pending", "seeded", "in_progress", "complete"]
 
 
@@ -235,7 +225,7 @@ class Replica:
             return AppliedRecord(**json.loads(lines[-1]))
 
 
-class Store:
+class Store(OwnerFence):
     """All replicas under one root directory, and the owner-epoch fence that guards them.
 
     The fence (invariant 7): ``store.json`` holds the highest owner epoch ever claimed here.
@@ -250,14 +240,13 @@ class Store:
         self._overlays = overlays or root / ".overlays"
         self._replicas: dict[tuple[str, str], Replica] = {}
         self._lock = threading.Lock()
-        # The per-VM fence of a cluster that spreads VMs over members (broker/placements.py):
-        # True when it governs the replica (and let it write), raising when it refuses.
-        self.vm_fence: Callable[[Replica], bool] | None = None
+        self.vm_fence = None
         # VMs that member placement serves apart (broker/scaleout.py): load() leaves them out.
         self.placed_apart: Callable[[str], bool] | None = None
         # The placed VMs this member adopted (reload_vm, hold_vm): the per-VM token, not the
         # owner epoch, decides who writes them, so an owner's load() and forget() keep them.
         self._held: set[str] = set()
+        self._swept = False  # load() removed the overlays of exports from before the start
         self.fence_enabled = os.environ.get(NO_FENCE) != "1"
         if not self.fence_enabled:
             _log.critical("fence_disabled", store=str(root), hook=NO_FENCE)
@@ -272,10 +261,12 @@ class Store:
         :meth:`load_replica` later."""
         (self.root / ".overlays").mkdir(mode=0o700, exist_ok=True)
         self._overlays.mkdir(mode=0o700, exist_ok=True)
-        for stale in self._overlays.iterdir():
-            # Exports do not survive a restart; their private overlays are garbage now.
+        # Exports do not survive a restart: their private overlays are garbage at the first
+        # load, and those of the exports kept through a step-down are theirs at a later one.
+        for stale in () if self._swept else self._overlays.iterdir():
             if stale.is_file() or stale.is_symlink():
                 stale.unlink(missing_ok=True)
+        self._swept = True
         self.forget()  # the VMs held through placement stay: their own token decides
         return self._load(wait)
 
@@ -292,139 +283,6 @@ class Store:
             if held:
                 self._held.clear()
             self._replicas = {k: r for k, r in self._replicas.items() if k[0] in self._held}
-
-    # -- epoch fence
-    @property
-    def _fence_path(self) -> Path:
-        return self.root / "store.json"
-
-    @contextlib.contextmanager
-    def fence_lock(self) -> Iterator[None]:
-        """The exclusive lock of every read-compare-write of the fences (owner and per-VM)."""
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing releases the flock
-
-    def stored_epoch(self) -> int:
-        """The highest owner epoch claimed on this store (read fresh from disk)."""
-        try:
-            return int(read_json(self._fence_path).get("epoch", 0))
-        except FileNotFoundError:
-            return 0
-
-    def stored_owner(self) -> str | None:
-        """The node that claimed :meth:`stored_epoch`."""
-        try:
-            owner = read_json(self._fence_path).get("owner")
-        except FileNotFoundError:
-            return None
-        return str(owner) if owner is not None else None
-
-    def claim_epoch(self, epoch: int, node: str) -> int:
-        """Claim ownership at ``epoch``: refused unless higher than the stored one.
-
-        Re-claiming the stored epoch by the node that holds it is allowed (idempotent restart of
-        a claim). Returns ``epoch``.
-        """
-        with self.fence_lock():
-            stored = self.stored_epoch()
-            owner = self.stored_owner()
-            if epoch < stored or (epoch == stored and owner not in (None, node)):
-                raise FencedError(
-                    f"cannot claim owner epoch {epoch} for {node} on store {self.root}: "
-                    f"epoch {stored} is held by {owner}",
-                    fix="another broker owns this store; take max(stored, announced) + 1",
-                    details={"claimed": epoch, "stored": stored, "owner": owner},
-                )
-            atomic_write_json(
-                self._fence_path, {"epoch": epoch, "owner": node, "claimed_ns": time.time_ns()}
-            )
-        _log.info("epoch_claimed", epoch=epoch, node=node, store=str(self.root))
-        return epoch
-
-    def claim_next_epoch(self, node: str) -> int:
-        """Claim ``max(stored) + 1``: what a single broker does at startup."""
-        with self.fence_lock():
-            epoch = self.stored_epoch() + 1
-            atomic_write_json(
-                self._fence_path, {"epoch": epoch, "owner": node, "claimed_ns": time.time_ns()}
-            )
-        _log.info("epoch_claimed", epoch=epoch, node=node, store=str(self.root))
-        return epoch
-
-    @contextlib.contextmanager
-    def writing(self, replica: Replica, epoch: int) -> Iterator[None]:
-        """A write section on ``replica`` under owner ``epoch``: holds the replica's ``.fence``
-        lock shared and checks the fence inside it. A new owner takes that lock exclusively
-        after its claim (:meth:`load`), so a section that began before the claim has ended by
-        then, and one that begins after it sees the new epoch and is refused (decision 031)."""
-        if not self.fence_enabled:
-            yield
-            return
-        fd = os.open(
-            replica.path / ".fence", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            self.check_epoch(epoch, replica)
-            yield
-        finally:
-            os.close(fd)  # closing releases the flock
-
-    def fenced(
-        self, replica: Replica, epoch: int, write: Callable[..., T], *args: Any, **kw: Any
-    ) -> T:
-        """Run ``write(*args, **kw)`` inside a write section (:meth:`writing`): every store write
-        outside the apply and journal paths (meta changes, retention, seeds, failover) goes
-        through here, so a deposed owner is refused before it writes anything."""
-        with self.writing(replica, epoch):
-            return write(*args, **kw)
-
-    @staticmethod
-    def _barrier(disk_dir: Path, *, wait: bool) -> bool:
-        """Wait out (or, without ``wait``, test for) a write section on the replica."""
-        fd = os.open(
-            disk_dir / ".fence", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                if not wait:
-                    return False
-                _log.warning("takeover_waiting_for_writer", replica=str(disk_dir), fix=_WRITER_FIX)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                return True
-        finally:
-            os.close(fd)
-
-    def check_epoch(self, epoch: int, replica: Replica | None = None) -> None:
-        """Refuse (:class:`FencedError`) a write stamped with an epoch older than the store's.
-
-        With ``replica``, also compare against the epoch that last wrote it, and adopt a higher
-        one durably *before* the caller writes anything (a fenced owner then finds the higher
-        epoch next to the data even if ``store.json`` were lost). A VM placed on a member
-        (:attr:`vm_fence`, decision 032) is fenced by its placement token instead.
-        """
-        if not self.fence_enabled:
-            return
-        if replica is not None and self.vm_fence is not None and self.vm_fence(replica):
-            return
-        stored = self.stored_epoch()
-        floor = max(stored, replica.meta.epoch if replica is not None else 0)
-        if epoch < floor:
-            raise FencedError(
-                f"write stamped with owner epoch {epoch} refused: store {self.root} is at "
-                f"epoch {floor} (owner {self.stored_owner()})",
-                fix="this broker no longer owns the cluster; it must stop applying",
-                details={"epoch": epoch, "stored_epoch": floor},
-            )
-        if replica is not None and epoch > replica.meta.epoch:
-            replica.update_meta(epoch=epoch)
 
     # -- replicas
     def _load(self, wait: bool) -> list[Path]:
@@ -448,7 +306,7 @@ class Store:
                     continue
                 if self.fence_enabled and not self._barrier(disk_dir, wait=wait):
                     _log.warning(
-                        "takeover_waiting_for_writer", replica=str(disk_dir), fix=_WRITER_FIX
+                        "takeover_waiting_for_writer", replica=str(disk_dir), fix=WRITER_FIX
                     )
                     busy.append(disk_dir)
                     continue
@@ -513,10 +371,11 @@ class Store:
             self._held.add(vm_uuid)
         return fresh
 
-    def hold_vm(self, vm_uuid: str) -> None:
-        """Keep VM ``vm_uuid``'s loaded disks through ownership changes (placed on the owner)."""
+    def hold_vm(self, vm_uuid: str, *, hold: bool = True) -> None:
+        """Keep VM ``vm_uuid``'s loaded disks through ownership changes (placed on this member,
+        or exported by an owner that stepped down); ``hold=False``: no longer, still loaded."""
         with self._lock:
-            self._held.add(vm_uuid)
+            (self._held.add if hold else self._held.discard)(vm_uuid)
 
     def holds_vm(self, vm_uuid: str) -> bool:
         """Whether this member serves VM ``vm_uuid`` through placement, apart from owning."""

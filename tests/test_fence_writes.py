@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from broker.errors import FencedError
+from broker.fence import NO_FENCE
 from broker.handover import _reset_as_replica
-from broker.store import NO_FENCE, Replica, Store
+from broker.store import Replica, Store
 from tests.support_broker import make_pki, running_broker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,9 +42,9 @@ INSIDE = {
     ("broker/direct.py", "begin"): "drop_all after entering the section on the line above",
     ("broker/apply.py", "_apply_fenced"): "called only inside Store.writing by apply_next",
     ("broker/handover.py", "_reset_as_replica"): "passed to service.fenced by every caller",
-    ("broker/store.py", "check_epoch"): "the fence itself stamping the epoch it checked",
+    ("broker/fence.py", "check_epoch"): "the fence itself stamping the epoch it checked",
     ("broker/store.py", "_recover_counters"): "load: the new owner holds every .fence exclusively",
-    ("broker/store.py", "fenced"): "the section itself",
+    ("broker/fence.py", "fenced"): "the section itself",
     ("broker/store.py", "commit_applied"): "a write itself: each call of it is held to a section",
     ("broker/points.py", "*"): "the index's own methods, run by apply and retention sections",
 }
