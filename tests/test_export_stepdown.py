@@ -132,6 +132,8 @@ async def test_a_kept_export_ends_once_another_broker_claimed_the_store(tmp_path
                 await asyncio.to_thread(svc.store.claim_epoch, svc.epoch + 1, "b2")
                 with pytest.raises(NBDClientError, match="NBD error 5"):
                     await _read(export, len(first.image))
+                (listed,) = svc.list_exports()
+                assert "another broker claimed the store" in listed["lost"]
             await until("the owner elected again", lambda: svc.serving, limit=60)
             assert svc.list_exports() == []
         (lost,) = [e for e in logs if e["event"] == "pit_export_lost"]
