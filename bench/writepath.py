@@ -96,6 +96,7 @@ def parse_fio_jobs(stdout: str) -> list[dict[str, float]]:
                 "clat_p99_ms": float(pcts.get("99.000000", 0)) / 1e6,
                 "clat_p999_ms": float(pcts.get("99.900000", 0)) / 1e6,
                 "bytes": float(write["io_bytes"]),
+                "fio_cpu": (float(job["usr_cpu"]) + float(job["sys_cpu"])) / 100,
             }
         )
     return out
@@ -106,14 +107,30 @@ def parse_fio(stdout: str) -> dict[str, float]:
     return parse_fio_jobs(stdout)[0]
 
 
+def core_times(cpu: str) -> tuple[int, int]:
+    """``(busy, total)`` clock ticks of core ``cpu`` since boot, from ``/proc/stat``."""
+    with open("/proc/stat") as fh:
+        for line in fh:
+            name, *fields = line.split()
+            if name == f"cpu{cpu}":
+                ticks = [int(f) for f in fields]
+                return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # idle and iowait
+    raise RuntimeError(f"/proc/stat has no cpu{cpu}")
+
+
 def fio(uri: str, job: str, size: int, seconds: float) -> dict[str, float]:
-    """One fio job on the guest's core."""
+    """One fio job on the guest's core; with fio's own CPU (``fio_cpu``, cores) and how busy
+    the guest's core was (``core_busy``): at 1.0 the server, its shipping and fio queue for it,
+    and the latency figures say as much about that as about the server."""
     cmd = [
         "taskset", "-c", GUEST_CPU, "fio", f"--name={job}", "--ioengine=nbd", f"--uri={uri}",
         f"--size={size}", f"--runtime={seconds}", "--time_based", "--output-format=json",
         "--refill_buffers", *JOBS[job],
     ]  # fmt: skip
-    return parse_fio(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    busy0, total0 = core_times(GUEST_CPU)
+    out = parse_fio(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    busy1, total1 = core_times(GUEST_CPU)
+    return out | {"core_busy": (busy1 - busy0) / max(total1 - total0, 1)}
 
 
 def shipped_data_bytes(log: Path, offset: int) -> int:
@@ -134,7 +151,7 @@ def shipped_data_bytes(log: Path, offset: int) -> int:
 class Ours:
     """The agent and broker, started once, measured job by job."""
 
-    def __init__(self, work: Path, size: int, interval: float) -> None:
+    def __init__(self, work: Path, size: int, interval: float, rpo: float | None) -> None:
         self.image = work / "ours.img"
         make_image(self.image, size)
         pki = make_pki(work / "pki")
@@ -146,6 +163,7 @@ class Ours:
             f"https://127.0.0.1:{self.broker.port}",
             [self.disk],
             interval=interval,
+            rpo=rpo,
             cpus=GUEST_CPU,
             log_level="info",  # batch_acked carries data_bytes
         )
@@ -226,10 +244,14 @@ def medians(samples: dict[str, dict[str, list[dict[str, float]]]]) -> dict[str, 
 
 
 def ratio_rows(med: dict[str, Any]) -> list[dict[str, Any]]:
-    """Ours ÷ each peer for IOPS, MiB/s and latency p50/p90/p99/p99.9, per job."""
+    """Ours ÷ each peer for IOPS, MiB/s, latency p50/p90/p99/p99.9, fio's CPU and the guest
+    core's busy share, per job."""
     rows = []
     for job, by_kind in med.items():
-        for fig in ("iops", "mib_s", "clat_p50_ms", "clat_p90_ms", "clat_p99_ms", "clat_p999_ms"):
+        for fig in (
+            *("iops", "mib_s", "clat_p50_ms", "clat_p90_ms", "clat_p99_ms", "clat_p999_ms"),
+            *("fio_cpu", "core_busy"),
+        ):
             row: dict[str, Any] = {"job": job, "figure": fig}
             for kind in KINDS:
                 row[kind] = by_kind.get(kind, {}).get(fig, float("nan"))
@@ -300,7 +322,7 @@ def run(args: argparse.Namespace) -> None:
     try:
         for image in images.values():
             make_image(image, size)
-        ours = Ours(work, size, args.interval)
+        ours = Ours(work, size, args.interval, args.rpo)
         ours.start()
         for rnd in range(args.rounds):
             for job in jobs:
@@ -339,6 +361,7 @@ def run(args: argparse.Namespace) -> None:
             "seconds": args.seconds,
             "rounds": args.rounds,
             "interval": args.interval,
+            "rpo_seconds": args.rpo,
             "load_average": os.getloadavg(),
             "median": med,
             "samples": samples,
@@ -355,6 +378,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="per fio job")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (median)")
     parser.add_argument("--interval", type=float, default=1.0, help="the agent's cycle")
+    parser.add_argument(
+        "--rpo",
+        type=float,
+        help="the VM policy's rpo_seconds (the agent's default, 60, when omitted): shipping "
+        "yields the CPU to the guest while the lag is under half of it (decision 028)",
+    )
     parser.add_argument("--quick", action="store_true", help="256 MiB, 10 s jobs, one round")
     parser.add_argument("--jobs", nargs="+", choices=list(JOBS), help="only these jobs")
     parser.add_argument(

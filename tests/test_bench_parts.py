@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
@@ -37,7 +39,9 @@ def fio_output(*jobs: tuple[float, float, int, int, int]) -> str:
                             "99.900000": 3 * p99,
                         }
                     },
-                }
+                },
+                "usr_cpu": 30.5,
+                "sys_cpu": 11.5,
             }
             for iops, bw_kib, io_bytes, p50, p99 in jobs
         ]
@@ -46,7 +50,8 @@ def fio_output(*jobs: tuple[float, float, int, int, int]) -> str:
 
 
 def test_parse_fio_reads_every_job() -> None:
-    """IOPS, MiB/s, latency percentiles in ms and bytes come out of each job of fio's JSON."""
+    """IOPS, MiB/s, latency percentiles in ms, bytes and fio's own CPU (in cores) come out of
+    each job of fio's JSON."""
     out = fio_output((5120.0, 20480.0, 1 << 30, 230_000, 4_880_000), (10.0, 1024.0, 4096, 1, 2))
     first, second = writepath.parse_fio_jobs(out)
     assert first == {
@@ -57,9 +62,32 @@ def test_parse_fio_reads_every_job() -> None:
         "clat_p99_ms": 4.88,
         "clat_p999_ms": 14.64,
         "bytes": float(1 << 30),
+        "fio_cpu": 0.42,
     }
     assert second["mib_s"] == 1.0
     assert writepath.parse_fio(out) == first
+
+
+def test_core_times_count_a_busy_core() -> None:
+    """The guest core's busy ticks grow by about the time a process spins on it, its total by
+    the time passed; a core that does not exist is an error, not zeros."""
+    import os
+    import time
+
+    cpu = str(sorted(os.sched_getaffinity(0))[0])
+    busy0, total0 = writepath.core_times(cpu)
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {int(cpu)})
+    try:
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            pass
+    finally:
+        os.sched_setaffinity(0, saved)
+    busy1, total1 = writepath.core_times(cpu)
+    assert (busy1 - busy0) / (total1 - total0) > 0.5
+    with pytest.raises(RuntimeError, match="no cpu100000"):
+        writepath.core_times("100000")
 
 
 def test_percentile_interpolates_between_ranks() -> None:
