@@ -16,6 +16,7 @@ import pytest
 
 from common.signedrecord import Verifier
 from common.tls import client_context
+from ops.lab import _stop
 
 REPLIKANT = str(Path(sys.executable).with_name("replikant"))
 
@@ -192,3 +193,42 @@ def test_a_failed_lab_up_can_be_brought_down(tmp_path: Path) -> None:
     assert not lab_dir.exists()
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+
+
+def test_lab_down_stops_the_daemons_before_their_mqtt_server(tmp_path: Path) -> None:
+    """The daemons stop while the MQTT server, the first process started, still runs: their
+    clean stop (an owner's leave) reaches it instead of waiting out reconnects. Real processes:
+    a stand-in for the server and a daemon that looks, a moment into its stop, whether the
+    server is still there."""
+    server = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    seen = tmp_path / "seen"
+    daemon_code = f"""
+import os, signal, sys, time
+def stop(*_):
+    time.sleep(0.3)
+    try:
+        state = open("/proc/{server.pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    open({str(seen)!r}, "w").write("gone" if state in ("Z", "gone") else "running")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+open({str(seen)!r} + ".ready", "w").close()
+while True:
+    time.sleep(1)
+"""
+    daemon = subprocess.Popen([sys.executable, "-c", daemon_code], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not Path(f"{seen}.ready").exists():
+            assert time.monotonic() < deadline, "the daemon stand-in never started"
+            time.sleep(0.05)
+        _stop([server.pid, daemon.pid])
+        assert seen.read_text() == "running"
+        assert server.poll() is not None
+        assert daemon.poll() is not None
+    finally:
+        for proc in (server, daemon):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
