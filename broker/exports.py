@@ -26,7 +26,7 @@ from broker.apply import ReplicaEngine
 from broker.errors import UnknownPoint
 from broker.pitexport import PointInTimeExport
 from broker.points import Key, key_text
-from broker.store import Store
+from broker.store import Replica, Store
 from common.logs import get_logger
 from common.nbd.constants import Errno
 from common.nbd.errors import ExportError
@@ -41,10 +41,6 @@ EXPORT_AGAIN: Final = "create the export again on the owner (POST /v1/vms/VM/exp
 class Owner(Protocol):
     """What the guard reads of the broker (``broker/service.py:BrokerService``)."""
 
-    kept_lost: str
-    """Why the kept exports are no longer true (another broker owned the store meanwhile), or
-    empty."""
-
     def kept_epoch(self, vm_uuid: str) -> int | None:
         """The owner epoch the VM's exports were kept through a step-down at (None: they were
         not; the broker serves the VM as its owner, or as the member it is placed on)."""
@@ -55,29 +51,25 @@ class StepDownGuard:
     the broker serves the VM; once its exports were kept through a step-down, a section of the
     store's fence, inside which no other broker may have claimed the store since, or ``EIO``."""
 
-    def __init__(
-        self, store: Store, engine: ReplicaEngine, owner: Owner, node: str, name: str
-    ) -> None:
+    def __init__(self, store: Store, replica: Replica, owner: Owner, node: str, name: str) -> None:
         self.store = store
-        self.engine = engine
+        self.replica = replica
         self.owner = owner
         self.node = node
         self.name = name
-        self.vm = engine.replica.meta.vm_uuid
         self.lost = ""
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
-        epoch = self.owner.kept_epoch(self.vm)
-        if epoch is None and not self.lost:
+        if self.lost:
+            self._refuse(self.lost)
+        epoch = self.owner.kept_epoch(self.replica.meta.vm_uuid)
+        if epoch is None:
             yield
             return
-        if self.lost or self.owner.kept_lost:
-            self._refuse(self.lost or self.owner.kept_lost)
-        assert epoch is not None
         # A section, although only the overlay is written: a new owner's load waits for it,
         # so nothing changes the image while this request reads it.
-        with self.store.section(self.engine.replica):
+        with self.store.section(self.replica):
             if not self.store.owned_since(epoch, self.node):
                 self._refuse(f"another broker claimed the store after epoch {epoch}")
             yield

@@ -109,14 +109,7 @@ class OwnerFence:
                     fix="another broker owns this store; take max(stored, announced) + 1",
                     details={"claimed": epoch, "stored": stored, "owner": owner},
                 )
-            # The claim this one replaces: whether anyone owned the store in between
-            # (owned_since) is then known without a history.
-            previous = {"epoch": stored, "owner": owner}
-            atomic_write_json(
-                self._fence_path,
-                {"epoch": epoch, "owner": node, "claimed_ns": time.time_ns(), "previous": previous},
-            )
-        _log.info("epoch_claimed", epoch=epoch, node=node, store=str(self.root))
+            self._write_claim(epoch, node, stored, owner)
         return epoch
 
     def owned_since(self, epoch: int, node: str) -> bool:
@@ -135,12 +128,21 @@ class OwnerFence:
     def claim_next_epoch(self, node: str) -> int:
         """Claim ``max(stored) + 1``: what a single broker does at startup."""
         with self.fence_lock():
-            epoch = self.stored_epoch() + 1
-            atomic_write_json(
-                self._fence_path, {"epoch": epoch, "owner": node, "claimed_ns": time.time_ns()}
-            )
-        _log.info("epoch_claimed", epoch=epoch, node=node, store=str(self.root))
+            stored = self.stored_epoch()
+            epoch = stored + 1
+            self._write_claim(epoch, node, stored, self.stored_owner())
         return epoch
+
+    def _write_claim(self, epoch: int, node: str, stored: int, owner: str | None) -> None:
+        """Record ``node``'s claim of ``epoch`` under :meth:`fence_lock`, with the claim it
+        replaces: whether anyone owned the store in between (:meth:`owned_since`) is then known
+        without a history."""
+        previous = {"epoch": stored, "owner": owner}
+        atomic_write_json(
+            self._fence_path,
+            {"epoch": epoch, "owner": node, "claimed_ns": time.time_ns(), "previous": previous},
+        )
+        _log.info("epoch_claimed", epoch=epoch, node=node, store=str(self.root))
 
     @contextlib.contextmanager
     def writing(self, replica: FencedReplica, epoch: int) -> Iterator[None]:
@@ -159,9 +161,7 @@ class OwnerFence:
     def section(self, replica: FencedReplica) -> Iterator[None]:
         """The replica's ``.fence`` lock held shared, no check: a new owner's load waits until
         the section ends."""
-        fd = os.open(
-            replica.path / ".fence", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
+        fd = _open_fence(replica.path)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
             yield
@@ -180,9 +180,7 @@ class OwnerFence:
     @staticmethod
     def _barrier(disk_dir: Path, *, wait: bool) -> bool:
         """Wait out (or, without ``wait``, test for) a write section on the replica."""
-        fd = os.open(
-            disk_dir / ".fence", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
+        fd = _open_fence(disk_dir)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -219,6 +217,13 @@ class OwnerFence:
             )
         if replica is not None and epoch > replica.meta.epoch:
             replica.update_meta(epoch=epoch)
+
+
+def _open_fence(disk_dir: Path) -> int:
+    """The replica's ``.fence`` lock file, never through a link planted in its place."""
+    return os.open(
+        disk_dir / ".fence", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+    )
 
 
 __all__ = ["NO_FENCE", "WRITER_FIX", "FencedReplica", "OwnerFence", "T"]

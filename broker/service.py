@@ -127,7 +127,6 @@ class BrokerService:
         self.exports = Exports(self.nbd, self.nbd_socket, self.store.overlay_dir)
         self._kept: tuple[int, set[str]] = (0, set())
         """(epoch, VMs): exported VMs kept through a step-down at that epoch (decision 043)."""
-        self.kept_lost = ""
         self._runner: web.AppRunner | None = None
         self._site: MutualTLSSite | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -299,7 +298,6 @@ class BrokerService:
     async def _let_go(self, kept: set[str], why: str) -> None:
         """End the exports kept through a step-down, and their appliers: the replica may have
         changed under them (decision 043)."""
-        self.kept_lost = why
         for name in self.exports.names_of(kept):
             await self.remove_export(name)
             _log.warning("pit_export_ended", export=name, reason=why, fix=EXPORT_AGAIN)
@@ -307,7 +305,7 @@ class BrokerService:
             await self.engines.pop(key).close_when_idle()
         for vm in kept:
             self.store.forget_vm(vm)
-        self._kept, self.kept_lost = (0, set()), ""
+        self._kept = (0, set())
 
     def _start_membership(self, url: str) -> None:
         """Announce this broker, its owner epoch and every VM's roles on the MQTT control plane."""
@@ -658,7 +656,7 @@ class BrokerService:
             [self.engine_for(r) for r in replicas],
             point,
             keys,
-            lambda engine, name: StepDownGuard(self.store, engine, self, node, name),
+            lambda engine, name: StepDownGuard(self.store, engine.replica, self, node, name),
             read_only=read_only,
         )
 

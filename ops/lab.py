@@ -463,8 +463,7 @@ async def _bring_up(plan: LabPlan, lab: dict[str, Any], limit: float) -> list[_P
 def _stop(pids: list[int], grace: float = 10.0) -> None:
     """Stop the lab's processes, ``pids`` in the order they started: every daemon at once, then
     the MQTT server, the first started. Each daemon's clean stop still reaches it (an owner's
-    leave, an agent's last record); stopped together, they waited out their MQTT reconnects and
-    `lab down` took 5 s instead of 2."""
+    leave, an agent's last record) instead of waiting out its MQTT reconnects."""
     for tier in (pids[1:], pids[:1]):
         _stop_together(tier, grace)
 
