@@ -47,6 +47,7 @@ from tests.support_agent import (
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 KILLS = 50
+INTERVAL = 0.25
 SIZE = 64 * MiB
 PAGE = 4096
 REGION = 4 * MiB
@@ -163,18 +164,16 @@ async def _converge(
         await asyncio.sleep(0.02)
 
 
-@pytest.mark.parametrize(
-    ("kills", "pages"),
-    [(KILLS, (1, 1, 2, 4, 16)), (15, (1,))],
-    ids=["mixed-writes", "4k-writes"],
-)
+@pytest.mark.parametrize("pages", [(1, 1, 2, 4, 16), (1,)], ids=["mixed-writes", "4k-writes"])
 async def test_fifty_kill9_under_write_load_converge_without_full_copy(
-    tmp_path: Path, kills: int, pages: tuple[int, ...]
+    tmp_path: Path, pages: tuple[int, ...]
 ) -> None:
     """50 SIGKILLs at random instants: every restart converges byte-identical with a delta.
 
-    The 4 KiB variant (random single-page writes, shipped as 4 KiB grains of the default 64 KiB
-    blocks) kills 15 times to keep the suite's time in check.
+    The 4 KiB variant writes random single pages, shipped as 4 KiB grains of the default 64 KiB
+    blocks. Cycles are the shortest a policy allows (0.25 s): every life cuts and ships several
+    batches, so a kill falls in any phase of one, and a restart converges sooner, which is what
+    lets both variants afford 50 kills in the suite's time.
     """
     rng = random.Random(99)
     pki = make_pki(tmp_path / "pki")
@@ -194,7 +193,7 @@ async def test_fifty_kill9_under_write_load_converge_without_full_copy(
         pki=pki,
         broker_urls=[url],
         vms=[vm],
-        interval=1.0,
+        interval=INTERVAL,
     )
     sock = tmp_path / "sock" / "vm1-disk0.sock"
     export = "vm1-disk0"
@@ -211,12 +210,12 @@ async def test_fifty_kill9_under_write_load_converge_without_full_copy(
         start = await _start_agent(agent, broker, sock, export)
         lives.append((start, await _converge(http, state_url, replica, image, procs)))
         initial = len(_applied(replica_dir))
-        for _ in range(kills):
+        for _ in range(KILLS):
             stop = threading.Event()
             burst = asyncio.create_task(
                 asyncio.to_thread(writer.burst, stop, rng.randrange(SIZE // REGION))
             )
-            await asyncio.sleep(rng.uniform(0.02, 1.5))
+            await asyncio.sleep(rng.uniform(0.02, 3 * INTERVAL))
             agent.kill9()
             stop.set()
             await burst
@@ -234,7 +233,7 @@ async def test_fifty_kill9_under_write_load_converge_without_full_copy(
         for p in procs:
             p.kill9()
 
-    assert writer.acked > 1000 * kills // KILLS, "the write load was too light to mean anything"
+    assert writer.acked > 1000, "the write load was too light to mean anything"
     # The broker's sequence audit: seqs 1..N each applied exactly once, one generation, and no
     # FULL batch after the initial copy.
     applied = _applied(replica_dir)
@@ -261,9 +260,9 @@ async def test_fifty_kill9_under_write_load_converge_without_full_copy(
         sum(int(e["data_bytes"]) for e in life if int(e["seq"]) <= converged)
         for life, (_, converged) in zip(shipped[1:], lives[1:], strict=True)
     ]
-    assert len(shipped_after_restart) == kills
+    assert len(shipped_after_restart) == KILLS
     assert max(shipped_after_restart) <= SIZE // 4, shipped_after_restart
-    assert sum(shipped_after_restart) / kills < SIZE / 8
+    assert sum(shipped_after_restart) / KILLS < SIZE / 8
     # Every acknowledged write is in the image (and so in the replica).
     fd = os.open(image, os.O_RDONLY)
     try:
