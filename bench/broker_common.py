@@ -217,6 +217,12 @@ any_point_minutes = 600
             self._conn = None
         _stop_process(self.proc)
 
+    @property
+    def pid(self) -> int:
+        """The broker's process id."""
+        assert self.proc is not None
+        return self.proc.pid
+
     def status(self) -> dict[str, Any]:
         """``GET /v1/status``."""
         doc: dict[str, Any] = json.loads(self.get("/v1/status"))
@@ -389,15 +395,24 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _stat_cpu(pid: int | str, fields: slice) -> float:
+    """Seconds from ``fields`` of ``/proc/PID/stat`` (after the command), 0 once it ended."""
+    try:
+        values = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[fields]
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0  # a descendant that ended meanwhile: its parent's waited-for times have it
+    return sum(int(v) for v in values) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu(pid: int | str = "self") -> float:
+    """User + system CPU seconds of the process's own threads, none of its descendants'."""
+    return _stat_cpu(pid, slice(11, 13))  # utime, stime
+
+
 def proc_cpu(pid: int | str = "self") -> float:
     """User + system CPU seconds a process and its descendants have used so far: those running
     and those it has waited for (the agent's shipping process is part of the agent's work)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0  # a descendant that ended meanwhile: its parent's waited-for times have it
-    ticks = os.sysconf("SC_CLK_TCK")
-    own = sum(int(f) for f in fields[11:15]) / ticks  # utime, stime, cutime, cstime
+    own = _stat_cpu(pid, slice(11, 15))  # utime, stime, cutime, cstime
     children: list[str] = []
     with contextlib.suppress(FileNotFoundError, ProcessLookupError):
         for task in os.listdir(f"/proc/{pid}/task"):

@@ -22,7 +22,8 @@ defines it), the seconds from the end of the load until a cut taken after it was
 4 KiB marker write after each job makes sure such a cut comes; it counts in the catch-up and
 the shipped bytes), data bytes the agent shipped (``batch_acked``'s ``data_bytes``, before
 compression) ÷ bytes fio wrote, and the agent's CPU seconds per second of load (the agent logs
-at info level here for ``batch_acked``). At the end the replica's block hashes must equal the
+at info level here for ``batch_acked``), with its shipping process's part of them, and the
+broker's. At the end the replica's block hashes must equal the
 source's. Results: ``bench/results/writepath-*.json``.
 """
 
@@ -50,6 +51,7 @@ from broker_common import (
     add_workdir_arguments,
     check_free_space,
     make_pki,
+    own_cpu,
     proc_cpu,
     save_result,
     wait_until,
@@ -191,12 +193,15 @@ class Ours:
     def run(self, job: str, seconds: float) -> dict[str, float]:
         """One job through the agent; fio figures plus lag, bytes and CPU."""
         offset = self.agent.log.stat().st_size
-        cpu0 = proc_cpu(self.agent.pid)
+        agent, broker = self.agent.pid, self.broker.pid
+        cpu0, own0, broker0 = proc_cpu(agent), own_cpu(agent), proc_cpu(broker)
         start_ns = time.time_ns()
         uri = self.agent.nbd_uri(self.disk)
         out = fio(uri, job, self.size, seconds)
         end_ns = time.time_ns()
-        cpu = proc_cpu(self.agent.pid) - cpu0
+        cpu, own = proc_cpu(agent) - cpu0, own_cpu(agent) - own0
+        broker_cpu = proc_cpu(broker) - broker0
+        wall = (end_ns - start_ns) / 1e9
         marked = mark([uri])
         try:
             wait_until(
@@ -221,7 +226,11 @@ class Ours:
             "catch_up_s": drain / 1e9,
             "caught_up": caught_up,
             "shipped_per_written": data / out["bytes"] if out["bytes"] else float("nan"),
-            "agent_cpu_per_s": cpu / ((end_ns - start_ns) / 1e9),
+            "agent_cpu_per_s": cpu / wall,
+            # The agent's own threads (serving, tracking, cuts, settling) and, the rest, its
+            # shipping process: which of them the guest's core spends its time on.
+            "shipping_cpu_per_s": (cpu - own) / wall,
+            "broker_cpu_per_s": broker_cpu / wall,
         }
 
     def replica_matches(self) -> bool:
@@ -292,12 +301,13 @@ def report(med: dict[str, Any], same: bool) -> list[tuple[str, float, bool]]:
             f"{row['nbdkit']:>10.2f}{row['÷ qemu-nbd']:>7.2f}{row['÷ nbdkit']:>8.2f}"
         )
     print(f"\n{'ours':<19}{'lag p50':>8}{'lag p99':>8}{'catch-up':>9}{'shipped÷written':>16}"
-          f"{'agent CPU s/s':>14}")  # fmt: skip
+          f"{'agent CPU s/s':>14}{'of it shipping':>15}{'broker CPU s/s':>15}")  # fmt: skip
     for job, by_kind in med.items():
         o = by_kind["ours"]
         print(
             f"{job:<19}{o['lag_p50_s']:>8.2f}{o['lag_p99_s']:>8.2f}{o['catch_up_s']:>9.2f}"
             f"{o['shipped_per_written']:>16.2f}{o['agent_cpu_per_s']:>14.2f}"
+            f"{o['shipping_cpu_per_s']:>15.2f}{o['broker_cpu_per_s']:>15.2f}"
         )
     print(f"\nreplica == source at the end: {same}")
     checks = verdicts(med)

@@ -14,6 +14,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
+import broker_common  # noqa: E402
 import broker_lag  # noqa: E402
 import failover  # noqa: E402
 import scale  # noqa: E402
@@ -88,6 +89,27 @@ def test_core_times_count_a_busy_core() -> None:
     assert (busy1 - busy0) / (total1 - total0) > 0.5
     with pytest.raises(RuntimeError, match="no cpu100000"):
         writepath.core_times("100000")
+
+
+def test_own_cpu_leaves_out_what_a_child_process_spent() -> None:
+    """The agent's CPU is split as writepath reports it: a process whose child spun 0.3 CPU-s and
+    ended has almost no CPU of its own, and the child's counted with it (waited-for time)."""
+    import subprocess
+
+    spin = "import time\nwhile time.process_time() < 0.3: pass"
+    waits = f"import subprocess, sys, time; subprocess.run([sys.executable, '-c', {spin!r}]); "
+    with subprocess.Popen(
+        [sys.executable, "-c", waits + "print(flush=True); time.sleep(30)"], stdout=subprocess.PIPE
+    ) as parent:
+        try:
+            assert parent.stdout is not None
+            parent.stdout.readline()  # the child ended and was waited for
+            total, own = broker_common.proc_cpu(parent.pid), broker_common.own_cpu(parent.pid)
+            assert total - own >= 0.25, (total, own)  # 10 ms ticks
+            assert own < 0.2, own
+        finally:
+            parent.kill()
+    assert broker_common.own_cpu(parent.pid) == 0.0  # it ended: nothing to read any more
 
 
 def test_percentile_interpolates_between_ranks() -> None:
