@@ -215,7 +215,7 @@ async def test_fifty_kill9_under_write_load_converge_without_full_copy(
             burst = asyncio.create_task(
                 asyncio.to_thread(writer.burst, stop, rng.randrange(SIZE // REGION))
             )
-            await asyncio.sleep(rng.uniform(0.02, 3 * INTERVAL))
+            await asyncio.sleep(rng.uniform(0.02, 2 * INTERVAL))
             agent.kill9()
             stop.set()
             await burst
