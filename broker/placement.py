@@ -10,6 +10,9 @@ The rules, in order:
 1. **Orphans first, all at once.** A VM with no placement, or placed on a member that is not
    online, goes to the least loaded member that has room (load divided by weight; ties by node
    name). Orphans are never rate-limited: a dead member's VMs must be served again at once.
+   An orphan that an online member with room exports goes to that member instead: a VM not
+   placed yet is served, and may be exported, by the owner, and its exports read through the
+   owner's applier, which a placement elsewhere would stop.
 2. **Sticky.** A VM on an online member stays there, except for a balance move.
 3. **Balance, rate-limited.** A round that re-placed no orphan may move up to
    ``max_moves`` VMs, each from the most loaded member to the least loaded one, and only while
@@ -21,7 +24,8 @@ The rules, in order:
 4. **Exported VMs are held.** A balance move never takes a *pinned* VM, one whose member serves
    point-in-time exports of it (a test copy's disks, an operator's export): they read through
    that member's applier and would end with the move. Balance then uses the other VMs, or waits
-   for the exports to end. A pinned VM whose member is gone is an orphan like any other.
+   for the exports to end. A pinned VM whose member is gone is an orphan like any other (its
+   exports went with the member).
 
 Which VM a balance move takes is decided by a hash of ``(vm, receiver)`` (rendezvous), so the
 choice is deterministic and spread over the donor's VMs rather than always the first by name.
@@ -100,10 +104,12 @@ class Placer:
         members: Iterable[Member],
         vms: Iterable[str],
         current: Mapping[str, str],
-        pinned: Collection[str] = frozenset(),
+        exporters: Mapping[str, str] | None = None,
     ) -> Plan:
-        """One round: ``current`` maps a VM to the member it is placed on now (absent: none);
-        balance leaves the ``pinned`` VMs where they are (rule 4)."""
+        """One round: ``current`` maps a VM to the member it is placed on now (absent: none),
+        ``exporters`` a VM to the member that serves point-in-time exports of it: an orphan goes
+        there (rule 1), and balance leaves a VM exported by its own member there (rule 4)."""
+        exporters = exporters or {}
         online = {m.node: m for m in members}
         loads = dict.fromkeys(online, 0)
         placement: dict[str, str] = {}
@@ -118,7 +124,11 @@ class Placer:
         moves: list[Move] = []
         unplaced: list[str] = []
         for vm in orphans:
-            target = _least_loaded(online.values(), loads)
+            exporter = exporters.get(vm)
+            if exporter in online and _has_room(online[exporter], loads[exporter]):
+                target: str | None = exporter
+            else:
+                target = _least_loaded(online.values(), loads)
             if target is None:
                 unplaced.append(vm)
                 continue
@@ -128,6 +138,7 @@ class Placer:
             moves.append(Move(vm, source, target, "orphan" if source else "new"))
         held: list[str] = []
         if not moves:
+            pinned = {vm for vm, node in exporters.items() if current.get(vm) == node}
             moves, held = self._balance(online, placement, loads, pinned)
         return Plan(
             moves=tuple(moves),

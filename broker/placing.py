@@ -158,7 +158,7 @@ class ClusterPlacement:
         records = self._records
         vms = await asyncio.to_thread(self.book.vms)
         current = {vm: r.node for vm, r in records.items()}
-        plan = self.placer.plan(self.online(), vms, current, pinned=self.pinned(current))
+        plan = self.placer.plan(self.online(), vms, current, exporters=self.exporters())
         self._report_held(plan.held)
         if plan.moves:
             wanted = [(m.vm, m.target) for m in plan.moves]
@@ -186,15 +186,15 @@ class ClusterPlacement:
         self.rounds += 1
         return plan
 
-    def pinned(self, current: dict[str, str]) -> set[str]:
-        """The VMs an online member serves exports of and is placed with, as last heard: its
-        exports read through its applier, so a balance move would end them (decision 032)."""
+    def exporters(self) -> dict[str, str]:
+        """The member each VM is exported by, among the online members, as last heard: the
+        exports read through that member's applier, so the VM stays there or, not placed yet,
+        goes there (decision 032, rules 1 and 4)."""
         return {
-            str(vm)
+            str(vm): node
             for node, record in self.members.items()
             if record.online
             for vm in record.exporting
-            if current.get(str(vm)) == node
         }
 
     def _report_held(self, held: tuple[str, ...]) -> None:

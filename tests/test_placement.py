@@ -145,31 +145,57 @@ def test_balance_never_moves_an_exported_vm() -> None:
     vms = [f"vm-{i}" for i in range(6)]
     on_a = dict.fromkeys(vms, "a")
     pinned = set(vms[:4])
-    plan = placer.plan([a, b], vms, on_a, pinned=pinned)
+    plan = placer.plan([a, b], vms, on_a, exporters=dict.fromkeys(pinned, "a"))
     moved = {m.vm for m in plan.moves}
     assert moved
     assert not moved & pinned
     assert all(plan.placement[vm] == "a" for vm in pinned)
     # Without the pins the same round takes a pinned VM: the pins, not luck, kept them.
     assert {m.vm for m in placer.plan([a, b], vms, on_a).moves} & pinned
+    # Exported by a member it is not placed on (a stale record): no pin.
+    assert {m.vm for m in placer.plan([a, b], vms, on_a, dict.fromkeys(vms, "b")).moves}
 
     # The busiest member's VMs are all pinned: the next one gives, while that narrows the gap.
     current = {**dict.fromkeys(vms[:4], "a"), **dict.fromkeys(vms[4:], "b")}
-    plan = placer.plan([a, b, c], vms, current, pinned=set(vms[:4]))
+    plan = placer.plan([a, b, c], vms, current, exporters=dict.fromkeys(vms[:4], "a"))
     assert [(m.source, m.target) for m in plan.moves] == [("b", "c")]
     assert plan.held == tuple(vms[:4])
     assert not plan.balanced
 
     # Every VM pinned: nothing moves, and the plan says which VMs hold it.
-    plan = placer.plan([a, b], vms, on_a, pinned=set(vms))
+    plan = placer.plan([a, b], vms, on_a, exporters=dict.fromkeys(vms, "a"))
     assert (plan.moves, plan.held, plan.balanced) == ((), tuple(vms), False)
     # Once the exports end, balance resumes.
-    assert placer.plan([a, b], vms, on_a, pinned=set()).moves
+    assert placer.plan([a, b], vms, on_a, exporters={}).moves
 
     # A dead member's pinned VM is an orphan: its exports died with the member.
-    plan = placer.plan([b], vms, on_a, pinned=set(vms))
+    plan = placer.plan([b], vms, on_a, exporters=dict.fromkeys(vms, "a"))
     assert {m.reason for m in plan.moves} == {"orphan"}
     assert set(plan.placement.values()) == {"b"}
+
+
+def test_a_vm_not_placed_yet_goes_to_the_member_that_exports_it() -> None:
+    """The owner serves (and may export) a VM before its first placement; that placement keeps
+    the VM with its exporter, where least-loaded would have sent it elsewhere, unless the
+    exporter is gone or full."""
+    placer = Placer()
+    a, b = Member("a"), Member("b")
+    vms = ["vm-new", "vm-other"]
+    # Least loaded, ties by name: without exports both new VMs would be spread, vm-new to a.
+    assert placer.plan([a, b], vms, {}).placement == {"vm-new": "a", "vm-other": "b"}
+    plan = placer.plan([a, b], vms, {}, exporters={"vm-new": "b"})
+    assert plan.placement["vm-new"] == "b"
+    assert [(m.vm, m.source, m.target, m.reason) for m in plan.moves if m.vm == "vm-new"] == [
+        ("vm-new", None, "b", "new")
+    ]
+    # The exporter is not online: least loaded, as for any orphan.
+    assert placer.plan([a], vms, {}, exporters={"vm-new": "b"}).placement["vm-new"] == "a"
+    # The exporter has no room: least loaded among those that have.
+    full = Member("b", capacity=0)
+    assert placer.plan([a, full], vms, {}, exporters={"vm-new": "b"}).placement == {
+        "vm-new": "a",
+        "vm-other": "a",
+    }
 
 
 def test_weights_and_capacity_shape_the_shares() -> None:
