@@ -5,9 +5,11 @@ handlers, so it falls between two guest requests: every write acknowledged befor
 frozen map, none after. The active map is swapped out (:meth:`agents.dirtymap.DirtyMap.swap`)
 and becomes the cut's *frozen* map. From then on:
 
-- before a guest write, trim or write-zeroes modifies a block that is frozen as DATA and not yet
-  read for the batch, :meth:`Cut.preserve` copies the block's current (= cut-time) contents
-  aside: into memory up to a bound, then into a spill file; the block becomes COWED;
+- before a guest write, trim or write-zeroes modifies a changed grain of a block that is frozen
+  as DATA and not yet read for the batch (the only bytes of the block the batch reads),
+  :meth:`Cut.preserve` copies the block's current (= cut-time) changed grains aside: into
+  memory up to a bound, then into a spill file; the block becomes COWED. A request that touches
+  only other grains of the block copies nothing;
 - the batch reads frozen blocks with :meth:`Cut.read`, which takes COWED blocks from the copy
   and the rest from the image, in one synchronous step (so no guest write can slip between the
   read and the bookkeeping), marks them SENT and releases their copies.
@@ -157,19 +159,39 @@ class Cut:
 
     # -- called by the export before a guest modification --------------------------------
 
-    def preserve(self, b0: int, b1: int) -> None:
-        """Copy aside the unread DATA blocks of ``[b0, b1)`` before a guest request changes them.
+    def preserve(self, offset: int, length: int) -> None:
+        """Copy aside what the batch still has to read of bytes ``[offset, offset + length)``
+        before a guest request changes them.
 
-        Only the span of a block's changed grains is copied (what the cut will read of it).
+        The batch reads only a DATA block's changed grains (:meth:`plan`), so a request that
+        touches none of them (another 4 KiB of the same 64 KiB block, the usual random write)
+        needs no copy: the block stays DATA and its grains are read from the image later. One
+        that does touch them copies the span of the block's changed grains; the block becomes
+        COWED. Only the request's first and last blocks can be partly covered: any block
+        between is wholly overwritten, so it needs its copy whenever it is DATA.
         """
+        shift = self.shift
+        end = offset + length
+        b0 = offset >> shift
+        b1 = (end + self.block_size - 1) >> shift
         mm = self.frozen.mm
         first = mm.find(_DATA_BYTE, b0, b1)
         if first < 0:
             return
         last = mm.rfind(_DATA_BYTE, first, b1)
-        start, end = self._span(first)
+        g0 = offset >> self.gshift
+        g1 = (end + self.grain - 1) >> self.gshift
+        if first == b0 and not self._touched(b0, g0, g1):
+            first = mm.find(_DATA_BYTE, b0 + 1, last + 1)
+            if first < 0:
+                return
+        if last == b1 - 1 and last != b0 and not self._touched(last, g0, g1):
+            last = mm.rfind(_DATA_BYTE, first, last)
+            if last < 0:
+                return
+        start, stop = self._span(first)
         if last == first:  # the usual guest write, within one block: its bytes as read
-            self.cow.put(first, start, bytes(self.reader(start, end - start)))
+            self.cow.put(first, start, bytes(self.reader(start, stop - start)))
             mm[first : first + 1] = _COWED_BYTE
             return
         # One read for the whole span (bounded by the request size), sliced per block.
@@ -180,6 +202,11 @@ class Cut:
             self.cow.put(q, lo, bytes(view[lo - start : hi - start]))
             mm[q : q + 1] = _COWED_BYTE
             q = mm.find(_DATA_BYTE, q + 1, last + 1)
+
+    def _touched(self, block: int, g0: int, g1: int) -> bool:
+        """Whether grains ``[g0, g1)`` include a changed grain of ``block``."""
+        gpb = self.frozen.gpb
+        return self.frozen.grains.any(max(g0, block * gpb), min(g1, (block + 1) * gpb))
 
     def _span(self, block: int) -> tuple[int, int]:
         """Disk bytes from the first to the end of the last changed grain of ``block``."""
@@ -293,8 +320,9 @@ class Cut:
         the hop's blocks, whatever their number; anything else extent by extent.
 
         The bytes may have been read at any time after the cut and before this call: a guest
-        request copies a block aside and marks it COWED before it changes the image, so a block
-        still DATA here was not changed before the read ended, and one that is COWED has its copy.
+        request copies a block aside and marks it COWED before it changes any of the block's
+        changed grains in the image, so the grains a block still DATA here has in the hop were not
+        changed before the read ended, and one that is COWED has its copy.
         """
         n = len(spans)
         if not n:

@@ -207,12 +207,10 @@ class TrackedExport(ExportBase):
 
     def _before(self, offset: int, length: int, kind: int) -> None:
         self._check_writable()
-        if self.cut is not None or self.snapshots:
-            b0, b1 = self.map.blocks(offset, length)
-            if self.cut is not None:
-                self.cut.preserve(b0, b1)
-            for snap in self.snapshots:
-                snap.preserve(b0, b1)
+        if self.cut is not None:
+            self.cut.preserve(offset, length)
+        for snap in self.snapshots:
+            snap.preserve(offset, length)
         self.map.mark(offset, length, kind)
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:

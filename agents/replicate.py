@@ -553,6 +553,8 @@ class DiskReplicator:
             payload_bytes=stats.payload_bytes,
             wire_bytes=stats.wire_bytes,
             zero_extents=stats.zero_extents,
+            cow_copies=cut.cow.copied_blocks,
+            cow_spilled=cut.cow.spilled_blocks,
             regions_cleared=cleared,
             seconds=round(elapsed, 4),
         )
