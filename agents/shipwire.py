@@ -68,10 +68,10 @@ def frame_head(kind: int, job: int, meta: Any, payload_len: int = 0) -> bytes:
 def send(
     writer: asyncio.StreamWriter, kind: int, job: int, meta: Any, payload: bytes = b""
 ) -> None:
-    """Queue one frame on ``writer`` (no await between its parts: frames never interleave)."""
-    writer.write(frame_head(kind, job, meta, len(payload)))
-    if payload:
-        writer.write(payload)
+    """Queue one frame on ``writer`` in one write (no await between its parts: frames never
+    interleave). One write is one send: a SETTLE written in two reached the agent's NBD loop in
+    two pieces, waking it twice per hop."""
+    writer.writelines((frame_head(kind, job, meta, len(payload)), payload))
 
 
 def _head(raw: bytes | bytearray, at: int = 0) -> tuple[int, int, int, int]:
