@@ -77,6 +77,10 @@ TARGETS = [
 TARGET_BYTES_RATIO = 1.25  # data shipped ÷ written, 4 KiB random writes
 TARGET_LAG_P99 = 1.5  # seconds, 4 KiB random writes at 20 MiB/s, 1 s cycles
 DRAIN_TIMEOUT = 180.0
+# fio's p50 below this means it busy-waited (its CPU 0.76-0.89 of the core where 0.19-0.57 is
+# usual, docs/bench.md): no NBD round trip takes under 10 us here, and a core fio keeps full
+# makes the latency figures of that sample say more about fio than about the server.
+SPIN_P50_MS = 0.005
 
 
 def parse_fio_jobs(stdout: str) -> list[dict[str, float]]:
@@ -349,11 +353,18 @@ def run(args: argparse.Namespace) -> None:
                         sock = work / f"{kind}.sock"
                         with server(kind, images[kind], sock, cpus=GUEST_CPU) as uri:
                             sample = fio(uri, job, size, args.seconds)
+                    sample["fio_spun"] = float(0 < sample["clat_p50_ms"] < SPIN_P50_MS)
                     samples[job][kind].append(sample)
                     print(
                         f"  round {rnd + 1} {job:<18} {kind:<9} {sample['iops']:>9.0f} IOPS "
                         f"{sample['mib_s']:>8.1f} MiB/s clat p99 {sample['clat_p99_ms']:.2f} ms"
-                        + (f" lag p99 {sample['lag_p99_s']:.2f} s" if kind == "ours" else ""),
+                        + (f" lag p99 {sample['lag_p99_s']:.2f} s" if kind == "ours" else "")
+                        + (
+                            f" (fio busy-waited: p50 {sample['clat_p50_ms'] * 1000:.0f} us, fio"
+                            f" CPU {sample['fio_cpu']:.2f}; this sample's latencies say little)"
+                            if sample["fio_spun"]
+                            else ""
+                        ),
                         flush=True,
                     )
         same = ours.replica_matches()
@@ -364,6 +375,18 @@ def run(args: argparse.Namespace) -> None:
             shutil.rmtree(work, ignore_errors=True)
     med = medians(samples)
     checks = report(med, same)
+    spun = [
+        f"{job} {kind} round {i + 1}"
+        for job, by_kind in samples.items()
+        for kind, runs in by_kind.items()
+        for i, r in enumerate(runs)
+        if r["fio_spun"]
+    ]
+    if spun:
+        print(
+            f"fio busy-waited in {len(spun)} sample(s) ({', '.join(spun)}): their latency"
+            " figures say more about fio than about the server; run again or use more rounds"
+        )
     saved = save_result(
         "writepath",
         {
