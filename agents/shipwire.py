@@ -59,9 +59,14 @@ class Frame(NamedTuple):
     payload: bytes
 
 
+# One encoder for every frame: ``json.dumps`` with separators builds a new one per call, twice
+# the cost of the encoding itself for the small metas of a settle step on the guest's loop.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def frame_head(kind: int, job: int, meta: Any, payload_len: int = 0) -> bytes:
     """A frame's fixed header and meta; its payload follows it as it is (not copied)."""
-    raw = json.dumps(meta, separators=(",", ":")).encode()
+    raw = _encode(meta).encode()
     return FRAME.pack(kind, job, len(raw), payload_len) + raw
 
 
