@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -101,12 +101,26 @@ def broker_config(host: str, port: int) -> dict[str, Any]:
     }
 
 
+class Subscriptions(dict[str, list[Any]]):
+    """amqtt's subscription table, iterated over a snapshot of its topic filters.
+
+    amqtt (0.12.1, the newest) awaits inside ``for topic in self._subscriptions`` when a client
+    connects, to send it the retained messages; a subscription another client made meanwhile
+    ended the connecting client's session with "dictionary changed size during iteration"
+    (seen in CI: a broker daemon lost its session and missed an owner record).
+    """
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(super().__iter__()))
+
+
 class MutualTLSBroker(Broker):  # type: ignore[misc]  # amqtt ships no type information
     """amqtt with its TCP listener replaced by a mutual-TLS server that logs rejections."""
 
     def __init__(self, config: dict[str, Any], tls: ssl.SSLContext) -> None:
         super().__init__(config)
         self._tls = tls
+        self._subscriptions = Subscriptions()
 
     async def _create_server_instance(
         self,

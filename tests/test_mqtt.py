@@ -14,7 +14,7 @@ from common import topics
 from common.config import TLSFiles
 from common.errors import ConfigError
 from common.mqtt import MQTTAddress, MQTTLink
-from common.mqttbroker import serve_embedded
+from common.mqttbroker import MutualTLSBroker, broker_config, serve_embedded
 from common.tls import client_context
 from common.tls.identities import Identity
 from tests.fixtures_pki import Pki, make_pki
@@ -259,3 +259,18 @@ async def test_a_publish_cancelled_as_its_ack_lands_ends_cancelled(tmp_path: Pat
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await runner
+
+
+async def test_embedded_subscription_table_survives_a_subscription_made_while_walked() -> None:
+    """amqtt walks its subscription table with an await per topic filter when a client connects
+    (to send it retained messages); a SUBSCRIBE from another client meanwhile must not end the
+    walk: it ended the connecting client's session in CI, and a daemon missed a record."""
+    broker = MutualTLSBroker(broker_config("127.0.0.1", 0), ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    table = broker.subscriptions  # amqtt's own accessor: the table it walks
+    table.update({"a/#": [], "b/#": []})
+    walked = []
+    for topic in table:
+        walked.append(topic)
+        table.setdefault(f"new/{topic}", [])  # what another client's SUBSCRIBE does meanwhile
+    assert walked == ["a/#", "b/#"]
+    assert sorted(table) == ["a/#", "b/#", "new/a/#", "new/b/#"]
