@@ -77,7 +77,7 @@ TARGETS = [
 TARGET_BYTES_RATIO = 1.25  # data shipped ÷ written, 4 KiB random writes
 TARGET_LAG_P99 = 1.5  # seconds, 4 KiB random writes at 20 MiB/s, 1 s cycles
 DRAIN_TIMEOUT = 180.0
-# fio's p50 below this means it busy-waited (its CPU 0.76-0.89 of the core where 0.19-0.57 is
+# fio's p50 below this means it busy-waited (its CPU 0.55-0.95 of the core where 0.19-0.57 is
 # usual, docs/bench.md): no NBD round trip takes under 10 us here, and a core fio keeps full
 # makes the latency figures of that sample say more about fio than about the server.
 SPIN_P50_MS = 0.005
