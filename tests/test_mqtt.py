@@ -274,3 +274,10 @@ async def test_embedded_subscription_table_survives_a_subscription_made_while_wa
         table.setdefault(f"new/{topic}", [])  # what another client's SUBSCRIBE does meanwhile
     assert walked == ["a/#", "b/#"]
     assert sorted(table) == ["a/#", "b/#", "new/a/#", "new/b/#"]
+    # A broadcast walks the filters with their subscribers (an await per subscriber).
+    pairs = []
+    for topic, subscribers in table.items():
+        pairs.append((topic, subscribers))
+        table.pop("new/b/#", None)  # a client's UNSUBSCRIBE or disconnect meanwhile
+    assert [t for t, _ in pairs] == ["a/#", "b/#", "new/a/#", "new/b/#"]
+    assert sorted(table) == ["a/#", "b/#", "new/a/#"]
