@@ -171,6 +171,11 @@ class ReplicaEngine:
         self._wake = asyncio.Event()
         self._progress = asyncio.Condition()
         self._fd = os.open(replica.image, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # No read-ahead through this descriptor: point-in-time exports read the image through
+        # it, and a client reading one end to end (a restore) would otherwise leave the image
+        # in the page cache as large folios, where each later 4 KiB apply costs ~10x the kernel
+        # time (docs/bench.md). Explicit prefetches (the undo capture's) still read ahead.
+        os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
         self._hold = may_hold(self._fd)  # writes and read-backs keep the GIL (decision 016)
         self.apply_lock = threading.Lock()
         self.held = HeldBatches()

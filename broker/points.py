@@ -59,8 +59,9 @@ from broker.undo import CutKey as CutKey  # noqa: PLC0414
 from broker.undo import Key as Key  # noqa: PLC0414
 from broker.undo import StateInfo as StateInfo  # noqa: PLC0414
 from broker.undo import key_text as key_text  # noqa: PLC0414
-from common.fsio import pread_exact, pread_into
+from common.fsio import pread_exact, pread_into, prefetch
 from common.logs import get_logger
+from common.readahead import ReadAhead
 
 _log = get_logger("broker.points")
 
@@ -613,6 +614,7 @@ class PointView:
         # until the last view reading it closes.
         self._sources = {seg.sid: seg for seg in segments}
         self._image_fd: int | None = None
+        self._ahead = ReadAhead()  # the image's descriptor reads none ahead (broker/apply.py)
         self.closed = False
 
     def attach_image(self, fd: int) -> None:
@@ -634,6 +636,8 @@ class PointView:
         if self._image_fd is None:
             raise ValueError("attach_image() first")
         end = offset + length
+        if ahead := self._ahead.before(offset, length):
+            prefetch(self._image_fd, *ahead)
         self._index.rw.acquire_read()
         try:
             overlay = list(_overlapping(self._entries, offset, end))

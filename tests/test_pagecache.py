@@ -5,7 +5,8 @@ it would leave the image in the page cache as large folios (ext4 on Linux 6.16 a
 every later 4 KiB guest write into one of them costs ~25 us of kernel time instead of ~3
 (docs/bench.md). The agent reads for replication through a descriptor of its own, marked for
 random access (:func:`agents.disk.replication_descriptor`). The broker hashes a whole replica
-through a mapping for a resync; it drops what it read afterwards. Which pages sit in large
+through a mapping for a resync; it drops what it read afterwards. Point-in-time exports read the
+replica through the applier's descriptor, marked for random access too. Which pages sit in large
 folios is read from the kernel's page tables (:mod:`tests.support_pagecache`: root only).
 """
 
@@ -94,3 +95,35 @@ async def test_hashing_a_replica_leaves_none_of_it_in_large_folios(tmp_path: Pat
         struct.pack(">Q", xxhash.xxh3_64_intdigest(bytes(src.image[i : i + 65536])))
         for i in range(0, src.disk_size, 65536)
     )
+
+
+async def test_reading_a_point_in_time_view_end_to_end_leaves_no_large_folios(
+    tmp_path: Path,
+) -> None:
+    """A restore reads a point-in-time export of a cold 16 MiB replica in order, 64 KiB at a time
+    (the view its NBD export serves from): the view reads ahead of it (common/readahead.py), all
+    of it ends up cached, none of it in a large folio, so the applies that follow write into
+    single pages; the bytes are the source's."""
+    pki = make_pki(tmp_path / "pki")
+    src = FakeSource(disk_size=16 * MiB)
+    src.write(0, os.urandom(src.disk_size))
+    async with (
+        running_broker(pki, tmp_path / "store") as broker,
+        AgentClient(broker.url, pki.agents["h1"]) as agent,
+    ):
+        await agent.enable(src)
+        await agent.ship(src, src.cut(full=True, all_blocks=True))
+        replica = broker.store.get(str(src.vm_uuid), src.disk_id)
+        assert replica is not None
+        await wait_applied(broker, src)
+        drop_from_cache(replica.image)
+        chunk = 64 * 1024
+        with broker.engines[replica.key].open_view() as view:
+            read = b"".join(view.read(off, chunk) for off in range(0, 4 * MiB, chunk))
+            ahead = cached_pages(replica.image)[0] - 4 * MiB // PAGE
+            read += b"".join(view.read(off, chunk) for off in range(4 * MiB, src.disk_size, chunk))
+        cached, large = cached_pages(replica.image)
+    assert ahead > 0, "the view read nothing ahead of a reader in order"
+    assert read == bytes(src.image)
+    assert cached == src.disk_size // PAGE  # the view read through the page cache
+    assert large == 0
