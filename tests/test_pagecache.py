@@ -13,14 +13,17 @@ folios is read from the kernel's page tables (:mod:`tests.support_pagecache`: ro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import struct
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import xxhash
 
 from broker.service import BrokerService
+from broker.store import Replica
 from tests.support_agent import MiB, wait_until
 from tests.support_broker import AgentClient, FakeSource, make_pki, running_broker
 from tests.support_pagecache import PAGE, cached_pages, drop_from_cache
@@ -60,18 +63,12 @@ async def test_the_initial_copy_leaves_the_image_in_single_pages(tmp_path: Path)
     assert cached_pages(rig.image)[1] > 0, "this kernel keeps no large folios: nothing to see"
 
 
-async def wait_applied(broker: BrokerService, src: FakeSource) -> None:
-    """Until the broker applied everything durable of ``src``'s replica."""
-    r = broker.store.get(str(src.vm_uuid), src.disk_id)
-    assert r is not None
-    async with asyncio.timeout(20):
-        await broker.engines[r.key].wait_for_state((src.generation, r.meta.durable_seq))
-
-
-async def test_hashing_a_replica_leaves_none_of_it_in_large_folios(tmp_path: Path) -> None:
-    """The broker hashes a 16 MiB replica of random data for a resync (``GET .../hashes``,
-    through a mapping whose read-ahead makes large folios): afterwards none of its pages is
-    in a large folio, and the hashes are right."""
+@contextlib.asynccontextmanager
+async def cold_replica(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[BrokerService, AgentClient, FakeSource, Replica]]:
+    """An in-process broker holding a 16 MiB replica of random data, applied and then dropped
+    from the page cache; with the agent client that shipped it."""
     pki = make_pki(tmp_path / "pki")
     src = FakeSource(disk_size=16 * MiB)
     src.write(0, os.urandom(src.disk_size))
@@ -83,8 +80,19 @@ async def test_hashing_a_replica_leaves_none_of_it_in_large_folios(tmp_path: Pat
         await agent.ship(src, src.cut(full=True, all_blocks=True))
         replica = broker.store.get(str(src.vm_uuid), src.disk_id)
         assert replica is not None
-        await wait_applied(broker, src)
+        async with asyncio.timeout(20):
+            await broker.engines[replica.key].wait_for_state(
+                (src.generation, replica.meta.durable_seq)
+            )
         drop_from_cache(replica.image)
+        yield broker, agent, src, replica
+
+
+async def test_hashing_a_replica_leaves_none_of_it_in_large_folios(tmp_path: Path) -> None:
+    """The broker hashes a 16 MiB replica of random data for a resync (``GET .../hashes``,
+    through a mapping whose read-ahead makes large folios): afterwards none of its pages is
+    in a large folio, and the hashes are right."""
+    async with cold_replica(tmp_path) as (broker, agent, src, replica):
         assert agent.session is not None
         url = f"{broker.url}/v1/replicas/{src.vm_uuid}/{src.disk_id}/hashes?block_size=65536"
         async with agent.session.get(url) as resp:
@@ -104,19 +112,7 @@ async def test_reading_a_point_in_time_view_end_to_end_leaves_no_large_folios(
     (the view its NBD export serves from): the view reads ahead of it (common/readahead.py), all
     of it ends up cached, none of it in a large folio, so the applies that follow write into
     single pages; the bytes are the source's."""
-    pki = make_pki(tmp_path / "pki")
-    src = FakeSource(disk_size=16 * MiB)
-    src.write(0, os.urandom(src.disk_size))
-    async with (
-        running_broker(pki, tmp_path / "store") as broker,
-        AgentClient(broker.url, pki.agents["h1"]) as agent,
-    ):
-        await agent.enable(src)
-        await agent.ship(src, src.cut(full=True, all_blocks=True))
-        replica = broker.store.get(str(src.vm_uuid), src.disk_id)
-        assert replica is not None
-        await wait_applied(broker, src)
-        drop_from_cache(replica.image)
+    async with cold_replica(tmp_path) as (broker, _, src, replica):
         chunk = 64 * 1024
         with broker.engines[replica.key].open_view() as view:
             read = b"".join(view.read(off, chunk) for off in range(0, 4 * MiB, chunk))
