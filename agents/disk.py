@@ -15,7 +15,6 @@ write is never durable without its mark.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import errno
 import fcntl
@@ -33,6 +32,7 @@ from common.fsio import (
     FALLOC_FL_PUNCH_HOLE,
     UNSUPPORTED_ERRNOS,
     fallocate,
+    random_access,
 )
 from common.nbd.backend import ExportBase, FileExport, pread_or_eio
 from common.nbd.constants import Errno
@@ -115,8 +115,7 @@ def replication_descriptor(fd: int) -> int:
         ours = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return os.dup(fd)
-    with contextlib.suppress(OSError):  # advice a filesystem refuses costs speed, not data
-        os.posix_fadvise(ours, 0, 0, os.POSIX_FADV_RANDOM)
+    random_access(ours)
     return ours
 
 

@@ -43,7 +43,7 @@ from broker.unbuffered import UnbufferedWriter
 from broker.unchanged import Unchanged
 from broker.undo import undo_size_bound
 from broker.verified import HeldBatches
-from common.fsio import prefetch, punch_hole, start_writeback
+from common.fsio import prefetch, punch_hole, random_access, start_writeback
 from common.heldio import may_hold, read_into, write_pages
 from common.hrl import DEFAULT_LIMITS, BatchHeader, DecodeLimits, Extent, ExtentKind
 from common.logs import get_logger
@@ -175,7 +175,7 @@ class ReplicaEngine:
         # it, and a client reading one end to end (a restore) would otherwise leave the image
         # in the page cache as large folios, where each later 4 KiB apply costs ~10x the kernel
         # time (docs/bench.md). Explicit prefetches (the undo capture's) still read ahead.
-        os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
+        random_access(self._fd)
         self._hold = may_hold(self._fd)  # writes and read-backs keep the GIL (decision 016)
         self.apply_lock = threading.Lock()
         self.held = HeldBatches()

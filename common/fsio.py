@@ -83,6 +83,14 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
+def random_access(fd: int) -> None:
+    """Tell the kernel to read nothing ahead through ``fd`` (best effort: advice a file system
+    refuses costs speed, not data). Its reads then fill the page cache with single pages, never
+    the large folios that make each later 4 KiB write into them cost several times as much."""
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+
+
 def prefetch(fd: int, offset: int, length: int) -> None:
     """Ask the kernel to start reading a range into the page cache now, without waiting (best
     effort): many ranges asked for at once are read in parallel, where one ``pread`` after
