@@ -135,6 +135,7 @@ class Exports:
                         read_only=read_only,
                         description=f"{m.vm_name}/{m.disk_id} as of point {point}",
                         guard=guard(engine, name),
+                        image_fd=engine.image_fd,
                     )
                 except BaseException:
                     view.close()

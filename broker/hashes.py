@@ -1,9 +1,9 @@
 """Block hashes of a replica (or of a recovery point): the broker side of seeding and verify.
 
 The hash list (:mod:`common.blockhash`) of every ``block_size`` block from ``offset``. Known-zero
-ranges (holes in the image that no undo data covers, and zero undo entries) are not read: their
-hash is computed once per block length. Blocks no undo data covers
-are hashed straight from a read-only mmap of the image (no copy); only blocks that differ at the
+ranges (``broker/zeros.py``: holes in the image that no undo data covers, and zero undo entries)
+are not read: their hash is computed once per block length. Blocks no undo data covers are
+hashed straight from a read-only mmap of the image (no copy); only blocks that differ at the
 point go through :meth:`~broker.points.PointView.read`.
 """
 
@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from typing import Final
 
-from broker.points import KIND_ZERO, PointView
+from broker.points import PointView
+from broker.zeros import known_zero_ranges
 from common.blockhash import block_hash
-from common.fsio import data_segments
 
 _CHUNK: Final = 8 * 1024 * 1024
 
@@ -28,46 +28,6 @@ _CHUNK: Final = 8 * 1024 * 1024
 def zero_hash(length: int) -> bytes:
     """The hash of ``length`` zero bytes."""
     return block_hash(bytes(length))
-
-
-def known_zero_ranges(
-    view: PointView, image_fd: int, offset: int, length: int
-) -> list[tuple[int, int]]:
-    """``[start, end)`` ranges of the view that certainly read as zero, sorted and merged."""
-    end = offset + length
-    # Holes first, overlay second: a batch that punches a hole after the walk was published to
-    # the view before it punched, so the overlay taken afterwards covers it.
-    holes = [
-        (s, s + n) for s, n, allocated in data_segments(image_fd, offset, length) if not allocated
-    ]
-    overlay = view.overlay_in(offset, end)
-    zeros: list[tuple[int, int]] = []
-    for start, stop, _src, _off, kind in overlay:
-        if kind == KIND_ZERO:
-            zeros.append((max(start, offset), min(stop, end)))
-    covered = [(max(e[0], offset), min(e[1], end)) for e in overlay]
-    j = 0  # both lists are sorted: one pass
-    for start, stop in holes:
-        pos = start
-        while j < len(covered) and covered[j][1] <= pos:
-            j += 1
-        k = j
-        while k < len(covered) and covered[k][0] < stop:
-            c_start, c_end = covered[k]
-            if c_start > pos:
-                zeros.append((pos, c_start))
-            pos = max(pos, c_end)
-            k += 1
-        if pos < stop:
-            zeros.append((pos, stop))
-    zeros.sort()
-    merged: list[tuple[int, int]] = []
-    for s, e in zeros:
-        if merged and s <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], e))
-        else:
-            merged.append((s, e))
-    return merged
 
 
 def block_hashes(

@@ -6,6 +6,10 @@ serves a :class:`~broker.points.PointView` (copy-free reads of the point) with a
 file and an in-memory bitmap of 64 KiB clusters: a written cluster is read from the overlay,
 every other cluster from the view. Partial cluster writes copy the cluster from the view first
 (copy-on-write). Closing the export deletes the overlay file.
+
+Block status reports what reads as zero at the point (``broker/zeros.py``) as holes, except
+where the reader wrote: a restore with nbdcopy or ``qemu-img convert`` of a sparse disk then
+reads and writes only what the disk holds, as it would from qemu-nbd serving a sparse image.
 """
 
 from __future__ import annotations
@@ -22,14 +26,22 @@ from pathlib import Path
 from typing import Final
 
 from broker.points import PointView
+from broker.zeros import known_zero_ranges
 from common.errors import ConfigError
 from common.fsio import pread_exact, punch_hole, pwrite_all
 from common.logs import get_logger
 from common.nbd.backend import ExportBase
+from common.nbd.constants import STATE_HOLE, STATE_ZERO
+from common.regions import Region, subtract
 
 _log = get_logger("broker.pitexport")
 
 CLUSTER: Final = 64 * 1024
+STATUS_SPAN: Final = 32 * 1024 * 1024
+"""At most this much is described per block-status request (the client asks again for the
+rest). Each answer walks the image's holes and the point's undo entries in its range on the
+broker's loop, as a READ runs there: no more than the largest READ may ask for."""
+MAX_EXTENTS: Final = 1024
 
 Guard = Callable[[], AbstractContextManager[None]]
 """Entered around each request that may read the replica: raises to refuse it, while the broker
@@ -62,6 +74,21 @@ class Overlay:
         return any(self._is_set(c) for c in range(first, min(last + 1, (lo + 1) * 8))) or any(
             self._is_set(c) for c in range(max(first, hi * 8), last + 1)
         )
+
+    def written(self, offset: int, length: int) -> list[Region]:
+        """The regions of ``[offset, offset+length)`` in clusters the reader wrote."""
+        cl = self.cluster
+        first, last = offset // cl, (offset + length - 1) // cl
+        if length <= 0 or not self._any_set(first, last):
+            return []
+        out: list[Region] = []
+        for c in range(first, last + 1):
+            if self._is_set(c):
+                if out and out[-1][0] + out[-1][1] == c * cl:
+                    out[-1] = (out[-1][0], out[-1][1] + cl)
+                else:
+                    out.append((c * cl, cl))
+        return out
 
     def read(self, base: PointView, offset: int, length: int) -> bytes | bytearray:
         """Bytes at ``offset``: overlay clusters from the overlay file, the rest from ``base``."""
@@ -155,8 +182,12 @@ class PointInTimeExport(ExportBase):
         read_only: bool = False,
         description: str = "",
         guard: Guard = contextlib.nullcontext,
+        image_fd: int | None = None,
     ) -> None:
+        """``image_fd``: the replica image's descriptor, whose holes block status reports (all
+        data is reported without it)."""
         self.name = name
+        self._image_fd = image_fd
         self.guard = guard
         self.size = size
         self.read_only = read_only
@@ -190,8 +221,18 @@ class PointInTimeExport(ExportBase):
         self.overlay.flush()
 
     def block_status(self, offset: int, length: int) -> Sequence[tuple[int, int]]:
-        """Everything allocated: always correct, and clients then read every byte."""
-        return [(length, 0)]
+        """What reads as zero at the point, as holes; the rest, and what the reader wrote, as
+        data. Describes at most :data:`STATUS_SPAN` bytes and :data:`MAX_EXTENTS` extents."""
+        length = min(length, STATUS_SPAN)
+        if self._image_fd is None:
+            return [(length, 0)]
+        with self.guard():
+            zeros = known_zero_ranges(self.view, self._image_fd, offset, length)
+        return allocation_extents(
+            offset,
+            length,
+            subtract([(s, e - s) for s, e in zeros], self.overlay.written(offset, length)),
+        )
 
     def client_opened(self, peer: str) -> None:
         """Count clients (status shows whether a test VM is attached)."""
@@ -206,6 +247,24 @@ class PointInTimeExport(ExportBase):
         self.overlay.close()
         self.view.close()
         _log.info("pit_export_closed", export=self.name)
+
+
+def allocation_extents(offset: int, length: int, zeros: Sequence[Region]) -> list[tuple[int, int]]:
+    """``(length, flags)`` extents of ``[offset, offset+length)`` for NBD's ``base:allocation``:
+    ``zeros`` (sorted, merged, inside the range) as holes that read as zero, the rest as data.
+    At most :data:`MAX_EXTENTS`: the last one ends where the client asks again."""
+    out: list[tuple[int, int]] = []
+    pos, end = offset, offset + length
+    for start, n in zeros:
+        if start > pos:
+            out.append((start - pos, 0))
+        out.append((n, STATE_HOLE | STATE_ZERO))
+        pos = start + n
+        if len(out) >= MAX_EXTENTS:
+            return out[:MAX_EXTENTS]
+    if pos < end:
+        out.append((end - pos, 0))
+    return out
 
 
 def prepare_socket_dir(directory: Path, group: str | None) -> int:

@@ -1,7 +1,9 @@
-"""Byte-range arithmetic for delta reverse replication, sans I/O (decision 042).
+"""Byte-range arithmetic, sans I/O.
 
 A region is ``(offset, length)`` in bytes. Reverse replication takes the union of the change
-maps of both sites, rounds it out to whole blocks of the disk, and compares or ships only that.
+maps of both sites, rounds it out to whole blocks of the disk, and compares or ships only that
+(decision 042); a point-in-time export's block status takes the replica's holes less what undo
+data or the reader's own writes cover (``broker/zeros.py``, ``broker/pitexport.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,26 @@ def union(*groups: Iterable[Region]) -> list[Region]:
         else:
             out.append([lo, hi])
     return [(lo, hi - lo) for lo, hi in out]
+
+
+def subtract(regions: Iterable[Region], minus: Iterable[Region]) -> list[Region]:
+    """The parts of ``regions`` that no region of ``minus`` covers, sorted and merged."""
+    cut = union(minus)
+    out: list[Region] = []
+    j = 0  # both lists are sorted: one pass
+    for lo, n in union(regions):
+        pos, hi = lo, lo + n
+        while j < len(cut) and cut[j][0] + cut[j][1] <= pos:
+            j += 1
+        k = j
+        while k < len(cut) and cut[k][0] < hi:
+            if cut[k][0] > pos:
+                out.append((pos, cut[k][0] - pos))
+            pos = max(pos, cut[k][0] + cut[k][1])
+            k += 1
+        if pos < hi:
+            out.append((pos, hi - pos))
+    return out
 
 
 def to_blocks(regions: Iterable[Region], block_size: int, size: int) -> list[Region]:

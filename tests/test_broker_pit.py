@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -128,3 +129,77 @@ async def test_qemu_img_compare_latest(broker: BrokerService, pki: PKI, tmp_path
     source = tmp_path / "source.img"
     source.write_bytes(bytes(src.image))
     await run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(source), exp["nbd_uri"])
+
+
+def zero_blocks(image: bytes, block: int) -> set[int]:
+    """Offsets of the ``block``-sized blocks of ``image`` that are all zero."""
+    empty = bytes(block)
+    return {o for o in range(0, len(image), block) if image[o : o + block] == empty}
+
+
+async def mapped(uri: str) -> list[dict[str, Any]]:
+    """qemu-img's map of an NBD export, from its block status (``base:allocation``)."""
+    doc: list[dict[str, Any]] = json.loads(
+        await run("qemu-img", "map", "--output=json", "-f", "raw", uri)
+    )
+    return doc
+
+
+@needs
+async def test_block_status_reports_what_reads_as_zero_at_each_point(
+    broker: BrokerService, pki: PKI
+) -> None:
+    """qemu-img map of every point's export: whatever it calls zero reads as zero at that point,
+    and every 64 KiB block that is all zero there is among it, undone later writes included
+    (a restore of a sparse disk reads only what it holds); what the reader writes is data."""
+    src = FakeSource(disk_size=8 * MiB, seed=11)
+    async with AgentClient(broker.url, pki.agents["h1"]) as agent:
+        await agent.enable(src)
+        for _ in range(4):
+            src.mutate(12)
+            await agent.ship(src, src.cut())
+        # Blocks with data at the older points become holes in the replica: only their undo
+        # data knows they were not zero then.
+        for o in sorted(
+            set(range(0, src.disk_size, src.block_size)) - zero_blocks(src.image, src.block_size)
+        )[:3]:
+            src.write(o, bytes(src.block_size))
+        await agent.ship(src, src.cut())
+        await settle(broker, src)
+    pts = await admin_call(broker, pki, "GET", "/v1/vms/web1/points")
+    assert len(pts["points"]) == 5
+    for p in pts["points"]:
+        image = src.cuts[p["cut_id"]].image
+        made = await admin_call(
+            broker, pki, "POST", "/v1/vms/web1/exports", json={"point": p["id"]}
+        )
+        (exp,) = made["exports"]
+        extents = await mapped(exp["nbd_uri"])
+        assert sum(e["length"] for e in extents) == src.disk_size
+        zero = bytearray(src.disk_size)  # 1 where the map says zero
+        for e in extents:
+            if e["zero"]:
+                start, n = e["start"], e["length"]
+                assert image[start : start + n] == bytes(n), (p["id"], e)
+                zero[start : start + n] = b"\x01" * n
+        missed = [
+            o
+            for o in zero_blocks(image, src.block_size)
+            if zero[o : o + src.block_size] != b"\x01" * src.block_size
+        ]
+        assert not missed, (p["id"], missed)
+        assert any(not e["zero"] for e in extents)  # the data is there too
+        if p is pts["points"][-1]:
+            # The reader's own write over a hole makes that cluster data, the rest stays zero.
+            hole = min(zero_blocks(image, src.block_size))
+            await run(
+                "qemu-io", "-f", "raw", "-c", f"write -P 0x5a {hole + 4096} 512", exp["nbd_uri"]
+            )
+            after = await mapped(exp["nbd_uri"])
+            at = next(e for e in after if e["start"] <= hole < e["start"] + e["length"])
+            assert not at["zero"], at
+            assert at["data"], at
+            await run(
+                "qemu-io", "-f", "raw", "-c", f"read -P 0x5a {hole + 4096} 512", exp["nbd_uri"]
+            )
+        await admin_call(broker, pki, "DELETE", f"/v1/exports/{exp['name']}")

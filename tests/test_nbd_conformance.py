@@ -93,7 +93,9 @@ def _point_in_time(
     fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     stack.callback(os.close, fd)
     view.attach_image(fd)
-    export = PointInTimeExport(name, view, image.stat().st_size, overlay, read_only=read_only)
+    export = PointInTimeExport(
+        name, view, image.stat().st_size, overlay, read_only=read_only, image_fd=fd
+    )
     stack.callback(export.close)
     return export
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agents import resync
 from agents.disk import TrackedExport
@@ -14,6 +17,7 @@ from common.regions import (
     chunks,
     coalesce,
     from_flags,
+    subtract,
     to_blocks,
     total,
     union,
@@ -32,6 +36,27 @@ def test_union_merges_overlapping_and_touching_regions_and_drops_empty_ones() ->
     assert union() == []
     with pytest.raises(ValueError, match="negative"):
         union([(-1, 4)])
+
+
+regions_st = st.lists(st.tuples(st.integers(0, 200), st.integers(0, 40)), max_size=8)
+
+
+def _bytes_of(regions: list[tuple[int, int]]) -> set[int]:
+    return {b for o, n in regions for b in range(o, o + n)}
+
+
+@settings(max_examples=300, deadline=None)
+@given(regions_st, regions_st)
+def test_subtract_keeps_exactly_the_bytes_no_cut_covers(
+    regions: list[tuple[int, int]], minus: list[tuple[int, int]]
+) -> None:
+    """Against a model of sets of bytes: what is left is the regions' bytes less the cut's,
+    sorted, merged (no two touch) and without empty regions."""
+    got = subtract(regions, minus)
+    assert _bytes_of(got) == _bytes_of(regions) - _bytes_of(minus)
+    assert got == union(got)
+    assert all(n > 0 for _, n in got)
+    assert all(a[0] + a[1] < b[0] for a, b in itertools.pairwise(got))
 
 
 def test_block_rounding_covers_every_touched_block_and_stops_at_the_disk_end() -> None:
