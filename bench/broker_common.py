@@ -231,17 +231,23 @@ any_point_minutes = 600
     def get(self, path: str) -> bytes:
         """GET ``path`` with the admin certificate, on one kept-alive connection (a TLS
         handshake per poll would cost the broker more CPU than the answer)."""
+        return self.call("GET", path)
+
+    def call(self, method: str, path: str, doc: dict[str, Any] | None = None) -> bytes:
+        """``method`` on ``path`` (with ``doc`` as a JSON body), as :meth:`get` does."""
+        body_out = None if doc is None else json.dumps(doc).encode()
+        headers = {} if doc is None else {"Content-Type": "application/json"}
         for attempt in (1, 2):
             if self._conn is None:
                 self._conn = http.client.HTTPSConnection(
                     "127.0.0.1", self.port, context=self.admin, timeout=30
                 )
             try:
-                self._conn.request("GET", path)
+                self._conn.request(method, path, body=body_out, headers=headers)
                 resp = self._conn.getresponse()
                 body = resp.read()
-                if resp.status != 200:
-                    raise RuntimeError(f"broker GET {path}: HTTP {resp.status} {body[:200]!r}")
+                if resp.status >= 300:
+                    raise RuntimeError(f"broker {method} {path}: HTTP {resp.status} {body[:200]!r}")
                 return body
             except (OSError, http.client.HTTPException):
                 self._conn.close()
