@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
-import socket
 import ssl
-import struct
 from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -44,6 +41,7 @@ from common.nbd.events import (
     TransmissionStarted,
 )
 from common.nbd.protocol import ServerConnection
+from common.nbd.sockets import clear_stale_socket, peer_name
 from common.tls.identities import Role, TLSError
 from common.tls.serving import Allowed, accept_tls
 
@@ -182,7 +180,7 @@ class NBDServer:
         """
         tls_mode = self._tls_mode(tls)
         sock_path = Path(path)
-        _clear_stale_socket(sock_path)
+        clear_stale_socket(sock_path)
         loop = asyncio.get_running_loop()
         listener = await loop.create_unix_server(
             lambda: _Connection(self, tls_mode, "unix"), path=os.fspath(sock_path)
@@ -282,35 +280,6 @@ class NBDServer:
         task.add_done_callback(self._tasks.discard)
 
 
-def _clear_stale_socket(path: Path) -> None:
-    """Remove a socket file nobody listens on; raise if a server still accepts connections there."""
-    if not path.is_socket():
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(os.fspath(path))
-    except OSError:
-        path.unlink(missing_ok=True)
-        return
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, f"another server is listening on {path}")
-
-
-def _peer_name(transport: asyncio.BaseTransport, kind: str) -> str:
-    if kind == "tcp":
-        peer = transport.get_extra_info("peername")
-        return f"{peer[0]}:{peer[1]}" if peer else "tcp:?"
-    sock = transport.get_extra_info("socket")
-    if sock is not None and hasattr(socket, "SO_PEERCRED"):
-        with contextlib.suppress(OSError, AttributeError, struct.error):
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            pid, uid, _gid = struct.unpack("3i", creds)
-            return f"pid:{pid},uid:{uid}"
-    return "unix:?"
-
-
 class _Connection(asyncio.BufferedProtocol):
     """One client: feeds the sans-I/O connection and executes what it returns."""
 
@@ -350,7 +319,7 @@ class _Connection(asyncio.BufferedProtocol):
         # uvloop's transports do not subclass asyncio.Transport, so no isinstance check here.
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
-        self.peer = _peer_name(transport, self._kind)
+        self.peer = peer_name(transport, self._kind)
         self._log = _log.bind(peer=self.peer)
         if not self._server._admit(self):
             self._log.warning(
