@@ -199,6 +199,11 @@ class TrackedExport(ExportBase):
         """Read through to the image."""
         return self.inner.read(offset, length)
 
+    def read_cached(self, offset: int, length: int) -> bytes | bytearray | None:
+        """Read through to the image if its page cache holds the range (else None: the NBD
+        server reads in a thread, so a guest's cold reads wait for the disk side by side)."""
+        return self.inner.read_cached(offset, length)
+
     def bulk_read(self, offset: int, length: int) -> bytes:
         """Read the image for replication (cuts, snapshots, copy-on-write), through
         :attr:`bulk_fd`, not the guest's descriptor: see :func:`replication_descriptor`."""

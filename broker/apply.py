@@ -35,7 +35,8 @@ from broker.ahead import AheadCapture
 from broker.applied import applied_record
 from broker.errors import ApplyVerifyError, BrokerError, FencedError, StoreCorrupt
 from broker.journal import JournalEntry, clean_partials, read_journal
-from broker.points import PointsIndex, PointView, StateInfo, written_segment
+from broker.points import PointsIndex, StateInfo, written_segment
+from broker.pointview import PointView
 from broker.pools import APPLY, PREFETCH, run_in, submit_in
 from broker.space import is_full
 from broker.store import Replica, Store, journal_name

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from typing import Final
 
-from broker.points import PointView
+from broker.pointview import PointView
 from broker.zeros import known_zero_ranges
 from common.blockhash import block_hash
 

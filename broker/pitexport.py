@@ -7,6 +7,12 @@ file and an in-memory bitmap of 64 KiB clusters: a written cluster is read from 
 every other cluster from the view. Partial cluster writes copy the cluster from the view first
 (copy-on-write). Closing the export deletes the overlay file.
 
+Reads of the replica that its page cache holds are answered on the broker's loop; the rest
+(cold data, undo data, the overlay) go to the NBD server's read threads, so a restore or a
+booting test VM waits for the disk with many requests at once. The replica's descriptor reads
+nothing ahead (``broker/apply.py``); the export reads ahead itself for a reader in order
+(:mod:`common.readahead`), into single pages.
+
 Block status reports what reads as zero at the point (``broker/zeros.py``) as holes, except
 where the reader wrote: a restore with nbdcopy or ``qemu-img convert`` of a sparse disk then
 reads and writes only what the disk holds, as it would from qemu-nbd serving a sparse image.
@@ -25,13 +31,14 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Final
 
-from broker.points import PointView
+from broker.pointview import PointView
 from broker.zeros import known_zero_ranges
 from common.errors import ConfigError
-from common.fsio import pread_exact, punch_hole, pwrite_all
+from common.fsio import PageCacheReads, pread_exact, prefetch, punch_hole, pwrite_all
 from common.logs import get_logger
 from common.nbd.backend import ExportBase
 from common.nbd.constants import STATE_HOLE, STATE_ZERO
+from common.readahead import ReadAhead
 from common.regions import Region, subtract
 
 _log = get_logger("broker.pitexport")
@@ -188,6 +195,8 @@ class PointInTimeExport(ExportBase):
         data is reported without it)."""
         self.name = name
         self._image_fd = image_fd
+        self._ahead = ReadAhead()  # called on the loop thread only (read_cached)
+        self._cache = PageCacheReads()
         self.guard = guard
         self.size = size
         self.read_only = read_only
@@ -200,6 +209,28 @@ class PointInTimeExport(ExportBase):
         """The point's bytes, or what the reader wrote over them."""
         with self.guard():
             return self.overlay.read(self.view, offset, length)
+
+    def read_cached(self, offset: int, length: int) -> bytes | bytearray | None:
+        """The point's bytes when they are the replica's (no undo data, nothing the reader
+        wrote) and its page cache holds them; else None, and the NBD server runs :meth:`read` in
+        a thread. Every READ passes here first, on the loop: this is where reading ahead is
+        decided."""
+        fd = self._image_fd
+        if fd is None:
+            return self.read(offset, length)
+        if ahead := self._ahead.before(offset, length):
+            prefetch(fd, *ahead)
+        if self.overlay.written(offset, length):
+            return None
+        with self.guard():
+            got = self.view.read_cached(offset, length, self._cache)
+        return self.read(offset, length) if got is None and not self._cache.supported else got
+
+    def cache(self, offset: int, length: int) -> None:
+        """Prefetch the replica's range: the NBD server's read thread is about to read it with
+        others, which the disk then reads side by side."""
+        if self._image_fd is not None:
+            prefetch(self._image_fd, offset, length)
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         """Copy-on-write into the overlay; the replica is never touched."""

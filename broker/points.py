@@ -34,34 +34,29 @@ from pathlib import Path
 from typing import Any, Final
 
 from broker.errors import StoreCorrupt, UnknownPoint
+
+# Re-exported: the rest of the broker names states and keys through this module.
+from broker.pointview import PointView
 from broker.unchanged import Unchanged, span_at, unchanged_spans
 from broker.undo import (
     _NAME_RE,
     _READ_CHUNK,
-    KIND_DATA,
     AllocationCursor,
-    Entry,
     RWLock,
     SegmentFile,
     SegmentWriter,
     UndoSegment,
-    _overlapping,
     cover_bytes,
     merge_all,
-    overlay_merge,
     save_old_bytes,
     segment_meta,
 )
-
-# Re-exported: the rest of the broker names states and keys through this module.
 from broker.undo import KIND_ZERO as KIND_ZERO  # noqa: PLC0414
 from broker.undo import CutKey as CutKey  # noqa: PLC0414
 from broker.undo import Key as Key  # noqa: PLC0414
 from broker.undo import StateInfo as StateInfo  # noqa: PLC0414
 from broker.undo import key_text as key_text  # noqa: PLC0414
-from common.fsio import pread_exact, pread_into, prefetch
 from common.logs import get_logger
-from common.readahead import ReadAhead
 
 _log = get_logger("broker.points")
 
@@ -438,7 +433,7 @@ class PointsIndex:
             try:
                 self._segments.append(seg)
                 for view in list(self._views):
-                    view._add_newer(seg)
+                    view.add_newer(seg)
             finally:
                 self.rw.release_write()
 
@@ -461,7 +456,8 @@ class PointsIndex:
             self._pins[key] = self._pins.get(key, 0) + 1
         return view
 
-    def _unpin(self, view: PointView) -> None:
+    def unpin(self, view: PointView) -> None:
+        """A view closed: its point is no longer read through it."""
         with self._mutex:
             self._views.discard(view)
             left = self._pins.get(view.key, 0) - 1
@@ -591,106 +587,3 @@ class PointsIndex:
 
 def _neg(key: Key) -> Key:
     return (-key[0], -key[1])
-
-
-# --------------------------------------------------------------------------------------------
-# Views
-
-
-class PointView:
-    """The disk as of one point, read without copying it: image + overlay of undo data.
-
-    Reads are thread-safe and run concurrently with the applier; the view follows new batches
-    on its own (see :meth:`PointsIndex.publish`). Close it to unpin the point.
-    """
-
-    def __init__(
-        self, index: PointsIndex, key: Key, entries: list[Entry], segments: list[UndoSegment]
-    ) -> None:
-        self._index = index
-        self.key = key
-        self._entries = entries
-        # The segments the entries may name: held here, so that a retired segment's file stays
-        # until the last view reading it closes.
-        self._sources = {seg.sid: seg for seg in segments}
-        self._image_fd: int | None = None
-        self._ahead = ReadAhead()  # the image's descriptor reads none ahead (broker/apply.py)
-        self.closed = False
-
-    def attach_image(self, fd: int) -> None:
-        """The replica image descriptor to read unsaved ranges from (owned by the caller)."""
-        self._image_fd = fd
-
-    def _add_newer(self, seg: UndoSegment) -> None:
-        # Called under the index's write lock, before the image is written for this batch. The
-        # merge is linear: the two-pointer walk plus a sort of an almost sorted list.
-        newer = seg.entries
-        if newer:
-            self._sources[seg.sid] = seg
-            self._entries = overlay_merge(self._entries, newer)
-
-    def read(self, offset: int, length: int) -> bytes | bytearray:
-        """``length`` bytes of the disk as of the point, from ``offset``."""
-        if self.closed:
-            raise ValueError("view is closed")
-        if self._image_fd is None:
-            raise ValueError("attach_image() first")
-        end = offset + length
-        if ahead := self._ahead.before(offset, length):
-            prefetch(self._image_fd, *ahead)
-        self._index.rw.acquire_read()
-        try:
-            overlay = list(_overlapping(self._entries, offset, end))
-            if not overlay:
-                # The common case (recent points, unchanged ranges): one copy, straight from
-                # the page cache.
-                return pread_exact(self._image_fd, length, offset)
-            out = bytearray(length)
-            view = memoryview(out)
-            pos = offset
-            for start, stop, sid, src_off, kind in overlay:
-                s = max(start, offset)
-                e = min(stop, end)
-                if s > pos:
-                    pread_into(self._image_fd, view[pos - offset : s - offset], pos)
-                if kind == KIND_DATA and sid:
-                    src = self._sources[sid]
-                    view[s - offset : e - offset] = src.pread(e - s, src_off + (s - start))
-                pos = e
-            if pos < end:
-                pread_into(self._image_fd, view[pos - offset :], pos)
-            return out
-        finally:
-            self._index.rw.release_read()
-
-    @contextlib.contextmanager
-    def reading(self) -> Iterator[None]:
-        """Hold off the applier's publish step while the caller reads image ranges directly
-        (e.g. through an mmap) after checking :meth:`overlay_in` for them."""
-        self._index.rw.acquire_read()
-        try:
-            yield
-        finally:
-            self._index.rw.release_read()
-
-    def overlay_in(self, offset: int, end: int) -> list[Entry]:
-        """The overlay entries intersecting ``[offset, end)`` (served from undo data)."""
-        self._index.rw.acquire_read()
-        try:
-            return list(_overlapping(self._entries, offset, end))
-        finally:
-            self._index.rw.release_read()
-
-    def close(self) -> None:
-        """Unpin the point; the view cannot read any more."""
-        if not self.closed:
-            self.closed = True
-            self._entries = []
-            self._sources = {}
-            self._index._unpin(self)
-
-    def __enter__(self) -> PointView:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

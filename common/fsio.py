@@ -99,6 +99,32 @@ def prefetch(fd: int, offset: int, length: int) -> None:
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
 
 
+class PageCacheReads:
+    """``pread`` that never waits for the disk (``RWF_NOWAIT``), for the files of one user: off
+    for good once a file system says it cannot read that way."""
+
+    def __init__(self) -> None:
+        self.supported = hasattr(os, "RWF_NOWAIT")
+
+    def pread(self, fd: int, length: int, offset: int) -> bytearray | None:
+        """Exactly ``length`` bytes at ``offset`` when the page cache holds them all; None when
+        reading them would wait for the disk, runs past the end of the file, or the file system
+        cannot tell (:attr:`supported` is then False)."""
+        if not self.supported:
+            return None
+        buf = bytearray(length)
+        try:
+            n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno not in UNSUPPORTED_ERRNOS:
+                raise
+            self.supported = False
+            return None
+        return buf if n == length else None
+
+
 # --- whole writes and reads -----------------------------------------------------------------------
 
 

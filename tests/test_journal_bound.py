@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from broker.apply import ReplicaEngine
-from broker.points import PointView
+from broker.pointview import PointView
 from broker.retention import Retainer, bound_for, publish
 from common.config import BrokerConfig
 from tests.support_broker import FakeSource, MiB

@@ -11,6 +11,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 import warnings
 from collections.abc import AsyncIterator, Callable
 from functools import partial
@@ -35,6 +36,7 @@ from common.nbd.constants import (
 from common.nbd.server import NBDServer
 from common.tls import TLSError, TLSMaterial, client_context, nbd_server_context
 from tests.fixtures_pki import make_pki
+from tests.support_pagecache import drop_from_cache
 
 SIZE = 8 * 1024 * 1024
 pytestmark = pytest.mark.timeout(30)
@@ -276,17 +278,192 @@ async def test_remove_export_waits_for_flushes_then_disconnects(
         e.close()
 
 
+# --- reads that wait for the disk -----------------------------------------------------------------
+
+
+class GatedReadExport(FileExport):
+    """A disk the page cache never answers for, where reads at ``SLOW`` take 20 ms and reads at
+    0 wait until the test releases them (a test double: a slow disk cannot be had on demand;
+    the bytes are the real file's). Records the thread of every read."""
+
+    SLOW = 2 << 20
+
+    def __init__(self, path: Path, name: str) -> None:
+        super().__init__(path, name)
+        self.release = threading.Event()
+        self.waiting = threading.Event()
+        self.threads: list[str] = []
+
+    def read_cached(self, offset: int, length: int) -> bytes | bytearray | None:
+        return None
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.threads.append(threading.current_thread().name)
+        if offset == self.SLOW:
+            time.sleep(0.02)
+        if offset == 0:
+            self.waiting.set()
+            assert self.release.wait(10)
+        return super().read(offset, length)
+
+
+async def test_reads_the_cache_lacks_stay_on_the_loop_until_the_disk_is_slow(
+    tmp_path: Path, image: Path
+) -> None:
+    """Reads that miss the page cache are read on the loop while the disk answers fast (a
+    hand-off would cost as much); after a slow one they are read in the server's threads."""
+    export = GatedReadExport(image, "disk")
+    sock = tmp_path / "nbd.sock"
+    data = await asyncio.to_thread(image.read_bytes)
+    async with NBDServer([export]) as server:
+        await server.serve_unix(sock)
+        async with await NBDClient.open_unix(os.fspath(sock), "disk") as client:
+            for off in (1 << 20, 3 << 20, 4 << 20):
+                assert await client.read(off, 4096) == data[off : off + 4096]
+            assert export.threads == ["MainThread"] * 3
+            assert await client.read(export.SLOW, 4096) == data[export.SLOW : export.SLOW + 4096]
+            for off in (1 << 20, 3 << 20):
+                assert await client.read(off, 4096) == data[off : off + 4096]
+            assert export.threads[3] == "MainThread"  # the slow one, before anyone knew
+            assert all(t.startswith("nbd-read") for t in export.threads[4:]), export.threads
+    export.close()
+
+
+async def slow_read(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, export: GatedReadExport
+) -> None:
+    """One read of the slow range (simple replies), which sends later reads to the threads."""
+    writer.write(req(Cmd.READ, export.SLOW, 512, handle=99))
+    assert _simple_reply(await reader.readexactly(16)) == (0, 99)
+    await reader.readexactly(512)
+
+
+def _simple_reply(raw: bytes) -> tuple[int, int]:
+    """(error, handle) of a simple reply header."""
+    magic, error, handle = struct.unpack(">IIQ", raw)
+    assert magic == SIMPLE_REPLY_MAGIC
+    return error, handle
+
+
+async def test_a_read_waiting_for_the_disk_holds_up_no_other_request(
+    tmp_path: Path, image: Path
+) -> None:
+    """While one READ waits for the disk in a read thread, later requests on the same connection
+    are answered before it (out of order, by handle), and so are other clients; then it is
+    answered with the file's bytes."""
+    export = GatedReadExport(image, "disk")
+    sock = tmp_path / "nbd.sock"
+    data = (await asyncio.to_thread(image.read_bytes))[: 1 << 21]
+    async with NBDServer([export]) as server:
+        await server.serve_unix(sock)
+        reader, writer = await raw_go(sock)
+        await slow_read(reader, writer, export)  # from now on, reads go to the threads
+        writer.write(req(Cmd.READ, 0, 4096, handle=1))
+        await asyncio.to_thread(export.waiting.wait, 5)
+        writer.write(req(Cmd.READ, 1 << 20, 4096, handle=2))
+        writer.write(req(Cmd.WRITE, 8192, 4, handle=3) + b"next")
+        answered = set()
+        for _ in range(2):  # the READ from another thread, the WRITE from the loop: any order
+            error, handle = _simple_reply(await reader.readexactly(16))
+            assert error == 0
+            if handle == 2:
+                assert await reader.readexactly(4096) == data[1 << 20 : (1 << 20) + 4096]
+            answered.add(handle)
+        assert answered == {2, 3}
+        async with await NBDClient.open_unix(os.fspath(sock), "disk") as other:
+            assert await other.read(8192, 4) == b"next"
+        export.release.set()
+        assert _simple_reply(await reader.readexactly(16)) == (0, 1)
+        assert await reader.readexactly(4096) == data[:4096]
+        writer.write(req(Cmd.DISC, handle=4))
+        assert await closed_by_server(reader, writer)
+    export.close()
+
+
+async def test_disconnect_and_export_removal_wait_for_reads_in_threads(
+    tmp_path: Path, image: Path
+) -> None:
+    """A client that sends DISC behind a READ still gets the READ's reply before the close, and
+    removing the export waits for a READ in a thread: once removal returns, no read of the
+    export runs any more."""
+    export = GatedReadExport(image, "disk")
+    sock = tmp_path / "nbd.sock"
+    first = (await asyncio.to_thread(image.read_bytes))[:512]
+    async with NBDServer([export]) as server:
+        await server.serve_unix(sock)
+        reader, writer = await raw_go(sock)
+        await slow_read(reader, writer, export)
+        writer.write(req(Cmd.READ, 0, 512, handle=7) + req(Cmd.DISC, handle=8))
+        await asyncio.to_thread(export.waiting.wait, 5)
+        await asyncio.sleep(0.1)
+        assert not reader.at_eof()
+        export.release.set()
+        assert _simple_reply(await reader.readexactly(16)) == (0, 7)
+        assert await reader.readexactly(512) == first
+        assert await closed_by_server(reader, writer)
+
+        export.release.clear()
+        export.waiting.clear()
+        client = await NBDClient.open_unix(os.fspath(sock), "disk")
+        await client.read(export.SLOW, 512)
+        read = asyncio.create_task(client.read(0, 512))
+        await asyncio.to_thread(export.waiting.wait, 5)
+        removal = asyncio.create_task(server.remove_export("disk"))
+        await asyncio.sleep(0.1)
+        assert not removal.done()  # the read is still in its thread
+        export.release.set()
+        assert await removal is export
+        assert await read == first  # answered before the close
+        await client.disconnect()
+    export.close()
+
+
+def test_file_export_answers_from_the_page_cache_only_what_it_holds(
+    tmp_path: Path, image: Path
+) -> None:
+    """``read_cached`` gives the bytes the page cache holds and None for the rest (the server
+    then reads in a thread); on a file system that cannot tell (tmpfs) it reads as always."""
+    export = FileExport(image, "disk")
+    try:
+        drop_from_cache(image)
+        expect = (image.read_bytes())[1 << 20 : (1 << 20) + 4096]
+        drop_from_cache(image)
+        assert export.read_cached(1 << 20, 4096) is None
+        assert export.read(1 << 20, 4096) == expect
+        assert export.read_cached(1 << 20, 4096) == expect
+    finally:
+        export.close()
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        return
+    on_tmpfs = shm / f"replikant-test-{os.getpid()}.img"
+    on_tmpfs.write_bytes(b"t" * 8192)
+    try:
+        export = FileExport(on_tmpfs, "shm")
+        assert export.read_cached(4096, 16) == b"t" * 16
+        assert export.read_cached(0, 16) == b"t" * 16
+        export.close()
+    finally:
+        on_tmpfs.unlink()
+
+
 # --- errors ---------------------------------------------------------------------------------------
 
 
 class FailingExport(FileExport):
-    """Writes fail like a full disk; reads fail like a backend bug."""
+    """Writes fail like a full disk; reads fail like a backend bug: in ``read_cached`` at offset
+    0, in ``read`` (a READ the page cache lacks) elsewhere."""
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         raise OSError(errno.EDQUOT, "quota exceeded")
 
+    def read_cached(self, offset: int, length: int) -> bytes | None:
+        if offset == 0:
+            raise RuntimeError("backend bug")
+        return None
+
     def read(self, offset: int, length: int) -> bytes:
-        raise RuntimeError("backend bug")
+        raise RuntimeError("backend bug past the cache")
 
 
 async def test_backend_errors_become_nbd_errors(tmp_path: Path, image: Path) -> None:
@@ -304,10 +481,14 @@ async def test_backend_errors_become_nbd_errors(tmp_path: Path, image: Path) -> 
                     await client.read(0, 1)
                 assert err.value.error == Errno.EIO
                 assert "backend bug" in err.value.message
+                with pytest.raises(NBDRequestError) as err:
+                    await client.read(4096, 1)
+                assert err.value.error == Errno.EIO
+                assert "backend bug past the cache" in err.value.message
                 await client.flush()
     export.close()
     errors = [e for e in logs if e["event"] == "nbd_backend_error"]
-    assert [e["error"] for e in errors] == ["ENOSPC", "EIO"]
+    assert [e["error"] for e in errors] == ["ENOSPC", "EIO", "EIO"]
     assert errors[0]["export"] == "disk"
 
 

@@ -2,12 +2,20 @@
 
 Threading contract, which backends may rely on:
 
-- ``read``, ``write``, ``trim``, ``write_zeroes``, ``block_status`` and ``cache`` are called on the
-  event-loop thread, one at a time, in the order the requests arrived on a connection. They are
-  synchronous because ``pread``/``pwrite`` on the page cache take microseconds, far less than a
-  thread hand-off; a backend must therefore never block in them for long (no fsync, no network).
-  Because every mutation happens on the loop thread, a backend that tracks changes (the agent's
-  dirty map) can cut a consistent snapshot between two loop callbacks without locking.
+- ``read_cached``, ``write``, ``trim``, ``write_zeroes``, ``block_status`` and ``cache`` are
+  called on the event-loop thread, one at a time, in the order the requests arrived on a
+  connection. They are synchronous because ``pread``/``pwrite`` on the page cache take
+  microseconds, far less than a thread hand-off; a backend must therefore never block in them for
+  long (no fsync, no network). Because every mutation happens on the loop thread, a backend that
+  tracks changes (the agent's dirty map) can cut a consistent snapshot between two loop callbacks
+  without locking.
+- ``read`` is called for a READ whose ``read_cached`` returned None, in a worker thread,
+  concurrently with the calls above and with other ``read`` calls: reading what the page cache
+  does not hold waits for the disk, which would stop the loop and every other request with it.
+  (It is called on the loop thread instead once a connection has many READ bytes in the pool.)
+  Before a thread reads several such READs, it calls ``cache`` for each (a prefetch, so the disk
+  reads them side by side); ``cache`` must therefore be thread-safe too. A READ answered later
+  than a request sent after it is allowed: the client did not wait for it.
 - ``flush`` is called in a worker thread, concurrently with the calls above, and must make durable
   every write that *returned* before ``flush`` was called (it may cover more). The server calls it
   for ``NBD_CMD_FLUSH`` and, after the write, for every request carrying ``NBD_CMD_FLAG_FUA``; so
@@ -37,6 +45,7 @@ from common.fsio import (
     FALLOC_FL_ZERO_RANGE,
     HAVE_FALLOCATE,
     UNSUPPORTED_ERRNOS,
+    PageCacheReads,
     data_segments,
     fallocate,
 )
@@ -97,7 +106,11 @@ class Export(Protocol):
         """``cache`` is implemented (advertises CACHE, a prefetch hint)."""
 
     def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
-        """Return exactly ``length`` bytes at ``offset``."""
+        """Return exactly ``length`` bytes at ``offset`` (thread-safe: see the module docstring)."""
+
+    def read_cached(self, offset: int, length: int) -> bytes | bytearray | memoryview | None:
+        """Exactly ``length`` bytes at ``offset`` if they can be had without waiting for the
+        disk; None to have :meth:`read` run in a worker thread."""
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         """Write ``data`` at ``offset`` (``data`` is only valid during the call)."""
@@ -148,6 +161,10 @@ class ExportBase:
     def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         """Refuse: subclasses that serve data override this."""
         raise ExportError(Errno.EIO, "export cannot be read")
+
+    def read_cached(self, offset: int, length: int) -> bytes | bytearray | memoryview | None:
+        """:meth:`read`, on the loop thread: for backends whose reads never wait for a disk."""
+        return self.read(offset, length)
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         """Refuse (unreachable unless ``read_only`` is False)."""
@@ -232,6 +249,7 @@ class FileExport(ExportBase):
         self._zero_range_ok = self._regular and HAVE_FALLOCATE
         # Block devices have no holes to find.
         self._seek_ok = self._regular
+        self._cache = PageCacheReads()
 
     @property
     def fd(self) -> int:
@@ -247,6 +265,12 @@ class FileExport(ExportBase):
     def read(self, offset: int, length: int) -> bytes:
         """``pread`` the range; a short read (file shrunk behind our back) is EIO."""
         return pread_or_eio(self._fd, offset, length)
+
+    def read_cached(self, offset: int, length: int) -> bytes | bytearray | None:
+        """The range if the page cache holds it, else None; read here as always where the
+        file system cannot read without waiting."""
+        got = self._cache.pread(self._fd, length, offset)
+        return self.read(offset, length) if got is None and not self._cache.supported else got
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         """``pwrite`` all of ``data`` (looping only on the rare short write)."""

@@ -2,9 +2,11 @@
 
 One :class:`asyncio.BufferedProtocol` per client reads straight into the protocol's buffer, runs
 every request that arrived in that read inline (see the threading contract in
-:mod:`common.nbd.backend`), and sends all the replies with one ``writelines``. Only flushes leave
-the loop: they run in a small thread pool, and each connection group-commits them, so a flush and
-every FUA request that arrived while one was running share the next ``fdatasync``.
+:mod:`common.nbd.backend`), and sends all the replies with one ``writelines``. Two kinds leave
+the loop. Flushes run in a small thread pool, and each connection group-commits them, so a flush
+and every FUA request that arrived while one was running share the next ``fdatasync``. READs
+whose data the page cache does not hold (the export's ``read_cached`` says None) are read as a
+batch after the rest, in another pool when the disk is slow (:mod:`common.nbd.readpool`).
 
 Ordering guarantees, per the spec: a flush starts only after every request that arrived before it
 was executed (inline, so before the flush is even queued), and a FUA request is answered only after
@@ -17,7 +19,7 @@ import asyncio
 import contextlib
 import os
 import ssl
-from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -41,6 +43,7 @@ from common.nbd.events import (
     TransmissionStarted,
 )
 from common.nbd.protocol import ServerConnection
+from common.nbd.readpool import Buffer, PoolReads
 from common.nbd.sockets import clear_stale_socket, peer_name
 from common.tls.identities import Role, TLSError
 from common.tls.serving import Allowed, accept_tls
@@ -92,6 +95,7 @@ class NBDServer:
         handshake_timeout: float = 10.0,
         default_export: str | None = None,
         flush_threads: int = 4,
+        read_threads: int = 8,
         allowed_roles: Collection[Role] | None = None,
         allowed_identities: Allowed | None = None,
     ) -> None:
@@ -114,6 +118,7 @@ class NBDServer:
         self._executor = ThreadPoolExecutor(
             max_workers=flush_threads, thread_name_prefix="nbd-flush"
         )
+        self._readers = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="nbd-read")
         self._listeners: list[asyncio.Server] = []
         self._unix_paths: list[Path] = []
         self._connections: set[_Connection] = set()
@@ -235,8 +240,9 @@ class NBDServer:
         for path in self._unix_paths:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        # Every flush was awaited by its connection's shutdown, so this does not block.
+        # Every flush and pool read was awaited by its connection's shutdown: no blocking here.
         self._executor.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
         _log.info("nbd_server_closed")
 
     async def __aenter__(self) -> NBDServer:
@@ -308,6 +314,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._write_paused = False
         self._processing = False
         self._unsent = 0  # READ payload bytes collected in this batch but not yet written
+        self._pool = PoolReads(server._readers)
         self._errors = 0
         self.requests = 0
         self.bytes_read = 0
@@ -345,9 +352,9 @@ class _Connection(asyncio.BufferedProtocol):
             self._process()
 
     def eof_received(self) -> bool:
-        if self._flush is None and not self._waiters:
+        if self._flush is None and not self._waiters and not self._pool.count:
             return False  # a half-closed client is done: close our side too
-        # It may still read the answers to flushes in flight: send them, then close (as DISC).
+        # It may still read the answers to requests in flight: send them, then close (as DISC).
         self._disconnecting = True
         return True
 
@@ -404,6 +411,8 @@ class _Connection(asyncio.BufferedProtocol):
             self._process_events()
         finally:
             self._processing = False
+            if self._pool.queued and self._export is not None:
+                self._pool.submit(self._export.read, self._export.cache, self._pool_reads_done)
 
     def _process_events(self) -> None:
         conn = self._conn
@@ -451,8 +460,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._send(out)
         if self._waiters and self._flush is None:
             self._start_flush()
-        if self._disconnecting and self._flush is None:
-            self._close()
+        if self._disconnecting:
+            self._settle()
 
     def _execute(self, request: Request, out: list[Any]) -> None:
         cmd, flags, handle, offset, length, data = request
@@ -465,7 +474,12 @@ class _Connection(asyncio.BufferedProtocol):
                 export.write(offset, data, flags & _FUA != 0)
                 self.bytes_written += length
             elif cmd == _READ:
-                buf = export.read(offset, length)
+                room = self._pool.has_room(length)
+                buf = export.read_cached(offset, length) if room else export.read(offset, length)
+                if buf is None:
+                    self._pool.add(request)  # submitted once the batch is worked through
+                    self._idle.clear()
+                    return
                 if len(buf) != length:
                     raise ExportError(Errno.EIO, f"backend returned {len(buf)} of {length} bytes")
                 self.bytes_read += length
@@ -517,6 +531,24 @@ class _Connection(asyncio.BufferedProtocol):
             )
         return self._conn.reply_error(request.handle, request.cmd, error, str(exc))
 
+    def _pool_reads_done(self, results: Sequence[tuple[Request, Buffer | Exception]]) -> None:
+        out: list[Any] = []
+        for request, result in results:
+            if isinstance(result, Exception):
+                out.append(self._backend_error(result, request))
+            else:
+                self.bytes_read += request.length
+                out += self._conn.reply_read(request.handle, request.offset, result)
+        self._send(out)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Once no flush and no pool read is in flight: idle, and closed after a DISC."""
+        if self._flush is None and not self._pool.count:
+            self._idle.set()
+            if self._disconnecting:
+                self._close()
+
     def _send(self, out: list[Any]) -> None:
         self._unsent = 0
         transport = self._transport
@@ -538,7 +570,7 @@ class _Connection(asyncio.BufferedProtocol):
             fut = self._loop.run_in_executor(self._server._executor, export.flush)
         except RuntimeError as exc:  # the executor is shut down: the server is closing
             self._answer(waiters, exc)
-            self._idle.set()
+            self._settle()
             return
         self._flush = fut
         fut.add_done_callback(partial(self._flush_done, waiters))
@@ -550,9 +582,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self._waiters and not self._transport_closing():
             self._start_flush()
             return
-        self._idle.set()
-        if self._disconnecting:
-            self._close()
+        self._settle()
 
     def _answer(self, waiters: list[tuple[int, int]], exc: BaseException | None) -> None:
         conn = self._conn
