@@ -64,6 +64,7 @@ class Overlay:
         self.cluster = cluster
         self._nclusters = (size + cluster - 1) // cluster
         self.bitmap = bytearray((self._nclusters + 7) // 8)
+        self._written = False  # any cluster set
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         os.ftruncate(self._fd, size)
 
@@ -72,8 +73,11 @@ class Overlay:
 
     def _set(self, c: int) -> None:
         self.bitmap[c >> 3] |= 1 << (c & 7)
+        self._written = True
 
     def _any_set(self, first: int, last: int) -> bool:
+        if not self._written:  # the common case, a reader that only reads: every READ asks
+            return False
         # Whole bytes compared in C; only the two edge bytes are checked bit by bit.
         lo, hi = first >> 3, last >> 3
         if hi - lo > 1 and any(self.bitmap[lo + 1 : hi]):

@@ -112,37 +112,47 @@ class StateInfo:
 
 
 class RWLock:
-    """Many readers or one writer; the applier's publish step is the (brief) writer."""
+    """Many readers or one writer; the applier's publish step is the (brief) writer.
+
+    Readers take and leave it on every point-in-time READ, so their path is a plain lock's
+    (whose ``with`` runs in C) and wakes nobody unless a writer waits.
+    """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._readers = 0
         self._writer = False
+        self._writers_waiting = 0
 
     def acquire_read(self) -> None:
         """Wait until no writer holds the lock, then join the readers."""
-        with self._cond:
+        with self._lock:
             while self._writer:
                 self._cond.wait()
             self._readers += 1
 
     def release_read(self) -> None:
         """Leave the readers."""
-        with self._cond:
+        with self._lock:
             self._readers -= 1
-            if self._readers == 0:
+            if self._readers == 0 and self._writers_waiting:
                 self._cond.notify_all()
 
     def acquire_write(self) -> None:
         """Wait until nobody holds the lock, then hold it alone."""
-        with self._cond:
-            while self._writer or self._readers:
-                self._cond.wait()
+        with self._lock:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
             self._writer = True
 
     def release_write(self) -> None:
         """Release the exclusive hold."""
-        with self._cond:
+        with self._lock:
             self._writer = False
             self._cond.notify_all()
 
