@@ -13,7 +13,8 @@ nothing dirty in the page cache (``sync`` before it, whoever it is):
 
 - ``randwrite-4k-qd32``: 4 KiB random writes, queue depth 32, unthrottled (IOPS);
 - ``write-1m-qd8``: 1 MiB sequential writes, queue depth 8 (MiB/s);
-- ``randwrite-4k-20m``: 4 KiB random writes at 20 MiB/s, queue depth 4 (latency).
+- ``randwrite-4k-20m``: 4 KiB random writes at 20 MiB/s, queue depth 4 (latency);
+- ``randread-4k-qd32`` (only when named in ``--jobs``): 4 KiB random reads, queue depth 32.
 
 fio refills its buffers with random bytes, so nothing compresses. Reported per job: IOPS,
 MiB/s, fio completion latency p50/p90/p99/p99.9; for ours also the write-to-replica lag p50/p99
@@ -59,6 +60,8 @@ from broker_common import (
 from broker_lag import Phase, lag_figures, pct, same_contents
 from nbd_fio import make_image, mark, server
 
+from tests.support_pagecache import drop_from_cache
+
 GUEST_CPU = "0"  # fio and the server under test
 RECOVERY_CPU = "1"  # the broker
 PEERS = ("qemu-nbd", "nbdkit")
@@ -67,7 +70,10 @@ JOBS = {
     "randwrite-4k-qd32": ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
     "write-1m-qd8": ["--rw=write", "--bs=1M", "--iodepth=8"],
     "randwrite-4k-20m": ["--rw=randwrite", "--bs=4k", "--iodepth=4", "--rate=20m"],
+    # A guest's reads through the same export; only with --jobs (no target in the issue).
+    "randread-4k-qd32": ["--rw=randread", "--bs=4k", "--iodepth=32"],
 }
+DEFAULT_JOBS = ["randwrite-4k-qd32", "write-1m-qd8", "randwrite-4k-20m"]
 # (job, figure, ratio to qemu-nbd must be at most / at least, bound): the issue's targets
 TARGETS = [
     ("randwrite-4k-qd32", "iops", ">=", 1.0),
@@ -83,15 +89,23 @@ DRAIN_TIMEOUT = 180.0
 SPIN_P50_MS = 0.005
 
 
+def reads_only(job: str) -> bool:
+    """Whether fio only reads in ``job``."""
+    return "--rw=randread" in JOBS[job]
+
+
 def parse_fio_jobs(stdout: str) -> list[dict[str, float]]:
-    """Per job: write IOPS, MiB/s, completion latency p50/p90/p99/p99.9 (ms) and bytes, from
+    """Per job: write IOPS (read IOPS for a job that only reads), MiB/s, completion latency
+    p50/p90/p99/p99.9 (ms) and bytes, from
     fio's JSON output (the nbd engine prints a line before the document). The percentiles
     around the target's p99 show whether a miss is a shift of every request or a tail of a few
     (issue 10: ours is faster than qemu-nbd up to p90 and has the longer tail past p99)."""
     doc = json.loads(stdout[stdout.index("{") :])
     out = []
     for job in doc["jobs"]:
-        write = job["write"]
+        write = (
+            job["write"] if job["write"]["io_bytes"] or not job["read"]["io_bytes"] else job["read"]
+        )
         pcts = write.get("clat_ns", {}).get("percentile", {})
         out.append(
             {
@@ -223,13 +237,15 @@ class Ours:
         drain = min((a for c, a in cycles if c > end_ns), default=time.time_ns()) - end_ns
         time.sleep(0.5)  # the log line of the catching-up batch
         data = shipped_data_bytes(self.agent.log, offset)
+        nan = float("nan")
+        writes = not reads_only(job)  # a job that only reads has no lag, ships nothing
         return out | {
-            "lag_p50_s": pct(bound, 50),
-            "lag_p99_s": pct(bound, 99),
+            "lag_p50_s": pct(bound, 50) if writes else nan,
+            "lag_p99_s": pct(bound, 99) if writes else nan,
             "lag_cycles": len(bound),
-            "catch_up_s": drain / 1e9,
+            "catch_up_s": drain / 1e9 if writes else nan,
             "caught_up": caught_up,
-            "shipped_per_written": data / out["bytes"] if out["bytes"] else float("nan"),
+            "shipped_per_written": data / out["bytes"] if writes and out["bytes"] else nan,
             "agent_cpu_per_s": cpu / wall,
             # The agent's own threads (serving, tracking, cuts, settling) and, the rest, its
             # shipping process: which of them the guest's core spends its time on.
@@ -327,7 +343,7 @@ def run(args: argparse.Namespace) -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     images = {kind: work / f"{kind}.img" for kind in PEERS}
-    jobs = args.jobs or list(JOBS)
+    jobs = args.jobs or DEFAULT_JOBS
     kinds = ("ours", *args.peers)
     samples: dict[str, dict[str, list[dict[str, float]]]] = {
         job: {k: [] for k in kinds} for job in jobs
@@ -347,6 +363,8 @@ def run(args: argparse.Namespace) -> None:
                     # previous job's writeback (GiBs after the 1 MiB job, the replica's too) runs
                     # on the one disk during the next job, and whoever comes next pays for it.
                     os.sync()
+                    if reads_only(job):  # every server reads from the disk, not from a cache
+                        drop_from_cache(ours.image if kind == "ours" else images[kind])
                     if kind == "ours":
                         sample = ours.run(job, args.seconds)
                     else:
