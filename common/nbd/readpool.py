@@ -1,7 +1,7 @@
 """READs the page cache cannot answer: read together, on the loop or in the server's threads.
 
 The server queues such READs here while it works through what one socket read brought
-(``common/nbd/server.py``), then reads them as one batch: the backend is asked to prefetch all
+(``common/nbd/connection.py``), then reads them as one batch: the backend is asked to prefetch all
 of them (``cache``, so the disk reads them side by side) and then reads them one by one. Their
 replies go out together, after those of the requests that came behind them in the same socket
 read, which NBD allows: replies carry the request's cookie.
