@@ -1,7 +1,7 @@
 """The point-in-time exports a broker serves, and what keeps them true when it stops owning.
 
 :class:`Exports` makes, lists and removes the NBD exports of VM points (each disk through its
-applier's :class:`~broker.points.PointView`, with a private overlay). A VM's exports read the
+applier's :class:`~broker.pointview.PointView`, with a private overlay). A VM's exports read the
 replica image through the view, which is right only while every change of that image passes
 through this broker's applier (it hands the view the undo before the image changes).
 

@@ -4,7 +4,7 @@ The hash list (:mod:`common.blockhash`) of every ``block_size`` block from ``off
 ranges (``broker/zeros.py``: holes in the image that no undo data covers, and zero undo entries)
 are not read: their hash is computed once per block length. Blocks no undo data covers are
 hashed straight from a read-only mmap of the image (no copy); only blocks that differ at the
-point go through :meth:`~broker.points.PointView.read`.
+point go through :meth:`~broker.pointview.PointView.read`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A test failover boots a VM from a recovery point. The VM writes; those writes must never reach
 the replica or its undo data, and must vanish when the test ends. :class:`PointInTimeExport`
-serves a :class:`~broker.points.PointView` (copy-free reads of the point) with a sparse overlay
+serves a :class:`~broker.pointview.PointView` (copy-free reads of the point) with a sparse overlay
 file and an in-memory bitmap of 64 KiB clusters: a written cluster is read from the overlay,
 every other cluster from the view. Partial cluster writes copy the cluster from the view first
 (copy-on-write). Closing the export deletes the overlay file.

@@ -34,8 +34,6 @@ from pathlib import Path
 from typing import Any, Final
 
 from broker.errors import StoreCorrupt, UnknownPoint
-
-# Re-exported: the rest of the broker names states and keys through this module.
 from broker.pointview import PointView
 from broker.unchanged import Unchanged, span_at, unchanged_spans
 from broker.undo import (
@@ -51,6 +49,8 @@ from broker.undo import (
     save_old_bytes,
     segment_meta,
 )
+
+# Re-exported: the rest of the broker names states and keys through this module.
 from broker.undo import KIND_ZERO as KIND_ZERO  # noqa: PLC0414
 from broker.undo import CutKey as CutKey  # noqa: PLC0414
 from broker.undo import Key as Key  # noqa: PLC0414

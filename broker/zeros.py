@@ -8,8 +8,8 @@ ranges (``broker/hashes.py``) and point-in-time exports report them as holes
 
 from __future__ import annotations
 
-from broker.points import KIND_ZERO
 from broker.pointview import PointView
+from broker.undo import KIND_ZERO
 from common.fsio import data_segments
 from common.regions import subtract, union
 

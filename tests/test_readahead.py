@@ -1,4 +1,4 @@
-"""The read-ahead the broker's point-in-time views decide themselves (common/readahead.py)."""
+"""The read-ahead the broker's point-in-time exports decide themselves (common/readahead.py)."""
 
 from __future__ import annotations
 
