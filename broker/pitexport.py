@@ -231,10 +231,10 @@ class PointInTimeExport(ExportBase):
         return self.read(offset, length) if got is None and not self._cache.supported else got
 
     def cache(self, offset: int, length: int) -> None:
-        """Prefetch the replica's range: the NBD server's read thread is about to read it with
-        others, which the disk then reads side by side."""
+        """Prefetch what a read of the range takes, from the replica and from undo data: the
+        NBD server is about to read it with others, which the disks then read side by side."""
         if self._image_fd is not None:
-            prefetch(self._image_fd, offset, length)
+            self.view.prefetch(offset, length)
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         """Copy-on-write into the overlay; the replica is never touched."""

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 from broker.undo import KIND_DATA, Entry, Key, RWLock, UndoSegment, _overlapping, overlay_merge
-from common.fsio import PageCacheReads, pread_exact, pread_into
+from common.fsio import PageCacheReads, pread_exact, pread_into, prefetch
 
 
 class ViewIndex(Protocol):
@@ -98,6 +98,22 @@ class PointView:
             if next(_overlapping(self._entries, offset, offset + length), None) is not None:
                 return None
             return pages.pread(self._image_fd, length, offset)
+        finally:
+            self._index.rw.release_read()
+
+    def prefetch(self, offset: int, length: int) -> None:
+        """Have the bytes a :meth:`read` of the range takes read into memory soon, without
+        waiting (a hint): the replica's range, and the undo data laid over parts of it."""
+        if self.closed or self._image_fd is None:
+            return
+        end = offset + length
+        self._index.rw.acquire_read()
+        try:
+            prefetch(self._image_fd, offset, length)
+            for start, stop, sid, src_off, kind in _overlapping(self._entries, offset, end):
+                if kind == KIND_DATA and sid:
+                    s = max(start, offset)
+                    self._sources[sid].prefetch(min(stop, end) - s, src_off + (s - start))
         finally:
             self._index.rw.release_read()
 

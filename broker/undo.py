@@ -339,12 +339,18 @@ class UndoSegment:
 
     def pread(self, length: int, offset: int) -> bytes:
         """Read saved bytes at ``offset`` of the data area."""
+        return pread_exact(self._fd(), length, offset)
+
+    def prefetch(self, length: int, offset: int) -> None:
+        """Have saved bytes at ``offset`` read into memory soon, without waiting (a hint)."""
+        prefetch(self._fd(), offset, length)
+
+    def _fd(self) -> int:
         st = self._file
         with st.lock:
             if st.fd is None:
                 st.fd = os.open(st.path, os.O_RDONLY | os.O_CLOEXEC)
-            fd = st.fd
-        return pread_exact(fd, length, offset)
+            return st.fd
 
     def retire(self) -> SegmentFile:
         """Delete the file once nothing reads it (now, if nothing does); the returned file

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,10 @@ from typing import Any
 import pytest
 
 from broker.service import BrokerService
+from broker.undo import KIND_DATA
+from tests.support_agent import wait_until
 from tests.support_broker import PKI, AgentClient, FakeSource, MiB, make_pki
+from tests.support_pagecache import cached_pages, drop_from_cache
 from tests.test_broker_http import broker as broker  # noqa: PLC0414 - re-exported fixture
 from tests.test_broker_http import settle
 
@@ -203,3 +207,33 @@ async def test_block_status_reports_what_reads_as_zero_at_each_point(
                 "qemu-io", "-f", "raw", "-c", f"read -P 0x5a {hole + 4096} 512", exp["nbd_uri"]
             )
         await admin_call(broker, pki, "DELETE", f"/v1/exports/{exp['name']}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mincore of another process's files: root only")
+async def test_prefetch_of_an_older_point_reads_its_undo_data_in(
+    broker: BrokerService, pki: PKI
+) -> None:
+    """The NBD server prefetches a batch of cold READs before it reads them (``cache``): for an
+    older point that must bring in the undo data its bytes come from, not only the replica's
+    range, or each read of it waits for the disk in turn. Fails if ``prefetch`` skips the
+    segments: they stay out of the page cache."""
+    src = FakeSource(disk_size=8 * MiB)
+    async with AgentClient(broker.url, pki.agents["h1"]) as agent:
+        await agent.enable(src)
+        for _ in range(4):
+            src.mutate(40)
+            await agent.ship(src, src.cut())
+        await settle(broker, src)
+    replica = broker.store.get(str(src.vm_uuid), src.disk_id)
+    assert replica is not None
+    segments = sorted(replica.points_dir.glob("undo-*.dat"))
+    assert segments
+    for path in [replica.image, *segments]:
+        drop_from_cache(path)
+    assert sum(cached_pages(p)[0] for p in segments) == 0
+    with broker.engines[replica.key].open_view((1, 2)) as view:
+        saved = [e for e in view.overlay_in(0, src.disk_size) if e[4] == KIND_DATA]
+        assert saved, "the point must read some of its bytes from undo data"
+        view.prefetch(0, src.disk_size)
+        await wait_until(lambda: sum(cached_pages(p)[0] for p in segments) > 0, within=5)
+        assert view.read(0, src.disk_size) == src.cuts[2].image
