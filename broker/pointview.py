@@ -65,28 +65,37 @@ class PointView:
         end = offset + length
         self._index.rw.acquire_read()
         try:
-            overlay = list(_overlapping(self._entries, offset, end))
-            if not overlay:
+            if next(_overlapping(self._entries, offset, end), None) is None:
                 # The common case (recent points, unchanged ranges): one copy, straight from
                 # the page cache.
                 return pread_exact(self._image_fd, length, offset)
             out = bytearray(length)
             view = memoryview(out)
-            pos = offset
-            for start, stop, sid, src_off, kind in overlay:
-                s = max(start, offset)
-                e = min(stop, end)
-                if s > pos:
-                    pread_into(self._image_fd, view[pos - offset : s - offset], pos)
-                if kind == KIND_DATA and sid:
-                    src = self._sources[sid]
-                    view[s - offset : e - offset] = src.pread(e - s, src_off + (s - start))
-                pos = e
-            if pos < end:
-                pread_into(self._image_fd, view[pos - offset :], pos)
+            for source, start, stop, at in self._pieces(offset, end):
+                piece = view[start - offset : stop - offset]
+                if source is None:
+                    pread_into(self._image_fd, piece, at)
+                else:
+                    piece[:] = source.pread(stop - start, at)
             return out
         finally:
             self._index.rw.release_read()
+
+    def _pieces(self, offset: int, end: int) -> Iterator[tuple[UndoSegment | None, int, int, int]]:
+        """``(source, start, stop, offset in source)`` for each part of ``[offset, end)`` that a
+        read takes from a file: the replica image (source None) or an undo segment. Ranges saved
+        as zero take nothing from either. Call under the index's read lock."""
+        pos = offset
+        for start, stop, sid, src_off, kind in _overlapping(self._entries, offset, end):
+            s = max(start, offset)
+            e = min(stop, end)
+            if s > pos:
+                yield None, pos, s, pos
+            if kind == KIND_DATA and sid:
+                yield self._sources[sid], s, e, src_off + (s - start)
+            pos = e
+        if pos < end:
+            yield None, pos, end, pos
 
     def read_cached(self, offset: int, length: int, pages: PageCacheReads) -> bytearray | None:
         """:meth:`read`'s bytes when no undo data covers the range and the replica's page cache
@@ -103,17 +112,17 @@ class PointView:
 
     def prefetch(self, offset: int, length: int) -> None:
         """Have the bytes a :meth:`read` of the range takes read into memory soon, without
-        waiting (a hint): the replica's range, and the undo data laid over parts of it."""
+        waiting (a hint): from the replica where it holds the point's bytes, from undo data
+        where that does."""
         if self.closed or self._image_fd is None:
             return
-        end = offset + length
         self._index.rw.acquire_read()
         try:
-            prefetch(self._image_fd, offset, length)
-            for start, stop, sid, src_off, kind in _overlapping(self._entries, offset, end):
-                if kind == KIND_DATA and sid:
-                    s = max(start, offset)
-                    self._sources[sid].prefetch(min(stop, end) - s, src_off + (s - start))
+            for source, start, stop, at in self._pieces(offset, offset + length):
+                if source is None:
+                    prefetch(self._image_fd, at, stop - start)
+                else:
+                    source.prefetch(stop - start, at)
         finally:
             self._index.rw.release_read()
 
